@@ -1,0 +1,171 @@
+// y[N] = W[N, K] · x[K] (+ bias) (+ y if accumulating): the M = 1 case of matmul (decode steps,
+// lm_head on the last row). Memory bound: every weight byte is read exactly once, with aligned
+// vec4 loads, and the small x vector is served from cache.
+//
+// A 64-thread workgroup computes ROWS output rows. Every thread walks K in vec4 steps for all
+// ROWS rows at once (so each x value it loads is reused ROWS times), then the workgroup reduces
+// the ROWS partial sums: with subgroup adds when the adapter has subgroups (any subgroup size),
+// with a shared-memory tree otherwise.
+
+struct Params {
+    n: u32,            // rows of W in this chunk
+    k: u32,
+    w_stride: u32,     // 32-bit words per stored W row
+    x_offset: u32,     // index of x[0] in the x buffer (to use one row of a matrix)
+    col_offset: u32,   // first output element (= first W row of this chunk)
+    flags: u32,        // bit 0: add bias, bit 1: accumulate into y
+    y_offset: u32,     // index of y[0] in the y buffer
+    _pad: u32,
+}
+
+const WG: u32 = 64u;
+const ROWS: u32 = 4u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+//#if SUBGROUPS
+var<workgroup> partial: array<f32, 64>;   // [ROWS][up to 16 subgroups]
+//#else
+var<workgroup> partial: array<f32, 256>;  // [ROWS][WG]
+//#endif
+
+// x[k0 .. k0 + 4), zero past the end (x past K may hold anything; W's padding is zero but
+// 0 · NaN would still poison the sum).
+fn x4(k0: u32) -> vec4<f32> {
+    let base = p.x_offset + k0;
+    if (k0 + 4u <= p.k) {
+        return vec4<f32>(x[base], x[base + 1u], x[base + 2u], x[base + 3u]);
+    }
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if (k0 + e < p.k) {
+            v[e] = x[base + e];
+        }
+    }
+    return v;
+}
+
+fn finish(sums: vec4<f32>, row0: u32, tid: u32, lane: u32, sg_id: u32, sg_count: u32) {
+//#if SUBGROUPS
+    let total = subgroupAdd(sums);
+    if (lane == 0u) {
+        for (var r = 0u; r < ROWS; r++) {
+            partial[r * 16u + sg_id] = total[r];
+        }
+    }
+    workgroupBarrier();
+    if (tid < ROWS) {
+        var s = 0.0;
+        for (var i = 0u; i < sg_count; i++) {
+            s += partial[tid * 16u + i];
+        }
+        write_row(row0 + tid, s);
+    }
+//#else
+    for (var r = 0u; r < ROWS; r++) {
+        partial[r * WG + tid] = sums[r];
+    }
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if (tid < stride) {
+            for (var r = 0u; r < ROWS; r++) {
+                partial[r * WG + tid] += partial[r * WG + tid + stride];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (tid < ROWS) {
+        write_row(row0 + tid, partial[tid * WG]);
+    }
+//#endif
+}
+
+fn write_row(row: u32, sum: f32) {
+    if (row >= p.n) {
+        return;
+    }
+    let out = p.col_offset + row;
+    var v = sum;
+    if ((p.flags & 1u) != 0u) {
+        v += bias[out];
+    }
+    let at = p.y_offset + out;
+    if ((p.flags & 2u) != 0u) {
+        v += y[at];
+    }
+    y[at] = v;
+}
+
+@compute @workgroup_size(64)
+fn gemv_f16(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+//#if SUBGROUPS
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg_id: u32,
+    @builtin(num_subgroups) sg_count: u32,
+//#endif
+) {
+//#if SUBGROUPS
+//#else
+    let lane = 0u;
+    let sg_id = 0u;
+    let sg_count = 1u;
+//#endif
+    let row0 = (wg.x + wg.y * groups.x) * ROWS;
+    var sums = vec4<f32>(0.0);
+    // One vec4<u32> holds 8 halves; w_stride / 4 of them per row.
+    let chunks = p.w_stride / 4u;
+    for (var c = tid; c < chunks; c += WG) {
+        let k0 = c * 8u;
+        let xa = x4(k0);
+        let xb = x4(k0 + 4u);
+        for (var r = 0u; r < ROWS; r++) {
+            let row = row0 + r;
+            if (row < p.n) {
+                let q = w[row * chunks + c];
+                let wa = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
+                let wb = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
+                sums[r] += dot(wa, xa) + dot(wb, xb);
+            }
+        }
+    }
+    finish(sums, row0, tid, lane, sg_id, sg_count);
+}
+
+@compute @workgroup_size(64)
+fn gemv_f32(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+//#if SUBGROUPS
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg_id: u32,
+    @builtin(num_subgroups) sg_count: u32,
+//#endif
+) {
+//#if SUBGROUPS
+//#else
+    let lane = 0u;
+    let sg_id = 0u;
+    let sg_count = 1u;
+//#endif
+    let row0 = (wg.x + wg.y * groups.x) * ROWS;
+    var sums = vec4<f32>(0.0);
+    let chunks = p.w_stride / 4u;
+    for (var c = tid; c < chunks; c += WG) {
+        let xa = x4(c * 4u);
+        for (var r = 0u; r < ROWS; r++) {
+            let row = row0 + r;
+            if (row < p.n) {
+                sums[r] += dot(bitcast<vec4<f32>>(w[row * chunks + c]), xa);
+            }
+        }
+    }
+    finish(sums, row0, tid, lane, sg_id, sg_count);
+}

@@ -1,0 +1,72 @@
+//! Copies small results (token ids, a logits row, scores) back to the host.
+
+use crate::error::{Error, Result};
+use crate::gpu::device::Gpu;
+use crate::gpu::tensor::Tensor;
+
+impl Gpu {
+    /// Read `count` 32-bit words starting at word `offset` of `buffer`. Waits for all work
+    /// submitted before it.
+    pub fn read_words(&self, buffer: &wgpu::Buffer, offset: usize, count: usize) -> Result<Vec<u32>> {
+        let size = (count * 4) as u64;
+        let start = (offset * 4) as u64;
+        if start + size > buffer.size() {
+            return Err(Error::shape(
+                "readback",
+                format!("words {offset}..{} are outside a buffer of {} bytes", offset + count, buffer.size()),
+            ));
+        }
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        // Copy sizes must be multiples of 4 bytes (always true here) and the staging buffer is
+        // rounded up to the copy alignment.
+        let staging_size = size.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: staging_size,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        encoder.copy_buffer_to_buffer(buffer, start, &staging, 0, size);
+        self.queue.submit([encoder.finish()]);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            let _ = sender.send(result);
+        });
+        self.wait("readback")?;
+        receiver
+            .recv()
+            .map_err(|e| Error::gpu("readback", e))?
+            .map_err(|e| Error::gpu("readback", e))?;
+        let view = staging.get_mapped_range(..).map_err(|e| Error::gpu("readback", e))?;
+        let words = bytemuck::cast_slice::<u8, u32>(&view[..size as usize]).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(words)
+    }
+
+    /// The whole tensor as f32 values.
+    pub fn read_f32(&self, tensor: &Tensor) -> Result<Vec<f32>> {
+        let words = self.read_words(&tensor.buffer, 0, tensor.numel())?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
+    }
+
+    /// The whole tensor as u32 values.
+    pub fn read_u32(&self, tensor: &Tensor) -> Result<Vec<u32>> {
+        self.read_words(&tensor.buffer, 0, tensor.numel())
+    }
+
+    /// One row of a matrix-shaped tensor (e.g. the last logits row).
+    pub fn read_row_f32(&self, tensor: &Tensor, row: usize) -> Result<Vec<f32>> {
+        let (rows, cols) = tensor.rows_cols();
+        if row >= rows {
+            return Err(Error::shape("readback", format!("row {row} of a {rows}-row tensor")));
+        }
+        let words = self.read_words(&tensor.buffer, row * cols, cols)?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
+    }
+}

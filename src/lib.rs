@@ -1,0 +1,8 @@
+//! llava-wgpu: LLaVA vision-language inference in WGSL compute shaders through wgpu, with STAR
+//! two-stage visual-token pruning. See `DESIGN.md` in the repository for the architecture.
+
+pub mod bench;
+pub mod error;
+pub mod gpu;
+
+pub use error::{Error, Result};

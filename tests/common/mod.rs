@@ -1,0 +1,89 @@
+//! Shared test helpers: the device, seeded random inputs, and tolerance checks that name the seed.
+#![allow(dead_code)]
+
+use llava_wgpu::gpu::{Gpu, GpuOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Every test draws fresh random inputs; the seed is printed in any failure message and can be
+/// replayed with `LLAVA_TEST_SEED=<seed>`.
+pub struct TestRng {
+    pub seed: u64,
+    pub rng: StdRng,
+}
+
+impl TestRng {
+    pub fn new() -> Self {
+        let seed = match std::env::var("LLAVA_TEST_SEED") {
+            Ok(s) => s.parse().expect("LLAVA_TEST_SEED must be an integer"),
+            Err(_) => rand::rng().random(),
+        };
+        Self { seed, rng: StdRng::seed_from_u64(seed) }
+    }
+
+    pub fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.rng.random_range(lo..hi)).collect()
+    }
+
+    /// Standard-normal-ish values (sum of uniforms; exact distribution does not matter).
+    pub fn normal(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let s: f32 = (0..4).map(|_| self.rng.random_range(-1.0f32..1.0)).sum();
+                s * 0.866 * scale
+            })
+            .collect()
+    }
+
+    pub fn index(&mut self, n: usize) -> usize {
+        self.rng.random_range(0..n)
+    }
+}
+
+/// The default device (lavapipe on a machine without a GPU).
+pub fn gpu() -> Gpu {
+    Gpu::new(GpuOptions::default()).expect("no GPU adapter: install mesa-vulkan-drivers")
+}
+
+/// A device with the optional features switched off, to test the fallback shader paths.
+pub fn gpu_without_features() -> Gpu {
+    Gpu::new(GpuOptions {
+        disable_f16: true,
+        disable_subgroups: true,
+        disable_timestamps: true,
+        ..GpuOptions::default()
+    })
+    .expect("no GPU adapter")
+}
+
+/// A device that plans with a small storage-binding limit, forcing weights into chunks.
+pub fn gpu_with_binding_limit(bytes: u64) -> Gpu {
+    Gpu::new(GpuOptions { max_binding_bytes: Some(bytes), ..GpuOptions::default() })
+        .expect("no GPU adapter")
+}
+
+/// Assert `|got - want| <= bound[i]` element-wise; NaN (an unwritten, poisoned element) fails.
+pub fn assert_within(what: &str, seed: u64, got: &[f32], want: &[f64], bound: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length (seed {seed})");
+    let mut worst = (0usize, 0f64, 0f64);
+    for i in 0..got.len() {
+        let g = got[i] as f64;
+        let err = (g - want[i]).abs();
+        assert!(
+            g.is_finite() && err <= bound[i],
+            "{what}: element {i} is {g}, expected {} ± {} (seed {seed}; replay with LLAVA_TEST_SEED={seed})",
+            want[i],
+            bound[i]
+        );
+        let ratio = if bound[i] > 0.0 { err / bound[i] } else { 0.0 };
+        if ratio > worst.2 {
+            worst = (i, err, ratio);
+        }
+    }
+}
+
+/// Assert with one absolute + relative tolerance for every element.
+pub fn assert_close(what: &str, seed: u64, got: &[f32], want: &[f64], abs: f64, rel: f64) {
+    let bound: Vec<f64> = want.iter().map(|w| abs + rel * w.abs()).collect();
+    assert_within(what, seed, got, want, &bound);
+}

@@ -1,0 +1,128 @@
+//! Tiled matmul and gemv against an f64 CPU reference, over f16 and f32 weights, odd shapes,
+//! bias and accumulation, both reduction paths, and the chunked-weight path.
+
+mod common;
+
+use common::*;
+use llava_wgpu::gpu::kernels::{gemv, matmul};
+use llava_wgpu::gpu::{Gpu, Recorder, Tensor, Weight, WeightFormat};
+
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    format: WeightFormat,
+    bias: bool,
+    accumulate: bool,
+}
+
+/// Error bound per element: f32 accumulation error grows with the sum of |x·w| terms.
+fn bounds(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k).map(|t| (x[i * k + t] as f64 * w[j * k + t] as f64).abs()).sum();
+            out[i * n + j] = 1e-6 + 4e-6 * s;
+        }
+    }
+    out
+}
+
+fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
+    let Case { m, n, k, format, bias, accumulate } = *case;
+    let x = rng.uniform(m * k, -1.0, 1.0);
+    let w_values = rng.uniform(n * k, -1.0, 1.0);
+    let b = rng.uniform(n, -1.0, 1.0);
+    let y0 = rng.uniform(m * n, -1.0, 1.0);
+    let mut weight = Weight::from_f32(gpu, "w", n, k, &w_values, format).unwrap();
+    if bias {
+        weight = weight.with_bias(gpu, &b).unwrap();
+    }
+    let w_seen = match format {
+        WeightFormat::F16 => matmul::round_to_f16(&w_values),
+        WeightFormat::F32 => w_values.clone(),
+    };
+    let xt = Tensor::from_f32(gpu, &[m, k], &x, "x").unwrap();
+    let yt = Tensor::empty(gpu, &[m, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
+    if accumulate {
+        yt.write_f32(gpu, &y0).unwrap();
+    } else {
+        yt.poison(gpu);
+    }
+    let mut rec = Recorder::new(gpu);
+    if force_gemv {
+        for row in 0..m {
+            rec.dispatch_all(gemv::gemv(gpu, &xt, row, &weight, &yt, row, accumulate).unwrap());
+        }
+    } else {
+        rec.dispatch_all(matmul::matmul(gpu, &xt, &weight, &yt, accumulate).unwrap());
+    }
+    rec.finish("matmul test").unwrap();
+    let got = gpu.read_f32(&yt).unwrap();
+    let want = matmul::reference(
+        &x,
+        m,
+        k,
+        &w_seen,
+        n,
+        bias.then_some(&b[..]),
+        accumulate.then_some(&y0[..]),
+    );
+    let what = format!(
+        "{} M={m} N={n} K={k} {format:?} bias={bias} acc={accumulate} chunks={}",
+        if force_gemv { "gemv" } else { "matmul" },
+        weight.chunks.len()
+    );
+    assert_within(&what, rng.seed, &got, &want, &bounds(&x, &w_seen, m, n, k));
+}
+
+#[test]
+fn matmul_matches_cpu_on_odd_shapes() {
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    let shapes = [(1, 7, 5), (37, 70, 33), (64, 64, 64), (2, 129, 130), (577, 96, 67), (65, 1, 1)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        for format in [WeightFormat::F16, WeightFormat::F32] {
+            let case = Case { m, n, k, format, bias: i % 2 == 0, accumulate: i % 3 == 1 };
+            run_case(&gpu, &mut rng, &case, false);
+        }
+    }
+}
+
+#[test]
+fn gemv_matches_cpu_with_and_without_subgroups() {
+    let mut rng = TestRng::new();
+    for gpu in [gpu(), gpu_without_features()] {
+        let shapes = [(1, 7, 5), (1, 130, 67), (3, 33, 1024), (1, 1000, 129), (1, 5, 4099)];
+        for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            for format in [WeightFormat::F16, WeightFormat::F32] {
+                let case = Case { m, n, k, format, bias: i % 2 == 1, accumulate: i % 2 == 0 };
+                run_case(&gpu, &mut rng, &case, true);
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_weights_give_the_same_result() {
+    // 1 KiB bindings: a [300, 37] f16 weight (48 words per row... 96 bytes) splits into chunks of
+    // 10 rows; f32 rows of 160 bytes into chunks of 6.
+    let gpu = gpu_with_binding_limit(1024);
+    let mut rng = TestRng::new();
+    for format in [WeightFormat::F16, WeightFormat::F32] {
+        for (m, force_gemv) in [(5, false), (1, true), (70, false)] {
+            let case = Case { m, n: 300, k: 37, format, bias: true, accumulate: m == 5 };
+            run_case(&gpu, &mut rng, &case, force_gemv);
+        }
+    }
+}
+
+#[test]
+fn linear_rejects_mismatched_shapes() {
+    let gpu = gpu();
+    let w = Weight::from_f32(&gpu, "proj", 4, 3, &[0.0; 12], WeightFormat::F16).unwrap();
+    let x = Tensor::from_f32(&gpu, &[2, 5], &[0.0; 10], "x").unwrap();
+    let y = Tensor::empty(&gpu, &[2, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
+    let err = matmul::linear(&gpu, &x, &w, &y, false).unwrap_err().to_string();
+    assert!(err.contains("proj"), "{err}");
+}

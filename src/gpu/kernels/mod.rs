@@ -15,6 +15,7 @@ pub mod gemv;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
+pub mod sample;
 pub mod topk;
 
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ pub fn shader_source(shader: &str) -> Option<&'static str> {
         "rope" => include_str!("../../../shaders/rope.wgsl"),
         "activation" => include_str!("../../../shaders/activation.wgsl"),
         "elementwise" => include_str!("../../../shaders/elementwise.wgsl"),
+        "sample" => include_str!("../../../shaders/sample.wgsl"),
         _ => return None,
     })
 }

@@ -19,7 +19,11 @@ pub enum Error {
 
     /// A shader failed to compile; this is a bug in the engine or an adapter that lacks a feature.
     #[error("shader '{shader}' (entry '{entry}') failed to compile: {reason}")]
-    Shader { shader: String, entry: String, reason: String },
+    Shader {
+        shader: String,
+        entry: String,
+        reason: String,
+    },
 
     /// A command-line or API argument is out of range.
     #[error("invalid argument {name}: {reason}")]
@@ -38,14 +42,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn argument(name: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Argument { name: name.into(), reason: reason.into() }
+        Error::Argument {
+            name: name.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn shape(op: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Shape { op: op.into(), reason: reason.into() }
+        Error::Shape {
+            op: op.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn gpu(context: impl Into<String>, reason: impl std::fmt::Display) -> Self {
-        Error::Gpu { context: context.into(), reason: reason.to_string() }
+        Error::Gpu {
+            context: context.into(),
+            reason: reason.to_string(),
+        }
     }
 }

@@ -21,7 +21,9 @@ fn bounds(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
     let mut out = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {
-            let s: f64 = (0..k).map(|t| (x[i * k + t] as f64 * w[j * k + t] as f64).abs()).sum();
+            let s: f64 = (0..k)
+                .map(|t| (x[i * k + t] as f64 * w[j * k + t] as f64).abs())
+                .sum();
             out[i * n + j] = 1e-6 + 4e-6 * s;
         }
     }
@@ -29,7 +31,14 @@ fn bounds(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
 }
 
 fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
-    let Case { m, n, k, format, bias, accumulate } = *case;
+    let Case {
+        m,
+        n,
+        k,
+        format,
+        bias,
+        accumulate,
+    } = *case;
     let x = rng.uniform(m * k, -1.0, 1.0);
     let w_values = rng.uniform(n * k, -1.0, 1.0);
     let b = rng.uniform(n, -1.0, 1.0);
@@ -80,10 +89,24 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
 fn matmul_matches_cpu_on_odd_shapes() {
     let gpu = gpu();
     let mut rng = TestRng::new();
-    let shapes = [(1, 7, 5), (37, 70, 33), (64, 64, 64), (2, 129, 130), (577, 96, 67), (65, 1, 1)];
+    let shapes = [
+        (1, 7, 5),
+        (37, 70, 33),
+        (64, 64, 64),
+        (2, 129, 130),
+        (577, 96, 67),
+        (65, 1, 1),
+    ];
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         for format in [WeightFormat::F16, WeightFormat::F32] {
-            let case = Case { m, n, k, format, bias: i % 2 == 0, accumulate: i % 3 == 1 };
+            let case = Case {
+                m,
+                n,
+                k,
+                format,
+                bias: i % 2 == 0,
+                accumulate: i % 3 == 1,
+            };
             run_case(&gpu, &mut rng, &case, false);
         }
     }
@@ -93,10 +116,23 @@ fn matmul_matches_cpu_on_odd_shapes() {
 fn gemv_matches_cpu_with_and_without_subgroups() {
     let mut rng = TestRng::new();
     for gpu in [gpu(), gpu_without_features()] {
-        let shapes = [(1, 7, 5), (1, 130, 67), (3, 33, 1024), (1, 1000, 129), (1, 5, 4099)];
+        let shapes = [
+            (1, 7, 5),
+            (1, 130, 67),
+            (3, 33, 1024),
+            (1, 1000, 129),
+            (1, 5, 4099),
+        ];
         for (i, &(m, n, k)) in shapes.iter().enumerate() {
             for format in [WeightFormat::F16, WeightFormat::F32] {
-                let case = Case { m, n, k, format, bias: i % 2 == 1, accumulate: i % 2 == 0 };
+                let case = Case {
+                    m,
+                    n,
+                    k,
+                    format,
+                    bias: i % 2 == 1,
+                    accumulate: i % 2 == 0,
+                };
                 run_case(&gpu, &mut rng, &case, true);
             }
         }
@@ -111,7 +147,14 @@ fn chunked_weights_give_the_same_result() {
     let mut rng = TestRng::new();
     for format in [WeightFormat::F16, WeightFormat::F32] {
         for (m, force_gemv) in [(5, false), (1, true), (70, false)] {
-            let case = Case { m, n: 300, k: 37, format, bias: true, accumulate: m == 5 };
+            let case = Case {
+                m,
+                n: 300,
+                k: 37,
+                format,
+                bias: true,
+                accumulate: m == 5,
+            };
             run_case(&gpu, &mut rng, &case, force_gemv);
         }
     }
@@ -123,6 +166,8 @@ fn linear_rejects_mismatched_shapes() {
     let w = Weight::from_f32(&gpu, "proj", 4, 3, &[0.0; 12], WeightFormat::F16).unwrap();
     let x = Tensor::from_f32(&gpu, &[2, 5], &[0.0; 10], "x").unwrap();
     let y = Tensor::empty(&gpu, &[2, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
-    let err = matmul::linear(&gpu, &x, &w, &y, false).unwrap_err().to_string();
+    let err = matmul::linear(&gpu, &x, &w, &y, false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("proj"), "{err}");
 }

@@ -102,7 +102,10 @@ impl GpuOptions {
                     Error::argument(ENV_MAX_BINDING, format!("'{text}' is not a byte count"))
                 })?;
                 if bytes < 256 {
-                    return Err(Error::argument(ENV_MAX_BINDING, "must be at least 256 bytes"));
+                    return Err(Error::argument(
+                        ENV_MAX_BINDING,
+                        "must be at least 256 bytes",
+                    ));
                 }
                 self.max_binding_bytes = Some(bytes);
             }
@@ -216,7 +219,11 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
         wgpu::DeviceType::Other => 3,
         wgpu::DeviceType::Cpu => 4,
     };
-    let backend = if info.backend == wgpu::Backend::Gl { 1 } else { 0 };
+    let backend = if info.backend == wgpu::Backend::Gl {
+        1
+    } else {
+        0
+    };
     (device, backend)
 }
 
@@ -230,14 +237,19 @@ fn new_instance(options: &GpuOptions) -> wgpu::Instance {
 pub fn list_adapters(options: &GpuOptions) -> Vec<AdapterSummary> {
     let instance = new_instance(options);
     let adapters = sorted_adapters(&instance, options);
-    adapters.iter().enumerate().map(|(i, a)| summarize(i, a)).collect()
+    adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| summarize(i, a))
+        .collect()
 }
 
 fn sorted_adapters(instance: &wgpu::Instance, options: &GpuOptions) -> Vec<wgpu::Adapter> {
     let backends = options.backends();
     // GL is only asked for when nothing native exists: probing EGL on a headless machine is slow
     // and noisy, and a GL adapter is never preferred over a Vulkan/Metal/DX12 one.
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(backends - wgpu::Backends::GL));
+    let mut adapters =
+        pollster::block_on(instance.enumerate_adapters(backends - wgpu::Backends::GL));
     if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
         adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::GL));
     }
@@ -312,7 +324,11 @@ impl Gpu {
         let adapter = choose_adapter(adapters, explicit.as_deref())?;
         let info = adapter.get_info();
         if info.device_type == wgpu::DeviceType::Cpu {
-            let why = if explicit.is_some() { "as requested" } else { "no GPU adapter was found" };
+            let why = if explicit.is_some() {
+                "as requested"
+            } else {
+                "no GPU adapter was found"
+            };
             eprintln!(
                 "warning: running on the CPU adapter '{}' ({:?}, {why}): correct but far slower than a GPU",
                 info.name, info.backend
@@ -346,8 +362,11 @@ impl Gpu {
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&descriptor))
-            .map_err(|e| Error::Device { adapter: info.name.clone(), reason: e.to_string() })?;
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&descriptor)).map_err(|e| Error::Device {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
 
         let uncaptured = Arc::new(Mutex::new(Vec::new()));
         let sink = uncaptured.clone();
@@ -371,7 +390,9 @@ impl Gpu {
             timestamps_inside_passes: features
                 .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
         };
-        let adapter_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let adapter_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let max_binding_bytes = match options.max_binding_bytes {
             Some(forced) => forced.min(adapter_binding),
             None => adapter_binding,
@@ -416,7 +437,10 @@ impl Gpu {
 
     /// Turn errors wgpu reported asynchronously into an `Error`.
     pub fn check_errors(&self, context: &str) -> Result<()> {
-        let mut errors = self.uncaptured.lock().map_err(|_| Error::gpu(context, "poisoned"))?;
+        let mut errors = self
+            .uncaptured
+            .lock()
+            .map_err(|_| Error::gpu(context, "poisoned"))?;
         if errors.is_empty() {
             Ok(())
         } else {

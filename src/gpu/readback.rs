@@ -7,13 +7,22 @@ use crate::gpu::tensor::Tensor;
 impl Gpu {
     /// Read `count` 32-bit words starting at word `offset` of `buffer`. Waits for all work
     /// submitted before it.
-    pub fn read_words(&self, buffer: &wgpu::Buffer, offset: usize, count: usize) -> Result<Vec<u32>> {
+    pub fn read_words(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: usize,
+        count: usize,
+    ) -> Result<Vec<u32>> {
         let size = (count * 4) as u64;
         let start = (offset * 4) as u64;
         if start + size > buffer.size() {
             return Err(Error::shape(
                 "readback",
-                format!("words {offset}..{} are outside a buffer of {} bytes", offset + count, buffer.size()),
+                format!(
+                    "words {offset}..{} are outside a buffer of {} bytes",
+                    offset + count,
+                    buffer.size()
+                ),
             ));
         }
         if count == 0 {
@@ -30,7 +39,9 @@ impl Gpu {
         });
         let mut encoder = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         encoder.copy_buffer_to_buffer(buffer, start, &staging, 0, size);
         self.queue.submit([encoder.finish()]);
         let (sender, receiver) = std::sync::mpsc::channel();
@@ -42,7 +53,9 @@ impl Gpu {
             .recv()
             .map_err(|e| Error::gpu("readback", e))?
             .map_err(|e| Error::gpu("readback", e))?;
-        let view = staging.get_mapped_range(..).map_err(|e| Error::gpu("readback", e))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::gpu("readback", e))?;
         let words = bytemuck::cast_slice::<u8, u32>(&view[..size as usize]).to_vec();
         drop(view);
         staging.unmap();
@@ -64,7 +77,10 @@ impl Gpu {
     pub fn read_row_f32(&self, tensor: &Tensor, row: usize) -> Result<Vec<f32>> {
         let (rows, cols) = tensor.rows_cols();
         if row >= rows {
-            return Err(Error::shape("readback", format!("row {row} of a {rows}-row tensor")));
+            return Err(Error::shape(
+                "readback",
+                format!("row {row} of a {rows}-row tensor"),
+            ));
         }
         let words = self.read_words(&tensor.buffer, row * cols, cols)?;
         Ok(words.into_iter().map(f32::from_bits).collect())

@@ -13,7 +13,13 @@ pub const DEFAULT_BATCH: usize = 48;
 
 enum Command {
     Dispatch(Dispatch),
-    Copy { src: wgpu::Buffer, src_offset: u64, dst: wgpu::Buffer, dst_offset: u64, size: u64 },
+    Copy {
+        src: wgpu::Buffer,
+        src_offset: u64,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    },
 }
 
 pub struct Recorder<'g> {
@@ -29,7 +35,12 @@ impl<'g> Recorder<'g> {
     }
 
     pub fn with_batch(gpu: &'g Gpu, batch: usize) -> Self {
-        Self { gpu, pending: Vec::new(), batch: batch.max(1), submitted: 0 }
+        Self {
+            gpu,
+            pending: Vec::new(),
+            batch: batch.max(1),
+            submitted: 0,
+        }
     }
 
     pub fn gpu(&self) -> &'g Gpu {
@@ -52,7 +63,14 @@ impl<'g> Recorder<'g> {
     }
 
     /// Queue a buffer-to-buffer copy, ordered with the dispatches around it.
-    pub fn copy(&mut self, src: &wgpu::Buffer, src_offset: u64, dst: &wgpu::Buffer, dst_offset: u64, size: u64) {
+    pub fn copy(
+        &mut self,
+        src: &wgpu::Buffer,
+        src_offset: u64,
+        dst: &wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    ) {
         self.pending.push(Command::Copy {
             src: src.clone(),
             src_offset,
@@ -78,12 +96,20 @@ impl<'g> Recorder<'g> {
         let mut encoder = self
             .gpu
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("recorder") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("recorder"),
+            });
         let commands = std::mem::take(&mut self.pending);
         let mut i = 0;
         while i < commands.len() {
             match &commands[i] {
-                Command::Copy { src, src_offset, dst, dst_offset, size } => {
+                Command::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => {
                     encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
                     i += 1;
                 }

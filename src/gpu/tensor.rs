@@ -88,25 +88,44 @@ impl Tensor {
             usage: STORAGE_USAGE,
             mapped_at_creation: false,
         });
-        Ok(Self { buffer, shape: shape.to_vec(), dtype })
+        Ok(Self {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
     }
 
-    fn from_words(gpu: &Gpu, shape: &[usize], dtype: DType, words: &[u32], label: &str) -> Result<Self> {
+    fn from_words(
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        words: &[u32],
+        label: &str,
+    ) -> Result<Self> {
         let numel = Self::check_binding(gpu, shape, label)?;
         if words.len() != numel {
             return Err(Error::shape(
                 label,
-                format!("shape {shape:?} holds {numel} elements but {} were given", words.len()),
+                format!(
+                    "shape {shape:?} holds {numel} elements but {} were given",
+                    words.len()
+                ),
             ));
         }
         let mut padded = words.to_vec();
         padded.resize(padded_size(numel * 4) as usize / 4, 0);
-        let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: bytemuck::cast_slice(&padded),
-            usage: STORAGE_USAGE,
-        });
-        Ok(Self { buffer, shape: shape.to_vec(), dtype })
+        let buffer = gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(&padded),
+                usage: STORAGE_USAGE,
+            });
+        Ok(Self {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
     }
 
     pub fn from_f32(gpu: &Gpu, shape: &[usize], data: &[f32], label: &str) -> Result<Self> {
@@ -139,10 +158,15 @@ impl Tensor {
         if words.len() > self.numel() {
             return Err(Error::shape(
                 "tensor write",
-                format!("{} elements do not fit a tensor of shape {:?}", words.len(), self.shape),
+                format!(
+                    "{} elements do not fit a tensor of shape {:?}",
+                    words.len(),
+                    self.shape
+                ),
             ));
         }
-        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(words));
+        gpu.queue
+            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(words));
         Ok(())
     }
 
@@ -150,7 +174,8 @@ impl Tensor {
     /// kernel failed to write.
     pub fn poison(&self, gpu: &Gpu) {
         let words = vec![f32::NAN.to_bits(); (self.buffer.size() / 4) as usize];
-        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(&words));
+        gpu.queue
+            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(&words));
     }
 
     /// The number of rows and the row width of a tensor viewed as a matrix (last dim = width).
@@ -198,7 +223,11 @@ impl Weight {
         if data.len() != n * k {
             return Err(Error::shape(
                 name,
-                format!("weight [{n}, {k}] needs {} values, got {}", n * k, data.len()),
+                format!(
+                    "weight [{n}, {k}] needs {} values, got {}",
+                    n * k,
+                    data.len()
+                ),
             ));
         }
         Self::upload(gpu, name, n, k, format, |row, out| match format {
@@ -222,7 +251,11 @@ impl Weight {
         if data.len() != n * k {
             return Err(Error::shape(
                 name,
-                format!("weight [{n}, {k}] needs {} values, got {}", n * k, data.len()),
+                format!(
+                    "weight [{n}, {k}] needs {} values, got {}",
+                    n * k,
+                    data.len()
+                ),
             ));
         }
         Self::upload(gpu, name, n, k, WeightFormat::F16, |row, out| {
@@ -271,17 +304,34 @@ impl Weight {
             words.clear();
             words.resize(rows * row_words, 0u32);
             for r in 0..rows {
-                fill_row(first_row + r, &mut words[r * row_words..(r + 1) * row_words]);
+                fill_row(
+                    first_row + r,
+                    &mut words[r * row_words..(r + 1) * row_words],
+                );
             }
-            let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(name),
-                contents: bytemuck::cast_slice(&words),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            let buffer = gpu
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(name),
+                    contents: bytemuck::cast_slice(&words),
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                });
+            chunks.push(WeightChunk {
+                buffer,
+                first_row,
+                rows,
             });
-            chunks.push(WeightChunk { buffer, first_row, rows });
             first_row += rows;
         }
-        Ok(Self { name: name.to_string(), n, k, format, row_stride, chunks, bias: None })
+        Ok(Self {
+            name: name.to_string(),
+            n,
+            k,
+            format,
+            row_stride,
+            chunks,
+            bias: None,
+        })
     }
 
     pub fn with_bias(mut self, gpu: &Gpu, bias: &[f32]) -> Result<Self> {
@@ -291,7 +341,12 @@ impl Weight {
                 format!("bias has {} values for {} output rows", bias.len(), self.n),
             ));
         }
-        self.bias = Some(Tensor::from_f32(gpu, &[self.n], bias, &format!("{}.bias", self.name))?);
+        self.bias = Some(Tensor::from_f32(
+            gpu,
+            &[self.n],
+            bias,
+            &format!("{}.bias", self.name),
+        )?);
         Ok(self)
     }
 

@@ -18,7 +18,10 @@ impl TestRng {
             Ok(s) => s.parse().expect("LLAVA_TEST_SEED must be an integer"),
             Err(_) => rand::rng().random(),
         };
-        Self { seed, rng: StdRng::seed_from_u64(seed) }
+        Self {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     pub fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -58,8 +61,11 @@ pub fn gpu_without_features() -> Gpu {
 
 /// A device that plans with a small storage-binding limit, forcing weights into chunks.
 pub fn gpu_with_binding_limit(bytes: u64) -> Gpu {
-    Gpu::new(GpuOptions { max_binding_bytes: Some(bytes), ..GpuOptions::default() })
-        .expect("no GPU adapter")
+    Gpu::new(GpuOptions {
+        max_binding_bytes: Some(bytes),
+        ..GpuOptions::default()
+    })
+    .expect("no GPU adapter")
 }
 
 /// Assert `|got - want| <= bound[i]` element-wise; NaN (an unwritten, poisoned element) fails.

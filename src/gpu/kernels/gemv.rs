@@ -58,7 +58,11 @@ pub fn gemv(
     }
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
     let kernel = if gpu.caps.subgroups {
-        if w.format == WeightFormat::F16 { "gemv_f16_subgroup" } else { "gemv_f32_subgroup" }
+        if w.format == WeightFormat::F16 {
+            "gemv_f16_subgroup"
+        } else {
+            "gemv_f32_subgroup"
+        }
     } else {
         entry
     };

@@ -27,7 +27,12 @@ pub(crate) const FLAG_BIAS: u32 = 1;
 pub(crate) const FLAG_ACCUMULATE: u32 = 2;
 
 /// Check `x [M, K]`, `w [N, K]`, `y [M, N]` and return (M, N, K).
-pub(crate) fn check_linear(op: &str, x: &Tensor, w: &Weight, y: &Tensor) -> Result<(usize, usize, usize)> {
+pub(crate) fn check_linear(
+    op: &str,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+) -> Result<(usize, usize, usize)> {
     let (m, k) = x.rows_cols();
     let (ym, yn) = y.rows_cols();
     if k != w.k || ym != m || yn != w.n {
@@ -44,7 +49,13 @@ pub(crate) fn check_linear(op: &str, x: &Tensor, w: &Weight, y: &Tensor) -> Resu
 
 /// One dispatch per row-chunk of `w`. `accumulate` adds the product to what `y` holds (a fused
 /// residual connection).
-pub fn matmul(gpu: &Gpu, x: &Tensor, w: &Weight, y: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
+pub fn matmul(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
     let (m, n_total, k) = check_linear("matmul", x, w, y)?;
     let (entry, kernel) = match w.format {
         WeightFormat::F16 => ("matmul_f16", "matmul_f16"),
@@ -93,7 +104,13 @@ pub fn matmul(gpu: &Gpu, x: &Tensor, w: &Weight, y: &Tensor, accumulate: bool) -
 }
 
 /// `Y = X·Wᵀ` choosing the kernel by shape: gemv for a single row, tiled matmul otherwise.
-pub fn linear(gpu: &Gpu, x: &Tensor, w: &Weight, y: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
+pub fn linear(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
     let (m, _, _) = check_linear("linear", x, w, y)?;
     if m == 1 {
         super::gemv::gemv(gpu, x, 0, w, y, 0, accumulate)
@@ -134,5 +151,8 @@ pub fn reference(
 
 /// The values an f16 weight holds on the GPU.
 pub fn round_to_f16(values: &[f32]) -> Vec<f32> {
-    values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+    values
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect()
 }

@@ -130,19 +130,27 @@ pub(crate) struct PipelineCache {
 
 impl PipelineCache {
     pub(crate) fn new() -> Self {
-        Self { pipelines: Mutex::new(HashMap::new()), modules: Mutex::new(HashMap::new()) }
+        Self {
+            pipelines: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+        }
     }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the maps inconsistent (inserts are atomic).
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Gpu {
     /// The flags this device compiles a shader with.
     pub fn shader_flags(&self) -> ShaderFlags {
-        ShaderFlags { subgroups: self.caps.subgroups, f16: self.caps.shader_f16 }
+        ShaderFlags {
+            subgroups: self.caps.subgroups,
+            f16: self.caps.shader_f16,
+        }
     }
 
     fn module(&self, shader: &'static str, flags: ShaderFlags) -> Result<wgpu::ShaderModule> {
@@ -157,10 +165,12 @@ impl Gpu {
         let source = shader_source(shader).ok_or_else(|| fail("no such shader".into()))?;
         let source = preprocess(source, flags).map_err(fail)?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(shader),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(fail(error.to_string()));
         }
@@ -188,7 +198,9 @@ impl Gpu {
                 binding: i as u32 + 1,
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage { read_only: *access == Access::Read },
+                    ty: wgpu::BufferBindingType::Storage {
+                        read_only: *access == Access::Read,
+                    },
                     has_dynamic_offset: false,
                     min_binding_size: None,
                 },
@@ -196,27 +208,33 @@ impl Gpu {
             });
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(key.entry),
-            entries: &entries,
-        });
-        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(key.entry),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(key.entry),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some(key.entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[],
-                // Every kernel initialises the workgroup memory it reads.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(key.entry),
+                entries: &entries,
+            });
+        let pipeline_layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(key.entry),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(key.entry),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[],
+                    // Every kernel initialises the workgroup memory it reads.
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            });
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(Error::Shader {
                 shader: key.shader.into(),
@@ -284,12 +302,14 @@ impl<'a> KernelCall<'a> {
     }
 
     pub fn read(mut self, buffer: &'a wgpu::Buffer) -> Self {
-        self.bindings.push((Access::Read, buffer.as_entire_buffer_binding()));
+        self.bindings
+            .push((Access::Read, buffer.as_entire_buffer_binding()));
         self
     }
 
     pub fn read_write(mut self, buffer: &'a wgpu::Buffer) -> Self {
-        self.bindings.push((Access::ReadWrite, buffer.as_entire_buffer_binding()));
+        self.bindings
+            .push((Access::ReadWrite, buffer.as_entire_buffer_binding()));
         self
     }
 
@@ -336,11 +356,14 @@ impl<'a> KernelCall<'a> {
                 resource: wgpu::BindingResource::Buffer(binding),
             });
         }
-        let bind_group = self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel),
-            layout: &cached.layout,
-            entries: &entries,
-        });
+        let bind_group = self
+            .gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel),
+                layout: &cached.layout,
+                entries: &entries,
+            });
         Ok(Dispatch {
             kernel,
             shape,
@@ -372,7 +395,14 @@ mod tests {
     #[test]
     fn preprocess_keeps_the_branch_for_the_flags() {
         let src = "a\n//#if SUBGROUPS\nb\n//#else\nc\n//#endif\nd\n";
-        let on = preprocess(src, ShaderFlags { subgroups: true, f16: false }).unwrap();
+        let on = preprocess(
+            src,
+            ShaderFlags {
+                subgroups: true,
+                f16: false,
+            },
+        )
+        .unwrap();
         assert!(on.contains("b\n") && !on.contains("c\n"));
         let off = preprocess(src, ShaderFlags::default()).unwrap();
         assert!(!off.contains("enable") && off.contains("c\n") && !off.contains("b\n"));

@@ -1,1 +1,125 @@
-//! placeholder
+//! LayerNorm and RMSNorm over rows: the launchers for shaders/norm.wgsl and CPU references.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::device::Gpu;
+use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+fn check(
+    op: &str,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    y: &Tensor,
+) -> Result<(usize, usize)> {
+    let (rows, cols) = x.rows_cols();
+    let beta_ok = beta.is_none_or(|b| b.numel() == cols);
+    if y.shape != x.shape || gamma.numel() != cols || !beta_ok {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x {:?}, weight {:?}, bias {:?}, y {:?}",
+                x.shape,
+                gamma.shape,
+                beta.map(|b| b.shape.clone()),
+                y.shape
+            ),
+        ));
+    }
+    Ok((rows, cols))
+}
+
+/// Tensors in binding order: x, gamma, beta, y.
+fn launch(
+    gpu: &Gpu,
+    entry: &'static str,
+    [x, gamma, beta, y]: [&Tensor; 4],
+    eps: f32,
+    (rows, cols): (usize, usize),
+) -> Result<Dispatch> {
+    let params = Params {
+        rows: rows as u32,
+        cols: cols as u32,
+        eps,
+        _pad: 0,
+    };
+    KernelCall::new(gpu, "norm", entry)
+        .params(&params)
+        .read(&x.buffer)
+        .read(&gamma.buffer)
+        .read(&beta.buffer)
+        .read_write(&y.buffer)
+        .build(
+            entry,
+            format!("rows={rows} cols={cols}"),
+            grid(rows as u32, gpu.limits.max_compute_workgroups_per_dimension),
+            (rows * cols * 8) as u64,
+            (rows * cols * 8 + cols * 8) as u64,
+        )
+}
+
+/// `y = (x − mean) / sqrt(var + eps) · gamma + beta` per row (`y` must not alias `x`).
+pub fn layer_norm(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    y: &Tensor,
+    eps: f32,
+) -> Result<Dispatch> {
+    let dims = check("layer_norm", x, gamma, Some(beta), y)?;
+    launch(gpu, "layer_norm", [x, gamma, beta, y], eps, dims)
+}
+
+/// `y = x / sqrt(mean(x²) + eps) · gamma` per row (`y` must not alias `x`).
+pub fn rms_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, y: &Tensor, eps: f32) -> Result<Dispatch> {
+    let dims = check("rms_norm", x, gamma, None, y)?;
+    // The shader's unused beta slot is bound to gamma.
+    launch(gpu, "rms_norm", [x, gamma, gamma, y], eps, dims)
+}
+
+/// CPU reference for LayerNorm in f64.
+pub fn layer_norm_reference(
+    x: &[f32],
+    cols: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> Vec<f64> {
+    x.chunks(cols)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            row.iter()
+                .enumerate()
+                .map(move |(c, &v)| (v as f64 - mean) * inv * gamma[c] as f64 + beta[c] as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// CPU reference for RMSNorm in f64.
+pub fn rms_norm_reference(x: &[f32], cols: usize, gamma: &[f32], eps: f64) -> Vec<f64> {
+    x.chunks(cols)
+        .flat_map(|row| {
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+            let inv = 1.0 / (ms + eps).sqrt();
+            row.iter()
+                .enumerate()
+                .map(move |(c, &v)| v as f64 * inv * gamma[c] as f64)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

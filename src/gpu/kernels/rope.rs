@@ -1,1 +1,130 @@
-//! placeholder
+//! Rotary position embedding (HF rotate-half convention): the launcher for shaders/rope.wgsl,
+//! the cos/sin table it reads, and a CPU reference.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::device::Gpu;
+use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::tensor::Tensor;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    rows: u32,
+    heads: u32,
+    head_dim: u32,
+    table_rows: u32,
+}
+
+/// The angles transformers uses: `inv_freq[i] = 1 / theta^(2i/D)` in f32, angle = f32(pos) ·
+/// inv_freq[i] rounded to f32 (as torch's f32 matmul does).
+pub fn angle(theta: f64, head_dim: usize, position: usize, i: usize) -> f32 {
+    let exponent = (2 * i) as f32 / head_dim as f32;
+    let inv_freq = 1.0f32 / (theta.powf(exponent as f64) as f32);
+    position as f32 * inv_freq
+}
+
+/// cos/sin for every (position, i < D/2), on the GPU.
+pub struct RopeTable {
+    pub table: Tensor,
+    pub positions: usize,
+    pub head_dim: usize,
+    pub theta: f64,
+}
+
+impl RopeTable {
+    pub fn new(gpu: &Gpu, theta: f64, head_dim: usize, positions: usize) -> Result<Self> {
+        if head_dim == 0 || head_dim % 2 != 0 || positions == 0 {
+            return Err(Error::argument(
+                "rope",
+                format!(
+                    "head_dim {head_dim} must be even and positive, positions {positions} positive"
+                ),
+            ));
+        }
+        let half = head_dim / 2;
+        let mut data = Vec::with_capacity(positions * head_dim);
+        for pos in 0..positions {
+            for i in 0..half {
+                let a = angle(theta, head_dim, pos, i) as f64;
+                data.push(a.cos() as f32);
+                data.push(a.sin() as f32);
+            }
+        }
+        let table = Tensor::from_f32(gpu, &[positions, half, 2], &data, "rope_table")?;
+        Ok(Self {
+            table,
+            positions,
+            head_dim,
+            theta,
+        })
+    }
+}
+
+/// Rotate `x [T, heads·D]` in place; `positions [T]` (u32) gives each row's position.
+pub fn rope(
+    gpu: &Gpu,
+    x: &Tensor,
+    heads: usize,
+    positions: &Tensor,
+    table: &RopeTable,
+) -> Result<Dispatch> {
+    let (rows, cols) = x.rows_cols();
+    let d = table.head_dim;
+    if cols != heads * d || positions.numel() < rows {
+        return Err(Error::shape(
+            "rope",
+            format!(
+                "x {:?} is not [T, {heads}·{d}] or positions {:?} has fewer than T rows",
+                x.shape, positions.shape
+            ),
+        ));
+    }
+    let params = Params {
+        rows: rows as u32,
+        heads: heads as u32,
+        head_dim: d as u32,
+        table_rows: table.positions as u32,
+    };
+    let threads = rows * heads * d / 2;
+    KernelCall::new(gpu, "rope", "rope")
+        .params(&params)
+        .read(&positions.buffer)
+        .read(&table.table.buffer)
+        .read_write(&x.buffer)
+        .build(
+            "rope",
+            format!("T={rows} H={heads} D={d}"),
+            grid(
+                threads.div_ceil(256) as u32,
+                gpu.limits.max_compute_workgroups_per_dimension,
+            ),
+            (threads * 6) as u64,
+            (rows * cols * 8 + threads * 8 + rows * 4) as u64,
+        )
+}
+
+/// CPU reference: rotate-half RoPE in f64 with the same f32 angles.
+pub fn reference(
+    x: &[f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    theta: f64,
+) -> Vec<f64> {
+    let half = head_dim / 2;
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (row, &pos) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let base = (row * heads + h) * head_dim;
+            for i in 0..half {
+                let a = angle(theta, head_dim, pos as usize, i) as f64;
+                let (x1, x2) = (x[base + i] as f64, x[base + i + half] as f64);
+                out[base + i] = x1 * a.cos() - x2 * a.sin();
+                out[base + i + half] = x2 * a.cos() + x1 * a.sin();
+            }
+        }
+    }
+    out
+}

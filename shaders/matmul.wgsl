@@ -24,8 +24,7 @@ struct Params {
 const TILE_M: u32 = 64u;
 const TILE_N: u32 = 64u;
 const TILE_K: u32 = 32u;
-// One extra word per shared row removes bank conflicts on the transposed stores.
-const SHARED_STRIDE: u32 = 65u;
+const THREADS: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -34,115 +33,144 @@ const SHARED_STRIDE: u32 = 65u;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-var<workgroup> x_tile: array<f32, 2080>;   // [TILE_K][SHARED_STRIDE]
-var<workgroup> w_tile: array<f32, 2080>;   // [TILE_K][SHARED_STRIDE]
+// Both tiles are stored K-major ([TILE_K][64] floats as 16 vec4 per k) so the inner product
+// reads a thread's 8 rows and 8 columns as two vec4 loads each.
+var<workgroup> x_tile: array<vec4<f32>, 512>;
+var<workgroup> w_tile: array<vec4<f32>, 512>;
 
+fn x_at(row: u32, col: u32) -> f32 {
+    if (row < p.m && col < p.k) {
+        return x[row * p.x_stride + col];
+    }
+    return 0.0;
+}
+
+// Each thread fills whole vec4s (4 consecutive rows at one k), so no store needs a dynamic
+// vector component. 32 k × 16 row-quads = 512 vec4, 8 per thread; neighbouring threads read
+// neighbouring k of the same rows.
 fn load_x_tile(row0: u32, k0: u32, tid: u32) {
-    // 64 rows × 32 columns = 2048 values, 8 per thread, consecutive threads along K (coalesced).
     for (var i = 0u; i < 8u; i++) {
-        let idx = tid + i * 256u;
-        let r = idx / TILE_K;
+        let idx = tid + i * THREADS;
         let kk = idx % TILE_K;
-        let row = row0 + r;
+        let quad = idx / TILE_K;
+        let row = row0 + quad * 4u;
         let col = k0 + kk;
-        var v = 0.0;
-        if (row < p.m && col < p.k) {
-            v = x[row * p.x_stride + col];
-        }
-        x_tile[kk * SHARED_STRIDE + r] = v;
+        x_tile[kk * 16u + quad] = vec4<f32>(x_at(row, col), x_at(row + 1u, col),
+                                            x_at(row + 2u, col), x_at(row + 3u, col));
     }
 }
 
-// f16 weights: 64 rows × 32 halves = 64 rows × 4 vec4<u32>, one vec4 per thread.
+fn w_words(row: u32, word: u32) -> vec4<u32> {
+    if (row < p.n && word < p.w_stride) {
+        return w[(row * p.w_stride + word) / 4u];
+    }
+    return vec4<u32>(0u);
+}
+
+// f16 weights: thread = (row-quad, 8-half group): 16 × 4 = 64 units, one per thread. It loads
+// one vec4<u32> (8 halves) from each of 4 rows and writes 8 vec4 columns (one per k).
 fn load_w_tile_f16(n0: u32, k0: u32, tid: u32) {
-    let r = tid / 4u;
+    let quad = tid / 4u;
     let q = tid % 4u;
-    let row = n0 + r;
-    let col = k0 + q * 8u;               // first half in this vec4
-    var words = vec4<u32>(0u);
-    if (row < p.n && col / 2u < p.w_stride) {
-        words = w[(row * p.w_stride + col / 2u) / 4u];
+    let row = n0 + quad * 4u;
+    let word = (k0 + q * 8u) / 2u;
+    let a = w_words(row, word);
+    let b = w_words(row + 1u, word);
+    let c = w_words(row + 2u, word);
+    let d = w_words(row + 3u, word);
+    let base = q * 8u * 16u + quad;
+    for (var j = 0u; j < 4u; j++) {
+        let ha = unpack2x16float(a[j]);
+        let hb = unpack2x16float(b[j]);
+        let hc = unpack2x16float(c[j]);
+        let hd = unpack2x16float(d[j]);
+        w_tile[base + (2u * j) * 16u] = vec4<f32>(ha.x, hb.x, hc.x, hd.x);
+        w_tile[base + (2u * j + 1u) * 16u] = vec4<f32>(ha.y, hb.y, hc.y, hd.y);
     }
-    let base = q * 8u;
-    let h0 = unpack2x16float(words.x);
-    let h1 = unpack2x16float(words.y);
-    let h2 = unpack2x16float(words.z);
-    let h3 = unpack2x16float(words.w);
-    w_tile[(base + 0u) * SHARED_STRIDE + r] = h0.x;
-    w_tile[(base + 1u) * SHARED_STRIDE + r] = h0.y;
-    w_tile[(base + 2u) * SHARED_STRIDE + r] = h1.x;
-    w_tile[(base + 3u) * SHARED_STRIDE + r] = h1.y;
-    w_tile[(base + 4u) * SHARED_STRIDE + r] = h2.x;
-    w_tile[(base + 5u) * SHARED_STRIDE + r] = h2.y;
-    w_tile[(base + 6u) * SHARED_STRIDE + r] = h3.x;
-    w_tile[(base + 7u) * SHARED_STRIDE + r] = h3.y;
 }
 
-// f32 weights: 64 rows × 32 floats = 64 rows × 8 vec4, two per thread.
+// f32 weights: (row-quad, 4-float group) = 16 × 8 = 128 units, two per thread.
 fn load_w_tile_f32(n0: u32, k0: u32, tid: u32) {
     for (var i = 0u; i < 2u; i++) {
-        let idx = tid + i * 256u;
-        let r = idx / 8u;
-        let q = idx % 8u;
-        let row = n0 + r;
-        let col = k0 + q * 4u;
-        var v = vec4<f32>(0.0);
-        if (row < p.n && col < p.w_stride) {
-            v = bitcast<vec4<f32>>(w[(row * p.w_stride + col) / 4u]);
-        }
-        let base = q * 4u;
-        w_tile[(base + 0u) * SHARED_STRIDE + r] = v.x;
-        w_tile[(base + 1u) * SHARED_STRIDE + r] = v.y;
-        w_tile[(base + 2u) * SHARED_STRIDE + r] = v.z;
-        w_tile[(base + 3u) * SHARED_STRIDE + r] = v.w;
+        let unit = tid + i * THREADS;
+        let quad = unit / 8u;
+        let q = unit % 8u;
+        let row = n0 + quad * 4u;
+        let word = k0 + q * 4u;
+        let a = bitcast<vec4<f32>>(w_words(row, word));
+        let b = bitcast<vec4<f32>>(w_words(row + 1u, word));
+        let c = bitcast<vec4<f32>>(w_words(row + 2u, word));
+        let d = bitcast<vec4<f32>>(w_words(row + 3u, word));
+        let base = q * 4u * 16u + quad;
+        w_tile[base] = vec4<f32>(a.x, b.x, c.x, d.x);
+        w_tile[base + 16u] = vec4<f32>(a.y, b.y, c.y, d.y);
+        w_tile[base + 32u] = vec4<f32>(a.z, b.z, c.z, d.z);
+        w_tile[base + 48u] = vec4<f32>(a.w, b.w, c.w, d.w);
     }
 }
 
-fn store(acc: ptr<function, array<vec4<f32>, 4>>, row0: u32, n0: u32, tx: u32, ty: u32) {
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + ty + i * 16u;
-        if (row >= p.m) {
-            continue;
+// Write one output row's 8 columns (tx·8 .. tx·8+8), given as two vec4.
+fn store_row(row: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (row >= p.m) {
+        return;
+    }
+    for (var j = 0u; j < 8u; j++) {
+        let col = col0 + j;
+        if (col >= p.n) {
+            return;
         }
-        let values = (*acc)[i];
-        for (var j = 0u; j < 4u; j++) {
-            let col = n0 + tx + j * 16u;
-            if (col >= p.n) {
-                continue;
-            }
-            var v = values[j];
-            let out_col = p.col_offset + col;
-            if ((p.flags & 1u) != 0u) {
-                v += bias[out_col];
-            }
-            let at = row * p.y_stride + out_col;
-            if ((p.flags & 2u) != 0u) {
-                v += y[at];
-            }
-            y[at] = v;
+        var v = select(hi[j - 4u], lo[j], j < 4u);
+        let out_col = p.col_offset + col;
+        if ((p.flags & 1u) != 0u) {
+            v += bias[out_col];
         }
+        let at = row * p.y_stride + out_col;
+        if ((p.flags & 2u) != 0u) {
+            v += y[at];
+        }
+        y[at] = v;
     }
 }
 
-fn multiply_tile(acc: ptr<function, array<vec4<f32>, 4>>, tx: u32, ty: u32) {
+// acc[2i], acc[2i+1] hold output row ty·8 + i. Only constant indices touch `acc`, so compilers
+// keep it in registers (a dynamic index would push the whole array to memory).
+fn store(acc: ptr<function, array<vec4<f32>, 16>>, row0: u32, n0: u32, tx: u32, ty: u32) {
+    let r = row0 + ty * 8u;
+    let c = n0 + tx * 8u;
+    store_row(r + 0u, c, (*acc)[0], (*acc)[1]);
+    store_row(r + 1u, c, (*acc)[2], (*acc)[3]);
+    store_row(r + 2u, c, (*acc)[4], (*acc)[5]);
+    store_row(r + 3u, c, (*acc)[6], (*acc)[7]);
+    store_row(r + 4u, c, (*acc)[8], (*acc)[9]);
+    store_row(r + 5u, c, (*acc)[10], (*acc)[11]);
+    store_row(r + 6u, c, (*acc)[12], (*acc)[13]);
+    store_row(r + 7u, c, (*acc)[14], (*acc)[15]);
+}
+
+fn multiply_tile(acc: ptr<function, array<vec4<f32>, 16>>, tx: u32, ty: u32) {
     for (var kk = 0u; kk < TILE_K; kk++) {
-        let base = kk * SHARED_STRIDE;
-        let b = vec4<f32>(w_tile[base + tx], w_tile[base + tx + 16u],
-                          w_tile[base + tx + 32u], w_tile[base + tx + 48u]);
-        (*acc)[0] += x_tile[base + ty] * b;
-        (*acc)[1] += x_tile[base + ty + 16u] * b;
-        (*acc)[2] += x_tile[base + ty + 32u] * b;
-        (*acc)[3] += x_tile[base + ty + 48u] * b;
+        let xa = x_tile[kk * 16u + ty * 2u];
+        let xb = x_tile[kk * 16u + ty * 2u + 1u];
+        let wa = w_tile[kk * 16u + tx * 2u];
+        let wb = w_tile[kk * 16u + tx * 2u + 1u];
+        (*acc)[0] += xa.x * wa;  (*acc)[1] += xa.x * wb;
+        (*acc)[2] += xa.y * wa;  (*acc)[3] += xa.y * wb;
+        (*acc)[4] += xa.z * wa;  (*acc)[5] += xa.z * wb;
+        (*acc)[6] += xa.w * wa;  (*acc)[7] += xa.w * wb;
+        (*acc)[8] += xb.x * wa;  (*acc)[9] += xb.x * wb;
+        (*acc)[10] += xb.y * wa; (*acc)[11] += xb.y * wb;
+        (*acc)[12] += xb.z * wa; (*acc)[13] += xb.z * wb;
+        (*acc)[14] += xb.w * wa; (*acc)[15] += xb.w * wb;
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let n0 = wg.x * TILE_N;
     let row0 = wg.y * TILE_M;
-    let tx = tid % 16u;
-    let ty = tid / 16u;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let tx = tid % 8u;
+    let ty = tid / 8u;
+    var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         load_x_tile(row0, k0, tid);
         load_w_tile_f16(n0, k0, tid);
@@ -153,13 +181,13 @@ fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     store(&acc, row0, n0, tx, ty);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(64)
 fn matmul_f32(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let n0 = wg.x * TILE_N;
     let row0 = wg.y * TILE_M;
-    let tx = tid % 16u;
-    let ty = tid / 16u;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let tx = tid % 8u;
+    let ty = tid / 8u;
+    var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         load_x_tile(row0, k0, tid);
         load_w_tile_f32(n0, k0, tid);

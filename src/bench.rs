@@ -1,1 +1,247 @@
-//! Benchmarks (placeholder).
+//! `llava-wgpu bench kernels`: throughput of the kernel families on the chosen adapter, next to
+//! the adapter's measured buffer-copy bandwidth, so later work compares against fixed numbers.
+//!
+//! Each case is recorded once, run once to warm up (pipeline compilation, first-touch of
+//! buffers), then timed `repeats` times as a whole submission (wall clock from submit to the
+//! GPU going idle) and reported by its median. GFLOP/s and GB/s come from each launcher's
+//! analytic flop and byte counts, not from counters.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::gpu::kernels::{attention, gemv, matmul, Dispatch};
+use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight, WeightFormat};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelResult {
+    pub kernel: String,
+    pub shape: String,
+    pub median_ms: f64,
+    pub gflops: f64,
+    pub gbytes_per_s: f64,
+    /// Achieved bandwidth as a fraction of the measured copy bandwidth.
+    pub bandwidth_fraction: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelReport {
+    pub adapter: String,
+    pub backend: String,
+    pub repeats: usize,
+    /// Buffer-to-buffer copy, counting bytes read plus bytes written.
+    pub copy_gbytes_per_s: f64,
+    pub results: Vec<KernelResult>,
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn time_dispatches(gpu: &Gpu, dispatches: &[Dispatch], repeats: usize) -> Result<Duration> {
+    let run = || -> Result<Duration> {
+        let start = Instant::now();
+        let mut rec = Recorder::with_batch(gpu, usize::MAX);
+        rec.dispatch_all(dispatches.iter().cloned());
+        rec.finish("bench")?;
+        Ok(start.elapsed())
+    };
+    run()?;
+    let samples = (0..repeats.max(1))
+        .map(|_| run())
+        .collect::<Result<Vec<_>>>()?;
+    Ok(median(samples))
+}
+
+/// Copy bandwidth between two device buffers of `bytes` each.
+fn copy_bandwidth(gpu: &Gpu, bytes: u64, repeats: usize) -> Result<f64> {
+    let make = |label| {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (src, dst) = (make("copy_src"), make("copy_dst"));
+    let run = || -> Result<Duration> {
+        let start = Instant::now();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        gpu.queue.submit([enc.finish()]);
+        gpu.wait("copy bandwidth")?;
+        Ok(start.elapsed())
+    };
+    run()?;
+    let t = median(
+        (0..repeats.max(1))
+            .map(|_| run())
+            .collect::<Result<Vec<_>>>()?,
+    );
+    Ok(2.0 * bytes as f64 / t.as_secs_f64() / 1e9)
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    // A cheap deterministic generator: benchmark inputs only need to be non-trivial.
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn result(name: &str, dispatches: &[Dispatch], time: Duration, copy_gbs: f64) -> KernelResult {
+    let r = measure(name, dispatches, time, copy_gbs);
+    eprintln!("    {}", row(&r));
+    r
+}
+
+fn row(r: &KernelResult) -> String {
+    format!(
+        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>8.1}%",
+        r.kernel,
+        r.shape,
+        r.median_ms,
+        r.gflops,
+        r.gbytes_per_s,
+        100.0 * r.bandwidth_fraction
+    )
+}
+
+fn measure(name: &str, dispatches: &[Dispatch], time: Duration, copy_gbs: f64) -> KernelResult {
+    let flops: u64 = dispatches.iter().map(|d| d.flops).sum();
+    let bytes: u64 = dispatches.iter().map(|d| d.bytes).sum();
+    let secs = time.as_secs_f64();
+    let gbs = bytes as f64 / secs / 1e9;
+    KernelResult {
+        kernel: name.to_string(),
+        shape: dispatches
+            .first()
+            .map(|d| d.shape.clone())
+            .unwrap_or_default(),
+        median_ms: secs * 1e3,
+        gflops: flops as f64 / secs / 1e9,
+        gbytes_per_s: gbs,
+        bandwidth_fraction: gbs / copy_gbs,
+    }
+}
+
+/// Run the kernel benchmark suite.
+pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Result<KernelReport> {
+    let copy_bytes = (64u64 << 20).min(gpu.adapter_binding_bytes);
+    progress("buffer copy");
+    let copy_gbs = copy_bandwidth(gpu, copy_bytes, repeats)?;
+    let mut results = Vec::new();
+
+    for (n, k) in [(1024usize, 1024usize), (4096, 1024)] {
+        let w_values = random(n * k, (n + k) as u64);
+        let w16 = Weight::from_f32(gpu, "w", n, k, &w_values, WeightFormat::F16)?;
+        for m in [1usize, 64, 577] {
+            let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, m as u64), "x")?;
+            let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
+            progress(&format!("matmul M={m} N={n} K={k}"));
+            let d = matmul::matmul(gpu, &x, &w16, &y, false)?;
+            let t = time_dispatches(gpu, &d, repeats)?;
+            results.push(result("matmul_f16", &d, t, copy_gbs));
+            if m == 1 {
+                progress(&format!("gemv N={n} K={k}"));
+                let d = gemv::gemv(gpu, &x, 0, &w16, &y, 0, false)?;
+                let t = time_dispatches(gpu, &d, repeats)?;
+                results.push(result(d[0].kernel, &d, t, copy_gbs));
+            }
+        }
+    }
+    // ggml's own perf shape (peer-bench.md: W 4096×4096 f16, 512 columns) for a direct comparison.
+    {
+        let (m, n, k) = (512usize, 4096usize, 4096usize);
+        let w = Weight::from_f32(gpu, "w", n, k, &random(n * k, 5), WeightFormat::F16)?;
+        let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 6), "x")?;
+        let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
+        progress(&format!("matmul M={m} N={n} K={k}"));
+        let d = matmul::matmul(gpu, &x, &w, &y, false)?;
+        let t = time_dispatches(gpu, &d, repeats)?;
+        results.push(result("matmul_f16", &d, t, copy_gbs));
+    }
+    // The decode GEMV of a 7B model's MLP (f16 weights, 4096 → 11008) and of its attention
+    // projections (4096 → 4096): memory bound, compare GB/s with the copy bandwidth.
+    for (n, k) in [(4096usize, 4096usize), (11008, 4096)] {
+        let w = Weight::from_f32(gpu, "w", n, k, &random(n * k, 7), WeightFormat::F16)?;
+        let x = Tensor::from_f32(gpu, &[1, k], &random(k, 3), "x")?;
+        let y = Tensor::empty(gpu, &[1, n], DType::F32, "y")?;
+        progress(&format!("gemv N={n} K={k}"));
+        let d = gemv::gemv(gpu, &x, 0, &w, &y, 0, false)?;
+        let t = time_dispatches(gpu, &d, repeats)?;
+        results.push(result(d[0].kernel, &d, t, copy_gbs));
+    }
+    // CLIP ViT-L/14-336 self-attention: 577 tokens, 16 heads of 64.
+    {
+        let shape = attention::AttentionShape {
+            q_rows: 577,
+            kv_rows: 577,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 64,
+            causal: false,
+        };
+        let numel = 577 * 16 * 64;
+        let q = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 11), "q")?;
+        let k = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 12), "k")?;
+        let v = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 13), "v")?;
+        let o = Tensor::empty(gpu, &[577, 1024], DType::F32, "o")?;
+        progress("attention T=577 H=16 D=64");
+        let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, None)?;
+        let t = time_dispatches(gpu, &d, repeats)?;
+        results.push(result("attention", &d, t, copy_gbs));
+        let partials = Tensor::empty(
+            gpu,
+            &[attention::score_partials_len(&shape)],
+            DType::F32,
+            "partials",
+        )?;
+        let scores = Tensor::empty(gpu, &[577], DType::F32, "scores")?;
+        let out = attention::ScoreOutput {
+            q_start: 0,
+            q_end: 577,
+            partials: &partials,
+            scores: &scores,
+        };
+        progress("attention + scores T=577 H=16 D=64");
+        let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, Some(out))?;
+        let t = time_dispatches(gpu, &d, repeats)?;
+        results.push(result("attention+scores", &d, t, copy_gbs));
+    }
+    Ok(KernelReport {
+        adapter: gpu.describe(),
+        backend: format!("{:?}", gpu.info.backend),
+        repeats,
+        copy_gbytes_per_s: copy_gbs,
+        results,
+    })
+}
+
+impl KernelReport {
+    /// The table `bench kernels` prints.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "adapter: {}\nbuffer copy: {:.2} GB/s (read + write), median of {} runs\n\n",
+            self.adapter, self.copy_gbytes_per_s, self.repeats
+        );
+        out.push_str(&format!(
+            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>9}\n",
+            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "% of copy"
+        ));
+        for r in &self.results {
+            out.push_str(&row(r));
+            out.push('\n');
+        }
+        out
+    }
+}

@@ -1,1 +1,161 @@
-fn main() {}
+//! The `llava-wgpu` command line.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use llava_wgpu::gpu::device::{list_adapters, BackendChoice};
+use llava_wgpu::gpu::{Gpu, GpuOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "llava-wgpu",
+    version,
+    about = "LLaVA vision-language inference in WGSL compute shaders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Device selection shared by every command that touches the GPU.
+#[derive(Args, Clone, Debug)]
+struct DeviceArgs {
+    /// Adapter to use: `gpu`, `cpu`, an index from `devices`, or part of its name
+    /// (default: the best real GPU; also read from LLAVA_WGPU_ADAPTER).
+    #[arg(long, global = true)]
+    adapter: Option<String>,
+    /// Graphics API (default: every available one; also read from LLAVA_WGPU_BACKEND).
+    #[arg(long, value_enum, global = true)]
+    backend: Option<BackendChoice>,
+}
+
+impl DeviceArgs {
+    fn options(&self) -> GpuOptions {
+        GpuOptions {
+            adapter: self.adapter.clone(),
+            backend: self.backend,
+            ..GpuOptions::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every adapter with its backend, type, driver, limits and optional features.
+    Devices {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Matmul, gemv and attention throughput next to the adapter's copy bandwidth.
+    Kernels {
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Timed runs per case (the median is reported).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        repeats: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
+    let options = device.options().with_env()?;
+    let adapters = list_adapters(&options);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&adapters)?);
+        return Ok(());
+    }
+    if adapters.is_empty() {
+        anyhow::bail!(
+            "no adapter found. On Linux without a GPU install Mesa's software Vulkan driver \
+             (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
+        );
+    }
+    for a in &adapters {
+        println!("[{}] {}", a.index, a.name);
+        println!(
+            "    backend {}, type {}{}",
+            a.backend,
+            a.device_type,
+            if a.is_cpu { " (software)" } else { "" }
+        );
+        println!("    driver {} {}", a.driver, a.driver_info);
+        println!(
+            "    vendor 0x{:04x}, device 0x{:04x}",
+            a.vendor_id, a.device_id
+        );
+        println!(
+            "    max storage binding {} MiB, max buffer {} MiB, {} storage buffers per stage",
+            a.max_storage_buffer_binding_size >> 20,
+            a.max_buffer_size >> 20,
+            a.max_storage_buffers_per_shader_stage
+        );
+        println!(
+            "    workgroup memory {} KiB, {} invocations per workgroup, {} workgroups per dimension",
+            a.max_compute_workgroup_storage_size >> 10,
+            a.max_compute_invocations_per_workgroup,
+            a.max_compute_workgroups_per_dimension
+        );
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        println!(
+            "    shader-f16 {}, subgroups {} (size {}..{}), timestamps {}, timestamps inside passes {}",
+            yes(a.shader_f16),
+            yes(a.subgroups),
+            a.subgroup_min_size,
+            a.subgroup_max_size,
+            yes(a.timestamp_query),
+            yes(a.timestamp_query_inside_passes)
+        );
+    }
+    Ok(())
+}
+
+fn bench_kernels(device: &DeviceArgs, repeats: u32, json: bool) -> Result<()> {
+    let gpu = Gpu::new(device.options())?;
+    eprintln!("benchmarking on {}", gpu.describe());
+    let report = llava_wgpu::bench::kernels(&gpu, repeats as usize, |case| eprintln!("  {case}"))
+        .context("kernel benchmark failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Devices { device, json } => devices(device, *json),
+        Command::Bench {
+            what:
+                BenchCommand::Kernels {
+                    device,
+                    repeats,
+                    json,
+                },
+        } => bench_kernels(device, *repeats, *json),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

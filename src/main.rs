@@ -138,7 +138,19 @@ fn bench_kernels(device: &DeviceArgs, repeats: u32, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid" several times when a headless
+/// machine has no session directory; give them a private one (before any thread starts).
+fn quiet_mesa_without_a_session() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("llava-wgpu-runtime");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    quiet_mesa_without_a_session();
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Devices { device, json } => devices(device, *json),

@@ -4,5 +4,7 @@
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod model;
+pub mod vision;
 
 pub use error::{Error, Result};

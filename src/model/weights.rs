@@ -1,0 +1,277 @@
+//! Checkpoint tensors: `model.safetensors`, or `model.safetensors.index.json` with shards, memory
+//! mapped; f32/f16/bf16 converted with `half`; both llava-hf key layouts.
+//!
+//! Tensors are requested by a canonical name (`vision.encoder.layers.0.mlp.fc1.weight`,
+//! `projector.linear_1.weight`, `text.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) and
+//! resolved against every prefix a llava-hf file may use: hub files have
+//! `vision_tower.vision_model.*` and `language_model.model.*`, transformers 5.x writes
+//! `model.vision_tower.*` / `model.language_model.*` / `lm_head.*`, and a freshly built model can
+//! drop `vision_model.`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+/// A tensor's dtype, shape and raw little-endian bytes inside a mapped shard.
+pub struct RawTensor<'a> {
+    pub name: String,
+    pub file: &'a Path,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+/// Every tensor of a checkpoint directory, memory mapped.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name → shard index.
+    index: HashMap<String, usize>,
+}
+
+fn file_error(path: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn open_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).map_err(|e| file_error(path, e))?;
+    // SAFETY: the mapping is read-only; a file truncated by another process while mapped is the
+    // same hazard every mmap-based model loader (transformers included) accepts.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| file_error(path, e))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+        file_error(
+            path,
+            format!("not a valid safetensors file (truncated, or its header disagrees with its size): {e:?}"),
+        )
+    })?;
+    Ok(Shard {
+        path: path.to_path_buf(),
+        map,
+        header_len,
+        metadata,
+    })
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| file_error(&index_path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| file_error(&index_path, format!("not valid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| file_error(&index_path, "no `weight_map` object"))?;
+            let mut shard_of_file: HashMap<String, usize> = HashMap::new();
+            let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            files.sort_unstable();
+            files.dedup();
+            for name in files {
+                if name.contains('/') || name.contains('\\') || name.contains("..") {
+                    return Err(file_error(
+                        &index_path,
+                        format!("shard name '{name}' is not a plain file name"),
+                    ));
+                }
+                shard_of_file.insert(name.to_string(), shards.len());
+                shards.push(open_shard(&dir.join(name))?);
+            }
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    file_error(
+                        &index_path,
+                        format!("entry for '{tensor}' is not a file name"),
+                    )
+                })?;
+                let shard = shard_of_file[file];
+                if shards[shard].metadata.info(tensor).is_none() {
+                    return Err(file_error(
+                        &shards[shard].path,
+                        format!("the index says tensor '{tensor}' is here, but it is not"),
+                    ));
+                }
+                index.insert(tensor.clone(), shard);
+            }
+        } else if single.exists() {
+            let shard = open_shard(&single)?;
+            for name in shard.metadata.tensors().keys() {
+                index.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        } else {
+            return Err(file_error(
+                dir,
+                "neither model.safetensors nor model.safetensors.index.json is here",
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The on-disk names a canonical name may have.
+    pub fn aliases(canonical: &str) -> Vec<String> {
+        let with =
+            |prefixes: &[&str], rest: &str| prefixes.iter().map(|p| format!("{p}{rest}")).collect();
+        if let Some(rest) = canonical.strip_prefix("vision.") {
+            with(
+                &[
+                    "vision_tower.vision_model.",
+                    "vision_tower.",
+                    "model.vision_tower.vision_model.",
+                    "model.vision_tower.",
+                ],
+                rest,
+            )
+        } else if let Some(rest) = canonical.strip_prefix("projector.") {
+            with(
+                &["multi_modal_projector.", "model.multi_modal_projector."],
+                rest,
+            )
+        } else if let Some(rest) = canonical.strip_prefix("text.") {
+            with(
+                &[
+                    "language_model.model.",
+                    "model.language_model.",
+                    "language_model.",
+                ],
+                rest,
+            )
+        } else if canonical == "lm_head.weight" {
+            with(&["language_model.lm_head.", "lm_head."], "weight")
+        } else {
+            vec![canonical.to_string()]
+        }
+    }
+
+    /// Find a tensor by canonical name under any of its aliases.
+    pub fn get(&self, canonical: &str) -> Result<RawTensor<'_>> {
+        let names = Self::aliases(canonical);
+        for name in &names {
+            if let Some(&s) = self.index.get(name) {
+                let shard = &self.shards[s];
+                let info = shard.metadata.info(name).expect("indexed tensors exist");
+                let start = shard.header_len + 8 + info.data_offsets.0;
+                let end = shard.header_len + 8 + info.data_offsets.1;
+                return Ok(RawTensor {
+                    name: name.clone(),
+                    file: &shard.path,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: &shard.map[start..end],
+                });
+            }
+        }
+        Err(file_error(
+            &self.dir,
+            format!(
+                "tensor '{}' is missing (looked for {})",
+                names[0],
+                names.join(", ")
+            ),
+        ))
+    }
+
+    /// A tensor as f32 values, checked against the expected shape.
+    pub fn f32(&self, canonical: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.get(canonical)?;
+        t.check_shape(shape)?;
+        t.to_f32()
+    }
+
+    /// A tensor as IEEE halves (f32 and bf16 are converted; values outside f16's range are an
+    /// error rather than a silent infinity).
+    pub fn f16(&self, canonical: &str, shape: &[usize]) -> Result<Vec<f16>> {
+        let t = self.get(canonical)?;
+        t.check_shape(shape)?;
+        if t.dtype == Dtype::F16 {
+            return Ok(bytemuck::pod_collect_to_vec(t.bytes));
+        }
+        let values = t.to_f32()?;
+        let mut out = Vec::with_capacity(values.len());
+        for v in values {
+            let h = f16::from_f32(v);
+            if h.is_infinite() && v.is_finite() {
+                return Err(file_error(
+                    t.file,
+                    format!(
+                        "tensor '{}' holds {v}, outside the f16 range; load with f32 weights",
+                        t.name
+                    ),
+                ));
+            }
+            out.push(h);
+        }
+        Ok(out)
+    }
+}
+
+impl RawTensor<'_> {
+    pub fn check_shape(&self, shape: &[usize]) -> Result<()> {
+        if self.shape != shape {
+            return Err(file_error(
+                self.file,
+                format!(
+                    "tensor '{}' has shape {:?}, expected {:?}",
+                    self.name, self.shape, shape
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        Ok(match self.dtype {
+            Dtype::F32 => bytemuck::pod_collect_to_vec(self.bytes),
+            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(self.bytes)
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
+            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(self.bytes)
+                .iter()
+                .map(|h| h.to_f32())
+                .collect(),
+            other => {
+                return Err(file_error(
+                    self.file,
+                    format!(
+                        "tensor '{}' has dtype {other:?}; only F32, F16 and BF16 are supported",
+                        self.name
+                    ),
+                ))
+            }
+        })
+    }
+}

@@ -1,0 +1,6 @@
+//! Image input: decoding and CLIP preprocessing.
+
+pub mod preprocess;
+pub mod resample;
+
+pub use preprocess::{load_image, ImageProcessorConfig};

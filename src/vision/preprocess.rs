@@ -1,0 +1,319 @@
+//! CLIPImageProcessor, exactly as `preprocessor_config.json` describes it: convert to RGB
+//! (compositing transparency onto white, as transformers 5 does), resize the shortest edge with
+//! Pillow's resampler (the other edge truncated: 97×61 → 133×84 for 84), center crop, rescale by
+//! 1/255, normalise with the file's mean and std. Optionally pad to a square with the mean colour
+//! first, as the original LLaVA evaluation code (`expand2square`) does.
+
+use std::path::Path;
+
+use image::DynamicImage;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::vision::resample::{resize_rgb8, Filter};
+
+/// Refuse images whose decoded size would be absurd (a decompression bomb or a wrong file).
+pub const MAX_IMAGE_PIXELS: u64 = 100_000_000;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageProcessorConfig {
+    pub do_convert_rgb: bool,
+    pub do_resize: bool,
+    pub shortest_edge: usize,
+    pub filter: Filter,
+    pub do_center_crop: bool,
+    pub crop_height: usize,
+    pub crop_width: usize,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    pub image_mean: [f64; 3],
+    pub image_std: [f64; 3],
+}
+
+impl ImageProcessorConfig {
+    /// CLIP's defaults for a given input size (used when the model directory has no
+    /// preprocessor file).
+    pub fn clip_default(image_size: usize) -> Self {
+        Self {
+            do_convert_rgb: true,
+            do_resize: true,
+            shortest_edge: image_size,
+            filter: Filter::Bicubic,
+            do_center_crop: true,
+            crop_height: image_size,
+            crop_width: image_size,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: [0.48145466, 0.4578275, 0.40821073],
+            image_std: [0.26862954, 0.26130258, 0.27577711],
+        }
+    }
+
+    /// Read `preprocessor_config.json`, or the `image_processor` entry of transformers 5's
+    /// `processor_config.json`, or fall back to CLIP's defaults for `image_size`.
+    pub fn load(model_dir: &Path, image_size: usize) -> Result<Self> {
+        let pre = model_dir.join("preprocessor_config.json");
+        let proc = model_dir.join("processor_config.json");
+        let (path, value) = if pre.exists() {
+            (pre.clone(), read_json(&pre)?)
+        } else if proc.exists() {
+            let v = read_json(&proc)?;
+            match v.get("image_processor") {
+                Some(inner) => (proc.clone(), inner.clone()),
+                None => return Ok(Self::clip_default(image_size)),
+            }
+        } else {
+            return Ok(Self::clip_default(image_size));
+        };
+        Self::from_json(&value, &path, image_size)
+    }
+
+    pub fn from_json(v: &Value, path: &Path, image_size: usize) -> Result<Self> {
+        let fail = |field: &str, reason: String| Error::File {
+            path: path.to_path_buf(),
+            reason: format!("field `{field}`: {reason}"),
+        };
+        let mut c = Self::clip_default(image_size);
+        let flag =
+            |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
+        c.do_convert_rgb = flag("do_convert_rgb", true);
+        c.do_resize = flag("do_resize", true);
+        c.do_center_crop = flag("do_center_crop", true);
+        c.do_rescale = flag("do_rescale", true);
+        c.do_normalize = flag("do_normalize", true);
+        if let Some(size) = v.get("size") {
+            c.shortest_edge = match size {
+                Value::Number(n) => n.as_u64().unwrap_or(0) as usize,
+                _ => size
+                    .get("shortest_edge")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0) as usize,
+            };
+            if c.shortest_edge == 0 {
+                return Err(fail(
+                    "size",
+                    format!("only {{\"shortest_edge\": N}} is supported, found {size}"),
+                ));
+            }
+        }
+        if let Some(crop) = v.get("crop_size") {
+            let (h, w) = match crop {
+                Value::Number(n) => (n.as_u64().unwrap_or(0), n.as_u64().unwrap_or(0)),
+                _ => (
+                    crop.get("height").and_then(Value::as_u64).unwrap_or(0),
+                    crop.get("width").and_then(Value::as_u64).unwrap_or(0),
+                ),
+            };
+            if h == 0 || w == 0 {
+                return Err(fail(
+                    "crop_size",
+                    format!("expected a positive size, found {crop}"),
+                ));
+            }
+            (c.crop_height, c.crop_width) = (h as usize, w as usize);
+        }
+        if let Some(r) = v.get("resample") {
+            c.filter = r.as_u64().and_then(Filter::from_pil).ok_or_else(|| {
+                fail(
+                    "resample",
+                    format!("{r} is not bilinear (2) or bicubic (3)"),
+                )
+            })?;
+        }
+        if let Some(f) = v.get("rescale_factor") {
+            c.rescale_factor = f
+                .as_f64()
+                .ok_or_else(|| fail("rescale_factor", format!("{f} is not a number")))?;
+        }
+        let triple = |key: &str, default: [f64; 3]| -> Result<[f64; 3]> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(Value::Array(a)) if a.len() == 3 && a.iter().all(Value::is_number) => Ok([
+                    a[0].as_f64().unwrap(),
+                    a[1].as_f64().unwrap(),
+                    a[2].as_f64().unwrap(),
+                ]),
+                Some(other) => Err(fail(key, format!("expected three numbers, found {other}"))),
+            }
+        };
+        c.image_mean = triple("image_mean", c.image_mean)?;
+        c.image_std = triple("image_std", c.image_std)?;
+        if c.image_std.iter().any(|&s| s <= 0.0) {
+            return Err(fail("image_std", "must be positive".into()));
+        }
+        if c.crop_height != image_size || c.crop_width != image_size {
+            return Err(fail(
+                "crop_size",
+                format!(
+                    "{}x{} does not match the vision tower's image_size {image_size}",
+                    c.crop_height, c.crop_width
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Preprocess a decoded image into CHW f32 pixels `[3, crop_height, crop_width]`.
+    pub fn preprocess(&self, image: &DynamicImage, pad_to_square: bool) -> Vec<f32> {
+        let (mut w, mut h) = (image.width() as usize, image.height() as usize);
+        let mut rgb = to_rgb8(image, self.do_convert_rgb);
+        if pad_to_square && w != h {
+            let side = w.max(h);
+            let fill: [u8; 3] = std::array::from_fn(|c| (self.image_mean[c] * 255.0) as u8);
+            let mut square = fill.repeat(side * side);
+            let (x0, y0) = ((side - w) / 2, (side - h) / 2);
+            for y in 0..h {
+                let dst = ((y + y0) * side + x0) * 3;
+                square[dst..dst + w * 3].copy_from_slice(&rgb[y * w * 3..(y + 1) * w * 3]);
+            }
+            (rgb, w, h) = (square, side, side);
+        }
+        if self.do_resize {
+            let (out_w, out_h) = shortest_edge_size(w, h, self.shortest_edge);
+            rgb = resize_rgb8(&rgb, w, h, out_w, out_h, self.filter);
+            (w, h) = (out_w, out_h);
+        }
+        let (out_h, out_w) = if self.do_center_crop {
+            (self.crop_height, self.crop_width)
+        } else {
+            (h, w)
+        };
+        // transformers' center_crop: top = (h − crop_h) // 2, padding with zeros if smaller.
+        let top = (h as i64 - out_h as i64).div_euclid(2);
+        let left = (w as i64 - out_w as i64).div_euclid(2);
+        let mut out = vec![0f32; 3 * out_h * out_w];
+        for y in 0..out_h {
+            for x in 0..out_w {
+                let (sy, sx) = (y as i64 + top, x as i64 + left);
+                let inside = sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w;
+                for c in 0..3 {
+                    let raw = if inside {
+                        rgb[((sy as usize) * w + sx as usize) * 3 + c] as f64
+                    } else {
+                        0.0
+                    };
+                    let mut v = raw;
+                    if self.do_rescale {
+                        v *= self.rescale_factor;
+                    }
+                    if self.do_normalize {
+                        v = (v - self.image_mean[c]) / self.image_std[c];
+                    }
+                    out[(c * out_h + y) * out_w + x] = v as f32;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// transformers' `get_resize_output_image_size(default_to_square=False)`: the shorter side
+/// becomes `size`, the longer `int(size · long / short)`.
+pub fn shortest_edge_size(w: usize, h: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// RGB8 pixels; transparency is composited onto white with Pillow's integer `alpha_composite`.
+fn to_rgb8(image: &DynamicImage, convert: bool) -> Vec<u8> {
+    let has_alpha = image.color().has_alpha();
+    if !(convert && has_alpha) {
+        return image.to_rgb8().into_raw();
+    }
+    let rgba = image.to_rgba8();
+    let mut out = Vec::with_capacity(rgba.len() / 4 * 3);
+    for px in rgba.pixels() {
+        let a = px[3] as u32;
+        for c in 0..3 {
+            let v = if a == 0 {
+                255
+            } else {
+                // Pillow over an opaque white background: coef1 = a·128, coef2 = (255−a)·128,
+                // then SHIFTFORDIV255(t + (0x80 << 7)) >> 7.
+                let t = px[c] as u32 * a * 128 + 255 * (255 - a) * 128 + (0x80 << 7);
+                let div255 = ((t >> 8) + t) >> 8;
+                (div255 >> 7) as u8
+            };
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::File {
+        path: path.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })
+}
+
+/// Decode an image file, refusing unreadable, corrupt or absurdly large ones with an error that
+/// names the file.
+pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    let fail = |reason: String| Error::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| fail(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(fail(
+            "not a recognised image format (png, jpeg, bmp, gif, webp, tiff)".into(),
+        ));
+    }
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| fail(format!("cannot read the image header: {e}")))?;
+    if w == 0 || h == 0 || w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+        return Err(fail(format!(
+            "{w}x{h} pixels is empty or larger than the {MAX_IMAGE_PIXELS}-pixel limit"
+        )));
+    }
+    let image = image::ImageReader::open(path)
+        .map_err(|e| fail(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?
+        .decode()
+        .map_err(|e| fail(format!("corrupt or unsupported image: {e}")))?;
+    Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shortest_edge_truncates_the_long_side() {
+        assert_eq!(shortest_edge_size(97, 61, 84), (133, 84));
+        assert_eq!(shortest_edge_size(50, 130, 84), (84, 218));
+        assert_eq!(shortest_edge_size(640, 480, 336), (448, 336));
+    }
+
+    #[test]
+    fn pillow_alpha_composite_over_white() {
+        // Fully transparent → white, opaque → unchanged, half alpha → blended as Pillow rounds.
+        let img = image::RgbaImage::from_raw(
+            3,
+            1,
+            vec![10, 20, 30, 0, 10, 20, 30, 255, 0, 100, 200, 128],
+        )
+        .unwrap();
+        let rgb = to_rgb8(&DynamicImage::ImageRgba8(img), true);
+        assert_eq!(&rgb[0..6], &[255, 255, 255, 10, 20, 30]);
+        // (0·128 + 255·127)/255 ≈ 127.0, (100·128 + 255·127)/255 ≈ 177.2, (200·128 + 255·127)/255 ≈ 227.4
+        assert_eq!(&rgb[6..9], &[127, 177, 227]);
+    }
+}

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod model;
+pub mod text;
 pub mod vision;
 
 pub use error::{Error, Result};

@@ -20,7 +20,11 @@ fn pixels_match_transformers() {
             let want = fixture::tensor(&format!("case{}.{key}", case.index));
             let got = config.preprocess(&image, pad);
             assert_eq!(got.len(), want.len());
-            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
             assert!(
                 worst <= PIXEL_BOUND,
                 "case {} ({}) {key}: max |Δ| = {worst}",
@@ -43,7 +47,10 @@ fn unreadable_images_are_named_errors() {
     std::fs::write(&text, b"this is not an image").unwrap();
     for path in [corrupt, text, dir.join("missing.png")] {
         let err = load_image(&path).unwrap_err().to_string();
-        assert!(err.contains(path.file_name().unwrap().to_str().unwrap()), "{err}");
+        assert!(
+            err.contains(path.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

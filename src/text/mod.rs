@@ -1,0 +1,7 @@
+//! Text in and out: the tokenizer and the chat templates.
+
+pub mod template;
+pub mod tokenizer;
+
+pub use template::Template;
+pub use tokenizer::{StreamDecoder, TextTokenizer};

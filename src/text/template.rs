@@ -1,0 +1,45 @@
+//! The prompt formats LLaVA-1.5 checkpoints were trained with.
+
+/// The text that precedes `USER:` in the original LLaVA-1.5 (vicuna_v1) conversation format.
+pub const VICUNA_SYSTEM: &str =
+    "A chat between a curious human and an artificial intelligence assistant. \
+The assistant gives helpful, detailed, and polite answers to the human's questions.";
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Template {
+    /// `USER: <image>\n{prompt} ASSISTANT:` (the llava-hf model cards and chat template).
+    #[default]
+    LlavaHf,
+    /// The original LLaVA-1.5 `vicuna_v1` format: the system sentence, then the llava-hf turn.
+    VicunaV1,
+    /// The prompt exactly as given (it must contain `<image>` itself).
+    Raw,
+}
+
+impl Template {
+    /// The full prompt text with one `<image>` placeholder.
+    pub fn render(self, prompt: &str, image_token: &str) -> String {
+        match self {
+            Template::LlavaHf => format!("USER: {image_token}\n{prompt} ASSISTANT:"),
+            Template::VicunaV1 => {
+                format!("{VICUNA_SYSTEM} USER: {image_token}\n{prompt} ASSISTANT:")
+            }
+            Template::Raw => prompt.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_place_the_image_before_the_question() {
+        assert_eq!(
+            Template::LlavaHf.render("What is this?", "<image>"),
+            "USER: <image>\nWhat is this? ASSISTANT:"
+        );
+        let v = Template::VicunaV1.render("Q", "<image>");
+        assert!(v.starts_with("A chat between") && v.ends_with("USER: <image>\nQ ASSISTANT:"));
+    }
+}

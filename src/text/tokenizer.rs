@@ -1,0 +1,167 @@
+//! `tokenizer.json` through the `tokenizers` crate, BOS handled as transformers handles it, and
+//! the `<image>` placeholder expanded to one id per visual token.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    pub bos_id: Option<u32>,
+    /// Whether the checkpoint wants BOS (tokenizer_config.json `add_bos_token`, default true for
+    /// LLaMA); added only if the tokenizer.json post-processor has not already added it.
+    pub add_bos: bool,
+    pub image_token: String,
+    pub image_token_id: u32,
+}
+
+/// A prompt as ids, with where the image placeholder sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedPrompt {
+    /// Ids with the placeholder expanded to `image_tokens` copies of the image token id.
+    pub ids: Vec<u32>,
+    /// Index of the first image token in `ids`.
+    pub image_start: usize,
+    pub image_tokens: usize,
+}
+
+impl TextTokenizer {
+    pub fn load(model_dir: &Path, image_token_id: u32, bos_id: Option<u32>) -> Result<Self> {
+        let path = model_dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::File {
+                path,
+                reason: "tokenizer.json not found".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::File {
+            path: path.clone(),
+            reason: format!("cannot load the tokenizer: {e}"),
+        })?;
+        let config_path = model_dir.join("tokenizer_config.json");
+        let config: serde_json::Value = std::fs::read_to_string(&config_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let add_bos = config
+            .get("add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        let image_token = tokenizer
+            .id_to_token(image_token_id)
+            .ok_or_else(|| Error::File {
+                path: path.clone(),
+                reason: format!(
+                    "the image token id {image_token_id} from config.json is not in the vocabulary"
+                ),
+            })?;
+        Ok(Self {
+            tokenizer,
+            path,
+            bos_id,
+            add_bos,
+            image_token,
+            image_token_id,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Tokenize `text` (which must contain exactly one image placeholder) and expand the
+    /// placeholder to `image_tokens` ids.
+    pub fn encode_with_image(&self, text: &str, image_tokens: usize) -> Result<EncodedPrompt> {
+        let encoding = self.tokenizer.encode(text, true).map_err(|e| Error::File {
+            path: self.path.clone(),
+            reason: format!("cannot tokenize the prompt: {e}"),
+        })?;
+        let mut raw: Vec<u32> = encoding.get_ids().to_vec();
+        if self.add_bos {
+            if let Some(bos) = self.bos_id {
+                if raw.first() != Some(&bos) {
+                    raw.insert(0, bos);
+                }
+            }
+        }
+        let positions: Vec<usize> = raw
+            .iter()
+            .enumerate()
+            .filter(|(_, &id)| id == self.image_token_id)
+            .map(|(i, _)| i)
+            .collect();
+        if positions.len() != 1 {
+            return Err(Error::argument(
+                "--prompt",
+                format!(
+                    "the prompt must contain exactly one image placeholder {} after templating, found {}",
+                    self.image_token,
+                    positions.len()
+                ),
+            ));
+        }
+        let image_start = positions[0];
+        let mut ids = Vec::with_capacity(raw.len() + image_tokens);
+        ids.extend_from_slice(&raw[..image_start]);
+        ids.extend(std::iter::repeat_n(self.image_token_id, image_tokens));
+        ids.extend_from_slice(&raw[image_start + 1..]);
+        Ok(EncodedPrompt {
+            ids,
+            image_start,
+            image_tokens,
+        })
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| Error::File {
+            path: self.path.clone(),
+            reason: format!("cannot decode ids: {e}"),
+        })
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+}
+
+/// Turns a growing list of generated ids into text increments: decodes the whole tail each step
+/// and emits only what is new and complete (no dangling partial UTF-8 from byte-fallback tokens).
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    emitted: String,
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self {
+            ids: Vec::new(),
+            emitted: String::new(),
+        }
+    }
+
+    /// Add one token; returns the new text to print (possibly empty).
+    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = tokenizer.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
+            return Ok(String::new());
+        }
+        let new = text[self.emitted.len()..].to_string();
+        self.emitted = text;
+        Ok(new)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+}

@@ -136,6 +136,19 @@ impl Tensor {
         Self::from_words(gpu, shape, DType::U32, data, label)
     }
 
+    /// The same buffer seen with another shape of at most as many elements (e.g. the first
+    /// `T` rows of a buffer allocated for the longest sequence).
+    pub fn view(&self, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if numel as u64 * 4 > self.buffer.size() {
+            return Err(Error::shape(
+                "tensor view",
+                format!("{shape:?} does not fit a buffer of {} bytes (shape {:?})", self.buffer.size(), self.shape),
+            ));
+        }
+        Ok(Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), dtype: self.dtype })
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

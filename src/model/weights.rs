@@ -239,6 +239,37 @@ impl Checkpoint {
 }
 
 impl RawTensor<'_> {
+    /// Rows `ids` of a 2-D tensor as f32, converted one row at a time (an embedding lookup
+    /// straight from the mapped file).
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let [rows, width] = self.shape[..] else {
+            return Err(file_error(self.file, format!("tensor '{}' is not a matrix", self.name)));
+        };
+        let size = match self.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => {
+                return Err(file_error(self.file, format!("tensor '{}' has unsupported dtype {other:?}", self.name)))
+            }
+        };
+        let mut out = Vec::with_capacity(ids.len() * width);
+        for &id in ids {
+            let id = id as usize;
+            if id >= rows {
+                return Err(file_error(self.file, format!("token id {id} is outside '{}' ({rows} rows)", self.name)));
+            }
+            let row = RawTensor {
+                name: self.name.clone(),
+                file: self.file,
+                dtype: self.dtype,
+                shape: vec![width],
+                bytes: &self.bytes[id * width * size..(id + 1) * width * size],
+            };
+            out.extend(row.to_f32()?);
+        }
+        Ok(out)
+    }
+
     pub fn check_shape(&self, shape: &[usize]) -> Result<()> {
         if self.shape != shape {
             return Err(file_error(

@@ -1,0 +1,105 @@
+//! `LlavaForConditionalGeneration`: the vision tower, the projector and the language model,
+//! loaded once and shared by every request.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, GpuOptions, WeightFormat};
+use crate::model::clip::ClipVision;
+use crate::model::config::LlavaConfig;
+use crate::model::llama::Llama;
+use crate::model::loader::Loader;
+use crate::model::projector::Projector;
+use crate::model::weights::Checkpoint;
+use crate::text::TextTokenizer;
+use crate::vision::ImageProcessorConfig;
+
+/// How to load a model.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    pub gpu: GpuOptions,
+    /// Matrix weights on the GPU: f16 (default) or f32 (exact parity checks).
+    pub weight_format: WeightFormat,
+    /// Show a progress bar on stderr while weights upload.
+    pub progress: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { gpu: GpuOptions::default(), weight_format: WeightFormat::F16, progress: false }
+    }
+}
+
+/// A loaded model, ready to answer requests.
+pub struct Engine {
+    pub gpu: Gpu,
+    pub model_dir: PathBuf,
+    pub config: LlavaConfig,
+    pub checkpoint: Checkpoint,
+    pub tokenizer: TextTokenizer,
+    pub image_processor: ImageProcessorConfig,
+    pub vision: ClipVision,
+    pub projector: Projector,
+    pub llama: Llama,
+    /// GPU bytes of all weights.
+    pub weight_bytes: u64,
+    pub load_ms: f64,
+}
+
+impl Engine {
+    pub fn load(model_dir: &Path, options: EngineOptions) -> Result<Self> {
+        let start = Instant::now();
+        if !model_dir.is_dir() {
+            return Err(Error::File { path: model_dir.to_path_buf(), reason: "model directory not found".into() });
+        }
+        let config = LlavaConfig::load(model_dir)?;
+        let tokenizer = TextTokenizer::load(model_dir, config.image_token_index, config.text.bos_token_id)?;
+        let image_processor = ImageProcessorConfig::load(model_dir, config.vision.image_size)?;
+        let checkpoint = Checkpoint::open(model_dir)?;
+        let gpu = Gpu::new(options.gpu.clone())?;
+
+        let vision_layers = config.vision_layers_to_run();
+        let steps = (vision_layers + 1 + config.text.num_hidden_layers + 2) as u64;
+        let bar = if options.progress {
+            let bar = ProgressBar::new(steps);
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers {elapsed}")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message("uploading weights");
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        let mut loader = Loader::new(&gpu, &checkpoint, options.weight_format);
+        let vision = ClipVision::load(&mut loader, &config.vision, vision_layers, || bar.inc(1))?;
+        let projector = Projector::load(&mut loader, &config)?;
+        bar.inc(1);
+        let llama = Llama::load(&mut loader, &config.text, || bar.inc(1))?;
+        let weight_bytes = loader.bytes;
+        bar.finish_and_clear();
+        gpu.wait("weight upload")?;
+        Ok(Self {
+            gpu,
+            model_dir: model_dir.to_path_buf(),
+            config,
+            checkpoint,
+            tokenizer,
+            image_processor,
+            vision,
+            projector,
+            llama,
+            weight_bytes,
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Token embeddings for `ids`, read from the mapped checkpoint.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.checkpoint.get("text.embed_tokens.weight")?.rows_f32(ids)
+    }
+}

@@ -1,1 +1,350 @@
-//! placeholder
+//! Top-k selection and order-preserving row compaction (STAR pruning): the launchers for
+//! shaders/topk.wgsl and their CPU references.
+//!
+//! Pruning is three steps on the GPU, with nothing read back:
+//! 1. [`select`] turns the scores of a segment of rows into the ascending row-index list of the
+//!    rows that survive: every row outside the segment plus the `k` best-scored rows inside it
+//!    (ties go to the lower index, NaN counts as the smallest score). Stage 1 (the segment is the
+//!    whole list of patch tokens) and stage 2 (the visual segment of a text+image sequence) are
+//!    the same call with a different [`Segment`]; [`topk`] is the stage-1 shorthand.
+//! 2. [`gather_rows`] copies `dst[r] = src[idx[r]]` for each buffer that must shrink: hidden
+//!    states `[T, d]`, K/V caches `[C, Hkv·D]` (the first `T − n + k` rows), position ids `[T]`.
+//! 3. The caller swaps the compacted buffers in.
+//!
+//! [`compact`] records 1 and 2 for several buffers at once.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::device::Gpu;
+use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::tensor::{DType, Tensor};
+
+/// Words a gather workgroup copies at least (several rows per workgroup when rows are narrower).
+const GATHER_WORDS_PER_WORKGROUP: usize = 1024;
+
+/// Where the scored rows sit in a sequence: rows `[start, start + len)` of a `total`-row
+/// sequence, so the selected index list is `total − len + k` long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub total: usize,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Segment {
+    /// The whole list is the segment (stage 1: the list is the kept patch indices).
+    pub fn whole(len: usize) -> Self {
+        Self {
+            total: len,
+            start: 0,
+            len,
+        }
+    }
+
+    /// Length of the row-index list that keeps `k` rows of the segment.
+    pub fn kept_rows(&self, k: usize) -> usize {
+        (self.total + k).saturating_sub(self.len)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SelectParams {
+    n: u32,
+    k: u32,
+    score_offset: u32,
+    seg_start: u32,
+    total: u32,
+    _pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct GatherParams {
+    rows: u32,
+    width: u32,
+    src_rows: u32,
+    idx_offset: u32,
+    rows_per_group: u32,
+    _pad: [u32; 3],
+}
+
+fn to_u32(name: &str, value: usize) -> Result<u32> {
+    u32::try_from(value).map_err(|_| {
+        Error::argument(
+            name,
+            format!("{value} does not fit the kernels' 32-bit indices"),
+        )
+    })
+}
+
+/// Select the `k` largest of `scores[score_offset .. score_offset + segment.len]` and write the
+/// ascending row-index list of `segment` (every row outside it, and `segment.start + i` for
+/// each kept score `i`) into `out[0 .. segment.kept_rows(k)]`; later elements of `out` are left
+/// untouched.
+///
+/// Ties go to the lower index; NaN scores are smaller than every other value (also −∞) and tie
+/// with each other; −0 and +0 are equal. One dispatch of one workgroup (a radix select; see the
+/// shader), exact for any length.
+pub fn select(
+    gpu: &Gpu,
+    scores: &Tensor,
+    score_offset: usize,
+    segment: Segment,
+    k: usize,
+    out: &Tensor,
+) -> Result<Dispatch> {
+    let Segment {
+        total,
+        start,
+        len: n,
+    } = segment;
+    if k > n {
+        return Err(Error::argument(
+            "k",
+            format!("cannot keep {k} of the {n} scored rows (k must be at most n)"),
+        ));
+    }
+    if start.checked_add(n).is_none_or(|end| end > total) {
+        return Err(Error::argument(
+            "segment",
+            format!(
+                "rows {start}..{} lie outside a sequence of {total} rows",
+                start.saturating_add(n)
+            ),
+        ));
+    }
+    if scores.dtype != DType::F32 {
+        return Err(Error::shape(
+            "topk select",
+            format!("scores must be f32, got {:?}", scores.dtype),
+        ));
+    }
+    if score_offset
+        .checked_add(n)
+        .is_none_or(|end| end > scores.numel())
+    {
+        return Err(Error::shape(
+            "topk select",
+            format!(
+                "scores {score_offset}..{} lie outside the scores tensor of shape {:?}",
+                score_offset.saturating_add(n),
+                scores.shape
+            ),
+        ));
+    }
+    let len = segment.kept_rows(k);
+    if out.dtype != DType::U32 || out.numel() < len {
+        return Err(Error::shape(
+            "topk select",
+            format!(
+                "the index list needs a u32 tensor of at least {len} elements, got {:?} {:?}",
+                out.dtype, out.shape
+            ),
+        ));
+    }
+    let params = SelectParams {
+        n: to_u32("n", n)?,
+        k: to_u32("k", k)?,
+        score_offset: to_u32("score_offset", score_offset)?,
+        seg_start: to_u32("segment.start", start)?,
+        total: to_u32("segment.total", total)?,
+        _pad: [0; 3],
+    };
+    // Four histogram passes and one scan pass, each a comparison per score; scores read five
+    // times, the list written once.
+    let flops = 5 * n as u64;
+    let bytes = 5 * 4 * n as u64 + 4 * len as u64;
+    // Neither entry point has a feature-specific path: one module serves every device.
+    KernelCall::new(gpu, "topk", "select_keep")
+        .flags(Default::default())
+        .params(&params)
+        .read(&scores.buffer)
+        .read_write(&out.buffer)
+        .build(
+            "topk_select",
+            format!("n={n} k={k} T={total}"),
+            [1, 1, 1],
+            flops,
+            bytes,
+        )
+}
+
+/// Stage-1 shorthand: the ascending indices (in `0..n`) of the `k` largest of
+/// `scores[score_offset .. score_offset + n]`, written to `out[0..k]`.
+pub fn topk(
+    gpu: &Gpu,
+    scores: &Tensor,
+    score_offset: usize,
+    n: usize,
+    k: usize,
+    out: &Tensor,
+) -> Result<Dispatch> {
+    select(gpu, scores, score_offset, Segment::whole(n), k, out)
+}
+
+/// Rows and words per row of a tensor viewed as rows along its first dimension.
+fn rows_width(t: &Tensor) -> (usize, usize) {
+    let rows = t.shape.first().copied().unwrap_or(1);
+    let width = t.shape.iter().skip(1).product();
+    (rows, width)
+}
+
+/// `dst[r, ..] = src[idx[idx_offset + r], ..]` for `r < rows`. Rows run along the first
+/// dimension (`[T]`, `[T, d]`, `[C, H, D]` alike), `src` and `dst` must have the same dtype and
+/// row width and be different buffers; the copy is bitwise. Rows of `dst` past `rows` are left
+/// untouched (a KV cache compacts only its first rows). An index that is not below `src`'s
+/// row count gives a row of zeros (the GPU cannot report it).
+pub fn gather_rows(
+    gpu: &Gpu,
+    src: &Tensor,
+    idx: &Tensor,
+    idx_offset: usize,
+    rows: usize,
+    dst: &Tensor,
+) -> Result<Dispatch> {
+    let (src_rows, width) = rows_width(src);
+    let (dst_rows, dst_width) = rows_width(dst);
+    if src.dtype != dst.dtype || width != dst_width {
+        return Err(Error::shape(
+            "gather_rows",
+            format!(
+                "src {:?} {:?} and dst {:?} {:?} need the same dtype and row width",
+                src.dtype, src.shape, dst.dtype, dst.shape
+            ),
+        ));
+    }
+    if rows > dst_rows {
+        return Err(Error::argument(
+            "rows",
+            format!("{rows} rows do not fit dst of shape {:?}", dst.shape),
+        ));
+    }
+    if idx.dtype != DType::U32
+        || idx_offset
+            .checked_add(rows)
+            .is_none_or(|end| end > idx.numel())
+    {
+        return Err(Error::shape(
+            "gather_rows",
+            format!(
+                "indices {idx_offset}..{} must lie in a u32 index tensor, got {:?} {:?}",
+                idx_offset.saturating_add(rows),
+                idx.dtype,
+                idx.shape
+            ),
+        ));
+    }
+    if src.buffer == dst.buffer {
+        return Err(Error::argument(
+            "dst",
+            "must be a different buffer from src (gather is not in place)",
+        ));
+    }
+    let words = rows * width;
+    // The shader computes word offsets in 32 bits.
+    if words > u32::MAX as usize || rows > u32::MAX as usize || src.numel() > u32::MAX as usize {
+        return Err(Error::shape(
+            "gather_rows",
+            format!("{rows} rows of {width} words are too many for 32-bit indexing"),
+        ));
+    }
+    // A whole workgroup per row from half a workgroup-load of words up, else ~1024-word blocks.
+    let rows_per_group = if width >= GATHER_WORDS_PER_WORKGROUP / 2 || width == 0 {
+        1
+    } else {
+        GATHER_WORDS_PER_WORKGROUP / width
+    };
+    let params = GatherParams {
+        rows: rows as u32,
+        width: width as u32,
+        src_rows: src_rows as u32,
+        idx_offset: to_u32("idx_offset", idx_offset)?,
+        rows_per_group: rows_per_group as u32,
+        _pad: [0; 3],
+    };
+    let groups = rows.div_ceil(rows_per_group) as u32;
+    let bytes = 8 * words as u64 + 4 * rows as u64;
+    let kernel = match src.dtype {
+        DType::F32 => "gather_rows_f32",
+        DType::U32 => "gather_rows_u32",
+    };
+    KernelCall::new(gpu, "topk", "gather_rows")
+        .flags(Default::default())
+        .params(&params)
+        .read(&idx.buffer)
+        .read(&src.buffer)
+        .read_write(&dst.buffer)
+        .build(
+            kernel,
+            format!("rows={rows} width={width}"),
+            grid(
+                groups.max(1),
+                gpu.limits.max_compute_workgroups_per_dimension,
+            ),
+            0,
+            bytes,
+        )
+}
+
+/// Select the rows to keep into `idx` and compact every `(src, dst)` pair with them: the
+/// dispatches of one pruning step, in order. Each pair gathers `segment.kept_rows(k)` rows.
+pub fn compact(
+    gpu: &Gpu,
+    scores: &Tensor,
+    score_offset: usize,
+    segment: Segment,
+    k: usize,
+    idx: &Tensor,
+    pairs: &[(&Tensor, &Tensor)],
+) -> Result<Vec<Dispatch>> {
+    let mut dispatches = vec![select(gpu, scores, score_offset, segment, k, idx)?];
+    let rows = segment.kept_rows(k);
+    for (src, dst) in pairs {
+        dispatches.push(gather_rows(gpu, src, idx, 0, rows, dst)?);
+    }
+    Ok(dispatches)
+}
+
+/// CPU reference: the ascending indices of the `k` largest scores (ties → lower index, NaN
+/// smallest), by a stable sort on descending score. Panics if `k > scores.len()`.
+pub fn reference(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    // Stable: equal scores keep ascending index order.
+    order.sort_by(|&a, &b| {
+        let (x, y) = (scores[a], scores[b]);
+        match (x.is_nan(), y.is_nan()) {
+            (true, true) => std::cmp::Ordering::Equal,
+            (true, false) => std::cmp::Ordering::Greater,
+            (false, true) => std::cmp::Ordering::Less,
+            (false, false) => y.partial_cmp(&x).expect("not NaN"),
+        }
+    });
+    let mut kept = order[..k].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+/// CPU reference for [`select`]: the row-index list of `segment` keeping the top `k` of
+/// `scores` (the segment's `segment.len` scores).
+pub fn reference_sequence(scores: &[f32], segment: Segment, k: usize) -> Vec<u32> {
+    assert_eq!(scores.len(), segment.len, "one score per segment row");
+    let mut list: Vec<u32> = (0..segment.start as u32).collect();
+    list.extend(
+        reference(scores, k)
+            .into_iter()
+            .map(|i| (segment.start + i) as u32),
+    );
+    list.extend((segment.start + segment.len) as u32..segment.total as u32);
+    list
+}
+
+/// CPU reference for [`gather_rows`] on raw 32-bit words: `width` words per row.
+pub fn gather_reference(src: &[u32], width: usize, idx: &[u32]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(idx.len() * width);
+    for &i in idx {
+        out.extend_from_slice(&src[i as usize * width..(i as usize + 1) * width]);
+    }
+    out
+}

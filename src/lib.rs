@@ -3,9 +3,13 @@
 
 pub mod bench;
 pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod model;
+pub mod sample;
 pub mod text;
 pub mod vision;
 
 pub use error::{Error, Result};
+pub use generate::{GenerateOutput, GenerateRequest};
+pub use model::llava::{Engine, EngineOptions};

@@ -5,8 +5,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use std::io::Write;
+use std::path::PathBuf;
+
 use llava_wgpu::gpu::device::{list_adapters, BackendChoice};
-use llava_wgpu::gpu::{Gpu, GpuOptions};
+use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
+use llava_wgpu::sample::SamplingParams;
+use llava_wgpu::text::Template;
+use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +47,71 @@ impl DeviceArgs {
     }
 }
 
+/// Visual-token pruning methods (only `none` so far; see ../shared/STAR.md for the others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Prune {
+    None,
+}
+
+/// Weight storage on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum WeightsArg {
+    F16,
+    F32,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Model directory in the llava-hf layout (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Image file (png, jpeg, bmp, gif, webp, tiff).
+    #[arg(long)]
+    image: PathBuf,
+    /// The question about the image.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum number of tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Visual-token pruning.
+    #[arg(long, value_enum, default_value_t = Prune::None)]
+    prune: Prune,
+    /// Prompt format.
+    #[arg(long, value_enum, default_value_t = Template::LlavaHf)]
+    template: Template,
+    /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
+    #[arg(long)]
+    pad_to_square: bool,
+    /// Weight format on the GPU.
+    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
+    weights: WeightsArg,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object on stdout instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// With --json: the top-N log-probabilities of every generated token.
+    #[arg(long, value_name = "N")]
+    logprobs: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Answer a question about an image.
+    Run(RunArgs),
     /// List every adapter with its backend, type, driver, limits and optional features.
     Devices {
         #[command(flatten)]
@@ -149,10 +218,73 @@ fn quiet_mesa_without_a_session() {
     }
 }
 
+fn run(args: &RunArgs) -> Result<()> {
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        anyhow::bail!(
+            "invalid argument --temperature: {} must be a finite number ≥ 0",
+            args.temperature
+        );
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        anyhow::bail!("invalid argument --top-p: {} must be in (0, 1]", args.top_p);
+    }
+    if args.logprobs == Some(0) {
+        anyhow::bail!("invalid argument --logprobs: must be at least 1");
+    }
+    match args.prune {
+        Prune::None => {}
+    }
+    let options = EngineOptions {
+        gpu: args.device.options(),
+        weight_format: match args.weights {
+            WeightsArg::F16 => WeightFormat::F16,
+            WeightsArg::F32 => WeightFormat::F32,
+        },
+        progress: true,
+    };
+    let engine = Engine::load(&args.model, options)?;
+    let request = GenerateRequest {
+        image: args.image.clone(),
+        prompt: args.prompt.clone(),
+        template: args.template,
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        logprobs: args.logprobs,
+        pad_to_square: args.pad_to_square,
+        ignore_eos: args.ignore_eos,
+    };
+    let json = args.json;
+    let output = engine.generate(&request, |piece| {
+        if !json {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&output)?);
+    } else {
+        println!();
+        eprintln!(
+            "{} prompt tokens ({} visual), {} generated; prefill {:.0} ms, decode {:.1} tokens/s",
+            output.prompt_tokens,
+            output.visual_tokens.encoder,
+            output.generated_ids.len(),
+            output.timings_ms.prefill,
+            output.decode_tokens_per_second
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     quiet_mesa_without_a_session();
     let cli = Cli::parse();
     let outcome = match &cli.command {
+        Command::Run(args) => run(args),
         Command::Devices { device, json } => devices(device, *json),
         Command::Bench {
             what:

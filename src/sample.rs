@@ -14,7 +14,11 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -48,13 +52,25 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
 pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f64)> {
     let lp = log_softmax(logits);
     let mut order: Vec<usize> = (0..lp.len()).collect();
-    order.sort_by(|&a, &b| lp[b].partial_cmp(&lp[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
-    order.into_iter().take(n).map(|i| (i as u32, lp[i])).collect()
+    order.sort_by(|&a, &b| {
+        lp[b]
+            .partial_cmp(&lp[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    order
+        .into_iter()
+        .take(n)
+        .map(|i| (i as u32, lp[i]))
+        .collect()
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self { params, rng: StdRng::seed_from_u64(params.seed) }
+        Self {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -67,11 +83,18 @@ impl Sampler {
         }
         let t = self.params.temperature as f64;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut probs: Vec<(usize, f64)> =
-            logits.iter().enumerate().map(|(i, &v)| (i, ((v as f64 - max) / t).exp())).collect();
+        let mut probs: Vec<(usize, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i, ((v as f64 - max) / t).exp()))
+            .collect();
         let total: f64 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= total);
-        probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+        probs.sort_by(|a, b| {
+            b.1.partial_cmp(&a.1)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.0.cmp(&b.0))
+        });
         // Keep the smallest prefix whose mass reaches top_p (at least one token).
         let mut kept = 0;
         let mut mass = 0.0;
@@ -107,12 +130,29 @@ mod tests {
     #[test]
     fn top_p_restricts_to_the_nucleus_and_the_seed_repeats() {
         let logits = [10.0, 9.0, 0.0, -5.0];
-        let params = SamplingParams { temperature: 1.0, top_p: 0.5, seed: 7 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 7,
+        };
         let mut s = Sampler::new(params);
-        assert!((0..200).all(|_| s.sample(&logits) == 0), "top-p 0.5 keeps only the first token");
-        let params = SamplingParams { temperature: 1.0, top_p: 1.0, seed: 7 };
-        let a: Vec<u32> = { let mut s = Sampler::new(params); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(params); (0..50).map(|_| s.sample(&logits)).collect() };
+        assert!(
+            (0..200).all(|_| s.sample(&logits) == 0),
+            "top-p 0.5 keeps only the first token"
+        );
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(params);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.contains(&1), "the second token is drawn sometimes");
     }

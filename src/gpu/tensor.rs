@@ -143,10 +143,18 @@ impl Tensor {
         if numel as u64 * 4 > self.buffer.size() {
             return Err(Error::shape(
                 "tensor view",
-                format!("{shape:?} does not fit a buffer of {} bytes (shape {:?})", self.buffer.size(), self.shape),
+                format!(
+                    "{shape:?} does not fit a buffer of {} bytes (shape {:?})",
+                    self.buffer.size(),
+                    self.shape
+                ),
             ));
         }
-        Ok(Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        Ok(Tensor {
+            buffer: self.buffer.clone(),
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+        })
     }
 
     pub fn numel(&self) -> usize {
@@ -194,7 +202,7 @@ impl Tensor {
     /// The number of rows and the row width of a tensor viewed as a matrix (last dim = width).
     pub fn rows_cols(&self) -> (usize, usize) {
         let cols = self.shape.last().copied().unwrap_or(1);
-        let rows = if cols == 0 { 0 } else { self.numel() / cols };
+        let rows = self.numel().checked_div(cols).unwrap_or(0);
         (rows, cols)
     }
 }

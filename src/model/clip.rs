@@ -47,16 +47,31 @@ pub struct ClipBuffers {
 
 impl ClipBuffers {
     pub fn bytes(&self) -> u64 {
-        [&self.patches, &self.embeddings, &self.hidden, &self.normed, &self.q, &self.k, &self.v, &self.attn, &self.mlp]
-            .iter()
-            .map(|t| t.buffer.size())
-            .sum()
+        [
+            &self.patches,
+            &self.embeddings,
+            &self.hidden,
+            &self.normed,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn,
+            &self.mlp,
+        ]
+        .iter()
+        .map(|t| t.buffer.size())
+        .sum()
     }
 }
 
 impl ClipVision {
     /// Load the embeddings, `pre_layrnorm` and the first `layers` encoder layers.
-    pub fn load(loader: &mut Loader, config: &VisionConfig, layers: usize, mut progress: impl FnMut()) -> Result<Self> {
+    pub fn load(
+        loader: &mut Loader,
+        config: &VisionConfig,
+        layers: usize,
+        mut progress: impl FnMut(),
+    ) -> Result<Self> {
         let d = config.hidden_size;
         let p = config.patch_size;
         let c = config.num_channels;
@@ -71,20 +86,30 @@ impl ClipVision {
             loader.bytes += w.gpu_bytes();
             w
         };
-        let class = loader.checkpoint.f32("vision.embeddings.class_embedding", &[d])?;
-        let mut base = loader.checkpoint.f32("vision.embeddings.position_embedding.weight", &[tokens, d])?;
+        let class = loader
+            .checkpoint
+            .f32("vision.embeddings.class_embedding", &[d])?;
+        let mut base = loader
+            .checkpoint
+            .f32("vision.embeddings.position_embedding.weight", &[tokens, d])?;
         for (b, c) in base[..d].iter_mut().zip(&class) {
             *b += c;
         }
         let embedding_base = loader.upload("vision.embedding_base", &[tokens, d], &base)?;
-        let pre_layrnorm = (loader.vector("vision.pre_layrnorm.weight", d)?, loader.vector("vision.pre_layrnorm.bias", d)?);
+        let pre_layrnorm = (
+            loader.vector("vision.pre_layrnorm.weight", d)?,
+            loader.vector("vision.pre_layrnorm.bias", d)?,
+        );
         progress();
         let m = config.intermediate_size;
         let mut loaded = Vec::with_capacity(layers);
         for i in 0..layers {
             let prefix = format!("vision.encoder.layers.{i}");
             let ln = |loader: &mut Loader, name: &str| -> Result<(Tensor, Tensor)> {
-                Ok((loader.vector(&format!("{prefix}.{name}.weight"), d)?, loader.vector(&format!("{prefix}.{name}.bias"), d)?))
+                Ok((
+                    loader.vector(&format!("{prefix}.{name}.weight"), d)?,
+                    loader.vector(&format!("{prefix}.{name}.bias"), d)?,
+                ))
             };
             loaded.push(ClipLayer {
                 layer_norm1: ln(loader, "layer_norm1")?,
@@ -98,8 +123,16 @@ impl ClipVision {
             });
             progress();
         }
-        let activation = Activation::from_hf(&config.hidden_act).expect("validated by the config parser");
-        Ok(Self { config: config.clone(), patch_embedding, embedding_base, pre_layrnorm, layers: loaded, activation })
+        let activation =
+            Activation::from_hf(&config.hidden_act).expect("validated by the config parser");
+        Ok(Self {
+            config: config.clone(),
+            patch_embedding,
+            embedding_base,
+            pre_layrnorm,
+            layers: loaded,
+            activation,
+        })
     }
 
     pub fn tokens(&self) -> usize {
@@ -127,7 +160,11 @@ impl ClipVision {
     /// Flatten CHW pixels into patch rows [1 + patches, c·p·p] in the convolution's (c, y, x)
     /// order; row 0 (the CLS position) is zero so the matmul leaves it to the class embedding.
     pub fn patchify(&self, pixels: &[f32]) -> Vec<f32> {
-        let (s, p, c) = (self.config.image_size, self.config.patch_size, self.config.num_channels);
+        let (s, p, c) = (
+            self.config.image_size,
+            self.config.patch_size,
+            self.config.num_channels,
+        );
         let g = s / p;
         let row = c * p * p;
         let mut out = vec![0f32; (g * g + 1) * row];
@@ -137,7 +174,8 @@ impl ClipVision {
                 for ch in 0..c {
                     for y in 0..p {
                         let src = (ch * s + py * p + y) * s + px * p;
-                        dst[(ch * p + y) * p..(ch * p + y + 1) * p].copy_from_slice(&pixels[src..src + p]);
+                        dst[(ch * p + y) * p..(ch * p + y + 1) * p]
+                            .copy_from_slice(&pixels[src..src + p]);
                     }
                 }
             }
@@ -159,28 +197,83 @@ impl ClipVision {
         buffers.patches.write_f32(gpu, &self.patchify(pixels))?;
         let b = buffers;
         let bytes = b.embeddings.bytes();
-        rec.copy(&self.embedding_base.buffer, 0, &b.embeddings.buffer, 0, bytes);
-        rec.dispatch_all(matmul::matmul(gpu, &b.patches, &self.patch_embedding, &b.embeddings, true)?);
-        rec.dispatch(norm::layer_norm(gpu, &b.embeddings, &self.pre_layrnorm.0, &self.pre_layrnorm.1, &b.hidden, self.config.layer_norm_eps as f32)?);
+        rec.copy(
+            &self.embedding_base.buffer,
+            0,
+            &b.embeddings.buffer,
+            0,
+            bytes,
+        );
+        rec.dispatch_all(matmul::matmul(
+            gpu,
+            &b.patches,
+            &self.patch_embedding,
+            &b.embeddings,
+            true,
+        )?);
+        rec.dispatch(norm::layer_norm(
+            gpu,
+            &b.embeddings,
+            &self.pre_layrnorm.0,
+            &self.pre_layrnorm.1,
+            &b.hidden,
+            self.config.layer_norm_eps as f32,
+        )?);
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.head_dim();
         let t = self.tokens();
-        let shape = AttentionShape { q_rows: t, kv_rows: t, heads, kv_heads: heads, head_dim, causal: false };
+        let shape = AttentionShape {
+            q_rows: t,
+            kv_rows: t,
+            heads,
+            kv_heads: heads,
+            head_dim,
+            causal: false,
+        };
         let scale = 1.0 / (head_dim as f32).sqrt();
         let eps = self.config.layer_norm_eps as f32;
         let mut scores = scores;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut d: Vec<Dispatch> = Vec::new();
-            d.push(norm::layer_norm(gpu, &b.hidden, &layer.layer_norm1.0, &layer.layer_norm1.1, &b.normed, eps)?);
+            d.push(norm::layer_norm(
+                gpu,
+                &b.hidden,
+                &layer.layer_norm1.0,
+                &layer.layer_norm1.1,
+                &b.normed,
+                eps,
+            )?);
             d.extend(matmul::matmul(gpu, &b.normed, &layer.q_proj, &b.q, false)?);
             d.extend(matmul::matmul(gpu, &b.normed, &layer.k_proj, &b.k, false)?);
             d.extend(matmul::matmul(gpu, &b.normed, &layer.v_proj, &b.v, false)?);
             let layer_scores = if i == last { scores.take() } else { None };
-            d.extend(attention::attention(gpu, &shape, scale, &b.q, &b.k, &b.v, &b.attn, layer_scores)?);
+            d.extend(attention::attention(
+                gpu,
+                &shape,
+                scale,
+                &b.q,
+                &b.k,
+                &b.v,
+                &b.attn,
+                layer_scores,
+            )?);
             // Residual adds are fused into the output projections (accumulate = true).
-            d.extend(matmul::matmul(gpu, &b.attn, &layer.out_proj, &b.hidden, true)?);
-            d.push(norm::layer_norm(gpu, &b.hidden, &layer.layer_norm2.0, &layer.layer_norm2.1, &b.normed, eps)?);
+            d.extend(matmul::matmul(
+                gpu,
+                &b.attn,
+                &layer.out_proj,
+                &b.hidden,
+                true,
+            )?);
+            d.push(norm::layer_norm(
+                gpu,
+                &b.hidden,
+                &layer.layer_norm2.0,
+                &layer.layer_norm2.1,
+                &b.normed,
+                eps,
+            )?);
             d.extend(matmul::matmul(gpu, &b.normed, &layer.fc1, &b.mlp, false)?);
             d.push(activation::activate(gpu, self.activation, &b.mlp)?);
             d.extend(matmul::matmul(gpu, &b.mlp, &layer.fc2, &b.hidden, true)?);

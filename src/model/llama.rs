@@ -50,10 +50,25 @@ impl KvCache {
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
         for i in 0..layers {
-            k.push(Tensor::empty(gpu, &[capacity, width], DType::F32, &format!("kv.k.{i}"))?);
-            v.push(Tensor::empty(gpu, &[capacity, width], DType::F32, &format!("kv.v.{i}"))?);
+            k.push(Tensor::empty(
+                gpu,
+                &[capacity, width],
+                DType::F32,
+                &format!("kv.k.{i}"),
+            )?);
+            v.push(Tensor::empty(
+                gpu,
+                &[capacity, width],
+                DType::F32,
+                &format!("kv.v.{i}"),
+            )?);
         }
-        Ok(Self { k, v, capacity, len: vec![0; layers] })
+        Ok(Self {
+            k,
+            v,
+            capacity,
+            len: vec![0; layers],
+        })
     }
 
     /// GPU bytes the filled part of the cache occupies (what pruning shrinks).
@@ -90,8 +105,18 @@ pub struct LlamaBuffers {
 impl LlamaBuffers {
     pub fn bytes(&self) -> u64 {
         [
-            &self.hidden, &self.normed, &self.q, &self.k, &self.v, &self.attn, &self.gate_up, &self.act,
-            &self.positions, &self.last, &self.last_normed, &self.logits,
+            &self.hidden,
+            &self.normed,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn,
+            &self.gate_up,
+            &self.act,
+            &self.positions,
+            &self.last,
+            &self.last_normed,
+            &self.logits,
         ]
         .iter()
         .map(|t| t.buffer.size())
@@ -100,7 +125,11 @@ impl LlamaBuffers {
 }
 
 impl Llama {
-    pub fn load(loader: &mut Loader, config: &TextConfig, mut progress: impl FnMut()) -> Result<Self> {
+    pub fn load(
+        loader: &mut Loader,
+        config: &TextConfig,
+        mut progress: impl FnMut(),
+    ) -> Result<Self> {
         let d = config.hidden_size;
         let m = config.intermediate_size;
         let qd = config.num_attention_heads * config.head_dim;
@@ -114,14 +143,21 @@ impl Llama {
                 k_proj: loader.linear(&format!("{p}.self_attn.k_proj"), kvd, d, false)?,
                 v_proj: loader.linear(&format!("{p}.self_attn.v_proj"), kvd, d, false)?,
                 o_proj: loader.linear(&format!("{p}.self_attn.o_proj"), d, qd, false)?,
-                post_attention_layernorm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
-                gate_up_proj: loader.linear_stack(&[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")], m, d, false)?,
+                post_attention_layernorm: loader
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
+                gate_up_proj: loader.linear_stack(
+                    &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
+                    m,
+                    d,
+                    false,
+                )?,
                 down_proj: loader.linear(&format!("{p}.mlp.down_proj"), d, m, false)?,
             });
             progress();
         }
         let norm = loader.vector("text.norm.weight", d)?;
-        let head_name = if config.tie_word_embeddings && !loader.checkpoint.contains("language_model.lm_head.weight")
+        let head_name = if config.tie_word_embeddings
+            && !loader.checkpoint.contains("language_model.lm_head.weight")
             && !loader.checkpoint.contains("lm_head.weight")
         {
             "text.embed_tokens"
@@ -130,9 +166,20 @@ impl Llama {
         };
         let lm_head = loader.linear(head_name, config.vocab_size, d, false)?;
         progress();
-        let rope = RopeTable::new(loader.gpu, config.rope_theta, config.head_dim, config.max_position_embeddings)?;
+        let rope = RopeTable::new(
+            loader.gpu,
+            config.rope_theta,
+            config.head_dim,
+            config.max_position_embeddings,
+        )?;
         loader.bytes += rope.table.buffer.size();
-        Ok(Self { config: config.clone(), layers, norm, lm_head, rope })
+        Ok(Self {
+            config: config.clone(),
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
     }
 
     pub fn buffers(&self, gpu: &Gpu, rows: usize) -> Result<LlamaBuffers> {
@@ -174,8 +221,14 @@ impl Llama {
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let rows = |x: &Tensor| x.view(&[t, x.shape[1]]);
         let (hidden, normed, q, k, v, attn, gate_up, act) = (
-            rows(&b.hidden)?, rows(&b.normed)?, rows(&b.q)?, rows(&b.k)?, rows(&b.v)?, rows(&b.attn)?,
-            rows(&b.gate_up)?, rows(&b.act)?,
+            rows(&b.hidden)?,
+            rows(&b.normed)?,
+            rows(&b.q)?,
+            rows(&b.k)?,
+            rows(&b.v)?,
+            rows(&b.attn)?,
+            rows(&b.gate_up)?,
+            rows(&b.act)?,
         );
         let positions = b.positions.view(&[t])?;
         let eps = c.rms_norm_eps as f32;
@@ -189,27 +242,77 @@ impl Llama {
             if start + t > cache.capacity {
                 return Err(Error::argument(
                     "--max-new-tokens",
-                    format!("the KV cache holds {} tokens; {} more do not fit", cache.capacity, start + t - cache.capacity),
+                    format!(
+                        "the KV cache holds {} tokens; {} more do not fit",
+                        cache.capacity,
+                        start + t - cache.capacity
+                    ),
                 ));
             }
             let mut d: Vec<Dispatch> = Vec::new();
-            d.push(norm::rms_norm(gpu, &hidden, &layer.input_layernorm, &normed, eps)?);
+            d.push(norm::rms_norm(
+                gpu,
+                &hidden,
+                &layer.input_layernorm,
+                &normed,
+                eps,
+            )?);
             d.extend(matmul::linear(gpu, &normed, &layer.q_proj, &q, false)?);
             d.extend(matmul::linear(gpu, &normed, &layer.k_proj, &k, false)?);
             d.extend(matmul::linear(gpu, &normed, &layer.v_proj, &v, false)?);
             d.push(rope::rope(gpu, &q, h, &positions, &self.rope)?);
             d.push(rope::rope(gpu, &k, kvh, &positions, &self.rope)?);
             rec.dispatch_all(d);
-            rec.copy(&k.buffer, 0, &cache.k[i].buffer, start as u64 * width, t as u64 * width);
-            rec.copy(&v.buffer, 0, &cache.v[i].buffer, start as u64 * width, t as u64 * width);
+            rec.copy(
+                &k.buffer,
+                0,
+                &cache.k[i].buffer,
+                start as u64 * width,
+                t as u64 * width,
+            );
+            rec.copy(
+                &v.buffer,
+                0,
+                &cache.v[i].buffer,
+                start as u64 * width,
+                t as u64 * width,
+            );
             cache.len[i] = start + t;
-            let shape = AttentionShape { q_rows: t, kv_rows: start + t, heads: h, kv_heads: kvh, head_dim: hd, causal: true };
+            let shape = AttentionShape {
+                q_rows: t,
+                kv_rows: start + t,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: hd,
+                causal: true,
+            };
             let layer_scores = if i == last { scores.take() } else { None };
-            let mut d = attention::attention(gpu, &shape, scale, &q, &cache.k[i], &cache.v[i], &attn, layer_scores)?;
+            let mut d = attention::attention(
+                gpu,
+                &shape,
+                scale,
+                &q,
+                &cache.k[i],
+                &cache.v[i],
+                &attn,
+                layer_scores,
+            )?;
             // Residual adds are fused into o_proj and down_proj (accumulate = true).
             d.extend(matmul::linear(gpu, &attn, &layer.o_proj, &hidden, true)?);
-            d.push(norm::rms_norm(gpu, &hidden, &layer.post_attention_layernorm, &normed, eps)?);
-            d.extend(matmul::linear(gpu, &normed, &layer.gate_up_proj, &gate_up, false)?);
+            d.push(norm::rms_norm(
+                gpu,
+                &hidden,
+                &layer.post_attention_layernorm,
+                &normed,
+                eps,
+            )?);
+            d.extend(matmul::linear(
+                gpu,
+                &normed,
+                &layer.gate_up_proj,
+                &gate_up,
+                false,
+            )?);
             d.push(activation::silu_mul(gpu, &gate_up, &act)?);
             d.extend(matmul::linear(gpu, &act, &layer.down_proj, &hidden, true)?);
             rec.dispatch_all(d);
@@ -221,9 +324,27 @@ impl Llama {
     pub fn logits(&self, rec: &mut Recorder, b: &LlamaBuffers, row: usize) -> Result<()> {
         let gpu = rec.gpu();
         let width = self.config.hidden_size as u64 * 4;
-        rec.copy(&b.hidden.buffer, row as u64 * width, &b.last.buffer, 0, width);
-        rec.dispatch(norm::rms_norm(gpu, &b.last, &self.norm, &b.last_normed, self.config.rms_norm_eps as f32)?);
-        rec.dispatch_all(matmul::linear(gpu, &b.last_normed, &self.lm_head, &b.logits, false)?);
+        rec.copy(
+            &b.hidden.buffer,
+            row as u64 * width,
+            &b.last.buffer,
+            0,
+            width,
+        );
+        rec.dispatch(norm::rms_norm(
+            gpu,
+            &b.last,
+            &self.norm,
+            &b.last_normed,
+            self.config.rms_norm_eps as f32,
+        )?);
+        rec.dispatch_all(matmul::linear(
+            gpu,
+            &b.last_normed,
+            &self.lm_head,
+            &b.logits,
+            false,
+        )?);
         Ok(())
     }
 }

@@ -29,7 +29,11 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { gpu: GpuOptions::default(), weight_format: WeightFormat::F16, progress: false }
+        Self {
+            gpu: GpuOptions::default(),
+            weight_format: WeightFormat::F16,
+            progress: false,
+        }
     }
 }
 
@@ -53,10 +57,17 @@ impl Engine {
     pub fn load(model_dir: &Path, options: EngineOptions) -> Result<Self> {
         let start = Instant::now();
         if !model_dir.is_dir() {
-            return Err(Error::File { path: model_dir.to_path_buf(), reason: "model directory not found".into() });
+            return Err(Error::File {
+                path: model_dir.to_path_buf(),
+                reason: "model directory not found".into(),
+            });
         }
         let config = LlavaConfig::load(model_dir)?;
-        let tokenizer = TextTokenizer::load(model_dir, config.image_token_index, config.text.bos_token_id)?;
+        let tokenizer = TextTokenizer::load(
+            model_dir,
+            config.image_token_index,
+            config.text.bos_token_id,
+        )?;
         let image_processor = ImageProcessorConfig::load(model_dir, config.vision.image_size)?;
         let checkpoint = Checkpoint::open(model_dir)?;
         let gpu = Gpu::new(options.gpu.clone())?;
@@ -100,6 +111,8 @@ impl Engine {
 
     /// Token embeddings for `ids`, read from the mapped checkpoint.
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.checkpoint.get("text.embed_tokens.weight")?.rows_f32(ids)
+        self.checkpoint
+            .get("text.embed_tokens.weight")?
+            .rows_f32(ids)
     }
 }

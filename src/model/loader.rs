@@ -15,7 +15,12 @@ pub struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     pub fn new(gpu: &'a Gpu, checkpoint: &'a Checkpoint, format: WeightFormat) -> Self {
-        Self { gpu, checkpoint, format, bytes: 0 }
+        Self {
+            gpu,
+            checkpoint,
+            format,
+            bytes: 0,
+        }
     }
 
     /// A linear layer `{name}.weight` [n, k] and, if `bias`, `{name}.bias` [n].
@@ -25,21 +30,33 @@ impl<'a> Loader<'a> {
 
     /// Several linear layers with the same input stacked into one [Σn, k] weight (e.g. LLaMA's
     /// gate and up projections), so one matmul computes them all.
-    pub fn linear_stack(&mut self, names: &[&str], n_each: usize, k: usize, bias: bool) -> Result<Weight> {
+    pub fn linear_stack(
+        &mut self,
+        names: &[&str],
+        n_each: usize,
+        k: usize,
+        bias: bool,
+    ) -> Result<Weight> {
         let label = names.join("+");
         let n = n_each * names.len();
         let mut weight = match self.format {
             WeightFormat::F16 => {
                 let mut values = Vec::with_capacity(n * k);
                 for name in names {
-                    values.extend(self.checkpoint.f16(&format!("{name}.weight"), &[n_each, k])?);
+                    values.extend(
+                        self.checkpoint
+                            .f16(&format!("{name}.weight"), &[n_each, k])?,
+                    );
                 }
                 Weight::from_f16(self.gpu, &label, n, k, &values)?
             }
             WeightFormat::F32 => {
                 let mut values = Vec::with_capacity(n * k);
                 for name in names {
-                    values.extend(self.checkpoint.f32(&format!("{name}.weight"), &[n_each, k])?);
+                    values.extend(
+                        self.checkpoint
+                            .f32(&format!("{name}.weight"), &[n_each, k])?,
+                    );
                 }
                 Weight::from_f32(self.gpu, &label, n, k, &values, WeightFormat::F32)?
             }

@@ -1,6 +1,11 @@
 //! The model: configuration, checkpoint tensors, and one module per Hugging Face module.
 
+pub mod clip;
 pub mod config;
+pub mod llama;
+pub mod llava;
+pub mod loader;
+pub mod projector;
 pub mod weights;
 
 pub use config::LlavaConfig;

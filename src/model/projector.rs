@@ -23,9 +23,21 @@ impl Projector {
     }
 
     /// `features [n, dv]` → `out [n, dt]`, using `scratch [n, dt]`.
-    pub fn forward(&self, rec: &mut Recorder, features: &Tensor, scratch: &Tensor, out: &Tensor) -> Result<()> {
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        features: &Tensor,
+        scratch: &Tensor,
+        out: &Tensor,
+    ) -> Result<()> {
         let gpu = rec.gpu();
-        rec.dispatch_all(matmul::linear(gpu, features, &self.linear_1, scratch, false)?);
+        rec.dispatch_all(matmul::linear(
+            gpu,
+            features,
+            &self.linear_1,
+            scratch,
+            false,
+        )?);
         rec.dispatch(activation::activate(gpu, Activation::Gelu, scratch)?);
         rec.dispatch_all(matmul::linear(gpu, scratch, &self.linear_2, out, false)?);
         Ok(())

@@ -243,20 +243,29 @@ impl RawTensor<'_> {
     /// straight from the mapped file).
     pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let [rows, width] = self.shape[..] else {
-            return Err(file_error(self.file, format!("tensor '{}' is not a matrix", self.name)));
+            return Err(file_error(
+                self.file,
+                format!("tensor '{}' is not a matrix", self.name),
+            ));
         };
         let size = match self.dtype {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
             other => {
-                return Err(file_error(self.file, format!("tensor '{}' has unsupported dtype {other:?}", self.name)))
+                return Err(file_error(
+                    self.file,
+                    format!("tensor '{}' has unsupported dtype {other:?}", self.name),
+                ))
             }
         };
         let mut out = Vec::with_capacity(ids.len() * width);
         for &id in ids {
             let id = id as usize;
             if id >= rows {
-                return Err(file_error(self.file, format!("token id {id} is outside '{}' ({rows} rows)", self.name)));
+                return Err(file_error(
+                    self.file,
+                    format!("token id {id} is outside '{}' ({rows} rows)", self.name),
+                ));
             }
             let row = RawTensor {
                 name: self.name.clone(),

@@ -1,0 +1,229 @@
+//! Bad input gives a clear error naming the culprit and a non-zero exit, never a panic:
+//! missing config or tensor, truncated safetensors, a misshaped tensor, an unsupported
+//! architecture, a corrupt image, a prompt longer than the context.
+
+mod fixture;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
+use safetensors::tensor::TensorView;
+
+/// A scratch copy of the fixture model that a test may damage.
+struct ModelCopy {
+    dir: PathBuf,
+}
+
+impl ModelCopy {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("llava-wgpu-bad-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(fixture::model_dir()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+            }
+        }
+        Self { dir }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Rewrite model.safetensors, letting `edit` drop or reshape tensors.
+    fn rewrite_weights(&self, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) {
+        let bytes = std::fs::read(self.path("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut kept = Vec::new();
+        for (name, view) in st.tensors() {
+            if let Some(shape) = edit(&name, view.shape().to_vec()) {
+                kept.push((
+                    name,
+                    TensorView::new(view.dtype(), shape, view.data()).unwrap(),
+                ));
+            }
+        }
+        let out = safetensors::serialize(kept, None).unwrap();
+        std::fs::write(self.path("model.safetensors"), out).unwrap();
+    }
+}
+
+impl Drop for ModelCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn load_error(dir: &Path) -> String {
+    match Engine::load(dir, EngineOptions::default()) {
+        Ok(_) => panic!("loading {} should have failed", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_missing_config_is_named() {
+    let m = ModelCopy::new("config");
+    std::fs::remove_file(m.path("config.json")).unwrap();
+    let e = load_error(&m.dir);
+    assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let m = ModelCopy::new("tensor");
+    m.rewrite_weights(|name, shape| {
+        (name != "language_model.model.layers.2.mlp.up_proj.weight").then_some(shape)
+    });
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("layers.2.mlp.up_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_misshaped_tensor_is_named_with_both_shapes() {
+    let m = ModelCopy::new("shape");
+    m.rewrite_weights(|name, shape| {
+        Some(
+            if name == "vision_tower.encoder.layers.1.self_attn.q_proj.weight" {
+                vec![32, 128]
+            } else {
+                shape
+            },
+        )
+    });
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("layers.1.self_attn.q_proj.weight")
+            && e.contains("[32, 128]")
+            && e.contains("[64, 64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_truncated_safetensors_file_is_named() {
+    let m = ModelCopy::new("truncated");
+    let bytes = std::fs::read(m.path("model.safetensors")).unwrap();
+    std::fs::write(m.path("model.safetensors"), &bytes[..bytes.len() - 1000]).unwrap();
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+    // A header that is cut off too.
+    std::fs::write(m.path("model.safetensors"), &bytes[..100]).unwrap();
+    let e = load_error(&m.dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn an_unsupported_architecture_is_named() {
+    let m = ModelCopy::new("arch");
+    let config = std::fs::read_to_string(m.path("config.json")).unwrap();
+    std::fs::write(
+        m.path("config.json"),
+        config.replace("\"llama\"", "\"mistral\""),
+    )
+    .unwrap();
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("text_config.model_type") && e.contains("mistral"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_corrupt_image_and_an_overlong_prompt_are_refused() {
+    let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
+    let m = ModelCopy::new("image");
+    let corrupt = m.path("corrupt.png");
+    let mut bytes = std::fs::read(&fixture::cases()[1].image).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&corrupt, bytes).unwrap();
+    let e = engine
+        .generate(&GenerateRequest::new(&corrupt, "What?"), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("corrupt.png"), "{e}");
+    // The fixture's context is 512 tokens.
+    let long = "red blue green ".repeat(300);
+    let e = engine
+        .generate(
+            &GenerateRequest::new(&fixture::cases()[0].image, long),
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--prompt") && e.contains("context"), "{e}");
+}
+
+/// The binary exits non-zero with `error: ...` on stderr, and never panics.
+#[test]
+fn the_cli_reports_errors_with_a_non_zero_exit() {
+    let bin = env!("CARGO_BIN_EXE_llava-wgpu");
+    let image = fixture::cases()[0].image.clone();
+    let model = fixture::model_dir();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                "/nonexistent/model".into(),
+                "--image".into(),
+                image.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+            ],
+            "/nonexistent/model",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--image".into(),
+                "/nonexistent.png".into(),
+                "--prompt".into(),
+                "hi".into(),
+            ],
+            "/nonexistent.png",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--image".into(),
+                image.display().to_string(),
+                "--prompt".into(),
+                "hi".into(),
+                "--top-p".into(),
+                "0".into(),
+            ],
+            "--top-p",
+        ),
+        (
+            vec![
+                "bench".into(),
+                "kernels".into(),
+                "--adapter".into(),
+                "no-such-gpu".into(),
+            ],
+            "--adapter",
+        ),
+    ];
+    for (args, culprit) in cases {
+        let out = Command::new(bin).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(stderr.contains(culprit), "{args:?}: {stderr}");
+    }
+}

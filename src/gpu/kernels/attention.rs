@@ -1,40 +1,440 @@
-//! Fused attention (being written on the `attention` branch; this stub keeps the API compiling).
+//! Fused attention `O = softmax(Q·Kᵀ·scale + mask)·V` with grouped-query heads, a KV cache,
+//! causal or bidirectional masking and optional per-key score accumulation: the launcher for
+//! shaders/attention.wgsl and its CPU reference.
+//!
+//! Layouts (row-major f32): Q and O `[Tq, H·D]`, K and V `[C, Hkv·D]` where only the first
+//! `Tk ≤ C` cache rows are valid (rows past them are never read). Query head `h` uses kv head
+//! `h / (H / Hkv)`. Causal query row `i` sits at cache position `Tk − Tq + i` and sees keys
+//! `j ≤ Tk − Tq + i`, which covers prefill, chunked prefill and decode.
+
+use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::Dispatch;
-use crate::gpu::tensor::Tensor;
+use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::tensor::{DType, Tensor};
 
+/// Virtual rows (query row × query head of one kv-head group) per workgroup (BM in the shader).
+pub const BLOCK_ROWS: usize = 16;
+/// Keys per staged K/V tile (BN in the shader).
+pub const KEY_TILE: usize = 32;
+/// Largest supported head dimension (the shader's tiles are sized for it).
+pub const MAX_HEAD_DIM: usize = 128;
+/// Workgroup memory the attention entry points declare: Q tile 16×33 vec4, K/V tile 32×33 vec4,
+/// logits and probabilities 32×4 vec4 each (29 440 bytes).
+pub const WORKGROUP_BYTES: u32 = (16 * 33 + 32 * 33 + 2 * 32 * 4) * 16;
+/// Threads per workgroup of the reduction entry point.
+const REDUCE_THREADS: usize = 64;
+
+/// The problem one attention call solves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
+    /// Tq: query rows in this call.
     pub q_rows: usize,
+    /// Tk: valid rows of the K/V cache (≤ its capacity).
     pub kv_rows: usize,
+    /// H: query heads.
     pub heads: usize,
+    /// Hkv: key/value heads (H % Hkv == 0).
     pub kv_heads: usize,
+    /// D: dimension of every head, at most [`MAX_HEAD_DIM`].
     pub head_dim: usize,
     pub causal: bool,
 }
 
+impl AttentionShape {
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads.max(1)
+    }
+
+    /// Workgroups per kv head.
+    fn blocks(&self) -> usize {
+        (self.q_rows * self.group()).div_ceil(BLOCK_ROWS)
+    }
+
+    /// Keys query row `i` sees: `[0, visible_keys(i))`.
+    pub fn visible_keys(&self, i: usize) -> usize {
+        if self.causal {
+            self.kv_rows - self.q_rows + i + 1
+        } else {
+            self.kv_rows
+        }
+    }
+
+    /// Σ over query rows in `[start, end)` of the keys each sees.
+    fn visible_pairs(&self, start: usize, end: usize) -> u64 {
+        (start..end).map(|i| self.visible_keys(i) as u64).sum()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "Tq={} Tk={} H={} Hkv={} D={} {}",
+            self.q_rows,
+            self.kv_rows,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            if self.causal {
+                "causal"
+            } else {
+                "bidirectional"
+            }
+        )
+    }
+
+    /// Check the shape on its own (tensors are checked by [`attention`]).
+    pub fn validate(&self) -> Result<()> {
+        let fail = |reason: String| Err(Error::shape("attention", format!("{reason} ({self:?})")));
+        if self.head_dim == 0 || self.head_dim > MAX_HEAD_DIM {
+            return fail(format!(
+                "head_dim {} is not in 1..={MAX_HEAD_DIM}",
+                self.head_dim
+            ));
+        }
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return fail(format!(
+                "{} query heads cannot be grouped over {} kv heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.q_rows == 0 || self.kv_rows == 0 {
+            return fail("no query rows or no keys".into());
+        }
+        if self.causal && self.q_rows > self.kv_rows {
+            return fail(format!(
+                "causal attention with {} query rows needs at least as many keys, got {}",
+                self.q_rows, self.kv_rows
+            ));
+        }
+        // Every index the shader computes must fit a u32.
+        let largest = (self.q_rows * self.heads * self.head_dim)
+            .max(self.kv_rows * self.kv_heads * self.head_dim)
+            .max(score_partials_len(self));
+        if largest > u32::MAX as usize / 2 {
+            return fail("too large for 32-bit indexing".into());
+        }
+        Ok(())
+    }
+}
+
+/// Optional score accumulation: `scores[j] = Σ_{i ∈ [q_start, q_end)} Σ_h P_h[i, j]` for every
+/// key `j < Tk` (a sum over rows and all query heads; the caller divides for a mean).
 pub struct ScoreOutput<'a> {
     pub q_start: usize,
     pub q_end: usize,
+    /// Scratch of at least [`score_partials_len`] f32 elements.
     pub partials: &'a Tensor,
+    /// At least Tk f32 elements; the first Tk are written.
     pub scores: &'a Tensor,
 }
 
+/// Elements the `partials` scratch of a [`ScoreOutput`] needs for this shape (enough for any
+/// query range).
 pub fn score_partials_len(shape: &AttentionShape) -> usize {
-    shape.kv_rows
+    if shape.heads == 0 || shape.kv_heads == 0 {
+        return 0;
+    }
+    shape.kv_heads * shape.blocks() * shape.kv_rows
 }
 
+/// The conventional softmax scale, `1 / sqrt(head_dim)`.
+pub fn default_scale(head_dim: usize) -> f32 {
+    1.0 / (head_dim as f32).sqrt()
+}
+
+/// Allocate the `(partials, scores)` pair a [`ScoreOutput`] needs for this shape.
+pub fn score_buffers(gpu: &Gpu, shape: &AttentionShape) -> Result<(Tensor, Tensor)> {
+    shape.validate()?;
+    let partials = Tensor::empty(
+        gpu,
+        &[score_partials_len(shape)],
+        DType::F32,
+        "attention.partials",
+    )?;
+    let scores = Tensor::empty(gpu, &[shape.kv_rows], DType::F32, "attention.scores")?;
+    Ok((partials, scores))
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    q_rows: u32,
+    kv_rows: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    group: u32,
+    vrows: u32,
+    blocks: u32,
+    num_groups: u32,
+    causal: u32,
+    scale_log2: f32,
+    q_start: u32,
+    q_end: u32,
+    first_block: u32,
+    range_blocks: u32,
+    partial_rows: u32,
+}
+
+fn check_tensors(
+    shape: &AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let d = shape.head_dim;
+    let fail = |name: &str, t: &Tensor, want: String| {
+        Err(Error::shape(
+            "attention",
+            format!(
+                "{name} has shape {:?} ({:?}), expected {want} for {}",
+                t.shape,
+                t.dtype,
+                shape.describe()
+            ),
+        ))
+    };
+    for (name, t) in [("Q", q), ("O", out)] {
+        if t.dtype != DType::F32 || t.rows_cols() != (shape.q_rows, shape.heads * d) {
+            return fail(
+                name,
+                t,
+                format!("f32 [{}, {}]", shape.q_rows, shape.heads * d),
+            );
+        }
+    }
+    for (name, t) in [("K", k), ("V", v)] {
+        let (rows, cols) = t.rows_cols();
+        if t.dtype != DType::F32 || cols != shape.kv_heads * d || rows < shape.kv_rows {
+            return fail(
+                name,
+                t,
+                format!("f32 [C ≥ {}, {}]", shape.kv_rows, shape.kv_heads * d),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Record the attention for `shape`: one dispatch, or three with score accumulation (the
+/// attention with its second scoring pass, then the reduction of the partial sums).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
-    _gpu: &Gpu,
-    _shape: &AttentionShape,
-    _scale: f32,
-    _q: &Tensor,
-    _k: &Tensor,
-    _v: &Tensor,
-    _out: &Tensor,
-    _scores: Option<ScoreOutput>,
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    scale: f32,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    scores: Option<ScoreOutput>,
 ) -> Result<Vec<Dispatch>> {
-    Err(Error::argument("attention", "not implemented yet"))
+    shape.validate()?;
+    check_tensors(shape, q, k, v, out)?;
+    if !scale.is_finite() {
+        return Err(Error::argument(
+            "attention scale",
+            format!("{scale} is not finite"),
+        ));
+    }
+    let available = gpu.limits.max_compute_workgroup_storage_size;
+    if available < WORKGROUP_BYTES {
+        return Err(Error::shape(
+            "attention",
+            format!(
+                "needs {WORKGROUP_BYTES} bytes of workgroup memory, the device offers {available}"
+            ),
+        ));
+    }
+    let AttentionShape {
+        q_rows,
+        kv_rows,
+        heads,
+        kv_heads,
+        head_dim: d,
+        causal,
+    } = *shape;
+    let group = shape.group();
+    let blocks = shape.blocks();
+    let num_groups = kv_heads * blocks;
+    let max_dim = gpu.limits.max_compute_workgroups_per_dimension;
+    let mut params = Params {
+        q_rows: q_rows as u32,
+        kv_rows: kv_rows as u32,
+        heads: heads as u32,
+        kv_heads: kv_heads as u32,
+        head_dim: d as u32,
+        group: group as u32,
+        vrows: (q_rows * group) as u32,
+        blocks: blocks as u32,
+        num_groups: num_groups as u32,
+        causal: causal as u32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        q_start: 0,
+        q_end: 0,
+        first_block: 0,
+        range_blocks: 0,
+        partial_rows: 0,
+    };
+
+    // Keys a block loads: up to the last key its last virtual row sees.
+    let block_keys = |b: usize| {
+        let last_row = ((b + 1) * BLOCK_ROWS).min(q_rows * group) - 1;
+        shape.visible_keys(last_row / group) as u64
+    };
+    let kv_bytes_per_key = (d * 4) as u64;
+    let loaded_keys: u64 = (0..blocks).map(block_keys).sum::<u64>() * kv_heads as u64;
+    let qo_bytes = 2 * (q_rows * heads * d * 4) as u64;
+    let flops = 4 * d as u64 * heads as u64 * shape.visible_pairs(0, q_rows);
+    let bytes = qo_bytes + 2 * loaded_keys * kv_bytes_per_key;
+    let workgroups = grid(num_groups as u32, max_dim);
+
+    let Some(so) = scores else {
+        let dispatch = KernelCall::new(gpu, "attention", "attention")
+            .params(&params)
+            .read(&q.buffer)
+            .read(&k.buffer)
+            .read(&v.buffer)
+            .read_write(&out.buffer)
+            .build("attention", shape.describe(), workgroups, flops, bytes)?;
+        return Ok(vec![dispatch]);
+    };
+
+    if so.q_start >= so.q_end || so.q_end > q_rows {
+        return Err(Error::shape(
+            "attention scores",
+            format!(
+                "query range {}..{} is empty or outside 0..{q_rows}",
+                so.q_start, so.q_end
+            ),
+        ));
+    }
+    let need = score_partials_len(shape);
+    for (name, t, want) in [
+        ("partials", so.partials, need),
+        ("scores", so.scores, kv_rows),
+    ] {
+        if t.dtype != DType::F32 || t.numel() < want {
+            return Err(Error::shape(
+                "attention scores",
+                format!(
+                    "{name} has shape {:?} ({:?}), needs at least {want} f32 elements",
+                    t.shape, t.dtype
+                ),
+            ));
+        }
+    }
+    let first_block = so.q_start * group / BLOCK_ROWS;
+    let end_block = (so.q_end * group).div_ceil(BLOCK_ROWS);
+    let range_blocks = end_block - first_block;
+    let partial_rows = kv_heads * range_blocks;
+    params.q_start = so.q_start as u32;
+    params.q_end = so.q_end as u32;
+    params.first_block = first_block as u32;
+    params.range_blocks = range_blocks as u32;
+    params.partial_rows = partial_rows as u32;
+
+    // The scoring pass recomputes Q·Kᵀ for the blocks in range (counted at 2·D per visible key
+    // of the rows in range) and rereads their K tiles.
+    let score_flops = 2 * d as u64 * heads as u64 * shape.visible_pairs(so.q_start, so.q_end);
+    let rescanned_keys: u64 =
+        (first_block..end_block).map(block_keys).sum::<u64>() * kv_heads as u64;
+    let partial_bytes = (partial_rows * kv_rows * 4) as u64;
+    let scored = KernelCall::new(gpu, "attention", "attention_scored")
+        .params(&params)
+        .read(&q.buffer)
+        .read(&k.buffer)
+        .read(&v.buffer)
+        .read_write(&out.buffer)
+        .read_write(&so.partials.buffer)
+        .read_write(&so.scores.buffer)
+        .build(
+            "attention_scored",
+            format!("{} scores q={}..{}", shape.describe(), so.q_start, so.q_end),
+            workgroups,
+            flops + score_flops,
+            bytes + rescanned_keys * kv_bytes_per_key + partial_bytes,
+        )?;
+    let reduce = KernelCall::new(gpu, "attention", "attention_scores_reduce")
+        .params(&params)
+        .read(&q.buffer)
+        .read(&k.buffer)
+        .read(&v.buffer)
+        .read_write(&out.buffer)
+        .read_write(&so.partials.buffer)
+        .read_write(&so.scores.buffer)
+        .build(
+            "attention_scores_reduce",
+            format!("rows={partial_rows} Tk={kv_rows}"),
+            grid(kv_rows.div_ceil(REDUCE_THREADS) as u32, max_dim),
+            (partial_rows * kv_rows) as u64,
+            partial_bytes + (kv_rows * 4) as u64,
+        )?;
+    Ok(vec![scored, reduce])
+}
+
+/// CPU reference in f64. `k` and `v` hold at least Tk rows of `Hkv·D` (only the first Tk are
+/// read). Returns the output `[Tq, H·D]` and, when `score_range` is given, the per-key sums
+/// `[Tk]` of the probabilities over that query range and all heads (empty otherwise).
+pub fn reference(
+    shape: &AttentionShape,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    score_range: Option<(usize, usize)>,
+) -> (Vec<f64>, Vec<f64>) {
+    let AttentionShape {
+        q_rows,
+        kv_rows,
+        heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = *shape;
+    let group = shape.group();
+    let mut out = vec![0f64; q_rows * heads * d];
+    let mut scores = vec![0f64; if score_range.is_some() { kv_rows } else { 0 }];
+    let mut probs = vec![0f64; kv_rows];
+    for i in 0..q_rows {
+        let visible = shape.visible_keys(i);
+        for h in 0..heads {
+            let kh = h / group;
+            let qrow = &q[i * heads * d + h * d..][..d];
+            let mut max = f64::NEG_INFINITY;
+            for (j, pj) in probs.iter_mut().enumerate().take(visible) {
+                let krow = &k[j * kv_heads * d + kh * d..][..d];
+                let dot: f64 = qrow
+                    .iter()
+                    .zip(krow)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                *pj = dot * scale as f64;
+                max = max.max(*pj);
+            }
+            let mut sum = 0f64;
+            for pj in probs.iter_mut().take(visible) {
+                *pj = (*pj - max).exp();
+                sum += *pj;
+            }
+            let orow = &mut out[i * heads * d + h * d..][..d];
+            for (j, pj) in probs.iter_mut().enumerate().take(visible) {
+                *pj /= sum;
+                let vrow = &v[j * kv_heads * d + kh * d..][..d];
+                for (o, x) in orow.iter_mut().zip(vrow) {
+                    *o += *pj * *x as f64;
+                }
+            }
+            if let Some((start, end)) = score_range {
+                if (start..end).contains(&i) {
+                    for (s, pj) in scores.iter_mut().zip(&probs).take(visible) {
+                        *s += pj;
+                    }
+                }
+            }
+        }
+    }
+    (out, scores)
 }

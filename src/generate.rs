@@ -228,7 +228,6 @@ impl Engine {
         let mut prefill_ms = 0.0;
         // Decode time runs from the first token's arrival (the end of prefill) to the last one.
         let mut decode_start = Instant::now();
-        let mut position = prompt_len;
         let mut stop_reason = "max_new_tokens".to_string();
         for step in 0..max_new {
             let next = if need_logits {
@@ -272,8 +271,8 @@ impl Engine {
             }
             // Decode one token.
             buffers.hidden.write_f32(gpu, &self.embed(&[next])?)?;
-            buffers.positions.write_u32(gpu, &[position as u32])?;
-            position += 1;
+            // Generated token `step` sits at position prompt_len + step.
+            buffers.positions.write_u32(gpu, &[(prompt_len + step) as u32])?;
             let mut rec = Recorder::new(gpu);
             self.llama
                 .forward_layers(&mut rec, &buffers, 1, &mut cache, 0..layers, None)?;

@@ -35,7 +35,7 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(gpu: &Gpu, theta: f64, head_dim: usize, positions: usize) -> Result<Self> {
-        if head_dim == 0 || head_dim % 2 != 0 || positions == 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || positions == 0 {
             return Err(Error::argument(
                 "rope",
                 format!(

@@ -13,6 +13,7 @@ use crate::model::config::FeatureSelect;
 use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
 use crate::model::projector::Projector;
+use crate::prune::cost::prefill_macs;
 use crate::sample::{top_logprobs, Sampler, SamplingParams};
 use crate::text::{StreamDecoder, Template};
 use crate::vision::load_image;
@@ -73,6 +74,13 @@ pub struct MemoryReport {
     pub activation_bytes: u64,
 }
 
+/// Theoretical prefill multiply-adds of the decoder (STAR.md cost model).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Flops {
+    pub prefill: u64,
+    pub prefill_unpruned: u64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct TokenLogprob {
     pub id: u32,
@@ -88,6 +96,7 @@ pub struct GenerateOutput {
     pub kv_cache_bytes: u64,
     pub timings_ms: Timings,
     pub decode_tokens_per_second: f64,
+    pub flops: Flops,
     pub stop_reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<Vec<TokenLogprob>>>,
@@ -272,7 +281,9 @@ impl Engine {
             // Decode one token.
             buffers.hidden.write_f32(gpu, &self.embed(&[next])?)?;
             // Generated token `step` sits at position prompt_len + step.
-            buffers.positions.write_u32(gpu, &[(prompt_len + step) as u32])?;
+            buffers
+                .positions
+                .write_u32(gpu, &[(prompt_len + step) as u32])?;
             let mut rec = Recorder::new(gpu);
             self.llama
                 .forward_layers(&mut rec, &buffers, 1, &mut cache, 0..layers, None)?;
@@ -282,6 +293,9 @@ impl Engine {
             }
             rec.finish("decode")?;
         }
+        if max_new == 0 {
+            prefill_ms = ms(t2);
+        }
         let decode_ms = if output.generated_ids.len() > 1 {
             ms(decode_start)
         } else {
@@ -290,6 +304,12 @@ impl Engine {
         output.text = self.tokenizer.decode(&output.generated_ids)?;
         output.stop_reason = stop_reason;
         output.logprobs = logprobs;
+        let (d, m) = (cfg.text.hidden_size, cfg.text.intermediate_size);
+        let unpruned = prefill_macs(&vec![prompt_len; layers], d, m);
+        output.flops = Flops {
+            prefill: unpruned,
+            prefill_unpruned: unpruned,
+        };
         output.kv_cache_bytes = cache.used_bytes();
         output.memory = MemoryReport {
             weights_bytes: self.weight_bytes,

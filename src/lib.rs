@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod gpu;
 pub mod model;
+pub mod prune;
 pub mod sample;
 pub mod text;
 pub mod vision;

@@ -132,6 +132,11 @@ impl<'g> Recorder<'g> {
         self.gpu.queue.submit([encoder.finish()]);
     }
 
+    /// Drop everything pending without running it (used to compile pipelines ahead of time).
+    pub fn discard(mut self) {
+        self.pending.clear();
+    }
+
     /// Submit everything and wait for the GPU to finish it, surfacing any GPU error.
     pub fn finish(mut self, context: &str) -> Result<()> {
         self.submit();

@@ -94,7 +94,7 @@ impl Engine {
         let weight_bytes = loader.bytes;
         bar.finish_and_clear();
         gpu.wait("weight upload")?;
-        Ok(Self {
+        let engine = Self {
             gpu,
             model_dir: model_dir.to_path_buf(),
             config,
@@ -105,8 +105,53 @@ impl Engine {
             projector,
             llama,
             weight_bytes,
+            load_ms: 0.0,
+        };
+        engine.compile_pipelines()?;
+        Ok(Self {
             load_ms: start.elapsed().as_secs_f64() * 1e3,
+            ..engine
         })
+    }
+
+    /// Build (and throw away) every dispatch a request records, so all pipelines compile at load
+    /// instead of stalling the first request.
+    fn compile_pipelines(&self) -> Result<()> {
+        let gpu = &self.gpu;
+        let mut rec = crate::gpu::Recorder::new(gpu);
+        let vision = self.vision.buffers(gpu)?;
+        let pixels = vec![0f32; 3 * self.config.vision.image_size * self.config.vision.image_size];
+        self.vision.forward(&mut rec, &vision, &pixels, None)?;
+        let dt = self.config.text.hidden_size;
+        let features = crate::gpu::Tensor::empty(
+            gpu,
+            &[2, self.config.vision.hidden_size],
+            crate::gpu::DType::F32,
+            "warmup",
+        )?;
+        let scratch = Projector::scratch(gpu, 2, dt)?;
+        let out = Projector::scratch(gpu, 2, dt)?;
+        self.projector
+            .forward(&mut rec, &features, &scratch, &out)?;
+        let buffers = self.llama.buffers(gpu, 2)?;
+        let layers = self.config.text.num_hidden_layers;
+        let token = crate::gpu::Tensor::empty(gpu, &[1], crate::gpu::DType::U32, "warmup")?;
+        // Both shapes: prefill (matmul) and decode (gemv).
+        for t in [2, 1] {
+            let mut cache = crate::model::llama::KvCache::new(gpu, &self.config.text, 2)?;
+            self.llama
+                .forward_layers(&mut rec, &buffers, t, &mut cache, 0..layers, None)?;
+        }
+        self.llama.logits(&mut rec, &buffers, 0)?;
+        rec.dispatch(crate::gpu::kernels::sample::argmax(
+            gpu,
+            &buffers.logits,
+            0,
+            &token,
+            0,
+        )?);
+        rec.discard();
+        gpu.check_errors("pipeline compilation")
     }
 
     /// Token embeddings for `ids`, read from the mapped checkpoint.

@@ -7,13 +7,18 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::sample as gpu_sample;
+use crate::gpu::kernels::topk::{self, Segment};
 use crate::gpu::{DType, Recorder, Tensor};
 use crate::model::config::FeatureSelect;
 use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
 use crate::model::projector::Projector;
 use crate::prune::cost::prefill_macs;
+use crate::prune::{
+    vispruner, BeforeProjector, Plan, PruneOptions, Stage2Rows, VISPRUNER_IMPORTANT_RATIO,
+};
 use crate::sample::{top_logprobs, Sampler, SamplingParams};
 use crate::text::{StreamDecoder, Template};
 use crate::vision::load_image;
@@ -32,6 +37,8 @@ pub struct GenerateRequest {
     pub pad_to_square: bool,
     /// Keep generating past EOS (benchmarks and parity tests).
     pub ignore_eos: bool,
+    /// Visual-token pruning (STAR.md).
+    pub prune: PruneOptions,
 }
 
 impl GenerateRequest {
@@ -45,6 +52,7 @@ impl GenerateRequest {
             logprobs: None,
             pad_to_square: false,
             ignore_eos: false,
+            prune: PruneOptions::default(),
         }
     }
 }
@@ -54,6 +62,13 @@ pub struct VisualTokens {
     pub encoder: usize,
     pub after_stage1: usize,
     pub after_stage2: usize,
+}
+
+/// Kept visual tokens as original patch-grid indices (raster order), per stage.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KeptIndices {
+    pub stage1: Option<Vec<usize>>,
+    pub stage2: Option<Vec<usize>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -93,6 +108,8 @@ pub struct GenerateOutput {
     pub generated_ids: Vec<u32>,
     pub prompt_tokens: usize,
     pub visual_tokens: VisualTokens,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_visual_indices: Option<KeptIndices>,
     pub kv_cache_bytes: u64,
     pub timings_ms: Timings,
     pub decode_tokens_per_second: f64,
@@ -113,7 +130,153 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// The image side of a request after the vision tower, selection and the projector.
+struct EncodedImage {
+    /// Projector output [N1, text width].
+    embeddings: Tensor,
+    /// Patch indices the language model receives (None: all of them).
+    kept: Option<Vec<usize>>,
+    activation_bytes: u64,
+}
+
 impl Engine {
+    /// Run the vision tower, apply the plan's before-projector selection and the projector.
+    fn encode_image(&self, pixels: &[f32], plan: &Plan) -> Result<EncodedImage> {
+        let gpu = &self.gpu;
+        let cfg = &self.config;
+        let (dv, dt) = (cfg.vision.hidden_size, cfg.text.hidden_size);
+        let n0 = plan.n0;
+        let n1 = plan.n1();
+        let tokens = self.vision.tokens();
+        let buffers = self.vision.buffers(gpu)?;
+        let features = Tensor::empty(gpu, &[n1, dv], DType::F32, "image.features")?;
+        let scratch = Projector::scratch(gpu, n1, dt)?;
+        let embeddings = Tensor::empty(gpu, &[n1, dt], DType::F32, "image.embeddings")?;
+        let mut activation_bytes = buffers.bytes()
+            + features.buffer.size()
+            + scratch.buffer.size()
+            + embeddings.buffer.size();
+        // Rows of the encoder output that become image features: patches after CLS.
+        let skip = match cfg.vision_feature_select_strategy {
+            FeatureSelect::Default => 1,
+            FeatureSelect::Full => 0,
+        };
+        let mut rec = Recorder::new(gpu);
+        let kept = match plan.before_projector {
+            None => {
+                self.vision.forward(&mut rec, &buffers, pixels, None)?;
+                rec.copy(
+                    &buffers.hidden.buffer,
+                    (skip * dv * 4) as u64,
+                    &features.buffer,
+                    0,
+                    (n0 * dv * 4) as u64,
+                );
+                None
+            }
+            Some(selection) => {
+                if skip != 1 {
+                    return Err(Error::argument(
+                        "--prune",
+                        "visual-token pruning needs vision_feature_select_strategy \"default\" (CLS is never a visual token)",
+                    ));
+                }
+                let heads = cfg.vision.num_attention_heads;
+                let shape = AttentionShape {
+                    q_rows: tokens,
+                    kv_rows: tokens,
+                    heads,
+                    kv_heads: heads,
+                    head_dim: cfg.vision.head_dim(),
+                    causal: false,
+                };
+                let (partials, scores) = attention::score_buffers(gpu, &shape)?;
+                activation_bytes += partials.buffer.size() + scores.buffer.size();
+                // Which query rows score the patches: all of them, or the CLS row only.
+                let cls_only = !matches!(
+                    selection,
+                    BeforeProjector::TopK {
+                        score: crate::prune::Stage1Score::Attention,
+                        ..
+                    }
+                );
+                let q_end = if cls_only { 1 } else { tokens };
+                let out = ScoreOutput {
+                    q_start: 0,
+                    q_end,
+                    partials: &partials,
+                    scores: &scores,
+                };
+                let needs_scores = !matches!(selection, BeforeProjector::Random { .. });
+                self.vision
+                    .forward(&mut rec, &buffers, pixels, needs_scores.then_some(out))?;
+                // Row list into the encoder output: [CLS, 1 + kept...]; the gather skips CLS.
+                let segment = Segment {
+                    total: tokens,
+                    start: 1,
+                    len: n0,
+                };
+                let rows = Tensor::empty(gpu, &[segment.kept_rows(n1)], DType::U32, "stage1.rows")?;
+                let kept = match selection {
+                    BeforeProjector::TopK { keep, .. } => {
+                        rec.dispatch(topk::select(gpu, &scores, 1, segment, keep, &rows)?);
+                        rec.dispatch(topk::gather_rows(
+                            gpu,
+                            &buffers.hidden,
+                            &rows,
+                            1,
+                            keep,
+                            &features,
+                        )?);
+                        rec.submit();
+                        gpu.read_u32(&rows)?[1..]
+                            .iter()
+                            .map(|&r| r as usize - 1)
+                            .collect()
+                    }
+                    BeforeProjector::VisPruner { keep } => {
+                        rec.submit();
+                        let cls = gpu.read_f32(&scores)?;
+                        let hidden = gpu.read_f32(&buffers.hidden)?;
+                        vispruner::select(
+                            &cls[1..],
+                            &hidden[dv..],
+                            dv,
+                            keep,
+                            VISPRUNER_IMPORTANT_RATIO,
+                        )
+                    }
+                    BeforeProjector::Random { keep, seed } => {
+                        crate::prune::random_selection(n0, keep, seed)
+                    }
+                };
+                if !matches!(selection, BeforeProjector::TopK { .. }) {
+                    let list: Vec<u32> = std::iter::once(0)
+                        .chain(kept.iter().map(|&i| i as u32 + 1))
+                        .collect();
+                    rows.write_u32(gpu, &list)?;
+                    rec.dispatch(topk::gather_rows(
+                        gpu,
+                        &buffers.hidden,
+                        &rows,
+                        1,
+                        n1,
+                        &features,
+                    )?);
+                }
+                Some(kept)
+            }
+        };
+        self.projector
+            .forward(&mut rec, &features, &scratch, &embeddings)?;
+        rec.finish("vision")?;
+        Ok(EncodedImage {
+            embeddings,
+            kept,
+            activation_bytes,
+        })
+    }
+
     /// Answer `request`, calling `on_text` with each new piece of text as it is decoded.
     pub fn generate(
         &self,
@@ -123,72 +286,55 @@ impl Engine {
         let total = Instant::now();
         let gpu = &self.gpu;
         let cfg = &self.config;
-        let (dv, dt) = (cfg.vision.hidden_size, cfg.text.hidden_size);
+        let dt = cfg.text.hidden_size;
+        let layers = cfg.text.num_hidden_layers;
 
-        // Preprocess and tokenize.
+        // Preprocess, tokenize, plan.
         let t0 = Instant::now();
         let image = load_image(&request.image)?;
         let pixels = self
             .image_processor
             .preprocess(&image, request.pad_to_square);
-        let n_visual = cfg.image_tokens();
+        let n0 = cfg.image_tokens();
         let text = request
             .template
             .render(&request.prompt, &self.tokenizer.image_token);
-        let prompt = self.tokenizer.encode_with_image(&text, n_visual)?;
+        let probe = self.tokenizer.encode_with_image(&text, n0)?;
+        let text_after_image = probe.ids.len() - probe.image_start - n0;
+        let plan = request.prune.plan(n0, layers, text_after_image)?;
+        let n1 = plan.n1();
+        let prompt = self.tokenizer.encode_with_image(&text, n1)?;
         let prompt_len = prompt.ids.len();
         let context = cfg.text.max_position_embeddings;
         if prompt_len >= context {
             return Err(Error::argument(
                 "--prompt",
-                format!("the prompt takes {prompt_len} tokens ({n_visual} of them visual), the model's context is {context}"),
+                format!("the prompt takes {prompt_len} tokens ({n1} of them visual), the model's context is {context}"),
             ));
         }
         let max_new = request.max_new_tokens.min(context - prompt_len);
-        let mut text_embeddings = self.embed(
-            &prompt
-                .ids
-                .iter()
-                .map(|&id| {
-                    if id == self.tokenizer.image_token_id {
-                        0
-                    } else {
-                        id
-                    }
-                })
-                .collect::<Vec<_>>(),
-        )?;
-        for row in prompt.image_start..prompt.image_start + n_visual {
-            text_embeddings[row * dt..(row + 1) * dt].fill(0.0);
-        }
+        let text_ids: Vec<u32> = prompt
+            .ids
+            .iter()
+            .map(|&id| {
+                if id == self.tokenizer.image_token_id {
+                    0
+                } else {
+                    id
+                }
+            })
+            .collect();
+        let mut text_embeddings = self.embed(&text_ids)?;
+        // Image rows are overwritten on the GPU by the projector output.
+        text_embeddings[prompt.image_start * dt..(prompt.image_start + n1) * dt].fill(0.0);
         let preprocess_ms = ms(t0);
 
-        // Vision tower and projector.
+        // Vision tower, stage 1 and projector.
         let t1 = Instant::now();
-        let vision_buffers = self.vision.buffers(gpu)?;
-        let features = Tensor::empty(gpu, &[n_visual, dv], DType::F32, "image.features")?;
-        let scratch = Projector::scratch(gpu, n_visual, dt)?;
-        let image_embeddings = Tensor::empty(gpu, &[n_visual, dt], DType::F32, "image.embeddings")?;
-        let mut rec = Recorder::new(gpu);
-        self.vision
-            .forward(&mut rec, &vision_buffers, &pixels, None)?;
-        let skip = match cfg.vision_feature_select_strategy {
-            FeatureSelect::Default => 1,
-            FeatureSelect::Full => 0,
-        };
-        rec.copy(
-            &vision_buffers.hidden.buffer,
-            (skip * dv * 4) as u64,
-            &features.buffer,
-            0,
-            (n_visual * dv * 4) as u64,
-        );
-        self.projector
-            .forward(&mut rec, &features, &scratch, &image_embeddings)?;
-        rec.finish("vision")?;
+        let image = self.encode_image(&pixels, &plan)?;
         let vision_ms = ms(t1);
 
-        // Prefill.
+        // Prefill, with stage 2 at layer K.
         let t2 = Instant::now();
         let buffers = self.llama.buffers(gpu, prompt_len)?;
         let mut cache = KvCache::new(gpu, &cfg.text, prompt_len + max_new)?;
@@ -200,16 +346,121 @@ impl Engine {
         let mut rec = Recorder::new(gpu);
         let row_bytes = (dt * 4) as u64;
         rec.copy(
-            &image_embeddings.buffer,
+            &image.embeddings.buffer,
             0,
             &buffers.hidden.buffer,
             prompt.image_start as u64 * row_bytes,
-            n_visual as u64 * row_bytes,
+            n1 as u64 * row_bytes,
         );
-        let layers = cfg.text.num_hidden_layers;
+        let mut rows_after_stage2 = prompt_len;
+        let mut stage2_kept = None;
+        let mut extra_bytes = 0;
+        match plan.stage2 {
+            None => self.llama.forward_layers(
+                &mut rec,
+                &buffers,
+                prompt_len,
+                &mut cache,
+                0..layers,
+                None,
+            )?,
+            Some(stage2) => {
+                let k = stage2.layer;
+                let shape = AttentionShape {
+                    q_rows: prompt_len,
+                    kv_rows: prompt_len,
+                    heads: cfg.text.num_attention_heads,
+                    kv_heads: cfg.text.num_key_value_heads,
+                    head_dim: cfg.text.head_dim,
+                    causal: true,
+                };
+                let (partials, scores) = attention::score_buffers(gpu, &shape)?;
+                let q_start = match stage2.rows {
+                    Stage2Rows::TextAfterImage => prompt.image_start + n1,
+                    Stage2Rows::LastRow => prompt_len - 1,
+                };
+                let out = ScoreOutput {
+                    q_start,
+                    q_end: prompt_len,
+                    partials: &partials,
+                    scores: &scores,
+                };
+                self.llama.forward_layers(
+                    &mut rec,
+                    &buffers,
+                    prompt_len,
+                    &mut cache,
+                    0..k,
+                    Some(out),
+                )?;
+                // Compact the hidden state and the position ids entering layer K.
+                let segment = Segment {
+                    total: prompt_len,
+                    start: prompt.image_start,
+                    len: n1,
+                };
+                rows_after_stage2 = segment.kept_rows(stage2.keep);
+                let rows = Tensor::empty(gpu, &[rows_after_stage2], DType::U32, "stage2.rows")?;
+                let hidden =
+                    Tensor::empty(gpu, &[rows_after_stage2, dt], DType::F32, "stage2.hidden")?;
+                let positions =
+                    Tensor::empty(gpu, &[rows_after_stage2], DType::U32, "stage2.positions")?;
+                extra_bytes = partials.buffer.size()
+                    + scores.buffer.size()
+                    + rows.buffer.size()
+                    + hidden.buffer.size()
+                    + positions.buffer.size();
+                rec.dispatch(topk::select(
+                    gpu,
+                    &scores,
+                    prompt.image_start,
+                    segment,
+                    stage2.keep,
+                    &rows,
+                )?);
+                rec.dispatch(topk::gather_rows(
+                    gpu,
+                    &buffers.hidden,
+                    &rows,
+                    0,
+                    rows_after_stage2,
+                    &hidden,
+                )?);
+                rec.dispatch(topk::gather_rows(
+                    gpu,
+                    &buffers.positions,
+                    &rows,
+                    0,
+                    rows_after_stage2,
+                    &positions,
+                )?);
+                rec.copy(
+                    &hidden.buffer,
+                    0,
+                    &buffers.hidden.buffer,
+                    0,
+                    rows_after_stage2 as u64 * row_bytes,
+                );
+                rec.copy(
+                    &positions.buffer,
+                    0,
+                    &buffers.positions.buffer,
+                    0,
+                    rows_after_stage2 as u64 * 4,
+                );
+                self.llama.forward_layers(
+                    &mut rec,
+                    &buffers,
+                    rows_after_stage2,
+                    &mut cache,
+                    k..layers,
+                    None,
+                )?;
+                stage2_kept = Some(rows);
+            }
+        }
         self.llama
-            .forward_layers(&mut rec, &buffers, prompt_len, &mut cache, 0..layers, None)?;
-        self.llama.logits(&mut rec, &buffers, prompt_len - 1)?;
+            .logits(&mut rec, &buffers, rows_after_stage2 - 1)?;
         let mut sampler = Sampler::new(request.sampling);
         let need_logits = !sampler.is_greedy() || request.logprobs.is_some();
         if !need_logits {
@@ -217,15 +468,39 @@ impl Engine {
         }
         rec.finish("prefill")?;
         let first_logits = gpu.read_f32(&buffers.logits)?;
-        let image_features = gpu.read_f32(&image_embeddings)?;
+        let image_features = gpu.read_f32(&image.embeddings)?;
+
+        // Kept indices in the original patch grid.
+        let stage1 = image.kept.clone();
+        let stage2 = match &stage2_kept {
+            Some(rows) => {
+                let list = gpu.read_u32(rows)?;
+                let local = list
+                    .iter()
+                    .map(|&r| r as usize)
+                    .filter(|&r| r >= prompt.image_start && r < prompt.image_start + n1);
+                Some(
+                    local
+                        .map(|r| {
+                            stage1
+                                .as_ref()
+                                .map_or(r - prompt.image_start, |s| s[r - prompt.image_start])
+                        })
+                        .collect(),
+                )
+            }
+            None => None,
+        };
+        let pruning = plan.before_projector.is_some() || plan.stage2.is_some();
 
         let mut output = GenerateOutput {
             prompt_tokens: prompt_len,
             visual_tokens: VisualTokens {
-                encoder: n_visual,
-                after_stage1: n_visual,
-                after_stage2: n_visual,
+                encoder: n0,
+                after_stage1: n1,
+                after_stage2: plan.n2(),
             },
+            kept_visual_indices: pruning.then_some(KeptIndices { stage1, stage2 }),
             first_logits: first_logits.clone(),
             image_features,
             ..Default::default()
@@ -278,9 +553,9 @@ impl Engine {
             if step + 1 == max_new {
                 break;
             }
-            // Decode one token.
+            // Decode one token. It sits at the position after the prompt as it entered the
+            // language model (before stage 2), as if nothing had been dropped.
             buffers.hidden.write_f32(gpu, &self.embed(&[next])?)?;
-            // Generated token `step` sits at position prompt_len + step.
             buffers
                 .positions
                 .write_u32(gpu, &[(prompt_len + step) as u32])?;
@@ -305,21 +580,20 @@ impl Engine {
         output.stop_reason = stop_reason;
         output.logprobs = logprobs;
         let (d, m) = (cfg.text.hidden_size, cfg.text.intermediate_size);
-        let unpruned = prefill_macs(&vec![prompt_len; layers], d, m);
+        let text_tokens = prompt_len - n1;
         output.flops = Flops {
-            prefill: unpruned,
-            prefill_unpruned: unpruned,
+            prefill: prefill_macs(&plan.tokens_per_layer(text_tokens, layers), d, m),
+            prefill_unpruned: prefill_macs(&vec![text_tokens + n0; layers], d, m),
         };
         output.kv_cache_bytes = cache.used_bytes();
         output.memory = MemoryReport {
             weights_bytes: self.weight_bytes,
             kv_cache_bytes: cache.used_bytes(),
             kv_cache_allocated_bytes: cache.allocated_bytes(),
-            activation_bytes: vision_buffers.bytes()
+            activation_bytes: image.activation_bytes
                 + buffers.bytes()
-                + features.buffer.size()
-                + scratch.buffer.size()
-                + image_embeddings.buffer.size(),
+                + extra_bytes
+                + token_out.buffer.size(),
         };
         let decoded_steps = output.generated_ids.len().saturating_sub(1);
         output.decode_tokens_per_second = if decode_ms > 0.0 {

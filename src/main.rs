@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use llava_wgpu::gpu::device::{list_adapters, BackendChoice};
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
+use llava_wgpu::prune::{Method, PruneOptions, Stage1Score};
 use llava_wgpu::sample::SamplingParams;
 use llava_wgpu::text::Template;
 use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
@@ -47,12 +48,6 @@ impl DeviceArgs {
     }
 }
 
-/// Visual-token pruning methods (only `none` so far; see ../shared/STAR.md for the others).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Prune {
-    None,
-}
-
 /// Weight storage on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum WeightsArg {
@@ -83,9 +78,30 @@ struct RunArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Visual-token pruning.
-    #[arg(long, value_enum, default_value_t = Prune::None)]
-    prune: Prune,
+    /// Visual-token pruning method.
+    #[arg(long, value_enum, default_value_t = Method::None)]
+    prune: Method,
+    /// STAR stage 1: visual tokens kept in the vision encoder (N1).
+    #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
+    stage1_keep: Option<usize>,
+    /// STAR stage 1 as a reduction ratio: N1 = floor(N0·(1−R)) (default 0.1: 576 → 518).
+    #[arg(long, value_name = "R")]
+    stage1_ratio: Option<f64>,
+    /// Final visual-token budget (N2).
+    #[arg(long, value_name = "N2", conflicts_with = "keep_ratio")]
+    keep: Option<usize>,
+    /// Final budget as a reduction ratio: N2 = round(N0·(1−X)) (default 8/9: 576 → 64).
+    #[arg(long, value_name = "X")]
+    keep_ratio: Option<f64>,
+    /// Decoder layer K (1-based) of stage 2 / FastV (default: 14 of 32 scaled to the depth; FastV 2).
+    #[arg(long, value_name = "K")]
+    stage2_layer: Option<usize>,
+    /// What STAR stage 1 scores patches by.
+    #[arg(long, value_enum, default_value_t = Stage1Score::Attention)]
+    stage1_score: Stage1Score,
+    /// Write the input image with pruned patches dimmed (one panel per stage) to this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    kept_overlay: Option<PathBuf>,
     /// Prompt format.
     #[arg(long, value_enum, default_value_t = Template::LlavaHf)]
     template: Template,
@@ -231,9 +247,6 @@ fn run(args: &RunArgs) -> Result<()> {
     if args.logprobs == Some(0) {
         anyhow::bail!("invalid argument --logprobs: must be at least 1");
     }
-    match args.prune {
-        Prune::None => {}
-    }
     let options = EngineOptions {
         gpu: args.device.options(),
         weight_format: match args.weights {
@@ -256,6 +269,16 @@ fn run(args: &RunArgs) -> Result<()> {
         logprobs: args.logprobs,
         pad_to_square: args.pad_to_square,
         ignore_eos: args.ignore_eos,
+        prune: PruneOptions {
+            method: args.prune,
+            stage1_keep: args.stage1_keep,
+            stage1_ratio: args.stage1_ratio,
+            keep: args.keep,
+            keep_ratio: args.keep_ratio,
+            stage2_layer: args.stage2_layer,
+            stage1_score: args.stage1_score,
+            seed: args.seed,
+        },
     };
     let json = args.json;
     let output = engine.generate(&request, |piece| {
@@ -264,14 +287,20 @@ fn run(args: &RunArgs) -> Result<()> {
             let _ = std::io::stdout().flush();
         }
     })?;
+    if let Some(path) = &args.kept_overlay {
+        llava_wgpu::vision::overlay::write(&engine, &request, &output, path)?;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else {
         println!();
+        let v = &output.visual_tokens;
         eprintln!(
-            "{} prompt tokens ({} visual), {} generated; prefill {:.0} ms, decode {:.1} tokens/s",
+            "{} prompt tokens, visual {} -> {} -> {}, {} generated; prefill {:.0} ms, decode {:.1} tokens/s",
             output.prompt_tokens,
-            output.visual_tokens.encoder,
+            v.encoder,
+            v.after_stage1,
+            v.after_stage2,
             output.generated_ids.len(),
             output.timings_ms.prefill,
             output.decode_tokens_per_second

@@ -1,4 +1,485 @@
-//! Visual-token pruning (../shared/STAR.md). So far: the cost model reports print next to
-//! measured time.
+//! Visual-token pruning, exactly as ../shared/STAR.md specifies: STAR's two stages and, for
+//! comparison in the same engine, FastV, FasterVLM, VisPruner and a random baseline.
+//!
+//! This module turns the user's method and budgets into a [`Plan`] (what each stage keeps and
+//! where it runs) and holds the host-side selection rules (VisPruner's diversity step, random).
+//! The GPU work (score accumulation inside attention, top-k, compaction) is scheduled by
+//! `generate.rs`.
 
 pub mod cost;
+pub mod vispruner;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every visual token reaches the language model.
+    #[default]
+    None,
+    /// Stage 1 in the vision encoder, stage 2 at decoder layer K.
+    Star,
+    /// Drop at decoder layer K by the last prompt row's attention (no stage 1).
+    Fastv,
+    /// Before the projector by the CLS attention row.
+    Fastervlm,
+    /// Before the projector: important tokens by CLS attention plus diverse ones by similarity.
+    Vispruner,
+    /// Before the projector, uniformly at random with a seed.
+    Random,
+}
+
+/// What stage 1 (or a before-projector method) scores patches by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage1Score {
+    /// Attention each patch receives, averaged over heads and all queries.
+    #[default]
+    Attention,
+    /// The CLS query row only (FasterVLM).
+    Cls,
+}
+
+/// The user's request, before it is checked against the model and the prompt.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PruneOptions {
+    pub method: Method,
+    pub stage1_keep: Option<usize>,
+    /// Reduction ratio for stage 1: N1 = floor(N0 · (1 − R)).
+    pub stage1_ratio: Option<f64>,
+    /// Final budget N2.
+    pub keep: Option<usize>,
+    /// Reduction ratio for the final budget: N2 = round(N0 · (1 − X)).
+    pub keep_ratio: Option<f64>,
+    /// K, 1-based: scores from 0-based layer K−1, drop before 0-based layer K.
+    pub stage2_layer: Option<usize>,
+    pub stage1_score: Stage1Score,
+    /// Seed of the random baseline.
+    pub seed: u64,
+}
+
+/// Default stage-1 reduction ratio (STAR: 576 → 518).
+pub const DEFAULT_STAGE1_RATIO: f64 = 0.1;
+/// Default final budget as a reduction ratio: 576 → 64 visual tokens (N0 / 9), the budget the
+/// papers report most.
+pub const DEFAULT_KEEP_RATIO: f64 = 8.0 / 9.0;
+/// VisPruner's share of important (CLS-ranked) tokens in the final budget.
+pub const VISPRUNER_IMPORTANT_RATIO: f64 = 0.5;
+
+/// How the visual tokens are selected before the projector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BeforeProjector {
+    /// Top-k by scores from the last encoder layer's attention (STAR stage 1, FasterVLM).
+    TopK {
+        score: Stage1Score,
+        keep: usize,
+    },
+    VisPruner {
+        keep: usize,
+    },
+    Random {
+        keep: usize,
+        seed: u64,
+    },
+}
+
+/// Which prompt rows score the visual tokens at layer K.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage2Rows {
+    /// Every prompt row after the image (STAR).
+    TextAfterImage,
+    /// The last prompt row (FastV).
+    LastRow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage2 {
+    /// 1-based K.
+    pub layer: usize,
+    pub keep: usize,
+    pub rows: Stage2Rows,
+}
+
+/// A resolved pruning schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub method: Method,
+    /// Visual tokens out of the encoder.
+    pub n0: usize,
+    pub before_projector: Option<BeforeProjector>,
+    pub stage2: Option<Stage2>,
+}
+
+impl Plan {
+    pub fn unpruned(n0: usize) -> Self {
+        Self {
+            method: Method::None,
+            n0,
+            before_projector: None,
+            stage2: None,
+        }
+    }
+
+    /// Visual tokens the language model receives (N1).
+    pub fn n1(&self) -> usize {
+        match self.before_projector {
+            Some(BeforeProjector::TopK { keep, .. })
+            | Some(BeforeProjector::VisPruner { keep })
+            | Some(BeforeProjector::Random { keep, .. }) => keep,
+            None => self.n0,
+        }
+    }
+
+    /// Visual tokens after stage 2 (N2).
+    pub fn n2(&self) -> usize {
+        self.stage2.map_or(self.n1(), |s| s.keep)
+    }
+
+    /// Tokens entering each decoder layer for a prompt with `text` non-visual tokens.
+    pub fn tokens_per_layer(&self, text: usize, layers: usize) -> Vec<usize> {
+        (0..layers)
+            .map(|l| match self.stage2 {
+                Some(s) if l >= s.layer => text + s.keep,
+                _ => text + self.n1(),
+            })
+            .collect()
+    }
+}
+
+fn stage1_budget(
+    n0: usize,
+    keep: Option<usize>,
+    ratio: Option<f64>,
+    default_ratio: f64,
+) -> Result<usize> {
+    match (keep, ratio) {
+        (Some(_), Some(_)) => Err(Error::argument(
+            "--stage1-keep",
+            "give either --stage1-keep or --stage1-ratio, not both",
+        )),
+        (Some(n), None) => Ok(n),
+        (None, r) => {
+            let r = r.unwrap_or(default_ratio);
+            if !(0.0..1.0).contains(&r) {
+                return Err(Error::argument(
+                    "--stage1-ratio",
+                    format!("{r} must be in [0, 1)"),
+                ));
+            }
+            Ok((n0 as f64 * (1.0 - r)).floor() as usize)
+        }
+    }
+}
+
+fn final_budget(n0: usize, keep: Option<usize>, ratio: Option<f64>) -> Result<usize> {
+    match (keep, ratio) {
+        (Some(_), Some(_)) => Err(Error::argument(
+            "--keep",
+            "give either --keep or --keep-ratio, not both",
+        )),
+        (Some(n), None) => Ok(n),
+        (None, r) => {
+            let r = r.unwrap_or(DEFAULT_KEEP_RATIO);
+            if !(0.0..1.0).contains(&r) {
+                return Err(Error::argument(
+                    "--keep-ratio",
+                    format!("{r} must be in [0, 1)"),
+                ));
+            }
+            Ok((n0 as f64 * (1.0 - r)).round() as usize)
+        }
+    }
+}
+
+/// STAR's default K (14 of 32 layers) scaled to the model's depth (18 of 40).
+pub fn default_stage2_layer(layers: usize) -> usize {
+    ((14.0 * layers as f64 / 32.0).round() as usize).clamp(1, layers.saturating_sub(1).max(1))
+}
+
+impl PruneOptions {
+    /// Check the request against the model (`n0` visual tokens, `layers` decoder layers) and
+    /// the prompt (`text_after_image` tokens follow the image).
+    pub fn plan(&self, n0: usize, layers: usize, text_after_image: usize) -> Result<Plan> {
+        let stage1_flags = self.stage1_keep.is_some() || self.stage1_ratio.is_some();
+        let stage2_flag = self.stage2_layer.is_some();
+        let budget_flags = self.keep.is_some() || self.keep_ratio.is_some();
+        let refuse = |flag: &str, why: &str| {
+            Err(Error::argument(
+                flag,
+                format!("{why} with --prune {:?}", self.method).to_lowercase(),
+            ))
+        };
+        match self.method {
+            Method::None => {
+                if stage1_flags || stage2_flag || budget_flags {
+                    return refuse("--prune", "pruning budgets have no effect");
+                }
+                return Ok(Plan::unpruned(n0));
+            }
+            Method::Fastv | Method::Fastervlm | Method::Vispruner | Method::Random
+                if stage1_flags =>
+            {
+                return refuse("--stage1-keep", "there is no separate stage 1");
+            }
+            Method::Fastervlm | Method::Vispruner | Method::Random if stage2_flag => {
+                return refuse("--stage2-layer", "there is no stage 2");
+            }
+            _ => {}
+        }
+        let n2 = final_budget(n0, self.keep, self.keep_ratio)?;
+        if n2 == 0 {
+            return Err(Error::argument(
+                "--keep",
+                "the final budget must keep at least one visual token",
+            ));
+        }
+        let check_layer = |k: usize| -> Result<usize> {
+            if k == 0 || k >= layers {
+                return Err(Error::argument(
+                    "--stage2-layer",
+                    format!("K = {k} is outside the model: it must be in 1..={} for {layers} decoder layers", layers - 1),
+                ));
+            }
+            if text_after_image == 0 {
+                return Err(Error::argument(
+                    "--stage2-layer",
+                    "stage 2 scores visual tokens by the text after the image, and this prompt has none",
+                ));
+            }
+            Ok(k)
+        };
+        let plan = match self.method {
+            Method::None => unreachable!("handled above"),
+            Method::Star => {
+                let n1 = stage1_budget(
+                    n0,
+                    self.stage1_keep,
+                    self.stage1_ratio,
+                    DEFAULT_STAGE1_RATIO,
+                )?;
+                if n1 > n0 {
+                    return Err(Error::argument(
+                        "--stage1-keep",
+                        format!("N1 = {n1} exceeds the {n0} visual tokens"),
+                    ));
+                }
+                if n1 == 0 {
+                    return Err(Error::argument(
+                        "--stage1-keep",
+                        "stage 1 must keep at least one visual token",
+                    ));
+                }
+                if n2 > n1 {
+                    return Err(Error::argument(
+                        "--keep",
+                        format!(
+                            "N2 = {n2} exceeds N1 = {n1} (stage 2 cannot keep more than stage 1)"
+                        ),
+                    ));
+                }
+                let k = check_layer(
+                    self.stage2_layer
+                        .unwrap_or_else(|| default_stage2_layer(layers)),
+                )?;
+                Plan {
+                    method: self.method,
+                    n0,
+                    before_projector: Some(BeforeProjector::TopK {
+                        score: self.stage1_score,
+                        keep: n1,
+                    }),
+                    stage2: Some(Stage2 {
+                        layer: k,
+                        keep: n2,
+                        rows: Stage2Rows::TextAfterImage,
+                    }),
+                }
+            }
+            Method::Fastv => {
+                let k = check_layer(
+                    self.stage2_layer
+                        .unwrap_or(2.min(layers.saturating_sub(1)).max(1)),
+                )?;
+                Plan {
+                    method: self.method,
+                    n0,
+                    before_projector: None,
+                    stage2: Some(Stage2 {
+                        layer: k,
+                        keep: n2,
+                        rows: Stage2Rows::LastRow,
+                    }),
+                }
+            }
+            Method::Fastervlm => Plan {
+                method: self.method,
+                n0,
+                before_projector: Some(BeforeProjector::TopK {
+                    score: Stage1Score::Cls,
+                    keep: n2,
+                }),
+                stage2: None,
+            },
+            Method::Vispruner => Plan {
+                method: self.method,
+                n0,
+                before_projector: Some(BeforeProjector::VisPruner { keep: n2 }),
+                stage2: None,
+            },
+            Method::Random => Plan {
+                method: self.method,
+                n0,
+                before_projector: Some(BeforeProjector::Random {
+                    keep: n2,
+                    seed: self.seed,
+                }),
+                stage2: None,
+            },
+        };
+        if plan.n2() > n0 {
+            return Err(Error::argument(
+                "--keep",
+                format!("N2 = {} exceeds the {n0} visual tokens", plan.n2()),
+            ));
+        }
+        Ok(plan)
+    }
+}
+
+/// `k` of `n` indices chosen uniformly with `seed`, ascending.
+pub fn random_selection(n: usize, k: usize, seed: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut chosen = rand::seq::index::sample(&mut rng, n, k).into_vec();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// Top-k by score, ties to the lower index, ascending index order (the CPU reference the GPU
+/// selection is tested against).
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let mut kept = order[..k.min(scores.len())].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(method: Method) -> PruneOptions {
+        PruneOptions {
+            method,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn budgets_follow_star_md() {
+        let star = opts(Method::Star).plan(576, 32, 40).unwrap();
+        assert_eq!((star.n1(), star.n2()), (518, 64));
+        assert_eq!(star.stage2.unwrap().layer, 14);
+        let p = PruneOptions {
+            keep_ratio: Some(0.9),
+            ..opts(Method::Star)
+        }
+        .plan(576, 32, 40)
+        .unwrap();
+        assert_eq!(p.n2(), 58);
+        let p = PruneOptions {
+            keep_ratio: Some(0.95),
+            ..opts(Method::Star)
+        }
+        .plan(576, 32, 40)
+        .unwrap();
+        assert_eq!(p.n2(), 29);
+        assert_eq!(default_stage2_layer(40), 18);
+        let fastv = PruneOptions {
+            keep: Some(64),
+            ..opts(Method::Fastv)
+        }
+        .plan(576, 32, 40)
+        .unwrap();
+        assert_eq!(fastv.stage2.unwrap().layer, 2);
+        assert_eq!(fastv.n1(), 576);
+    }
+
+    #[test]
+    fn impossible_settings_are_refused_with_the_flag_named() {
+        let e = |o: PruneOptions, text: usize| o.plan(576, 32, text).unwrap_err().to_string();
+        assert!(e(
+            PruneOptions {
+                stage1_keep: Some(100),
+                keep: Some(200),
+                ..opts(Method::Star)
+            },
+            40
+        )
+        .contains("--keep"));
+        assert!(e(
+            PruneOptions {
+                stage1_keep: Some(600),
+                keep: Some(10),
+                ..opts(Method::Star)
+            },
+            40
+        )
+        .contains("--stage1-keep"));
+        assert!(e(
+            PruneOptions {
+                stage2_layer: Some(32),
+                ..opts(Method::Star)
+            },
+            40
+        )
+        .contains("--stage2-layer"));
+        assert!(e(
+            PruneOptions {
+                stage2_layer: Some(0),
+                ..opts(Method::Fastv)
+            },
+            40
+        )
+        .contains("--stage2-layer"));
+        assert!(e(opts(Method::Star), 0).contains("no"));
+        assert!(e(
+            PruneOptions {
+                keep: Some(600),
+                ..opts(Method::Random)
+            },
+            40
+        )
+        .contains("--keep"));
+        assert!(e(
+            PruneOptions {
+                keep: Some(64),
+                ..opts(Method::None)
+            },
+            40
+        )
+        .contains("--prune"));
+    }
+
+    #[test]
+    fn tokens_per_layer_drop_after_k() {
+        let p = PruneOptions {
+            stage1_keep: Some(518),
+            keep: Some(64),
+            stage2_layer: Some(14),
+            ..opts(Method::Star)
+        }
+        .plan(576, 32, 40)
+        .unwrap();
+        let t = p.tokens_per_layer(60, 32);
+        assert_eq!(t[13], 578);
+        assert_eq!(t[14], 124);
+    }
+
+    #[test]
+    fn cpu_top_k_breaks_ties_to_the_lower_index() {
+        assert_eq!(top_k(&[1.0, 3.0, 3.0, 2.0, 3.0], 2), vec![1, 2]);
+        assert_eq!(random_selection(10, 4, 1), random_selection(10, 4, 1));
+    }
+}

@@ -1,5 +1,6 @@
 //! Image input: decoding and CLIP preprocessing.
 
+pub mod overlay;
 pub mod preprocess;
 pub mod resample;
 

@@ -155,8 +155,9 @@ impl ImageProcessorConfig {
         Ok(c)
     }
 
-    /// Preprocess a decoded image into CHW f32 pixels `[3, crop_height, crop_width]`.
-    pub fn preprocess(&self, image: &DynamicImage, pad_to_square: bool) -> Vec<f32> {
+    /// The 8-bit RGB image the model sees (after conversion, optional padding, resize and
+    /// crop), row-major `height × width × 3`, with its size.
+    pub fn crop_rgb8(&self, image: &DynamicImage, pad_to_square: bool) -> (Vec<u8>, usize, usize) {
         let (mut w, mut h) = (image.width() as usize, image.height() as usize);
         let mut rgb = to_rgb8(image, self.do_convert_rgb);
         if pad_to_square && w != h {
@@ -175,33 +176,42 @@ impl ImageProcessorConfig {
             rgb = resize_rgb8(&rgb, w, h, out_w, out_h, self.filter);
             (w, h) = (out_w, out_h);
         }
-        let (out_h, out_w) = if self.do_center_crop {
-            (self.crop_height, self.crop_width)
-        } else {
-            (h, w)
-        };
+        if !self.do_center_crop {
+            return (rgb, h, w);
+        }
+        let (out_h, out_w) = (self.crop_height, self.crop_width);
         // transformers' center_crop: top = (h − crop_h) // 2, padding with zeros if smaller.
         let top = (h as i64 - out_h as i64).div_euclid(2);
         let left = (w as i64 - out_w as i64).div_euclid(2);
-        let mut out = vec![0f32; 3 * out_h * out_w];
+        let mut out = vec![0u8; out_h * out_w * 3];
         for y in 0..out_h {
             for x in 0..out_w {
                 let (sy, sx) = (y as i64 + top, x as i64 + left);
-                let inside = sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w;
+                if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
+                    let src = ((sy as usize) * w + sx as usize) * 3;
+                    out[(y * out_w + x) * 3..(y * out_w + x) * 3 + 3]
+                        .copy_from_slice(&rgb[src..src + 3]);
+                }
+            }
+        }
+        (out, out_h, out_w)
+    }
+
+    /// Preprocess a decoded image into CHW f32 pixels `[3, crop_height, crop_width]`.
+    pub fn preprocess(&self, image: &DynamicImage, pad_to_square: bool) -> Vec<f32> {
+        let (rgb, h, w) = self.crop_rgb8(image, pad_to_square);
+        let mut out = vec![0f32; 3 * h * w];
+        for y in 0..h {
+            for x in 0..w {
                 for c in 0..3 {
-                    let raw = if inside {
-                        rgb[((sy as usize) * w + sx as usize) * 3 + c] as f64
-                    } else {
-                        0.0
-                    };
-                    let mut v = raw;
+                    let mut v = rgb[(y * w + x) * 3 + c] as f64;
                     if self.do_rescale {
                         v *= self.rescale_factor;
                     }
                     if self.do_normalize {
                         v = (v - self.image_mean[c]) / self.image_std[c];
                     }
-                    out[(c * out_h + y) * out_w + x] = v as f32;
+                    out[(c * h + y) * w + x] = v as f32;
                 }
             }
         }

@@ -127,7 +127,7 @@ struct RunArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Answer a question about an image.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List every adapter with its backend, type, driver, limits and optional features.
     Devices {
         #[command(flatten)]

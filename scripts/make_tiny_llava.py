@@ -533,6 +533,482 @@ def manual_forward(st: dict[str, torch.Tensor], cfg: dict, pixel_values: torch.T
     return sel, f, x[-1] @ head.T
 
 
+# ----------------------------------------------------------------------------- visual-token pruning references
+# The exact contract is docs in /work/shared/STAR.md (copied into cases.json["pruning"]): scores, tie rule (lower
+# index wins), raster-order kept lists, original RoPE positions after the stage-2 drop.
+
+N1_DEFAULT = 32  # STAR stage 1 budget: floor(36 * (1 - 0.1))
+N2_DEFAULT = 8  # final budget (STAR stage 2 and FastV)
+STAGE2_K = 2  # 1-based: scores from 0-based layer K-1, rows dropped from the hidden state entering layer K
+STAGE1_NEW_TOKENS = 16
+STAR_NEW_TOKENS = 8
+N1_CANDIDATES = list(range(30, 35))
+N2_CANDIDATES = list(range(6, 13))
+NEAR_TIE_REL = 1e-4  # relative boundary gap below which an exact kept-set comparison with the engine may flake
+SAFE_GAP_REL = 1e-3  # relative boundary gap a budget needs to be listed as safe
+
+
+def topk_keep(scores: torch.Tensor, k: int) -> list[int]:
+    """Top-k indices by score, ties to the lower index, returned in ascending (raster) order."""
+    s = scores.double().tolist()
+    return sorted(sorted(range(len(s)), key=lambda j: (-s[j], j))[:k])
+
+
+def boundary_gap(scores: torch.Tensor, k: int) -> dict:
+    """Gap between the k-th and (k+1)-th largest score (absolute and relative to the k-th)."""
+    s = sorted(scores.double().tolist(), reverse=True)
+    a, b = s[k - 1], s[k]
+    return {"k": k, "kth_score": float(f"{a:.9e}"), "next_score": float(f"{b:.9e}"),
+            "abs": float(f"{a - b:.6e}"), "rel": float(f"{(a - b) / abs(a):.6e}")}
+
+
+def rel_gaps(scores: torch.Tensor, ks) -> dict:
+    return {str(k): boundary_gap(scores, k)["rel"] for k in ks}
+
+
+def clip_layer_scores(model, pixel_values: torch.Tensor):
+    """(attention-received scores [37], CLS-row scores [37], selected hidden state [37,64]) of the CLIP layer whose
+    output is hidden_states[vision_feature_layer] (layer 3 here: hidden_states[0] is the embedding output)."""
+    vt = model.model.vision_tower
+    with torch.no_grad():
+        out = vt(pixel_values[None], output_hidden_states=True, output_attentions=True)
+    layer = len(out.hidden_states) + model.config.vision_feature_layer - 1  # 6 - 2 - 1 = 3
+    P = out.attentions[layer][0]  # [heads, 37 queries, 37 keys], float32 softmax rows
+    return (P.double().mean(dim=(0, 1)).float(), P[:, 0, :].double().mean(dim=0).float(),
+            out.hidden_states[model.config.vision_feature_layer][0], layer)
+
+
+def text_visual_scores(P: torch.Tensor, vis_start: int, n_vis: int):
+    """From one layer's attention probabilities [heads, L, L]: (mean over heads and over every row after the last
+    image token, last row only), each [n_vis] over the visual keys."""
+    vis = slice(vis_start, vis_start + n_vis)
+    return (P[:, vis_start + n_vis:, vis].double().mean(dim=(0, 1)).float(),
+            P[:, -1, vis].double().mean(dim=0).float())
+
+
+class LayerKV:
+    """Minimal per-layer KV cache: update() is the only method LlamaAttention calls. Layers may hold different
+    numbers of rows (layers >= K keep only the stage-2 survivors)."""
+
+    def __init__(self, n_layers: int):
+        self.kv = [None] * n_layers
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        if self.kv[layer_idx] is not None:
+            k = torch.cat([self.kv[layer_idx][0], k], dim=-2)
+            v = torch.cat([self.kv[layer_idx][1], v], dim=-2)
+        self.kv[layer_idx] = (k, v)
+        return k, v
+
+    def rows(self) -> list[int]:
+        return [kv[0].shape[-2] for kv in self.kv]
+
+
+def splice_embeds(model, input_ids: list[int], feats: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Token embeddings with the <image> rows replaced by `feats` (what LlavaModel's masked_scatter does)."""
+    ids = torch.tensor(input_ids)
+    with torch.no_grad():
+        e = model.model.language_model.embed_tokens(ids).clone()
+    assert int((ids == image_id).sum()) == feats.shape[0]
+    e[ids == image_id] = feats
+    return e
+
+
+@torch.no_grad()
+def lm_prefill(model, embeds, vis_start, n_vis, drop_layer=None, keep=None, cache=None):
+    """Prefill the LLaMA stack on embeds [L, D] with transformers' own decoder-layer modules (float32, eager).
+
+    With drop_layer set, `keep` (a callable on the attention probabilities [H, L, L] of layer drop_layer-1, or a
+    fixed list) gives the local visual indices 0..n_vis-1 that survive: the other visual rows are removed from the
+    hidden state entering layer drop_layer (every non-visual row stays, kept rows stay in order), the causal mask is
+    rebuilt over the compacted sequence and the survivors keep their original RoPE positions.
+    Returns (logits of every remaining row, per-layer attention probabilities, kept local indices, positions)."""
+    lm = model.model.language_model
+    x = embeds[None]
+    pos = torch.arange(x.shape[1])[None]
+    probs, kept = [], None
+    for li, layer in enumerate(lm.layers):
+        if drop_layer is not None and li == drop_layer:
+            kept = list(keep(probs[li - 1]) if callable(keep) else keep)
+            rows = (list(range(vis_start)) + [vis_start + j for j in kept]
+                    + list(range(vis_start + n_vis, x.shape[1])))
+            x, pos = x[:, rows], pos[:, rows]
+        n = x.shape[1]
+        mask = torch.full((n, n), torch.finfo(x.dtype).min).triu(1)[None, None]  # as transformers' eager mask
+        grabbed = []
+        hook = layer.self_attn.register_forward_hook(lambda m, a, o: grabbed.append(o[1]))
+        x = layer(x, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=cache is not None,
+                  position_embeddings=lm.rotary_emb(x, pos))
+        hook.remove()
+        probs.append(grabbed[0][0])
+    return model.lm_head(lm.norm(x))[0].float(), probs, kept, pos[0].tolist()
+
+
+def pick(logits: torch.Tensor, eos_id: int):
+    """Greedy choice with EOS masked (as greedy_run): (id, top-1/top-2 gap of raw and masked logits)."""
+    raw_top = torch.topk(logits, 2)
+    masked = logits.clone()
+    masked[eos_id] = -float("inf")
+    m_top = torch.topk(masked, 2)
+    gap = min(float(raw_top.values[0] - raw_top.values[1]), float(m_top.values[0] - m_top.values[1]))
+    return int(m_top.indices[0]), gap
+
+
+@torch.no_grad()
+def lm_decode(model, cache: LayerKV, logits: torch.Tensor, first_pos: int, steps: int, eos_id: int):
+    """Greedy decode on a prefilled LayerKV; the token generated at step s is fed at position first_pos + s."""
+    lm = model.model.language_model
+    ids, step_logits, gaps = [], [], []
+    for s in range(steps):
+        step_logits.append(logits)
+        nxt, gap = pick(logits, eos_id)
+        ids.append(nxt)
+        gaps.append(gap)
+        if s + 1 == steps:
+            break
+        x = lm.embed_tokens(torch.tensor([[nxt]]))
+        pos = torch.tensor([[first_pos + s]])
+        for layer in lm.layers:
+            x = layer(x, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=lm.rotary_emb(x, pos))
+        logits = model.lm_head(lm.norm(x))[0, -1].float()
+    return ids, torch.stack(step_logits), gaps
+
+
+@torch.no_grad()
+def hf_greedy_mm(model, input_ids: list[int], feats: torch.Tensor, eos_id: int, steps: int):
+    """transformers' own LlavaForConditionalGeneration on input_ids whose <image> tokens take the precomputed
+    projector output `feats` (mm_encoder_outputs), then greedy with its KV cache, EOS masked like greedy_run."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    ids_t = torch.tensor([input_ids])
+    attn = torch.ones_like(ids_t)
+    out = model(input_ids=ids_t, attention_mask=attn, use_cache=True, output_attentions=True,
+                mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats])})
+    attentions = [a[0] for a in out.attentions]
+    logits, past = out.logits[0, -1].float(), out.past_key_values
+    ids, step_logits, gaps = [], [], []
+    for s in range(steps):
+        step_logits.append(logits)
+        nxt, gap = pick(logits, eos_id)
+        ids.append(nxt)
+        gaps.append(gap)
+        if s + 1 == steps:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=torch.tensor([[nxt]]), attention_mask=attn, past_key_values=past, use_cache=True)
+        logits, past = out.logits[0, -1].float(), out.past_key_values
+    return ids, torch.stack(step_logits), gaps, attentions
+
+
+@torch.no_grad()
+def pruning_scores(model, cs: dict, image_id: int) -> dict:
+    """Budget-independent scores of one case: CLIP layer scores and the unpruned prefill's text->visual scores."""
+    attn_scores, cls_scores, sel, clip_layer = clip_layer_scores(model, cs["pv"])
+    ids = cs["input_ids"]
+    start = ids.index(image_id)
+    out = model(input_ids=torch.tensor([ids]), pixel_values=cs["pv"][None], output_attentions=True)
+    tv, last = {}, {}
+    for l in range(STAGE2_K + 1):  # 0-based layers 0, 1, 2 (K = 1, 2, 3)
+        tv[l], last[l] = text_visual_scores(out.attentions[l][0], start, NUM_PATCHES)
+    return dict(clip_attention=attn_scores, clip_cls=cls_scores, sel=sel, clip_layer=clip_layer, start=start,
+                text_visual=tv, fastv=last, hf_logits=out.logits[0, -1].float())
+
+
+@torch.no_grad()
+def stage1_inputs(model, cs: dict, sc: dict, n1: int, image_id: int):
+    kept1 = topk_keep(sc["clip_attention"][1:], n1)
+    feats1 = model.model.multi_modal_projector(sc["sel"][1:][kept1])  # select rows BEFORE the projector
+    ids = cs["input_ids"]
+    s = sc["start"]
+    ids1 = ids[:s] + [image_id] * n1 + ids[s + NUM_PATCHES:]
+    return kept1, feats1, ids1
+
+
+@torch.no_grad()
+def pruning_case(model, cs: dict, sc: dict, n1: int, n2: int, eos_id: int, image_id: int) -> dict:
+    """Stage-1-only (HF), STAR (stage 1 + stage 2 at K) and FastV references for one case and one budget pair."""
+    start, K = sc["start"], STAGE2_K
+    r = {}
+    # --- stage 1 only: transformers itself with 32 <image> tokens fed the projector output of the kept patches
+    kept1, feats1, ids1 = stage1_inputs(model, cs, sc, n1, image_id)
+    L1 = len(ids1)
+    s1_ids, s1_logits, s1_gaps, s1_attn = hf_greedy_mm(model, ids1, feats1, eos_id, STAGE1_NEW_TOKENS)
+    r.update(kept1=kept1, feats1=feats1, ids1=ids1, s1_ids=s1_ids, s1_logits=s1_logits, s1_gaps=s1_gaps)
+    # the manual path on the same sequence without stage 2 agrees with transformers (logits and greedy tokens)
+    e1 = splice_embeds(model, ids1, feats1, image_id)
+    cache = LayerKV(len(model.model.language_model.layers))
+    m_logits, m_probs, _, _ = lm_prefill(model, e1, start, n1, cache=cache)
+    m_ids, m_steps, _ = lm_decode(model, cache, m_logits[-1], L1, STAGE1_NEW_TOKENS, eos_id)
+    assert m_ids == s1_ids, (m_ids, s1_ids)
+    r["check_stage1_manual_vs_hf"] = float((m_steps - s1_logits).abs().max())
+    r["check_stage1_attn_manual_vs_hf"] = max(float((a - b).abs().max()) for a, b in zip(m_probs, s1_attn))
+
+    # --- STAR: stage 1 as above, then keep n2 of the n1 visual rows before 0-based layer K
+    holder = {}
+
+    def star_keep(P):
+        holder["scores"] = text_visual_scores(P, start, n1)[0]
+        return topk_keep(holder["scores"], n2)
+
+    cache = LayerKV(len(model.model.language_model.layers))
+    st_logits, st_probs, kept_local, st_pos = lm_prefill(model, e1, start, n1, drop_layer=K, keep=star_keep,
+                                                         cache=cache)
+    assert cache.rows() == [L1] * K + [L1 - (n1 - n2)] * (len(cache.rows()) - K), cache.rows()
+    assert st_pos == list(range(start)) + [start + j for j in kept_local] + list(range(start + n1, L1))
+    # the scores the drop used are those of the stage-1 prefill's layer K-1 attention (== transformers' own)
+    hf_scores = text_visual_scores(s1_attn[K - 1], start, n1)[0]
+    r["check_star_scores_vs_hf"] = float((hf_scores - holder["scores"]).abs().max())
+    st_ids, st_steps, st_gaps = lm_decode(model, cache, st_logits[-1], L1, STAR_NEW_TOKENS, eos_id)
+    # no-cache cross-check: the prompt plus the generated tokens in one pass, same drop, same positions
+    e_full = torch.cat([e1, model.model.language_model.embed_tokens(torch.tensor(st_ids[:-1]))], 0)
+    nc_logits, _, _, nc_pos = lm_prefill(model, e_full, start, n1, drop_layer=K, keep=kept_local)
+    assert nc_pos[-STAR_NEW_TOKENS:] == list(range(L1 - 1, L1 + STAR_NEW_TOKENS - 1))
+    r["check_star_cache_vs_full"] = float((nc_logits[-STAR_NEW_TOKENS:] - st_steps).abs().max())
+    r.update(star_scores=holder["scores"], star_kept_local=kept_local, star_kept=[kept1[j] for j in kept_local],
+             star_first=st_logits[-1], star_ids=st_ids, star_gaps=st_gaps, star_L_after=cache.rows())
+
+    # --- FastV: no stage 1, last-row scores of layer K-1 of the unpruned prefill, keep n2 of 36 before layer K
+    e0 = splice_embeds(model, cs["input_ids"], model.model.multi_modal_projector(sc["sel"][1:]), image_id)
+    holder = {}
+
+    def fastv_keep(P):
+        holder["scores"] = text_visual_scores(P, start, NUM_PATCHES)[1]
+        return topk_keep(holder["scores"], n2)
+
+    fv_logits, _, fv_kept, _ = lm_prefill(model, e0, start, NUM_PATCHES, drop_layer=K, keep=fastv_keep)
+    assert fv_kept == topk_keep(sc["fastv"][K - 1], n2), "FastV kept set differs between manual and HF attention"
+    r["check_fastv_scores_vs_hf"] = float((holder["scores"] - sc["fastv"][K - 1]).abs().max())
+    r.update(fastv_kept=fv_kept, fastv_first=fv_logits[-1])
+    return r
+
+
+@torch.no_grad()
+def check_manual_lm(model, cs: dict, sc: dict, ref_first: torch.Tensor, ref_steps: torch.Tensor, ref_ids, eos_id,
+                    image_id) -> dict:
+    """The manual prefill/decode path without pruning reproduces transformers (first logits, 16 greedy steps), and
+    a stage-2 drop that keeps every visual token is bit-for-bit the unpruned path."""
+    e0 = splice_embeds(model, cs["input_ids"], model.model.multi_modal_projector(sc["sel"][1:]), image_id)
+    cache = LayerKV(len(model.model.language_model.layers))
+    logits, _, _, _ = lm_prefill(model, e0, sc["start"], NUM_PATCHES, cache=cache)
+    ids, steps, _ = lm_decode(model, cache, logits[-1], len(cs["input_ids"]), NEW_TOKENS, eos_id)
+    assert ids == ref_ids, (ids, ref_ids)
+    first = float((logits[-1] - ref_first).abs().max())
+    assert first < 1e-5, first
+    decode = float((steps - ref_steps).abs().max())
+    assert decode < 1e-4, decode
+    all_logits, _, _, _ = lm_prefill(model, e0, sc["start"], NUM_PATCHES, drop_layer=STAGE2_K,
+                                     keep=range(NUM_PATCHES))
+    assert torch.equal(all_logits, logits), "keep-all stage 2 is not identical to the unpruned path"
+    return {"first": first, "decode": decode}
+
+
+def choose_budget(default: int, candidates: list[int], gaps_per_case: list[dict]) -> tuple[int, list[int]]:
+    """The default if every case's relative boundary gap there is >= SAFE_GAP_REL, else the nearest candidate that
+    is safe for every case (a tie in distance goes to the larger worst-case gap); the default if none is safe."""
+    worst = {k: min(g[str(k)] for g in gaps_per_case) for k in candidates}
+    safe = [k for k in candidates if worst[k] >= SAFE_GAP_REL]
+    if default in safe or not safe:
+        return default, safe
+    return min(safe, key=lambda k: (abs(k - default), -worst[k], k)), safe
+
+
+@torch.no_grad()
+def star_stage2_scores(model, cs: dict, sc: dict, n1: int, image_id: int) -> torch.Tensor:
+    kept1, feats1, ids1 = stage1_inputs(model, cs, sc, n1, image_id)
+    _, probs, _, _ = lm_prefill(model, splice_embeds(model, ids1, feats1, image_id), sc["start"], n1)
+    return text_visual_scores(probs[STAGE2_K - 1], sc["start"], n1)[0]
+
+
+def pruning_references(model, cases: list[dict], case_json: list[dict], tensors: dict, eos_id: int, image_id: int,
+                       hf_tok, check_f16: bool = True):
+    """Reference data for visual-token pruning (see /work/shared/STAR.md): scores, budgets, kept sets and logits.
+
+    Returns (new tensors, per-case JSON additions, top-level JSON additions)."""
+    K = STAGE2_K
+    scores, manual_checks = [], []
+    for cs, cj in zip(cases, case_json):
+        i = cs["idx"]
+        sc = pruning_scores(model, cs, image_id)
+        assert torch.equal(sc["sel"], tensors[f"case{i}.vision_layer_features"])
+        assert float((sc["hf_logits"] - tensors[f"case{i}.first_logits"]).abs().max()) < 1e-5
+        manual_checks.append(check_manual_lm(model, cs, sc, tensors[f"case{i}.first_logits"],
+                                             tensors[f"case{i}.greedy_logits"], cj["greedy_ids"], eos_id, image_id))
+        scores.append(sc)
+
+    # ---- budgets: the defaults unless some case has a near-tie at the selection boundary
+    g1 = [rel_gaps(sc["clip_attention"][1:], N1_CANDIDATES) for sc in scores]
+    n1, safe1 = choose_budget(N1_DEFAULT, N1_CANDIDATES, g1)
+    s2 = [star_stage2_scores(model, cs, sc, n1, image_id) for cs, sc in zip(cases, scores)]
+    g_star = [rel_gaps(s, N2_CANDIDATES) for s in s2]
+    g_fastv = [rel_gaps(sc["fastv"][K - 1], N2_CANDIDATES) for sc in scores]
+    g_cls = [rel_gaps(sc["clip_cls"][1:], N2_CANDIDATES) for sc in scores]
+    n2, safe2 = choose_budget(N2_DEFAULT, N2_CANDIDATES,
+                              [{k: min(a[k], b[k]) for k in a} for a, b in zip(g_star, g_fastv)])
+    # near-ties at the default budgets (stage 2 scores with the default N1)
+    s2_default = s2 if n1 == N1_DEFAULT else [star_stage2_scores(model, cs, sc, N1_DEFAULT, image_id)
+                                              for cs, sc in zip(cases, scores)]
+    default_ties = []
+    for cs, sc, s in zip(cases, scores, s2_default):
+        for name, vec, k in (("stage1", sc["clip_attention"][1:], N1_DEFAULT), ("star_stage2", s, N2_DEFAULT),
+                             ("fastv", sc["fastv"][K - 1], N2_DEFAULT), ("clip_cls", sc["clip_cls"][1:], N2_DEFAULT)):
+            g = boundary_gap(vec, k)
+            if g["rel"] < NEAR_TIE_REL:
+                default_ties.append({"case": cs["idx"], "selection": name, **g})
+    log(f"pruning budgets: N1 {n1} (safe for all cases: {safe1}), N2 {n2} (safe for all cases: {safe2}), K {K}; "
+        f"near-ties at the defaults N1={N1_DEFAULT}/N2={N2_DEFAULT}: {default_ties}")
+
+    model16 = None
+    if check_f16:  # the engine's default weight format: do the kept sets survive f16-rounded weights?
+        model16 = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in model16.parameters():
+                p.copy_(p.half().float())
+
+    new_t, new_j = {}, []
+    mins = {"stage1": [], "star_stage2": [], "fastv": [], "clip_cls": []}
+    for cs, sc, s2i, mc in zip(cases, scores, s2, manual_checks):
+        i, start = cs["idx"], sc["start"]
+        r = pruning_case(model, cs, sc, n1, n2, eos_id, image_id)
+        assert torch.equal(r["star_scores"], s2i)
+        L, L1 = len(cs["input_ids"]), len(r["ids1"])
+        new_t[f"case{i}.clip_attention_scores"] = sc["clip_attention"].contiguous()
+        new_t[f"case{i}.clip_cls_scores"] = sc["clip_cls"].contiguous()
+        for l in range(K + 1):
+            new_t[f"case{i}.text_visual_scores_layer{l}"] = sc["text_visual"][l].contiguous()
+            new_t[f"case{i}.fastv_scores_layer{l}"] = sc["fastv"][l].contiguous()
+        new_t[f"case{i}.stage1_image_features"] = r["feats1"].float().contiguous()
+        new_t[f"case{i}.stage1_first_logits"] = r["s1_logits"][0].clone().contiguous()
+        new_t[f"case{i}.star_stage2_scores"] = r["star_scores"].contiguous()
+        new_t[f"case{i}.star_first_logits"] = r["star_first"].clone().contiguous()
+        new_t[f"case{i}.fastv_first_logits"] = r["fastv_first"].clone().contiguous()
+        gaps = {"stage1": boundary_gap(sc["clip_attention"][1:], n1),
+                "star_stage2": boundary_gap(r["star_scores"], n2),
+                "fastv": boundary_gap(sc["fastv"][K - 1], n2),
+                "clip_cls": boundary_gap(sc["clip_cls"][1:], n2)}
+        for k2, g in gaps.items():
+            mins[k2].append(g["rel"])
+        table = {"stage1": g1[i], "star_stage2": g_star[i], "fastv": g_fastv[i], "clip_cls": g_cls[i]}
+        j = {
+            "image_token_end": start + NUM_PATCHES,
+            "text_after_image_rows": [start + NUM_PATCHES, L],
+            "stage1_kept": r["kept1"],
+            "stage1_num_prompt_tokens": L1,
+            "stage1_input_ids": r["ids1"],
+            "stage1_greedy_ids": r["s1_ids"],
+            "stage1_greedy_text": hf_tok.decode(r["s1_ids"], skip_special_tokens=True),
+            "stage1_min_top2_gap": round(min(r["s1_gaps"]), 6),
+            "stage1_boundary_gap": gaps["stage1"],
+            "stage1_safe_budgets": [k for k in N1_CANDIDATES if g1[i][str(k)] >= SAFE_GAP_REL],
+            "star_text_after_image_rows": [start + n1, L1],
+            "star_stage2_kept_local": r["star_kept_local"],
+            "star_stage2_kept": r["star_kept"],
+            "star_positions_after_drop": list(range(start)) + [start + j2 for j2 in r["star_kept_local"]]
+                                         + list(range(start + n1, L1)),
+            "star_kv_rows_per_layer": r["star_L_after"],
+            "star_greedy_ids": r["star_ids"],
+            "star_greedy_text": hf_tok.decode(r["star_ids"], skip_special_tokens=True),
+            "star_min_top2_gap": round(min(r["star_gaps"]), 6),
+            "star_stage2_boundary_gap": gaps["star_stage2"],
+            "star_stage2_safe_budgets": [k for k in N2_CANDIDATES if g_star[i][str(k)] >= SAFE_GAP_REL],
+            "fastv_kept": r["fastv_kept"],
+            "fastv_boundary_gap": gaps["fastv"],
+            "fastv_safe_budgets": [k for k in N2_CANDIDATES if g_fastv[i][str(k)] >= SAFE_GAP_REL],
+            "clip_cls_kept": topk_keep(sc["clip_cls"][1:], n2),
+            "clip_cls_boundary_gap": gaps["clip_cls"],
+            "clip_cls_safe_budgets": [k for k in N2_CANDIDATES if g_cls[i][str(k)] >= SAFE_GAP_REL],
+            "boundary_gaps_rel": table,
+            "pruning_self_checks": {
+                "manual_unpruned_vs_hf_first_logits_max_abs_diff": mc["first"],
+                "manual_unpruned_vs_hf_greedy_logits_max_abs_diff": mc["decode"],
+                "manual_stage1_vs_hf_greedy_logits_max_abs_diff": r["check_stage1_manual_vs_hf"],
+                "manual_stage1_vs_hf_attention_max_abs_diff": r["check_stage1_attn_manual_vs_hf"],
+                "star_stage2_scores_vs_hf_attention_max_abs_diff": r["check_star_scores_vs_hf"],
+                "star_kv_cache_vs_full_forward_max_abs_diff": round(r["check_star_cache_vs_full"], 9),
+                "fastv_scores_manual_vs_hf_max_abs_diff": r["check_fastv_scores_vs_hf"],
+            },
+        }
+        if model16 is not None:
+            sc16 = pruning_scores(model16, cs, image_id)
+            r16 = pruning_case(model16, cs, sc16, n1, n2, eos_id, image_id)
+            j["pruning_f16_weights_check"] = {
+                "stage1_kept_same": r16["kept1"] == r["kept1"],
+                "star_stage2_kept_same": r16["star_kept"] == r["star_kept"],
+                "fastv_kept_same": r16["fastv_kept"] == r["fastv_kept"],
+                "clip_cls_kept_same": topk_keep(sc16["clip_cls"][1:], n2) == j["clip_cls_kept"],
+                "stage1_greedy_ids_same": r16["s1_ids"] == r["s1_ids"],
+                "star_greedy_ids_same": r16["star_ids"] == r["star_ids"],
+                "max_abs_score_change": {
+                    "clip_attention": float(f"{float((sc16['clip_attention'] - sc['clip_attention']).abs().max()):.3e}"),
+                    "clip_cls": float(f"{float((sc16['clip_cls'] - sc['clip_cls']).abs().max()):.3e}"),
+                    "star_stage2": float(f"{float((r16['star_scores'] - r['star_scores']).abs().max()):.3e}"),
+                    "fastv": float(f"{float((sc16['fastv'][K - 1] - sc['fastv'][K - 1]).abs().max()):.3e}"),
+                },
+            }
+        new_j.append(j)
+        log(f"case{i}: stage1 kept {len(r['kept1'])} -> ids {r['s1_ids']}; STAR stage 2 kept {r['star_kept']} "
+            f"-> ids {r['star_ids']}; FastV kept {r['fastv_kept']}; gaps "
+            + ", ".join(f"{k2} {g['rel']:.2e}" for k2, g in gaps.items()))
+
+    top = {
+        "stage2_layer_K": K,
+        "pruning_budgets": {"N1": n1, "N2": n2, "K": K},
+        "pruning": {
+            "spec": "STAR.md (visual-token pruning contract of llava-wgpu): top-k by score, ties to the lower index, "
+                    "kept indices ascending (raster order); stage 1 scores the attention of the CLIP layer whose output "
+                    "is hidden_states[vision_feature_layer] (layer 3 of 5 here), stage 2 / FastV score 0-based layer "
+                    "K-1 and drop before 0-based layer K; survivors keep their RoPE positions; decoding continues at "
+                    "the stage-1 prompt length.",
+            "clip_scored_layer": scores[0]["clip_layer"],
+            "default_budgets": {"N1": N1_DEFAULT, "N2": N2_DEFAULT, "K": K},
+            "chosen_budgets": {"N1": n1, "N2": n2, "K": K},
+            "budget_rule": f"N1 from {N1_CANDIDATES}, N2 from {N2_CANDIDATES}: the default if every case's relative "
+                           f"boundary gap (k-th minus (k+1)-th score, over the k-th) is >= {SAFE_GAP_REL:g} for every "
+                           "selection that uses it (stage 1 for N1; STAR stage 2 and FastV for N2), else the nearest "
+                           "candidate that is (ties: larger worst-case gap). The engine computes the scores in f32 "
+                           f"with another summation order, so gaps below ~{NEAR_TIE_REL:g} would make exact kept-set "
+                           "comparisons flaky.",
+            "n1_safe_for_all_cases": safe1,
+            "n2_safe_for_all_cases": safe2,
+            "near_ties_at_default_budgets": default_ties,
+            "min_boundary_gap_rel": {k2: float(f"{min(v2):.6e}") for k2, v2 in mins.items()},
+            "near_tie_rel_threshold": NEAR_TIE_REL,
+            "safe_gap_rel_threshold": SAFE_GAP_REL,
+            "stage1_new_tokens": STAGE1_NEW_TOKENS,
+            "star_new_tokens": STAR_NEW_TOKENS,
+            "score_precision": "probabilities from transformers' eager attention in float32; means taken in float64 "
+                               "and stored as float32; kept sets are top-k of the stored float32 values",
+            "greedy": "EOS masked like greedy_ids; the *_min_top2_gap fields are not part of the seed search "
+                      "(the seed only guarantees the unpruned trajectories)",
+            "f16_weights_check": "pruning_f16_weights_check: the same pipeline with every weight rounded to f16 "
+                                 "(the engine's default weight format); kept sets / greedy ids equal or not",
+        },
+    }
+    return new_t, new_j, top
+
+
+PRUNING_TENSOR_DOCS = {
+    "clip_attention_scores": "[37] f32 STAR stage 1 score: CLIP layer 3 (the layer whose output is hidden_states[-2]) "
+                             "attention probabilities, mean over the 4 heads and all 37 query rows, per key j "
+                             "(j = 0 is the CLS key, dropped by the engine; patch p is j = p + 1)",
+    "clip_cls_scores": "[37] f32 FasterVLM / --stage1-score cls: the same layer, mean over heads of the CLS query row",
+    "text_visual_scores_layer{l}": "[36] f32 (l = 0, 1, 2 = K-1 for K = 1, 2, 3) unpruned prefill, LLaMA layer l: "
+                                   "mean over the 4 query heads and the rows after the last image token "
+                                   "(text_after_image_rows) of the causal softmax probability to each visual position",
+    "fastv_scores_layer{l}": "[36] f32 as text_visual_scores_layer{l} but the last prompt row only (FastV)",
+    "stage1_image_features": "[N1,64] f32 projector output of the N1 kept patches (rows of hidden_states[-2][1:] "
+                             "selected before the projector), spliced at the N1 <image> positions of stage1_input_ids",
+    "stage1_first_logits": "[vocab] f32 stage-1-only pruning (N1 kept by clip_attention_scores): transformers' logits "
+                           "of the last prompt position; stage1_greedy_ids in cases.json",
+    "star_stage2_scores": "[N1] f32 STAR stage 2 score: text->visual scores (as text_visual_scores) of 0-based layer "
+                          "K-1 = 1 inside the stage-1-pruned prefill, per stage-1 visual token (local index)",
+    "star_first_logits": "[vocab] f32 STAR (stage 1 N1, then keep N2 before layer K = 2, original positions): logits "
+                         "of the last prompt row; star_greedy_ids in cases.json",
+    "fastv_first_logits": "[vocab] f32 FastV (no stage 1; keep N2 of 36 by fastv_scores_layer1 before layer 2, "
+                          "original positions): logits of the last prompt row",
+}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -776,6 +1252,16 @@ def main() -> int:
         })
         log(f"case{i}: greedy {ids}  text={text!r}  min gap {min(gaps):.3f}  eos@{first_eos}")
 
+    # ---- visual-token pruning references (STAR stage 1 / stage 2, FastV, FasterVLM scores): only adds tensors
+    t_prune = time.time()
+    pr_tensors, pr_json, pr_top = pruning_references(model, cases, case_json, tensors, eos_id, image_id, hf_tok)
+    assert not set(pr_tensors) & set(tensors)
+    tensors.update(pr_tensors)
+    for cj, extra in zip(case_json, pr_json):
+        assert not set(extra) & set(cj)
+        cj.update(extra)
+    log(f"pruning references: {len(pr_tensors)} tensors ({time.time() - t_prune:.1f}s)")
+
     # ---- save model, processor, extra files
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     model.save_pretrained(out, safe_serialization=True)
@@ -842,6 +1328,15 @@ def main() -> int:
         max_manual["projector"] = max(max_manual["projector"], float((feat_m - tensors[f"case{i}.image_features"]).abs().max()))
         max_manual["logits"] = max(max_manual["logits"], float((logit_m - tensors[f"case{i}.first_logits"]).abs().max()))
     assert max(max_manual.values()) < 2e-3, max_manual
+    # the pruning references again from the reloaded model (same kept sets, ids and tensors)
+    on_disk_ref = load_file(str(ref / "reference.safetensors"))
+    pr2_tensors, pr2_json, pr2_top = pruning_references(model2, cases, case_json, on_disk_ref, eos_id, image_id,
+                                                        proc2.tokenizer, check_f16=False)
+    assert pr2_top == pr_top
+    for k2, t in pr2_tensors.items():
+        assert torch.equal(t, on_disk_ref[k2]), k2
+    for a, b in zip(pr_json, pr2_json):
+        assert {k2: v2 for k2, v2 in a.items() if k2 != "pruning_f16_weights_check"} == b
     log(f"verify: reload OK, tokenizer.json OK, float64 re-implementation max abs diff {max_manual} "
         f"({time.time() - t_verify:.1f}s)")
 
@@ -897,6 +1392,7 @@ def main() -> int:
             "pad_square_rule": "LLaVA expand2square after RGB conversion: square side max(W,H), image pasted "
                                "at ((side-W)//2, (side-H)//2), then the same resize/crop/normalise",
         },
+        **pr_top,
         "tensors": {
             "pixel_values": "[3,84,84] f32 processor output",
             "pixel_values_pad_square": "[3,84,84] f32, expand2square with the mean colour, then processed",
@@ -907,6 +1403,7 @@ def main() -> int:
             "first_logits": "[vocab] f32 logits of the last prompt position",
             "greedy_logits": "[16,vocab] f32 logits from which greedy token t was chosen (row 0 == first_logits), "
                              "computed with the KV cache",
+            **PRUNING_TENSOR_DOCS,
         },
         "cases": case_json,
     }

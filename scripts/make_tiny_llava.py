@@ -30,6 +30,12 @@ Everything is built locally, nothing is downloaded:
   RGBA) and prompts; for each case the processor's pixel values (also with LLaVA's expand2square
   padding), input ids, the selected CLIP hidden state, the projector output, the first logits row
   and 16 greedy tokens (EOS masked out), run in float32 with eager attention on the CPU.
+* Visual-token pruning references (STAR.md): CLIP layer-3 attention scores (all rows / CLS row), the unpruned
+  prefill's text->visual scores of LLaMA layers 0..2 (text rows / last row), stage-1-only (transformers with N1
+  <image> tokens fed the projector output of the kept patches), STAR stage 1 + stage 2 at K = 2 and FastV, the
+  last two through transformers' own decoder-layer modules with the visual rows dropped before layer K and the
+  survivors keeping their RoPE positions (checked bit-for-bit against transformers without the drop). Budgets
+  default to N1 = 32, N2 = 8 and move to the nearest candidates whose top-k boundary gaps are safe in every case.
 
 At the end the saved directory is reloaded with ``from_pretrained`` and checked to reproduce the
 references; the raw ``tokenizer.json`` (as the Rust ``tokenizers`` crate reads it) is checked to
@@ -534,8 +540,8 @@ def manual_forward(st: dict[str, torch.Tensor], cfg: dict, pixel_values: torch.T
 
 
 # ----------------------------------------------------------------------------- visual-token pruning references
-# The exact contract is docs in /work/shared/STAR.md (copied into cases.json["pruning"]): scores, tie rule (lower
-# index wins), raster-order kept lists, original RoPE positions after the stage-2 drop.
+# The contract is the project's pruning specification (STAR.md, summarised in cases.json["pruning"]): scores, tie
+# rule (lower index wins), raster-order kept lists, original RoPE positions after the stage-2 drop.
 
 N1_DEFAULT = 32  # STAR stage 1 budget: floor(36 * (1 - 0.1))
 N2_DEFAULT = 8  # final budget (STAR stage 2 and FastV)
@@ -822,7 +828,7 @@ def star_stage2_scores(model, cs: dict, sc: dict, n1: int, image_id: int) -> tor
 
 def pruning_references(model, cases: list[dict], case_json: list[dict], tensors: dict, eos_id: int, image_id: int,
                        hf_tok, check_f16: bool = True):
-    """Reference data for visual-token pruning (see /work/shared/STAR.md): scores, budgets, kept sets and logits.
+    """Reference data for visual-token pruning (STAR.md): scores, budgets, kept sets and logits.
 
     Returns (new tensors, per-case JSON additions, top-level JSON additions)."""
     K = STAGE2_K
@@ -1410,6 +1416,8 @@ def main() -> int:
     (ref / "cases.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
     total = time.time() - t_start
+    pb = pr_top["pruning_budgets"]
+    gaps_txt = ", ".join(f"{k2} {v2:.1e}" for k2, v2 in pr_top["pruning"]["min_boundary_gap_rel"].items())
     readme = f"""# tiny-random-llava
 
 A tiny **randomly initialised** LLaVA-1.5 (`LlavaForConditionalGeneration`) in the llava-hf layout, used
@@ -1455,6 +1463,18 @@ logits of each of the 16 greedy steps and the 16 greedy tokens (EOS masked out, 
 never changes the choice). See `cases.json` for the exact conventions. Note that transformers 5.x
 alpha-composites RGBA images onto white (case 4); `case4.pixel_values_alpha_dropped` holds the
 4.x / original-LLaVA behaviour (alpha dropped) for comparison.
+
+### Visual-token pruning (STAR, FastV, FasterVLM)
+
+Budgets N1 = {pb['N1']}, N2 = {pb['N2']}, K = {pb['K']} (`pruning_budgets` in `cases.json`; the defaults
+N1 = {N1_DEFAULT}, N2 = {N2_DEFAULT} are kept unless a case has a near-tie at the top-k boundary, see
+`pruning.near_ties_at_default_budgets` and the per-case `*_boundary_gap` / `*_safe_budgets`). Per case:
+`clip_attention_scores` / `clip_cls_scores` [37] (CLIP layer 3, CLS key at index 0),
+`text_visual_scores_layer{{0,1,2}}` / `fastv_scores_layer{{0,1,2}}` [36] (unpruned prefill), the stage-1-only
+reference (`stage1_kept`, `stage1_image_features`, `stage1_first_logits`, `stage1_greedy_ids`), STAR stage 1 +
+stage 2 at K (`star_stage2_scores`, `star_stage2_kept[_local]`, `star_first_logits`, 8 `star_greedy_ids`;
+survivors keep their RoPE positions, decoding continues at the stage-1 prompt length) and FastV
+(`fastv_kept`, `fastv_first_logits`). Smallest relative boundary gaps: {gaps_txt}.
 """
     (out / "README.md").write_text(readme)
 

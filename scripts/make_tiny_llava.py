@@ -1417,6 +1417,8 @@ def main() -> int:
 
     total = time.time() - t_start
     pb = pr_top["pruning_budgets"]
+    ties_txt = "".join(f" (here {t['selection']} case {t['case']}: relative gap {t['rel']:.1e} at k = {t['k']})"
+                       for t in pr_top["pruning"]["near_ties_at_default_budgets"])
     gaps_txt = ", ".join(f"{k2} {v2:.1e}" for k2, v2 in pr_top["pruning"]["min_boundary_gap_rel"].items())
     readme = f"""# tiny-random-llava
 
@@ -1466,9 +1468,9 @@ alpha-composites RGBA images onto white (case 4); `case4.pixel_values_alpha_drop
 
 ### Visual-token pruning (STAR, FastV, FasterVLM)
 
-Budgets N1 = {pb['N1']}, N2 = {pb['N2']}, K = {pb['K']} (`pruning_budgets` in `cases.json`; the defaults
-N1 = {N1_DEFAULT}, N2 = {N2_DEFAULT} are kept unless a case has a near-tie at the top-k boundary, see
-`pruning.near_ties_at_default_budgets` and the per-case `*_boundary_gap` / `*_safe_budgets`). Per case:
+Budgets N1 = {pb['N1']}, N2 = {pb['N2']}, K = {pb['K']} (`pruning_budgets` in `cases.json`). The defaults
+N1 = {N1_DEFAULT}, N2 = {N2_DEFAULT} are kept unless some case has a near-tie at the top-k boundary{ties_txt}; see
+`pruning.near_ties_at_default_budgets` and the per-case `*_boundary_gap` / `*_safe_budgets`. Per case:
 `clip_attention_scores` / `clip_cls_scores` [37] (CLIP layer 3, CLS key at index 0),
 `text_visual_scores_layer{{0,1,2}}` / `fastv_scores_layer{{0,1,2}}` [36] (unpruned prefill), the stage-1-only
 reference (`stage1_kept`, `stage1_image_features`, `stage1_first_logits`, `stage1_greedy_ids`), STAR stage 1 +

@@ -760,7 +760,8 @@ def pruning_case(model, cs: dict, sc: dict, n1: int, n2: int, eos_id: int, image
     cache = LayerKV(len(model.model.language_model.layers))
     st_logits, st_probs, kept_local, st_pos = lm_prefill(model, e1, start, n1, drop_layer=K, keep=star_keep,
                                                          cache=cache)
-    assert cache.rows() == [L1] * K + [L1 - (n1 - n2)] * (len(cache.rows()) - K), cache.rows()
+    prefill_rows = cache.rows()  # K/V rows per layer after the prefill: N1 visual rows below K, N2 from K on
+    assert prefill_rows == [L1] * K + [L1 - (n1 - n2)] * (len(prefill_rows) - K), prefill_rows
     assert st_pos == list(range(start)) + [start + j for j in kept_local] + list(range(start + n1, L1))
     # the scores the drop used are those of the stage-1 prefill's layer K-1 attention (== transformers' own)
     hf_scores = text_visual_scores(s1_attn[K - 1], start, n1)[0]
@@ -772,7 +773,7 @@ def pruning_case(model, cs: dict, sc: dict, n1: int, n2: int, eos_id: int, image
     assert nc_pos[-STAR_NEW_TOKENS:] == list(range(L1 - 1, L1 + STAR_NEW_TOKENS - 1))
     r["check_star_cache_vs_full"] = float((nc_logits[-STAR_NEW_TOKENS:] - st_steps).abs().max())
     r.update(star_scores=holder["scores"], star_kept_local=kept_local, star_kept=[kept1[j] for j in kept_local],
-             star_first=st_logits[-1], star_ids=st_ids, star_gaps=st_gaps, star_L_after=cache.rows())
+             star_first=st_logits[-1], star_ids=st_ids, star_gaps=st_gaps, star_kv_rows=prefill_rows)
 
     # --- FastV: no stage 1, last-row scores of layer K-1 of the unpruned prefill, keep n2 of 36 before layer K
     e0 = splice_embeds(model, cs["input_ids"], model.model.multi_modal_projector(sc["sel"][1:]), image_id)
@@ -911,7 +912,7 @@ def pruning_references(model, cases: list[dict], case_json: list[dict], tensors:
             "star_stage2_kept": r["star_kept"],
             "star_positions_after_drop": list(range(start)) + [start + j2 for j2 in r["star_kept_local"]]
                                          + list(range(start + n1, L1)),
-            "star_kv_rows_per_layer": r["star_L_after"],
+            "star_kv_rows_per_layer_after_prefill": r["star_kv_rows"],
             "star_greedy_ids": r["star_ids"],
             "star_greedy_text": hf_tok.decode(r["star_ids"], skip_special_tokens=True),
             "star_min_top2_gap": round(min(r["star_gaps"]), 6),

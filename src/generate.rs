@@ -162,6 +162,7 @@ impl Engine {
             FeatureSelect::Full => 0,
         };
         let mut rec = Recorder::new(gpu);
+        rec.set_stage("vision");
         let kept = match plan.before_projector {
             None => {
                 self.vision.forward(&mut rec, &buffers, pixels, None)?;
@@ -217,6 +218,7 @@ impl Engine {
                     len: n0,
                 };
                 let rows = Tensor::empty(gpu, &[segment.kept_rows(n1)], DType::U32, "stage1.rows")?;
+                rec.set_stage("stage 1");
                 let kept = match selection {
                     BeforeProjector::TopK { keep, .. } => {
                         rec.dispatch(topk::select(gpu, &scores, 1, segment, keep, &rows)?);
@@ -267,6 +269,7 @@ impl Engine {
                 Some(kept)
             }
         };
+        rec.set_stage("projector");
         self.projector
             .forward(&mut rec, &features, &scratch, &embeddings)?;
         rec.finish("vision")?;
@@ -328,6 +331,7 @@ impl Engine {
         // Image rows are overwritten on the GPU by the projector output.
         text_embeddings[prompt.image_start * dt..(prompt.image_start + n1) * dt].fill(0.0);
         let preprocess_ms = ms(t0);
+        gpu.profile_host_stage("preprocess", preprocess_ms);
 
         // Vision tower, stage 1 and projector.
         let t1 = Instant::now();
@@ -344,6 +348,7 @@ impl Engine {
             .write_u32(gpu, &(0..prompt_len as u32).collect::<Vec<_>>())?;
         let token_out = Tensor::empty(gpu, &[1], DType::U32, "next_token")?;
         let mut rec = Recorder::new(gpu);
+        rec.set_stage("prefill");
         let row_bytes = (dt * 4) as u64;
         rec.copy(
             &image.embeddings.buffer,
@@ -405,6 +410,7 @@ impl Engine {
                     Tensor::empty(gpu, &[rows_after_stage2, dt], DType::F32, "stage2.hidden")?;
                 let positions =
                     Tensor::empty(gpu, &[rows_after_stage2], DType::U32, "stage2.positions")?;
+                rec.set_stage("stage 2");
                 extra_bytes = partials.buffer.size()
                     + scores.buffer.size()
                     + rows.buffer.size()
@@ -448,6 +454,7 @@ impl Engine {
                     0,
                     rows_after_stage2 as u64 * 4,
                 );
+                rec.set_stage("prefill");
                 self.llama.forward_layers(
                     &mut rec,
                     &buffers,
@@ -459,6 +466,7 @@ impl Engine {
                 stage2_kept = Some(rows);
             }
         }
+        rec.set_stage("first token");
         self.llama
             .logits(&mut rec, &buffers, rows_after_stage2 - 1)?;
         let mut sampler = Sampler::new(request.sampling);
@@ -560,6 +568,7 @@ impl Engine {
                 .positions
                 .write_u32(gpu, &[(prompt_len + step) as u32])?;
             let mut rec = Recorder::new(gpu);
+            rec.set_stage("decode");
             self.llama
                 .forward_layers(&mut rec, &buffers, 1, &mut cache, 0..layers, None)?;
             self.llama.logits(&mut rec, &buffers, 0)?;

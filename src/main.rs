@@ -99,6 +99,12 @@ struct RunArgs {
     /// What STAR stage 1 scores patches by.
     #[arg(long, value_enum, default_value_t = Stage1Score::Attention)]
     stage1_score: Stage1Score,
+    /// Time every GPU dispatch and print a per-kernel table on stderr.
+    #[arg(long)]
+    profile: bool,
+    /// Write the profiled dispatches as a Chrome trace (open in Perfetto or chrome://tracing).
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
     /// Write the input image with pruned patches dimmed (one panel per stage) to this PNG.
     #[arg(long, value_name = "FILE.png")]
     kept_overlay: Option<PathBuf>,
@@ -281,12 +287,32 @@ fn run(args: &RunArgs) -> Result<()> {
         },
     };
     let json = args.json;
+    let profiling = args.profile || args.trace.is_some();
+    if profiling {
+        engine.gpu.start_profiling();
+    }
     let output = engine.generate(&request, |piece| {
         if !json {
             print!("{piece}");
             let _ = std::io::stdout().flush();
         }
     })?;
+    if let Some(report) = engine.gpu.finish_profiling()? {
+        if args.profile {
+            eprint!("\n{}", report.table());
+            let t = &output.timings_ms;
+            eprintln!(
+                "  time to first token {:.1} ms (wall, from the request), decode {:.2} tokens/s",
+                t.preprocess + t.vision + t.prefill,
+                output.decode_tokens_per_second
+            );
+        }
+        if let Some(path) = &args.trace {
+            let text = serde_json::to_string(&report.chrome_trace())?;
+            std::fs::write(path, text)
+                .with_context(|| format!("cannot write the trace to {}", path.display()))?;
+        }
+    }
     if let Some(path) = &args.kept_overlay {
         llava_wgpu::vision::overlay::write(&engine, &request, &output, path)?;
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::PipelineCache;
+use crate::gpu::profiler::{ProfileReport, Profiler};
 
 /// Environment variable that picks the adapter (same syntax as `--adapter`).
 pub const ENV_ADAPTER: &str = "LLAVA_WGPU_ADAPTER";
@@ -309,6 +310,8 @@ pub struct Gpu {
     /// The adapter's real storage-binding limit, which activation tensors must fit.
     pub adapter_binding_bytes: u64,
     pub(crate) pipelines: PipelineCache,
+    /// Present while profiling: recorders time every dispatch into it.
+    pub(crate) profiler: Mutex<Option<Profiler>>,
     /// Errors wgpu reported outside an error scope; checked at every synchronisation point so a
     /// failure surfaces as an `Error` instead of a panic in wgpu's default handler.
     uncaptured: Arc<Mutex<Vec<String>>>,
@@ -407,6 +410,7 @@ impl Gpu {
             max_binding_bytes,
             adapter_binding_bytes: adapter_binding,
             pipelines: PipelineCache::new(),
+            profiler: Mutex::new(None),
             uncaptured,
         })
     }
@@ -433,6 +437,40 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::gpu(context, e))?;
         self.check_errors(context)
+    }
+
+    /// Time every dispatch recorded from now on (see `profiler.rs`).
+    pub fn start_profiling(&self) {
+        let profiler = Profiler::new(self);
+        *self.profiler.lock().unwrap_or_else(|p| p.into_inner()) = Some(profiler);
+    }
+
+    /// Record a host-side stage (e.g. preprocessing) in the profile, if profiling.
+    pub fn profile_host_stage(&self, stage: &'static str, ms: f64) {
+        if let Some(p) = self
+            .profiler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            p.cpu_stages.push((stage, ms));
+        }
+    }
+
+    /// Stop profiling and return the report (None if profiling was not started).
+    pub fn finish_profiling(&self) -> Result<Option<ProfileReport>> {
+        let taken = self
+            .profiler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match taken {
+            None => Ok(None),
+            Some(mut profiler) => {
+                profiler.collect(self)?;
+                Ok(Some(profiler.report()))
+            }
+        }
     }
 
     /// Turn errors wgpu reported asynchronously into an `Error`.

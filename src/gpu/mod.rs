@@ -2,6 +2,7 @@
 
 pub mod device;
 pub mod kernels;
+pub mod profiler;
 pub mod readback;
 pub mod recorder;
 pub mod tensor;

@@ -7,12 +7,14 @@
 use crate::error::Result;
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::Dispatch;
+use crate::gpu::profiler::{DispatchMeta, KernelEvent, PendingBatch, Profiler, TimingMode};
 
 /// Commands are submitted in groups of this many unless the caller chooses otherwise.
 pub const DEFAULT_BATCH: usize = 48;
 
 enum Command {
-    Dispatch(Dispatch),
+    /// A dispatch and the stage it was recorded in.
+    Dispatch(Dispatch, &'static str),
     Copy {
         src: wgpu::Buffer,
         src_offset: u64,
@@ -27,6 +29,7 @@ pub struct Recorder<'g> {
     pending: Vec<Command>,
     batch: usize,
     submitted: usize,
+    stage: &'static str,
 }
 
 impl<'g> Recorder<'g> {
@@ -40,6 +43,7 @@ impl<'g> Recorder<'g> {
             pending: Vec::new(),
             batch: batch.max(1),
             submitted: 0,
+            stage: "gpu",
         }
     }
 
@@ -47,9 +51,14 @@ impl<'g> Recorder<'g> {
         self.gpu
     }
 
+    /// Name the pipeline stage later dispatches belong to (profiles group by it).
+    pub fn set_stage(&mut self, stage: &'static str) {
+        self.stage = stage;
+    }
+
     /// Queue one dispatch.
     pub fn dispatch(&mut self, dispatch: Dispatch) {
-        self.pending.push(Command::Dispatch(dispatch));
+        self.pending.push(Command::Dispatch(dispatch, self.stage));
         if self.pending.len() >= self.batch {
             self.submit();
         }
@@ -93,13 +102,38 @@ impl<'g> Recorder<'g> {
         if self.pending.is_empty() {
             return;
         }
-        let mut encoder = self
-            .gpu
+        let commands = std::mem::take(&mut self.pending);
+        self.submitted += commands.len();
+        let mut profiler = self.gpu.profiler.lock().unwrap_or_else(|p| p.into_inner());
+        match profiler.as_mut() {
+            None => self.submit_plain(&commands),
+            Some(p) => match p.mode {
+                TimingMode::InsidePasses | TimingMode::PassPerDispatch => {
+                    self.submit_timed(&commands, p)
+                }
+                TimingMode::CpuWallClock => self.submit_one_by_one(&commands, p),
+            },
+        }
+    }
+
+    fn encoder(&self) -> wgpu::CommandEncoder {
+        self.gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("recorder"),
-            });
-        let commands = std::mem::take(&mut self.pending);
+            })
+    }
+
+    fn set_and_dispatch(pass: &mut wgpu::ComputePass<'_>, d: &Dispatch) {
+        pass.set_pipeline(&d.pipeline);
+        pass.set_bind_group(0, &d.bind_group, &[]);
+        let [x, y, z] = d.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    /// Consecutive dispatches share one compute pass; copies go between passes.
+    fn submit_plain(&self, commands: &[Command]) {
+        let mut encoder = self.encoder();
         let mut i = 0;
         while i < commands.len() {
             match &commands[i] {
@@ -113,23 +147,127 @@ impl<'g> Recorder<'g> {
                     encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
                     i += 1;
                 }
-                Command::Dispatch(_) => {
+                Command::Dispatch(..) => {
                     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some("kernels"),
                         timestamp_writes: None,
                     });
-                    while let Some(Command::Dispatch(d)) = commands.get(i) {
-                        pass.set_pipeline(&d.pipeline);
-                        pass.set_bind_group(0, &d.bind_group, &[]);
-                        let [x, y, z] = d.workgroups;
-                        pass.dispatch_workgroups(x, y, z);
+                    while let Some(Command::Dispatch(d, _)) = commands.get(i) {
+                        Self::set_and_dispatch(&mut pass, d);
                         i += 1;
                     }
                 }
             }
         }
-        self.submitted += commands.len();
         self.gpu.queue.submit([encoder.finish()]);
+    }
+
+    /// Like `submit_plain`, with a timestamp before and after every dispatch: written inside the
+    /// pass when the adapter allows it, else at the boundaries of one pass per dispatch.
+    fn submit_timed(&self, commands: &[Command], profiler: &mut Profiler) {
+        let dispatches = commands
+            .iter()
+            .filter(|c| matches!(c, Command::Dispatch(..)))
+            .count() as u32;
+        if dispatches == 0 {
+            return self.submit_plain(commands);
+        }
+        let set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * dispatches,
+        });
+        let inside = profiler.mode == TimingMode::InsidePasses;
+        let mut encoder = self.encoder();
+        let mut metas = Vec::with_capacity(dispatches as usize);
+        let mut i = 0;
+        while i < commands.len() {
+            match &commands[i] {
+                Command::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => {
+                    encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
+                    i += 1;
+                }
+                Command::Dispatch(..) if inside => {
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("kernels"),
+                        timestamp_writes: None,
+                    });
+                    while let Some(Command::Dispatch(d, stage)) = commands.get(i) {
+                        let q = 2 * metas.len() as u32;
+                        pass.write_timestamp(&set, q);
+                        Self::set_and_dispatch(&mut pass, d);
+                        pass.write_timestamp(&set, q + 1);
+                        metas.push(meta(d, stage));
+                        i += 1;
+                    }
+                }
+                Command::Dispatch(d, stage) => {
+                    let q = 2 * metas.len() as u32;
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(d.kernel),
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: &set,
+                            beginning_of_pass_write_index: Some(q),
+                            end_of_pass_write_index: Some(q + 1),
+                        }),
+                    });
+                    Self::set_and_dispatch(&mut pass, d);
+                    metas.push(meta(d, stage));
+                    i += 1;
+                }
+            }
+        }
+        let readback = Profiler::resolve(self.gpu, &mut encoder, &set, 2 * dispatches);
+        self.gpu.queue.submit([encoder.finish()]);
+        profiler.pending.push(PendingBatch { readback, metas });
+    }
+
+    /// Without timestamp queries: submit and wait for each dispatch alone, timed on the CPU.
+    fn submit_one_by_one(&self, commands: &[Command], profiler: &mut Profiler) {
+        for command in commands {
+            let mut encoder = self.encoder();
+            match command {
+                Command::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => {
+                    encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
+                    self.gpu.queue.submit([encoder.finish()]);
+                }
+                Command::Dispatch(d, stage) => {
+                    {
+                        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some(d.kernel),
+                            timestamp_writes: None,
+                        });
+                        Self::set_and_dispatch(&mut pass, d);
+                    }
+                    let start_ns = profiler.cpu_now_ns();
+                    self.gpu.queue.submit([encoder.finish()]);
+                    // A failed wait surfaces at the next `Gpu::wait`.
+                    let _ = self.gpu.device.poll(wgpu::PollType::wait_indefinitely());
+                    let m = meta(d, stage);
+                    profiler.events.push(KernelEvent {
+                        stage: m.stage,
+                        kernel: m.kernel,
+                        shape: m.shape,
+                        flops: m.flops,
+                        bytes: m.bytes,
+                        start_ns,
+                        end_ns: profiler.cpu_now_ns(),
+                    });
+                }
+            }
+        }
     }
 
     /// Drop everything pending without running it (used to compile pipelines ahead of time).
@@ -141,6 +279,16 @@ impl<'g> Recorder<'g> {
     pub fn finish(mut self, context: &str) -> Result<()> {
         self.submit();
         self.gpu.wait(context)
+    }
+}
+
+fn meta(d: &Dispatch, stage: &'static str) -> DispatchMeta {
+    DispatchMeta {
+        stage,
+        kernel: d.kernel,
+        shape: d.shape.clone(),
+        flops: d.flops,
+        bytes: d.bytes,
     }
 }
 

@@ -147,3 +147,182 @@ fn impossible_settings_are_refused() {
     let e = err(star(30, 10, 2), Template::Raw, "USER: describe <image>");
     assert!(e.contains("no"), "{e}");
 }
+
+// ---- Parity with the references scripts/make_tiny_llava.py recorded (f32 weights) ----
+
+use llava_wgpu::gpu::WeightFormat;
+use llava_wgpu::prune::top_k;
+
+fn engine_f32() -> Engine {
+    let options = EngineOptions {
+        weight_format: WeightFormat::F32,
+        ..Default::default()
+    };
+    Engine::load(&fixture::model_dir(), options).unwrap()
+}
+
+fn json_ids(case: &fixture::Case, key: &str) -> Vec<usize> {
+    case.json[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The budgets the fixture chose (N1 = 32, N2 = 7, K = 2: no near-ties at the boundaries).
+fn budgets() -> (usize, usize, usize) {
+    let text = std::fs::read_to_string(fixture::reference_dir().join("cases.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let b = &json["pruning_budgets"];
+    let get = |k: &str| b[k].as_u64().unwrap() as usize;
+    (get("N1"), get("N2"), get("K"))
+}
+
+#[test]
+fn kept_indices_equal_a_cpu_top_k_over_the_scores_transformers_computed() {
+    let engine = engine_f32();
+    let (n1, n2, k) = budgets();
+    for case in fixture::cases() {
+        let i = case.index;
+        // STAR: stage 1 by the attention patches receive in CLIP layer L−2 (CLS key dropped),
+        // stage 2 by the text-after-image rows of decoder layer K−1.
+        let out = run(&engine, &case, star(n1, n2, k), 1);
+        let kept = out.kept_visual_indices.unwrap();
+        let stage1 = kept.stage1.unwrap();
+        let clip_scores = fixture::tensor(&format!("case{i}.clip_attention_scores"));
+        assert_eq!(stage1, top_k(&clip_scores[1..], n1), "case {i}: stage 1");
+        assert_eq!(stage1, json_ids(&case, "stage1_kept"));
+        let stage2_scores = fixture::tensor(&format!("case{i}.star_stage2_scores"));
+        let stage2: Vec<usize> = top_k(&stage2_scores, n2)
+            .into_iter()
+            .map(|l| stage1[l])
+            .collect();
+        assert_eq!(kept.stage2.unwrap(), stage2, "case {i}: stage 2");
+        // FastV: last prompt row of layer K−1, no stage 1.
+        let fastv = run(
+            &engine,
+            &case,
+            PruneOptions {
+                method: Method::Fastv,
+                keep: Some(n2),
+                stage2_layer: Some(k),
+                ..Default::default()
+            },
+            1,
+        );
+        let fastv_scores = fixture::tensor(&format!("case{i}.fastv_scores_layer{}", k - 1));
+        assert_eq!(
+            fastv.kept_visual_indices.unwrap().stage2.unwrap(),
+            top_k(&fastv_scores, n2),
+            "case {i}: FastV"
+        );
+        // FasterVLM: the CLS query row.
+        let cls = run(
+            &engine,
+            &case,
+            PruneOptions {
+                method: Method::Fastervlm,
+                keep: Some(n2),
+                ..Default::default()
+            },
+            1,
+        );
+        let cls_scores = fixture::tensor(&format!("case{i}.clip_cls_scores"));
+        assert_eq!(
+            cls.kept_visual_indices.unwrap().stage1.unwrap(),
+            top_k(&cls_scores[1..], n2),
+            "case {i}: FasterVLM"
+        );
+    }
+}
+
+#[test]
+fn stage_1_output_matches_transformers_fed_the_kept_features() {
+    let engine = engine_f32();
+    let (n1, _, k) = budgets();
+    for case in fixture::cases() {
+        let i = case.index;
+        // Stage 2 keeping all N1 tokens is bit-identical to no stage 2 (tested above).
+        let out = run(&engine, &case, star(n1, n1, k), 16);
+        let e_features = rel_l2(
+            &out.image_features,
+            &fixture::tensor(&format!("case{i}.stage1_image_features")),
+        );
+        let e_logits = rel_l2(
+            &out.first_logits,
+            &fixture::tensor(&format!("case{i}.stage1_first_logits")),
+        );
+        assert!(
+            e_features < 1e-3 && e_logits < 1e-3,
+            "case {i}: features {e_features}, logits {e_logits}"
+        );
+        let want: Vec<u32> = json_ids(&case, "stage1_greedy_ids")
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        assert_eq!(out.generated_ids, want, "case {i}: stage-1 greedy tokens");
+    }
+}
+
+#[test]
+fn stage_2_output_matches_the_pytorch_drop_reference() {
+    let engine = engine_f32();
+    let (n1, n2, k) = budgets();
+    let cfg = &engine.config.text;
+    let row_bytes = 2 * (cfg.num_key_value_heads * cfg.head_dim * 4) as u64;
+    for case in fixture::cases() {
+        let i = case.index;
+        let out = run(&engine, &case, star(n1, n2, k), 8);
+        let e = rel_l2(
+            &out.first_logits,
+            &fixture::tensor(&format!("case{i}.star_first_logits")),
+        );
+        assert!(e < 1e-3, "case {i}: STAR first logits rel L2 {e}");
+        let want: Vec<u32> = json_ids(&case, "star_greedy_ids")
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        assert_eq!(
+            out.generated_ids, want,
+            "case {i}: STAR greedy tokens (positions kept after the drop)"
+        );
+        // KV rows per layer after prefill, as the reference cached them.
+        let prefill_only = run(&engine, &case, star(n1, n2, k), 1);
+        let rows: u64 = json_ids(&case, "star_kv_rows_per_layer_after_prefill")
+            .iter()
+            .map(|&r| r as u64)
+            .sum();
+        assert_eq!(
+            prefill_only.kv_cache_bytes,
+            rows * row_bytes,
+            "case {i}: KV cache rows"
+        );
+        let fastv = run(
+            &engine,
+            &case,
+            PruneOptions {
+                method: Method::Fastv,
+                keep: Some(n2),
+                stage2_layer: Some(k),
+                ..Default::default()
+            },
+            1,
+        );
+        let e = rel_l2(
+            &fastv.first_logits,
+            &fixture::tensor(&format!("case{i}.fastv_first_logits")),
+        );
+        assert!(e < 1e-3, "case {i}: FastV first logits rel L2 {e}");
+    }
+}

@@ -189,6 +189,11 @@ pub struct ProfileReport {
     events: Vec<KernelEvent>,
 }
 
+/// (stage rank, stage, kernel, shape) of a table row.
+type GroupKey<'a> = (usize, &'a str, &'a str, &'a str);
+/// (count, nanoseconds, flops, bytes) summed over a group.
+type GroupSum = (usize, f64, u64, u64);
+
 /// Order in which stages appear in tables and traces.
 const STAGE_ORDER: [&str; 8] = [
     "preprocess",
@@ -218,8 +223,7 @@ impl ProfileReport {
             entry.0 += e.duration_ns();
             entry.1 += 1;
         }
-        let mut groups: BTreeMap<(usize, &str, &str, &str), (usize, f64, u64, u64)> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<GroupKey, GroupSum> = BTreeMap::new();
         for e in &p.events {
             let g = groups
                 .entry((stage_rank(e.stage), e.stage, e.kernel, e.shape.as_str()))

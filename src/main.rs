@@ -142,19 +142,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmarks.
+    /// Benchmarks: pruned against unpruned on a model (default), or `bench kernels`.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        what: BenchCommand,
+        what: Option<BenchCommand>,
+        #[command(flatten)]
+        args: BenchArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Model directory (llava-hf layout); without it a synthetic model from --preset is built.
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// Synthetic model with random f16 weights: small (576 visual tokens, narrow layers),
+    /// llava-1.5-7b, llava-1.5-13b.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Untimed requests per setting before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed requests per setting (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeats: u32,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Matmul, gemv and attention throughput next to the adapter's copy bandwidth.
     Kernels {
-        #[command(flatten)]
-        device: DeviceArgs,
         /// Timed runs per case (the median is reported).
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
         repeats: u32,
@@ -335,6 +361,33 @@ fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
+    let options = EngineOptions {
+        gpu: device.options(),
+        weight_format: WeightFormat::F16,
+        progress: true,
+    };
+    let (engine, label) =
+        llava_wgpu::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
+    eprintln!("benchmarking {label} on {}", engine.gpu.describe());
+    let settings = llava_wgpu::bench::default_settings(engine.config.image_tokens());
+    let report = llava_wgpu::bench::pruning(
+        &engine,
+        &label,
+        &settings,
+        args.warmup,
+        args.repeats as usize,
+        args.decode_tokens,
+        |what| eprintln!("  {what}"),
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     quiet_mesa_without_a_session();
     let cli = Cli::parse();
@@ -342,13 +395,15 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Devices { device, json } => devices(device, *json),
         Command::Bench {
-            what:
-                BenchCommand::Kernels {
-                    device,
-                    repeats,
-                    json,
-                },
+            what: Some(BenchCommand::Kernels { repeats, json }),
+            device,
+            ..
         } => bench_kernels(device, *repeats, *json),
+        Command::Bench {
+            what: None,
+            args,
+            device,
+        } => bench_pruning(args, device),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

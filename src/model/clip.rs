@@ -79,9 +79,7 @@ impl ClipVision {
         // Conv weight [d, c, p, p] flattened to [d, c·p·p]: the order patches are flattened in.
         let patch_embedding = {
             let name = "vision.embeddings.patch_embedding.weight";
-            let raw = loader.checkpoint.get(name)?;
-            raw.check_shape(&[d, c, p, p])?;
-            let values = raw.to_f32()?;
+            let values = loader.checkpoint.f32(name, &[d, c, p, p])?;
             let w = Weight::from_f32(loader.gpu, name, d, c * p * p, &values, loader.format)?;
             loader.bytes += w.gpu_bytes();
             w

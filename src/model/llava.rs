@@ -55,7 +55,6 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(model_dir: &Path, options: EngineOptions) -> Result<Self> {
-        let start = Instant::now();
         if !model_dir.is_dir() {
             return Err(Error::File {
                 path: model_dir.to_path_buf(),
@@ -70,6 +69,43 @@ impl Engine {
         )?;
         let image_processor = ImageProcessorConfig::load(model_dir, config.vision.image_size)?;
         let checkpoint = Checkpoint::open(model_dir)?;
+        Self::from_parts(
+            model_dir,
+            config,
+            tokenizer,
+            image_processor,
+            checkpoint,
+            options,
+        )
+    }
+
+    /// A LLaVA-shaped model with random weights from a named preset (see `presets.rs`), built
+    /// in memory: benchmarks of real model shapes without a download.
+    pub fn synthetic(preset: &str, options: EngineOptions) -> Result<Self> {
+        let config = crate::model::presets::config(preset)?;
+        let tokenizer = TextTokenizer::synthetic(config.text.vocab_size, config.image_token_index)?;
+        let image_processor = ImageProcessorConfig::clip_default(config.vision.image_size);
+        let checkpoint =
+            Checkpoint::synthetic(preset, crate::model::presets::tensor_shapes(&config));
+        Self::from_parts(
+            Path::new(preset),
+            config,
+            tokenizer,
+            image_processor,
+            checkpoint,
+            options,
+        )
+    }
+
+    fn from_parts(
+        model_dir: &Path,
+        config: LlavaConfig,
+        tokenizer: TextTokenizer,
+        image_processor: ImageProcessorConfig,
+        checkpoint: Checkpoint,
+        options: EngineOptions,
+    ) -> Result<Self> {
+        let start = Instant::now();
         let gpu = Gpu::new(options.gpu.clone())?;
 
         let vision_layers = config.vision_layers_to_run();
@@ -157,7 +193,6 @@ impl Engine {
     /// Token embeddings for `ids`, read from the mapped checkpoint.
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.checkpoint
-            .get("text.embed_tokens.weight")?
-            .rows_f32(ids)
+            .embedding_rows("text.embed_tokens.weight", ids)
     }
 }

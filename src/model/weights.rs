@@ -35,12 +35,54 @@ pub struct RawTensor<'a> {
     pub bytes: &'a [u8],
 }
 
-/// Every tensor of a checkpoint directory, memory mapped.
+/// Every tensor of a checkpoint directory, memory mapped; or a synthetic checkpoint whose
+/// tensors are generated on demand (benchmarks of LLaVA-shaped models without a download).
 pub struct Checkpoint {
     dir: PathBuf,
     shards: Vec<Shard>,
     /// Tensor name → shard index.
     index: HashMap<String, usize>,
+    /// Canonical name → shape, for synthetic checkpoints (empty for files).
+    synthetic: HashMap<String, Vec<usize>>,
+}
+
+/// Deterministic values for a synthetic tensor: norm weights 1, biases 0, everything else
+/// uniform with standard deviation 0.02 (transformers' initialiser range), from a seed per name.
+fn synthetic_values(name: &str, shape: &[usize], first_row: usize, rows: usize) -> Vec<f32> {
+    let width: usize = shape[1..].iter().product::<usize>().max(1);
+    let n = if shape.len() == 1 {
+        shape[0]
+    } else {
+        rows * width
+    };
+    let is_vector = shape.len() == 1;
+    if is_vector && name.ends_with(".bias") {
+        return vec![0.0; n];
+    }
+    if is_vector && name.ends_with(".weight") {
+        return vec![1.0; n];
+    }
+    // splitmix64 per row, so any row can be generated alone (embedding lookups).
+    let name_hash = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    let scale = 0.02 * 3f32.sqrt();
+    let mut out = Vec::with_capacity(n);
+    let row_count = if is_vector { 1 } else { rows };
+    let row_width = if is_vector { n } else { width };
+    for r in 0..row_count {
+        let mut state = name_hash ^ ((first_row + r) as u64).wrapping_mul(0x9E3779B97F4A7C15);
+        for _ in 0..row_width {
+            state = state.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^= z >> 31;
+            let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+            out.push((unit * 2.0 - 1.0) * scale);
+        }
+    }
+    out
 }
 
 fn file_error(path: &Path, reason: impl std::fmt::Display) -> Error {
@@ -130,7 +172,48 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             shards,
             index,
+            synthetic: HashMap::new(),
         })
+    }
+
+    /// A checkpoint whose tensors (canonical names → shapes) are generated on demand.
+    pub fn synthetic(label: &str, shapes: HashMap<String, Vec<usize>>) -> Self {
+        Self {
+            dir: PathBuf::from(label),
+            shards: Vec::new(),
+            index: HashMap::new(),
+            synthetic: shapes,
+        }
+    }
+
+    fn synthetic_shape(&self, canonical: &str, shape: &[usize]) -> Option<Result<()>> {
+        let known = self.synthetic.get(canonical)?;
+        Some(if known == shape {
+            Ok(())
+        } else {
+            Err(file_error(
+                &self.dir,
+                format!("synthetic tensor '{canonical}' has shape {known:?}, expected {shape:?}"),
+            ))
+        })
+    }
+
+    /// Rows `ids` of the embedding matrix `canonical` [rows, width], as f32.
+    pub fn embedding_rows(&self, canonical: &str, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(shape) = self.synthetic.get(canonical) {
+            let mut out = Vec::with_capacity(ids.len() * shape[1]);
+            for &id in ids {
+                if id as usize >= shape[0] {
+                    return Err(file_error(
+                        &self.dir,
+                        format!("token id {id} is outside '{canonical}'"),
+                    ));
+                }
+                out.extend(synthetic_values(canonical, shape, id as usize, 1));
+            }
+            return Ok(out);
+        }
+        self.get(canonical)?.rows_f32(ids)
     }
 
     pub fn dir(&self) -> &Path {
@@ -138,7 +221,7 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) || self.synthetic.contains_key(name)
     }
 
     /// The on-disk names a canonical name may have.
@@ -206,6 +289,10 @@ impl Checkpoint {
 
     /// A tensor as f32 values, checked against the expected shape.
     pub fn f32(&self, canonical: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(check) = self.synthetic_shape(canonical, shape) {
+            check?;
+            return Ok(synthetic_values(canonical, shape, 0, shape[0]));
+        }
         let t = self.get(canonical)?;
         t.check_shape(shape)?;
         t.to_f32()
@@ -214,6 +301,13 @@ impl Checkpoint {
     /// A tensor as IEEE halves (f32 and bf16 are converted; values outside f16's range are an
     /// error rather than a silent infinity).
     pub fn f16(&self, canonical: &str, shape: &[usize]) -> Result<Vec<f16>> {
+        if let Some(check) = self.synthetic_shape(canonical, shape) {
+            check?;
+            return Ok(synthetic_values(canonical, shape, 0, shape[0])
+                .into_iter()
+                .map(f16::from_f32)
+                .collect());
+        }
         let t = self.get(canonical)?;
         t.check_shape(shape)?;
         if t.dtype == Dtype::F16 {

@@ -68,6 +68,47 @@ impl TextTokenizer {
         })
     }
 
+    /// A word-level tokenizer for synthetic benchmark models: `<unk>` = 0, `<s>` = 1, `</s>` = 2,
+    /// `<image>` = `image_token_id`, and the word `t{i}` for every other id.
+    pub fn synthetic(vocab_size: usize, image_token_id: u32) -> Result<Self> {
+        let mut vocab = serde_json::Map::new();
+        for id in 0..vocab_size as u32 {
+            let word = match id {
+                0 => "<unk>".to_string(),
+                1 => "<s>".to_string(),
+                2 => "</s>".to_string(),
+                i if i == image_token_id => "<image>".to_string(),
+                i => format!("t{i}"),
+            };
+            vocab.insert(word, id.into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [{"id": image_token_id, "content": "<image>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+        });
+        let path = PathBuf::from("synthetic tokenizer");
+        let tokenizer: Tokenizer = json.to_string().parse().map_err(|e| Error::File {
+            path: path.clone(),
+            reason: format!("cannot build: {e}"),
+        })?;
+        Ok(Self {
+            tokenizer,
+            path,
+            bos_id: Some(1),
+            add_bos: true,
+            image_token: "<image>".into(),
+            image_token_id,
+        })
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }

@@ -5,12 +5,42 @@ mod fixture;
 
 use std::collections::HashMap;
 
+use llava_wgpu::gpu::profiler::TimingMode;
+use llava_wgpu::gpu::GpuOptions;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
 
+/// Timestamps inside passes (what lavapipe offers), one pass per dispatch, and CPU timing.
 #[test]
-fn trace_events_nest_in_their_stages_and_add_up() {
-    let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
+fn trace_events_nest_in_their_stages_and_add_up_in_every_timing_mode() {
+    let modes = [
+        (GpuOptions::default(), TimingMode::InsidePasses),
+        (
+            GpuOptions {
+                disable_timestamps_inside_passes: true,
+                ..Default::default()
+            },
+            TimingMode::PassPerDispatch,
+        ),
+        (
+            GpuOptions {
+                disable_timestamps: true,
+                ..Default::default()
+            },
+            TimingMode::CpuWallClock,
+        ),
+    ];
+    for (gpu, mode) in modes {
+        let options = EngineOptions {
+            gpu,
+            ..Default::default()
+        };
+        let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+        check_trace(&engine, mode);
+    }
+}
+
+fn check_trace(engine: &Engine, mode: TimingMode) {
     let case = &fixture::cases()[1];
     let mut request = GenerateRequest::new(&case.image, &case.prompt);
     request.max_new_tokens = 3;

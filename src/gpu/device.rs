@@ -20,7 +20,8 @@ pub const ENV_BACKEND: &str = "LLAVA_WGPU_BACKEND";
 /// so that tests exercise the chunked-weight path on tiny tensors.
 pub const ENV_MAX_BINDING: &str = "LLAVA_WGPU_MAX_BINDING_BYTES";
 /// Environment variable listing optional features to ignore even when present
-/// (comma separated: `f16`, `subgroups`, `timestamps`), to test the fallback paths.
+/// (comma separated: `f16`, `subgroups`, `timestamps`, `timestamps-inside-passes`), to test
+/// the fallback paths.
 pub const ENV_DISABLE: &str = "LLAVA_WGPU_DISABLE";
 
 /// Which graphics API to go through.
@@ -73,6 +74,8 @@ pub struct GpuOptions {
     pub disable_subgroups: bool,
     /// Ignore timestamp queries even when present.
     pub disable_timestamps: bool,
+    /// Ignore TIMESTAMP_QUERY_INSIDE_PASSES (profile with one pass per dispatch instead).
+    pub disable_timestamps_inside_passes: bool,
 }
 
 impl GpuOptions {
@@ -117,10 +120,11 @@ impl GpuOptions {
                     "f16" => self.disable_f16 = true,
                     "subgroups" => self.disable_subgroups = true,
                     "timestamps" => self.disable_timestamps = true,
+                    "timestamps-inside-passes" => self.disable_timestamps_inside_passes = true,
                     other => {
                         return Err(Error::argument(
                             ENV_DISABLE,
-                            format!("unknown feature '{other}' (f16, subgroups, timestamps)"),
+                            format!("unknown feature '{other}' (f16, subgroups, timestamps, timestamps-inside-passes)"),
                         ))
                     }
                 }
@@ -351,9 +355,11 @@ impl Gpu {
             wanted |= wgpu::Features::SUBGROUP;
         }
         if !options.disable_timestamps {
-            wanted |= wgpu::Features::TIMESTAMP_QUERY
-                | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
-                | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+            wanted |=
+                wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+            if !options.disable_timestamps_inside_passes {
+                wanted |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+            }
         }
         let features = available & wanted;
         let limits = adapter.limits();

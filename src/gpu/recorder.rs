@@ -106,13 +106,8 @@ impl<'g> Recorder<'g> {
         self.submitted += commands.len();
         let mut profiler = self.gpu.profiler.lock().unwrap_or_else(|p| p.into_inner());
         match profiler.as_mut() {
-            None => self.submit_plain(&commands),
-            Some(p) => match p.mode {
-                TimingMode::InsidePasses | TimingMode::PassPerDispatch => {
-                    self.submit_timed(&commands, p)
-                }
-                TimingMode::CpuWallClock => self.submit_one_by_one(&commands, p),
-            },
+            Some(p) if p.mode == TimingMode::CpuWallClock => self.submit_one_by_one(&commands, p),
+            p => self.submit_timed(&commands, p),
         }
     }
 
@@ -131,101 +126,77 @@ impl<'g> Recorder<'g> {
         pass.dispatch_workgroups(x, y, z);
     }
 
-    /// Consecutive dispatches share one compute pass; copies go between passes.
-    fn submit_plain(&self, commands: &[Command]) {
-        let mut encoder = self.encoder();
-        let mut i = 0;
-        while i < commands.len() {
-            match &commands[i] {
-                Command::Copy {
-                    src,
-                    src_offset,
-                    dst,
-                    dst_offset,
-                    size,
-                } => {
-                    encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
-                    i += 1;
-                }
-                Command::Dispatch(..) => {
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("kernels"),
-                        timestamp_writes: None,
-                    });
-                    while let Some(Command::Dispatch(d, _)) = commands.get(i) {
-                        Self::set_and_dispatch(&mut pass, d);
-                        i += 1;
-                    }
-                }
-            }
-        }
-        self.gpu.queue.submit([encoder.finish()]);
-    }
-
-    /// Like `submit_plain`, with a timestamp before and after every dispatch: written inside the
+    /// Consecutive dispatches share one compute pass; copies go between passes. With a profiler
+    /// in a timestamp mode, every dispatch is bracketed by two timestamps: written inside the
     /// pass when the adapter allows it, else at the boundaries of one pass per dispatch.
-    fn submit_timed(&self, commands: &[Command], profiler: &mut Profiler) {
+    fn submit_timed(&self, commands: &[Command], mut profiler: Option<&mut Profiler>) {
         let dispatches = commands
             .iter()
             .filter(|c| matches!(c, Command::Dispatch(..)))
             .count() as u32;
-        if dispatches == 0 {
-            return self.submit_plain(commands);
-        }
-        let set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("timestamps"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2 * dispatches,
+        let timing = profiler.as_ref().filter(|_| dispatches > 0).map(|p| {
+            let set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * dispatches,
+            });
+            (set, p.mode == TimingMode::InsidePasses)
         });
-        let inside = profiler.mode == TimingMode::InsidePasses;
+        let one_pass_per_dispatch = matches!(timing, Some((_, false)));
         let mut encoder = self.encoder();
         let mut metas = Vec::with_capacity(dispatches as usize);
         let mut i = 0;
         while i < commands.len() {
-            match &commands[i] {
-                Command::Copy {
-                    src,
-                    src_offset,
-                    dst,
-                    dst_offset,
-                    size,
-                } => {
-                    encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
-                    i += 1;
+            if let Command::Copy {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                size,
+            } = &commands[i]
+            {
+                encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
+                i += 1;
+                continue;
+            }
+            let q = 2 * metas.len() as u32;
+            let boundary_writes = match &timing {
+                Some((set, false)) => Some(wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: Some(q),
+                    end_of_pass_write_index: Some(q + 1),
+                }),
+                _ => None,
+            };
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("kernels"),
+                timestamp_writes: boundary_writes,
+            });
+            while let Some(Command::Dispatch(d, stage)) = commands.get(i) {
+                let q = 2 * metas.len() as u32;
+                if let Some((set, true)) = &timing {
+                    pass.write_timestamp(set, q);
                 }
-                Command::Dispatch(..) if inside => {
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some("kernels"),
-                        timestamp_writes: None,
-                    });
-                    while let Some(Command::Dispatch(d, stage)) = commands.get(i) {
-                        let q = 2 * metas.len() as u32;
-                        pass.write_timestamp(&set, q);
-                        Self::set_and_dispatch(&mut pass, d);
-                        pass.write_timestamp(&set, q + 1);
-                        metas.push(meta(d, stage));
-                        i += 1;
-                    }
+                Self::set_and_dispatch(&mut pass, d);
+                if let Some((set, true)) = &timing {
+                    pass.write_timestamp(set, q + 1);
                 }
-                Command::Dispatch(d, stage) => {
-                    let q = 2 * metas.len() as u32;
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some(d.kernel),
-                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                            query_set: &set,
-                            beginning_of_pass_write_index: Some(q),
-                            end_of_pass_write_index: Some(q + 1),
-                        }),
-                    });
-                    Self::set_and_dispatch(&mut pass, d);
+                if timing.is_some() {
                     metas.push(meta(d, stage));
-                    i += 1;
+                }
+                i += 1;
+                if one_pass_per_dispatch {
+                    break;
                 }
             }
         }
-        let readback = Profiler::resolve(self.gpu, &mut encoder, &set, 2 * dispatches);
+        let readback = timing
+            .as_ref()
+            .map(|(set, _)| Profiler::resolve(self.gpu, &mut encoder, set, 2 * dispatches));
         self.gpu.queue.submit([encoder.finish()]);
-        profiler.pending.push(PendingBatch { readback, metas });
+        if let (Some(readback), Some(p)) = (readback, profiler.as_mut()) {
+            p.pending.push(PendingBatch { readback, metas });
+        }
     }
 
     /// Without timestamp queries: submit and wait for each dispatch alone, timed on the CPU.

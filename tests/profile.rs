@@ -58,6 +58,7 @@ fn check_trace(engine: &Engine, mode: TimingMode) {
         .finish_profiling()
         .unwrap()
         .expect("profiling was on");
+    assert_eq!(report.mode, mode);
     // Profiling stops with the report.
     assert!(engine.gpu.finish_profiling().unwrap().is_none());
 

@@ -172,6 +172,10 @@ struct BenchArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
+    /// Run only the settings whose label contains this text (repeatable; `none`, the baseline
+    /// every speedup is measured against, always runs).
+    #[arg(long, value_name = "TEXT")]
+    only: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -370,7 +374,12 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     let (engine, label) =
         llava_wgpu::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
-    let settings = llava_wgpu::bench::default_settings(engine.config.image_tokens());
+    let mut settings = llava_wgpu::bench::default_settings(engine.config.image_tokens());
+    if !args.only.is_empty() {
+        settings.retain(|s| {
+            s.label == "none" || args.only.iter().any(|o| s.label.contains(o.as_str()))
+        });
+    }
     let report = llava_wgpu::bench::pruning(
         &engine,
         &label,

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod gpu;
 pub mod model;

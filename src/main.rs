@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use llava_wgpu::gpu::device::{list_adapters, BackendChoice};
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
@@ -132,6 +132,26 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Accuracy of every pruning method at 100/50/25/11/5% of the visual tokens on a held-out set.
+    Eval {
+        /// Model directory (llava-hf layout).
+        #[arg(long)]
+        model: PathBuf,
+        /// Held-out questions: JSONL lines {"image", "question", "answer"} (image paths relative to the file).
+        #[arg(long)]
+        questions: PathBuf,
+        /// Evaluate only the first N questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Tokens generated per answer.
+        #[arg(long, default_value_t = 8)]
+        max_new_tokens: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Answer a question about an image.
     Run(Box<RunArgs>),
     /// List every adapter with its backend, type, driver, limits and optional features.
@@ -397,12 +417,53 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
+fn eval(
+    model: &Path,
+    questions: &Path,
+    limit: Option<usize>,
+    max_new: usize,
+    json: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    let mut examples = llava_wgpu::eval::read_jsonl(questions)?;
+    if let Some(n) = limit {
+        examples.truncate(n.max(1));
+    }
+    let options = EngineOptions {
+        gpu: device.options(),
+        weight_format: WeightFormat::F16,
+        progress: true,
+    };
+    let engine = Engine::load(model, options)?;
+    let report = llava_wgpu::eval::run(
+        &engine,
+        &model.display().to_string(),
+        &examples,
+        max_new,
+        |line| eprintln!("  {line}"),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     quiet_mesa_without_a_session();
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Run(args) => run(args),
         Command::Devices { device, json } => devices(device, *json),
+        Command::Eval {
+            model,
+            questions,
+            limit,
+            max_new_tokens,
+            json,
+            device,
+        } => eval(model, questions, *limit, *max_new_tokens, *json, device),
         Command::Bench {
             what: Some(BenchCommand::Kernels { repeats, json }),
             device,

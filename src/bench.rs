@@ -199,7 +199,9 @@ pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Res
         progress("attention T=577 H=16 D=64");
         let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, None)?;
         let t = time_dispatches(gpu, &d, repeats)?;
-        results.push(result("attention", &d, t, copy_gbs));
+        let mut r = result("attention", &d, t, copy_gbs);
+        r.shape = "T=577 H=16 D=64".into();
+        results.push(r);
         let partials = Tensor::empty(
             gpu,
             &[attention::score_partials_len(&shape)],
@@ -216,7 +218,9 @@ pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Res
         progress("attention + scores T=577 H=16 D=64");
         let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, Some(out))?;
         let t = time_dispatches(gpu, &d, repeats)?;
-        results.push(result("attention+scores", &d, t, copy_gbs));
+        let mut r = result("attention+scores", &d, t, copy_gbs);
+        r.shape = "T=577 H=16 D=64".into();
+        results.push(r);
     }
     Ok(KernelReport {
         adapter: gpu.describe(),

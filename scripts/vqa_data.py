@@ -135,12 +135,12 @@ def _muted(rng: random.Random) -> tuple[int, int, int]:
     return tuple(int(min(135, max(0, g + rng.uniform(-22, 22)))) for _ in range(3))
 
 
-def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]] | None:
+def _place(rng: random.Random, n: int, lo: int = MIN_SIZE, hi: int = MAX_SIZE) -> list[tuple[float, float, float]] | None:
     placed: list[tuple[float, float, float]] = []
     mid = IMAGE_SIZE / 2
     for _ in range(n):
         for attempt in range(300):
-            s = float(rng.randint(MIN_SIZE, MAX_SIZE if attempt < 150 else (MIN_SIZE + MAX_SIZE) // 2))
+            s = float(rng.randint(lo, hi if attempt < 150 else (lo + hi) // 2))
             h = s / 2
             cx = rng.uniform(h + 2, IMAGE_SIZE - h - 2)
             cy = rng.uniform(h + 2, IMAGE_SIZE - h - 2)
@@ -155,16 +155,18 @@ def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]] | Non
     return placed
 
 
-def sample_scene(rng: random.Random) -> Scene:
+def sample_scene(rng: random.Random, min_objects: int = 2, max_objects: int = 5, easy: bool = False) -> Scene:
+    """`easy` (training curriculum only): larger shapes (30-44 px) on solid backgrounds without noise."""
+    lo, hi = (30, 44) if easy else (MIN_SIZE, MAX_SIZE)
     while True:
-        n = rng.randint(2, 5)
+        n = rng.randint(min_objects, max_objects)
         colors = rng.sample(COLOR_NAMES, n)
         shapes = [rng.choice(SHAPES) for _ in range(n)]
-        if rng.random() < 0.4:  # a repeated shape, so "how many <shape>s" also gets answers two / three
+        if n >= 2 and rng.random() < 0.4:  # a repeated shape, so "how many <shape>s" also gets answers two / three
             dom = rng.choice(SHAPES)
             for i in rng.sample(range(n), rng.randint(2, min(3, n))):
                 shapes[i] = dom
-        pos = _place(rng, n)
+        pos = _place(rng, n, lo, hi)
         if pos is not None:
             break
     objs = []
@@ -174,6 +176,8 @@ def sample_scene(rng: random.Random) -> Scene:
     kind = rng.choice(["solid", "gradient", "gradient"])
     bg = {"kind": kind, "c0": _muted(rng), "c1": _muted(rng), "angle": rng.uniform(0, 2 * math.pi),
           "noise": rng.choice([0.0, 0.0, rng.uniform(3, 9)]), "noise_seed": rng.getrandbits(63)}
+    if easy:
+        bg.update(kind="solid", noise=0.0)
     return Scene(objs, bg)
 
 
@@ -279,12 +283,15 @@ def ask(rng: random.Random, scene: Scene, qtype: str) -> dict | None:
     return {"type": qtype, "question": q, "answer": a}
 
 
-def train_example(seed: int, qtypes: list[str] | None = None) -> Example:
-    """A training image with one question of each type in `qtypes` (default: all types) that the scene allows."""
+def train_example(seed: int, qtypes: list[str] | None = None, min_objects: int = 2, max_objects: int = 5,
+                  easy: bool = False) -> Example:
+    """A training image with one question of each type in `qtypes` (default: all types) that the scene allows.
+    A curriculum may ask for fewer objects (e.g. 1-2) or easy scenes (large shapes, solid background) early in
+    training; evaluation scenes always have 2-5 objects of normal size on normal backgrounds."""
     if not 0 <= seed < TRAIN_SEED_LIMIT:
         raise ValueError(f"training seed {seed} outside [0, {TRAIN_SEED_LIMIT})")
     rng = random.Random(seed)
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, min_objects, max_objects, easy)
     qas = [qa for t in (qtypes or QTYPES) if (qa := ask(rng, scene, t)) is not None]
     return Example(seed, render(scene), qas, scene)
 

@@ -326,3 +326,49 @@ fn stage_2_output_matches_the_pytorch_drop_reference() {
         assert!(e < 1e-3, "case {i}: FastV first logits rel L2 {e}");
     }
 }
+
+#[test]
+fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
+    let engine = engine();
+    let case = &fixture::cases()[1];
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.max_new_tokens = 1;
+    request.prune = star(20, 6, 2);
+    let out = engine.generate(&request, |_| {}).unwrap();
+    let path = std::env::temp_dir().join(format!("llava-wgpu-overlay-{}.png", std::process::id()));
+    llava_wgpu::vision::overlay::write(&engine, &request, &out, &path).unwrap();
+    let overlay = image::open(&path).unwrap().to_rgb8();
+    std::fs::remove_file(&path).ok();
+    // 84-pixel crop scaled ×4, two panels 8 pixels apart.
+    assert_eq!((overlay.width(), overlay.height()), (336 * 2 + 8, 336));
+    let (crop, h, w) = engine
+        .image_processor
+        .crop_rgb8(&llava_wgpu::vision::load_image(&case.image).unwrap(), false);
+    assert_eq!((h, w), (84, 84));
+    let kept = out.kept_visual_indices.unwrap();
+    for (panel, list) in [kept.stage1.unwrap(), kept.stage2.unwrap()]
+        .iter()
+        .enumerate()
+    {
+        for patch in 0..36 {
+            // Centre pixel of the patch in the crop and in the overlay panel.
+            let (y, x) = ((patch / 6) * 14 + 7, (patch % 6) * 14 + 7);
+            let src = &crop[(y * w + x) * 3..(y * w + x) * 3 + 3];
+            let px = overlay
+                .get_pixel((panel * (336 + 8) + x * 4) as u32, (y * 4) as u32)
+                .0;
+            let want: Vec<u8> = if list.contains(&patch) {
+                src.to_vec()
+            } else {
+                src.iter().map(|&v| (v as u32 * 25 / 100) as u8).collect()
+            };
+            assert_eq!(px.to_vec(), want, "panel {panel} patch {patch}");
+        }
+    }
+    // Without pruning there is nothing to draw: a clear error.
+    let plain = run(&engine, case, PruneOptions::default(), 1);
+    let e = llava_wgpu::vision::overlay::write(&engine, &request, &plain, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--kept-overlay"), "{e}");
+}

@@ -57,9 +57,10 @@ enum WeightsArg {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Model directory in the llava-hf layout (config.json, safetensors, tokenizer.json).
+    /// Model directory in the llava-hf layout (config.json, safetensors, tokenizer.json);
+    /// default: the trained demo model in weights/tiny-llava-shapes.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Image file (png, jpeg, bmp, gif, webp, tiff).
     #[arg(long)]
     image: PathBuf,
@@ -290,6 +291,20 @@ fn quiet_mesa_without_a_session() {
     }
 }
 
+/// The demo model that ships in the repository: found from the working directory (a checkout)
+/// or from where the binary was built.
+const DEFAULT_MODEL: &str = "weights/tiny-llava-shapes";
+
+fn default_model() -> Result<PathBuf> {
+    let candidates = [PathBuf::from(DEFAULT_MODEL), Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)];
+    candidates.iter().find(|p| p.join("config.json").exists()).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no --model given and the default model {DEFAULT_MODEL} was not found \
+             (run from the repository, or pass --model DIR)"
+        )
+    })
+}
+
 fn run(args: &RunArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         anyhow::bail!(
@@ -311,7 +326,11 @@ fn run(args: &RunArgs) -> Result<()> {
         },
         progress: true,
     };
-    let engine = Engine::load(&args.model, options)?;
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => default_model()?,
+    };
+    let engine = Engine::load(&model, options)?;
     let request = GenerateRequest {
         image: args.image.clone(),
         prompt: args.prompt.clone(),

@@ -296,13 +296,20 @@ fn quiet_mesa_without_a_session() {
 const DEFAULT_MODEL: &str = "weights/tiny-llava-shapes";
 
 fn default_model() -> Result<PathBuf> {
-    let candidates = [PathBuf::from(DEFAULT_MODEL), Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL)];
-    candidates.iter().find(|p| p.join("config.json").exists()).cloned().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no --model given and the default model {DEFAULT_MODEL} was not found \
+    let candidates = [
+        PathBuf::from(DEFAULT_MODEL),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.join("config.json").exists())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no --model given and the default model {DEFAULT_MODEL} was not found \
              (run from the repository, or pass --model DIR)"
-        )
-    })
+            )
+        })
 }
 
 fn run(args: &RunArgs) -> Result<()> {

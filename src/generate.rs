@@ -39,6 +39,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Visual-token pruning (STAR.md).
     pub prune: PruneOptions,
+    /// Copy the projector output and the first logits row back into the output (parity
+    /// checks). Off by default: for 7B the projector output alone is a 9 MB readback.
+    pub capture_outputs: bool,
 }
 
 impl GenerateRequest {
@@ -53,6 +56,7 @@ impl GenerateRequest {
             pad_to_square: false,
             ignore_eos: false,
             prune: PruneOptions::default(),
+            capture_outputs: false,
         }
     }
 }
@@ -118,10 +122,10 @@ pub struct GenerateOutput {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<Vec<TokenLogprob>>>,
     pub memory: MemoryReport,
-    /// Logits of the first generated step (for parity tests; not serialised).
+    /// Logits of the first generated step, with `capture_outputs` (not serialised).
     #[serde(skip)]
     pub first_logits: Vec<f32>,
-    /// Projector output [visual tokens, text width] (for parity tests; not serialised).
+    /// Projector output [visual tokens, text width], with `capture_outputs` (not serialised).
     #[serde(skip)]
     pub image_features: Vec<f32>,
 }
@@ -475,8 +479,18 @@ impl Engine {
             rec.dispatch(gpu_sample::argmax(gpu, &buffers.logits, 0, &token_out, 0)?);
         }
         rec.finish("prefill")?;
-        let first_logits = gpu.read_f32(&buffers.logits)?;
-        let image_features = gpu.read_f32(&image.embeddings)?;
+        // The logits row is read only when the host samples from it or a caller asked for it;
+        // greedy decoding reads just the argmax id.
+        let first_logits = if need_logits || request.capture_outputs {
+            gpu.read_f32(&buffers.logits)?
+        } else {
+            Vec::new()
+        };
+        let image_features = if request.capture_outputs {
+            gpu.read_f32(&image.embeddings)?
+        } else {
+            Vec::new()
+        };
 
         // Kept indices in the original patch grid.
         let stage1 = image.kept.clone();

@@ -351,6 +351,7 @@ fn run(args: &RunArgs) -> Result<()> {
         logprobs: args.logprobs,
         pad_to_square: args.pad_to_square,
         ignore_eos: args.ignore_eos,
+        capture_outputs: false,
         prune: PruneOptions {
             method: args.prune,
             stage1_keep: args.stage1_keep,

@@ -121,6 +121,7 @@ fn answer(dir: &std::path::Path) -> (Vec<f32>, Vec<u32>) {
     let engine = Engine::load(dir, options).unwrap();
     let case = &fixture::cases()[2];
     let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.capture_outputs = true;
     request.max_new_tokens = 8;
     let out = engine.generate(&request, |_| {}).unwrap();
     (out.first_logits, out.generated_ids)

@@ -32,6 +32,7 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 
 fn request(case: &fixture::Case) -> GenerateRequest {
     let mut r = GenerateRequest::new(&case.image, &case.prompt);
+    r.capture_outputs = true;
     r.max_new_tokens = case.greedy_ids.len();
     // The recorded tokens mask EOS (it never wins for this fixture, see cases.json).
     r.ignore_eos = true;

@@ -18,6 +18,7 @@ fn run(
     tokens: usize,
 ) -> GenerateOutput {
     let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.capture_outputs = true;
     request.max_new_tokens = tokens;
     request.ignore_eos = true;
     request.prune = prune;
@@ -133,6 +134,7 @@ fn impossible_settings_are_refused() {
     let case = &fixture::cases()[0];
     let err = |prune: PruneOptions, template: Template, prompt: &str| {
         let mut request = GenerateRequest::new(&case.image, prompt);
+        request.capture_outputs = true;
         request.prune = prune;
         request.template = template;
         engine.generate(&request, |_| {}).unwrap_err().to_string()
@@ -332,6 +334,7 @@ fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
     let engine = engine();
     let case = &fixture::cases()[1];
     let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.capture_outputs = true;
     request.max_new_tokens = 1;
     request.prune = star(20, 6, 2);
     let out = engine.generate(&request, |_| {}).unwrap();

@@ -190,6 +190,45 @@ def _star(cx, cy, r_out, r_in):
     return pts
 
 
+def _draw_shapes(img: Image.Image, scene: Scene, fills: list) -> None:
+    """Draw every object of `scene` on `img` (SUPERSAMPLE x the output size), object i filled with fills[i]."""
+    d = ImageDraw.Draw(img)
+    for o, fill in zip(scene.objects, fills):
+        k = SUPERSAMPLE
+        cx, cy, h = o.cx * k, o.cy * k, o.size * k / 2
+        if o.shape == "circle":
+            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        elif o.shape == "square":
+            q = h * 0.86  # similar area to the circle
+            d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+        elif o.shape == "triangle":
+            d.polygon([(cx - h, cy + h * 0.85), (cx, cy - h), (cx + h, cy + h * 0.85)], fill=fill)
+        elif o.shape == "star":
+            d.polygon(_star(cx, cy + h * 0.08, h * 1.05, h * 0.45), fill=fill)
+        elif o.shape == "cross":
+            w = h * 0.36
+            d.rectangle([cx - h, cy - w, cx + h, cy + w], fill=fill)
+            d.rectangle([cx - w, cy - h, cx + w, cy + h], fill=fill)
+        else:
+            raise ValueError(o.shape)
+
+
+def patch_coverage(scene: Scene, patch: int) -> np.ndarray:
+    """[objects, rows, cols] fraction of every patch x patch cell of the image covered by each object (from the
+    same supersampled drawing as `render`); the trainer uses it for the vision tower's per-patch labels."""
+    S = IMAGE_SIZE * SUPERSAMPLE
+    grid = IMAGE_SIZE // patch
+    out = np.zeros((len(scene.objects), grid, grid))
+    ids = Image.new("L", (S, S), 0)
+    _draw_shapes(ids, scene, list(range(1, len(scene.objects) + 1)))
+    a = np.asarray(ids)[: grid * patch * SUPERSAMPLE, : grid * patch * SUPERSAMPLE]
+    cell = patch * SUPERSAMPLE
+    blocks = a.reshape(grid, cell, grid, cell)
+    for i in range(len(scene.objects)):
+        out[i] = (blocks == i + 1).mean(axis=(1, 3))
+    return out
+
+
 def render(scene: Scene) -> Image.Image:
     S = IMAGE_SIZE * SUPERSAMPLE
     bg = scene.background
@@ -201,25 +240,7 @@ def render(scene: Scene) -> Image.Image:
         t = (math.cos(bg["angle"]) * u[None, :] + math.sin(bg["angle"]) * u[:, None]) / math.sqrt(2) * 0.5 + 0.5
         arr = c0 * (1 - t[..., None]) + c1 * t[..., None]
     img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
-    d = ImageDraw.Draw(img)
-    for o in scene.objects:
-        k = SUPERSAMPLE
-        cx, cy, h = o.cx * k, o.cy * k, o.size * k / 2
-        if o.shape == "circle":
-            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=o.rgb)
-        elif o.shape == "square":
-            q = h * 0.86  # similar area to the circle
-            d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=o.rgb)
-        elif o.shape == "triangle":
-            d.polygon([(cx - h, cy + h * 0.85), (cx, cy - h), (cx + h, cy + h * 0.85)], fill=o.rgb)
-        elif o.shape == "star":
-            d.polygon(_star(cx, cy + h * 0.08, h * 1.05, h * 0.45), fill=o.rgb)
-        elif o.shape == "cross":
-            w = h * 0.36
-            d.rectangle([cx - h, cy - w, cx + h, cy + w], fill=o.rgb)
-            d.rectangle([cx - w, cy - h, cx + w, cy + h], fill=o.rgb)
-        else:
-            raise ValueError(o.shape)
+    _draw_shapes(img, scene, [o.rgb for o in scene.objects])
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
     if bg["noise"] > 0:
         nrng = np.random.default_rng(bg["noise_seed"])

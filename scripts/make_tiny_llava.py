@@ -49,17 +49,18 @@ Output is deterministic: rerunning produces byte-identical files with the same p
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+from llava_hf_common import (  # first: sets the offline environment before transformers loads
+    CLIP_MEAN,
+    CLIP_STD,
+    build_llama_bpe,
+    make_hf_tokenizer,
+    make_processor,
+    save_processor_files,
+    versions,
+)
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import random
@@ -69,14 +70,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import PIL
-import safetensors
-import tokenizers
 import torch
-import transformers
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 
 from transformers import (
     AutoProcessor,
@@ -85,14 +82,7 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
-
-try:  # transformers >= 5: the PIL backend has its own class; CLIPImageProcessor is torchvision
-    from transformers import CLIPImageProcessorPil as PilClipImageProcessor
-except ImportError:  # transformers 4.x: CLIPImageProcessor is the slow PIL one
-    from transformers import CLIPImageProcessor as PilClipImageProcessor
 
 try:
     from transformers import LlavaImageProcessorPil as PilLlavaImageProcessor
@@ -122,22 +112,6 @@ LOGIT_STD = 8.0  # target standard deviation of the logits (lm_head scale)
 ROPE_THETA = 5000.0  # deliberately not the LLaMA default (10000)
 RMS_NORM_EPS = 1e-5  # deliberately not the LlamaConfig default (1e-6)
 TRAIN_VOCAB = 400  # BPE trainer vocabulary (alphabet + merges), before bytes and specials
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{# Render all text next #}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}"
-    "{% endfor %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 CASES = [
     dict(file="case0_square84.png", size=(84, 84), mode="RGB", prompt="What is this?"),
@@ -199,54 +173,7 @@ def synthetic_corpus(n: int = 600) -> list[str]:
 
 
 def build_tokenizer() -> Tokenizer:
-    """LLaMA-style BPE: Metaspace(prepend first), byte fallback, ids 0..2 = <unk> <s> </s>, 3..258 = bytes."""
-    corpus = synthetic_corpus()
-    meta = dict(replacement="\u2581", prepend_scheme="first", split=False)
-
-    # 1. Train the merges (words split on spaces during training, as sentencepiece does).
-    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=TRAIN_VOCAB, special_tokens=[], show_progress=False)
-    trainer_tok.train_from_iterator(corpus, trainer)
-    trained = json.loads(trainer_tok.to_str())["model"]
-    trained_vocab = sorted(trained["vocab"].items(), key=lambda kv: kv[1])
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-
-    # 2. Rebuild with LLaMA's id layout.
-    vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for piece, _ in trained_vocab:
-        if piece not in vocab:
-            vocab[piece] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(**meta)
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
-    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
-    tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", 1)]
-    )
-    return tok
-
-
-def make_hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        model_max_length=512,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
-    return hf
+    return build_llama_bpe(synthetic_corpus(), TRAIN_VOCAB)
 
 
 # ----------------------------------------------------------------------------- images
@@ -1019,19 +946,6 @@ PRUNING_TENSOR_DOCS = {
 # ----------------------------------------------------------------------------- main
 
 
-def versions() -> dict:
-    return {
-        "python": sys.version.split()[0],
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "safetensors": safetensors.__version__,
-        "pillow": PIL.__version__,
-        "numpy": np.__version__,
-        "torchvision_installed": importlib.util.find_spec("torchvision") is not None,
-    }
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=OUT)
@@ -1069,27 +983,8 @@ def main() -> int:
     log(f"  probe tokens: {enc.tokens}")
 
     # ---- processor
-    image_processor = PilClipImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": IMAGE_SIZE},
-        resample=PIL.Image.Resampling.BICUBIC,
-        do_center_crop=True,
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        do_convert_rgb=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=hf_tok,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token (llava-hf sets this too)
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = make_processor(hf_tok, IMAGE_SIZE, PATCH_SIZE)
+    image_processor = processor.image_processor
 
     # ---- images and processor outputs (model independent)
     bg = tuple(int(x * 255) for x in CLIP_MEAN)
@@ -1272,30 +1167,8 @@ def main() -> int:
     # ---- save model, processor, extra files
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    written_by_transformers = sorted(p.name for p in out.iterdir() if p.is_file())
+    written_by_transformers = save_processor_files(out, processor, raw_tok, IMAGE_SIZE)
     log("transformers wrote:", written_by_transformers)
-    if not (out / "tokenizer.json").exists():
-        raw_tok.save(str(out / "tokenizer.json"))
-    preprocessor_config = {
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": CLIP_MEAN,
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": CLIP_STD,
-        "processor_class": "LlavaProcessor",
-        "resample": 3,
-        "rescale_factor": 1 / 255,
-        "size": {"shortest_edge": IMAGE_SIZE},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2) + "\n")
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
-    if not (out / "chat_template.jinja").exists():
-        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
     # a single metadata entry: safetensors writes the metadata map in hash order (not reproducible)
     save_file(dict(sorted(tensors.items())), str(ref / "reference.safetensors"), metadata={"format": "pt"})

@@ -304,16 +304,33 @@ def ask(rng: random.Random, scene: Scene, qtype: str) -> dict | None:
     return {"type": qtype, "question": q, "answer": a}
 
 
+_SUBJECT_WORDS = set(COLOR_NAMES) | set(SHAPES) | set(PLURAL.values()) | {"top", "bottom", "left", "right"}
+
+
+def _subject(question: str) -> str:
+    """The colour / shape / corner words of a question: what it asks about, without the template."""
+    return " ".join(w for w in normalize_answer(question).split() if w in _SUBJECT_WORDS)
+
+
 def train_example(seed: int, qtypes: list[str] | None = None, min_objects: int = 2, max_objects: int = 5,
-                  easy: bool = False) -> Example:
-    """A training image with one question of each type in `qtypes` (default: all types) that the scene allows.
-    A curriculum may ask for fewer objects (e.g. 1-2) or easy scenes (large shapes, solid background) early in
-    training; evaluation scenes always have 2-5 objects of normal size on normal backgrounds."""
+                  easy: bool = False, per_type: int = 1) -> Example:
+    """A training image with up to `per_type` distinct questions of each type in `qtypes` (default: all types)
+    that the scene allows. A curriculum may ask for fewer objects (e.g. 1-2) or easy scenes (large shapes, solid
+    background) early in training; evaluation scenes always have 2-5 objects of normal size on normal
+    backgrounds."""
     if not 0 <= seed < TRAIN_SEED_LIMIT:
         raise ValueError(f"training seed {seed} outside [0, {TRAIN_SEED_LIMIT})")
     rng = random.Random(seed)
     scene = sample_scene(rng, min_objects, max_objects, easy)
-    qas = [qa for t in (qtypes or QTYPES) if (qa := ask(rng, scene, t)) is not None]
+    qas: list[dict] = []
+    for t in qtypes or QTYPES:
+        seen: set[str] = set()
+        for _ in range(per_type):
+            qa = ask(rng, scene, t)
+            key = _subject(qa["question"]) if qa is not None else ""
+            if qa is not None and key not in seen:  # one question per subject, whatever the template
+                seen.add(key)
+                qas.append(qa)
     return Example(seed, render(scene), qas, scene)
 
 

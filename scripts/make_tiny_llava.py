@@ -49,15 +49,8 @@ Output is deterministic: rerunning produces byte-identical files with the same p
 
 from __future__ import annotations
 
-from llava_hf_common import (  # first: sets the offline environment before transformers loads
-    CLIP_MEAN,
-    CLIP_STD,
-    build_llama_bpe,
-    make_hf_tokenizer,
-    make_processor,
-    save_processor_files,
-    versions,
-)
+# first: sets the offline environment before transformers loads
+from llava_hf_common import CLIP_MEAN, CLIP_STD, build_llama_bpe, make_hf_tokenizer, make_processor, save_processor_files, versions
 
 import argparse
 import copy

@@ -47,8 +47,9 @@ single-question losses (checked against transformers' own forward at start-up) a
 Accuracy: greedy decoding (transformers ``generate``, do_sample=False, max 6 new tokens, stop at </s>) of the
 reloaded float16 checkpoint computed in float32, answer normalised with vqa_data.normalize_answer, exact match.
 
-Full run (default: 2 threads, 4000 steps of 16 images, bf16 autocast; projected ~45-50 minutes in all on a
-2-core Sapphire Rapids CPU with AMX; the README records the real numbers):
+Full run (default: 2 threads; 500 vision steps of 32 images, then 2400 steps of 12 images with up to 4
+questions of each type per image; bf16 autocast; about 50 minutes in all on a 2-core Sapphire Rapids CPU with
+AMX; the model's README records the real numbers):
 
     python scripts/train_tiny_llava.py
     python scripts/vqa_data.py heldout --out data/shapes-heldout --n 700   # the same held-out set as JSONL
@@ -67,15 +68,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llava_hf_common import (  # noqa: E402  first: sets the offline environment before transformers loads
-    CLIP_MEAN,
-    CLIP_STD,
-    build_llama_bpe,
-    make_hf_tokenizer,
-    make_processor,
-    save_processor_files,
-    versions,
-)
+# first: sets the offline environment before transformers loads
+from llava_hf_common import CLIP_MEAN, CLIP_STD, build_llama_bpe, make_hf_tokenizer, make_processor, save_processor_files, versions  # noqa: E402
 
 import argparse
 import json
@@ -109,10 +103,11 @@ PATCH_SIZE = 8
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 196
 TRAIN_VOCAB = 220  # BPE trainer vocabulary (alphabet + merges), before the 256 bytes and the specials
 MAX_SIZE_BYTES = 25 * 1000 * 1000
-# Chosen from 1-thread step-time measurements (batch 16: ~0.97 s/step with bf16 autocast on a Sapphire Rapids
-# core) extrapolated to 2 threads (~0.6-0.7 s/step): about 40-47 minutes of training plus ~3 minutes of evaluation.
-DEFAULT_STEPS = 2600
-DEFAULT_BATCH = 16
+# Chosen so the whole script fits the 60-minute budget on the 2-core CPU: a step of 12 images (about 15 questions
+# each, ~420-token packed sequences) takes ~1.05 s with bf16 autocast, a vision step ~0.55 s; with the validation
+# passes and the final held-out evaluation (~4 min) about 50 minutes. (16 images x 2600 steps took ~70.)
+DEFAULT_STEPS = 2400
+DEFAULT_BATCH = 12
 DEFAULT_VISION_STEPS = 500
 VISION_SEED_BASE = 5_000_000  # vision pre-training images: training seeds 5_000_000 + i (the VQA steps use 0 ..)
 
@@ -510,8 +505,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="model-initialisation seed")
     ap.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
                     help="bf16 autocast for the training forward (auto: on when the CPU has AMX)")
-    ap.add_argument("--valid-n", type=int, default=None, help="validation questions (default 280, --quick: 28)")
-    ap.add_argument("--valid-every", type=int, default=250)
+    ap.add_argument("--valid-n", type=int, default=None, help="validation questions (default 140, --quick: 28)")
+    ap.add_argument("--valid-every", type=int, default=500)
     ap.add_argument("--heldout-n", type=int, default=None, help="held-out test questions (default 700, --quick: 14)")
     ap.add_argument("--vision-hidden", type=int, default=192)
     ap.add_argument("--vision-heads", type=int, default=6)
@@ -551,7 +546,7 @@ def main() -> int:
     vision_steps = args.vision_steps if args.vision_steps is not None else (10 if q else DEFAULT_VISION_STEPS)
     bs = args.batch or (8 if q else DEFAULT_BATCH)
     warmup = args.warmup if args.warmup is not None else max(1, steps // 40)
-    valid_n = args.valid_n or (28 if q else 280)
+    valid_n = args.valid_n or (28 if q else 140)
     heldout_n = args.heldout_n or (14 if q else 700)
     if steps * bs > VISION_SEED_BASE or VISION_SEED_BASE + vision_steps * args.vision_batch > vqa_data.TRAIN_SEED_LIMIT:
         raise SystemExit("steps * batch (or the vision pre-training images) exceed their training seed range")
@@ -842,11 +837,11 @@ Prompt format: `USER: <image>\\n{{question}} ASSISTANT:`; the model answers with
 1. Vision pre-training: {info['vision_steps']} AdamW steps of {args.vision_batch} images (1-5 shapes, lr
    {args.vision_lr}) train the CLIP layers LLaVA uses, through a linear probe on their output that predicts, for
    every patch, the shape and the colour of the object covering it (background patches weighted
-   {args.patch_background_weight}); the probe is not part of the checkpoint. Without it, shape identity and the
+   {args.patch_background_weight}); the probe also predicts each patch's row and column, so the features keep where a patch is; it is not part of the checkpoint. Without it, shape identity and the
    colour-shape binding stayed at chance: the answer tokens alone are too sparse a signal for a ViT trained
    from scratch.
 2. End to end: {info['steps']} AdamW steps of
-{info['batch_images']} images, each image with one question of every type the scene allows (up to 7), packed
+{info['batch_images']} images, each image with up to {args.questions_per_type} distinct questions of every type the scene allows, packed
 into one sequence per image with a block attention mask (equivalent to separate single-question examples);
 loss on the answer tokens and `</s>` only; width-aware initialisation (N(0, 1/fan_in), residual outputs
 / sqrt(2 L), token embeddings N(0, {args.embed_std:g})) instead of transformers' fixed 0.02; object-count

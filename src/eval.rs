@@ -2,6 +2,7 @@
 //! held-out question set (JSONL lines `{"image": PATH, "question": TEXT, "answer": TEXT}`, image
 //! paths relative to the file), with retention against the unpruned model and time per setting.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,6 +18,8 @@ pub struct Example {
     pub image: PathBuf,
     pub question: String,
     pub answer: String,
+    /// Optional `type` field (e.g. `count_all`): accuracy is also reported per type.
+    pub kind: Option<String>,
 }
 
 /// Read a JSONL question set; errors name the file and line.
@@ -45,6 +48,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
             image: base.join(field("image")?),
             question: field("question")?,
             answer: field("answer")?,
+            kind: v.get("type").and_then(|x| x.as_str()).map(str::to_string),
         });
     }
     if out.is_empty() {
@@ -97,6 +101,16 @@ pub struct EvalRow {
     pub retention: f64,
     pub total_ms: f64,
     pub ms_per_question: f64,
+    /// Per question type (only when the set's lines have a `type`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_type: BTreeMap<String, TypeScore>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TypeScore {
+    pub correct: usize,
+    pub total: usize,
+    pub accuracy: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -134,6 +148,7 @@ pub fn run(
         let prune = setting(method, budget, n0, 0);
         let start = Instant::now();
         let mut correct = 0;
+        let mut by_type: BTreeMap<String, TypeScore> = BTreeMap::new();
         let mut visual = n0;
         for (i, ex) in examples.iter().enumerate() {
             let mut request = GenerateRequest::new(&ex.image, &ex.question);
@@ -145,11 +160,18 @@ pub fn run(
             };
             let out = engine.generate(&request, |_| {})?;
             visual = out.visual_tokens.after_stage2;
-            if normalise(&out.text) == normalise(&ex.answer) {
-                correct += 1;
+            let good = normalise(&out.text) == normalise(&ex.answer);
+            correct += usize::from(good);
+            if let Some(kind) = &ex.kind {
+                let score = by_type.entry(kind.clone()).or_default();
+                score.total += 1;
+                score.correct += usize::from(good);
             }
         }
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        for score in by_type.values_mut() {
+            score.accuracy = score.correct as f64 / score.total as f64;
+        }
         let accuracy = correct as f64 / examples.len() as f64;
         let unpruned = rows.first().map_or(accuracy, |r| r.accuracy);
         let name = format!("{method:?}").to_lowercase();
@@ -172,6 +194,7 @@ pub fn run(
             },
             total_ms,
             ms_per_question: total_ms / examples.len() as f64,
+            by_type,
         });
     }
     Ok(EvalReport {
@@ -201,6 +224,27 @@ impl EvalReport {
                 r.retention * 100.0,
                 r.ms_per_question
             ));
+        }
+        let kinds: Vec<&String> = self
+            .rows
+            .first()
+            .map(|r| r.by_type.keys().collect())
+            .unwrap_or_default();
+        if !kinds.is_empty() {
+            out.push_str("\naccuracy by question type (%)\n");
+            out.push_str(&format!("{:<10} {:>7}", "method", "budget"));
+            for k in &kinds {
+                out.push_str(&format!(" {:>w$}", k, w = k.len().max(6)));
+            }
+            out.push('\n');
+            for r in &self.rows {
+                out.push_str(&format!("{:<10} {:>6.0}%", r.method, r.budget * 100.0));
+                for k in &kinds {
+                    let acc = r.by_type.get(*k).map_or(f64::NAN, |s| s.accuracy * 100.0);
+                    out.push_str(&format!(" {:>w$.1}", acc, w = k.len().max(6)));
+                }
+                out.push('\n');
+            }
         }
         out
     }

@@ -79,8 +79,8 @@ struct RunArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Visual-token pruning method.
-    #[arg(long, value_enum, default_value_t = Method::None)]
+    /// Visual-token pruning method (default STAR: the README's accuracy table shows why).
+    #[arg(long, value_enum, default_value_t = Method::Star)]
     prune: Method,
     /// STAR stage 1: visual tokens kept in the vision encoder (N1).
     #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
@@ -135,12 +135,13 @@ struct RunArgs {
 enum Command {
     /// Accuracy of every pruning method at 100/50/25/11/5% of the visual tokens on a held-out set.
     Eval {
-        /// Model directory (llava-hf layout).
+        /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
         #[arg(long)]
-        model: PathBuf,
-        /// Held-out questions: JSONL lines {"image", "question", "answer"} (image paths relative to the file).
+        model: Option<PathBuf>,
+        /// Held-out questions: JSONL lines {"image", "question", "answer"[, "type"]} (image paths
+        /// relative to the file); default: weights/shapes-heldout/heldout.jsonl.
         #[arg(long)]
-        questions: PathBuf,
+        questions: Option<PathBuf>,
         /// Evaluate only the first N questions.
         #[arg(long)]
         limit: Option<usize>,
@@ -291,25 +292,34 @@ fn quiet_mesa_without_a_session() {
     }
 }
 
-/// The demo model that ships in the repository: found from the working directory (a checkout)
-/// or from where the binary was built.
+/// The demo model and the slice of its held-out set that ship in the repository.
 const DEFAULT_MODEL: &str = "weights/tiny-llava-shapes";
+const DEFAULT_QUESTIONS: &str = "weights/shapes-heldout/heldout.jsonl";
 
-fn default_model() -> Result<PathBuf> {
+/// A file or directory of the repository, found from the working directory (a checkout) or from
+/// where the binary was built. `marker`: a file the directory must hold; `None`: the path is a file.
+fn shipped_path(relative: &str, flag: &str, marker: Option<&str>) -> Result<PathBuf> {
     let candidates = [
-        PathBuf::from(DEFAULT_MODEL),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL),
+        PathBuf::from(relative),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(relative),
     ];
     candidates
         .iter()
-        .find(|p| p.join("config.json").exists())
+        .find(|p| match marker {
+            Some(file) => p.join(file).exists(),
+            None => p.is_file(),
+        })
         .cloned()
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "no --model given and the default model {DEFAULT_MODEL} was not found \
-             (run from the repository, or pass --model DIR)"
+                "no {flag} given and the default {relative} was not found \
+                 (run from the repository, or pass {flag})"
             )
         })
+}
+
+fn default_model() -> Result<PathBuf> {
+    shipped_path(DEFAULT_MODEL, "--model DIR", Some("config.json"))
 }
 
 fn run(args: &RunArgs) -> Result<()> {
@@ -445,14 +455,22 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
 }
 
 fn eval(
-    model: &Path,
-    questions: &Path,
+    model: Option<&Path>,
+    questions: Option<&Path>,
     limit: Option<usize>,
     max_new: usize,
     json: bool,
     device: &DeviceArgs,
 ) -> Result<()> {
-    let mut examples = llava_wgpu::eval::read_jsonl(questions)?;
+    let model = match model {
+        Some(m) => m.to_path_buf(),
+        None => default_model()?,
+    };
+    let questions = match questions {
+        Some(q) => q.to_path_buf(),
+        None => shipped_path(DEFAULT_QUESTIONS, "--questions FILE.jsonl", None)?,
+    };
+    let mut examples = llava_wgpu::eval::read_jsonl(&questions)?;
     if let Some(n) = limit {
         examples.truncate(n.max(1));
     }
@@ -461,7 +479,7 @@ fn eval(
         weight_format: WeightFormat::F16,
         progress: true,
     };
-    let engine = Engine::load(model, options)?;
+    let engine = Engine::load(&model, options)?;
     let report = llava_wgpu::eval::run(
         &engine,
         &model.display().to_string(),
@@ -490,7 +508,14 @@ fn main() -> ExitCode {
             max_new_tokens,
             json,
             device,
-        } => eval(model, questions, *limit, *max_new_tokens, *json, device),
+        } => eval(
+            model.as_deref(),
+            questions.as_deref(),
+            *limit,
+            *max_new_tokens,
+            *json,
+            device,
+        ),
         Command::Bench {
             what: Some(BenchCommand::Kernels { repeats, json }),
             device,

@@ -243,7 +243,8 @@ impl PruneOptions {
             if text_after_image == 0 {
                 return Err(Error::argument(
                     "--stage2-layer",
-                    "stage 2 scores visual tokens by the text after the image, and this prompt has none",
+                    "stage 2 scores visual tokens by the text after the image, and this prompt has none \
+                     (put the question after the image, or use --prune fastervlm|vispruner|none)",
                 ));
             }
             Ok(k)

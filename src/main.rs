@@ -408,15 +408,20 @@ fn run(args: &RunArgs) -> Result<()> {
     } else {
         println!();
         let v = &output.visual_tokens;
+        // The first token comes from prefill; a decode rate exists only from the second on.
+        let decode = if output.decode_tokens_per_second > 0.0 {
+            format!("decode {:.1} tokens/s", output.decode_tokens_per_second)
+        } else {
+            "no decode steps".to_string()
+        };
         eprintln!(
-            "{} prompt tokens, visual {} -> {} -> {}, {} generated; prefill {:.0} ms, decode {:.1} tokens/s",
+            "{} prompt tokens, visual {} -> {} -> {}, {} generated; prefill {:.0} ms, {decode}",
             output.prompt_tokens,
             v.encoder,
             v.after_stage1,
             v.after_stage2,
             output.generated_ids.len(),
             output.timings_ms.prefill,
-            output.decode_tokens_per_second
         );
     }
     Ok(())

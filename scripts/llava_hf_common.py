@@ -31,7 +31,7 @@ import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import LlavaProcessor, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlavaConfig, LlavaProcessor, PreTrainedTokenizerFast  # noqa: E402
 
 try:  # transformers >= 5: the PIL backend has its own class; CLIPImageProcessor is torchvision
     from transformers import CLIPImageProcessorPil as PilClipImageProcessor
@@ -68,6 +68,22 @@ def versions() -> dict:
         "numpy": np.__version__,
         "torchvision_installed": importlib.util.find_spec("torchvision") is not None,
     }
+
+
+def llava_config(vision, text, image_id: int, image_tokens: int) -> LlavaConfig:
+    """LLaVA-1.5's wiring around a CLIP vision config and a LLaMA text config: layer -2 features without
+    CLS, GELU projector with biases, untied lm_head."""
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        image_seq_length=image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
 
 
 def build_llama_bpe(corpus: list[str], train_vocab: int) -> Tokenizer:

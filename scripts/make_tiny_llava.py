@@ -50,7 +50,7 @@ Output is deterministic: rerunning produces byte-identical files with the same p
 from __future__ import annotations
 
 # first: sets the offline environment before transformers loads
-from llava_hf_common import CLIP_MEAN, CLIP_STD, build_llama_bpe, make_hf_tokenizer, make_processor, save_processor_files, versions
+from llava_hf_common import CLIP_MEAN, CLIP_STD, build_llama_bpe, llava_config, make_hf_tokenizer, make_processor, save_processor_files, versions
 
 import argparse
 import copy
@@ -264,18 +264,7 @@ def build_config(vocab_size: int, image_id: int, pad_id: int) -> LlavaConfig:
         attention_bias=False,
         mlp_bias=False,
     )
-    cfg = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_id,
-        image_seq_length=NUM_PATCHES,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-    )
-    return cfg
+    return llava_config(vision, text, image_id, NUM_PATCHES)
 
 
 def randomize(model: torch.nn.Module, seed: int, quiet_ids: dict[int, float]) -> None:

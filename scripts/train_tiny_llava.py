@@ -69,7 +69,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # first: sets the offline environment before transformers loads
-from llava_hf_common import CLIP_MEAN, CLIP_STD, build_llama_bpe, make_hf_tokenizer, make_processor, save_processor_files, versions  # noqa: E402
+from llava_hf_common import CLIP_MEAN, CLIP_STD, build_llama_bpe, llava_config, make_hf_tokenizer, make_processor, save_processor_files, versions  # noqa: E402
 
 import argparse
 import json
@@ -156,17 +156,7 @@ def build_config(args, vocab_size: int, image_id: int, pad_id: int) -> LlavaConf
         attention_bias=False,
         mlp_bias=False,
     )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_id,
-        image_seq_length=NUM_PATCHES,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-    )
+    return llava_config(vision, text, image_id, NUM_PATCHES)
 
 
 @torch.no_grad()
@@ -335,12 +325,12 @@ def patch_labels(scene, threshold: float) -> torch.Tensor:
     grid = IMAGE_SIZE // PATCH_SIZE
     out[:, 2] = torch.arange(NUM_PATCHES) // grid
     out[:, 3] = torch.arange(NUM_PATCHES) % grid
-    best, frac = cov.argmax(0), cov.max(0)
-    for k in range(NUM_PATCHES):
-        if frac[k] >= threshold:
-            o = scene.objects[best[k]]
-            out[k, 0] = 1 + vqa_data.SHAPES.index(o.shape)
-            out[k, 1] = 1 + vqa_data.COLOR_NAMES.index(o.color)
+    best = torch.from_numpy(cov.argmax(0))
+    covered = torch.from_numpy(cov.max(0) >= threshold)
+    shape_of = torch.tensor([1 + vqa_data.SHAPES.index(o.shape) for o in scene.objects])
+    color_of = torch.tensor([1 + vqa_data.COLOR_NAMES.index(o.color) for o in scene.objects])
+    out[:, 0] = torch.where(covered, shape_of[best], 0)
+    out[:, 1] = torch.where(covered, color_of[best], 0)
     return out
 
 
@@ -349,14 +339,11 @@ def vision_features(model, pixels: torch.Tensor) -> torch.Tensor:
     return model.model.multi_modal_projector(clip_patch_rows(model, pixels))
 
 
-def packed_logits(model, batch: dict, P0: int, patch_head: PatchHead | None = None, aux: dict | None = None
-                  ) -> torch.Tensor:
-    """Logits [n_targets, vocab] at the rows that predict answer tokens. With `patch_head`, also stores the
-    per-patch loss and accuracies (batch["patch_labels"]) in `aux`."""
-    rows = clip_patch_rows(model, batch["pixels"])
-    if patch_head is not None:
-        aux["loss"], aux["acc"] = patch_head.loss(rows, batch["patch_labels"], aux["background_weight"])
-    feats = model.model.multi_modal_projector(rows)
+def packed_logits(model, batch: dict, P0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [n_targets, vocab] at the rows that predict answer tokens, the CLIP rows [B, 196, D_vision] the
+    projector was given, for the per-patch loss)."""
+    clip_rows = clip_patch_rows(model, batch["pixels"])
+    feats = model.model.multi_modal_projector(clip_rows)
     lm = model.model.language_model
     emb = lm.embed_tokens(batch["ids"])
     x = torch.cat([emb[:, :P0], feats.to(emb.dtype), emb[:, P0 + NUM_PATCHES:]], dim=1)
@@ -366,7 +353,7 @@ def packed_logits(model, batch: dict, P0: int, patch_head: PatchHead | None = No
         x = layer(x, attention_mask=batch["mask"], position_ids=pos, position_embeddings=pe)
     rows = batch["rows"]
     h = x[rows[:, 0], rows[:, 1]]
-    return model.lm_head(lm.norm(h)).float()
+    return model.lm_head(lm.norm(h)).float(), clip_rows
 
 
 def exact_match_by_owner(logits: torch.Tensor, batch: dict) -> dict:
@@ -387,7 +374,7 @@ def teacher_forced_eval(model, packer: Packer, examples: list, bs: int, amp) -> 
         chunk = examples[i: i + bs]
         batch = packer.batch(chunk)
         with amp():
-            logits = packed_logits(model, batch, packer.p0)
+            logits, _ = packed_logits(model, batch, packer.p0)
         for (b, j), good in exact_match_by_owner(logits, batch).items():
             t = chunk[b].qas[j]["type"]
             by_type.setdefault(t, []).append(int(good))
@@ -402,7 +389,7 @@ def check_packing(model, packer: Packer, processor, eos_id: int) -> float:
     model.eval()
     ex = vqa_data.train_example(0)
     batch = packer.batch([ex])
-    packed = packed_logits(model, batch, packer.p0)
+    packed, _ = packed_logits(model, batch, packer.p0)
     ref_rows = []
     for q in ex.qas:
         text = f"{prompt_text(q['question'])} {q['answer']}</s>"
@@ -453,7 +440,7 @@ def pretrain_vision(model, patch_head: PatchHead, packer: Packer, args, steps: i
     """Stage 1: train the CLIP layers LLaVA uses (and the patch head) on per-patch shape / colour labels of
     1-5-object scenes (training seeds VISION_SEED_BASE + i); AdamW, warm-up then cosine decay to 10%."""
     vt = model.model.vision_tower
-    params = [p for n, p in vt.named_parameters()] + list(patch_head.parameters())
+    params = list(vt.parameters()) + list(patch_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=args.weight_decay)
     warm = max(1, steps // 30)
     history = []
@@ -634,13 +621,14 @@ def main() -> int:
         t_data = time.time() - t0
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        aux = {"background_weight": args.patch_background_weight}
         with amp():
-            logits = packed_logits(model, batch, packer.p0, patch_head if use_patch else None, aux)
+            logits, clip_rows = packed_logits(model, batch, packer.p0)
+            if use_patch:
+                patch_loss, patch_acc = patch_head.loss(clip_rows, batch["patch_labels"], args.patch_background_weight)
         loss = torch.nn.functional.cross_entropy(logits, batch["targets"])
-        total = loss + args.patch_loss_weight * aux["loss"] if use_patch else loss
+        total = loss + args.patch_loss_weight * patch_loss if use_patch else loss
         if use_patch:
-            patch_stats.update(loss=float(aux["loss"]), **aux["acc"])
+            patch_stats.update(loss=float(patch_loss), **patch_acc)
         opt.zero_grad(set_to_none=True)
         total.backward()
         gn = float(torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(patch_head.parameters()), 1.0))

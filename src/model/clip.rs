@@ -1,47 +1,80 @@
 //! The CLIP vision tower (transformers' `CLIPVisionTransformer`), run up to the layer LLaVA
 //! takes its features from. Layers after it are never loaded.
+//!
+//! The structs mirror `modeling_clip.py`: `embeddings`, `pre_layrnorm`, and `encoder.layers[i]`
+//! (`CLIPEncoderLayer`) with `layer_norm1`, `self_attn`, `layer_norm2` and `mlp`, each loaded
+//! from the checkpoint scope of the same name. `post_layernorm` is never used by LLaVA.
 
 use crate::error::Result;
 use crate::gpu::kernels::activation::{self, Activation};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
-use crate::gpu::kernels::{matmul, norm};
-use crate::gpu::{DType, Dispatch, Gpu, Recorder, Tensor, Weight};
+use crate::gpu::kernels::matmul;
+use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight};
 use crate::model::config::VisionConfig;
 use crate::model::loader::Loader;
+use crate::model::norm::LayerNorm;
 
-/// `encoder.layers.{i}`: pre-LN self-attention and MLP, each with a residual connection.
-pub struct ClipLayer {
-    pub layer_norm1: (Tensor, Tensor),
+/// `embeddings`: the patch convolution plus the class and position embeddings.
+pub struct ClipEmbeddings {
+    /// `patch_embedding` (a stride-p convolution) as a matmul over flattened patches.
+    pub patch_embedding: Weight,
+    /// Class embedding + position embeddings, [1 + patches, d], added to the patch rows.
+    pub class_and_position: Tensor,
+}
+
+/// `self_attn`: bidirectional multi-head attention with biases.
+pub struct ClipAttention {
     pub q_proj: Weight,
     pub k_proj: Weight,
     pub v_proj: Weight,
     pub out_proj: Weight,
-    pub layer_norm2: (Tensor, Tensor),
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// `mlp`: `fc2(act(fc1(x)))` with CLIP's activation (quick_gelu for LLaVA's towers).
+pub struct ClipMlp {
     pub fc1: Weight,
     pub fc2: Weight,
+    pub activation: Activation,
+}
+
+/// `encoder.layers.{i}`: pre-LN self-attention and MLP, each with a residual connection.
+pub struct ClipLayer {
+    pub layer_norm1: LayerNorm,
+    pub self_attn: ClipAttention,
+    pub layer_norm2: LayerNorm,
+    pub mlp: ClipMlp,
 }
 
 pub struct ClipVision {
     pub config: VisionConfig,
-    /// `embeddings.patch_embedding` (a stride-p convolution) as a matmul over flattened patches.
-    pub patch_embedding: Weight,
-    /// Class embedding + position embeddings, [1 + patches, d], added to the patch rows.
-    pub embedding_base: Tensor,
-    pub pre_layrnorm: (Tensor, Tensor),
+    pub embeddings: ClipEmbeddings,
+    pub pre_layrnorm: LayerNorm,
+    /// `encoder.layers[0..n]`, n = the layers LLaVA's feature layer needs.
     pub layers: Vec<ClipLayer>,
-    pub activation: Activation,
 }
 
-/// Per-request activation buffers for the vision tower.
+/// Per-request activation buffers for the vision tower. T = 1 + patches (CLS first),
+/// d = hidden size, m = intermediate size, c·p·p = values per flattened patch.
 pub struct ClipBuffers {
+    /// (T, c·p·p): flattened pixel patches; row 0 (CLS) is zero.
     pub patches: Tensor,
+    /// (T, d): patch embeddings + class and position embeddings.
     pub embeddings: Tensor,
+    /// (T, d): the residual stream; after `forward`, the selected layer's hidden state.
     pub hidden: Tensor,
+    /// (T, d): the residual stream after a LayerNorm.
     pub normed: Tensor,
+    /// (T, d)
     pub q: Tensor,
+    /// (T, d)
     pub k: Tensor,
+    /// (T, d)
     pub v: Tensor,
+    /// (T, d): attention output before `out_proj`.
     pub attn: Tensor,
+    /// (T, m): `fc1` output, activated in place.
     pub mlp: Tensor,
 }
 
@@ -64,72 +97,174 @@ impl ClipBuffers {
     }
 }
 
+impl ClipEmbeddings {
+    fn load(loader: &Loader, c: &VisionConfig) -> Result<Self> {
+        let (d, p, channels) = (c.hidden_size, c.patch_size, c.num_channels);
+        let tokens = c.num_patches() + 1;
+        // Conv weight [d, c, p, p] flattened to [d, c·p·p]: the order patches are flattened in.
+        let name = loader.key("patch_embedding.weight");
+        let values = loader.f32("patch_embedding.weight", &[d, channels, p, p])?;
+        let patch_embedding = Weight::from_f32(
+            loader.gpu,
+            &name,
+            d,
+            channels * p * p,
+            &values,
+            loader.format,
+        )?;
+        loader.add_uploaded_bytes(patch_embedding.gpu_bytes());
+        // The class embedding only ever sits at position 0: fold it into that position's row.
+        let class = loader.f32("class_embedding", &[d])?;
+        let mut base = loader.f32("position_embedding.weight", &[tokens, d])?;
+        for (b, c) in base[..d].iter_mut().zip(&class) {
+            *b += c;
+        }
+        let class_and_position = loader.upload("class_and_position", &[tokens, d], &base)?;
+        Ok(Self {
+            patch_embedding,
+            class_and_position,
+        })
+    }
+
+    /// `embeddings = patches · Wᵀ + class_and_position`.
+    fn forward(&self, rec: &mut Recorder, b: &ClipBuffers) -> Result<()> {
+        let gpu = rec.gpu();
+        let (base, out) = (&self.class_and_position.buffer, &b.embeddings.buffer);
+        rec.copy(base, 0, out, 0, b.embeddings.bytes());
+        rec.dispatch_all(matmul::matmul(
+            gpu,
+            &b.patches,
+            &self.patch_embedding,
+            &b.embeddings,
+            true,
+        )?);
+        Ok(())
+    }
+}
+
+impl ClipAttention {
+    fn load(loader: &Loader, c: &VisionConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            q_proj: loader.linear("q_proj", d, d, true)?,
+            k_proj: loader.linear("k_proj", d, d, true)?,
+            v_proj: loader.linear("v_proj", d, d, true)?,
+            out_proj: loader.linear("out_proj", d, d, true)?,
+            heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+        })
+    }
+
+    /// `hidden += out_proj(attention(normed))` (the residual add is fused into `out_proj`).
+    /// `scores`, if given, receives per-key attention sums for pruning.
+    fn forward(
+        &self,
+        rec: &mut Recorder,
+        b: &ClipBuffers,
+        scores: Option<ScoreOutput>,
+    ) -> Result<()> {
+        let gpu = rec.gpu();
+        let tokens = b.hidden.shape[0];
+        let shape = AttentionShape {
+            q_rows: tokens,
+            kv_rows: tokens,
+            heads: self.heads,
+            kv_heads: self.heads,
+            head_dim: self.head_dim,
+            causal: false,
+        };
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let mut d = matmul::matmul(gpu, &b.normed, &self.q_proj, &b.q, false)?;
+        d.extend(matmul::matmul(gpu, &b.normed, &self.k_proj, &b.k, false)?);
+        d.extend(matmul::matmul(gpu, &b.normed, &self.v_proj, &b.v, false)?);
+        d.extend(attention::attention(
+            gpu, &shape, scale, &b.q, &b.k, &b.v, &b.attn, scores,
+        )?);
+        d.extend(matmul::matmul(
+            gpu,
+            &b.attn,
+            &self.out_proj,
+            &b.hidden,
+            true,
+        )?);
+        rec.dispatch_all(d);
+        Ok(())
+    }
+}
+
+impl ClipMlp {
+    fn load(loader: &Loader, c: &VisionConfig) -> Result<Self> {
+        let (d, m) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            fc1: loader.linear("fc1", m, d, true)?,
+            fc2: loader.linear("fc2", d, m, true)?,
+            activation: Activation::from_hf(&c.hidden_act).expect("validated by the config parser"),
+        })
+    }
+
+    /// `hidden += fc2(act(fc1(normed)))` (the residual add is fused into `fc2`).
+    fn forward(&self, rec: &mut Recorder, b: &ClipBuffers) -> Result<()> {
+        let gpu = rec.gpu();
+        let mut d = matmul::matmul(gpu, &b.normed, &self.fc1, &b.mlp, false)?;
+        d.push(activation::activate(gpu, self.activation, &b.mlp)?);
+        d.extend(matmul::matmul(gpu, &b.mlp, &self.fc2, &b.hidden, true)?);
+        rec.dispatch_all(d);
+        Ok(())
+    }
+}
+
+impl ClipLayer {
+    fn load(loader: &Loader, c: &VisionConfig) -> Result<Self> {
+        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&loader.scope("layer_norm1"), d, eps)?,
+            self_attn: ClipAttention::load(&loader.scope("self_attn"), c)?,
+            layer_norm2: LayerNorm::load(&loader.scope("layer_norm2"), d, eps)?,
+            mlp: ClipMlp::load(&loader.scope("mlp"), c)?,
+        })
+    }
+
+    /// `x = x + attn(norm1(x)); x = x + mlp(norm2(x))`.
+    fn forward(
+        &self,
+        rec: &mut Recorder,
+        b: &ClipBuffers,
+        scores: Option<ScoreOutput>,
+    ) -> Result<()> {
+        self.layer_norm1.forward(rec, &b.hidden, &b.normed)?;
+        self.self_attn.forward(rec, b, scores)?;
+        self.layer_norm2.forward(rec, &b.hidden, &b.normed)?;
+        self.mlp.forward(rec, b)
+    }
+}
+
 impl ClipVision {
-    /// Load the embeddings, `pre_layrnorm` and the first `layers` encoder layers.
+    /// Load the embeddings, `pre_layrnorm` and the first `layers` encoder layers from `loader`
+    /// scoped at the vision tower (`vision.*` canonical keys).
     pub fn load(
-        loader: &mut Loader,
+        loader: &Loader,
         config: &VisionConfig,
         layers: usize,
         mut progress: impl FnMut(),
     ) -> Result<Self> {
-        let d = config.hidden_size;
-        let p = config.patch_size;
-        let c = config.num_channels;
-        let tokens = config.num_patches() + 1;
-        // Conv weight [d, c, p, p] flattened to [d, c·p·p]: the order patches are flattened in.
-        let patch_embedding = {
-            let name = "vision.embeddings.patch_embedding.weight";
-            let values = loader.checkpoint.f32(name, &[d, c, p, p])?;
-            let w = Weight::from_f32(loader.gpu, name, d, c * p * p, &values, loader.format)?;
-            loader.bytes += w.gpu_bytes();
-            w
-        };
-        let class = loader
-            .checkpoint
-            .f32("vision.embeddings.class_embedding", &[d])?;
-        let mut base = loader
-            .checkpoint
-            .f32("vision.embeddings.position_embedding.weight", &[tokens, d])?;
-        for (b, c) in base[..d].iter_mut().zip(&class) {
-            *b += c;
-        }
-        let embedding_base = loader.upload("vision.embedding_base", &[tokens, d], &base)?;
-        let pre_layrnorm = (
-            loader.vector("vision.pre_layrnorm.weight", d)?,
-            loader.vector("vision.pre_layrnorm.bias", d)?,
-        );
+        let embeddings = ClipEmbeddings::load(&loader.scope("embeddings"), config)?;
+        let pre_layrnorm = LayerNorm::load(
+            &loader.scope("pre_layrnorm"),
+            config.hidden_size,
+            config.layer_norm_eps,
+        )?;
         progress();
-        let m = config.intermediate_size;
+        let layers_scope = loader.scope("encoder").scope("layers");
         let mut loaded = Vec::with_capacity(layers);
         for i in 0..layers {
-            let prefix = format!("vision.encoder.layers.{i}");
-            let ln = |loader: &mut Loader, name: &str| -> Result<(Tensor, Tensor)> {
-                Ok((
-                    loader.vector(&format!("{prefix}.{name}.weight"), d)?,
-                    loader.vector(&format!("{prefix}.{name}.bias"), d)?,
-                ))
-            };
-            loaded.push(ClipLayer {
-                layer_norm1: ln(loader, "layer_norm1")?,
-                q_proj: loader.linear(&format!("{prefix}.self_attn.q_proj"), d, d, true)?,
-                k_proj: loader.linear(&format!("{prefix}.self_attn.k_proj"), d, d, true)?,
-                v_proj: loader.linear(&format!("{prefix}.self_attn.v_proj"), d, d, true)?,
-                out_proj: loader.linear(&format!("{prefix}.self_attn.out_proj"), d, d, true)?,
-                layer_norm2: ln(loader, "layer_norm2")?,
-                fc1: loader.linear(&format!("{prefix}.mlp.fc1"), m, d, true)?,
-                fc2: loader.linear(&format!("{prefix}.mlp.fc2"), d, m, true)?,
-            });
+            loaded.push(ClipLayer::load(&layers_scope.scope(i), config)?);
             progress();
         }
-        let activation =
-            Activation::from_hf(&config.hidden_act).expect("validated by the config parser");
         Ok(Self {
             config: config.clone(),
-            patch_embedding,
-            embedding_base,
+            embeddings,
             pre_layrnorm,
             layers: loaded,
-            activation,
         })
     }
 
@@ -189,93 +324,18 @@ impl ClipVision {
         rec: &mut Recorder,
         buffers: &ClipBuffers,
         pixels: &[f32],
-        scores: Option<ScoreOutput>,
+        mut scores: Option<ScoreOutput>,
     ) -> Result<()> {
-        let gpu = rec.gpu();
-        buffers.patches.write_f32(gpu, &self.patchify(pixels))?;
-        let b = buffers;
-        let bytes = b.embeddings.bytes();
-        rec.copy(
-            &self.embedding_base.buffer,
-            0,
-            &b.embeddings.buffer,
-            0,
-            bytes,
-        );
-        rec.dispatch_all(matmul::matmul(
-            gpu,
-            &b.patches,
-            &self.patch_embedding,
-            &b.embeddings,
-            true,
-        )?);
-        rec.dispatch(norm::layer_norm(
-            gpu,
-            &b.embeddings,
-            &self.pre_layrnorm.0,
-            &self.pre_layrnorm.1,
-            &b.hidden,
-            self.config.layer_norm_eps as f32,
-        )?);
-        let heads = self.config.num_attention_heads;
-        let head_dim = self.config.head_dim();
-        let t = self.tokens();
-        let shape = AttentionShape {
-            q_rows: t,
-            kv_rows: t,
-            heads,
-            kv_heads: heads,
-            head_dim,
-            causal: false,
-        };
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let eps = self.config.layer_norm_eps as f32;
-        let mut scores = scores;
+        buffers
+            .patches
+            .write_f32(rec.gpu(), &self.patchify(pixels))?;
+        self.embeddings.forward(rec, buffers)?;
+        self.pre_layrnorm
+            .forward(rec, &buffers.embeddings, &buffers.hidden)?;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            let mut d: Vec<Dispatch> = Vec::new();
-            d.push(norm::layer_norm(
-                gpu,
-                &b.hidden,
-                &layer.layer_norm1.0,
-                &layer.layer_norm1.1,
-                &b.normed,
-                eps,
-            )?);
-            d.extend(matmul::matmul(gpu, &b.normed, &layer.q_proj, &b.q, false)?);
-            d.extend(matmul::matmul(gpu, &b.normed, &layer.k_proj, &b.k, false)?);
-            d.extend(matmul::matmul(gpu, &b.normed, &layer.v_proj, &b.v, false)?);
             let layer_scores = if i == last { scores.take() } else { None };
-            d.extend(attention::attention(
-                gpu,
-                &shape,
-                scale,
-                &b.q,
-                &b.k,
-                &b.v,
-                &b.attn,
-                layer_scores,
-            )?);
-            // Residual adds are fused into the output projections (accumulate = true).
-            d.extend(matmul::matmul(
-                gpu,
-                &b.attn,
-                &layer.out_proj,
-                &b.hidden,
-                true,
-            )?);
-            d.push(norm::layer_norm(
-                gpu,
-                &b.hidden,
-                &layer.layer_norm2.0,
-                &layer.layer_norm2.1,
-                &b.normed,
-                eps,
-            )?);
-            d.extend(matmul::matmul(gpu, &b.normed, &layer.fc1, &b.mlp, false)?);
-            d.push(activation::activate(gpu, self.activation, &b.mlp)?);
-            d.extend(matmul::matmul(gpu, &b.mlp, &layer.fc2, &b.hidden, true)?);
-            rec.dispatch_all(d);
+            layer.forward(rec, buffers, layer_scores)?;
         }
         Ok(())
     }

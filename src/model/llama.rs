@@ -5,100 +5,157 @@
 //! layer's cache; attention then reads the whole cache. Token embeddings are gathered on the
 //! host from the memory-mapped checkpoint, so `embed_tokens` (262 MB for 7B) never occupies
 //! GPU memory.
+//!
+//! The structs mirror `modeling_llama.py`: `Llama.layers[i]` is `LlamaDecoderLayer` with
+//! `input_layernorm`, `self_attn` (`LlamaAttention`), `post_attention_layernorm` and `mlp`
+//! (`LlamaMLP`), each loaded from the checkpoint scope of the same name.
+
+use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::rope::{self, RopeTable};
-use crate::gpu::kernels::{activation, matmul, norm};
-use crate::gpu::{DType, Dispatch, Gpu, Recorder, Tensor, Weight};
+use crate::gpu::kernels::{activation, matmul};
+use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight};
 use crate::model::config::TextConfig;
 use crate::model::loader::Loader;
+use crate::model::norm::RmsNorm;
 
-pub struct LlamaLayer {
-    pub input_layernorm: Tensor,
+/// `self_attn`: grouped-query attention with rotary positions.
+pub struct LlamaAttention {
     pub q_proj: Weight,
     pub k_proj: Weight,
     pub v_proj: Weight,
     pub o_proj: Weight,
-    pub post_attention_layernorm: Tensor,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// `mlp`: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+pub struct LlamaMlp {
     /// `gate_proj` and `up_proj` stacked into one [2m, d] weight: one matmul for both.
     pub gate_up_proj: Weight,
     pub down_proj: Weight,
 }
 
+/// `layers.{i}`: pre-norm attention and MLP, each with a residual connection.
+pub struct LlamaLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: LlamaAttention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: LlamaMlp,
+}
+
 pub struct Llama {
     pub config: TextConfig,
     pub layers: Vec<LlamaLayer>,
-    pub norm: Tensor,
+    pub norm: RmsNorm,
     pub lm_head: Weight,
+    /// cos/sin of every position up to the context length, shared by all layers.
     pub rope: RopeTable,
 }
 
-/// Keys and values of every layer, [capacity, kv_heads · head_dim] each, f32.
+/// One layer's cached keys and values, f32.
+pub struct LayerKv {
+    /// (capacity, kv_heads · head_dim), rows [0, len) filled, already rotated.
+    pub k: Tensor,
+    /// (capacity, kv_heads · head_dim), rows [0, len) filled.
+    pub v: Tensor,
+    /// Rows filled (layers after a stage-2 drop hold fewer than those before it).
+    pub len: usize,
+}
+
+/// Keys and values of every layer, for up to `capacity` tokens.
 pub struct KvCache {
-    pub k: Vec<Tensor>,
-    pub v: Vec<Tensor>,
+    /// One entry per decoder layer.
+    pub layers: Vec<LayerKv>,
     pub capacity: usize,
-    /// Rows filled per layer (layers after a stage-2 drop hold fewer).
-    pub len: Vec<usize>,
 }
 
 impl KvCache {
     pub fn new(gpu: &Gpu, config: &TextConfig, capacity: usize) -> Result<Self> {
         let width = config.num_key_value_heads * config.head_dim;
-        let layers = config.num_hidden_layers;
-        let mut k = Vec::with_capacity(layers);
-        let mut v = Vec::with_capacity(layers);
-        for i in 0..layers {
-            k.push(Tensor::empty(
-                gpu,
-                &[capacity, width],
-                DType::F32,
-                &format!("kv.k.{i}"),
-            )?);
-            v.push(Tensor::empty(
-                gpu,
-                &[capacity, width],
-                DType::F32,
-                &format!("kv.v.{i}"),
-            )?);
-        }
-        Ok(Self {
-            k,
-            v,
-            capacity,
-            len: vec![0; layers],
-        })
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                Ok(LayerKv {
+                    k: Tensor::empty(gpu, &[capacity, width], DType::F32, &format!("kv.k.{i}"))?,
+                    v: Tensor::empty(gpu, &[capacity, width], DType::F32, &format!("kv.v.{i}"))?,
+                    len: 0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, capacity })
     }
 
     /// GPU bytes the filled part of the cache occupies (what pruning shrinks).
     pub fn used_bytes(&self) -> u64 {
-        self.len
+        self.layers
             .iter()
-            .zip(&self.k)
-            .map(|(&rows, k)| 2 * rows as u64 * k.shape[1] as u64 * 4)
+            .map(|l| 2 * l.len as u64 * l.k.shape[1] as u64 * 4)
             .sum()
     }
 
     pub fn allocated_bytes(&self) -> u64 {
-        self.k.iter().chain(&self.v).map(|t| t.buffer.size()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.k.buffer.size() + l.v.buffer.size())
+            .sum()
     }
 }
 
-/// Per-request activation buffers, sized for `rows` tokens at once.
+impl LayerKv {
+    /// Queue copying the rows of `k` and `v` after the filled ones; returns the first new row.
+    fn append(&mut self, rec: &mut Recorder, k: &Tensor, v: &Tensor) -> Result<usize> {
+        let (rows, width) = k.rows_cols();
+        let capacity = self.k.shape[0];
+        let start = self.len;
+        if start + rows > capacity {
+            return Err(Error::argument(
+                "max_new_tokens",
+                format!(
+                    "the KV cache holds {capacity} tokens; {} more do not fit",
+                    start + rows - capacity
+                ),
+            ));
+        }
+        let row_bytes = width as u64 * 4;
+        let (offset, size) = (start as u64 * row_bytes, rows as u64 * row_bytes);
+        rec.copy(&k.buffer, 0, &self.k.buffer, offset, size);
+        rec.copy(&v.buffer, 0, &self.v.buffer, offset, size);
+        self.len = start + rows;
+        Ok(start)
+    }
+}
+
+/// Per-request activation buffers, allocated for `rows` tokens; a forward pass over T ≤ rows
+/// tokens uses the first T rows ([`LlamaBuffers::first_rows`]). d = hidden size, m =
+/// intermediate size, h / kvh = query / key-value heads, hd = head dim, V = vocabulary.
 pub struct LlamaBuffers {
     pub rows: usize,
+    /// (rows, d): the residual stream.
     pub hidden: Tensor,
+    /// (rows, d): the residual stream after a norm, input of attention and MLP.
     pub normed: Tensor,
+    /// (rows, h · hd)
     pub q: Tensor,
+    /// (rows, kvh · hd): this pass's new keys, copied into the cache after RoPE.
     pub k: Tensor,
+    /// (rows, kvh · hd)
     pub v: Tensor,
+    /// (rows, h · hd): attention output before `o_proj`.
     pub attn: Tensor,
+    /// (rows, 2m): gate and up projections side by side.
     pub gate_up: Tensor,
+    /// (rows, m): silu(gate) · up.
     pub act: Tensor,
+    /// (rows,) u32: the position id of each row (RoPE).
     pub positions: Tensor,
+    /// (1, d): the row whose next token is predicted.
     pub last: Tensor,
+    /// (1, d): `last` after the final norm.
     pub last_normed: Tensor,
+    /// (1, V)
     pub logits: Tensor,
 }
 
@@ -122,49 +179,162 @@ impl LlamaBuffers {
         .map(|t| t.buffer.size())
         .sum()
     }
+
+    /// Views of the first `t` rows of every per-token buffer (the same GPU memory).
+    pub fn first_rows(&self, t: usize) -> Result<Self> {
+        let rows = |x: &Tensor| x.view(&[t, x.shape[1]]);
+        Ok(Self {
+            rows: t,
+            hidden: rows(&self.hidden)?,
+            normed: rows(&self.normed)?,
+            q: rows(&self.q)?,
+            k: rows(&self.k)?,
+            v: rows(&self.v)?,
+            attn: rows(&self.attn)?,
+            gate_up: rows(&self.gate_up)?,
+            act: rows(&self.act)?,
+            positions: self.positions.view(&[t])?,
+            last: self.last.clone(),
+            last_normed: self.last_normed.clone(),
+            logits: self.logits.clone(),
+        })
+    }
+}
+
+impl LlamaAttention {
+    fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        let qd = c.num_attention_heads * c.head_dim;
+        let kvd = c.num_key_value_heads * c.head_dim;
+        Ok(Self {
+            q_proj: loader.linear("q_proj", qd, d, false)?,
+            k_proj: loader.linear("k_proj", kvd, d, false)?,
+            v_proj: loader.linear("v_proj", kvd, d, false)?,
+            o_proj: loader.linear("o_proj", d, qd, false)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    /// `hidden += o_proj(attention(normed))`, appending this pass's keys and values to `kv`
+    /// (the residual add is fused into `o_proj`). `scores`, if given, receives per-key
+    /// attention sums for pruning.
+    fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &LlamaBuffers,
+        kv: &mut LayerKv,
+        rope_table: &RopeTable,
+        scores: Option<ScoreOutput>,
+    ) -> Result<()> {
+        let gpu = rec.gpu();
+        let mut d = matmul::linear(gpu, &x.normed, &self.q_proj, &x.q, false)?;
+        d.extend(matmul::linear(gpu, &x.normed, &self.k_proj, &x.k, false)?);
+        d.extend(matmul::linear(gpu, &x.normed, &self.v_proj, &x.v, false)?);
+        d.push(rope::rope(gpu, &x.q, self.heads, &x.positions, rope_table)?);
+        d.push(rope::rope(
+            gpu,
+            &x.k,
+            self.kv_heads,
+            &x.positions,
+            rope_table,
+        )?);
+        rec.dispatch_all(d);
+        let start = kv.append(rec, &x.k, &x.v)?;
+        let shape = AttentionShape {
+            q_rows: x.rows,
+            kv_rows: start + x.rows,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            causal: true,
+        };
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        rec.dispatch_all(attention::attention(
+            gpu, &shape, scale, &x.q, &kv.k, &kv.v, &x.attn, scores,
+        )?);
+        rec.dispatch_all(matmul::linear(gpu, &x.attn, &self.o_proj, &x.hidden, true)?);
+        Ok(())
+    }
+}
+
+impl LlamaMlp {
+    fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
+        let (d, m) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            gate_up_proj: loader.linear_stack(&["gate_proj", "up_proj"], m, d, false)?,
+            down_proj: loader.linear("down_proj", d, m, false)?,
+        })
+    }
+
+    /// `hidden += down_proj(silu(gate_proj(normed)) · up_proj(normed))` (the residual add is
+    /// fused into `down_proj`).
+    fn forward(&self, rec: &mut Recorder, x: &LlamaBuffers) -> Result<()> {
+        let gpu = rec.gpu();
+        let mut d = matmul::linear(gpu, &x.normed, &self.gate_up_proj, &x.gate_up, false)?;
+        d.push(activation::silu_mul(gpu, &x.gate_up, &x.act)?);
+        d.extend(matmul::linear(
+            gpu,
+            &x.act,
+            &self.down_proj,
+            &x.hidden,
+            true,
+        )?);
+        rec.dispatch_all(d);
+        Ok(())
+    }
+}
+
+impl LlamaLayer {
+    fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
+        let (d, eps) = (c.hidden_size, c.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&loader.scope("input_layernorm"), d, eps)?,
+            self_attn: LlamaAttention::load(&loader.scope("self_attn"), c)?,
+            post_attention_layernorm: RmsNorm::load(
+                &loader.scope("post_attention_layernorm"),
+                d,
+                eps,
+            )?,
+            mlp: LlamaMlp::load(&loader.scope("mlp"), c)?,
+        })
+    }
+
+    /// `x = x + attn(norm(x)); x = x + mlp(norm(x))` on the rows of `x`.
+    fn forward(
+        &self,
+        rec: &mut Recorder,
+        x: &LlamaBuffers,
+        kv: &mut LayerKv,
+        rope_table: &RopeTable,
+        scores: Option<ScoreOutput>,
+    ) -> Result<()> {
+        self.input_layernorm.forward(rec, &x.hidden, &x.normed)?;
+        self.self_attn.forward(rec, x, kv, rope_table, scores)?;
+        self.post_attention_layernorm
+            .forward(rec, &x.hidden, &x.normed)?;
+        self.mlp.forward(rec, x)
+    }
 }
 
 impl Llama {
-    pub fn load(
-        loader: &mut Loader,
-        config: &TextConfig,
-        mut progress: impl FnMut(),
-    ) -> Result<Self> {
-        let d = config.hidden_size;
-        let m = config.intermediate_size;
-        let qd = config.num_attention_heads * config.head_dim;
-        let kvd = config.num_key_value_heads * config.head_dim;
+    /// Load `LlamaForCausalLM` from the checkpoint's root scope: the decoder from `text.*`
+    /// (`LlamaModel`) and the head from `lm_head`.
+    pub fn load(root: &Loader, config: &TextConfig, mut progress: impl FnMut()) -> Result<Self> {
+        let loader = root.scope("text");
+        let layers_scope = loader.scope("layers");
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let p = format!("text.layers.{i}");
-            layers.push(LlamaLayer {
-                input_layernorm: loader.vector(&format!("{p}.input_layernorm.weight"), d)?,
-                q_proj: loader.linear(&format!("{p}.self_attn.q_proj"), qd, d, false)?,
-                k_proj: loader.linear(&format!("{p}.self_attn.k_proj"), kvd, d, false)?,
-                v_proj: loader.linear(&format!("{p}.self_attn.v_proj"), kvd, d, false)?,
-                o_proj: loader.linear(&format!("{p}.self_attn.o_proj"), d, qd, false)?,
-                post_attention_layernorm: loader
-                    .vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
-                gate_up_proj: loader.linear_stack(
-                    &[&format!("{p}.mlp.gate_proj"), &format!("{p}.mlp.up_proj")],
-                    m,
-                    d,
-                    false,
-                )?,
-                down_proj: loader.linear(&format!("{p}.mlp.down_proj"), d, m, false)?,
-            });
+            layers.push(LlamaLayer::load(&layers_scope.scope(i), config)?);
             progress();
         }
-        let norm = loader.vector("text.norm.weight", d)?;
-        let head_name = if config.tie_word_embeddings
-            && !loader.checkpoint.contains("language_model.lm_head.weight")
-            && !loader.checkpoint.contains("lm_head.weight")
-        {
-            "text.embed_tokens"
-        } else {
-            "lm_head"
-        };
-        let lm_head = loader.linear(head_name, config.vocab_size, d, false)?;
+        let norm = RmsNorm::load(
+            &loader.scope("norm"),
+            config.hidden_size,
+            config.rms_norm_eps,
+        )?;
+        let lm_head = Self::load_lm_head(root, config)?;
         progress();
         let rope = RopeTable::new(
             loader.gpu,
@@ -172,7 +342,7 @@ impl Llama {
             config.head_dim,
             config.max_position_embeddings,
         )?;
-        loader.bytes += rope.table.buffer.size();
+        loader.add_uploaded_bytes(rope.table.buffer.size());
         Ok(Self {
             config: config.clone(),
             layers,
@@ -180,6 +350,16 @@ impl Llama {
             lm_head,
             rope,
         })
+    }
+
+    /// `lm_head`, or `embed_tokens` when the checkpoint ties them and stores only the latter.
+    fn load_lm_head(root: &Loader, config: &TextConfig) -> Result<Weight> {
+        let checkpoint = root.checkpoint;
+        let tied = config.tie_word_embeddings
+            && !checkpoint.contains("language_model.lm_head.weight")
+            && !checkpoint.contains("lm_head.weight");
+        let name = if tied { "text.embed_tokens" } else { "lm_head" };
+        root.linear(name, config.vocab_size, config.hidden_size, false)
     }
 
     pub fn buffers(&self, gpu: &Gpu, rows: usize) -> Result<LlamaBuffers> {
@@ -204,118 +384,23 @@ impl Llama {
         })
     }
 
-    /// Run layers `layers` on the first `t` rows of `b.hidden` (positions already written to
-    /// `b.positions`), appending their keys and values to the cache. `scores` asks the last of
-    /// these layers' attention to emit per-key attention sums.
+    /// Run decoder layers `layers` on the first `t` rows of `b.hidden` (positions already
+    /// written to `b.positions`), appending their keys and values to the cache. `scores` asks
+    /// the last of these layers' attention to emit per-key attention sums (pruning).
     pub fn forward_layers(
         &self,
         rec: &mut Recorder,
         b: &LlamaBuffers,
         t: usize,
         cache: &mut KvCache,
-        layers: std::ops::Range<usize>,
-        scores: Option<ScoreOutput>,
+        layers: Range<usize>,
+        mut scores: Option<ScoreOutput>,
     ) -> Result<()> {
-        let gpu = rec.gpu();
-        let c = &self.config;
-        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let rows = |x: &Tensor| x.view(&[t, x.shape[1]]);
-        let (hidden, normed, q, k, v, attn, gate_up, act) = (
-            rows(&b.hidden)?,
-            rows(&b.normed)?,
-            rows(&b.q)?,
-            rows(&b.k)?,
-            rows(&b.v)?,
-            rows(&b.attn)?,
-            rows(&b.gate_up)?,
-            rows(&b.act)?,
-        );
-        let positions = b.positions.view(&[t])?;
-        let eps = c.rms_norm_eps as f32;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let width = (kvh * hd) as u64 * 4;
-        let mut scores = scores;
+        let x = b.first_rows(t)?;
         let last = layers.end.saturating_sub(1);
         for i in layers {
-            let layer = &self.layers[i];
-            let start = cache.len[i];
-            if start + t > cache.capacity {
-                return Err(Error::argument(
-                    "--max-new-tokens",
-                    format!(
-                        "the KV cache holds {} tokens; {} more do not fit",
-                        cache.capacity,
-                        start + t - cache.capacity
-                    ),
-                ));
-            }
-            let mut d: Vec<Dispatch> = Vec::new();
-            d.push(norm::rms_norm(
-                gpu,
-                &hidden,
-                &layer.input_layernorm,
-                &normed,
-                eps,
-            )?);
-            d.extend(matmul::linear(gpu, &normed, &layer.q_proj, &q, false)?);
-            d.extend(matmul::linear(gpu, &normed, &layer.k_proj, &k, false)?);
-            d.extend(matmul::linear(gpu, &normed, &layer.v_proj, &v, false)?);
-            d.push(rope::rope(gpu, &q, h, &positions, &self.rope)?);
-            d.push(rope::rope(gpu, &k, kvh, &positions, &self.rope)?);
-            rec.dispatch_all(d);
-            rec.copy(
-                &k.buffer,
-                0,
-                &cache.k[i].buffer,
-                start as u64 * width,
-                t as u64 * width,
-            );
-            rec.copy(
-                &v.buffer,
-                0,
-                &cache.v[i].buffer,
-                start as u64 * width,
-                t as u64 * width,
-            );
-            cache.len[i] = start + t;
-            let shape = AttentionShape {
-                q_rows: t,
-                kv_rows: start + t,
-                heads: h,
-                kv_heads: kvh,
-                head_dim: hd,
-                causal: true,
-            };
             let layer_scores = if i == last { scores.take() } else { None };
-            let mut d = attention::attention(
-                gpu,
-                &shape,
-                scale,
-                &q,
-                &cache.k[i],
-                &cache.v[i],
-                &attn,
-                layer_scores,
-            )?;
-            // Residual adds are fused into o_proj and down_proj (accumulate = true).
-            d.extend(matmul::linear(gpu, &attn, &layer.o_proj, &hidden, true)?);
-            d.push(norm::rms_norm(
-                gpu,
-                &hidden,
-                &layer.post_attention_layernorm,
-                &normed,
-                eps,
-            )?);
-            d.extend(matmul::linear(
-                gpu,
-                &normed,
-                &layer.gate_up_proj,
-                &gate_up,
-                false,
-            )?);
-            d.push(activation::silu_mul(gpu, &gate_up, &act)?);
-            d.extend(matmul::linear(gpu, &act, &layer.down_proj, &hidden, true)?);
-            rec.dispatch_all(d);
+            self.layers[i].forward(rec, &x, &mut cache.layers[i], &self.rope, layer_scores)?;
         }
         Ok(())
     }
@@ -331,13 +416,7 @@ impl Llama {
             0,
             width,
         );
-        rec.dispatch(norm::rms_norm(
-            gpu,
-            &b.last,
-            &self.norm,
-            &b.last_normed,
-            self.config.rms_norm_eps as f32,
-        )?);
+        self.norm.forward(rec, &b.last, &b.last_normed)?;
         rec.dispatch_all(matmul::linear(
             gpu,
             &b.last_normed,

@@ -122,12 +122,15 @@ impl Engine {
         } else {
             ProgressBar::hidden()
         };
-        let mut loader = Loader::new(&gpu, &checkpoint, options.weight_format);
-        let vision = ClipVision::load(&mut loader, &config.vision, vision_layers, || bar.inc(1))?;
-        let projector = Projector::load(&mut loader, &config)?;
+        let root = Loader::new(&gpu, &checkpoint, options.weight_format);
+        let vision =
+            ClipVision::load(&root.scope("vision"), &config.vision, vision_layers, || {
+                bar.inc(1)
+            })?;
+        let projector = Projector::load(&root.scope("projector"), &config)?;
         bar.inc(1);
-        let llama = Llama::load(&mut loader, &config.text, || bar.inc(1))?;
-        let weight_bytes = loader.bytes;
+        let llama = Llama::load(&root, &config.text, || bar.inc(1))?;
+        let weight_bytes = root.uploaded_bytes();
         bar.finish_and_clear();
         gpu.wait("weight upload")?;
         let engine = Self {

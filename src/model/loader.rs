@@ -1,16 +1,29 @@
-//! Uploading checkpoint tensors to the GPU in the engine's formats.
+//! Uploading checkpoint tensors to the GPU in the engine's formats, one module scope at a time.
+//!
+//! A [`Loader`] stands at a key prefix of the checkpoint's canonical names (see `weights.rs`):
+//! `loader.scope("text").scope("layers").scope(3)` reads `text.layers.3.*`. Each model struct
+//! loads its own fields from the scope its parent hands it, so a key in an error message leads
+//! straight to the struct that asked for it, as in candle's `VarBuilder::pp`.
+
+use std::cell::Cell;
+use std::fmt::Display;
+use std::rc::Rc;
 
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor, Weight, WeightFormat};
 use crate::model::weights::Checkpoint;
 
-/// Reads tensors from a checkpoint and uploads them, tallying the GPU bytes they take.
+/// Reads tensors under one key prefix and uploads them, tallying the GPU bytes every scope of
+/// the same root loader takes.
+#[derive(Clone)]
 pub struct Loader<'a> {
     pub gpu: &'a Gpu,
     pub checkpoint: &'a Checkpoint,
     /// Format of matrix weights (norm weights, biases and embeddings stay f32).
     pub format: WeightFormat,
-    pub bytes: u64,
+    prefix: String,
+    /// Shared by every scope: the total a model's weights take on the GPU.
+    uploaded_bytes: Rc<Cell<u64>>,
 }
 
 impl<'a> Loader<'a> {
@@ -19,43 +32,72 @@ impl<'a> Loader<'a> {
             gpu,
             checkpoint,
             format,
-            bytes: 0,
+            prefix: String::new(),
+            uploaded_bytes: Rc::new(Cell::new(0)),
         }
     }
 
-    /// A linear layer `{name}.weight` [n, k] and, if `bias`, `{name}.bias` [n].
-    pub fn linear(&mut self, name: &str, n: usize, k: usize, bias: bool) -> Result<Weight> {
+    /// The loader for the sub-module `name` (a field name or a layer index).
+    pub fn scope(&self, name: impl Display) -> Self {
+        Self {
+            prefix: self.key(name),
+            ..self.clone()
+        }
+    }
+
+    /// The full canonical key of `name` in this scope.
+    pub fn key(&self, name: impl Display) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// GPU bytes uploaded so far through this loader and all its scopes.
+    pub fn uploaded_bytes(&self) -> u64 {
+        self.uploaded_bytes.get()
+    }
+
+    /// Count GPU memory a module allocated itself (e.g. a precomputed table).
+    pub fn add_uploaded_bytes(&self, bytes: u64) {
+        self.uploaded_bytes.set(self.uploaded_bytes.get() + bytes);
+    }
+
+    /// The linear layer `name`: `name.weight` [n, k] and, if `bias`, `name.bias` [n].
+    pub fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Weight> {
         self.linear_stack(&[name], n, k, bias)
     }
 
     /// Several linear layers with the same input stacked into one [Σn, k] weight (e.g. LLaMA's
     /// gate and up projections), so one matmul computes them all.
     pub fn linear_stack(
-        &mut self,
+        &self,
         names: &[&str],
         n_each: usize,
         k: usize,
         bias: bool,
     ) -> Result<Weight> {
-        let label = names.join("+");
-        let n = n_each * names.len();
+        let keys: Vec<String> = names.iter().map(|name| self.key(name)).collect();
+        let label = keys.join("+");
+        let n = n_each * keys.len();
         let mut weight = match self.format {
             WeightFormat::F16 => {
                 let mut values = Vec::with_capacity(n * k);
-                for name in names {
+                for key in &keys {
                     values.extend(
                         self.checkpoint
-                            .f16(&format!("{name}.weight"), &[n_each, k])?,
+                            .f16(&format!("{key}.weight"), &[n_each, k])?,
                     );
                 }
                 Weight::from_f16(self.gpu, &label, n, k, &values)?
             }
             WeightFormat::F32 => {
                 let mut values = Vec::with_capacity(n * k);
-                for name in names {
+                for key in &keys {
                     values.extend(
                         self.checkpoint
-                            .f32(&format!("{name}.weight"), &[n_each, k])?,
+                            .f32(&format!("{key}.weight"), &[n_each, k])?,
                     );
                 }
                 Weight::from_f32(self.gpu, &label, n, k, &values, WeightFormat::F32)?
@@ -63,24 +105,30 @@ impl<'a> Loader<'a> {
         };
         if bias {
             let mut values = Vec::with_capacity(n);
-            for name in names {
-                values.extend(self.checkpoint.f32(&format!("{name}.bias"), &[n_each])?);
+            for key in &keys {
+                values.extend(self.checkpoint.f32(&format!("{key}.bias"), &[n_each])?);
             }
             weight = weight.with_bias(self.gpu, &values)?;
         }
-        self.bytes += weight.gpu_bytes();
+        self.add_uploaded_bytes(weight.gpu_bytes());
         Ok(weight)
     }
 
-    /// A vector (norm weight or bias) as an f32 tensor.
-    pub fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        let values = self.checkpoint.f32(name, &[len])?;
+    /// The tensor `name` as f32 values on the host, checked against `shape`.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.checkpoint.f32(&self.key(name), shape)
+    }
+
+    /// The vector `name` (a norm weight or a bias) as an f32 tensor.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        let values = self.f32(name, &[len])?;
         self.upload(name, &[len], &values)
     }
 
-    pub fn upload(&mut self, label: &str, shape: &[usize], values: &[f32]) -> Result<Tensor> {
-        let t = Tensor::from_f32(self.gpu, shape, values, label)?;
-        self.bytes += t.buffer.size();
+    /// Upload host values as the f32 tensor `name` of this scope.
+    pub fn upload(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        let t = Tensor::from_f32(self.gpu, shape, values, &self.key(name))?;
+        self.add_uploaded_bytes(t.buffer.size());
         Ok(t)
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod llama;
 pub mod llava;
 pub mod loader;
+pub mod norm;
 pub mod presets;
 pub mod projector;
 pub mod weights;

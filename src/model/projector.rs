@@ -13,12 +13,13 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn load(loader: &mut Loader, config: &LlavaConfig) -> Result<Self> {
+    /// Load from `loader` scoped at the projector (`projector.*` canonical keys).
+    pub fn load(loader: &Loader, config: &LlavaConfig) -> Result<Self> {
         let (dv, dt) = (config.vision.hidden_size, config.text.hidden_size);
         let bias = config.projector_bias;
         Ok(Self {
-            linear_1: loader.linear("projector.linear_1", dt, dv, bias)?,
-            linear_2: loader.linear("projector.linear_2", dt, dt, bias)?,
+            linear_1: loader.linear("linear_1", dt, dv, bias)?,
+            linear_2: loader.linear("linear_2", dt, dt, bias)?,
         })
     }
 

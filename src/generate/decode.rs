@@ -1,0 +1,146 @@
+//! The decode loop: pick a token (greedy on the GPU, or sampled on the host from the logits),
+//! stream its text, stop at EOS or the limit, and run the decoder on it for the next one.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::sample as gpu_sample;
+use crate::gpu::Recorder;
+use crate::model::llava::Engine;
+use crate::sample::{top_logprobs, Sampler};
+use crate::text::StreamDecoder;
+
+use super::output::TokenLogprob;
+use super::prefill::Prefilled;
+use super::{ms, GenerateRequest, PreparedRequest};
+
+/// What the decode loop produced.
+pub(super) struct Decoded {
+    pub ids: Vec<u32>,
+    pub stop_reason: String,
+    pub logprobs: Option<Vec<Vec<TokenLogprob>>>,
+    /// From the start of prefill to the first token's arrival.
+    pub prefill_ms: f64,
+    /// From the first token's arrival to the last one's (0 with fewer than two tokens).
+    pub decode_ms: f64,
+}
+
+/// How the next token is chosen.
+pub(super) struct TokenPicker<'a> {
+    pub sampler: Sampler,
+    /// Read the logits row and sample on the host (sampling or log-probabilities asked for);
+    /// otherwise the GPU's argmax id is read back.
+    pub host_samples: bool,
+    pub logprobs: Option<usize>,
+    pub on_text: &'a mut dyn FnMut(&str),
+}
+
+impl Engine {
+    /// Generate up to `input.max_new` tokens after prefill; `first_logits` is the logits row
+    /// prefill left (read only when the host samples).
+    pub(super) fn decode(
+        &self,
+        request: &GenerateRequest,
+        input: &PreparedRequest,
+        state: &mut Prefilled,
+        picker: &mut TokenPicker,
+        first_logits: Vec<f32>,
+        prefill_start: Instant,
+    ) -> Result<Decoded> {
+        let (prompt_len, max_new) = (input.prompt.ids.len(), input.max_new);
+        let mut out = Decoded {
+            ids: Vec::new(),
+            stop_reason: "max_new_tokens".into(),
+            logprobs: picker.logprobs.map(|_| Vec::new()),
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+        };
+        let mut stream = StreamDecoder::new();
+        let mut logits = first_logits;
+        // Decode time runs from the first token's arrival (the end of prefill) to the last one.
+        let mut decode_start = Instant::now();
+        for step in 0..max_new {
+            if step > 0 && picker.host_samples {
+                logits = self.gpu.read_f32(&state.buffers.logits)?;
+            }
+            let next = self.pick(state, picker, &logits, &mut out.logprobs)?;
+            if step == 0 {
+                out.prefill_ms = ms(prefill_start);
+                decode_start = Instant::now();
+            }
+            if !request.ignore_eos && self.config.text.eos_token_id.contains(&next) {
+                out.stop_reason = "eos".into();
+                break;
+            }
+            out.ids.push(next);
+            let piece = stream.push(&self.tokenizer, next)?;
+            if !piece.is_empty() {
+                (picker.on_text)(&piece);
+            }
+            if step + 1 == max_new {
+                break;
+            }
+            // The new token sits at the position after the prompt as it entered the language
+            // model (before stage 2), as if nothing had been dropped.
+            self.decode_step(state, next, prompt_len + step, !picker.host_samples)?;
+        }
+        if max_new == 0 {
+            out.prefill_ms = ms(prefill_start);
+        }
+        if out.ids.len() > 1 {
+            out.decode_ms = ms(decode_start);
+        }
+        Ok(out)
+    }
+
+    /// The next token: sampled from `logits` on the host, or the GPU's argmax read back.
+    fn pick(
+        &self,
+        state: &Prefilled,
+        picker: &mut TokenPicker,
+        logits: &[f32],
+        logprobs: &mut Option<Vec<Vec<TokenLogprob>>>,
+    ) -> Result<u32> {
+        if !picker.host_samples {
+            let id = self.gpu.read_u32(&state.next_token)?[0];
+            if id as usize >= self.config.text.vocab_size {
+                return Err(Error::gpu("sampling", "the logits row holds no finite value"));
+            }
+            return Ok(id);
+        }
+        if let (Some(n), Some(list)) = (picker.logprobs, logprobs.as_mut()) {
+            list.push(
+                top_logprobs(logits, n)
+                    .into_iter()
+                    .map(|(id, logprob)| TokenLogprob { id, logprob })
+                    .collect(),
+            );
+        }
+        Ok(picker.sampler.sample(logits))
+    }
+
+    /// Run token `id` at `position` through the decoder, leaving its logits (and, with
+    /// `gpu_argmax`, the greedy next id) for the next step.
+    fn decode_step(
+        &self,
+        state: &mut Prefilled,
+        id: u32,
+        position: usize,
+        gpu_argmax: bool,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let b = &state.buffers;
+        b.hidden.write_f32(gpu, &self.embed(&[id])?)?;
+        b.positions.write_u32(gpu, &[position as u32])?;
+        let mut rec = Recorder::new(gpu);
+        rec.set_stage("decode");
+        let layers = 0..self.llama.layers.len();
+        let cache = &mut state.cache;
+        self.llama.forward_layers(&mut rec, b, 1, cache, layers, None)?;
+        self.llama.logits(&mut rec, b, 0)?;
+        if gpu_argmax {
+            rec.dispatch(gpu_sample::argmax(gpu, &b.logits, 0, &state.next_token, 0)?);
+        }
+        rec.finish("decode")
+    }
+}

@@ -1,0 +1,198 @@
+//! The image side of a request: vision tower → before-projector selection (STAR stage 1,
+//! FasterVLM, VisPruner, random) → projector. Its output is the N1 rows spliced into the
+//! prompt's embeddings.
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
+use crate::gpu::kernels::topk::{self, Segment};
+use crate::gpu::{DType, Recorder, Tensor};
+use crate::model::clip::ClipBuffers;
+use crate::model::config::FeatureSelect;
+use crate::model::llava::Engine;
+use crate::model::projector::Projector;
+use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score, VISPRUNER_IMPORTANT_RATIO};
+
+/// The image side of a request after the vision tower, selection and the projector.
+pub(super) struct EncodedImage {
+    /// Projector output [N1, text width].
+    pub embeddings: Tensor,
+    /// Patch indices the language model receives (None: all of them).
+    pub kept: Option<Vec<usize>>,
+    pub activation_bytes: u64,
+}
+
+/// Buffers of one image's pass: the tower's own, and what the projector reads and writes.
+struct ImageBuffers {
+    tower: ClipBuffers,
+    /// (N1, vision width): the encoder rows that become visual tokens.
+    features: Tensor,
+    /// (N1, text width): the projector's hidden layer.
+    scratch: Tensor,
+    /// (N1, text width): the projector output.
+    embeddings: Tensor,
+}
+
+impl ImageBuffers {
+    fn bytes(&self) -> u64 {
+        self.tower.bytes()
+            + self.features.buffer.size()
+            + self.scratch.buffer.size()
+            + self.embeddings.buffer.size()
+    }
+}
+
+impl Engine {
+    /// Run the vision tower, apply the plan's before-projector selection and the projector.
+    pub(super) fn encode_image(&self, pixels: &[f32], plan: &Plan) -> Result<EncodedImage> {
+        let gpu = &self.gpu;
+        let (dv, dt) = (self.config.vision.hidden_size, self.config.text.hidden_size);
+        let n1 = plan.n1();
+        let b = ImageBuffers {
+            tower: self.vision.buffers(gpu)?,
+            features: Tensor::empty(gpu, &[n1, dv], DType::F32, "image.features")?,
+            scratch: Projector::scratch(gpu, n1, dt)?,
+            embeddings: Tensor::empty(gpu, &[n1, dt], DType::F32, "image.embeddings")?,
+        };
+        let mut activation_bytes = b.bytes();
+        let mut rec = Recorder::new(gpu);
+        rec.set_stage("vision");
+        let kept = match plan.before_projector {
+            None => {
+                self.all_patch_features(&mut rec, &b, pixels)?;
+                None
+            }
+            Some(selection) => {
+                let (kept, score_bytes) =
+                    self.selected_patch_features(&mut rec, &b, pixels, plan.n0, selection)?;
+                activation_bytes += score_bytes;
+                Some(kept)
+            }
+        };
+        rec.set_stage("projector");
+        self.projector
+            .forward(&mut rec, &b.features, &b.scratch, &b.embeddings)?;
+        rec.finish("vision")?;
+        Ok(EncodedImage {
+            embeddings: b.embeddings,
+            kept,
+            activation_bytes,
+        })
+    }
+
+    /// Unpruned: every patch row of the encoder output becomes a feature row.
+    fn all_patch_features(&self, rec: &mut Recorder, b: &ImageBuffers, pixels: &[f32]) -> Result<()> {
+        let dv = self.config.vision.hidden_size;
+        // Rows of the encoder output that become image features: patches after CLS, or all.
+        let skip = match self.config.vision_feature_select_strategy {
+            FeatureSelect::Default => 1,
+            FeatureSelect::Full => 0,
+        };
+        let n0 = self.config.image_tokens();
+        self.vision.forward(rec, &b.tower, pixels, None)?;
+        let row_bytes = (dv * 4) as u64;
+        rec.copy(
+            &b.tower.hidden.buffer,
+            skip as u64 * row_bytes,
+            &b.features.buffer,
+            0,
+            n0 as u64 * row_bytes,
+        );
+        Ok(())
+    }
+
+    /// Pruned before the projector: run the tower with the scores `selection` needs, choose
+    /// the kept patches and gather their rows into `b.features`. Returns the kept patch indices
+    /// (ascending) and the bytes of the score buffers.
+    fn selected_patch_features(
+        &self,
+        rec: &mut Recorder,
+        b: &ImageBuffers,
+        pixels: &[f32],
+        n0: usize,
+        selection: BeforeProjector,
+    ) -> Result<(Vec<usize>, u64)> {
+        if self.config.vision_feature_select_strategy != FeatureSelect::Default {
+            return Err(Error::argument(
+                "prune.method",
+                "visual-token pruning needs vision_feature_select_strategy \"default\" (CLS is never a visual token)",
+            ));
+        }
+        let tokens = self.vision.tokens();
+        let heads = self.config.vision.num_attention_heads;
+        let shape = AttentionShape {
+            q_rows: tokens,
+            kv_rows: tokens,
+            heads,
+            kv_heads: heads,
+            head_dim: self.config.vision.head_dim(),
+            causal: false,
+        };
+        let (partials, scores) = attention::score_buffers(&self.gpu, &shape)?;
+        let score_bytes = partials.buffer.size() + scores.buffer.size();
+        // Which query rows score the patches: all of them (STAR), or the CLS row only.
+        let all_queries = matches!(
+            selection,
+            BeforeProjector::TopK {
+                score: Stage1Score::Attention,
+                ..
+            }
+        );
+        let out = ScoreOutput {
+            q_start: 0,
+            q_end: if all_queries { tokens } else { 1 },
+            partials: &partials,
+            scores: &scores,
+        };
+        let needs_scores = !matches!(selection, BeforeProjector::Random { .. });
+        self.vision
+            .forward(rec, &b.tower, pixels, needs_scores.then_some(out))?;
+        rec.set_stage("stage 1");
+        let kept = self.select_and_gather(rec, b, &scores, n0, selection)?;
+        Ok((kept, score_bytes))
+    }
+
+    /// Choose the kept patches (top-k on the GPU, or VisPruner / random on the host) and gather
+    /// their encoder rows into `b.features`.
+    fn select_and_gather(
+        &self,
+        rec: &mut Recorder,
+        b: &ImageBuffers,
+        scores: &Tensor,
+        n0: usize,
+        selection: BeforeProjector,
+    ) -> Result<Vec<usize>> {
+        let gpu = &self.gpu;
+        let dv = self.config.vision.hidden_size;
+        let n1 = b.features.shape[0];
+        // Row list into the encoder output: [CLS, 1 + kept...]; the gather skips CLS.
+        let segment = Segment {
+            total: self.vision.tokens(),
+            start: 1,
+            len: n0,
+        };
+        let rows = Tensor::empty(gpu, &[segment.kept_rows(n1)], DType::U32, "stage1.rows")?;
+        let hidden = &b.tower.hidden;
+        let kept = match selection {
+            BeforeProjector::TopK { keep, .. } => {
+                rec.dispatch(topk::select(gpu, scores, 1, segment, keep, &rows)?);
+                rec.dispatch(topk::gather_rows(gpu, hidden, &rows, 1, keep, &b.features)?);
+                rec.submit();
+                let list = gpu.read_u32(&rows)?;
+                return Ok(list[1..].iter().map(|&r| r as usize - 1).collect());
+            }
+            BeforeProjector::VisPruner { keep } => {
+                rec.submit();
+                let cls = gpu.read_f32(scores)?;
+                let hidden = gpu.read_f32(hidden)?;
+                vispruner::select(&cls[1..], &hidden[dv..], dv, keep, VISPRUNER_IMPORTANT_RATIO)
+            }
+            BeforeProjector::Random { keep, seed } => crate::prune::random_selection(n0, keep, seed),
+        };
+        let list: Vec<u32> = std::iter::once(0)
+            .chain(kept.iter().map(|&i| i as u32 + 1))
+            .collect();
+        rows.write_u32(gpu, &list)?;
+        rec.dispatch(topk::gather_rows(gpu, hidden, &rows, 1, n1, &b.features)?);
+        Ok(kept)
+    }
+}

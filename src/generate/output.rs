@@ -1,0 +1,74 @@
+//! What a request returns: the text and ids, and the numbers `--json` prints about how they
+//! were produced (token counts per pruning stage, kept patches, memory, time, flops).
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VisualTokens {
+    pub encoder: usize,
+    pub after_stage1: usize,
+    pub after_stage2: usize,
+}
+
+/// Kept visual tokens as original patch-grid indices (raster order), per stage.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KeptIndices {
+    pub stage1: Option<Vec<usize>>,
+    pub stage2: Option<Vec<usize>>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub load: f64,
+    pub preprocess: f64,
+    pub vision: f64,
+    pub prefill: f64,
+    pub decode: f64,
+    pub total: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MemoryReport {
+    pub weights_bytes: u64,
+    pub kv_cache_bytes: u64,
+    pub kv_cache_allocated_bytes: u64,
+    pub activation_bytes: u64,
+}
+
+/// Theoretical prefill multiply-adds of the decoder (STAR.md cost model).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Flops {
+    pub prefill: u64,
+    pub prefill_unpruned: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GenerateOutput {
+    pub text: String,
+    pub generated_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub visual_tokens: VisualTokens,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_visual_indices: Option<KeptIndices>,
+    pub kv_cache_bytes: u64,
+    pub timings_ms: Timings,
+    pub decode_tokens_per_second: f64,
+    pub flops: Flops,
+    pub stop_reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<Vec<TokenLogprob>>>,
+    pub memory: MemoryReport,
+    /// Logits of the first generated step, with `capture_outputs` (not serialised).
+    #[serde(skip)]
+    pub first_logits: Vec<f32>,
+    /// Projector output [visual tokens, text width], with `capture_outputs` (not serialised).
+    #[serde(skip)]
+    pub image_features: Vec<f32>,
+}
+

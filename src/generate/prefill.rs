@@ -1,0 +1,180 @@
+//! Prefill: the prompt's embeddings (text rows from the checkpoint, image rows from the
+//! projector) through every decoder layer, with STAR stage 2 / FastV at layer K, and the
+//! first token's logits.
+
+use crate::error::Result;
+use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
+use crate::gpu::kernels::sample as gpu_sample;
+use crate::gpu::kernels::topk::{self, Segment};
+use crate::gpu::{DType, Recorder, Tensor};
+use crate::model::llama::{KvCache, LlamaBuffers};
+use crate::model::llava::Engine;
+use crate::prune::{Stage2, Stage2Rows};
+
+use super::image::EncodedImage;
+use super::PreparedRequest;
+
+/// The language model's state after prefill, ready to decode.
+pub(super) struct Prefilled {
+    /// Sized for the whole prompt; decode steps use row 0.
+    pub buffers: LlamaBuffers,
+    pub cache: KvCache,
+    /// (1,) u32: the greedy next token, when the GPU picks it.
+    pub next_token: Tensor,
+    /// Prompt rows left after stage 2 (the whole prompt without it).
+    pub rows: usize,
+    /// (rows,) u32: the prompt rows stage 2 kept, when it ran.
+    pub stage2_rows: Option<Tensor>,
+    /// Bytes of stage 2's score and compaction buffers.
+    pub stage2_bytes: u64,
+}
+
+impl Prefilled {
+    /// GPU bytes of the language model's activations (the KV cache is counted apart).
+    pub fn activation_bytes(&self) -> u64 {
+        self.buffers.bytes() + self.stage2_bytes + self.next_token.buffer.size()
+    }
+}
+
+/// Stage 2's outputs: the kept prompt rows and the bytes its buffers take.
+struct Compacted {
+    rows: Tensor,
+    bytes: u64,
+}
+
+impl Engine {
+    /// Run the prompt through the decoder and leave the first token's logits in
+    /// `buffers.logits` (and, with `gpu_argmax`, its greedy id in `next_token`).
+    pub(super) fn prefill(
+        &self,
+        input: &PreparedRequest,
+        image: &EncodedImage,
+        gpu_argmax: bool,
+    ) -> Result<Prefilled> {
+        let gpu = &self.gpu;
+        let prompt_len = input.prompt.ids.len();
+        let buffers = self.llama.buffers(gpu, prompt_len)?;
+        let cache = KvCache::new(gpu, &self.config.text, prompt_len + input.max_new)?;
+        buffers.hidden.write_f32(gpu, &input.embeddings)?;
+        buffers
+            .positions
+            .write_u32(gpu, &(0..prompt_len as u32).collect::<Vec<_>>())?;
+        let next_token = Tensor::empty(gpu, &[1], DType::U32, "next_token")?;
+        let mut state = Prefilled {
+            buffers,
+            cache,
+            next_token,
+            rows: prompt_len,
+            stage2_rows: None,
+            stage2_bytes: 0,
+        };
+        let mut rec = Recorder::new(gpu);
+        rec.set_stage("prefill");
+        // The projector output replaces the image placeholders' rows.
+        let row_bytes = (self.config.text.hidden_size * 4) as u64;
+        rec.copy(
+            &image.embeddings.buffer,
+            0,
+            &state.buffers.hidden.buffer,
+            input.prompt.image_start as u64 * row_bytes,
+            input.prompt.image_tokens as u64 * row_bytes,
+        );
+        match input.plan.stage2 {
+            None => self.run_layers(&mut rec, &mut state, 0..self.llama.layers.len(), None)?,
+            Some(stage2) => self.prefill_with_stage2(&mut rec, &mut state, input, stage2)?,
+        }
+        rec.set_stage("first token");
+        self.llama
+            .logits(&mut rec, &state.buffers, state.rows - 1)?;
+        if gpu_argmax {
+            rec.dispatch(gpu_sample::argmax(gpu, &state.buffers.logits, 0, &state.next_token, 0)?);
+        }
+        rec.finish("prefill")?;
+        Ok(state)
+    }
+
+    fn run_layers(
+        &self,
+        rec: &mut Recorder,
+        state: &mut Prefilled,
+        layers: std::ops::Range<usize>,
+        scores: Option<ScoreOutput>,
+    ) -> Result<()> {
+        let (b, t) = (&state.buffers, state.rows);
+        self.llama
+            .forward_layers(rec, b, t, &mut state.cache, layers, scores)
+    }
+
+    /// Layers 0..K with layer K−1 scoring the visual rows, compaction of the hidden state and
+    /// position ids to the kept rows, then layers K..L on the rows left.
+    fn prefill_with_stage2(
+        &self,
+        rec: &mut Recorder,
+        state: &mut Prefilled,
+        input: &PreparedRequest,
+        stage2: Stage2,
+    ) -> Result<()> {
+        let text = &self.config.text;
+        let prompt = &input.prompt;
+        let prompt_len = prompt.ids.len();
+        let shape = AttentionShape {
+            q_rows: prompt_len,
+            kv_rows: prompt_len,
+            heads: text.num_attention_heads,
+            kv_heads: text.num_key_value_heads,
+            head_dim: text.head_dim,
+            causal: true,
+        };
+        let (partials, scores) = attention::score_buffers(&self.gpu, &shape)?;
+        let q_start = match stage2.rows {
+            Stage2Rows::TextAfterImage => prompt.image_start + prompt.image_tokens,
+            Stage2Rows::LastRow => prompt_len - 1,
+        };
+        let out = ScoreOutput {
+            q_start,
+            q_end: prompt_len,
+            partials: &partials,
+            scores: &scores,
+        };
+        self.run_layers(rec, state, 0..stage2.layer, Some(out))?;
+        let segment = Segment {
+            total: prompt_len,
+            start: prompt.image_start,
+            len: prompt.image_tokens,
+        };
+        rec.set_stage("stage 2");
+        let compacted = self.compact_prompt(rec, &state.buffers, &scores, segment, stage2.keep)?;
+        state.rows = segment.kept_rows(stage2.keep);
+        state.stage2_bytes = partials.buffer.size() + scores.buffer.size() + compacted.bytes;
+        state.stage2_rows = Some(compacted.rows);
+        rec.set_stage("prefill");
+        self.run_layers(rec, state, stage2.layer..self.llama.layers.len(), None)
+    }
+
+    /// Keep the text rows and the `keep` top-scored rows of the image `segment`: gather the
+    /// hidden state and position ids of the kept rows to the front of `b`'s buffers.
+    fn compact_prompt(
+        &self,
+        rec: &mut Recorder,
+        b: &LlamaBuffers,
+        scores: &Tensor,
+        segment: Segment,
+        keep: usize,
+    ) -> Result<Compacted> {
+        let gpu = &self.gpu;
+        let dt = self.config.text.hidden_size;
+        let kept_rows = segment.kept_rows(keep);
+        let rows = Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.rows")?;
+        let hidden = Tensor::empty(gpu, &[kept_rows, dt], DType::F32, "stage2.hidden")?;
+        let positions = Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.positions")?;
+        rec.dispatch(topk::select(gpu, scores, segment.start, segment, keep, &rows)?);
+        rec.dispatch(topk::gather_rows(gpu, &b.hidden, &rows, 0, kept_rows, &hidden)?);
+        rec.dispatch(topk::gather_rows(gpu, &b.positions, &rows, 0, kept_rows, &positions)?);
+        // Gather cannot work in place: gather into scratch, then copy back to the front.
+        let row_bytes = (dt * 4) as u64;
+        rec.copy(&hidden.buffer, 0, &b.hidden.buffer, 0, kept_rows as u64 * row_bytes);
+        rec.copy(&positions.buffer, 0, &b.positions.buffer, 0, kept_rows as u64 * 4);
+        let bytes = rows.buffer.size() + hidden.buffer.size() + positions.buffer.size();
+        Ok(Compacted { rows, bytes })
+    }
+}

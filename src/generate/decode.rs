@@ -104,7 +104,10 @@ impl Engine {
         if !picker.host_samples {
             let id = self.gpu.read_u32(&state.next_token)?[0];
             if id as usize >= self.config.text.vocab_size {
-                return Err(Error::gpu("sampling", "the logits row holds no finite value"));
+                return Err(Error::gpu(
+                    "sampling",
+                    "the logits row holds no finite value",
+                ));
             }
             return Ok(id);
         }
@@ -136,7 +139,8 @@ impl Engine {
         rec.set_stage("decode");
         let layers = 0..self.llama.layers.len();
         let cache = &mut state.cache;
-        self.llama.forward_layers(&mut rec, b, 1, cache, layers, None)?;
+        self.llama
+            .forward_layers(&mut rec, b, 1, cache, layers, None)?;
         self.llama.logits(&mut rec, b, 0)?;
         if gpu_argmax {
             rec.dispatch(gpu_sample::argmax(gpu, &b.logits, 0, &state.next_token, 0)?);

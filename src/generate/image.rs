@@ -80,7 +80,12 @@ impl Engine {
     }
 
     /// Unpruned: every patch row of the encoder output becomes a feature row.
-    fn all_patch_features(&self, rec: &mut Recorder, b: &ImageBuffers, pixels: &[f32]) -> Result<()> {
+    fn all_patch_features(
+        &self,
+        rec: &mut Recorder,
+        b: &ImageBuffers,
+        pixels: &[f32],
+    ) -> Result<()> {
         let dv = self.config.vision.hidden_size;
         // Rows of the encoder output that become image features: patches after CLS, or all.
         let skip = match self.config.vision_feature_select_strategy {
@@ -184,9 +189,17 @@ impl Engine {
                 rec.submit();
                 let cls = gpu.read_f32(scores)?;
                 let hidden = gpu.read_f32(hidden)?;
-                vispruner::select(&cls[1..], &hidden[dv..], dv, keep, VISPRUNER_IMPORTANT_RATIO)
+                vispruner::select(
+                    &cls[1..],
+                    &hidden[dv..],
+                    dv,
+                    keep,
+                    VISPRUNER_IMPORTANT_RATIO,
+                )
             }
-            BeforeProjector::Random { keep, seed } => crate::prune::random_selection(n0, keep, seed),
+            BeforeProjector::Random { keep, seed } => {
+                crate::prune::random_selection(n0, keep, seed)
+            }
         };
         let list: Vec<u32> = std::iter::once(0)
             .chain(kept.iter().map(|&i| i as u32 + 1))

@@ -71,4 +71,3 @@ pub struct GenerateOutput {
     #[serde(skip)]
     pub image_features: Vec<f32>,
 }
-

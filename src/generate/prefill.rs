@@ -87,7 +87,13 @@ impl Engine {
         self.llama
             .logits(&mut rec, &state.buffers, state.rows - 1)?;
         if gpu_argmax {
-            rec.dispatch(gpu_sample::argmax(gpu, &state.buffers.logits, 0, &state.next_token, 0)?);
+            rec.dispatch(gpu_sample::argmax(
+                gpu,
+                &state.buffers.logits,
+                0,
+                &state.next_token,
+                0,
+            )?);
         }
         rec.finish("prefill")?;
         Ok(state)
@@ -167,13 +173,41 @@ impl Engine {
         let rows = Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.rows")?;
         let hidden = Tensor::empty(gpu, &[kept_rows, dt], DType::F32, "stage2.hidden")?;
         let positions = Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.positions")?;
-        rec.dispatch(topk::select(gpu, scores, segment.start, segment, keep, &rows)?);
-        rec.dispatch(topk::gather_rows(gpu, &b.hidden, &rows, 0, kept_rows, &hidden)?);
-        rec.dispatch(topk::gather_rows(gpu, &b.positions, &rows, 0, kept_rows, &positions)?);
+        rec.dispatch(topk::select(
+            gpu,
+            scores,
+            segment.start,
+            segment,
+            keep,
+            &rows,
+        )?);
+        rec.dispatch(topk::gather_rows(
+            gpu, &b.hidden, &rows, 0, kept_rows, &hidden,
+        )?);
+        rec.dispatch(topk::gather_rows(
+            gpu,
+            &b.positions,
+            &rows,
+            0,
+            kept_rows,
+            &positions,
+        )?);
         // Gather cannot work in place: gather into scratch, then copy back to the front.
         let row_bytes = (dt * 4) as u64;
-        rec.copy(&hidden.buffer, 0, &b.hidden.buffer, 0, kept_rows as u64 * row_bytes);
-        rec.copy(&positions.buffer, 0, &b.positions.buffer, 0, kept_rows as u64 * 4);
+        rec.copy(
+            &hidden.buffer,
+            0,
+            &b.hidden.buffer,
+            0,
+            kept_rows as u64 * row_bytes,
+        );
+        rec.copy(
+            &positions.buffer,
+            0,
+            &b.positions.buffer,
+            0,
+            kept_rows as u64 * 4,
+        );
         let bytes = rows.buffer.size() + hidden.buffer.size() + positions.buffer.size();
         Ok(Compacted { rows, bytes })
     }

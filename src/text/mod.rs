@@ -4,4 +4,4 @@ pub mod template;
 pub mod tokenizer;
 
 pub use template::Template;
-pub use tokenizer::{StreamDecoder, TextTokenizer};
+pub use tokenizer::{EncodedPrompt, StreamDecoder, TextTokenizer};

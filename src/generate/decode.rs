@@ -10,9 +10,10 @@ use crate::model::llava::Engine;
 use crate::sample::{top_logprobs, Sampler};
 use crate::text::StreamDecoder;
 
-use super::output::TokenLogprob;
+use super::output::{ms, TokenLogprob};
 use super::prefill::Prefilled;
-use super::{ms, GenerateRequest, PreparedRequest};
+use super::prepare::PreparedRequest;
+use super::request::GenerateRequest;
 
 /// What the decode loop produced.
 pub(super) struct Decoded {

@@ -1,87 +1,36 @@
-//! The scheduler, one file per step of a request:
+//! The scheduler: one request from image and prompt to text, one file per step.
 //!
-//! 1. `prepare` (here): load and preprocess the image, render and tokenize the prompt, turn the
-//!    pruning options into a [`Plan`], gather the prompt's token embeddings;
+//! 1. `prepare.rs`: load and preprocess the image, render and tokenize the prompt, turn the
+//!    pruning options into a [`Plan`](crate::prune::Plan), gather the token embeddings;
 //! 2. `image.rs`: vision tower → stage 1 (or another before-projector selection) → projector;
 //! 3. `prefill.rs`: the prompt through the decoder, stage 2 at layer K, the first logits;
 //! 4. `decode.rs`: sampling, streamed text, one decoder step per token;
 //! 5. `output.rs`: what the request returns (`--json`).
+//!
+//! `request.rs` holds what a caller asks for. Pruning follows `docs/pruning.md`.
 
 mod decode;
 mod image;
 mod output;
 mod prefill;
+mod prepare;
+mod request;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
-use crate::prune::{Plan, PruneOptions};
-use crate::sample::{Sampler, SamplingParams};
-use crate::text::{EncodedPrompt, Template};
-use crate::vision::load_image;
+use crate::sample::Sampler;
 
 use decode::TokenPicker;
+use output::ms;
 pub use output::{
     Flops, GenerateOutput, KeptIndices, MemoryReport, Timings, TokenLogprob, VisualTokens,
 };
-/// One question about one image.
-#[derive(Clone, Debug)]
-pub struct GenerateRequest {
-    pub image: PathBuf,
-    pub prompt: String,
-    pub template: Template,
-    pub max_new_tokens: usize,
-    pub sampling: SamplingParams,
-    /// Report the top-N log-probabilities of each generated step.
-    pub logprobs: Option<usize>,
-    /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
-    pub pad_to_square: bool,
-    /// Keep generating past EOS (benchmarks and parity tests).
-    pub ignore_eos: bool,
-    /// Visual-token pruning (STAR.md).
-    pub prune: PruneOptions,
-    /// Copy the projector output and the first logits row back into the output (parity
-    /// checks). Off by default: for 7B the projector output alone is a 9 MB readback.
-    pub capture_outputs: bool,
-}
-
-impl GenerateRequest {
-    pub fn new(image: impl Into<PathBuf>, prompt: impl Into<String>) -> Self {
-        Self {
-            image: image.into(),
-            prompt: prompt.into(),
-            template: Template::LlavaHf,
-            max_new_tokens: 64,
-            sampling: SamplingParams::default(),
-            logprobs: None,
-            pad_to_square: false,
-            ignore_eos: false,
-            prune: PruneOptions::default(),
-            capture_outputs: false,
-        }
-    }
-}
-
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
-}
-
-/// A request checked, tokenized and planned: what the GPU passes need.
-pub(crate) struct PreparedRequest {
-    /// The preprocessed image, [3, S, S].
-    pixels: Vec<f32>,
-    plan: Plan,
-    /// Prompt ids with the N1 image tokens the language model receives.
-    prompt: EncodedPrompt,
-    /// Token embeddings of `prompt` [prompt length, d]; the image rows stay zero until the
-    /// projector output is copied over them on the GPU.
-    embeddings: Vec<f32>,
-    /// Tokens to generate at most: the request's limit, capped by the context.
-    max_new: usize,
-}
+use prefill::Prefilled;
+use prepare::PreparedRequest;
+pub use request::GenerateRequest;
 
 impl Engine {
     /// Answer `request`, calling `on_text` with each new piece of text as it is decoded.
@@ -170,58 +119,6 @@ impl Engine {
         })
     }
 
-    /// Preprocess the image, tokenize the prompt with N1 image tokens, plan the pruning and
-    /// gather the text embeddings.
-    fn prepare(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
-        let image = load_image(&request.image)?;
-        let pixels = self
-            .image_processor
-            .preprocess(&image, request.pad_to_square);
-        let n0 = self.config.image_tokens();
-        let text = request
-            .template
-            .render(&request.prompt, &self.tokenizer.image_token);
-        // The plan needs the text after the image, which tokenizing with N0 tokens tells.
-        let probe = self.tokenizer.encode_with_image(&text, n0)?;
-        let text_after_image = probe.ids.len() - probe.image_start - n0;
-        let layers = self.config.text.num_hidden_layers;
-        let plan = request.prune.plan(n0, layers, text_after_image)?;
-        let n1 = plan.n1();
-        let prompt = self.tokenizer.encode_with_image(&text, n1)?;
-        let prompt_len = prompt.ids.len();
-        let context = self.config.text.max_position_embeddings;
-        if prompt_len >= context {
-            return Err(Error::argument(
-                "prompt",
-                format!("the prompt takes {prompt_len} tokens ({n1} of them visual), the model's context is {context}"),
-            ));
-        }
-        let embeddings = self.prompt_embeddings(&prompt)?;
-        Ok(PreparedRequest {
-            pixels,
-            plan,
-            max_new: request.max_new_tokens.min(context - prompt_len),
-            prompt,
-            embeddings,
-        })
-    }
-
-    /// Token embeddings of the prompt, with zero rows where the image goes.
-    fn prompt_embeddings(&self, prompt: &EncodedPrompt) -> Result<Vec<f32>> {
-        let dt = self.config.text.hidden_size;
-        let image_id = self.tokenizer.image_token_id;
-        // Image placeholders are looked up as id 0 (any valid row), then zeroed.
-        let ids: Vec<u32> = prompt
-            .ids
-            .iter()
-            .map(|&id| if id == image_id { 0 } else { id })
-            .collect();
-        let mut embeddings = self.embed(&ids)?;
-        let image_rows = prompt.image_start..prompt.image_start + prompt.image_tokens;
-        embeddings[image_rows.start * dt..image_rows.end * dt].fill(0.0);
-        Ok(embeddings)
-    }
-
     /// Kept visual tokens per stage as indices into the original patch grid (None when no
     /// pruning ran). `stage1` comes from the image pass; stage 2's kept prompt rows are read
     /// back and mapped through stage 1's selection.
@@ -229,7 +126,7 @@ impl Engine {
         &self,
         input: &PreparedRequest,
         stage1: Option<Vec<usize>>,
-        state: &prefill::Prefilled,
+        state: &Prefilled,
     ) -> Result<Option<KeptIndices>> {
         let plan = &input.plan;
         if plan.before_projector.is_none() && plan.stage2.is_none() {

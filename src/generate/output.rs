@@ -1,6 +1,8 @@
 //! What a request returns: the text and ids, and the numbers `--json` prints about how they
 //! were produced (token counts per pruning stage, kept patches, memory, time, flops).
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -35,7 +37,7 @@ pub struct MemoryReport {
     pub activation_bytes: u64,
 }
 
-/// Theoretical prefill multiply-adds of the decoder (STAR.md cost model).
+/// Theoretical prefill multiply-adds of the decoder (the cost model of docs/pruning.md).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Flops {
     pub prefill: u64,
@@ -70,4 +72,9 @@ pub struct GenerateOutput {
     /// Projector output [visual tokens, text width], with `capture_outputs` (not serialised).
     #[serde(skip)]
     pub image_features: Vec<f32>,
+}
+
+/// Milliseconds since `since`.
+pub(super) fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }

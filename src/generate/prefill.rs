@@ -12,7 +12,7 @@ use crate::model::llava::Engine;
 use crate::prune::{Stage2, Stage2Rows};
 
 use super::image::EncodedImage;
-use super::PreparedRequest;
+use super::prepare::PreparedRequest;
 
 /// The language model's state after prefill, ready to decode.
 pub(super) struct Prefilled {

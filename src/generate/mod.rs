@@ -19,11 +19,13 @@ mod request;
 use std::time::Instant;
 
 use crate::error::Result;
+use crate::gpu::Tensor;
 use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
 use crate::sample::Sampler;
 
 use decode::TokenPicker;
+use image::EncodedImage;
 use output::ms;
 pub use output::{
     Flops, GenerateOutput, KeptIndices, MemoryReport, Timings, TokenLogprob, VisualTokens,
@@ -55,16 +57,11 @@ impl Engine {
         // greedy decoding reads just the argmax id.
         let host_samples = !sampler.is_greedy() || request.logprobs.is_some();
         let mut state = self.prefill(&input, &image, !host_samples)?;
-        let first_logits = if host_samples || request.capture_outputs {
-            self.gpu.read_f32(&state.buffers.logits)?
-        } else {
-            Vec::new()
-        };
-        let image_features = if request.capture_outputs {
-            self.gpu.read_f32(&image.embeddings)?
-        } else {
-            Vec::new()
-        };
+        let first_logits = self.read_if(
+            host_samples || request.capture_outputs,
+            &state.buffers.logits,
+        )?;
+        let image_features = self.read_if(request.capture_outputs, &image.embeddings)?;
         let kept_visual_indices = self.kept_indices(&input, image.kept.clone(), &state)?;
 
         let mut picker = TokenPicker {
@@ -89,11 +86,7 @@ impl Engine {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,
             prompt_tokens: input.prompt.ids.len(),
-            visual_tokens: VisualTokens {
-                encoder: input.plan.n0,
-                after_stage1: input.plan.n1(),
-                after_stage2: input.plan.n2(),
-            },
+            visual_tokens: VisualTokens::of(&input.plan),
             kept_visual_indices,
             kv_cache_bytes,
             timings_ms: Timings {
@@ -108,15 +101,30 @@ impl Engine {
             flops: self.prefill_flops(&input),
             stop_reason: decoded.stop_reason,
             logprobs: decoded.logprobs,
-            memory: MemoryReport {
-                weights_bytes: self.weight_bytes,
-                kv_cache_bytes,
-                kv_cache_allocated_bytes: state.cache.allocated_bytes(),
-                activation_bytes: image.activation_bytes + state.activation_bytes(),
-            },
+            memory: self.memory_report(&image, &state),
             first_logits,
             image_features,
         })
+    }
+
+    /// The f32 contents of `tensor` when `wanted` (an empty vector otherwise): readbacks that
+    /// only some requests need stay off the others' path.
+    fn read_if(&self, wanted: bool, tensor: &Tensor) -> Result<Vec<f32>> {
+        if wanted {
+            self.gpu.read_f32(tensor)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    /// GPU bytes allocated for this request and the model.
+    fn memory_report(&self, image: &EncodedImage, state: &Prefilled) -> MemoryReport {
+        MemoryReport {
+            weights_bytes: self.weight_bytes,
+            kv_cache_bytes: state.cache.used_bytes(),
+            kv_cache_allocated_bytes: state.cache.allocated_bytes(),
+            activation_bytes: image.activation_bytes + state.activation_bytes(),
+        }
     }
 
     /// Kept visual tokens per stage as indices into the original patch grid (None when no

@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::prune::Plan;
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VisualTokens {
     pub encoder: usize,
@@ -13,6 +15,17 @@ pub struct VisualTokens {
 }
 
 /// Kept visual tokens as original patch-grid indices (raster order), per stage.
+impl VisualTokens {
+    /// The counts a pruning plan leads to.
+    pub fn of(plan: &Plan) -> Self {
+        Self {
+            encoder: plan.n0,
+            after_stage1: plan.n1(),
+            after_stage2: plan.n2(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KeptIndices {
     pub stage1: Option<Vec<usize>>,

@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::rope::{self, RopeTable};
-use crate::gpu::kernels::{activation, matmul, norm};
+use crate::gpu::kernels::{activation, linear, norm};
 use crate::gpu::{DType, Dispatch, Gpu, Recorder, Tensor, Weight};
 use crate::model::config::TextConfig;
 use crate::model::loader::Loader;
@@ -257,9 +257,9 @@ impl Llama {
                 &normed,
                 eps,
             )?);
-            d.extend(matmul::linear(gpu, &normed, &layer.q_proj, &q, false)?);
-            d.extend(matmul::linear(gpu, &normed, &layer.k_proj, &k, false)?);
-            d.extend(matmul::linear(gpu, &normed, &layer.v_proj, &v, false)?);
+            d.extend(linear::linear(gpu, &normed, &layer.q_proj, &q, false)?);
+            d.extend(linear::linear(gpu, &normed, &layer.k_proj, &k, false)?);
+            d.extend(linear::linear(gpu, &normed, &layer.v_proj, &v, false)?);
             d.push(rope::rope(gpu, &q, h, &positions, &self.rope)?);
             d.push(rope::rope(gpu, &k, kvh, &positions, &self.rope)?);
             rec.dispatch_all(d);
@@ -298,7 +298,7 @@ impl Llama {
                 layer_scores,
             )?;
             // Residual adds are fused into o_proj and down_proj (accumulate = true).
-            d.extend(matmul::linear(gpu, &attn, &layer.o_proj, &hidden, true)?);
+            d.extend(linear::linear(gpu, &attn, &layer.o_proj, &hidden, true)?);
             d.push(norm::rms_norm(
                 gpu,
                 &hidden,
@@ -306,7 +306,7 @@ impl Llama {
                 &normed,
                 eps,
             )?);
-            d.extend(matmul::linear(
+            d.extend(linear::linear(
                 gpu,
                 &normed,
                 &layer.gate_up_proj,
@@ -314,7 +314,7 @@ impl Llama {
                 false,
             )?);
             d.push(activation::silu_mul(gpu, &gate_up, &act)?);
-            d.extend(matmul::linear(gpu, &act, &layer.down_proj, &hidden, true)?);
+            d.extend(linear::linear(gpu, &act, &layer.down_proj, &hidden, true)?);
             rec.dispatch_all(d);
         }
         Ok(())
@@ -338,7 +338,7 @@ impl Llama {
             &b.last_normed,
             self.config.rms_norm_eps as f32,
         )?);
-        rec.dispatch_all(matmul::linear(
+        rec.dispatch_all(linear::linear(
             gpu,
             &b.last_normed,
             &self.lm_head,

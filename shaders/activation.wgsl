@@ -3,6 +3,9 @@
 // WGSL has no erf, so gelu uses Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, below f32
 // resolution at the values that matter). The SwiGLU input is the output of one fused
 // [gate | up] projection, [rows, 2·width], so gate and up are read from the same row.
+//
+// Injected by the host (activation.rs `WORKGROUP`): WG, threads per workgroup, one per element.
+//#inject WG
 
 struct Params {
     count: u32,   // elements (in place) or output elements (silu_mul)
@@ -15,7 +18,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 
 fn linear_index(wg: vec3<u32>, groups: vec3<u32>, tid: u32) -> u32 {
-    return (wg.x + wg.y * groups.x) * 256u + tid;
+    return (wg.x + wg.y * groups.x) * WG + tid;
 }
 
 fn erf(v: f32) -> f32 {
@@ -26,7 +29,7 @@ fn erf(v: f32) -> f32 {
     return select(r, -r, v < 0.0);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn quick_gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
               @builtin(local_invocation_index) tid: u32) {
     let i = linear_index(wg, groups, tid);
@@ -36,7 +39,7 @@ fn quick_gelu(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) gro
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn gelu_erf(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
             @builtin(local_invocation_index) tid: u32) {
     let i = linear_index(wg, groups, tid);
@@ -49,7 +52,7 @@ fn gelu_erf(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) group
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 // out[r, j] = silu(x[r, j]) · x[r, width + j]
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn silu_mul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
             @builtin(local_invocation_index) tid: u32) {
     let i = linear_index(wg, groups, tid);

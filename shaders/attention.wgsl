@@ -45,6 +45,10 @@
 // normalised probabilities of its rows in range: one row of `partials` per (kv head, block in
 // range), every element written (zeros past the visible keys). attention_scores_reduce then sums
 // those rows in a fixed order. No float atomics, so the result is deterministic.
+//
+// Injected by the host (attention.rs `AttentionTiling`): BM, BN, THREADS, STRIDE (the padded row
+// stride of the Q and K/V tiles in vec4) and REDUCE_THREADS (the reduction's workgroup size).
+//#inject BM BN THREADS STRIDE REDUCE_THREADS
 
 struct Params {
     q_rows: u32,       // Tq
@@ -65,11 +69,6 @@ struct Params {
     partial_rows: u32, // rows of `partials` to reduce (Hkv · range_blocks)
 }
 
-const BM: u32 = 16u;
-const BN: u32 = 32u;
-const THREADS: u32 = 64u;
-// Padded row stride of the Q and K/V tiles, in vec4.
-const STRIDE: u32 = 33u;
 // Stands in for -inf; exp2 of anything near it is 0.
 const NEG: f32 = -3.0e38;
 
@@ -81,10 +80,10 @@ const NEG: f32 = -3.0e38;
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(6) var<storage, read_write> scores: array<f32>;
 
-var<workgroup> q_tile: array<vec4<f32>, 528>;   // [BM][STRIDE]
-var<workgroup> kv_tile: array<vec4<f32>, 1056>; // [BN][STRIDE]
-var<workgroup> s_tile: array<vec4<f32>, 128>;   // logits [BN][row quad], rows in components
-var<workgroup> p_tile: array<vec4<f32>, 128>;   // probabilities, same layout
+var<workgroup> q_tile: array<vec4<f32>, BM * STRIDE>;
+var<workgroup> kv_tile: array<vec4<f32>, BN * STRIDE>;
+var<workgroup> s_tile: array<vec4<f32>, BN * BM / 4u>;  // logits [BN][row quad], rows in components
+var<workgroup> p_tile: array<vec4<f32>, BN * BM / 4u>;  // probabilities, same layout
 
 // Per-thread state for its 4 rows (components) and columns c, c + 16.
 var<private> acc: array<vec4<f32>, 8>;   // acc[2i + j]: row 4·rq + i, column vec4 c + 16·j
@@ -348,7 +347,7 @@ fn init_state() {
 // The main pass is written out in both attention entry points (barriers must sit in the entry
 // point's own uniform control flow); the work between barriers is in the helpers above.
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(THREADS)
 fn attention(@builtin(workgroup_id) wg: vec3<u32>,
              @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) tid: u32) {
@@ -386,7 +385,7 @@ fn attention(@builtin(workgroup_id) wg: vec3<u32>,
     if (t.busy) { write_output(kh, v0, t, row_sum); }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(THREADS)
 fn attention_scored(@builtin(workgroup_id) wg: vec3<u32>,
                     @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) tid: u32) {
@@ -462,11 +461,11 @@ fn attention_scored(@builtin(workgroup_id) wg: vec3<u32>,
 }
 
 // scores[j] = Σ over the partial rows of partials[row][j], in row order.
-@compute @workgroup_size(64)
+@compute @workgroup_size(REDUCE_THREADS)
 fn attention_scores_reduce(@builtin(workgroup_id) wg: vec3<u32>,
                            @builtin(num_workgroups) nwg: vec3<u32>,
                            @builtin(local_invocation_index) tid: u32) {
-    let j = (wg.x + wg.y * nwg.x) * 64u + tid;
+    let j = (wg.x + wg.y * nwg.x) * REDUCE_THREADS + tid;
     if (j >= p.kv_rows) {
         return;
     }

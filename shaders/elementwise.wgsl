@@ -1,5 +1,8 @@
 // Residual add: a[i] += b[i]. (Most residual adds are fused into the preceding matmul's
 // accumulate flag; this kernel covers the rest, e.g. CLIP's position embeddings.)
+//
+// Injected by the host (elementwise.rs `WORKGROUP`): WG, threads per workgroup, one per element.
+//#inject WG
 
 struct Params {
     count: u32,
@@ -12,10 +15,10 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn add_in_place(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
                 @builtin(local_invocation_index) tid: u32) {
-    let i = (wg.x + wg.y * groups.x) * 256u + tid;
+    let i = (wg.x + wg.y * groups.x) * WG + tid;
     if (i < p.count) {
         a[i] = a[i] + b[i];
     }

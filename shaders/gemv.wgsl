@@ -2,10 +2,14 @@
 // lm_head on the last row). Memory bound: every weight byte is read exactly once, with aligned
 // vec4 loads, and the small x vector is served from cache.
 //
-// A 64-thread workgroup computes ROWS output rows. Every thread walks K in vec4 steps for all
-// ROWS rows at once (so each x value it loads is reused ROWS times), then the workgroup reduces
-// the ROWS partial sums: with subgroup adds when the adapter has subgroups (any subgroup size),
-// with a shared-memory tree otherwise.
+// A workgroup of WG threads computes ROWS (= 4, one vec4 of sums) output rows. Every thread
+// walks K in vec4 steps for all ROWS rows at once (so each x value it loads is reused ROWS
+// times), then the workgroup reduces the ROWS partial sums: with subgroup adds when the adapter
+// has subgroups (any subgroup size; MAX_SUBGROUPS = WG / the device's smallest subgroup size
+// bounds how many there are), with a shared-memory tree otherwise.
+//
+// Injected by the host (gemv.rs `GemvShape`, linear.rs flag bits):
+//#inject WG ROWS MAX_SUBGROUPS FLAG_BIAS FLAG_ACCUMULATE
 
 struct Params {
     n: u32,            // rows of W in this chunk
@@ -13,13 +17,10 @@ struct Params {
     w_stride: u32,     // 32-bit words per stored W row
     x_offset: u32,     // index of x[0] in the x buffer (to use one row of a matrix)
     col_offset: u32,   // first output element (= first W row of this chunk)
-    flags: u32,        // bit 0: add bias, bit 1: accumulate into y
+    flags: u32,        // FLAG_BIAS: add bias, FLAG_ACCUMULATE: accumulate into y
     y_offset: u32,     // index of y[0] in the y buffer
     _pad: u32,
 }
-
-const WG: u32 = 64u;
-const ROWS: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -28,9 +29,9 @@ const ROWS: u32 = 4u;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 //#if SUBGROUPS
-var<workgroup> partial: array<f32, 64>;   // [ROWS][up to 16 subgroups]
+var<workgroup> partial: array<f32, ROWS * MAX_SUBGROUPS>;   // [ROWS][MAX_SUBGROUPS]
 //#else
-var<workgroup> partial: array<f32, 256>;  // [ROWS][WG]
+var<workgroup> partial: array<f32, ROWS * WG>;              // [ROWS][WG]
 //#endif
 
 // x[k0 .. k0 + 4), zero past the end (x past K may hold anything; W's padding is zero but
@@ -54,14 +55,14 @@ fn finish(sums: vec4<f32>, row0: u32, tid: u32, lane: u32, sg_id: u32, sg_count:
     let total = subgroupAdd(sums);
     if (lane == 0u) {
         for (var r = 0u; r < ROWS; r++) {
-            partial[r * 16u + sg_id] = total[r];
+            partial[r * MAX_SUBGROUPS + sg_id] = total[r];
         }
     }
     workgroupBarrier();
     if (tid < ROWS) {
         var s = 0.0;
         for (var i = 0u; i < sg_count; i++) {
-            s += partial[tid * 16u + i];
+            s += partial[tid * MAX_SUBGROUPS + i];
         }
         write_row(row0 + tid, s);
     }
@@ -90,17 +91,17 @@ fn write_row(row: u32, sum: f32) {
     }
     let out = p.col_offset + row;
     var v = sum;
-    if ((p.flags & 1u) != 0u) {
+    if ((p.flags & FLAG_BIAS) != 0u) {
         v += bias[out];
     }
     let at = p.y_offset + out;
-    if ((p.flags & 2u) != 0u) {
+    if ((p.flags & FLAG_ACCUMULATE) != 0u) {
         v += y[at];
     }
     y[at] = v;
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn gemv_f16(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
@@ -138,7 +139,7 @@ fn gemv_f16(
     finish(sums, row0, tid, lane, sg_id, sg_count);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn gemv_f32(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,

@@ -5,10 +5,14 @@
 // aligned vec4 loads. One dispatch covers one row-chunk of W (chunks exist when W exceeds the
 // storage-binding limit); it writes the output columns [col_offset, col_offset + n).
 //
-// Tiling: a 256-thread workgroup computes a 64×64 output tile; each thread owns a 4×4 block of it
-// spread with stride 16 (so neighbouring threads read neighbouring shared-memory words). The K
-// loop stages a 64×32 slice of X and of W through workgroup memory, transposed so the inner
-// product reads them with unit stride. Edge tiles are bounds-checked, so any M, N, K work.
+// Tiling: a workgroup of THREADS = 64 threads computes a TILE_M×TILE_N = 64×64 output tile; the
+// threads form an 8×8 grid and each owns an 8×8 block of the tile. The K loop stages a
+// 64×TILE_K slice of X and of W through workgroup memory, transposed so the inner product reads
+// them with unit stride. Edge tiles are bounds-checked, so any M, N, K work. The per-thread
+// loops below are written for exactly this tiling (matmul.rs tests the relations).
+//
+// Injected by the host (matmul.rs `MatmulTiling`, linear.rs flag bits):
+//#inject TILE_M TILE_N TILE_K THREADS FLAG_BIAS FLAG_ACCUMULATE
 
 struct Params {
     m: u32,            // rows of X and Y
@@ -18,13 +22,8 @@ struct Params {
     x_stride: u32,     // floats per X row (normally k)
     y_stride: u32,     // floats per Y row (the full N)
     col_offset: u32,   // first output column (= first W row of this chunk)
-    flags: u32,        // bit 0: add bias, bit 1: accumulate into Y
+    flags: u32,        // FLAG_BIAS: add bias, FLAG_ACCUMULATE: accumulate into Y
 }
-
-const TILE_M: u32 = 64u;
-const TILE_N: u32 = 64u;
-const TILE_K: u32 = 32u;
-const THREADS: u32 = 64u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -35,8 +34,8 @@ const THREADS: u32 = 64u;
 
 // Both tiles are stored K-major ([TILE_K][64] floats as 16 vec4 per k) so the inner product
 // reads a thread's 8 rows and 8 columns as two vec4 loads each.
-var<workgroup> x_tile: array<vec4<f32>, 512>;
-var<workgroup> w_tile: array<vec4<f32>, 512>;
+var<workgroup> x_tile: array<vec4<f32>, TILE_K * TILE_M / 4u>;
+var<workgroup> w_tile: array<vec4<f32>, TILE_K * TILE_N / 4u>;
 
 fn x_at(row: u32, col: u32) -> f32 {
     if (row < p.m && col < p.k) {
@@ -121,11 +120,11 @@ fn store_row(row: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
         }
         var v = select(hi[j - 4u], lo[j], j < 4u);
         let out_col = p.col_offset + col;
-        if ((p.flags & 1u) != 0u) {
+        if ((p.flags & FLAG_BIAS) != 0u) {
             v += bias[out_col];
         }
         let at = row * p.y_stride + out_col;
-        if ((p.flags & 2u) != 0u) {
+        if ((p.flags & FLAG_ACCUMULATE) != 0u) {
             v += y[at];
         }
         y[at] = v;
@@ -164,7 +163,7 @@ fn multiply_tile(acc: ptr<function, array<vec4<f32>, 16>>, tx: u32, ty: u32) {
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(THREADS)
 fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let n0 = wg.x * TILE_N;
     let row0 = wg.y * TILE_M;
@@ -181,7 +180,7 @@ fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     store(&acc, row0, n0, tx, ty);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(THREADS)
 fn matmul_f32(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let n0 = wg.x * TILE_N;
     let row0 = wg.y * TILE_M;

@@ -5,6 +5,9 @@
 // two-pass variance (mean first, then the mean of squared deviations) rather than E[x²] − E[x]²,
 // which loses precision when the mean is large compared to the spread, as it is in CLIP's
 // residual stream.
+//
+// Injected by the host (norm.rs `WORKGROUP`): WG, threads per workgroup.
+//#inject WG
 
 struct Params {
     rows: u32,
@@ -13,15 +16,13 @@ struct Params {
     _pad: u32,
 }
 
-const WG: u32 = 256u;
-
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> gamma: array<f32>;
 @group(0) @binding(3) var<storage, read> beta: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
-var<workgroup> partial: array<f32, 256>;
+var<workgroup> partial: array<f32, WG>;
 
 // Sum `value` over the workgroup; every thread gets the total.
 fn workgroup_sum(value: f32, tid: u32) -> f32 {
@@ -43,7 +44,7 @@ fn row_index(wg: vec3<u32>, groups: vec3<u32>) -> u32 {
     return wg.x + wg.y * groups.x;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn layer_norm(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
@@ -72,7 +73,7 @@ fn layer_norm(
 }
 
 // y = x / sqrt(mean(x²) + eps) · gamma   (beta is bound but unused)
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn rms_norm(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,

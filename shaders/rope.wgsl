@@ -5,6 +5,9 @@
 // way transformers does (f32 inverse frequencies and f32 angle products) and then takes cos and
 // sin in f64, because GPU sin/cos lose accuracy for the large angles of late positions. Each row
 // has an explicit position id, so rows whose neighbours were pruned keep their original position.
+//
+// Injected by the host (rope.rs `WORKGROUP`): WG, threads per workgroup, one per rotated pair.
+//#inject WG
 
 struct Params {
     rows: u32,
@@ -18,14 +21,14 @@ struct Params {
 @group(0) @binding(2) var<storage, read> table: array<vec2<f32>>;
 @group(0) @binding(3) var<storage, read_write> x: array<f32>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn rope(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
     let half_dim = p.head_dim / 2u;
-    let index = (wg.x + wg.y * groups.x) * 256u + tid;
+    let index = (wg.x + wg.y * groups.x) * WG + tid;
     if (index >= p.rows * p.heads * half_dim) {
         return;
     }

@@ -14,6 +14,9 @@
 // strided walk (indices increase, so "strictly greater" keeps the lowest index of a tie), then
 // the workgroup reduces 256 candidates: by subgroup max/min plus a pass over the per-subgroup
 // winners when the adapter has subgroups, by a shared-memory tree otherwise.
+//
+// Injected by the host (sample.rs `WORKGROUP`): WG, threads per workgroup (a power of two).
+//#inject WG
 
 struct Params {
     v: u32,            // logits per row
@@ -22,7 +25,6 @@ struct Params {
     _pad: u32,
 }
 
-const WG: u32 = 256u;
 const NONE: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -30,8 +32,8 @@ const NONE: u32 = 0xffffffffu;
 @group(0) @binding(2) var<storage, read_write> out: array<u32>;
 
 // One candidate per thread (shared-memory tree) or per subgroup (subgroup path).
-var<workgroup> best_keys: array<u32, 256>;
-var<workgroup> best_ids: array<u32, 256>;
+var<workgroup> best_keys: array<u32, WG>;
+var<workgroup> best_ids: array<u32, WG>;
 
 // Float order as unsigned order; callers skip NaN first. Real keys are >= 0x007fffff (-inf),
 // so the empty candidate (0, NONE) loses to any of them.
@@ -55,7 +57,7 @@ fn beats(key_b: u32, id_b: u32, key_a: u32, id_a: u32) -> bool {
     return key_b > key_a || (key_b == key_a && id_b < id_a);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn argmax(
     @builtin(local_invocation_index) tid: u32,
 //#if SUBGROUPS

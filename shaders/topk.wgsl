@@ -31,6 +31,10 @@
 // words made of several rows when rows are narrow (position ids), so no thread idles. Work
 // groups spread over a 2D grid when they exceed the per-dimension limit. An index >= src_rows
 // (a bug the GPU cannot report) writes a row of zeros rather than reading out of bounds.
+//
+// Injected by the host (topk.rs `TopkShape`): WG (threads per workgroup, = 256, one per digit
+// value), ITEMS (consecutive scores per thread in the scan pass), TILE = WG * ITEMS.
+//#inject WG ITEMS TILE
 
 struct SelectParams {
     n: u32,             // scores in the segment
@@ -43,17 +47,14 @@ struct SelectParams {
     _pad2: u32,
 }
 
-const WG: u32 = 256u;
-const ITEMS: u32 = 4u;            // consecutive scores per thread in the scan pass
-const TILE: u32 = 1024u;          // WG * ITEMS; counts per tile fit in 16 bits
 const NONE: u32 = 0xffffffffu;    // "no key": above every real key (the largest is +inf's)
 
 @group(0) @binding(0) var<uniform> p: SelectParams;
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
 @group(0) @binding(2) var<storage, read_write> keep: array<u32>;
 
-var<workgroup> hist: array<atomic<u32>, 256>;
-var<workgroup> scan_buf: array<u32, 256>;
+var<workgroup> hist: array<atomic<u32>, WG>;   // one counter per digit value
+var<workgroup> scan_buf: array<u32, WG>;
 var<workgroup> chosen: vec2<u32>;   // (digit, ties still to keep) decided by one thread
 
 // Unsigned order of the keys = float order, NaN lowest, -0 == +0. Done on the bits: WGSL lets
@@ -90,7 +91,7 @@ fn scan_inclusive(tid: u32, value: u32) -> u32 {
     return scan_buf[tid];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn select_keep(@builtin(local_invocation_index) tid: u32) {
     // Rows outside the segment are always kept, in place before it and shifted after it.
     for (var r = tid; r < p.seg_start; r += WG) {
@@ -143,7 +144,7 @@ fn select_keep(@builtin(local_invocation_index) tid: u32) {
     var base_above = 0u;
     var base_ties = 0u;
     for (var tile = 0u; tile < p.n; tile += TILE) {
-        var flags: array<u32, 4>;
+        var flags: array<u32, ITEMS>;
         var sum = 0u;
         for (var j = 0u; j < ITEMS; j++) {
             let i = tile + tid * ITEMS + j;
@@ -196,7 +197,7 @@ fn source_row(r: u32) -> u32 {
     return idx[g.idx_offset + r];
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn gather_rows(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use llava_wgpu::gpu::kernels::{gemv, matmul};
+use llava_wgpu::gpu::kernels::{gemv, linear, matmul};
 use llava_wgpu::gpu::{Gpu, Recorder, Tensor, Weight, WeightFormat};
 
 struct Case {
@@ -48,7 +48,7 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
         weight = weight.with_bias(gpu, &b).unwrap();
     }
     let w_seen = match format {
-        WeightFormat::F16 => matmul::round_to_f16(&w_values),
+        WeightFormat::F16 => linear::round_to_f16(&w_values),
         WeightFormat::F32 => w_values.clone(),
     };
     let xt = Tensor::from_f32(gpu, &[m, k], &x, "x").unwrap();
@@ -68,7 +68,7 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
     }
     rec.finish("matmul test").unwrap();
     let got = gpu.read_f32(&yt).unwrap();
-    let want = matmul::reference(
+    let want = linear::reference(
         &x,
         m,
         k,
@@ -166,7 +166,7 @@ fn linear_rejects_mismatched_shapes() {
     let w = Weight::from_f32(&gpu, "proj", 4, 3, &[0.0; 12], WeightFormat::F16).unwrap();
     let x = Tensor::from_f32(&gpu, &[2, 5], &[0.0; 10], "x").unwrap();
     let y = Tensor::empty(&gpu, &[2, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
-    let err = matmul::linear(&gpu, &x, &w, &y, false)
+    let err = linear::linear(&gpu, &x, &w, &y, false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("proj"), "{err}");

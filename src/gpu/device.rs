@@ -9,8 +9,9 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::PipelineCache;
-use crate::gpu::profiler::{ProfileReport, Profiler};
+use crate::gpu::pipelines::PipelineCache;
+use crate::gpu::profiler::{ProfileReport, Profiler, TimingMode};
+use crate::gpu::shaders::ShaderFlags;
 
 /// Environment variable that picks the adapter (same syntax as `--adapter`).
 pub const ENV_ADAPTER: &str = "LLAVA_WGPU_ADAPTER";
@@ -421,6 +422,14 @@ impl Gpu {
         })
     }
 
+    /// The flags this device compiles a shader with.
+    pub fn shader_flags(&self) -> ShaderFlags {
+        ShaderFlags {
+            subgroups: self.caps.subgroups,
+            f16: self.caps.shader_f16,
+        }
+    }
+
     pub fn is_cpu(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
@@ -447,7 +456,14 @@ impl Gpu {
 
     /// Time every dispatch recorded from now on (see `profiler.rs`).
     pub fn start_profiling(&self) {
-        let profiler = Profiler::new(self);
+        let mode = if self.caps.timestamps_inside_passes {
+            TimingMode::InsidePasses
+        } else if self.caps.timestamps {
+            TimingMode::PassPerDispatch
+        } else {
+            TimingMode::CpuWallClock
+        };
+        let profiler = Profiler::new(mode, self.queue.get_timestamp_period() as f64);
         *self.profiler.lock().unwrap_or_else(|p| p.into_inner()) = Some(profiler);
     }
 
@@ -473,7 +489,7 @@ impl Gpu {
         match taken {
             None => Ok(None),
             Some(mut profiler) => {
-                profiler.collect(self)?;
+                profiler.collect(|| self.wait("profiler readback"))?;
                 Ok(Some(profiler.report()))
             }
         }

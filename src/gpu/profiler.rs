@@ -5,6 +5,9 @@
 //! pass (TIMESTAMP_QUERY_INSIDE_PASSES); one pass per dispatch with pass-boundary timestamps
 //! (TIMESTAMP_QUERY); or, without timestamp queries, submitting each dispatch alone and timing
 //! it on the CPU, which includes submission overhead (a warning says so).
+//!
+//! This module sits below device.rs (the device owns the active profiler), so it takes the
+//! wgpu handles it needs rather than a `Gpu`.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -12,7 +15,6 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::gpu::device::Gpu;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum TimingMode {
@@ -67,21 +69,17 @@ pub struct Profiler {
 }
 
 impl Profiler {
-    pub fn new(gpu: &Gpu) -> Self {
-        let mode = if gpu.caps.timestamps_inside_passes {
-            TimingMode::InsidePasses
-        } else if gpu.caps.timestamps {
-            TimingMode::PassPerDispatch
-        } else {
+    /// A profiler timing with `mode`; `period_ns` is the queue's nanoseconds per timestamp tick.
+    pub fn new(mode: TimingMode, period_ns: f64) -> Self {
+        if mode == TimingMode::CpuWallClock {
             eprintln!(
                 "warning: the adapter has no timestamp queries; timing each dispatch on the CPU \
                  (includes submission overhead, and serialises the GPU)"
             );
-            TimingMode::CpuWallClock
-        };
+        }
         Self {
             mode,
-            period_ns: gpu.queue.get_timestamp_period() as f64,
+            period_ns,
             origin: Instant::now(),
             pending: Vec::new(),
             events: Vec::new(),
@@ -95,19 +93,19 @@ impl Profiler {
 
     /// Resolve the queries of `count` timestamps into a mappable buffer (encoded by the caller).
     pub(crate) fn resolve(
-        gpu: &Gpu,
+        device: &wgpu::Device,
         encoder: &mut wgpu::CommandEncoder,
         set: &wgpu::QuerySet,
         count: u32,
     ) -> wgpu::Buffer {
         let size = count as u64 * 8;
-        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        let resolve = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("timestamps.resolve"),
             size,
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let readback = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        let readback = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("timestamps.readback"),
             size,
             usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
@@ -118,14 +116,15 @@ impl Profiler {
         readback
     }
 
-    /// Read every pending batch's timestamps into events (waits for the GPU).
-    pub fn collect(&mut self, gpu: &Gpu) -> Result<()> {
+    /// Read every pending batch's timestamps into events; `wait` blocks until the GPU is idle
+    /// (and reports its errors).
+    pub fn collect(&mut self, mut wait: impl FnMut() -> Result<()>) -> Result<()> {
         for batch in std::mem::take(&mut self.pending) {
             let (sender, receiver) = std::sync::mpsc::channel();
             batch.readback.map_async(wgpu::MapMode::Read, .., move |r| {
                 let _ = sender.send(r);
             });
-            gpu.wait("profiler readback")?;
+            wait()?;
             receiver
                 .recv()
                 .map_err(|e| Error::gpu("profiler", e))?

@@ -15,7 +15,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::rope::{self, RopeTable};
-use crate::gpu::kernels::{activation, matmul};
+use crate::gpu::kernels::{activation, linear};
 use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight};
 use crate::model::config::TextConfig;
 use crate::model::loader::Loader;
@@ -229,9 +229,9 @@ impl LlamaAttention {
         scores: Option<ScoreOutput>,
     ) -> Result<()> {
         let gpu = rec.gpu();
-        let mut d = matmul::linear(gpu, &x.normed, &self.q_proj, &x.q, false)?;
-        d.extend(matmul::linear(gpu, &x.normed, &self.k_proj, &x.k, false)?);
-        d.extend(matmul::linear(gpu, &x.normed, &self.v_proj, &x.v, false)?);
+        let mut d = linear::linear(gpu, &x.normed, &self.q_proj, &x.q, false)?;
+        d.extend(linear::linear(gpu, &x.normed, &self.k_proj, &x.k, false)?);
+        d.extend(linear::linear(gpu, &x.normed, &self.v_proj, &x.v, false)?);
         d.push(rope::rope(gpu, &x.q, self.heads, &x.positions, rope_table)?);
         d.push(rope::rope(
             gpu,
@@ -254,7 +254,7 @@ impl LlamaAttention {
         rec.dispatch_all(attention::attention(
             gpu, &shape, scale, &x.q, &kv.k, &kv.v, &x.attn, scores,
         )?);
-        rec.dispatch_all(matmul::linear(gpu, &x.attn, &self.o_proj, &x.hidden, true)?);
+        rec.dispatch_all(linear::linear(gpu, &x.attn, &self.o_proj, &x.hidden, true)?);
         Ok(())
     }
 }
@@ -272,9 +272,9 @@ impl LlamaMlp {
     /// fused into `down_proj`).
     fn forward(&self, rec: &mut Recorder, x: &LlamaBuffers) -> Result<()> {
         let gpu = rec.gpu();
-        let mut d = matmul::linear(gpu, &x.normed, &self.gate_up_proj, &x.gate_up, false)?;
+        let mut d = linear::linear(gpu, &x.normed, &self.gate_up_proj, &x.gate_up, false)?;
         d.push(activation::silu_mul(gpu, &x.gate_up, &x.act)?);
-        d.extend(matmul::linear(
+        d.extend(linear::linear(
             gpu,
             &x.act,
             &self.down_proj,
@@ -417,7 +417,7 @@ impl Llama {
             width,
         );
         self.norm.forward(rec, &b.last, &b.last_normed)?;
-        rec.dispatch_all(matmul::linear(
+        rec.dispatch_all(linear::linear(
             gpu,
             &b.last_normed,
             &self.lm_head,

@@ -2,7 +2,7 @@
 
 use crate::error::Result;
 use crate::gpu::kernels::activation::{self, Activation};
-use crate::gpu::kernels::matmul;
+use crate::gpu::kernels::linear;
 use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight};
 use crate::model::config::LlavaConfig;
 use crate::model::loader::Loader;
@@ -32,7 +32,7 @@ impl Projector {
         out: &Tensor,
     ) -> Result<()> {
         let gpu = rec.gpu();
-        rec.dispatch_all(matmul::linear(
+        rec.dispatch_all(linear::linear(
             gpu,
             features,
             &self.linear_1,
@@ -40,7 +40,7 @@ impl Projector {
             false,
         )?);
         rec.dispatch(activation::activate(gpu, Activation::Gelu, scratch)?);
-        rec.dispatch_all(matmul::linear(gpu, scratch, &self.linear_2, out, false)?);
+        rec.dispatch_all(linear::linear(gpu, scratch, &self.linear_2, out, false)?);
         Ok(())
     }
 

@@ -4,8 +4,11 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::kernels::{Dispatch, KernelCall, Shader, WorkgroupSize};
 use crate::gpu::tensor::Tensor;
+
+/// Threads per workgroup, one per element (WG in the shader).
+pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -42,13 +45,6 @@ impl Activation {
     }
 }
 
-fn workgroups(gpu: &Gpu, threads: usize) -> [u32; 3] {
-    grid(
-        threads.div_ceil(256) as u32,
-        gpu.limits.max_compute_workgroups_per_dimension,
-    )
-}
-
 /// Apply `act` to every element of `x` in place.
 pub fn activate(gpu: &Gpu, act: Activation, x: &Tensor) -> Result<Dispatch> {
     let n = x.numel();
@@ -61,13 +57,14 @@ pub fn activate(gpu: &Gpu, act: Activation, x: &Tensor) -> Result<Dispatch> {
         width: 0,
         _pad: [0; 2],
     };
-    KernelCall::new(gpu, "activation", entry)
+    KernelCall::new(gpu, Shader::Activation, entry)
+        .constants(WORKGROUP.constants())
         .params(&params)
         .read_write(&x.buffer)
         .build(
             entry,
             format!("n={n}"),
-            workgroups(gpu, n),
+            WORKGROUP.groups_for(gpu, n),
             (n * 8) as u64,
             (n * 8) as u64,
         )
@@ -92,14 +89,15 @@ pub fn silu_mul(gpu: &Gpu, gate_up: &Tensor, out: &Tensor) -> Result<Dispatch> {
         width: width as u32,
         _pad: [0; 2],
     };
-    KernelCall::new(gpu, "activation", "silu_mul")
+    KernelCall::new(gpu, Shader::Activation, "silu_mul")
+        .constants(WORKGROUP.constants())
         .params(&params)
         .read_write(&gate_up.buffer)
         .read_write(&out.buffer)
         .build(
             "silu_mul",
             format!("rows={rows} width={width}"),
-            workgroups(gpu, n),
+            WORKGROUP.groups_for(gpu, n),
             (n * 6) as u64,
             (n * 12) as u64,
         )

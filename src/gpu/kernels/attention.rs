@@ -11,20 +11,68 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{DType, Tensor};
 
-/// Virtual rows (query row × query head of one kv-head group) per workgroup (BM in the shader).
-pub const BLOCK_ROWS: usize = 16;
-/// Keys per staged K/V tile (BN in the shader).
-pub const KEY_TILE: usize = 32;
+/// How attention.wgsl splits the work (its BM, BN, THREADS, STRIDE and REDUCE_THREADS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionTiling {
+    /// Virtual rows (query row × query head of one kv-head group) per workgroup (BM).
+    pub block_rows: u32,
+    /// Keys per staged K/V tile (BN).
+    pub key_tile: u32,
+    /// Threads per attention workgroup.
+    pub threads: u32,
+    /// Largest head dimension the Q and K/V tiles hold.
+    pub max_head_dim: u32,
+    /// Threads per workgroup of the score reduction.
+    pub reduce_threads: u32,
+}
+
+/// The tiling every attention call uses. The shader's thread layout is written for it: 4 row
+/// quads × 16 columns, two keys (c, c + 16) per thread (see `shader_structure_matches_the_tiling`).
+pub const TILING: AttentionTiling = AttentionTiling {
+    block_rows: 16,
+    key_tile: 32,
+    threads: 64,
+    max_head_dim: 128,
+    reduce_threads: 64,
+};
+
+impl AttentionTiling {
+    /// Row stride of the Q and K/V tiles in vec4: one more than a row needs, so threads reading
+    /// different rows at one column hit different banks.
+    pub const fn stride(&self) -> u32 {
+        self.max_head_dim / 4 + 1
+    }
+
+    /// Workgroup memory the attention entry points declare: the Q tile [BM][STRIDE] and the K/V
+    /// tile [BN][STRIDE] in vec4, and logits and probabilities [BN][BM/4] vec4 each.
+    pub const fn workgroup_bytes(&self) -> u32 {
+        let vec4s = (self.block_rows + self.key_tile) * self.stride()
+            + 2 * self.key_tile * (self.block_rows / 4);
+        vec4s * 16
+    }
+
+    pub fn constants(&self) -> Constants {
+        Constants::new(&[
+            ("BM", self.block_rows),
+            ("BN", self.key_tile),
+            ("THREADS", self.threads),
+            ("STRIDE", self.stride()),
+            ("REDUCE_THREADS", self.reduce_threads),
+        ])
+    }
+}
+
+/// Virtual rows per workgroup.
+pub const BLOCK_ROWS: usize = TILING.block_rows as usize;
+/// Keys per staged K/V tile.
+pub const KEY_TILE: usize = TILING.key_tile as usize;
 /// Largest supported head dimension (the shader's tiles are sized for it).
-pub const MAX_HEAD_DIM: usize = 128;
-/// Workgroup memory the attention entry points declare: Q tile 16×33 vec4, K/V tile 32×33 vec4,
-/// logits and probabilities 32×4 vec4 each (29 440 bytes).
-pub const WORKGROUP_BYTES: u32 = (16 * 33 + 32 * 33 + 2 * 32 * 4) * 16;
-/// Threads per workgroup of the reduction entry point.
-const REDUCE_THREADS: usize = 64;
+pub const MAX_HEAD_DIM: usize = TILING.max_head_dim as usize;
+/// Workgroup memory the attention entry points declare (29 440 bytes).
+pub const WORKGROUP_BYTES: u32 = TILING.workgroup_bytes();
 
 /// The problem one attention call solves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +108,18 @@ impl AttentionShape {
         } else {
             self.kv_rows
         }
+    }
+
+    /// Keys block `b` loads: up to the last key its last virtual row sees.
+    fn block_keys(&self, b: usize) -> u64 {
+        let group = self.group();
+        let last_row = ((b + 1) * BLOCK_ROWS).min(self.q_rows * group) - 1;
+        self.visible_keys(last_row / group) as u64
+    }
+
+    /// K (or V) elements loaded by the blocks in `blocks`, over every kv head.
+    fn loaded_keys(&self, blocks: std::ops::Range<usize>) -> u64 {
+        blocks.map(|b| self.block_keys(b)).sum::<u64>() * self.kv_heads as u64
     }
 
     /// Σ over query rows in `[start, end)` of the keys each sees.
@@ -218,19 +278,13 @@ fn check_tensors(
     Ok(())
 }
 
-/// Record the attention for `shape`: one dispatch, or three with score accumulation (the
-/// attention with its second scoring pass, then the reduction of the partial sums).
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
+/// Check everything [`attention`] is given before anything is recorded.
+fn check_call(
     gpu: &Gpu,
     shape: &AttentionShape,
     scale: f32,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    scores: Option<ScoreOutput>,
-) -> Result<Vec<Dispatch>> {
+    [q, k, v, out]: [&Tensor; 4],
+) -> Result<()> {
     shape.validate()?;
     check_tensors(shape, q, k, v, out)?;
     if !scale.is_finite() {
@@ -248,73 +302,24 @@ pub fn attention(
             ),
         ));
     }
-    let AttentionShape {
-        q_rows,
-        kv_rows,
-        heads,
-        kv_heads,
-        head_dim: d,
-        causal,
-    } = *shape;
-    let group = shape.group();
-    let blocks = shape.blocks();
-    let num_groups = kv_heads * blocks;
-    let max_dim = gpu.limits.max_compute_workgroups_per_dimension;
-    let mut params = Params {
-        q_rows: q_rows as u32,
-        kv_rows: kv_rows as u32,
-        heads: heads as u32,
-        kv_heads: kv_heads as u32,
-        head_dim: d as u32,
-        group: group as u32,
-        vrows: (q_rows * group) as u32,
-        blocks: blocks as u32,
-        num_groups: num_groups as u32,
-        causal: causal as u32,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-        q_start: 0,
-        q_end: 0,
-        first_block: 0,
-        range_blocks: 0,
-        partial_rows: 0,
-    };
+    Ok(())
+}
 
-    // Keys a block loads: up to the last key its last virtual row sees.
-    let block_keys = |b: usize| {
-        let last_row = ((b + 1) * BLOCK_ROWS).min(q_rows * group) - 1;
-        shape.visible_keys(last_row / group) as u64
-    };
-    let kv_bytes_per_key = (d * 4) as u64;
-    let loaded_keys: u64 = (0..blocks).map(block_keys).sum::<u64>() * kv_heads as u64;
-    let qo_bytes = 2 * (q_rows * heads * d * 4) as u64;
-    let flops = 4 * d as u64 * heads as u64 * shape.visible_pairs(0, q_rows);
-    let bytes = qo_bytes + 2 * loaded_keys * kv_bytes_per_key;
-    let workgroups = grid(num_groups as u32, max_dim);
-
-    let Some(so) = scores else {
-        let dispatch = KernelCall::new(gpu, "attention", "attention")
-            .params(&params)
-            .read(&q.buffer)
-            .read(&k.buffer)
-            .read(&v.buffer)
-            .read_write(&out.buffer)
-            .build("attention", shape.describe(), workgroups, flops, bytes)?;
-        return Ok(vec![dispatch]);
-    };
-
-    if so.q_start >= so.q_end || so.q_end > q_rows {
+/// The score range and scratch buffers must fit the shape.
+fn check_scores(shape: &AttentionShape, so: &ScoreOutput) -> Result<()> {
+    if so.q_start >= so.q_end || so.q_end > shape.q_rows {
         return Err(Error::shape(
             "attention scores",
             format!(
-                "query range {}..{} is empty or outside 0..{q_rows}",
-                so.q_start, so.q_end
+                "query range {}..{} is empty or outside 0..{}",
+                so.q_start, so.q_end, shape.q_rows
             ),
         ));
     }
     let need = score_partials_len(shape);
     for (name, t, want) in [
         ("partials", so.partials, need),
-        ("scores", so.scores, kv_rows),
+        ("scores", so.scores, shape.kv_rows),
     ] {
         if t.dtype != DType::F32 || t.numel() < want {
             return Err(Error::shape(
@@ -326,52 +331,145 @@ pub fn attention(
             ));
         }
     }
+    Ok(())
+}
+
+/// The uniform block for a call without score accumulation.
+fn plain_params(shape: &AttentionShape, scale: f32) -> Params {
+    let group = shape.group();
+    let blocks = shape.blocks();
+    Params {
+        q_rows: shape.q_rows as u32,
+        kv_rows: shape.kv_rows as u32,
+        heads: shape.heads as u32,
+        kv_heads: shape.kv_heads as u32,
+        head_dim: shape.head_dim as u32,
+        group: group as u32,
+        vrows: (shape.q_rows * group) as u32,
+        blocks: blocks as u32,
+        num_groups: (shape.kv_heads * blocks) as u32,
+        causal: shape.causal as u32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        q_start: 0,
+        q_end: 0,
+        first_block: 0,
+        range_blocks: 0,
+        partial_rows: 0,
+    }
+}
+
+/// Analytic cost of the main pass: (flops, bytes).
+fn main_pass_cost(shape: &AttentionShape) -> (u64, u64) {
+    let (d, heads) = (shape.head_dim as u64, shape.heads as u64);
+    let kv_bytes = 2 * shape.loaded_keys(0..shape.blocks()) * d * 4;
+    let qo_bytes = 2 * shape.q_rows as u64 * heads * d * 4;
+    let flops = 4 * d * heads * shape.visible_pairs(0, shape.q_rows);
+    (flops, qo_bytes + kv_bytes)
+}
+
+/// The attention workgroup grid: one workgroup per (kv head, block of virtual rows).
+fn attention_grid(gpu: &Gpu, shape: &AttentionShape) -> [u32; 3] {
+    let num_groups = shape.kv_heads * shape.blocks();
+    grid(
+        num_groups as u32,
+        gpu.limits.max_compute_workgroups_per_dimension,
+    )
+}
+
+/// Record the attention for `shape`: one dispatch, or two with score accumulation (the
+/// attention with its second scoring pass, then the reduction of the partial sums).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    scale: f32,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    scores: Option<ScoreOutput>,
+) -> Result<Vec<Dispatch>> {
+    check_call(gpu, shape, scale, [q, k, v, out])?;
+    let Some(so) = scores else {
+        let (flops, bytes) = main_pass_cost(shape);
+        let dispatch = KernelCall::new(gpu, Shader::Attention, "attention")
+            .constants(TILING.constants())
+            .params(&plain_params(shape, scale))
+            .read(&q.buffer)
+            .read(&k.buffer)
+            .read(&v.buffer)
+            .read_write(&out.buffer)
+            .build(
+                "attention",
+                shape.describe(),
+                attention_grid(gpu, shape),
+                flops,
+                bytes,
+            )?;
+        return Ok(vec![dispatch]);
+    };
+    check_scores(shape, &so)?;
+    attention_with_scores(gpu, shape, scale, [q, k, v, out], so)
+}
+
+/// The scored attention and the reduction of its partial sums (checked by the caller).
+fn attention_with_scores(
+    gpu: &Gpu,
+    shape: &AttentionShape,
+    scale: f32,
+    [q, k, v, out]: [&Tensor; 4],
+    so: ScoreOutput,
+) -> Result<Vec<Dispatch>> {
+    let group = shape.group();
     let first_block = so.q_start * group / BLOCK_ROWS;
     let end_block = (so.q_end * group).div_ceil(BLOCK_ROWS);
     let range_blocks = end_block - first_block;
-    let partial_rows = kv_heads * range_blocks;
-    params.q_start = so.q_start as u32;
-    params.q_end = so.q_end as u32;
-    params.first_block = first_block as u32;
-    params.range_blocks = range_blocks as u32;
-    params.partial_rows = partial_rows as u32;
+    let partial_rows = shape.kv_heads * range_blocks;
+    let params = Params {
+        q_start: so.q_start as u32,
+        q_end: so.q_end as u32,
+        first_block: first_block as u32,
+        range_blocks: range_blocks as u32,
+        partial_rows: partial_rows as u32,
+        ..plain_params(shape, scale)
+    };
 
     // The scoring pass recomputes Q·Kᵀ for the blocks in range (counted at 2·D per visible key
     // of the rows in range) and rereads their K tiles.
-    let score_flops = 2 * d as u64 * heads as u64 * shape.visible_pairs(so.q_start, so.q_end);
-    let rescanned_keys: u64 =
-        (first_block..end_block).map(block_keys).sum::<u64>() * kv_heads as u64;
+    let (d, kv_rows) = (shape.head_dim as u64, shape.kv_rows);
+    let (flops, bytes) = main_pass_cost(shape);
+    let score_flops = 2 * d * shape.heads as u64 * shape.visible_pairs(so.q_start, so.q_end);
+    let rescanned_bytes = shape.loaded_keys(first_block..end_block) * d * 4;
     let partial_bytes = (partial_rows * kv_rows * 4) as u64;
-    let scored = KernelCall::new(gpu, "attention", "attention_scored")
-        .params(&params)
-        .read(&q.buffer)
-        .read(&k.buffer)
-        .read(&v.buffer)
-        .read_write(&out.buffer)
-        .read_write(&so.partials.buffer)
-        .read_write(&so.scores.buffer)
-        .build(
-            "attention_scored",
-            format!("{} scores q={}..{}", shape.describe(), so.q_start, so.q_end),
-            workgroups,
-            flops + score_flops,
-            bytes + rescanned_keys * kv_bytes_per_key + partial_bytes,
-        )?;
-    let reduce = KernelCall::new(gpu, "attention", "attention_scores_reduce")
-        .params(&params)
-        .read(&q.buffer)
-        .read(&k.buffer)
-        .read(&v.buffer)
-        .read_write(&out.buffer)
-        .read_write(&so.partials.buffer)
-        .read_write(&so.scores.buffer)
-        .build(
-            "attention_scores_reduce",
-            format!("rows={partial_rows} Tk={kv_rows}"),
-            grid(kv_rows.div_ceil(REDUCE_THREADS) as u32, max_dim),
-            (partial_rows * kv_rows) as u64,
-            partial_bytes + (kv_rows * 4) as u64,
-        )?;
+    let call = |entry: &'static str| {
+        KernelCall::new(gpu, Shader::Attention, entry)
+            .constants(TILING.constants())
+            .params(&params)
+            .read(&q.buffer)
+            .read(&k.buffer)
+            .read(&v.buffer)
+            .read_write(&out.buffer)
+            .read_write(&so.partials.buffer)
+            .read_write(&so.scores.buffer)
+    };
+    let scored = call("attention_scored").build(
+        "attention_scored",
+        format!("{} scores q={}..{}", shape.describe(), so.q_start, so.q_end),
+        attention_grid(gpu, shape),
+        flops + score_flops,
+        bytes + rescanned_bytes + partial_bytes,
+    )?;
+    let reduce_groups = kv_rows.div_ceil(TILING.reduce_threads as usize) as u32;
+    let reduce = call("attention_scores_reduce").build(
+        "attention_scores_reduce",
+        format!("rows={partial_rows} Tk={kv_rows}"),
+        grid(
+            reduce_groups,
+            gpu.limits.max_compute_workgroups_per_dimension,
+        ),
+        (partial_rows * kv_rows) as u64,
+        partial_bytes + (kv_rows * 4) as u64,
+    )?;
     Ok(vec![scored, reduce])
 }
 
@@ -437,4 +535,23 @@ pub fn reference(
         }
     }
     (out, scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// attention.wgsl hard-codes how the tiles split over threads; these are its assumptions.
+    #[test]
+    fn shader_structure_matches_the_tiling() {
+        let t = TILING;
+        // 4 row quads × 16 columns; each column thread computes keys c and c + 16.
+        assert_eq!(t.block_rows / 4 * 16, t.threads);
+        assert_eq!(t.key_tile, 2 * 16);
+        // P·V reads up to 32 vec4 columns (c and c + 16 for c < 16): D ≤ 128.
+        assert_eq!(t.max_head_dim, 4 * 32);
+        // The score pass writes one key per thread of the first BN.
+        assert!(t.key_tile <= t.threads);
+        assert_eq!(WORKGROUP_BYTES, 29_440);
+    }
 }

@@ -4,8 +4,11 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::kernels::{Dispatch, KernelCall, Shader, WorkgroupSize};
 use crate::gpu::tensor::Tensor;
+
+/// Threads per workgroup, one per element (WG in the shader).
+pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -23,7 +26,8 @@ pub fn add_in_place(gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Dispatch> {
         ));
     }
     let n = a.numel();
-    KernelCall::new(gpu, "elementwise", "add_in_place")
+    KernelCall::new(gpu, Shader::Elementwise, "add_in_place")
+        .constants(WORKGROUP.constants())
         .params(&Params {
             count: n as u32,
             _pad: [0; 3],
@@ -33,10 +37,7 @@ pub fn add_in_place(gpu: &Gpu, a: &Tensor, b: &Tensor) -> Result<Dispatch> {
         .build(
             "add",
             format!("n={n}"),
-            grid(
-                n.div_ceil(256) as u32,
-                gpu.limits.max_compute_workgroups_per_dimension,
-            ),
+            WORKGROUP.groups_for(gpu, n),
             n as u64,
             (n * 12) as u64,
         )

@@ -1,16 +1,52 @@
 //! `y = W·x (+ bias) (+ y)` for a single row: the launcher for shaders/gemv.wgsl. The CPU
-//! reference is `matmul::reference` with `m = 1`.
+//! reference is `linear::reference` with `m = 1`.
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
-use crate::gpu::device::Gpu;
-use crate::gpu::kernels::matmul::{FLAG_ACCUMULATE, FLAG_BIAS};
-use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::device::{Capabilities, Gpu};
+use crate::gpu::kernels::linear::{flag_constants, flags_for};
+use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
 
-/// Output rows per workgroup (ROWS in the shader).
-pub const ROWS_PER_WORKGROUP: usize = 4;
+/// How gemv.wgsl splits the work (its WG, ROWS and MAX_SUBGROUPS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemvShape {
+    /// Threads per workgroup.
+    pub workgroup: u32,
+    /// Output rows per workgroup (the shader keeps them in one vec4, so 4).
+    pub rows: u32,
+    /// Most subgroups a workgroup can hold on this device (workgroup / the smallest subgroup
+    /// size): sizes the per-subgroup partial sums. 1 without subgroups (unused then).
+    pub max_subgroups: u32,
+}
+
+impl GemvShape {
+    const WORKGROUP: u32 = 64;
+    const ROWS: u32 = 4;
+
+    pub fn for_device(caps: &Capabilities) -> Self {
+        let max_subgroups = if caps.subgroups {
+            Self::WORKGROUP.div_ceil(caps.subgroup_min_size.max(1))
+        } else {
+            1
+        };
+        Self {
+            workgroup: Self::WORKGROUP,
+            rows: Self::ROWS,
+            max_subgroups,
+        }
+    }
+
+    pub fn constants(&self) -> Constants {
+        Constants::new(&[
+            ("WG", self.workgroup),
+            ("ROWS", self.rows),
+            ("MAX_SUBGROUPS", self.max_subgroups),
+        ])
+        .with(flag_constants())
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -52,10 +88,8 @@ pub fn gemv(
         WeightFormat::F32 => "gemv_f32",
     };
     let w_stride = (w.row_stride * w.format.bytes_per_element() / 4) as u32;
-    let mut flags = if accumulate { FLAG_ACCUMULATE } else { 0 };
-    if w.bias.is_some() {
-        flags |= FLAG_BIAS;
-    }
+    let flags = flags_for(w, accumulate);
+    let shape = GemvShape::for_device(&gpu.caps);
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
     let kernel = if gpu.caps.subgroups {
         if w.format == WeightFormat::F16 {
@@ -79,10 +113,11 @@ pub fn gemv(
                 y_offset: (y_row * n_total) as u32,
                 _pad: 0,
             };
-            let groups = chunk.rows.div_ceil(ROWS_PER_WORKGROUP) as u32;
+            let groups = chunk.rows.div_ceil(shape.rows as usize) as u32;
             let bytes = (k * 4 + chunk.rows * k * w.format.bytes_per_element()) as u64
                 + (chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
-            KernelCall::new(gpu, "gemv", entry)
+            KernelCall::new(gpu, Shader::Gemv, entry)
+                .constants(shape.constants())
                 .params(&params)
                 .read(&x.buffer)
                 .read(&chunk.buffer)
@@ -97,4 +132,44 @@ pub fn gemv(
                 )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(subgroups: bool, subgroup_min_size: u32) -> Capabilities {
+        Capabilities {
+            shader_f16: false,
+            subgroups,
+            subgroup_min_size,
+            subgroup_max_size: subgroup_min_size.max(64),
+            timestamps: false,
+            timestamps_inside_passes: false,
+        }
+    }
+
+    /// The partial sums hold one slot per subgroup for the smallest subgroups the device may
+    /// pick, whatever size in its range it picks.
+    #[test]
+    fn partial_sums_cover_every_subgroup() {
+        for min_size in [4u32, 8, 16, 32, 64, 128] {
+            let shape = GemvShape::for_device(&caps(true, min_size));
+            let most_subgroups = shape.workgroup.div_ceil(min_size);
+            assert!(
+                shape.max_subgroups >= most_subgroups,
+                "min subgroup size {min_size}"
+            );
+            assert!(shape.max_subgroups >= 1);
+        }
+        assert_eq!(GemvShape::for_device(&caps(false, 0)).max_subgroups, 1);
+    }
+
+    /// gemv.wgsl keeps a thread's row sums in one vec4 and reduces with a power-of-two tree.
+    #[test]
+    fn shader_structure_matches_the_shape() {
+        let shape = GemvShape::for_device(&caps(false, 0));
+        assert_eq!(shape.rows, 4);
+        assert!(shape.workgroup.is_power_of_two() && shape.workgroup >= shape.rows);
+    }
 }

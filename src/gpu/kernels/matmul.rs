@@ -1,14 +1,48 @@
-//! `Y = X·Wᵀ (+ bias) (+ Y)`: the launcher for shaders/matmul.wgsl and its CPU reference.
+//! `Y = X·Wᵀ (+ bias) (+ Y)`: the launcher for shaders/matmul.wgsl. The CPU reference is
+//! `linear::reference`.
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{Dispatch, KernelCall};
+use crate::gpu::kernels::linear::{check_linear, flag_constants, flags_for};
+use crate::gpu::kernels::{Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
 
-pub const TILE_M: usize = 64;
-pub const TILE_N: usize = 64;
+/// How matmul.wgsl tiles the output (its TILE_M, TILE_N, TILE_K and THREADS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulTiling {
+    /// Output rows per workgroup.
+    pub tile_m: u32,
+    /// Output columns per workgroup.
+    pub tile_n: u32,
+    /// Reduction steps staged through workgroup memory at a time.
+    pub tile_k: u32,
+    /// Threads per workgroup.
+    pub threads: u32,
+}
+
+/// The tiling every matmul uses. The shader's per-thread work is unrolled for it: an 8×8 grid
+/// of threads, each owning 8×8 outputs, and tile loads sized for 64 threads (see
+/// `shader_structure_matches_the_tiling`).
+pub const TILING: MatmulTiling = MatmulTiling {
+    tile_m: 64,
+    tile_n: 64,
+    tile_k: 32,
+    threads: 64,
+};
+
+impl MatmulTiling {
+    pub fn constants(&self) -> Constants {
+        Constants::new(&[
+            ("TILE_M", self.tile_m),
+            ("TILE_N", self.tile_n),
+            ("TILE_K", self.tile_k),
+            ("THREADS", self.threads),
+        ])
+        .with(flag_constants())
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -21,30 +55,6 @@ struct Params {
     y_stride: u32,
     col_offset: u32,
     flags: u32,
-}
-
-pub(crate) const FLAG_BIAS: u32 = 1;
-pub(crate) const FLAG_ACCUMULATE: u32 = 2;
-
-/// Check `x [M, K]`, `w [N, K]`, `y [M, N]` and return (M, N, K).
-pub(crate) fn check_linear(
-    op: &str,
-    x: &Tensor,
-    w: &Weight,
-    y: &Tensor,
-) -> Result<(usize, usize, usize)> {
-    let (m, k) = x.rows_cols();
-    let (ym, yn) = y.rows_cols();
-    if k != w.k || ym != m || yn != w.n {
-        return Err(Error::shape(
-            op,
-            format!(
-                "X {:?} · {}ᵀ [{}, {}] does not give Y {:?}",
-                x.shape, w.name, w.n, w.k, y.shape
-            ),
-        ));
-    }
-    Ok((m, w.n, k))
 }
 
 /// One dispatch per row-chunk of `w`. `accumulate` adds the product to what `y` holds (a fused
@@ -62,13 +72,10 @@ pub fn matmul(
         WeightFormat::F32 => ("matmul_f32", "matmul_f32"),
     };
     let w_stride = (w.row_stride * w.format.bytes_per_element() / 4) as u32;
-    let mut flags = if accumulate { FLAG_ACCUMULATE } else { 0 };
-    if w.bias.is_some() {
-        flags |= FLAG_BIAS;
-    }
+    let flags = flags_for(w, accumulate);
     // Without a bias the bias slot is bound to X (read-only twice is allowed) and never read.
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
-    let m_tiles = m.div_ceil(TILE_M) as u32;
+    let m_tiles = m.div_ceil(TILING.tile_m as usize) as u32;
     w.chunks
         .iter()
         .map(|chunk| {
@@ -82,11 +89,12 @@ pub fn matmul(
                 col_offset: chunk.first_row as u32,
                 flags,
             };
-            let n_tiles = chunk.rows.div_ceil(TILE_N) as u32;
+            let n_tiles = chunk.rows.div_ceil(TILING.tile_n as usize) as u32;
             let flops = 2 * (m * chunk.rows * k) as u64;
             let bytes = (m * k * 4 + chunk.rows * k * w.format.bytes_per_element()) as u64
                 + (m * chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
-            KernelCall::new(gpu, "matmul", entry)
+            KernelCall::new(gpu, Shader::Matmul, entry)
+                .constants(TILING.constants())
                 .params(&params)
                 .read(&x.buffer)
                 .read(&chunk.buffer)
@@ -103,56 +111,27 @@ pub fn matmul(
         .collect()
 }
 
-/// `Y = X·Wᵀ` choosing the kernel by shape: gemv for a single row, tiled matmul otherwise.
-pub fn linear(
-    gpu: &Gpu,
-    x: &Tensor,
-    w: &Weight,
-    y: &Tensor,
-    accumulate: bool,
-) -> Result<Vec<Dispatch>> {
-    let (m, _, _) = check_linear("linear", x, w, y)?;
-    if m == 1 {
-        super::gemv::gemv(gpu, x, 0, w, y, 0, accumulate)
-    } else {
-        matmul(gpu, x, w, y, accumulate)
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// CPU reference in f64: `y[m][n] = Σ_k x[m][k]·w[n][k] + bias[n] + y_in[m][n]`.
-/// `w` must hold the values the GPU sees (round through f16 first for f16 weights).
-pub fn reference(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    y_in: Option<&[f32]>,
-) -> Vec<f64> {
-    let mut y = vec![0f64; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0f64;
-            for t in 0..k {
-                s += x[i * k + t] as f64 * w[j * k + t] as f64;
-            }
-            if let Some(b) = bias {
-                s += b[j] as f64;
-            }
-            if let Some(y0) = y_in {
-                s += y0[i * n + j] as f64;
-            }
-            y[i * n + j] = s;
-        }
+    /// matmul.wgsl hard-codes how the tiling splits over threads; these are its assumptions.
+    #[test]
+    fn shader_structure_matches_the_tiling() {
+        let MatmulTiling {
+            tile_m,
+            tile_n,
+            tile_k,
+            threads,
+        } = TILING;
+        // An 8×8 grid of threads (tx = tid % 8, ty = tid / 8), each owning 8 rows × 8 columns.
+        assert_eq!(threads, 8 * 8);
+        assert_eq!((tile_m, tile_n), (8 * 8, 8 * 8));
+        // load_x_tile: TILE_K × TILE_M/4 vec4, 8 per thread.
+        assert_eq!(tile_k * tile_m / 4, 8 * threads);
+        // load_w_tile_f16: one (row quad, 8-half group) unit per thread.
+        assert_eq!((tile_n / 4) * (tile_k / 8), threads);
+        // load_w_tile_f32: (row quad, 4-float group) units, two per thread.
+        assert_eq!((tile_n / 4) * (tile_k / 4), 2 * threads);
     }
-    y
-}
-
-/// The values an f16 weight holds on the GPU.
-pub fn round_to_f16(values: &[f32]) -> Vec<f32> {
-    values
-        .iter()
-        .map(|&v| half::f16::from_f32(v).to_f32())
-        .collect()
 }

@@ -1,250 +1,42 @@
-//! The kernel set: a pipeline cache, a small builder that turns (shader, entry point, bindings,
-//! uniform parameters, workgroup count) into a recorded [`Dispatch`], and one typed launcher
-//! module per shader file. Each launcher module also holds the plain CPU reference (f64) its
-//! tests compare against.
-//!
-//! Shaders are plain WGSL with a tiny preprocessor: lines between `//#if FLAG`, `//#else` and
-//! `//#endif` are kept or dropped by the device's capabilities (`SUBGROUPS`, `F16`), and the
-//! `enable f16;` directive is prepended where the F16 branch is kept. This keeps one .wgsl file per kernel family while
-//! still compiling on adapters that lack an optional feature.
+//! The kernel set: a small builder that turns (shader, entry point, injected constants,
+//! bindings, uniform parameters, workgroup count) into a recorded [`Dispatch`], and one typed
+//! launcher module per shader file. Each launcher module also holds the plain CPU reference (f64)
+//! its tests compare against, and the typed decision (tile sizes, workgroup size) that both sizes
+//! its dispatch and is injected into its shader (see `gpu::shaders`).
 
 pub mod activation;
 pub mod attention;
 pub mod elementwise;
 pub mod gemv;
+pub mod linear;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod sample;
 pub mod topk;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
+pub use crate::gpu::pipelines::Access;
+use crate::gpu::pipelines::{ModuleKey, PipelineKey};
+pub use crate::gpu::shaders::{preprocess, Constants, Shader, ShaderFlags};
 
-/// The WGSL sources, compiled into the binary so the engine needs no files at run time.
-pub fn shader_source(shader: &str) -> Option<&'static str> {
-    Some(match shader {
-        "matmul" => include_str!("../../../shaders/matmul.wgsl"),
-        "gemv" => include_str!("../../../shaders/gemv.wgsl"),
-        "attention" => include_str!("../../../shaders/attention.wgsl"),
-        "topk" => include_str!("../../../shaders/topk.wgsl"),
-        "norm" => include_str!("../../../shaders/norm.wgsl"),
-        "rope" => include_str!("../../../shaders/rope.wgsl"),
-        "activation" => include_str!("../../../shaders/activation.wgsl"),
-        "elementwise" => include_str!("../../../shaders/elementwise.wgsl"),
-        "sample" => include_str!("../../../shaders/sample.wgsl"),
-        _ => return None,
-    })
-}
+/// The workgroup size of a kernel whose threads each take one element, or stride over a row
+/// (`WG` in its shader).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkgroupSize(pub u32);
 
-/// Capability flags a shader can be specialised on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ShaderFlags {
-    pub subgroups: bool,
-    pub f16: bool,
-}
-
-/// Resolve `//#if FLAG` / `//#else` / `//#endif` blocks (not nested) and prepend the `enable`
-/// directives the kept code needs.
-pub fn preprocess(source: &str, flags: ShaderFlags) -> std::result::Result<String, String> {
-    let mut out = String::with_capacity(source.len() + 64);
-    if flags.f16 && source.contains("//#if F16") {
-        out.push_str("enable f16;\n");
-    }
-    // Naga accepts subgroup builtins when the device has SUBGROUP; it rejects the
-    // `enable subgroups;` directive itself, so none is prepended for them.
-    // (inside a block?, keeping lines?)
-    let mut state: Option<bool> = None;
-    for (number, line) in source.lines().enumerate() {
-        let trimmed = line.trim();
-        if let Some(flag) = trimmed.strip_prefix("//#if ") {
-            if state.is_some() {
-                return Err(format!("line {}: nested //#if", number + 1));
-            }
-            let on = match flag.trim() {
-                "SUBGROUPS" => flags.subgroups,
-                "F16" => flags.f16,
-                other => return Err(format!("line {}: unknown flag {other}", number + 1)),
-            };
-            state = Some(on);
-            out.push('\n');
-            continue;
-        }
-        if trimmed == "//#else" {
-            match state {
-                Some(on) => state = Some(!on),
-                None => return Err(format!("line {}: //#else without //#if", number + 1)),
-            }
-            out.push('\n');
-            continue;
-        }
-        if trimmed == "//#endif" {
-            if state.take().is_none() {
-                return Err(format!("line {}: //#endif without //#if", number + 1));
-            }
-            out.push('\n');
-            continue;
-        }
-        // Dropped lines become empty lines so compiler messages keep the file's line numbers.
-        if state != Some(false) {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
-    if state.is_some() {
-        return Err("missing //#endif".into());
-    }
-    Ok(out)
-}
-
-/// How a kernel uses one storage binding (must match the `var<storage, ...>` in the shader).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Access {
-    Read,
-    ReadWrite,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct PipelineKey {
-    shader: &'static str,
-    entry: &'static str,
-    flags: ShaderFlags,
-    /// Binding 0 is always the uniform parameter block; these are bindings 1.. in order.
-    storage: Vec<Access>,
-}
-
-#[derive(Clone)]
-struct CachedPipeline {
-    pipeline: wgpu::ComputePipeline,
-    layout: wgpu::BindGroupLayout,
-}
-
-/// Pipelines compiled once per (shader, entry point, flags, binding layout) and reused.
-pub(crate) struct PipelineCache {
-    pipelines: Mutex<HashMap<PipelineKey, CachedPipeline>>,
-    modules: Mutex<HashMap<(&'static str, ShaderFlags), wgpu::ShaderModule>>,
-}
-
-impl PipelineCache {
-    pub(crate) fn new() -> Self {
-        Self {
-            pipelines: Mutex::new(HashMap::new()),
-            modules: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the maps inconsistent (inserts are atomic).
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl Gpu {
-    /// The flags this device compiles a shader with.
-    pub fn shader_flags(&self) -> ShaderFlags {
-        ShaderFlags {
-            subgroups: self.caps.subgroups,
-            f16: self.caps.shader_f16,
-        }
+impl WorkgroupSize {
+    pub fn constants(self) -> Constants {
+        Constants::new(&[("WG", self.0)])
     }
 
-    fn module(&self, shader: &'static str, flags: ShaderFlags) -> Result<wgpu::ShaderModule> {
-        if let Some(module) = lock(&self.pipelines.modules).get(&(shader, flags)) {
-            return Ok(module.clone());
-        }
-        let fail = |reason: String| Error::Shader {
-            shader: shader.into(),
-            entry: "*".into(),
-            reason,
-        };
-        let source = shader_source(shader).ok_or_else(|| fail("no such shader".into()))?;
-        let source = preprocess(source, flags).map_err(fail)?;
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(fail(error.to_string()));
-        }
-        lock(&self.pipelines.modules).insert((shader, flags), module.clone());
-        Ok(module)
-    }
-
-    fn pipeline(&self, key: &PipelineKey) -> Result<CachedPipeline> {
-        if let Some(cached) = lock(&self.pipelines.pipelines).get(key) {
-            return Ok(cached.clone());
-        }
-        let module = self.module(key.shader, key.flags)?;
-        let mut entries = vec![wgpu::BindGroupLayoutEntry {
-            binding: 0,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        }];
-        for (i, access) in key.storage.iter().enumerate() {
-            entries.push(wgpu::BindGroupLayoutEntry {
-                binding: i as u32 + 1,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage {
-                        read_only: *access == Access::Read,
-                    },
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            });
-        }
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let layout = self
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some(key.entry),
-                entries: &entries,
-            });
-        let pipeline_layout = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(key.entry),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(key.entry),
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(key.entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &[],
-                    // Every kernel initialises the workgroup memory it reads.
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(Error::Shader {
-                shader: key.shader.into(),
-                entry: key.entry.into(),
-                reason: error.to_string(),
-            });
-        }
-        let cached = CachedPipeline { pipeline, layout };
-        lock(&self.pipelines.pipelines).insert(key.clone(), cached.clone());
-        Ok(cached)
+    /// Workgroups for one thread per item, spread over a grid (see [`grid`]).
+    pub fn groups_for(self, gpu: &Gpu, items: usize) -> [u32; 3] {
+        grid(
+            items.div_ceil(self.0 as usize) as u32,
+            gpu.limits.max_compute_workgroups_per_dimension,
+        )
     }
 }
 
@@ -271,20 +63,22 @@ pub struct Dispatch {
 /// Builds a [`Dispatch`]: bindings are added in shader order starting at binding 1.
 pub struct KernelCall<'a> {
     gpu: &'a Gpu,
-    shader: &'static str,
+    shader: Shader,
     entry: &'static str,
     flags: ShaderFlags,
+    constants: Constants,
     params: Vec<u8>,
     bindings: Vec<(Access, wgpu::BufferBinding<'a>)>,
 }
 
 impl<'a> KernelCall<'a> {
-    pub fn new(gpu: &'a Gpu, shader: &'static str, entry: &'static str) -> Self {
+    pub fn new(gpu: &'a Gpu, shader: Shader, entry: &'static str) -> Self {
         Self {
             gpu,
             shader,
             entry,
             flags: gpu.shader_flags(),
+            constants: Constants::default(),
             params: Vec::new(),
             bindings: Vec::new(),
         }
@@ -293,6 +87,12 @@ impl<'a> KernelCall<'a> {
     /// Compile without the optional features (used where a kernel has no specialisation).
     pub fn flags(mut self, flags: ShaderFlags) -> Self {
         self.flags = flags;
+        self
+    }
+
+    /// The values of the shader's `//#inject` constants (all of them, and no others).
+    pub fn constants(mut self, constants: Constants) -> Self {
+        self.constants = constants;
         self
     }
 
@@ -329,12 +129,15 @@ impl<'a> KernelCall<'a> {
             ));
         }
         let key = PipelineKey {
-            shader: self.shader,
+            module: ModuleKey {
+                shader: self.shader,
+                flags: self.flags,
+                constants: self.constants,
+            },
             entry: self.entry,
-            flags: self.flags,
             storage: self.bindings.iter().map(|(a, _)| *a).collect(),
         };
-        let cached = self.gpu.pipeline(&key)?;
+        let cached = self.gpu.pipelines.pipeline(&self.gpu.device, &key)?;
         let mut params = self.params;
         // Uniform blocks are padded to 16 bytes, as WGSL's uniform layout requires.
         params.resize(params.len().max(16).next_multiple_of(16), 0);
@@ -391,31 +194,8 @@ pub fn grid(count: u32, max_per_dim: u32) -> [u32; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn preprocess_keeps_the_branch_for_the_flags() {
-        let src = "a\n//#if SUBGROUPS\nb\n//#else\nc\n//#endif\nd\n";
-        let on = preprocess(
-            src,
-            ShaderFlags {
-                subgroups: true,
-                f16: false,
-            },
-        )
-        .unwrap();
-        assert!(on.contains("b\n") && !on.contains("c\n"));
-        let off = preprocess(src, ShaderFlags::default()).unwrap();
-        assert!(!off.contains("enable") && off.contains("c\n") && !off.contains("b\n"));
-        // Line numbers are preserved.
-        assert_eq!(off.lines().count(), src.lines().count());
-    }
-
-    #[test]
-    fn preprocess_rejects_malformed_blocks() {
-        assert!(preprocess("//#if SUBGROUPS\n", ShaderFlags::default()).is_err());
-        assert!(preprocess("//#endif\n", ShaderFlags::default()).is_err());
-        assert!(preprocess("//#if NOPE\n//#endif\n", ShaderFlags::default()).is_err());
-    }
+    use crate::gpu::device::Capabilities;
+    use wgpu::naga;
 
     #[test]
     fn grid_covers_the_count_within_the_limit() {
@@ -423,6 +203,98 @@ mod tests {
             let [x, y, _] = grid(count, 65535);
             assert!(x <= 65535 && y <= 65535);
             assert!(x as u64 * y as u64 >= count as u64);
+        }
+    }
+
+    /// The constants each launcher passes to its shader on a device with `caps`.
+    fn launcher_constants(shader: Shader, caps: &Capabilities) -> Constants {
+        match shader {
+            Shader::Matmul => matmul::TILING.constants(),
+            Shader::Gemv => gemv::GemvShape::for_device(caps).constants(),
+            Shader::Attention => attention::TILING.constants(),
+            Shader::Topk => topk::SHAPE.constants(),
+            Shader::Norm => norm::WORKGROUP.constants(),
+            Shader::Rope => rope::WORKGROUP.constants(),
+            Shader::Activation => activation::WORKGROUP.constants(),
+            Shader::Elementwise => elementwise::WORKGROUP.constants(),
+            Shader::Sample => sample::WORKGROUP.constants(),
+        }
+    }
+
+    fn caps(flags: ShaderFlags, subgroup_min_size: u32) -> Capabilities {
+        Capabilities {
+            shader_f16: flags.f16,
+            subgroups: flags.subgroups,
+            subgroup_min_size,
+            subgroup_max_size: 128,
+            timestamps: false,
+            timestamps_inside_passes: false,
+        }
+    }
+
+    fn compile(shader: Shader, flags: ShaderFlags, constants: &Constants) -> naga::Module {
+        let what = format!("{shader} with {flags:?} and {constants}");
+        let source =
+            preprocess(shader.source(), flags, constants).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let module = naga::front::wgsl::parse_str(&source)
+            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
+        module
+    }
+
+    /// Every shader, with the constants its launcher injects, parses and validates for every
+    /// flag combination and every subgroup size a device may report.
+    #[test]
+    fn every_shader_variant_compiles() {
+        for shader in Shader::ALL {
+            for flags in ShaderFlags::ALL {
+                for min_size in [4, 8, 16, 32, 64, 128] {
+                    let constants = launcher_constants(shader, &caps(flags, min_size));
+                    let mut given: Vec<_> = constants.names().collect();
+                    let mut listed = shader.injected_names();
+                    given.sort_unstable();
+                    listed.sort_unstable();
+                    assert_eq!(given, listed, "{shader}: launcher vs //#inject line");
+                    compile(shader, flags, &constants);
+                }
+            }
+        }
+    }
+
+    /// gemv's per-subgroup partial sums have a slot for every subgroup of the smallest size
+    /// the device may use, checked on the compiled module rather than on the Rust decision.
+    #[test]
+    fn gemv_partial_sums_cover_the_smallest_subgroups() {
+        let flags = ShaderFlags {
+            subgroups: true,
+            f16: false,
+        };
+        for min_size in [4u32, 8, 16, 32, 64, 128] {
+            let shape = gemv::GemvShape::for_device(&caps(flags, min_size));
+            let module = compile(Shader::Gemv, flags, &shape.constants());
+            let (_, partial) = module
+                .global_variables
+                .iter()
+                .find(|(_, var)| var.name.as_deref() == Some("partial"))
+                .expect("gemv.wgsl declares `partial`");
+            let naga::TypeInner::Array { size, .. } = module.types[partial.ty].inner else {
+                panic!("`partial` is not an array");
+            };
+            let len = match size {
+                naga::ArraySize::Constant(len) => len.get(),
+                other => panic!("`partial` has size {other:?}"),
+            };
+            let subgroups = shape.workgroup.div_ceil(min_size);
+            assert!(
+                len >= shape.rows * subgroups,
+                "{len} slots for {} rows × {subgroups} subgroups of {min_size}",
+                shape.rows
+            );
         }
     }
 }

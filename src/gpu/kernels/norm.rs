@@ -4,8 +4,11 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::kernels::{grid, Dispatch, KernelCall, Shader, WorkgroupSize};
 use crate::gpu::tensor::Tensor;
+
+/// Threads per row (one workgroup per row; WG in the shader).
+pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -54,7 +57,8 @@ fn launch(
         eps,
         _pad: 0,
     };
-    KernelCall::new(gpu, "norm", entry)
+    KernelCall::new(gpu, Shader::Norm, entry)
+        .constants(WORKGROUP.constants())
         .params(&params)
         .read(&x.buffer)
         .read(&gamma.buffer)

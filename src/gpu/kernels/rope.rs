@@ -5,8 +5,11 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::kernels::{Dispatch, KernelCall, Shader, WorkgroupSize};
 use crate::gpu::tensor::Tensor;
+
+/// Threads per workgroup, one per rotated pair (WG in the shader).
+pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -88,7 +91,8 @@ pub fn rope(
         table_rows: table.positions as u32,
     };
     let threads = rows * heads * d / 2;
-    KernelCall::new(gpu, "rope", "rope")
+    KernelCall::new(gpu, Shader::Rope, "rope")
+        .constants(WORKGROUP.constants())
         .params(&params)
         .read(&positions.buffer)
         .read(&table.table.buffer)
@@ -96,10 +100,7 @@ pub fn rope(
         .build(
             "rope",
             format!("T={rows} H={heads} D={d}"),
-            grid(
-                threads.div_ceil(256) as u32,
-                gpu.limits.max_compute_workgroups_per_dimension,
-            ),
+            WORKGROUP.groups_for(gpu, threads),
             (threads * 6) as u64,
             (rows * cols * 8 + threads * 8 + rows * 4) as u64,
         )

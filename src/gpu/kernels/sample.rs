@@ -4,12 +4,15 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{Dispatch, KernelCall};
+use crate::gpu::kernels::{Dispatch, KernelCall, Shader, WorkgroupSize};
 use crate::gpu::tensor::{DType, Tensor};
 
 /// What [`argmax`] writes for a row whose logits are all NaN: no valid token id, so the host
 /// must reject it instead of decoding it.
 pub const NO_INDEX: u32 = u32::MAX;
+
+/// Threads of the one workgroup per row (WG in the shader; a power of two for its tree).
+pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -76,7 +79,8 @@ pub fn argmax(
     } else {
         "argmax"
     };
-    KernelCall::new(gpu, "sample", "argmax")
+    KernelCall::new(gpu, Shader::Sample, "argmax")
+        .constants(WORKGROUP.constants())
         .params(&params)
         .read(&logits.buffer)
         .read_write(&out.buffer)

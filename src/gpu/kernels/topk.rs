@@ -17,8 +17,38 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Dispatch, KernelCall};
+use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{DType, Tensor};
+
+/// How topk.wgsl splits the work (its WG, ITEMS and TILE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopkShape {
+    /// Threads per workgroup, for both entry points. The radix select gives each thread one of
+    /// the 256 values of an 8-bit digit, so 256.
+    pub workgroup: u32,
+    /// Consecutive scores per thread in the scan pass.
+    pub items: u32,
+}
+
+pub const SHAPE: TopkShape = TopkShape {
+    workgroup: 256,
+    items: 4,
+};
+
+impl TopkShape {
+    /// Scores per scan tile; the scan packs two per-tile counts in 16 bits each.
+    pub const fn tile(&self) -> u32 {
+        self.workgroup * self.items
+    }
+
+    pub fn constants(&self) -> Constants {
+        Constants::new(&[
+            ("WG", self.workgroup),
+            ("ITEMS", self.items),
+            ("TILE", self.tile()),
+        ])
+    }
+}
 
 /// Words a gather workgroup copies at least (several rows per workgroup when rows are narrower).
 const GATHER_WORDS_PER_WORKGROUP: usize = 1024;
@@ -95,6 +125,49 @@ pub fn select(
     k: usize,
     out: &Tensor,
 ) -> Result<Dispatch> {
+    check_select(scores, score_offset, segment, k, out)?;
+    let Segment {
+        total,
+        start,
+        len: n,
+    } = segment;
+    let params = SelectParams {
+        n: to_u32("n", n)?,
+        k: to_u32("k", k)?,
+        score_offset: to_u32("score_offset", score_offset)?,
+        seg_start: to_u32("segment.start", start)?,
+        total: to_u32("segment.total", total)?,
+        _pad: [0; 3],
+    };
+    // Four histogram passes and one scan pass, each a comparison per score; scores read five
+    // times, the list written once.
+    let flops = 5 * n as u64;
+    let bytes = 5 * 4 * n as u64 + 4 * segment.kept_rows(k) as u64;
+    // Neither entry point has a feature-specific path: one module serves every device.
+    KernelCall::new(gpu, Shader::Topk, "select_keep")
+        .flags(Default::default())
+        .constants(SHAPE.constants())
+        .params(&params)
+        .read(&scores.buffer)
+        .read_write(&out.buffer)
+        .build(
+            "topk_select",
+            format!("n={n} k={k} T={total}"),
+            [1, 1, 1],
+            flops,
+            bytes,
+        )
+}
+
+/// The arguments of [`select`] fit together: k ≤ n, the segment lies in the sequence, the scores
+/// in their tensor, and `out` holds the whole index list.
+fn check_select(
+    scores: &Tensor,
+    score_offset: usize,
+    segment: Segment,
+    k: usize,
+    out: &Tensor,
+) -> Result<()> {
     let Segment {
         total,
         start,
@@ -144,31 +217,7 @@ pub fn select(
             ),
         ));
     }
-    let params = SelectParams {
-        n: to_u32("n", n)?,
-        k: to_u32("k", k)?,
-        score_offset: to_u32("score_offset", score_offset)?,
-        seg_start: to_u32("segment.start", start)?,
-        total: to_u32("segment.total", total)?,
-        _pad: [0; 3],
-    };
-    // Four histogram passes and one scan pass, each a comparison per score; scores read five
-    // times, the list written once.
-    let flops = 5 * n as u64;
-    let bytes = 5 * 4 * n as u64 + 4 * len as u64;
-    // Neither entry point has a feature-specific path: one module serves every device.
-    KernelCall::new(gpu, "topk", "select_keep")
-        .flags(Default::default())
-        .params(&params)
-        .read(&scores.buffer)
-        .read_write(&out.buffer)
-        .build(
-            "topk_select",
-            format!("n={n} k={k} T={total}"),
-            [1, 1, 1],
-            flops,
-            bytes,
-        )
+    Ok(())
 }
 
 /// Stage-1 shorthand: the ascending indices (in `0..n`) of the `k` largest of
@@ -204,8 +253,61 @@ pub fn gather_rows(
     rows: usize,
     dst: &Tensor,
 ) -> Result<Dispatch> {
+    check_gather(src, idx, idx_offset, rows, dst)?;
     let (src_rows, width) = rows_width(src);
-    let (dst_rows, dst_width) = rows_width(dst);
+    let rows_per_group = gather_rows_per_group(width);
+    let params = GatherParams {
+        rows: rows as u32,
+        width: width as u32,
+        src_rows: src_rows as u32,
+        idx_offset: to_u32("idx_offset", idx_offset)?,
+        rows_per_group: rows_per_group as u32,
+        _pad: [0; 3],
+    };
+    let groups = rows.div_ceil(rows_per_group) as u32;
+    let bytes = 8 * (rows * width) as u64 + 4 * rows as u64;
+    let kernel = match src.dtype {
+        DType::F32 => "gather_rows_f32",
+        DType::U32 => "gather_rows_u32",
+    };
+    KernelCall::new(gpu, Shader::Topk, "gather_rows")
+        .flags(Default::default())
+        .constants(SHAPE.constants())
+        .params(&params)
+        .read(&idx.buffer)
+        .read(&src.buffer)
+        .read_write(&dst.buffer)
+        .build(
+            kernel,
+            format!("rows={rows} width={width}"),
+            grid(
+                groups.max(1),
+                gpu.limits.max_compute_workgroups_per_dimension,
+            ),
+            0,
+            bytes,
+        )
+}
+
+/// Rows one gather workgroup copies: a whole workgroup per row from half a workgroup-load of
+/// words up, else blocks of about [`GATHER_WORDS_PER_WORKGROUP`] words.
+fn gather_rows_per_group(width: usize) -> usize {
+    if width >= GATHER_WORDS_PER_WORKGROUP / 2 || width == 0 {
+        1
+    } else {
+        GATHER_WORDS_PER_WORKGROUP / width
+    }
+}
+
+/// The arguments of [`gather_rows`] fit together and every offset fits the shader's u32s.
+fn check_gather(
+    src: &Tensor,
+    idx: &Tensor,
+    idx_offset: usize,
+    rows: usize,
+    dst: &Tensor,
+) -> Result<()> {
+    let (width, (dst_rows, dst_width)) = (rows_width(src).1, rows_width(dst));
     if src.dtype != dst.dtype || width != dst_width {
         return Err(Error::shape(
             "gather_rows",
@@ -250,42 +352,7 @@ pub fn gather_rows(
             format!("{rows} rows of {width} words are too many for 32-bit indexing"),
         ));
     }
-    // A whole workgroup per row from half a workgroup-load of words up, else ~1024-word blocks.
-    let rows_per_group = if width >= GATHER_WORDS_PER_WORKGROUP / 2 || width == 0 {
-        1
-    } else {
-        GATHER_WORDS_PER_WORKGROUP / width
-    };
-    let params = GatherParams {
-        rows: rows as u32,
-        width: width as u32,
-        src_rows: src_rows as u32,
-        idx_offset: to_u32("idx_offset", idx_offset)?,
-        rows_per_group: rows_per_group as u32,
-        _pad: [0; 3],
-    };
-    let groups = rows.div_ceil(rows_per_group) as u32;
-    let bytes = 8 * words as u64 + 4 * rows as u64;
-    let kernel = match src.dtype {
-        DType::F32 => "gather_rows_f32",
-        DType::U32 => "gather_rows_u32",
-    };
-    KernelCall::new(gpu, "topk", "gather_rows")
-        .flags(Default::default())
-        .params(&params)
-        .read(&idx.buffer)
-        .read(&src.buffer)
-        .read_write(&dst.buffer)
-        .build(
-            kernel,
-            format!("rows={rows} width={width}"),
-            grid(
-                groups.max(1),
-                gpu.limits.max_compute_workgroups_per_dimension,
-            ),
-            0,
-            bytes,
-        )
+    Ok(())
 }
 
 /// Select the rows to keep into `idx` and compact every `(src, dst)` pair with them: the
@@ -347,4 +414,18 @@ pub fn gather_reference(src: &[u32], width: usize, idx: &[u32]) -> Vec<u32> {
         out.extend_from_slice(&src[i as usize * width..(i as usize + 1) * width]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// topk.wgsl's radix select and scan assume these relations.
+    #[test]
+    fn shader_structure_matches_the_shape() {
+        // One thread per value of an 8-bit digit (the histogram is [WG]).
+        assert_eq!(SHAPE.workgroup, 256);
+        // Per-tile counts are packed 16 bits each.
+        assert!(SHAPE.tile() < 1 << 16);
+    }
 }

@@ -1,0 +1,108 @@
+//! `Y = X·Wᵀ (+ bias) (+ Y)`: what the gemv and matmul launchers share (the flag bits their
+//! shaders read, the shape check, the f64 CPU reference), and [`linear`], which picks one of the
+//! two kernels by shape.
+//!
+//! gemv.rs and matmul.rs import only the shared items from here; [`linear`] is the one item that
+//! looks down at them.
+
+use crate::error::{Error, Result};
+use crate::gpu::device::Gpu;
+use crate::gpu::kernels::{gemv, matmul, Constants, Dispatch};
+use crate::gpu::tensor::{Tensor, Weight};
+
+/// Bit of `Params::flags` that adds the bias (FLAG_BIAS in the shaders).
+pub(crate) const FLAG_BIAS: u32 = 1;
+/// Bit of `Params::flags` that adds the product to what Y holds (FLAG_ACCUMULATE in the shaders).
+pub(crate) const FLAG_ACCUMULATE: u32 = 2;
+
+/// The flag bits as the shader constants gemv.wgsl and matmul.wgsl are given.
+pub(crate) fn flag_constants() -> Constants {
+    Constants::new(&[
+        ("FLAG_BIAS", FLAG_BIAS),
+        ("FLAG_ACCUMULATE", FLAG_ACCUMULATE),
+    ])
+}
+
+/// The `flags` word for a product with `w` (bias if it has one) and `accumulate`.
+pub(crate) fn flags_for(w: &Weight, accumulate: bool) -> u32 {
+    let mut flags = if accumulate { FLAG_ACCUMULATE } else { 0 };
+    if w.bias.is_some() {
+        flags |= FLAG_BIAS;
+    }
+    flags
+}
+
+/// Check `x [M, K]`, `w [N, K]`, `y [M, N]` and return (M, N, K).
+pub(crate) fn check_linear(
+    op: &str,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+) -> Result<(usize, usize, usize)> {
+    let (m, k) = x.rows_cols();
+    let (ym, yn) = y.rows_cols();
+    if k != w.k || ym != m || yn != w.n {
+        return Err(Error::shape(
+            op,
+            format!(
+                "X {:?} · {}ᵀ [{}, {}] does not give Y {:?}",
+                x.shape, w.name, w.n, w.k, y.shape
+            ),
+        ));
+    }
+    Ok((m, w.n, k))
+}
+
+/// `Y = X·Wᵀ` choosing the kernel by shape: gemv for a single row, tiled matmul otherwise.
+pub fn linear(
+    gpu: &Gpu,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    let (m, _, _) = check_linear("linear", x, w, y)?;
+    if m == 1 {
+        gemv::gemv(gpu, x, 0, w, y, 0, accumulate)
+    } else {
+        matmul::matmul(gpu, x, w, y, accumulate)
+    }
+}
+
+/// CPU reference in f64: `y[m][n] = Σ_k x[m][k]·w[n][k] + bias[n] + y_in[m][n]`.
+/// `w` must hold the values the GPU sees (round through f16 first for f16 weights).
+pub fn reference(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    y_in: Option<&[f32]>,
+) -> Vec<f64> {
+    let mut y = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for t in 0..k {
+                s += x[i * k + t] as f64 * w[j * k + t] as f64;
+            }
+            if let Some(b) = bias {
+                s += b[j] as f64;
+            }
+            if let Some(y0) = y_in {
+                s += y0[i * n + j] as f64;
+            }
+            y[i * n + j] = s;
+        }
+    }
+    y
+}
+
+/// The values an f16 weight holds on the GPU.
+pub fn round_to_f16(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect()
+}

@@ -1,0 +1,322 @@
+//! The WGSL sources and the preprocessor that specialises them: the bottom of the GPU layer
+//! (it knows no device, only text).
+//!
+//! Shaders are plain WGSL with two kinds of directive comment:
+//! - `//#if FLAG`, `//#else`, `//#endif` keep or drop lines by the device's capabilities
+//!   (`SUBGROUPS`, `F16`); `enable f16;` is added where the F16 branch is kept.
+//! - `//#inject NAME NAME ...` names the tuning constants the host decides (tile sizes,
+//!   workgroup sizes, flag bits). The launcher passes their values as [`Constants`], built from
+//!   the same typed decision it sizes its dispatch with, and the line is replaced by
+//!   `const NAME: u32 = value;` declarations. A shader never declares those names itself.
+//!
+//! Line numbers are preserved, so compiler messages point at the .wgsl file: dropped lines
+//! become empty lines, the generated constants all sit on the `//#inject` line, and
+//! `enable f16;` is put in front of line 1.
+
+use std::fmt;
+
+/// Every kernel source file, compiled into the binary so the engine needs no files at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shader {
+    Matmul,
+    Gemv,
+    Attention,
+    Topk,
+    Norm,
+    Rope,
+    Activation,
+    Elementwise,
+    Sample,
+}
+
+impl Shader {
+    pub const ALL: [Shader; 9] = [
+        Shader::Matmul,
+        Shader::Gemv,
+        Shader::Attention,
+        Shader::Topk,
+        Shader::Norm,
+        Shader::Rope,
+        Shader::Activation,
+        Shader::Elementwise,
+        Shader::Sample,
+    ];
+
+    /// The file stem, used in labels and error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shader::Matmul => "matmul",
+            Shader::Gemv => "gemv",
+            Shader::Attention => "attention",
+            Shader::Topk => "topk",
+            Shader::Norm => "norm",
+            Shader::Rope => "rope",
+            Shader::Activation => "activation",
+            Shader::Elementwise => "elementwise",
+            Shader::Sample => "sample",
+        }
+    }
+
+    /// The WGSL text before preprocessing.
+    pub fn source(self) -> &'static str {
+        match self {
+            Shader::Matmul => include_str!("../../shaders/matmul.wgsl"),
+            Shader::Gemv => include_str!("../../shaders/gemv.wgsl"),
+            Shader::Attention => include_str!("../../shaders/attention.wgsl"),
+            Shader::Topk => include_str!("../../shaders/topk.wgsl"),
+            Shader::Norm => include_str!("../../shaders/norm.wgsl"),
+            Shader::Rope => include_str!("../../shaders/rope.wgsl"),
+            Shader::Activation => include_str!("../../shaders/activation.wgsl"),
+            Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
+            Shader::Sample => include_str!("../../shaders/sample.wgsl"),
+        }
+    }
+
+    /// The names listed on the shader's `//#inject` line, in order.
+    pub fn injected_names(self) -> Vec<&'static str> {
+        self.source()
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(INJECT))
+            .map(|names| names.split_whitespace().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Shader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+const INJECT: &str = "//#inject ";
+
+/// Capability flags a shader can be specialised on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShaderFlags {
+    pub subgroups: bool,
+    pub f16: bool,
+}
+
+impl ShaderFlags {
+    /// Every combination, for tests that compile each variant.
+    pub const ALL: [ShaderFlags; 4] = [
+        ShaderFlags {
+            subgroups: false,
+            f16: false,
+        },
+        ShaderFlags {
+            subgroups: true,
+            f16: false,
+        },
+        ShaderFlags {
+            subgroups: false,
+            f16: true,
+        },
+        ShaderFlags {
+            subgroups: true,
+            f16: true,
+        },
+    ];
+}
+
+/// The values of a shader's `//#inject` constants, in the order a launcher gives them. Part of
+/// the module and pipeline cache keys, so two variants of one shader can coexist.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Constants(Vec<(&'static str, u32)>);
+
+impl Constants {
+    pub fn new(values: &[(&'static str, u32)]) -> Self {
+        Self(values.to_vec())
+    }
+
+    /// These constants followed by `other`'s.
+    pub fn with(mut self, other: Constants) -> Self {
+        self.0.extend(other.0);
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(n, _)| *n == name).map(|&(_, v)| v)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.0.iter().map(|&(name, _)| name)
+    }
+}
+
+/// `TILE_M=64 TILE_N=64`: how labels name a variant.
+impl fmt::Display for Constants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (name, value)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name}={value}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The `//#inject` line with the constants' declarations in its place.
+fn inject_line(names: &str, constants: &Constants) -> Result<String, String> {
+    let listed: Vec<&str> = names.split_whitespace().collect();
+    let mut line = String::new();
+    for (i, name) in listed.iter().enumerate() {
+        if listed[..i].contains(name) {
+            return Err(format!("{name} is listed twice on the //#inject line"));
+        }
+        let value = constants
+            .get(name)
+            .ok_or_else(|| format!("the host gives no value for the injected constant {name}"))?;
+        line.push_str(&format!("const {name}: u32 = {value}u; "));
+    }
+    if let Some(extra) = constants.names().find(|n| !listed.contains(n)) {
+        return Err(format!(
+            "the host gives {extra}, which the //#inject line does not list"
+        ));
+    }
+    Ok(line)
+}
+
+/// Resolve `//#if FLAG` / `//#else` / `//#endif` blocks (not nested), replace the `//#inject`
+/// line by `constants`, and add the `enable` directives the kept code needs.
+pub fn preprocess(
+    source: &str,
+    flags: ShaderFlags,
+    constants: &Constants,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(source.len() + 256);
+    if flags.f16 && source.contains("//#if F16") {
+        // On line 1 (in front of its text) so that no line number moves.
+        out.push_str("enable f16; ");
+    }
+    // Naga accepts subgroup builtins when the device has SUBGROUP; it rejects the
+    // `enable subgroups;` directive itself, so none is added for them.
+    // (inside a block?, keeping lines?)
+    let mut state: Option<bool> = None;
+    let mut injected = false;
+    for (number, line) in source.lines().enumerate() {
+        let at = |reason: String| format!("line {}: {reason}", number + 1);
+        let trimmed = line.trim();
+        if let Some(names) = trimmed.strip_prefix(INJECT) {
+            if injected || state.is_some() {
+                return Err(at("//#inject must appear once, outside //#if blocks".into()));
+            }
+            out.push_str(&inject_line(names, constants).map_err(at)?);
+            injected = true;
+        } else if let Some(flag) = trimmed.strip_prefix("//#if ") {
+            if state.is_some() {
+                return Err(at("nested //#if".into()));
+            }
+            state = Some(match flag.trim() {
+                "SUBGROUPS" => flags.subgroups,
+                "F16" => flags.f16,
+                other => return Err(at(format!("unknown flag {other}"))),
+            });
+        } else if trimmed == "//#else" {
+            let on = state.ok_or_else(|| at("//#else without //#if".into()))?;
+            state = Some(!on);
+        } else if trimmed == "//#endif" {
+            state
+                .take()
+                .ok_or_else(|| at("//#endif without //#if".into()))?;
+        } else if state != Some(false) {
+            // Dropped lines stay as empty lines.
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    if state.is_some() {
+        return Err("missing //#endif".into());
+    }
+    if !injected && constants.names().next().is_some() {
+        return Err(format!(
+            "the host gives {constants}, but the shader has no //#inject line"
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUBGROUPS: ShaderFlags = ShaderFlags {
+        subgroups: true,
+        f16: false,
+    };
+
+    #[test]
+    fn preprocess_keeps_the_branch_for_the_flags() {
+        let src = "a\n//#if SUBGROUPS\nb\n//#else\nc\n//#endif\nd\n";
+        let none = Constants::default();
+        let on = preprocess(src, SUBGROUPS, &none).unwrap();
+        assert!(on.contains("b\n") && !on.contains("c\n"));
+        let off = preprocess(src, ShaderFlags::default(), &none).unwrap();
+        assert!(!off.contains("enable") && off.contains("c\n") && !off.contains("b\n"));
+        // Line numbers are preserved.
+        assert_eq!(off.lines().count(), src.lines().count());
+    }
+
+    #[test]
+    fn preprocess_rejects_malformed_blocks() {
+        let none = Constants::default();
+        let flags = ShaderFlags::default();
+        assert!(preprocess("//#if SUBGROUPS\n", flags, &none).is_err());
+        assert!(preprocess("//#endif\n", flags, &none).is_err());
+        assert!(preprocess("//#if NOPE\n//#endif\n", flags, &none).is_err());
+    }
+
+    #[test]
+    fn injected_constants_replace_their_line_and_keep_line_numbers() {
+        let src = "// header\n//#inject WG ROWS\nfn f() {}\n//#if F16\nx\n//#endif\n";
+        let constants = Constants::new(&[("ROWS", 4), ("WG", 64)]);
+        let flags = ShaderFlags {
+            subgroups: false,
+            f16: true,
+        };
+        let out = preprocess(src, flags, &constants).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), src.lines().count());
+        assert!(lines[0].starts_with("enable f16; // header"));
+        assert_eq!(
+            lines[1].trim(),
+            "const WG: u32 = 64u; const ROWS: u32 = 4u;"
+        );
+        assert_eq!(lines[2], "fn f() {}");
+    }
+
+    #[test]
+    fn injection_demands_exactly_the_listed_constants() {
+        let src = "//#inject WG ROWS\n";
+        let flags = ShaderFlags::default();
+        let missing = Constants::new(&[("WG", 64)]);
+        assert!(preprocess(src, flags, &missing).is_err());
+        let extra = Constants::new(&[("WG", 64), ("ROWS", 4), ("TILE", 8)]);
+        assert!(preprocess(src, flags, &extra).is_err());
+        assert!(preprocess("//#inject WG WG\n", flags, &missing).is_err());
+        assert!(preprocess("fn f() {}\n", flags, &missing).is_err());
+        let twice = "//#inject WG\n//#inject WG\n";
+        assert!(preprocess(twice, flags, &missing).is_err());
+    }
+
+    /// No shader declares a constant the host injects: the Rust value is the only one.
+    #[test]
+    fn shaders_do_not_redeclare_injected_constants() {
+        for shader in Shader::ALL {
+            let names = shader.injected_names();
+            assert!(!names.is_empty(), "{shader} injects nothing");
+            for name in names {
+                for decl in ["const", "override", "let", "var"] {
+                    let needle = format!("{decl} {name}:");
+                    let needle_eq = format!("{decl} {name} =");
+                    let source = shader.source();
+                    assert!(
+                        !source.contains(&needle) && !source.contains(&needle_eq),
+                        "{shader}.wgsl declares {name}, which the host injects"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@
 // has subgroups (any subgroup size; MAX_SUBGROUPS = WG / the device's smallest subgroup size
 // bounds how many there are), with a shared-memory tree otherwise.
 //
-// Injected by the host (gemv.rs `GemvShape`, linear.rs flag bits):
+// Injected by the host (gemv.rs `GemvShape`, linear/mod.rs flag bits):
 //#inject WG ROWS MAX_SUBGROUPS FLAG_BIAS FLAG_ACCUMULATE
 
 struct Params {

@@ -11,7 +11,7 @@
 // them with unit stride. Edge tiles are bounds-checked, so any M, N, K work. The per-thread
 // loops below are written for exactly this tiling (matmul.rs tests the relations).
 //
-// Injected by the host (matmul.rs `MatmulTiling`, linear.rs flag bits):
+// Injected by the host (matmul.rs `MatmulTiling`, linear/mod.rs flag bits):
 //#inject TILE_M TILE_N TILE_K THREADS FLAG_BIAS FLAG_ACCUMULATE
 
 struct Params {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::gpu::kernels::{attention, gemv, matmul, Dispatch};
+use crate::gpu::kernels::linear::{gemv, matmul};
+use crate::gpu::kernels::{attention, Dispatch};
 use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight, WeightFormat};
 
 #[derive(Clone, Debug, Serialize)]

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use llava_wgpu::gpu::kernels::{gemv, linear, matmul};
+use llava_wgpu::gpu::kernels::linear::{self, gemv, matmul};
 use llava_wgpu::gpu::{Gpu, Recorder, Tensor, Weight, WeightFormat};
 
 struct Case {

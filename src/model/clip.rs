@@ -8,7 +8,7 @@
 use crate::error::Result;
 use crate::gpu::kernels::activation::{self, Activation};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
-use crate::gpu::kernels::matmul;
+use crate::gpu::kernels::linear::matmul;
 use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight};
 use crate::model::config::VisionConfig;
 use crate::model::loader::Loader;

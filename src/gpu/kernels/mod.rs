@@ -7,9 +7,7 @@
 pub mod activation;
 pub mod attention;
 pub mod elementwise;
-pub mod gemv;
 pub mod linear;
-pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod sample;
@@ -193,6 +191,7 @@ pub fn grid(count: u32, max_per_dim: u32) -> [u32; 3] {
 
 #[cfg(test)]
 mod tests {
+    use super::linear::{gemv, matmul};
     use super::*;
     use crate::gpu::device::Capabilities;
     use wgpu::naga;

@@ -3,9 +3,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::{flag_constants, flags_for};
 use crate::error::{Error, Result};
 use crate::gpu::device::{Capabilities, Gpu};
-use crate::gpu::kernels::linear::{flag_constants, flags_for};
 use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
 

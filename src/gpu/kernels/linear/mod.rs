@@ -1,13 +1,16 @@
-//! `Y = X·Wᵀ (+ bias) (+ Y)`: what the gemv and matmul launchers share (the flag bits their
-//! shaders read, the shape check, the f64 CPU reference), and [`linear`], which picks one of the
-//! two kernels by shape.
+//! Linear layers, `Y = X·Wᵀ (+ bias) (+ Y)`, and their two kernels: `gemv` for a single row
+//! (decode) and the tiled `matmul` for many (prefill, the vision tower).
 //!
-//! gemv.rs and matmul.rs import only the shared items from here; [`linear`] is the one item that
-//! looks down at them.
+//! This module holds what both launchers share (the flag bits their shaders read, the shape
+//! check, the f64 CPU reference) and [`linear`], which picks the kernel by shape. The two
+//! launchers are leaves: they use only these shared items, never each other.
+
+pub mod gemv;
+pub mod matmul;
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{gemv, matmul, Constants, Dispatch};
+use crate::gpu::kernels::{Constants, Dispatch};
 use crate::gpu::tensor::{Tensor, Weight};
 
 /// Bit of `Params::flags` that adds the bias (FLAG_BIAS in the shaders).

@@ -3,9 +3,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::{check_linear, flag_constants, flags_for};
 use crate::error::Result;
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::linear::{check_linear, flag_constants, flags_for};
 use crate::gpu::kernels::{Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
 

@@ -2,18 +2,20 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use llava_wgpu::gpu::device::{list_adapters, BackendChoice};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
-use llava_wgpu::prune::{Method, PruneOptions, Stage1Score};
+use llava_wgpu::prune::PruneOptions;
 use llava_wgpu::sample::SamplingParams;
-use llava_wgpu::text::Template;
 use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
+
+mod cli;
+use cli::choices::{BackendArg, MethodArg, Stage1ScoreArg, TemplateArg, WeightsArg};
 
 #[derive(Parser)]
 #[command(
@@ -35,24 +37,17 @@ struct DeviceArgs {
     adapter: Option<String>,
     /// Graphics API (default: every available one; also read from LLAVA_WGPU_BACKEND).
     #[arg(long, value_enum, global = true)]
-    backend: Option<BackendChoice>,
+    backend: Option<BackendArg>,
 }
 
 impl DeviceArgs {
     fn options(&self) -> GpuOptions {
         GpuOptions {
             adapter: self.adapter.clone(),
-            backend: self.backend,
+            backend: self.backend.map(Into::into),
             ..GpuOptions::default()
         }
     }
-}
-
-/// Weight storage on the GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum WeightsArg {
-    F16,
-    F32,
 }
 
 #[derive(Args)]
@@ -80,8 +75,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Visual-token pruning method (default STAR: the README's accuracy table shows why).
-    #[arg(long, value_enum, default_value_t = Method::Star)]
-    prune: Method,
+    #[arg(long, value_enum, default_value_t = MethodArg::Star)]
+    prune: MethodArg,
     /// STAR stage 1: visual tokens kept in the vision encoder (N1).
     #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
     stage1_keep: Option<usize>,
@@ -98,8 +93,8 @@ struct RunArgs {
     #[arg(long, value_name = "K")]
     stage2_layer: Option<usize>,
     /// What STAR stage 1 scores patches by.
-    #[arg(long, value_enum, default_value_t = Stage1Score::Attention)]
-    stage1_score: Stage1Score,
+    #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
+    stage1_score: Stage1ScoreArg,
     /// Time every GPU dispatch and print a per-kernel table on stderr.
     #[arg(long)]
     profile: bool,
@@ -110,8 +105,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE.png")]
     kept_overlay: Option<PathBuf>,
     /// Prompt format.
-    #[arg(long, value_enum, default_value_t = Template::LlavaHf)]
-    template: Template,
+    #[arg(long, value_enum, default_value_t = TemplateArg::LlavaHf)]
+    template: TemplateArg,
     /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
     #[arg(long)]
     pad_to_square: bool,
@@ -337,10 +332,7 @@ fn run(args: &RunArgs) -> Result<()> {
     }
     let options = EngineOptions {
         gpu: args.device.options(),
-        weight_format: match args.weights {
-            WeightsArg::F16 => WeightFormat::F16,
-            WeightsArg::F32 => WeightFormat::F32,
-        },
+        weight_format: args.weights.into(),
         progress: true,
     };
     let model = match &args.model {
@@ -351,7 +343,7 @@ fn run(args: &RunArgs) -> Result<()> {
     let request = GenerateRequest {
         image: args.image.clone(),
         prompt: args.prompt.clone(),
-        template: args.template,
+        template: args.template.into(),
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -363,13 +355,13 @@ fn run(args: &RunArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
         capture_outputs: false,
         prune: PruneOptions {
-            method: args.prune,
+            method: args.prune.into(),
             stage1_keep: args.stage1_keep,
             stage1_ratio: args.stage1_ratio,
             keep: args.keep,
             keep_ratio: args.keep_ratio,
             stage2_layer: args.stage2_layer,
-            stage1_score: args.stage1_score,
+            stage1_score: args.stage1_score.into(),
             seed: args.seed,
         },
     };
@@ -535,7 +527,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cli::flags::describe(&error));
             ExitCode::FAILURE
         }
     }

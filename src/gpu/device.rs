@@ -25,7 +25,7 @@ pub const ENV_MAX_BINDING: &str = "LLAVA_WGPU_MAX_BINDING_BYTES";
 pub const ENV_DISABLE: &str = "LLAVA_WGPU_DISABLE";
 
 /// Which graphics API to go through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendChoice {
     Vulkan,
     Metal,
@@ -34,6 +34,7 @@ pub enum BackendChoice {
 }
 
 impl BackendChoice {
+    /// Accepts the names the command line lists and the usual abbreviations (`vk`, `d3d12`, ...).
     pub fn parse(text: &str) -> Result<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "vulkan" | "vk" => Ok(Self::Vulkan),
@@ -54,6 +55,13 @@ impl BackendChoice {
             Self::Dx12 => wgpu::Backends::DX12,
             Self::Gl => wgpu::Backends::GL,
         }
+    }
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        Self::parse(text)
     }
 }
 

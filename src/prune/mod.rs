@@ -9,9 +9,12 @@
 pub mod cost;
 pub mod vispruner;
 
+use std::fmt;
+use std::str::FromStr;
+
 use crate::error::{Error, Result};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Every visual token reaches the language model.
@@ -30,7 +33,7 @@ pub enum Method {
 }
 
 /// What stage 1 (or a before-projector method) scores patches by.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage1Score {
     /// Attention each patch receives, averaged over heads and all queries.
@@ -38,6 +41,85 @@ pub enum Stage1Score {
     Attention,
     /// The CLS query row only (FasterVLM).
     Cls,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::None,
+        Method::Star,
+        Method::Fastv,
+        Method::Fastervlm,
+        Method::Vispruner,
+        Method::Random,
+    ];
+
+    /// The lower-case name, as in JSON output and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::None => "none",
+            Method::Star => "star",
+            Method::Fastv => "fastv",
+            Method::Fastervlm => "fastervlm",
+            Method::Vispruner => "vispruner",
+            Method::Random => "random",
+        }
+    }
+}
+
+impl Stage1Score {
+    pub const ALL: [Stage1Score; 2] = [Stage1Score::Attention, Stage1Score::Cls];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage1Score::Attention => "attention",
+            Stage1Score::Cls => "cls",
+        }
+    }
+}
+
+/// Parse one of `all` by its `name`; the error names the API `field`.
+fn parse_name<T: Copy>(
+    text: &str,
+    all: &[T],
+    name: impl Fn(T) -> &'static str,
+    field: &str,
+) -> Result<T> {
+    all.iter()
+        .copied()
+        .find(|&v| name(v) == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|&v| name(v)).collect();
+            Error::argument(
+                field,
+                format!("'{text}' is not one of {}", names.join(", ")),
+            )
+        })
+}
+
+impl FromStr for Method {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        parse_name(text, &Self::ALL, Self::name, "prune.method")
+    }
+}
+
+impl FromStr for Stage1Score {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        parse_name(text, &Self::ALL, Self::name, "prune.stage1_score")
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Display for Stage1Score {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The user's request, before it is checked against the model and the prompt.

@@ -140,11 +140,11 @@ fn impossible_settings_are_refused() {
         engine.generate(&request, |_| {}).unwrap_err().to_string()
     };
     let e = err(star(20, 30, 2), Template::LlavaHf, "What?");
-    assert!(e.contains("--keep") && e.contains("N1"), "{e}");
+    assert!(e.contains("prune.keep") && e.contains("N1"), "{e}");
     let e = err(star(40, 10, 2), Template::LlavaHf, "What?");
-    assert!(e.contains("--stage1-keep"), "{e}");
+    assert!(e.contains("prune.stage1_keep"), "{e}");
     let e = err(star(30, 10, 4), Template::LlavaHf, "What?");
-    assert!(e.contains("--stage2-layer"), "{e}");
+    assert!(e.contains("prune.stage2_layer"), "{e}");
     // Stage 2 needs text after the image.
     let e = err(star(30, 10, 2), Template::Raw, "USER: describe <image>");
     assert!(e.contains("no"), "{e}");

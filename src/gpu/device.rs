@@ -12,9 +12,9 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::PipelineCache;
 use crate::gpu::profiler::{ProfileReport, Profiler};
 
-/// Environment variable that picks the adapter (same syntax as `--adapter`).
+/// Environment variable that picks the adapter (same syntax as [`GpuOptions::adapter`]).
 pub const ENV_ADAPTER: &str = "LLAVA_WGPU_ADAPTER";
-/// Environment variable that picks the backend (same syntax as `--backend`).
+/// Environment variable that picks the backend (same syntax as [`BackendChoice::parse`]).
 pub const ENV_BACKEND: &str = "LLAVA_WGPU_BACKEND";
 /// Environment variable that lowers the storage-binding limit the engine plans with, in bytes,
 /// so that tests exercise the chunked-weight path on tiny tensors.
@@ -42,7 +42,7 @@ impl BackendChoice {
             "dx12" | "d3d12" => Ok(Self::Dx12),
             "gl" | "gles" | "opengl" => Ok(Self::Gl),
             other => Err(Error::argument(
-                "--backend",
+                "gpu.backend",
                 format!("'{other}' is not one of vulkan, metal, dx12, gl"),
             )),
         }
@@ -303,7 +303,7 @@ fn choose_adapter(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<
     match position {
         Some(i) => Ok(adapters.into_iter().nth(i).expect("index in range")),
         None => Err(Error::argument(
-            "--adapter",
+            "gpu.adapter",
             format!("no adapter matches '{wanted}'; available: {}", names()),
         )),
     }

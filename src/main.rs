@@ -12,7 +12,9 @@ use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::prune::PruneOptions;
 use llava_wgpu::sample::SamplingParams;
-use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
+use llava_wgpu::vision::load_image;
+use llava_wgpu::vision::overlay::{self, PatchGrid};
+use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
 use cli::choices::{BackendArg, MethodArg, Stage1ScoreArg, TemplateArg, WeightsArg};
@@ -46,6 +48,15 @@ impl DeviceArgs {
             adapter: self.adapter.clone(),
             backend: self.backend.map(Into::into),
             ..GpuOptions::default()
+        }
+    }
+
+    /// Every command that loads a model does so on this device, with a progress bar.
+    fn engine_options(&self, weight_format: WeightFormat) -> EngineOptions {
+        EngineOptions {
+            gpu: self.options(),
+            weight_format,
+            progress: true,
         }
     }
 }
@@ -318,53 +329,13 @@ fn default_model() -> Result<PathBuf> {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        anyhow::bail!(
-            "invalid argument --temperature: {} must be a finite number ≥ 0",
-            args.temperature
-        );
-    }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        anyhow::bail!("invalid argument --top-p: {} must be in (0, 1]", args.top_p);
-    }
-    if args.logprobs == Some(0) {
-        anyhow::bail!("invalid argument --logprobs: must be at least 1");
-    }
-    let options = EngineOptions {
-        gpu: args.device.options(),
-        weight_format: args.weights.into(),
-        progress: true,
-    };
+    args.check_sampling()?;
     let model = match &args.model {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, options)?;
-    let request = GenerateRequest {
-        image: args.image.clone(),
-        prompt: args.prompt.clone(),
-        template: args.template.into(),
-        max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-        logprobs: args.logprobs,
-        pad_to_square: args.pad_to_square,
-        ignore_eos: args.ignore_eos,
-        capture_outputs: false,
-        prune: PruneOptions {
-            method: args.prune.into(),
-            stage1_keep: args.stage1_keep,
-            stage1_ratio: args.stage1_ratio,
-            keep: args.keep,
-            keep_ratio: args.keep_ratio,
-            stage2_layer: args.stage2_layer,
-            stage1_score: args.stage1_score.into(),
-            seed: args.seed,
-        },
-    };
+    let engine = Engine::load(&model, args.device.engine_options(args.weights.into()))?;
+    let request = args.request();
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
     if profiling {
@@ -376,55 +347,142 @@ fn run(args: &RunArgs) -> Result<()> {
             let _ = std::io::stdout().flush();
         }
     })?;
-    if let Some(report) = engine.gpu.finish_profiling()? {
-        if args.profile {
-            eprint!("\n{}", report.table());
-            let t = &output.timings_ms;
-            eprintln!(
-                "  time to first token {:.1} ms (wall, from the request), decode {:.2} tokens/s",
-                t.preprocess + t.vision + t.prefill,
-                output.decode_tokens_per_second
-            );
-        }
-        if let Some(path) = &args.trace {
-            let text = serde_json::to_string(&report.chrome_trace())?;
-            std::fs::write(path, text)
-                .with_context(|| format!("cannot write the trace to {}", path.display()))?;
-        }
-    }
+    report_profile(&engine, args, &output)?;
     if let Some(path) = &args.kept_overlay {
-        llava_wgpu::vision::overlay::write(&engine, &request, &output, path)?;
+        write_kept_overlay(&engine, &request, &output, path)?;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else {
         println!();
-        let v = &output.visual_tokens;
-        // The first token comes from prefill; a decode rate exists only from the second on.
-        let decode = if output.decode_tokens_per_second > 0.0 {
-            format!("decode {:.1} tokens/s", output.decode_tokens_per_second)
-        } else {
-            "no decode steps".to_string()
-        };
-        eprintln!(
-            "{} prompt tokens, visual {} -> {} -> {}, {} generated; prefill {:.0} ms, {decode}",
-            output.prompt_tokens,
-            v.encoder,
-            v.after_stage1,
-            v.after_stage2,
-            output.generated_ids.len(),
-            output.timings_ms.prefill,
-        );
+        eprintln!("{}", summary(&output));
     }
     Ok(())
 }
 
-fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
-    let options = EngineOptions {
-        gpu: device.options(),
-        weight_format: WeightFormat::F16,
-        progress: true,
+impl RunArgs {
+    /// Sampling settings the library would accept but that make no sense, refused up front.
+    fn check_sampling(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!(
+                "invalid argument --temperature: {} must be a finite number ≥ 0",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("invalid argument --top-p: {} must be in (0, 1]", self.top_p);
+        }
+        if self.logprobs == Some(0) {
+            anyhow::bail!("invalid argument --logprobs: must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn request(&self) -> GenerateRequest {
+        GenerateRequest {
+            image: self.image.clone(),
+            prompt: self.prompt.clone(),
+            template: self.template.into(),
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            logprobs: self.logprobs,
+            pad_to_square: self.pad_to_square,
+            ignore_eos: self.ignore_eos,
+            capture_outputs: false,
+            prune: PruneOptions {
+                method: self.prune.into(),
+                stage1_keep: self.stage1_keep,
+                stage1_ratio: self.stage1_ratio,
+                keep: self.keep,
+                keep_ratio: self.keep_ratio,
+                stage2_layer: self.stage2_layer,
+                stage1_score: self.stage1_score.into(),
+                seed: self.seed,
+            },
+        }
+    }
+}
+
+/// `--profile` prints the per-kernel table on stderr; `--trace` writes the Chrome trace.
+fn report_profile(engine: &Engine, args: &RunArgs, output: &GenerateOutput) -> Result<()> {
+    let Some(report) = engine.gpu.finish_profiling()? else {
+        return Ok(());
     };
+    if args.profile {
+        eprint!("\n{}", report.table());
+        let t = &output.timings_ms;
+        eprintln!(
+            "  time to first token {:.1} ms (wall, from the request), decode {:.2} tokens/s",
+            t.preprocess + t.vision + t.prefill,
+            output.decode_tokens_per_second
+        );
+    }
+    if let Some(path) = &args.trace {
+        let text = serde_json::to_string(&report.chrome_trace())?;
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the trace to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The line `run` prints on stderr after the answer.
+fn summary(output: &GenerateOutput) -> String {
+    let v = &output.visual_tokens;
+    // The first token comes from prefill; a decode rate exists only from the second on.
+    let decode = if output.decode_tokens_per_second > 0.0 {
+        format!("decode {:.1} tokens/s", output.decode_tokens_per_second)
+    } else {
+        "no decode steps".to_string()
+    };
+    format!(
+        "{} prompt tokens, visual {} -> {} -> {}, {} generated; prefill {:.0} ms, {decode}",
+        output.prompt_tokens,
+        v.encoder,
+        v.after_stage1,
+        v.after_stage2,
+        output.generated_ids.len(),
+        output.timings_ms.prefill,
+    )
+}
+
+/// `--kept-overlay`: the crop the model saw, one panel per pruning stage.
+fn write_kept_overlay(
+    engine: &Engine,
+    request: &GenerateRequest,
+    output: &GenerateOutput,
+    path: &Path,
+) -> Result<()> {
+    let kept = output.kept_visual_indices.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "invalid argument --kept-overlay: needs a pruning method (--prune ...): nothing was dropped"
+        )
+    })?;
+    let stages: Vec<&[usize]> = [kept.stage1.as_deref(), kept.stage2.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let image = load_image(&request.image)?;
+    let patches = PatchGrid {
+        patch_size: engine.config.vision.patch_size,
+        grid: engine.config.vision.grid(),
+    };
+    overlay::write(
+        &image,
+        &engine.image_processor,
+        request.pad_to_square,
+        patches,
+        &stages,
+        path,
+    )?;
+    Ok(())
+}
+
+fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
+    let options = device.engine_options(WeightFormat::F16);
     let (engine, label) =
         llava_wgpu::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
@@ -471,12 +529,7 @@ fn eval(
     if let Some(n) = limit {
         examples.truncate(n.max(1));
     }
-    let options = EngineOptions {
-        gpu: device.options(),
-        weight_format: WeightFormat::F16,
-        progress: true,
-    };
-    let engine = Engine::load(&model, options)?;
+    let engine = Engine::load(&model, device.engine_options(WeightFormat::F16))?;
     let report = llava_wgpu::eval::run(
         &engine,
         &model.display().to_string(),

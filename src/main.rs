@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
+use llava_wgpu::harness;
 use llava_wgpu::prune::PruneOptions;
 use llava_wgpu::sample::SamplingParams;
 use llava_wgpu::vision::load_image;
@@ -277,7 +278,7 @@ fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
 fn bench_kernels(device: &DeviceArgs, repeats: u32, json: bool) -> Result<()> {
     let gpu = Gpu::new(device.options())?;
     eprintln!("benchmarking on {}", gpu.describe());
-    let report = llava_wgpu::bench::kernels(&gpu, repeats as usize, |case| eprintln!("  {case}"))
+    let report = harness::bench::kernels(&gpu, repeats as usize, |case| eprintln!("  {case}"))
         .context("kernel benchmark failed")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -484,15 +485,15 @@ fn write_kept_overlay(
 fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     let options = device.engine_options(WeightFormat::F16);
     let (engine, label) =
-        llava_wgpu::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
+        harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
-    let mut settings = llava_wgpu::bench::default_settings(engine.config.image_tokens());
+    let mut settings = harness::bench::default_settings(engine.config.image_tokens());
     if !args.only.is_empty() {
         settings.retain(|s| {
             s.label == "none" || args.only.iter().any(|o| s.label.contains(o.as_str()))
         });
     }
-    let report = llava_wgpu::bench::pruning(
+    let report = harness::bench::pruning(
         &engine,
         &label,
         &settings,
@@ -525,12 +526,12 @@ fn eval(
         Some(q) => q.to_path_buf(),
         None => shipped_path(DEFAULT_QUESTIONS, "--questions FILE.jsonl", None)?,
     };
-    let mut examples = llava_wgpu::eval::read_jsonl(&questions)?;
+    let mut examples = harness::eval::read_jsonl(&questions)?;
     if let Some(n) = limit {
         examples.truncate(n.max(1));
     }
     let engine = Engine::load(&model, device.engine_options(WeightFormat::F16))?;
-    let report = llava_wgpu::eval::run(
+    let report = harness::eval::run(
         &engine,
         &model.display().to_string(),
         &examples,

@@ -3,7 +3,7 @@
 
 mod fixture;
 
-use llava_wgpu::bench;
+use llava_wgpu::harness::bench;
 use llava_wgpu::model::presets;
 use llava_wgpu::prune::cost::prefill_macs;
 use llava_wgpu::{Engine, EngineOptions};

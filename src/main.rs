@@ -1,9 +1,8 @@
 //! The `llava-wgpu` command line.
 
-use std::process::ExitCode;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};

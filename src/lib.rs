@@ -1,11 +1,10 @@
 //! llava-wgpu: LLaVA vision-language inference in WGSL compute shaders through wgpu, with STAR
 //! two-stage visual-token pruning. See `DESIGN.md` in the repository for the architecture.
 
-pub mod bench;
 pub mod error;
-pub mod eval;
 pub mod generate;
 pub mod gpu;
+pub mod harness;
 pub mod model;
 pub mod prune;
 pub mod sample;

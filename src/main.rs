@@ -1,19 +1,23 @@
 //! The `llava-wgpu` command line.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-use llava_wgpu::gpu::device::{list_adapters, BackendChoice};
+use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
-use llava_wgpu::prune::{Method, PruneOptions, Stage1Score};
+use llava_wgpu::harness;
+use llava_wgpu::prune::PruneOptions;
 use llava_wgpu::sample::SamplingParams;
-use llava_wgpu::text::Template;
-use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
+use llava_wgpu::vision::load_image;
+use llava_wgpu::vision::overlay::{self, PatchGrid};
+use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+
+mod cli;
+use cli::choices::{BackendArg, MethodArg, Stage1ScoreArg, TemplateArg, WeightsArg};
 
 #[derive(Parser)]
 #[command(
@@ -35,24 +39,26 @@ struct DeviceArgs {
     adapter: Option<String>,
     /// Graphics API (default: every available one; also read from LLAVA_WGPU_BACKEND).
     #[arg(long, value_enum, global = true)]
-    backend: Option<BackendChoice>,
+    backend: Option<BackendArg>,
 }
 
 impl DeviceArgs {
     fn options(&self) -> GpuOptions {
         GpuOptions {
             adapter: self.adapter.clone(),
-            backend: self.backend,
+            backend: self.backend.map(Into::into),
             ..GpuOptions::default()
         }
     }
-}
 
-/// Weight storage on the GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum WeightsArg {
-    F16,
-    F32,
+    /// Every command that loads a model does so on this device, with a progress bar.
+    fn engine_options(&self, weight_format: WeightFormat) -> EngineOptions {
+        EngineOptions {
+            gpu: self.options(),
+            weight_format,
+            progress: true,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -80,8 +86,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Visual-token pruning method (default STAR: the README's accuracy table shows why).
-    #[arg(long, value_enum, default_value_t = Method::Star)]
-    prune: Method,
+    #[arg(long, value_enum, default_value_t = MethodArg::Star)]
+    prune: MethodArg,
     /// STAR stage 1: visual tokens kept in the vision encoder (N1).
     #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
     stage1_keep: Option<usize>,
@@ -98,8 +104,8 @@ struct RunArgs {
     #[arg(long, value_name = "K")]
     stage2_layer: Option<usize>,
     /// What STAR stage 1 scores patches by.
-    #[arg(long, value_enum, default_value_t = Stage1Score::Attention)]
-    stage1_score: Stage1Score,
+    #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
+    stage1_score: Stage1ScoreArg,
     /// Time every GPU dispatch and print a per-kernel table on stderr.
     #[arg(long)]
     profile: bool,
@@ -110,8 +116,8 @@ struct RunArgs {
     #[arg(long, value_name = "FILE.png")]
     kept_overlay: Option<PathBuf>,
     /// Prompt format.
-    #[arg(long, value_enum, default_value_t = Template::LlavaHf)]
-    template: Template,
+    #[arg(long, value_enum, default_value_t = TemplateArg::LlavaHf)]
+    template: TemplateArg,
     /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
     #[arg(long)]
     pad_to_square: bool,
@@ -271,7 +277,7 @@ fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
 fn bench_kernels(device: &DeviceArgs, repeats: u32, json: bool) -> Result<()> {
     let gpu = Gpu::new(device.options())?;
     eprintln!("benchmarking on {}", gpu.describe());
-    let report = llava_wgpu::bench::kernels(&gpu, repeats as usize, |case| eprintln!("  {case}"))
+    let report = harness::bench::kernels(&gpu, repeats as usize, |case| eprintln!("  {case}"))
         .context("kernel benchmark failed")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -323,56 +329,13 @@ fn default_model() -> Result<PathBuf> {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        anyhow::bail!(
-            "invalid argument --temperature: {} must be a finite number ≥ 0",
-            args.temperature
-        );
-    }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        anyhow::bail!("invalid argument --top-p: {} must be in (0, 1]", args.top_p);
-    }
-    if args.logprobs == Some(0) {
-        anyhow::bail!("invalid argument --logprobs: must be at least 1");
-    }
-    let options = EngineOptions {
-        gpu: args.device.options(),
-        weight_format: match args.weights {
-            WeightsArg::F16 => WeightFormat::F16,
-            WeightsArg::F32 => WeightFormat::F32,
-        },
-        progress: true,
-    };
+    args.check_sampling()?;
     let model = match &args.model {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, options)?;
-    let request = GenerateRequest {
-        image: args.image.clone(),
-        prompt: args.prompt.clone(),
-        template: args.template,
-        max_new_tokens: args.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
-        logprobs: args.logprobs,
-        pad_to_square: args.pad_to_square,
-        ignore_eos: args.ignore_eos,
-        capture_outputs: false,
-        prune: PruneOptions {
-            method: args.prune,
-            stage1_keep: args.stage1_keep,
-            stage1_ratio: args.stage1_ratio,
-            keep: args.keep,
-            keep_ratio: args.keep_ratio,
-            stage2_layer: args.stage2_layer,
-            stage1_score: args.stage1_score,
-            seed: args.seed,
-        },
-    };
+    let engine = Engine::load(&model, args.device.engine_options(args.weights.into()))?;
+    let request = args.request();
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
     if profiling {
@@ -384,65 +347,152 @@ fn run(args: &RunArgs) -> Result<()> {
             let _ = std::io::stdout().flush();
         }
     })?;
-    if let Some(report) = engine.gpu.finish_profiling()? {
-        if args.profile {
-            eprint!("\n{}", report.table());
-            let t = &output.timings_ms;
-            eprintln!(
-                "  time to first token {:.1} ms (wall, from the request), decode {:.2} tokens/s",
-                t.preprocess + t.vision + t.prefill,
-                output.decode_tokens_per_second
-            );
-        }
-        if let Some(path) = &args.trace {
-            let text = serde_json::to_string(&report.chrome_trace())?;
-            std::fs::write(path, text)
-                .with_context(|| format!("cannot write the trace to {}", path.display()))?;
-        }
-    }
+    report_profile(&engine, args, &output)?;
     if let Some(path) = &args.kept_overlay {
-        llava_wgpu::vision::overlay::write(&engine, &request, &output, path)?;
+        write_kept_overlay(&engine, &request, &output, path)?;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&output)?);
     } else {
         println!();
-        let v = &output.visual_tokens;
-        // The first token comes from prefill; a decode rate exists only from the second on.
-        let decode = if output.decode_tokens_per_second > 0.0 {
-            format!("decode {:.1} tokens/s", output.decode_tokens_per_second)
-        } else {
-            "no decode steps".to_string()
-        };
-        eprintln!(
-            "{} prompt tokens, visual {} -> {} -> {}, {} generated; prefill {:.0} ms, {decode}",
-            output.prompt_tokens,
-            v.encoder,
-            v.after_stage1,
-            v.after_stage2,
-            output.generated_ids.len(),
-            output.timings_ms.prefill,
-        );
+        eprintln!("{}", summary(&output));
     }
     Ok(())
 }
 
-fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
-    let options = EngineOptions {
-        gpu: device.options(),
-        weight_format: WeightFormat::F16,
-        progress: true,
+impl RunArgs {
+    /// Sampling settings the library would accept but that make no sense, refused up front.
+    fn check_sampling(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!(
+                "invalid argument --temperature: {} must be a finite number ≥ 0",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("invalid argument --top-p: {} must be in (0, 1]", self.top_p);
+        }
+        if self.logprobs == Some(0) {
+            anyhow::bail!("invalid argument --logprobs: must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn request(&self) -> GenerateRequest {
+        GenerateRequest {
+            image: self.image.clone(),
+            prompt: self.prompt.clone(),
+            template: self.template.into(),
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            logprobs: self.logprobs,
+            pad_to_square: self.pad_to_square,
+            ignore_eos: self.ignore_eos,
+            capture_outputs: false,
+            prune: PruneOptions {
+                method: self.prune.into(),
+                stage1_keep: self.stage1_keep,
+                stage1_ratio: self.stage1_ratio,
+                keep: self.keep,
+                keep_ratio: self.keep_ratio,
+                stage2_layer: self.stage2_layer,
+                stage1_score: self.stage1_score.into(),
+                seed: self.seed,
+            },
+        }
+    }
+}
+
+/// `--profile` prints the per-kernel table on stderr; `--trace` writes the Chrome trace.
+fn report_profile(engine: &Engine, args: &RunArgs, output: &GenerateOutput) -> Result<()> {
+    let Some(report) = engine.gpu.finish_profiling()? else {
+        return Ok(());
     };
+    if args.profile {
+        eprint!("\n{}", report.table());
+        let t = &output.timings_ms;
+        eprintln!(
+            "  time to first token {:.1} ms (wall, from the request), decode {:.2} tokens/s",
+            t.preprocess + t.vision + t.prefill,
+            output.decode_tokens_per_second
+        );
+    }
+    if let Some(path) = &args.trace {
+        let text = serde_json::to_string(&report.chrome_trace())?;
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the trace to {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The line `run` prints on stderr after the answer.
+fn summary(output: &GenerateOutput) -> String {
+    let v = &output.visual_tokens;
+    // The first token comes from prefill; a decode rate exists only from the second on.
+    let decode = if output.decode_tokens_per_second > 0.0 {
+        format!("decode {:.1} tokens/s", output.decode_tokens_per_second)
+    } else {
+        "no decode steps".to_string()
+    };
+    format!(
+        "{} prompt tokens, visual {} -> {} -> {}, {} generated; prefill {:.0} ms, {decode}",
+        output.prompt_tokens,
+        v.encoder,
+        v.after_stage1,
+        v.after_stage2,
+        output.generated_ids.len(),
+        output.timings_ms.prefill,
+    )
+}
+
+/// `--kept-overlay`: the crop the model saw, one panel per pruning stage.
+fn write_kept_overlay(
+    engine: &Engine,
+    request: &GenerateRequest,
+    output: &GenerateOutput,
+    path: &Path,
+) -> Result<()> {
+    let kept = output.kept_visual_indices.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "invalid argument --kept-overlay: needs a pruning method (--prune ...): nothing was dropped"
+        )
+    })?;
+    let stages: Vec<&[usize]> = [kept.stage1.as_deref(), kept.stage2.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let image = load_image(&request.image)?;
+    let patches = PatchGrid {
+        patch_size: engine.config.vision.patch_size,
+        grid: engine.config.vision.grid(),
+    };
+    overlay::write(
+        &image,
+        &engine.image_processor,
+        request.pad_to_square,
+        patches,
+        &stages,
+        path,
+    )?;
+    Ok(())
+}
+
+fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
+    let options = device.engine_options(WeightFormat::F16);
     let (engine, label) =
-        llava_wgpu::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
+        harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
-    let mut settings = llava_wgpu::bench::default_settings(engine.config.image_tokens());
+    let mut settings = harness::bench::default_settings(engine.config.image_tokens());
     if !args.only.is_empty() {
         settings.retain(|s| {
             s.label == "none" || args.only.iter().any(|o| s.label.contains(o.as_str()))
         });
     }
-    let report = llava_wgpu::bench::pruning(
+    let report = harness::bench::pruning(
         &engine,
         &label,
         &settings,
@@ -475,17 +525,12 @@ fn eval(
         Some(q) => q.to_path_buf(),
         None => shipped_path(DEFAULT_QUESTIONS, "--questions FILE.jsonl", None)?,
     };
-    let mut examples = llava_wgpu::eval::read_jsonl(&questions)?;
+    let mut examples = harness::eval::read_jsonl(&questions)?;
     if let Some(n) = limit {
         examples.truncate(n.max(1));
     }
-    let options = EngineOptions {
-        gpu: device.options(),
-        weight_format: WeightFormat::F16,
-        progress: true,
-    };
-    let engine = Engine::load(&model, options)?;
-    let report = llava_wgpu::eval::run(
+    let engine = Engine::load(&model, device.engine_options(WeightFormat::F16))?;
+    let report = harness::eval::run(
         &engine,
         &model.display().to_string(),
         &examples,
@@ -535,7 +580,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cli::flags::describe(&error));
             ExitCode::FAILURE
         }
     }

@@ -161,7 +161,11 @@ fn a_corrupt_image_and_an_overlong_prompt_are_refused() {
         )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("--prompt") && e.contains("context"), "{e}");
+    // The library names the API field (`prompt`); the CLI maps it to `--prompt`.
+    assert!(
+        e.contains("argument prompt:") && e.contains("context"),
+        "{e}"
+    );
 }
 
 /// The binary exits non-zero with `error: ...` on stderr, and never panics.

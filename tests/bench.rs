@@ -3,7 +3,7 @@
 
 mod fixture;
 
-use llava_wgpu::bench;
+use llava_wgpu::harness::bench;
 use llava_wgpu::model::presets;
 use llava_wgpu::prune::cost::prefill_macs;
 use llava_wgpu::{Engine, EngineOptions};
@@ -72,7 +72,7 @@ fn presets_describe_llava_shapes_and_load() {
     assert!(presets::config("nope")
         .unwrap_err()
         .to_string()
-        .contains("--preset"));
+        .contains("argument preset"));
     let small = Engine::synthetic("small", EngineOptions::default()).unwrap();
     assert_eq!(small.config.image_tokens(), 576);
     assert!(small.weight_bytes > 50 << 20);

@@ -2,7 +2,7 @@
 
 mod fixture;
 
-use llava_wgpu::eval::{self, BUDGETS, METHODS};
+use llava_wgpu::harness::eval::{self, BUDGETS, METHODS};
 use llava_wgpu::{Engine, EngineOptions};
 
 #[test]

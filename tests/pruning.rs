@@ -5,6 +5,7 @@ mod fixture;
 
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::text::Template;
+use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 fn engine() -> Engine {
@@ -140,11 +141,11 @@ fn impossible_settings_are_refused() {
         engine.generate(&request, |_| {}).unwrap_err().to_string()
     };
     let e = err(star(20, 30, 2), Template::LlavaHf, "What?");
-    assert!(e.contains("--keep") && e.contains("N1"), "{e}");
+    assert!(e.contains("prune.keep") && e.contains("N1"), "{e}");
     let e = err(star(40, 10, 2), Template::LlavaHf, "What?");
-    assert!(e.contains("--stage1-keep"), "{e}");
+    assert!(e.contains("prune.stage1_keep"), "{e}");
     let e = err(star(30, 10, 4), Template::LlavaHf, "What?");
-    assert!(e.contains("--stage2-layer"), "{e}");
+    assert!(e.contains("prune.stage2_layer"), "{e}");
     // Stage 2 needs text after the image.
     let e = err(star(30, 10, 2), Template::Raw, "USER: describe <image>");
     assert!(e.contains("no"), "{e}");
@@ -339,20 +340,29 @@ fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
     request.prune = star(20, 6, 2);
     let out = engine.generate(&request, |_| {}).unwrap();
     let path = std::env::temp_dir().join(format!("llava-wgpu-overlay-{}.png", std::process::id()));
-    llava_wgpu::vision::overlay::write(&engine, &request, &out, &path).unwrap();
+    let kept = out.kept_visual_indices.unwrap();
+    let (stage1, stage2) = (kept.stage1.unwrap(), kept.stage2.unwrap());
+    let image = llava_wgpu::vision::load_image(&case.image).unwrap();
+    let patches = PatchGrid {
+        patch_size: engine.config.vision.patch_size,
+        grid: engine.config.vision.grid(),
+    };
+    overlay::write(
+        &image,
+        &engine.image_processor,
+        false,
+        patches,
+        &[&stage1, &stage2],
+        &path,
+    )
+    .unwrap();
     let overlay = image::open(&path).unwrap().to_rgb8();
     std::fs::remove_file(&path).ok();
     // 84-pixel crop scaled ×4, two panels 8 pixels apart.
     assert_eq!((overlay.width(), overlay.height()), (336 * 2 + 8, 336));
-    let (crop, h, w) = engine
-        .image_processor
-        .crop_rgb8(&llava_wgpu::vision::load_image(&case.image).unwrap(), false);
+    let (crop, h, w) = engine.image_processor.crop_rgb8(&image, false);
     assert_eq!((h, w), (84, 84));
-    let kept = out.kept_visual_indices.unwrap();
-    for (panel, list) in [kept.stage1.unwrap(), kept.stage2.unwrap()]
-        .iter()
-        .enumerate()
-    {
+    for (panel, list) in [stage1, stage2].iter().enumerate() {
         for patch in 0..36 {
             // Centre pixel of the patch in the crop and in the overlay panel.
             let (y, x) = ((patch / 6) * 14 + 7, (patch % 6) * 14 + 7);
@@ -368,10 +378,19 @@ fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
             assert_eq!(px.to_vec(), want, "panel {panel} patch {patch}");
         }
     }
-    // Without pruning there is nothing to draw: a clear error.
-    let plain = run(&engine, case, PruneOptions::default(), 1);
-    let e = llava_wgpu::vision::overlay::write(&engine, &request, &plain, &path)
-        .unwrap_err()
-        .to_string();
+    // Without pruning there is nothing to draw: a clear error from the command line.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llava-wgpu"))
+        .arg("run")
+        .arg("--model")
+        .arg(fixture::model_dir())
+        .arg("--image")
+        .arg(&case.image)
+        .args(["--prompt", &case.prompt, "-n", "1", "--prune", "none"])
+        .arg("--kept-overlay")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !path.exists(), "{e}");
     assert!(e.contains("--kept-overlay"), "{e}");
 }

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use llava_wgpu::eval::{self, normalise};
+use llava_wgpu::harness::eval::{self, normalise};
 use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
 
 fn root() -> PathBuf {

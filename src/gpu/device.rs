@@ -13,9 +13,9 @@ use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::profiler::{ProfileReport, Profiler, TimingMode};
 use crate::gpu::shaders::ShaderFlags;
 
-/// Environment variable that picks the adapter (same syntax as `--adapter`).
+/// Environment variable that picks the adapter (same syntax as [`GpuOptions::adapter`]).
 pub const ENV_ADAPTER: &str = "LLAVA_WGPU_ADAPTER";
-/// Environment variable that picks the backend (same syntax as `--backend`).
+/// Environment variable that picks the backend (same syntax as [`BackendChoice::parse`]).
 pub const ENV_BACKEND: &str = "LLAVA_WGPU_BACKEND";
 /// Environment variable that lowers the storage-binding limit the engine plans with, in bytes,
 /// so that tests exercise the chunked-weight path on tiny tensors.
@@ -26,7 +26,7 @@ pub const ENV_MAX_BINDING: &str = "LLAVA_WGPU_MAX_BINDING_BYTES";
 pub const ENV_DISABLE: &str = "LLAVA_WGPU_DISABLE";
 
 /// Which graphics API to go through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendChoice {
     Vulkan,
     Metal,
@@ -35,6 +35,7 @@ pub enum BackendChoice {
 }
 
 impl BackendChoice {
+    /// Accepts the names the command line lists and the usual abbreviations (`vk`, `d3d12`, ...).
     pub fn parse(text: &str) -> Result<Self> {
         match text.trim().to_ascii_lowercase().as_str() {
             "vulkan" | "vk" => Ok(Self::Vulkan),
@@ -42,7 +43,7 @@ impl BackendChoice {
             "dx12" | "d3d12" => Ok(Self::Dx12),
             "gl" | "gles" | "opengl" => Ok(Self::Gl),
             other => Err(Error::argument(
-                "--backend",
+                "gpu.backend",
                 format!("'{other}' is not one of vulkan, metal, dx12, gl"),
             )),
         }
@@ -55,6 +56,13 @@ impl BackendChoice {
             Self::Dx12 => wgpu::Backends::DX12,
             Self::Gl => wgpu::Backends::GL,
         }
+    }
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        Self::parse(text)
     }
 }
 
@@ -296,7 +304,7 @@ fn choose_adapter(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<
     match position {
         Some(i) => Ok(adapters.into_iter().nth(i).expect("index in range")),
         None => Err(Error::argument(
-            "--adapter",
+            "gpu.adapter",
             format!("no adapter matches '{wanted}'; available: {}", names()),
         )),
     }

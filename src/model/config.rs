@@ -235,42 +235,8 @@ impl Reader {
 
         let text = self.text(text_obj, root)?;
         let vision = self.vision(vision_obj)?;
-
-        let vision_feature_layer = match root.get("vision_feature_layer") {
-            None | Some(Value::Null) => -2,
-            Some(v) => v.as_i64().ok_or_else(|| {
-                self.err(
-                    "vision_feature_layer",
-                    format!("only a single layer index is supported, found {v}"),
-                )
-            })?,
-        };
-        let states = vision.num_hidden_layers as i64 + 1;
-        if vision_feature_layer >= states
-            || vision_feature_layer < -states
-            || vision_feature_layer == 0
-        {
-            return Err(self.err(
-                "vision_feature_layer",
-                format!(
-                    "{vision_feature_layer} is outside the {} hidden states of the vision tower",
-                    states
-                ),
-            ));
-        }
-        let strategy = match self
-            .str_or(root, "", "vision_feature_select_strategy", "default")?
-            .as_str()
-        {
-            "default" => FeatureSelect::Default,
-            "full" => FeatureSelect::Full,
-            other => {
-                return Err(self.err(
-                    "vision_feature_select_strategy",
-                    format!("'{other}' is not default or full"),
-                ))
-            }
-        };
+        let vision_feature_layer = self.vision_feature_layer(root, &vision)?;
+        let vision_feature_select_strategy = self.feature_select(root)?;
         let projector_hidden_act = self.str_or(root, "", "projector_hidden_act", "gelu")?;
         if projector_hidden_act != "gelu" {
             return Err(self.err(
@@ -278,27 +244,7 @@ impl Reader {
                 format!("'{projector_hidden_act}' is not supported (LLaVA-1.5 uses gelu)"),
             ));
         }
-        let image_token_index = match root
-            .get("image_token_index")
-            .or_else(|| root.get("image_token_id"))
-        {
-            None | Some(Value::Null) => 32000,
-            Some(v) => v.as_u64().map(|n| n as u32).ok_or_else(|| {
-                self.err(
-                    "image_token_index",
-                    format!("expected a token id, found {v}"),
-                )
-            })?,
-        };
-        if image_token_index as usize >= text.vocab_size {
-            return Err(self.err(
-                "image_token_index",
-                format!(
-                    "{image_token_index} is outside the vocabulary of {}",
-                    text.vocab_size
-                ),
-            ));
-        }
+        let image_token_index = self.image_token_index(root, &text)?;
         let projector_bias = root
             .get("multimodal_projector_bias")
             .and_then(Value::as_bool)
@@ -313,11 +259,73 @@ impl Reader {
             vision,
             image_token_index,
             vision_feature_layer,
-            vision_feature_select_strategy: strategy,
+            vision_feature_select_strategy,
             projector_hidden_act,
             projector_bias,
             dtype,
         })
+    }
+
+    /// One index into the `L + 1` hidden states (negative from the end; 0, the embeddings, is no
+    /// feature layer). Lists of layers (LLaVA-NeXT style) are refused.
+    fn vision_feature_layer(&self, root: &Value, vision: &VisionConfig) -> Result<i64> {
+        let layer = match root.get("vision_feature_layer") {
+            None | Some(Value::Null) => -2,
+            Some(v) => v.as_i64().ok_or_else(|| {
+                self.err(
+                    "vision_feature_layer",
+                    format!("only a single layer index is supported, found {v}"),
+                )
+            })?,
+        };
+        let states = vision.num_hidden_layers as i64 + 1;
+        if layer >= states || layer < -states || layer == 0 {
+            return Err(self.err(
+                "vision_feature_layer",
+                format!(
+                    "{layer} is outside the {} hidden states of the vision tower",
+                    states
+                ),
+            ));
+        }
+        Ok(layer)
+    }
+
+    fn feature_select(&self, root: &Value) -> Result<FeatureSelect> {
+        match self
+            .str_or(root, "", "vision_feature_select_strategy", "default")?
+            .as_str()
+        {
+            "default" => Ok(FeatureSelect::Default),
+            "full" => Ok(FeatureSelect::Full),
+            other => Err(self.err(
+                "vision_feature_select_strategy",
+                format!("'{other}' is not default or full"),
+            )),
+        }
+    }
+
+    /// `image_token_index`, or its other spelling `image_token_id`; LLaVA-1.5's 32000 if absent.
+    fn image_token_index(&self, root: &Value, text: &TextConfig) -> Result<u32> {
+        let index = match root
+            .get("image_token_index")
+            .or_else(|| root.get("image_token_id"))
+        {
+            None | Some(Value::Null) => 32000,
+            Some(v) => v.as_u64().map(|n| n as u32).ok_or_else(|| {
+                self.err(
+                    "image_token_index",
+                    format!("expected a token id, found {v}"),
+                )
+            })?,
+        };
+        if index as usize >= text.vocab_size {
+            return Err(self.err(
+                "image_token_index",
+                format!("{index} is outside the vocabulary of {}", text.vocab_size),
+            ));
+        }
+        Ok(index)
     }
 
     fn text(&self, t: &Value, root: &Value) -> Result<TextConfig> {

@@ -49,7 +49,7 @@ pub fn config(name: &str) -> Result<LlavaConfig> {
         .ok_or_else(|| {
             let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
             Error::argument(
-                "--preset",
+                "preset",
                 format!("'{name}' is not one of {}", names.join(", ")),
             )
         })?;

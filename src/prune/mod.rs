@@ -9,9 +9,12 @@
 pub mod cost;
 pub mod vispruner;
 
+use std::fmt;
+use std::str::FromStr;
+
 use crate::error::{Error, Result};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Every visual token reaches the language model.
@@ -30,7 +33,7 @@ pub enum Method {
 }
 
 /// What stage 1 (or a before-projector method) scores patches by.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage1Score {
     /// Attention each patch receives, averaged over heads and all queries.
@@ -38,6 +41,85 @@ pub enum Stage1Score {
     Attention,
     /// The CLS query row only (FasterVLM).
     Cls,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::None,
+        Method::Star,
+        Method::Fastv,
+        Method::Fastervlm,
+        Method::Vispruner,
+        Method::Random,
+    ];
+
+    /// The lower-case name, as in JSON output and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::None => "none",
+            Method::Star => "star",
+            Method::Fastv => "fastv",
+            Method::Fastervlm => "fastervlm",
+            Method::Vispruner => "vispruner",
+            Method::Random => "random",
+        }
+    }
+}
+
+impl Stage1Score {
+    pub const ALL: [Stage1Score; 2] = [Stage1Score::Attention, Stage1Score::Cls];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage1Score::Attention => "attention",
+            Stage1Score::Cls => "cls",
+        }
+    }
+}
+
+/// Parse one of `all` by its `name`; the error names the API `field`.
+fn parse_name<T: Copy>(
+    text: &str,
+    all: &[T],
+    name: impl Fn(T) -> &'static str,
+    field: &str,
+) -> Result<T> {
+    all.iter()
+        .copied()
+        .find(|&v| name(v) == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|&v| name(v)).collect();
+            Error::argument(
+                field,
+                format!("'{text}' is not one of {}", names.join(", ")),
+            )
+        })
+}
+
+impl FromStr for Method {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        parse_name(text, &Self::ALL, Self::name, "prune.method")
+    }
+}
+
+impl FromStr for Stage1Score {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        parse_name(text, &Self::ALL, Self::name, "prune.stage1_score")
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Display for Stage1Score {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The user's request, before it is checked against the model and the prompt.
@@ -146,49 +228,92 @@ impl Plan {
     }
 }
 
-fn stage1_budget(
-    n0: usize,
-    keep: Option<usize>,
-    ratio: Option<f64>,
-    default_ratio: f64,
-) -> Result<usize> {
-    match (keep, ratio) {
-        (Some(_), Some(_)) => Err(Error::argument(
-            "--stage1-keep",
-            "give either --stage1-keep or --stage1-ratio, not both",
-        )),
-        (Some(n), None) => Ok(n),
+/// N1 from `prune.stage1_keep` or `prune.stage1_ratio` (default [`DEFAULT_STAGE1_RATIO`]).
+fn stage1_budget(n0: usize, keep: Option<usize>, ratio: Option<f64>) -> Result<usize> {
+    let n1 = match (keep, ratio) {
+        (Some(_), Some(_)) => {
+            return Err(Error::argument(
+                "prune.stage1_keep",
+                "give either prune.stage1_keep or prune.stage1_ratio, not both",
+            ))
+        }
+        (Some(n), None) => n,
         (None, r) => {
-            let r = r.unwrap_or(default_ratio);
+            let r = r.unwrap_or(DEFAULT_STAGE1_RATIO);
             if !(0.0..1.0).contains(&r) {
                 return Err(Error::argument(
-                    "--stage1-ratio",
+                    "prune.stage1_ratio",
                     format!("{r} must be in [0, 1)"),
                 ));
             }
-            Ok((n0 as f64 * (1.0 - r)).floor() as usize)
+            (n0 as f64 * (1.0 - r)).floor() as usize
         }
+    };
+    if n1 > n0 {
+        return Err(Error::argument(
+            "prune.stage1_keep",
+            format!("N1 = {n1} exceeds the {n0} visual tokens"),
+        ));
     }
+    if n1 == 0 {
+        return Err(Error::argument(
+            "prune.stage1_keep",
+            "stage 1 must keep at least one visual token",
+        ));
+    }
+    Ok(n1)
 }
 
+/// N2 from `prune.keep` or `prune.keep_ratio` (default [`DEFAULT_KEEP_RATIO`]).
 fn final_budget(n0: usize, keep: Option<usize>, ratio: Option<f64>) -> Result<usize> {
-    match (keep, ratio) {
-        (Some(_), Some(_)) => Err(Error::argument(
-            "--keep",
-            "give either --keep or --keep-ratio, not both",
-        )),
-        (Some(n), None) => Ok(n),
+    let n2 = match (keep, ratio) {
+        (Some(_), Some(_)) => {
+            return Err(Error::argument(
+                "prune.keep",
+                "give either prune.keep or prune.keep_ratio, not both",
+            ))
+        }
+        (Some(n), None) => n,
         (None, r) => {
             let r = r.unwrap_or(DEFAULT_KEEP_RATIO);
             if !(0.0..1.0).contains(&r) {
                 return Err(Error::argument(
-                    "--keep-ratio",
+                    "prune.keep_ratio",
                     format!("{r} must be in [0, 1)"),
                 ));
             }
-            Ok((n0 as f64 * (1.0 - r)).round() as usize)
+            (n0 as f64 * (1.0 - r)).round() as usize
         }
+    };
+    if n2 == 0 {
+        return Err(Error::argument(
+            "prune.keep",
+            "the final budget must keep at least one visual token",
+        ));
     }
+    Ok(n2)
+}
+
+/// K must leave at least one decoder layer before it and, since stage 2 scores the visual
+/// tokens by the text after the image, the prompt must have some.
+fn check_stage2_layer(k: usize, layers: usize, text_after_image: usize) -> Result<usize> {
+    if k == 0 || k >= layers {
+        return Err(Error::argument(
+            "prune.stage2_layer",
+            format!(
+                "K = {k} is outside the model: it must be in 1..={} for {layers} decoder layers",
+                layers - 1
+            ),
+        ));
+    }
+    if text_after_image == 0 {
+        return Err(Error::argument(
+            "prune.stage2_layer",
+            "stage 2 scores visual tokens by the text after the image, and this prompt has none \
+             (put the question after the image, or use prune.method = fastervlm|vispruner|none)",
+        ));
+    }
+    Ok(k)
 }
 
 /// STAR's default K (14 of 32 layers) scaled to the model's depth (18 of 40).
@@ -196,154 +321,114 @@ pub fn default_stage2_layer(layers: usize) -> usize {
     ((14.0 * layers as f64 / 32.0).round() as usize).clamp(1, layers.saturating_sub(1).max(1))
 }
 
+/// FastV's K = 2, or the last layer that still has one before it in a shallower model.
+fn default_fastv_layer(layers: usize) -> usize {
+    2.min(layers.saturating_sub(1)).max(1)
+}
+
 impl PruneOptions {
     /// Check the request against the model (`n0` visual tokens, `layers` decoder layers) and
     /// the prompt (`text_after_image` tokens follow the image).
     pub fn plan(&self, n0: usize, layers: usize, text_after_image: usize) -> Result<Plan> {
-        let stage1_flags = self.stage1_keep.is_some() || self.stage1_ratio.is_some();
-        let stage2_flag = self.stage2_layer.is_some();
-        let budget_flags = self.keep.is_some() || self.keep_ratio.is_some();
-        let refuse = |flag: &str, why: &str| {
-            Err(Error::argument(
-                flag,
-                format!("{why} with --prune {:?}", self.method).to_lowercase(),
-            ))
-        };
-        match self.method {
-            Method::None => {
-                if stage1_flags || stage2_flag || budget_flags {
-                    return refuse("--prune", "pruning budgets have no effect");
-                }
-                return Ok(Plan::unpruned(n0));
-            }
-            Method::Fastv | Method::Fastervlm | Method::Vispruner | Method::Random
-                if stage1_flags =>
-            {
-                return refuse("--stage1-keep", "there is no separate stage 1");
-            }
-            Method::Fastervlm | Method::Vispruner | Method::Random if stage2_flag => {
-                return refuse("--stage2-layer", "there is no stage 2");
-            }
-            _ => {}
+        self.refuse_settings_the_method_ignores()?;
+        if self.method == Method::None {
+            return Ok(Plan::unpruned(n0));
         }
         let n2 = final_budget(n0, self.keep, self.keep_ratio)?;
-        if n2 == 0 {
-            return Err(Error::argument(
-                "--keep",
-                "the final budget must keep at least one visual token",
-            ));
-        }
-        let check_layer = |k: usize| -> Result<usize> {
-            if k == 0 || k >= layers {
-                return Err(Error::argument(
-                    "--stage2-layer",
-                    format!("K = {k} is outside the model: it must be in 1..={} for {layers} decoder layers", layers - 1),
-                ));
-            }
-            if text_after_image == 0 {
-                return Err(Error::argument(
-                    "--stage2-layer",
-                    "stage 2 scores visual tokens by the text after the image, and this prompt has none \
-                     (put the question after the image, or use --prune fastervlm|vispruner|none)",
-                ));
-            }
-            Ok(k)
+        let before_projector = |selection| Plan {
+            method: self.method,
+            n0,
+            before_projector: Some(selection),
+            stage2: None,
         };
         let plan = match self.method {
-            Method::None => unreachable!("handled above"),
-            Method::Star => {
-                let n1 = stage1_budget(
-                    n0,
-                    self.stage1_keep,
-                    self.stage1_ratio,
-                    DEFAULT_STAGE1_RATIO,
-                )?;
-                if n1 > n0 {
-                    return Err(Error::argument(
-                        "--stage1-keep",
-                        format!("N1 = {n1} exceeds the {n0} visual tokens"),
-                    ));
-                }
-                if n1 == 0 {
-                    return Err(Error::argument(
-                        "--stage1-keep",
-                        "stage 1 must keep at least one visual token",
-                    ));
-                }
-                if n2 > n1 {
-                    return Err(Error::argument(
-                        "--keep",
-                        format!(
-                            "N2 = {n2} exceeds N1 = {n1} (stage 2 cannot keep more than stage 1)"
-                        ),
-                    ));
-                }
-                let k = check_layer(
-                    self.stage2_layer
-                        .unwrap_or_else(|| default_stage2_layer(layers)),
-                )?;
-                Plan {
-                    method: self.method,
-                    n0,
-                    before_projector: Some(BeforeProjector::TopK {
-                        score: self.stage1_score,
-                        keep: n1,
-                    }),
-                    stage2: Some(Stage2 {
-                        layer: k,
-                        keep: n2,
-                        rows: Stage2Rows::TextAfterImage,
-                    }),
-                }
-            }
-            Method::Fastv => {
-                let k = check_layer(
-                    self.stage2_layer
-                        .unwrap_or(2.min(layers.saturating_sub(1)).max(1)),
-                )?;
-                Plan {
-                    method: self.method,
-                    n0,
-                    before_projector: None,
-                    stage2: Some(Stage2 {
-                        layer: k,
-                        keep: n2,
-                        rows: Stage2Rows::LastRow,
-                    }),
-                }
-            }
-            Method::Fastervlm => Plan {
-                method: self.method,
-                n0,
-                before_projector: Some(BeforeProjector::TopK {
-                    score: Stage1Score::Cls,
-                    keep: n2,
-                }),
-                stage2: None,
-            },
-            Method::Vispruner => Plan {
-                method: self.method,
-                n0,
-                before_projector: Some(BeforeProjector::VisPruner { keep: n2 }),
-                stage2: None,
-            },
-            Method::Random => Plan {
-                method: self.method,
-                n0,
-                before_projector: Some(BeforeProjector::Random {
-                    keep: n2,
-                    seed: self.seed,
-                }),
-                stage2: None,
-            },
+            Method::None => unreachable!("returned above"),
+            Method::Star => self.star(n0, n2, layers, text_after_image)?,
+            Method::Fastv => self.fastv(n0, n2, layers, text_after_image)?,
+            Method::Fastervlm => before_projector(BeforeProjector::TopK {
+                score: Stage1Score::Cls,
+                keep: n2,
+            }),
+            Method::Vispruner => before_projector(BeforeProjector::VisPruner { keep: n2 }),
+            Method::Random => before_projector(BeforeProjector::Random {
+                keep: n2,
+                seed: self.seed,
+            }),
         };
         if plan.n2() > n0 {
             return Err(Error::argument(
-                "--keep",
+                "prune.keep",
                 format!("N2 = {} exceeds the {n0} visual tokens", plan.n2()),
             ));
         }
         Ok(plan)
+    }
+
+    /// A budget for a stage the method does not have is refused rather than silently ignored.
+    fn refuse_settings_the_method_ignores(&self) -> Result<()> {
+        let stage1 = self.stage1_keep.is_some() || self.stage1_ratio.is_some();
+        let stage2 = self.stage2_layer.is_some();
+        let budget = self.keep.is_some() || self.keep_ratio.is_some();
+        let refuse = |field: &str, why: &str| {
+            Err(Error::argument(
+                field,
+                format!("{why} with prune.method = {}", self.method),
+            ))
+        };
+        match self.method {
+            Method::None if stage1 || stage2 || budget => {
+                refuse("prune.method", "pruning budgets have no effect")
+            }
+            Method::Fastv | Method::Fastervlm | Method::Vispruner | Method::Random if stage1 => {
+                refuse("prune.stage1_keep", "there is no separate stage 1")
+            }
+            Method::Fastervlm | Method::Vispruner | Method::Random if stage2 => {
+                refuse("prune.stage2_layer", "there is no stage 2")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// STAR: top-k in the vision encoder down to N1, then down to N2 at decoder layer K.
+    fn star(&self, n0: usize, n2: usize, layers: usize, text_after_image: usize) -> Result<Plan> {
+        let n1 = stage1_budget(n0, self.stage1_keep, self.stage1_ratio)?;
+        if n2 > n1 {
+            return Err(Error::argument(
+                "prune.keep",
+                format!("N2 = {n2} exceeds N1 = {n1} (stage 2 cannot keep more than stage 1)"),
+            ));
+        }
+        let k = self
+            .stage2_layer
+            .unwrap_or_else(|| default_stage2_layer(layers));
+        Ok(Plan {
+            method: self.method,
+            n0,
+            before_projector: Some(BeforeProjector::TopK {
+                score: self.stage1_score,
+                keep: n1,
+            }),
+            stage2: Some(Stage2 {
+                layer: check_stage2_layer(k, layers, text_after_image)?,
+                keep: n2,
+                rows: Stage2Rows::TextAfterImage,
+            }),
+        })
+    }
+
+    /// FastV: every visual token up to decoder layer K, then N2 by the last prompt row.
+    fn fastv(&self, n0: usize, n2: usize, layers: usize, text_after_image: usize) -> Result<Plan> {
+        let k = self.stage2_layer.unwrap_or(default_fastv_layer(layers));
+        Ok(Plan {
+            method: self.method,
+            n0,
+            before_projector: None,
+            stage2: Some(Stage2 {
+                layer: check_stage2_layer(k, layers, text_after_image)?,
+                keep: n2,
+                rows: Stage2Rows::LastRow,
+            }),
+        })
     }
 }
 
@@ -408,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn impossible_settings_are_refused_with_the_flag_named() {
+    fn impossible_settings_are_refused_with_the_field_named() {
         let e = |o: PruneOptions, text: usize| o.plan(576, 32, text).unwrap_err().to_string();
         assert!(e(
             PruneOptions {
@@ -418,7 +503,7 @@ mod tests {
             },
             40
         )
-        .contains("--keep"));
+        .contains("prune.keep"));
         assert!(e(
             PruneOptions {
                 stage1_keep: Some(600),
@@ -427,7 +512,7 @@ mod tests {
             },
             40
         )
-        .contains("--stage1-keep"));
+        .contains("prune.stage1_keep"));
         assert!(e(
             PruneOptions {
                 stage2_layer: Some(32),
@@ -435,7 +520,7 @@ mod tests {
             },
             40
         )
-        .contains("--stage2-layer"));
+        .contains("prune.stage2_layer"));
         assert!(e(
             PruneOptions {
                 stage2_layer: Some(0),
@@ -443,7 +528,7 @@ mod tests {
             },
             40
         )
-        .contains("--stage2-layer"));
+        .contains("prune.stage2_layer"));
         assert!(e(opts(Method::Star), 0).contains("no"));
         assert!(e(
             PruneOptions {
@@ -452,7 +537,7 @@ mod tests {
             },
             40
         )
-        .contains("--keep"));
+        .contains("prune.keep"));
         assert!(e(
             PruneOptions {
                 keep: Some(64),
@@ -460,7 +545,7 @@ mod tests {
             },
             40
         )
-        .contains("--prune"));
+        .contains("prune.method"));
     }
 
     #[test]

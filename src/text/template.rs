@@ -1,11 +1,16 @@
 //! The prompt formats LLaVA-1.5 checkpoints were trained with.
 
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
 /// The text that precedes `USER:` in the original LLaVA-1.5 (vicuna_v1) conversation format.
 pub const VICUNA_SYSTEM: &str =
     "A chat between a curious human and an artificial intelligence assistant. \
 The assistant gives helpful, detailed, and polite answers to the human's questions.";
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Template {
     /// `USER: <image>\n{prompt} ASSISTANT:` (the llava-hf model cards and chat template).
     #[default]
@@ -17,6 +22,17 @@ pub enum Template {
 }
 
 impl Template {
+    pub const ALL: [Template; 3] = [Template::LlavaHf, Template::VicunaV1, Template::Raw];
+
+    /// The name the command line uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Template::LlavaHf => "llava-hf",
+            Template::VicunaV1 => "vicuna-v1",
+            Template::Raw => "raw",
+        }
+    }
+
     /// The full prompt text with one `<image>` placeholder.
     pub fn render(self, prompt: &str, image_token: &str) -> String {
         match self {
@@ -26,6 +42,27 @@ impl Template {
             }
             Template::Raw => prompt.to_string(),
         }
+    }
+}
+
+impl FromStr for Template {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == text)
+            .ok_or_else(|| {
+                Error::argument(
+                    "template",
+                    format!("'{text}' is not one of llava-hf, vicuna-v1, raw"),
+                )
+            })
+    }
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 

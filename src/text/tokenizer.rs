@@ -136,7 +136,7 @@ impl TextTokenizer {
             .collect();
         if positions.len() != 1 {
             return Err(Error::argument(
-                "--prompt",
+                "prompt",
                 format!(
                     "the prompt must contain exactly one image placeholder {} after templating, found {}",
                     self.image_token,

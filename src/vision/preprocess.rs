@@ -84,35 +84,20 @@ impl ImageProcessorConfig {
         c.do_rescale = flag("do_rescale", true);
         c.do_normalize = flag("do_normalize", true);
         if let Some(size) = v.get("size") {
-            c.shortest_edge = match size {
-                Value::Number(n) => n.as_u64().unwrap_or(0) as usize,
-                _ => size
-                    .get("shortest_edge")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0) as usize,
-            };
-            if c.shortest_edge == 0 {
-                return Err(fail(
+            c.shortest_edge = shortest_edge(size).ok_or_else(|| {
+                fail(
                     "size",
                     format!("only {{\"shortest_edge\": N}} is supported, found {size}"),
-                ));
-            }
+                )
+            })?;
         }
         if let Some(crop) = v.get("crop_size") {
-            let (h, w) = match crop {
-                Value::Number(n) => (n.as_u64().unwrap_or(0), n.as_u64().unwrap_or(0)),
-                _ => (
-                    crop.get("height").and_then(Value::as_u64).unwrap_or(0),
-                    crop.get("width").and_then(Value::as_u64).unwrap_or(0),
-                ),
-            };
-            if h == 0 || w == 0 {
-                return Err(fail(
+            (c.crop_height, c.crop_width) = crop_size(crop).ok_or_else(|| {
+                fail(
                     "crop_size",
                     format!("expected a positive size, found {crop}"),
-                ));
-            }
-            (c.crop_height, c.crop_width) = (h as usize, w as usize);
+                )
+            })?;
         }
         if let Some(r) = v.get("resample") {
             c.filter = r.as_u64().and_then(Filter::from_pil).ok_or_else(|| {
@@ -127,19 +112,15 @@ impl ImageProcessorConfig {
                 .as_f64()
                 .ok_or_else(|| fail("rescale_factor", format!("{f} is not a number")))?;
         }
-        let triple = |key: &str, default: [f64; 3]| -> Result<[f64; 3]> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(Value::Array(a)) if a.len() == 3 && a.iter().all(Value::is_number) => Ok([
-                    a[0].as_f64().unwrap(),
-                    a[1].as_f64().unwrap(),
-                    a[2].as_f64().unwrap(),
-                ]),
-                Some(other) => Err(fail(key, format!("expected three numbers, found {other}"))),
+        for (key, value) in [
+            ("image_mean", &mut c.image_mean),
+            ("image_std", &mut c.image_std),
+        ] {
+            if let Some(found) = v.get(key).filter(|x| !x.is_null()) {
+                *value = three_numbers(found)
+                    .ok_or_else(|| fail(key, format!("expected three numbers, found {found}")))?;
             }
-        };
-        c.image_mean = triple("image_mean", c.image_mean)?;
-        c.image_std = triple("image_std", c.image_std)?;
+        }
         if c.image_std.iter().any(|&s| s <= 0.0) {
             return Err(fail("image_std", "must be positive".into()));
         }
@@ -228,6 +209,38 @@ pub fn shortest_edge_size(w: usize, h: usize, size: usize) -> (usize, usize) {
         (size, new_long)
     } else {
         (new_long, size)
+    }
+}
+
+/// `size`: a number or `{"shortest_edge": N}`, positive.
+fn shortest_edge(size: &Value) -> Option<usize> {
+    let n = match size {
+        Value::Number(n) => n.as_u64(),
+        _ => size.get("shortest_edge").and_then(Value::as_u64),
+    };
+    n.filter(|&n| n > 0).map(|n| n as usize)
+}
+
+/// `crop_size`: a number (square) or `{"height": H, "width": W}`, both positive.
+fn crop_size(crop: &Value) -> Option<(usize, usize)> {
+    let (h, w) = match crop {
+        Value::Number(n) => (n.as_u64(), n.as_u64()),
+        _ => (
+            crop.get("height").and_then(Value::as_u64),
+            crop.get("width").and_then(Value::as_u64),
+        ),
+    };
+    match (h, w) {
+        (Some(h), Some(w)) if h > 0 && w > 0 => Some((h as usize, w as usize)),
+        _ => None,
+    }
+}
+
+/// `image_mean` / `image_std`: exactly three numbers.
+fn three_numbers(value: &Value) -> Option<[f64; 3]> {
+    match value {
+        Value::Array(a) if a.len() == 3 => Some([a[0].as_f64()?, a[1].as_f64()?, a[2].as_f64()?]),
+        _ => None,
     }
 }
 

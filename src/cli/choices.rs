@@ -1,0 +1,145 @@
+//! The library's enums as clap values. Each mirror carries the `--help` text of its values and
+//! converts into the library type; the tests check that both sides spell every value alike.
+
+use llava_wgpu::gpu::device::BackendChoice;
+use llava_wgpu::gpu::WeightFormat;
+use llava_wgpu::prune::{Method, Stage1Score};
+use llava_wgpu::text::Template;
+
+/// `--prune`: [`Method`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodArg {
+    /// Every visual token reaches the language model.
+    None,
+    /// Stage 1 in the vision encoder, stage 2 at decoder layer K.
+    Star,
+    /// Drop at decoder layer K by the last prompt row's attention (no stage 1).
+    Fastv,
+    /// Before the projector by the CLS attention row.
+    Fastervlm,
+    /// Before the projector: important tokens by CLS attention plus diverse ones by similarity.
+    Vispruner,
+    /// Before the projector, uniformly at random with a seed.
+    Random,
+}
+
+impl From<MethodArg> for Method {
+    fn from(arg: MethodArg) -> Self {
+        match arg {
+            MethodArg::None => Method::None,
+            MethodArg::Star => Method::Star,
+            MethodArg::Fastv => Method::Fastv,
+            MethodArg::Fastervlm => Method::Fastervlm,
+            MethodArg::Vispruner => Method::Vispruner,
+            MethodArg::Random => Method::Random,
+        }
+    }
+}
+
+/// `--stage1-score`: [`Stage1Score`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage1ScoreArg {
+    /// Attention each patch receives, averaged over heads and all queries.
+    Attention,
+    /// The CLS query row only (FasterVLM).
+    Cls,
+}
+
+impl From<Stage1ScoreArg> for Stage1Score {
+    fn from(arg: Stage1ScoreArg) -> Self {
+        match arg {
+            Stage1ScoreArg::Attention => Stage1Score::Attention,
+            Stage1ScoreArg::Cls => Stage1Score::Cls,
+        }
+    }
+}
+
+/// `--template`: [`Template`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TemplateArg {
+    /// `USER: <image>\n{prompt} ASSISTANT:` (the llava-hf model cards and chat template).
+    LlavaHf,
+    /// The original LLaVA-1.5 `vicuna_v1` format: the system sentence, then the llava-hf turn.
+    VicunaV1,
+    /// The prompt exactly as given (it must contain `<image>` itself).
+    Raw,
+}
+
+impl From<TemplateArg> for Template {
+    fn from(arg: TemplateArg) -> Self {
+        match arg {
+            TemplateArg::LlavaHf => Template::LlavaHf,
+            TemplateArg::VicunaV1 => Template::VicunaV1,
+            TemplateArg::Raw => Template::Raw,
+        }
+    }
+}
+
+/// `--backend`: [`BackendChoice`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(arg: BackendArg) -> Self {
+        match arg {
+            BackendArg::Vulkan => BackendChoice::Vulkan,
+            BackendArg::Metal => BackendChoice::Metal,
+            BackendArg::Dx12 => BackendChoice::Dx12,
+            BackendArg::Gl => BackendChoice::Gl,
+        }
+    }
+}
+
+/// `--weights`: [`WeightFormat`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsArg {
+    F16,
+    F32,
+}
+
+impl From<WeightsArg> for WeightFormat {
+    fn from(arg: WeightsArg) -> Self {
+        match arg {
+            WeightsArg::F16 => WeightFormat::F16,
+            WeightsArg::F32 => WeightFormat::F32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    /// The name clap accepts for `arg` must parse to the library value it converts into.
+    fn same_names<A, T>()
+    where
+        A: ValueEnum + Copy + Into<T>,
+        T: std::str::FromStr + PartialEq + std::fmt::Debug,
+        T::Err: std::fmt::Debug,
+    {
+        for arg in A::value_variants() {
+            let name = arg.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(name.parse::<T>().unwrap(), (*arg).into(), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_cli_value_names_its_library_value() {
+        same_names::<MethodArg, Method>();
+        same_names::<Stage1ScoreArg, Stage1Score>();
+        same_names::<TemplateArg, Template>();
+        same_names::<BackendArg, BackendChoice>();
+        assert_eq!(MethodArg::value_variants().len(), Method::ALL.len());
+        assert_eq!(
+            Stage1ScoreArg::value_variants().len(),
+            Stage1Score::ALL.len()
+        );
+        assert_eq!(TemplateArg::value_variants().len(), Template::ALL.len());
+    }
+}

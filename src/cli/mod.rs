@@ -1,0 +1,5 @@
+//! The binary's own modules (the library knows nothing of the command line): clap's view of the
+//! library's choices, and the translation of library errors into flag names.
+
+pub mod choices;
+pub mod flags;

@@ -1,0 +1,232 @@
+//! `llava-wgpu bench kernels`: throughput of the kernel families on the chosen adapter, next to
+//! the adapter's measured buffer-copy bandwidth, so later work compares against fixed numbers.
+//! GFLOP/s and GB/s come from each launcher's analytic flop and byte counts, not from counters.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{copy_bandwidth, random, time_dispatches};
+use crate::error::Result;
+use crate::gpu::kernels::linear::{gemv, matmul};
+use crate::gpu::kernels::{attention, Dispatch};
+use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelResult {
+    pub kernel: String,
+    pub shape: String,
+    pub median_ms: f64,
+    pub gflops: f64,
+    pub gbytes_per_s: f64,
+    /// Achieved bandwidth as a fraction of the measured copy bandwidth.
+    pub bandwidth_fraction: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelReport {
+    pub adapter: String,
+    pub backend: String,
+    pub repeats: usize,
+    /// Buffer-to-buffer copy, counting bytes read plus bytes written.
+    pub copy_gbytes_per_s: f64,
+    pub results: Vec<KernelResult>,
+}
+
+fn row(r: &KernelResult) -> String {
+    format!(
+        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>8.1}%",
+        r.kernel,
+        r.shape,
+        r.median_ms,
+        r.gflops,
+        r.gbytes_per_s,
+        100.0 * r.bandwidth_fraction
+    )
+}
+
+fn measure(name: &str, dispatches: &[Dispatch], time: Duration, copy_gbs: f64) -> KernelResult {
+    let flops: u64 = dispatches.iter().map(|d| d.flops).sum();
+    let bytes: u64 = dispatches.iter().map(|d| d.bytes).sum();
+    let secs = time.as_secs_f64();
+    let gbs = bytes as f64 / secs / 1e9;
+    KernelResult {
+        kernel: name.to_string(),
+        shape: dispatches
+            .first()
+            .map(|d| d.shape.clone())
+            .unwrap_or_default(),
+        median_ms: secs * 1e3,
+        gflops: flops as f64 / secs / 1e9,
+        gbytes_per_s: gbs,
+        bandwidth_fraction: gbs / copy_gbs,
+    }
+}
+
+/// The cases timed so far, each measured against the copy bandwidth.
+struct Suite<'a> {
+    gpu: &'a Gpu,
+    repeats: usize,
+    copy_gbs: f64,
+    results: Vec<KernelResult>,
+}
+
+impl Suite<'_> {
+    /// Time `dispatches`, print the row on stderr as it comes, and keep it.
+    fn time(&mut self, name: &str, dispatches: &[Dispatch]) -> Result<&mut KernelResult> {
+        let t = time_dispatches(self.gpu, dispatches, self.repeats)?;
+        let r = measure(name, dispatches, t, self.copy_gbs);
+        eprintln!("    {}", row(&r));
+        self.results.push(r);
+        Ok(self.results.last_mut().expect("just pushed"))
+    }
+
+    /// The f16 matmul at LLaVA-like widths for one row (decode), 64 rows and a CLIP image's 577,
+    /// with the GEMV next to the one-row case.
+    fn matmul_and_gemv(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let gpu = self.gpu;
+        for (n, k) in [(1024usize, 1024usize), (4096, 1024)] {
+            let w_values = random(n * k, (n + k) as u64);
+            let w16 = Weight::from_f32(gpu, "w", n, k, &w_values, WeightFormat::F16)?;
+            for m in [1usize, 64, 577] {
+                let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, m as u64), "x")?;
+                let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
+                progress(&format!("matmul M={m} N={n} K={k}"));
+                self.time("matmul_f16", &matmul::matmul(gpu, &x, &w16, &y, false)?)?;
+                if m == 1 {
+                    progress(&format!("gemv N={n} K={k}"));
+                    let d = gemv::gemv(gpu, &x, 0, &w16, &y, 0, false)?;
+                    self.time(d[0].kernel, &d)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ggml's own perf shape (peer-bench.md: W 4096×4096 f16, 512 columns) for a direct
+    /// comparison.
+    fn ggml_matmul(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let gpu = self.gpu;
+        let (m, n, k) = (512usize, 4096usize, 4096usize);
+        let w = Weight::from_f32(gpu, "w", n, k, &random(n * k, 5), WeightFormat::F16)?;
+        let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 6), "x")?;
+        let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
+        progress(&format!("matmul M={m} N={n} K={k}"));
+        self.time("matmul_f16", &matmul::matmul(gpu, &x, &w, &y, false)?)?;
+        Ok(())
+    }
+
+    /// The decode GEMV of a 7B model's MLP (f16 weights, 4096 → 11008) and of its attention
+    /// projections (4096 → 4096): memory bound, compare GB/s with the copy bandwidth.
+    fn decode_gemv(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let gpu = self.gpu;
+        for (n, k) in [(4096usize, 4096usize), (11008, 4096)] {
+            let w = Weight::from_f32(gpu, "w", n, k, &random(n * k, 7), WeightFormat::F16)?;
+            let x = Tensor::from_f32(gpu, &[1, k], &random(k, 3), "x")?;
+            let y = Tensor::empty(gpu, &[1, n], DType::F32, "y")?;
+            progress(&format!("gemv N={n} K={k}"));
+            let d = gemv::gemv(gpu, &x, 0, &w, &y, 0, false)?;
+            self.time(d[0].kernel, &d)?;
+        }
+        Ok(())
+    }
+
+    /// CLIP ViT-L/14-336 self-attention (577 tokens, 16 heads of 64), without and with the
+    /// pruning scores accumulated on the side.
+    fn clip_attention(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let gpu = self.gpu;
+        let shape = attention::AttentionShape {
+            q_rows: 577,
+            kv_rows: 577,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 64,
+            causal: false,
+        };
+        let label = "T=577 H=16 D=64";
+        let numel = 577 * 16 * 64;
+        let q = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 11), "q")?;
+        let k = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 12), "k")?;
+        let v = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 13), "v")?;
+        let o = Tensor::empty(gpu, &[577, 1024], DType::F32, "o")?;
+        progress(&format!("attention {label}"));
+        let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, None)?;
+        self.time("attention", &d)?.shape = label.into();
+        let partials = Tensor::empty(
+            gpu,
+            &[attention::score_partials_len(&shape)],
+            DType::F32,
+            "partials",
+        )?;
+        let scores = Tensor::empty(gpu, &[577], DType::F32, "scores")?;
+        let out = attention::ScoreOutput {
+            q_start: 0,
+            q_end: 577,
+            partials: &partials,
+            scores: &scores,
+        };
+        progress(&format!("attention + scores {label}"));
+        let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, Some(out))?;
+        self.time("attention+scores", &d)?.shape = label.into();
+        Ok(())
+    }
+}
+
+/// Run the kernel benchmark suite.
+pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Result<KernelReport> {
+    let copy_bytes = (64u64 << 20).min(gpu.adapter_binding_bytes);
+    progress("buffer copy");
+    let copy_gbs = copy_bandwidth(gpu, copy_bytes, repeats)?;
+    let mut suite = Suite {
+        gpu,
+        repeats,
+        copy_gbs,
+        results: Vec::new(),
+    };
+    suite.matmul_and_gemv(&mut progress)?;
+    suite.ggml_matmul(&mut progress)?;
+    suite.decode_gemv(&mut progress)?;
+    suite.clip_attention(&mut progress)?;
+    Ok(KernelReport {
+        adapter: gpu.describe(),
+        backend: format!("{:?}", gpu.info.backend),
+        repeats,
+        copy_gbytes_per_s: copy_gbs,
+        results: suite.results,
+    })
+}
+
+impl KernelReport {
+    /// The table `bench kernels` prints.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "adapter: {}\nbuffer copy: {:.2} GB/s (read + write), median of {} runs\n\n",
+            self.adapter, self.copy_gbytes_per_s, self.repeats
+        );
+        out.push_str(&format!(
+            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>9}\n",
+            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "% of copy"
+        ));
+        for r in &self.results {
+            out.push_str(&row(r));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// The best throughput of the tiled matmul on a large f16 problem: the "peak" kernel
+/// efficiencies are measured against.
+pub fn matmul_peak(gpu: &Gpu, repeats: usize) -> Result<(f64, String)> {
+    let (m, n, k) = (577usize, 1024usize, 1024usize);
+    let w = Weight::from_f32(gpu, "w", n, k, &random(n * k, 1), WeightFormat::F16)?;
+    let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 2), "x")?;
+    let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
+    let d = matmul::matmul(gpu, &x, &w, &y, false)?;
+    let t = time_dispatches(gpu, &d, repeats)?;
+    let flops: u64 = d.iter().map(|d| d.flops).sum();
+    Ok((
+        flops as f64 / t.as_secs_f64() / 1e9,
+        format!("M={m} N={n} K={k} f16"),
+    ))
+}

@@ -1,0 +1,363 @@
+//! `llava-wgpu bench`: pruned against unpruned on a whole model, with the theoretical prefill
+//! speedup next to the measured one and, for one unpruned request, where the time goes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::{copy_bandwidth, matmul_peak, median_f64};
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOutput, GenerateRequest};
+use crate::gpu::profiler::ProfileReport;
+use crate::model::llava::{Engine, EngineOptions};
+use crate::prune::{Method, PruneOptions};
+
+/// One pruning setting the benchmark runs.
+#[derive(Clone, Debug)]
+pub struct Setting {
+    pub label: String,
+    pub prune: PruneOptions,
+}
+
+/// The settings of issue/STAR.md comparisons, with budgets scaled from LLaVA's 576 tokens to
+/// the model's N0: none; STAR N1 = 518 with N2 = 192, 128, 64; FastV K = 2 keeping 64;
+/// VisPruner 64.
+pub fn default_settings(n0: usize) -> Vec<Setting> {
+    let scaled = |n: usize| ((n as f64 * n0 as f64 / 576.0).round() as usize).max(1);
+    let mut settings = vec![Setting {
+        label: "none".into(),
+        prune: PruneOptions::default(),
+    }];
+    for n2 in [192, 128, 64] {
+        settings.push(Setting {
+            label: format!("star N1={} N2={}", (n0 as f64 * 0.9).floor(), scaled(n2)),
+            prune: PruneOptions {
+                method: Method::Star,
+                keep: Some(scaled(n2)),
+                ..Default::default()
+            },
+        });
+    }
+    settings.push(Setting {
+        label: format!("fastv K=2 N2={}", scaled(64)),
+        prune: PruneOptions {
+            method: Method::Fastv,
+            keep: Some(scaled(64)),
+            stage2_layer: Some(2),
+            ..Default::default()
+        },
+    });
+    settings.push(Setting {
+        label: format!("vispruner N2={}", scaled(64)),
+        prune: PruneOptions {
+            method: Method::Vispruner,
+            keep: Some(scaled(64)),
+            ..Default::default()
+        },
+    });
+    settings
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SettingResult {
+    pub label: String,
+    pub visual_tokens: [usize; 3],
+    pub prompt_tokens: usize,
+    pub median_ttft_ms: f64,
+    pub median_vision_ms: f64,
+    pub median_prefill_ms: f64,
+    pub median_decode_tokens_per_second: f64,
+    pub kv_cache_bytes: u64,
+    pub prefill_macs: u64,
+    pub theoretical_speedup: f64,
+    pub measured_speedup: f64,
+    /// measured / theoretical prefill speedup.
+    pub realisation: f64,
+}
+
+/// A kernel family's throughput during one unpruned request, against the measured peaks.
+#[derive(Clone, Debug, Serialize)]
+pub struct FamilyEfficiency {
+    pub family: String,
+    pub time_ms: f64,
+    pub gflops: f64,
+    pub gbytes_per_s: f64,
+    pub of_matmul_peak: f64,
+    pub of_copy_bandwidth: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PruningReport {
+    pub model: String,
+    pub adapter: String,
+    pub warmup: usize,
+    pub repeats: usize,
+    pub decode_tokens: usize,
+    pub copy_gbytes_per_s: f64,
+    pub matmul_peak_gflops: f64,
+    pub matmul_peak_shape: String,
+    pub settings: Vec<SettingResult>,
+    pub kernel_families: Vec<FamilyEfficiency>,
+}
+
+/// A deterministic noise-and-gradient test image, written once to the temp directory.
+fn bench_image(size: u32) -> Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!("llava-wgpu-bench-{size}.png"));
+    let image = image::RgbImage::from_fn(size, size, |x, y| {
+        let n = (x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 64;
+        image::Rgb([
+            (x * 255 / size) as u8,
+            (y * 255 / size) as u8,
+            (128 + n) as u8,
+        ])
+    });
+    image.save(&path).map_err(|e| Error::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(path)
+}
+
+/// About 55 text tokens after the image, like a detailed question (a synthetic model's
+/// tokenizer only knows `t<N>` words).
+fn bench_prompt(engine: &Engine) -> String {
+    if engine.checkpoint.dir().is_dir() {
+        "Describe every object in this picture: its colour, its shape, where it is, and how it relates to the others. ".repeat(3)
+    } else {
+        (100..155)
+            .map(|i| format!("t{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn family(kernel: &str) -> &'static str {
+    match kernel {
+        k if k.starts_with("matmul") => "matmul",
+        k if k.starts_with("gemv") => "gemv",
+        k if k.starts_with("attention") => "attention",
+        k if k.contains("norm") => "norm",
+        "rope" => "rope",
+        "quick_gelu" | "gelu_erf" | "silu_mul" => "activation",
+        k if k.starts_with("topk") || k.starts_with("gather") => "topk/gather",
+        k if k.starts_with("argmax") => "argmax",
+        _ => "other",
+    }
+}
+
+/// The timed outputs of every setting, in order, after `warmup` untimed requests each.
+fn run_settings(
+    engine: &Engine,
+    settings: &[Setting],
+    warmup: usize,
+    repeats: usize,
+    request: impl Fn(&PruneOptions) -> GenerateRequest,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<(String, Vec<GenerateOutput>)>> {
+    let mut runs = Vec::new();
+    for setting in settings {
+        let mut outputs = Vec::new();
+        for i in 0..warmup + repeats {
+            progress(&format!(
+                "{} ({}/{})",
+                setting.label,
+                i + 1,
+                warmup + repeats
+            ));
+            let out = engine.generate(&request(&setting.prune), |_| {})?;
+            if i >= warmup {
+                outputs.push(out);
+            }
+        }
+        runs.push((setting.label.clone(), outputs));
+    }
+    Ok(runs)
+}
+
+/// Medians of one setting's outputs; speedups against the unpruned `baseline_prefill` ms.
+fn summarise(label: &str, outs: &[GenerateOutput], baseline_prefill: f64) -> SettingResult {
+    let first = &outs[0];
+    let median = |f: fn(&GenerateOutput) -> f64| median_f64(outs.iter().map(f).collect());
+    let prefill = median(|o| o.timings_ms.prefill);
+    let theoretical = first.flops.prefill_unpruned as f64 / first.flops.prefill as f64;
+    let measured = baseline_prefill / prefill;
+    SettingResult {
+        label: label.to_string(),
+        visual_tokens: [
+            first.visual_tokens.encoder,
+            first.visual_tokens.after_stage1,
+            first.visual_tokens.after_stage2,
+        ],
+        prompt_tokens: first.prompt_tokens,
+        median_ttft_ms: median(|o| {
+            o.timings_ms.preprocess + o.timings_ms.vision + o.timings_ms.prefill
+        }),
+        median_vision_ms: median(|o| o.timings_ms.vision),
+        median_prefill_ms: prefill,
+        median_decode_tokens_per_second: median(|o| o.decode_tokens_per_second),
+        kv_cache_bytes: first.kv_cache_bytes,
+        prefill_macs: first.flops.prefill,
+        theoretical_speedup: theoretical,
+        measured_speedup: measured,
+        realisation: measured / theoretical,
+    }
+}
+
+/// Time, throughput and share of the peaks per kernel family, slowest first.
+fn kernel_families(profile: &ProfileReport, peak: f64, copy_gbs: f64) -> Vec<FamilyEfficiency> {
+    let mut families: BTreeMap<&str, (f64, u64, u64)> = Default::default();
+    for row in &profile.rows {
+        let f = families.entry(family(&row.kernel)).or_default();
+        f.0 += row.total_us;
+        f.1 += (row.gflops * row.total_us * 1e3) as u64;
+        f.2 += (row.gbytes_per_s * row.total_us * 1e3) as u64;
+    }
+    let mut efficiencies: Vec<FamilyEfficiency> = families
+        .into_iter()
+        .map(|(name, (us, flops, bytes))| {
+            let secs = us / 1e6;
+            let (gflops, gbs) = (flops as f64 / secs / 1e9, bytes as f64 / secs / 1e9);
+            FamilyEfficiency {
+                family: name.to_string(),
+                time_ms: us / 1e3,
+                gflops,
+                gbytes_per_s: gbs,
+                of_matmul_peak: gflops / peak,
+                of_copy_bandwidth: gbs / copy_gbs,
+            }
+        })
+        .collect();
+    efficiencies.sort_by(|a, b| b.time_ms.total_cmp(&a.time_ms));
+    efficiencies
+}
+
+/// Run every setting on `engine` with `warmup` + `repeats` requests each.
+pub fn pruning(
+    engine: &Engine,
+    model_label: &str,
+    settings: &[Setting],
+    warmup: usize,
+    repeats: usize,
+    decode_tokens: usize,
+    mut progress: impl FnMut(&str),
+) -> Result<PruningReport> {
+    let gpu = &engine.gpu;
+    let image = bench_image(engine.config.vision.image_size as u32)?;
+    let prompt = bench_prompt(engine);
+    let request = |prune: &PruneOptions| {
+        let mut r = GenerateRequest::new(&image, &prompt);
+        r.max_new_tokens = decode_tokens;
+        r.ignore_eos = true;
+        r.prune = prune.clone();
+        r
+    };
+    progress("measuring copy bandwidth and matmul peak");
+    let copy_gbs = copy_bandwidth(gpu, (64u64 << 20).min(gpu.adapter_binding_bytes), 3)?;
+    let (peak, peak_shape) = matmul_peak(gpu, 3)?;
+
+    let runs = run_settings(engine, settings, warmup, repeats, request, &mut progress)?;
+    let baseline_prefill = median_f64(runs[0].1.iter().map(|o| o.timings_ms.prefill).collect());
+    let settings = runs
+        .iter()
+        .map(|(label, outs)| summarise(label, outs, baseline_prefill))
+        .collect();
+
+    // One profiled unpruned request: where the time goes, per kernel family.
+    progress("profiling one unpruned request");
+    gpu.start_profiling();
+    engine.generate(&request(&PruneOptions::default()), |_| {})?;
+    let profile = gpu.finish_profiling()?.expect("profiling was started");
+    Ok(PruningReport {
+        model: model_label.to_string(),
+        adapter: gpu.describe(),
+        warmup,
+        repeats,
+        decode_tokens,
+        copy_gbytes_per_s: copy_gbs,
+        matmul_peak_gflops: peak,
+        matmul_peak_shape: peak_shape,
+        settings,
+        kernel_families: kernel_families(&profile, peak, copy_gbs),
+    })
+}
+
+impl PruningReport {
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "model: {}\nadapter: {}\n{} warm-up + {} timed requests per setting (medians), {} decode tokens\n\
+             copy bandwidth {:.2} GB/s, matmul peak {:.2} GFLOP/s ({})\n\n",
+            self.model,
+            self.adapter,
+            self.warmup,
+            self.repeats,
+            self.decode_tokens,
+            self.copy_gbytes_per_s,
+            self.matmul_peak_gflops,
+            self.matmul_peak_shape
+        );
+        out.push_str(&format!(
+            "{:<22} {:>15} {:>9} {:>10} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8}\n",
+            "setting",
+            "visual tokens",
+            "TTFT ms",
+            "vision ms",
+            "prefill ms",
+            "decode t/s",
+            "KV MiB",
+            "theory",
+            "measured",
+            "realised"
+        ));
+        for s in &self.settings {
+            out.push_str(&format!(
+                "{:<22} {:>15} {:>9.0} {:>10.0} {:>11.0} {:>10.2} {:>9.2} {:>7.2}x {:>7.2}x {:>7.0}%\n",
+                s.label,
+                format!("{}>{}>{}", s.visual_tokens[0], s.visual_tokens[1], s.visual_tokens[2]),
+                s.median_ttft_ms,
+                s.median_vision_ms,
+                s.median_prefill_ms,
+                s.median_decode_tokens_per_second,
+                s.kv_cache_bytes as f64 / (1 << 20) as f64,
+                s.theoretical_speedup,
+                s.measured_speedup,
+                100.0 * s.realisation
+            ));
+        }
+        out.push_str("\nkernel families in one unpruned request:\n");
+        out.push_str(&format!(
+            "{:<12} {:>9} {:>9} {:>8} {:>13} {:>12}\n",
+            "family", "time ms", "GFLOP/s", "GB/s", "% matmul peak", "% copy BW"
+        ));
+        for f in &self.kernel_families {
+            out.push_str(&format!(
+                "{:<12} {:>9.1} {:>9.2} {:>8.2} {:>12.0}% {:>11.0}%\n",
+                f.family,
+                f.time_ms,
+                f.gflops,
+                f.gbytes_per_s,
+                100.0 * f.of_matmul_peak,
+                100.0 * f.of_copy_bandwidth
+            ));
+        }
+        out
+    }
+}
+
+/// Where `bench` gets its model: a directory or a preset.
+pub fn load_engine(
+    model: Option<&Path>,
+    preset: Option<&str>,
+    options: EngineOptions,
+) -> Result<(Engine, String)> {
+    match (model, preset) {
+        (Some(dir), _) => Ok((Engine::load(dir, options)?, dir.display().to_string())),
+        (None, name) => {
+            let name = name.unwrap_or("small");
+            Ok((
+                Engine::synthetic(name, options)?,
+                format!("preset {name} (random f16 weights)"),
+            ))
+        }
+    }
+}

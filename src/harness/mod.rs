@@ -1,0 +1,5 @@
+//! Harnesses around the engine, behind `llava-wgpu bench` and `llava-wgpu eval`: they drive it
+//! the way any library user does, and nothing else in the crate depends on them.
+
+pub mod bench;
+pub mod eval;

@@ -136,10 +136,11 @@ fn import_graph(src: &Path) -> BTreeMap<Vec<String>, BTreeMap<Vec<String>, Strin
     let mut files = Vec::new();
     rust_files(src, &mut files);
     let modules: BTreeSet<Vec<String>> = files.iter().map(|f| module_path(src, f)).collect();
+    let binary = binary_modules(src);
     let mut graph = BTreeMap::new();
     for file in &files {
         let from = module_path(src, file);
-        if from == ["main"] || from.is_empty() {
+        if from.is_empty() || binary.contains(&from[0]) {
             continue; // The binary and lib.rs's re-exports sit above everything.
         }
         let text = code(&std::fs::read_to_string(file).unwrap());
@@ -160,6 +161,16 @@ fn import_graph(src: &Path) -> BTreeMap<Vec<String>, BTreeMap<Vec<String>, Strin
         graph.insert(from, edges);
     }
     graph
+}
+
+/// `main` and the modules main.rs declares (`mod cli;`): the binary, not the library.
+fn binary_modules(src: &Path) -> BTreeSet<String> {
+    let main = std::fs::read_to_string(src.join("main.rs")).unwrap();
+    let declared = main.lines().filter_map(|l| {
+        let name = l.trim().strip_prefix("mod ")?.strip_suffix(';')?;
+        Some(name.trim().to_string())
+    });
+    declared.chain(["main".to_string()]).collect()
 }
 
 fn src_dir() -> PathBuf {

@@ -30,7 +30,7 @@ Everything is built locally, nothing is downloaded:
   RGBA) and prompts; for each case the processor's pixel values (also with LLaVA's expand2square
   padding), input ids, the selected CLIP hidden state, the projector output, the first logits row
   and 16 greedy tokens (EOS masked out), run in float32 with eager attention on the CPU.
-* Visual-token pruning references (STAR.md): CLIP layer-3 attention scores (all rows / CLS row), the unpruned
+* Visual-token pruning references (docs/pruning.md): CLIP layer-3 attention scores (all rows / CLS row), the unpruned
   prefill's text->visual scores of LLaMA layers 0..2 (text rows / last row), stage-1-only (transformers with N1
   <image> tokens fed the projector output of the kept patches), STAR stage 1 + stage 2 at K = 2 and FastV, the
   last two through transformers' own decoder-layer modules with the visual rows dropped before layer K and the
@@ -43,7 +43,8 @@ give the same ids; and an independent float64 re-implementation of the forward p
 ``model.safetensors`` directly, is checked against transformers.
 
 Regenerate with:  python scripts/make_tiny_llava.py     (CPU only, well under a minute)
-Pinned versions:  scripts/requirements.txt  (do not install torchvision, see DESIGN.md)
+Pinned versions:  scripts/requirements.txt  (do not install torchvision: with it transformers 5 switches to a
+                  torchvision image processor whose bicubic differs from PIL's)
 Output is deterministic: rerunning produces byte-identical files with the same package versions.
 """
 
@@ -449,7 +450,7 @@ def manual_forward(st: dict[str, torch.Tensor], cfg: dict, pixel_values: torch.T
 
 
 # ----------------------------------------------------------------------------- visual-token pruning references
-# The contract is the project's pruning specification (STAR.md, summarised in cases.json["pruning"]): scores, tie
+# The contract is the project's pruning specification (docs/pruning.md, summarised in cases.json["pruning"]): scores, tie
 # rule (lower index wins), raster-order kept lists, original RoPE positions after the stage-2 drop.
 
 N1_DEFAULT = 32  # STAR stage 1 budget: floor(36 * (1 - 0.1))
@@ -738,7 +739,7 @@ def star_stage2_scores(model, cs: dict, sc: dict, n1: int, image_id: int) -> tor
 
 def pruning_references(model, cases: list[dict], case_json: list[dict], tensors: dict, eos_id: int, image_id: int,
                        hf_tok, check_f16: bool = True):
-    """Reference data for visual-token pruning (STAR.md): scores, budgets, kept sets and logits.
+    """Reference data for visual-token pruning (docs/pruning.md): scores, budgets, kept sets and logits.
 
     Returns (new tensors, per-case JSON additions, top-level JSON additions)."""
     K = STAGE2_K

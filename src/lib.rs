@@ -1,5 +1,9 @@
 //! llava-wgpu: LLaVA vision-language inference in WGSL compute shaders through wgpu, with STAR
-//! two-stage visual-token pruning. See `DESIGN.md` in the repository for the architecture.
+//! two-stage visual-token pruning.
+//!
+//! `ARCHITECTURE.md` in the repository maps the data flow from image to text (a file per step),
+//! where pruning touches the forward pass, the order the modules import in, and how a kernel is
+//! added. `docs/pruning.md` is the pruning contract the code implements.
 
 pub mod error;
 pub mod generate;

@@ -24,7 +24,7 @@ fn pruning_bench_reports_every_setting_on_the_fixture() {
         assert!(s.kv_cache_bytes < none.kv_cache_bytes, "{}", s.label);
         assert!((s.realisation - s.measured_speedup / s.theoretical_speedup).abs() < 1e-12);
     }
-    // The unpruned cost is the STAR.md formula over every layer at the full prompt length.
+    // The unpruned cost is the docs/pruning.md formula over every layer at the full prompt length.
     let unpruned = prefill_macs(
         &vec![none.prompt_tokens; cfg.num_hidden_layers],
         cfg.hidden_size,

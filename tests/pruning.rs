@@ -1,4 +1,4 @@
-//! Pruning invariants from STAR.md on the tiny fixture, and parity with references recorded by
+//! Pruning invariants from docs/pruning.md on the tiny fixture, and parity with references recorded by
 //! HF transformers / PyTorch (scripts/make_tiny_llava.py).
 
 mod fixture;

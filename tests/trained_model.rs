@@ -88,7 +88,7 @@ fn run_without_a_model_uses_the_demo_model_and_answers() {
         normalise(first["answer"].as_str().unwrap()),
         "{question}"
     );
-    // The default is STAR with STAR.md's budgets: N1 = floor(196 * 0.9), N2 = round(196 / 9).
+    // The default is STAR with docs/pruning.md's budgets: N1 = floor(196 * 0.9), N2 = round(196 / 9).
     let visual = &json["visual_tokens"];
     assert_eq!(
         (

@@ -56,7 +56,7 @@ impl VisionConfig {
         self.image_size / self.patch_size
     }
 
-    /// The visual tokens LLaVA feeds the language model (N0 in STAR.md): one per patch.
+    /// The visual tokens LLaVA feeds the language model (N0 in docs/pruning.md): one per patch.
     pub fn num_patches(&self) -> usize {
         self.grid() * self.grid()
     }

@@ -1,4 +1,4 @@
-//! STAR.md's cost model: per decoder layer with n tokens, hidden d and MLP width m,
+//! The cost model of docs/pruning.md: per decoder layer with n tokens, hidden d and MLP width m,
 //! `F(n) = 4nd² + 2n²d + 3ndm` multiply-adds (SwiGLU has three matrices). The papers' FastV
 //! formula uses `2ndm`; [`layer_macs_paper`] gives that variant for comparisons with them.
 
@@ -26,7 +26,7 @@ mod tests {
 
     #[test]
     fn star_reference_setting_saves_58_percent_with_the_paper_formula() {
-        // STAR.md: LLaVA-1.5-7B, N1 = 518, K = 14, N2 = 29 gives 58.0% fewer FLOPs with the
+        // docs/pruning.md: LLaVA-1.5-7B, N1 = 518, K = 14, N2 = 29 gives 58.0% fewer FLOPs with the
         // papers' formula counting visual tokens only.
         let (d, m) = (4096u64, 11008u64);
         let full: u64 = (0..32).map(|_| layer_macs_paper(576, d, m)).sum();

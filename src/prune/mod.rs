@@ -1,4 +1,4 @@
-//! Visual-token pruning, exactly as ../shared/STAR.md specifies: STAR's two stages and, for
+//! Visual-token pruning, exactly as docs/pruning.md specifies: STAR's two stages and, for
 //! comparison in the same engine, FastV, FasterVLM, VisPruner and a random baseline.
 //!
 //! This module turns the user's method and budgets into a [`Plan`] (what each stage keeps and

@@ -1,4 +1,4 @@
-//! VisPruner's selection (STAR.md "Baselines"): important tokens by the CLS attention, then
+//! VisPruner's selection (docs/pruning.md, "Baselines"): important tokens by the CLS attention, then
 //! diverse tokens by repeatedly dropping the members of one half that are most similar to the
 //! other half. Runs on the host: it reads N0 scores and N0 feature rows once per image.
 

@@ -20,9 +20,9 @@ pub struct Setting {
     pub prune: PruneOptions,
 }
 
-/// The settings of issue/STAR.md comparisons, with budgets scaled from LLaVA's 576 tokens to
-/// the model's N0: none; STAR N1 = 518 with N2 = 192, 128, 64; FastV K = 2 keeping 64;
-/// VisPruner 64.
+/// The settings the STAR paper compares (docs/pruning.md), with budgets scaled from LLaVA's
+/// 576 tokens to the model's N0: none; STAR N1 = 518 with N2 = 192, 128, 64; FastV K = 2
+/// keeping 64; VisPruner 64.
 pub fn default_settings(n0: usize) -> Vec<Setting> {
     let scaled = |n: usize| ((n as f64 * n0 as f64 / 576.0).round() as usize).max(1);
     let mut settings = vec![Setting {

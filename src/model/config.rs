@@ -138,6 +138,11 @@ struct Reader {
     path: PathBuf,
 }
 
+/// A token id as written: a non-negative integer that fits u32 (never truncated to 32 bits).
+fn token_id(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|n| u32::try_from(n).ok())
+}
+
 impl Reader {
     fn err(&self, field: &str, reason: impl std::fmt::Display) -> Error {
         Error::File {
@@ -192,16 +197,16 @@ impl Reader {
         let bad = |v: &Value| {
             self.err(
                 &format!("{prefix}{key}"),
-                format!("expected a token id or a list of ids, found {v}"),
+                format!("expected a token id below 2^32 or a list of them, found {v}"),
             )
         };
         match obj.get(key) {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(|| bad(v)))
+                .map(|v| token_id(v).ok_or_else(|| bad(v)))
                 .collect(),
-            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(|| bad(v)),
+            Some(v) => token_id(v).map(|n| vec![n]).ok_or_else(|| bad(v)),
         }
     }
 
@@ -312,10 +317,10 @@ impl Reader {
             .or_else(|| root.get("image_token_id"))
         {
             None | Some(Value::Null) => 32000,
-            Some(v) => v.as_u64().map(|n| n as u32).ok_or_else(|| {
+            Some(v) => token_id(v).ok_or_else(|| {
                 self.err(
                     "image_token_index",
-                    format!("expected a token id, found {v}"),
+                    format!("expected a token id below 2^32, found {v}"),
                 )
             })?,
         };
@@ -516,6 +521,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x/config.json"), "{e}");
+    }
+
+    #[test]
+    fn token_ids_beyond_u32_are_refused_not_truncated() {
+        // 2^32 + 5 once became id 5, inside the vocabulary (found by tests/fuzz).
+        let bad = LLAVA_7B.replace(
+            r#""image_token_index": 32000"#,
+            r#""image_token_index": 4294967301"#,
+        );
+        let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("image_token_index") && e.contains("4294967301"),
+            "{e}"
+        );
+        let bad = LLAVA_7B.replace(
+            r#""rms_norm_eps": 1e-05,"#,
+            r#""rms_norm_eps": 1e-05, "eos_token_id": [2, 4294967298],"#,
+        );
+        let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text_config.eos_token_id"), "{e}");
     }
 
     #[test]

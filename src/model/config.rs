@@ -272,7 +272,8 @@ impl Reader {
     }
 
     /// One index into the `L + 1` hidden states (negative from the end; 0, the embeddings, is no
-    /// feature layer). Lists of layers (LLaVA-NeXT style) are refused.
+    /// feature layer, and neither is its negative spelling −(L + 1)). Lists of layers
+    /// (LLaVA-NeXT style) are refused.
     fn vision_feature_layer(&self, root: &Value, vision: &VisionConfig) -> Result<i64> {
         let layer = match root.get("vision_feature_layer") {
             None | Some(Value::Null) => -2,
@@ -284,7 +285,7 @@ impl Reader {
             })?,
         };
         let states = vision.num_hidden_layers as i64 + 1;
-        if layer >= states || layer < -states || layer == 0 {
+        if layer >= states || layer <= -states || layer == 0 {
             return Err(self.err(
                 "vision_feature_layer",
                 format!(
@@ -545,6 +546,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("text_config.eos_token_id"), "{e}");
+    }
+
+    #[test]
+    fn the_embeddings_are_no_feature_layer_from_either_end() {
+        // −25 of 24 layers is hidden_states[0]: it ran no layer at all (found by tests/fuzz).
+        for layer in ["0", "-25", "25"] {
+            let bad = LLAVA_7B.replace(
+                r#""vision_feature_layer": -2"#,
+                &format!(r#""vision_feature_layer": {layer}"#),
+            );
+            let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("vision_feature_layer"), "{e}");
+        }
+        let first = LLAVA_7B.replace(
+            r#""vision_feature_layer": -2"#,
+            r#""vision_feature_layer": -24"#,
+        );
+        let c = LlavaConfig::parse(&first, Path::new("config.json")).unwrap();
+        assert_eq!(c.vision_layers_to_run(), 1);
     }
 
     #[test]

@@ -434,6 +434,19 @@ impl Reader {
                 format!("{image_size} is not a multiple of patch_size {patch_size}"),
             ));
         }
+        // One visual token per patch (and CLS) must be countable in the u32s the GPU indexes with.
+        let grid = image_size / patch_size;
+        if grid
+            .checked_mul(grid)
+            .is_none_or(|patches| patches >= u32::MAX as usize)
+        {
+            return Err(self.err(
+                "vision_config.image_size",
+                format!(
+                    "{image_size} gives {grid}x{grid} patches of {patch_size}, too many to index"
+                ),
+            ));
+        }
         let hidden_act = self.str_or(v, p, "hidden_act", "quick_gelu")?;
         if hidden_act != "quick_gelu" && hidden_act != "gelu" {
             return Err(self.err(
@@ -567,6 +580,20 @@ mod tests {
         );
         let c = LlavaConfig::parse(&first, Path::new("config.json")).unwrap();
         assert_eq!(c.vision_layers_to_run(), 1);
+    }
+
+    #[test]
+    fn images_with_more_patches_than_u32_indexes_are_refused() {
+        // 2^32 / 1 gives 2^64 patches, which wrapped to 0 in image_tokens() (found by tests/fuzz).
+        for (image, patch) in [("4294967296", "1"), ("710471553673788466", "14")] {
+            let bad = LLAVA_7B
+                .replace(r#""image_size": 336"#, &format!(r#""image_size": {image}"#))
+                .replace(r#""patch_size": 14"#, &format!(r#""patch_size": {patch}"#));
+            let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("vision_config.image_size"), "{e}");
+        }
     }
 
     #[test]

@@ -341,7 +341,9 @@ impl Reader {
         let num_attention_heads = self.usize_or(t, p, "num_attention_heads", 32)?;
         let num_key_value_heads =
             self.usize_or(t, p, "num_key_value_heads", num_attention_heads)?;
-        if hidden_size % num_attention_heads != 0 && t.get("head_dim").is_none() {
+        // `"head_dim": null` means the default, hidden_size / num_attention_heads, like no key.
+        let head_dim_given = !matches!(t.get("head_dim"), None | Some(Value::Null));
+        if hidden_size % num_attention_heads != 0 && !head_dim_given {
             return Err(self.err(
                 "text_config.hidden_size",
                 format!(
@@ -594,6 +596,20 @@ mod tests {
                 .to_string();
             assert!(e.contains("vision_config.image_size"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_null_head_dim_still_needs_divisible_heads() {
+        // head_dim null skipped the check and gave head_dim 4096 / 5000 = 0 (found by
+        // tests/fuzz after 602,339 cases).
+        let bad = LLAVA_7B.replace(
+            r#""rms_norm_eps": 1e-05,"#,
+            r#""rms_norm_eps": 1e-05, "head_dim": null, "num_attention_heads": 5000,"#,
+        );
+        let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text_config.hidden_size"), "{e}");
     }
 
     #[test]

@@ -138,6 +138,11 @@ struct Reader {
     path: PathBuf,
 }
 
+/// A token id as written: a non-negative integer that fits u32 (never truncated to 32 bits).
+fn token_id(v: &Value) -> Option<u32> {
+    v.as_u64().and_then(|n| u32::try_from(n).ok())
+}
+
 impl Reader {
     fn err(&self, field: &str, reason: impl std::fmt::Display) -> Error {
         Error::File {
@@ -192,16 +197,16 @@ impl Reader {
         let bad = |v: &Value| {
             self.err(
                 &format!("{prefix}{key}"),
-                format!("expected a token id or a list of ids, found {v}"),
+                format!("expected a token id below 2^32 or a list of them, found {v}"),
             )
         };
         match obj.get(key) {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(|| bad(v)))
+                .map(|v| token_id(v).ok_or_else(|| bad(v)))
                 .collect(),
-            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(|| bad(v)),
+            Some(v) => token_id(v).map(|n| vec![n]).ok_or_else(|| bad(v)),
         }
     }
 
@@ -267,7 +272,8 @@ impl Reader {
     }
 
     /// One index into the `L + 1` hidden states (negative from the end; 0, the embeddings, is no
-    /// feature layer). Lists of layers (LLaVA-NeXT style) are refused.
+    /// feature layer, and neither is its negative spelling −(L + 1)). Lists of layers
+    /// (LLaVA-NeXT style) are refused.
     fn vision_feature_layer(&self, root: &Value, vision: &VisionConfig) -> Result<i64> {
         let layer = match root.get("vision_feature_layer") {
             None | Some(Value::Null) => -2,
@@ -279,7 +285,7 @@ impl Reader {
             })?,
         };
         let states = vision.num_hidden_layers as i64 + 1;
-        if layer >= states || layer < -states || layer == 0 {
+        if layer >= states || layer <= -states || layer == 0 {
             return Err(self.err(
                 "vision_feature_layer",
                 format!(
@@ -312,10 +318,10 @@ impl Reader {
             .or_else(|| root.get("image_token_id"))
         {
             None | Some(Value::Null) => 32000,
-            Some(v) => v.as_u64().map(|n| n as u32).ok_or_else(|| {
+            Some(v) => token_id(v).ok_or_else(|| {
                 self.err(
                     "image_token_index",
-                    format!("expected a token id, found {v}"),
+                    format!("expected a token id below 2^32, found {v}"),
                 )
             })?,
         };
@@ -335,7 +341,9 @@ impl Reader {
         let num_attention_heads = self.usize_or(t, p, "num_attention_heads", 32)?;
         let num_key_value_heads =
             self.usize_or(t, p, "num_key_value_heads", num_attention_heads)?;
-        if hidden_size % num_attention_heads != 0 && t.get("head_dim").is_none() {
+        // `"head_dim": null` means the default, hidden_size / num_attention_heads, like no key.
+        let head_dim_given = !matches!(t.get("head_dim"), None | Some(Value::Null));
+        if hidden_size % num_attention_heads != 0 && !head_dim_given {
             return Err(self.err(
                 "text_config.hidden_size",
                 format!(
@@ -428,6 +436,19 @@ impl Reader {
                 format!("{image_size} is not a multiple of patch_size {patch_size}"),
             ));
         }
+        // One visual token per patch (and CLS) must be countable in the u32s the GPU indexes with.
+        let grid = image_size / patch_size;
+        if grid
+            .checked_mul(grid)
+            .is_none_or(|patches| patches >= u32::MAX as usize)
+        {
+            return Err(self.err(
+                "vision_config.image_size",
+                format!(
+                    "{image_size} gives {grid}x{grid} patches of {patch_size}, too many to index"
+                ),
+            ));
+        }
         let hidden_act = self.str_or(v, p, "hidden_act", "quick_gelu")?;
         if hidden_act != "quick_gelu" && hidden_act != "gelu" {
             return Err(self.err(
@@ -516,6 +537,79 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x/config.json"), "{e}");
+    }
+
+    #[test]
+    fn token_ids_beyond_u32_are_refused_not_truncated() {
+        // 2^32 + 5 once became id 5, inside the vocabulary (found by tests/fuzz).
+        let bad = LLAVA_7B.replace(
+            r#""image_token_index": 32000"#,
+            r#""image_token_index": 4294967301"#,
+        );
+        let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("image_token_index") && e.contains("4294967301"),
+            "{e}"
+        );
+        let bad = LLAVA_7B.replace(
+            r#""rms_norm_eps": 1e-05,"#,
+            r#""rms_norm_eps": 1e-05, "eos_token_id": [2, 4294967298],"#,
+        );
+        let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text_config.eos_token_id"), "{e}");
+    }
+
+    #[test]
+    fn the_embeddings_are_no_feature_layer_from_either_end() {
+        // −25 of 24 layers is hidden_states[0]: it ran no layer at all (found by tests/fuzz).
+        for layer in ["0", "-25", "25"] {
+            let bad = LLAVA_7B.replace(
+                r#""vision_feature_layer": -2"#,
+                &format!(r#""vision_feature_layer": {layer}"#),
+            );
+            let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("vision_feature_layer"), "{e}");
+        }
+        let first = LLAVA_7B.replace(
+            r#""vision_feature_layer": -2"#,
+            r#""vision_feature_layer": -24"#,
+        );
+        let c = LlavaConfig::parse(&first, Path::new("config.json")).unwrap();
+        assert_eq!(c.vision_layers_to_run(), 1);
+    }
+
+    #[test]
+    fn images_with_more_patches_than_u32_indexes_are_refused() {
+        // 2^32 / 1 gives 2^64 patches, which wrapped to 0 in image_tokens() (found by tests/fuzz).
+        for (image, patch) in [("4294967296", "1"), ("710471553673788466", "14")] {
+            let bad = LLAVA_7B
+                .replace(r#""image_size": 336"#, &format!(r#""image_size": {image}"#))
+                .replace(r#""patch_size": 14"#, &format!(r#""patch_size": {patch}"#));
+            let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("vision_config.image_size"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_null_head_dim_still_needs_divisible_heads() {
+        // head_dim null skipped the check and gave head_dim 4096 / 5000 = 0 (found by
+        // tests/fuzz after 602,339 cases).
+        let bad = LLAVA_7B.replace(
+            r#""rms_norm_eps": 1e-05,"#,
+            r#""rms_norm_eps": 1e-05, "head_dim": null, "num_attention_heads": 5000,"#,
+        );
+        let e = LlavaConfig::parse(&bad, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text_config.hidden_size"), "{e}");
     }
 
     #[test]

@@ -167,9 +167,12 @@ impl AttentionShape {
                 self.q_rows, self.kv_rows
             ));
         }
-        // Every index the shader computes must fit a u32.
-        let largest = (self.q_rows * self.heads * self.head_dim)
-            .max(self.kv_rows * self.kv_heads * self.head_dim)
+        // Every index the shader computes must fit a u32. Saturating products: a wrapped one
+        // could look small and pass.
+        let q_len = self.q_rows.saturating_mul(self.heads);
+        let kv_len = self.kv_rows.saturating_mul(self.kv_heads);
+        let largest = (q_len.saturating_mul(self.head_dim))
+            .max(kv_len.saturating_mul(self.head_dim))
             .max(score_partials_len(self));
         if largest > u32::MAX as usize / 2 {
             return fail("too large for 32-bit indexing".into());
@@ -195,7 +198,15 @@ pub fn score_partials_len(shape: &AttentionShape) -> usize {
     if shape.heads == 0 || shape.kv_heads == 0 {
         return 0;
     }
-    shape.kv_heads * shape.blocks() * shape.kv_rows
+    // Saturates (rather than wraps) for shapes too large to index, which `validate` refuses.
+    let blocks = shape
+        .q_rows
+        .saturating_mul(shape.group())
+        .div_ceil(BLOCK_ROWS);
+    shape
+        .kv_heads
+        .saturating_mul(blocks)
+        .saturating_mul(shape.kv_rows)
 }
 
 /// The conventional softmax scale, `1 / sqrt(head_dim)`.
@@ -553,5 +564,34 @@ mod tests {
         // The score pass writes one key per thread of the first BN.
         assert!(t.key_tile <= t.threads);
         assert_eq!(WORKGROUP_BYTES, 29_440);
+    }
+
+    #[test]
+    fn shapes_whose_sizes_overflow_are_refused() {
+        // 2^62 keys × 20 heads wrapped to 2^63 × 10 = 0 in release builds and passed (found by
+        // tests/fuzz); so did a query count whose partials product wrapped.
+        let huge = AttentionShape {
+            q_rows: 1,
+            kv_rows: 1 << 62,
+            heads: 20,
+            kv_heads: 20,
+            head_dim: 1,
+            causal: false,
+        };
+        assert!(huge.validate().is_err());
+        let wrapped_partials = AttentionShape {
+            q_rows: 1 << 60,
+            kv_rows: 1 << 60,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 0,
+            causal: false,
+        };
+        assert_eq!(score_partials_len(&wrapped_partials), usize::MAX);
+        let fine = AttentionShape {
+            kv_rows: 577,
+            ..huge
+        };
+        assert!(fine.validate().is_ok());
     }
 }

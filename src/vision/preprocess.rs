@@ -131,6 +131,15 @@ impl ImageProcessorConfig {
         if c.image_std.iter().any(|&s| s <= 0.0) {
             return Err(fail("image_std", "must be positive".into()));
         }
+        if !c.do_center_crop {
+            return Err(fail(
+                "do_center_crop",
+                format!(
+                    "false is not supported: the vision tower takes {image_size}x{image_size} \
+                     pixels, and without the crop the resized image's shape follows the input's"
+                ),
+            ));
+        }
         if c.crop_height != image_size || c.crop_width != image_size {
             return Err(fail(
                 "crop_size",

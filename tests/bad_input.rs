@@ -133,6 +133,25 @@ fn a_misshaped_tensor_is_named_with_both_shapes() {
     );
 }
 
+/// `embed_tokens` is read on the host, where no kernel checks its width: a [1322, 32] matrix
+/// (the fixture's [661, 64] reshaped) used to load and then misalign every embedding row.
+#[test]
+fn an_embedding_of_the_wrong_width_is_named_with_both_widths() {
+    let m = ModelCopy::new("embed-width");
+    m.rewrite_weights(|name, shape| {
+        Some(if name == "language_model.model.embed_tokens.weight" {
+            vec![1322, 32]
+        } else {
+            shape
+        })
+    });
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("embed_tokens.weight") && e.contains("32") && e.contains("hidden_size = 64"),
+        "{e}"
+    );
+}
+
 /// A vision tower whose checkpoint and config agree on 4 input channels used to load, then
 /// slice out of bounds in `patchify` (the processor produces 3): refused at load.
 #[test]

@@ -95,6 +95,7 @@ fn presets_describe_llava_shapes_and_load() {
         .unwrap_err()
         .to_string()
         .contains("argument preset"));
+    fixture::private_runtime_dir();
     let small = Engine::synthetic("small", EngineOptions::default()).unwrap();
     assert_eq!(small.config.image_tokens(), 576);
     assert!(small.weight_bytes > 50 << 20);

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use llava_wgpu::gpu::kernels::topk::{self, Segment};
+use llava_wgpu::gpu::kernels::Dispatch;
 use llava_wgpu::gpu::{DType, Gpu, Recorder, Tensor};
 use llava_wgpu::Error;
 use rand::Rng;
@@ -319,6 +320,24 @@ fn gather_takes_rows_along_the_first_dimension() {
     assert_eq!(gpu.read_u32(&dst).unwrap(), want, "seed {}", rng.seed);
 }
 
+/// The dispatches of one pruning step, in order: select the rows to keep into `idx`, then gather
+/// `segment.kept_rows(k)` rows of every `(src, dst)` pair with them.
+fn select_then_gather(
+    gpu: &Gpu,
+    scores: &Tensor,
+    segment: Segment,
+    k: usize,
+    idx: &Tensor,
+    pairs: &[(&Tensor, &Tensor)],
+) -> Vec<Dispatch> {
+    let mut dispatches = vec![topk::select(gpu, scores, 0, segment, k, idx).unwrap()];
+    let rows = segment.kept_rows(k);
+    for (src, dst) in pairs {
+        dispatches.push(topk::gather_rows(gpu, src, idx, 0, rows, dst).unwrap());
+    }
+    dispatches
+}
+
 /// Select with random tied scores, then compact a hidden state, a KV-cache-like buffer with
 /// spare capacity, and the position ids; every compacted buffer must equal the CPU gather of
 /// the CPU reference list, bit for bit.
@@ -346,22 +365,18 @@ fn pipeline_case(gpu: &Gpu, rng: &mut TestRng, segment: Segment, k: usize, d: us
         t.poison(gpu);
     }
     let mut rec = Recorder::new(gpu);
-    rec.dispatch_all(
-        topk::compact(
-            gpu,
-            &scores_t,
-            0,
-            segment,
-            k,
-            &idx,
-            &[
-                (&hidden, &hidden_out),
-                (&cache, &cache_out),
-                (&pos, &pos_out),
-            ],
-        )
-        .unwrap(),
-    );
+    rec.dispatch_all(select_then_gather(
+        gpu,
+        &scores_t,
+        segment,
+        k,
+        &idx,
+        &[
+            (&hidden, &hidden_out),
+            (&cache, &cache_out),
+            (&pos, &pos_out),
+        ],
+    ));
     rec.finish("pipeline test").unwrap();
 
     let list = topk::reference_sequence(&scores, segment, k);

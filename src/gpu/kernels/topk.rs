@@ -10,8 +10,6 @@
 //! 2. [`gather_rows`] copies `dst[r] = src[idx[r]]` for each buffer that must shrink: hidden
 //!    states `[T, d]`, K/V caches `[C, Hkv·D]` (the first `T − n + k` rows), position ids `[T]`.
 //! 3. The caller swaps the compacted buffers in.
-//!
-//! [`compact`] records 1 and 2 for several buffers at once.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -353,25 +351,6 @@ fn check_gather(
         ));
     }
     Ok(())
-}
-
-/// Select the rows to keep into `idx` and compact every `(src, dst)` pair with them: the
-/// dispatches of one pruning step, in order. Each pair gathers `segment.kept_rows(k)` rows.
-pub fn compact(
-    gpu: &Gpu,
-    scores: &Tensor,
-    score_offset: usize,
-    segment: Segment,
-    k: usize,
-    idx: &Tensor,
-    pairs: &[(&Tensor, &Tensor)],
-) -> Result<Vec<Dispatch>> {
-    let mut dispatches = vec![select(gpu, scores, score_offset, segment, k, idx)?];
-    let rows = segment.kept_rows(k);
-    for (src, dst) in pairs {
-        dispatches.push(gather_rows(gpu, src, idx, 0, rows, dst)?);
-    }
-    Ok(dispatches)
 }
 
 /// CPU reference: the ascending indices of the `k` largest scores (ties → lower index, NaN

@@ -140,6 +140,31 @@ fn topk_treats_nan_as_the_smallest_score() {
     );
 }
 
+/// The hand-ranked order of `prune::top_k`'s test (2 > 0 = −0 > −∞ > NaN = −NaN), on the GPU.
+#[test]
+fn topk_ranks_the_two_zeros_equal_and_nan_last_as_the_cpu_top_k() {
+    let gpu = gpu();
+    let rng = TestRng::new();
+    let scores = [f32::NAN, -0.0, f32::NEG_INFINITY, 2.0, 0.0, -f32::NAN];
+    let t = Tensor::from_f32(&gpu, &[6], &scores, "scores").unwrap();
+    let want: [&[u32]; 6] = [
+        &[3],
+        &[1, 3],
+        &[1, 3, 4],
+        &[1, 2, 3, 4],
+        &[0, 1, 2, 3, 4],
+        &[0, 1, 2, 3, 4, 5],
+    ];
+    for (i, want) in want.iter().enumerate() {
+        let k = i + 1;
+        assert_eq!(
+            run_select(&gpu, &t, 0, Segment::whole(6), k, rng.seed),
+            *want,
+            "k = {k}"
+        );
+    }
+}
+
 #[test]
 fn topk_reads_scores_at_an_offset() {
     let gpu = gpu();

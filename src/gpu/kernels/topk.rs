@@ -353,8 +353,11 @@ fn check_gather(
     Ok(())
 }
 
-/// CPU reference: the ascending indices of the `k` largest scores (ties → lower index, NaN
-/// smallest), by a stable sort on descending score. Panics if `k > scores.len()`.
+/// The one CPU top-k: [`select`]'s reference and the host selections' (`prune::top_k`, used by
+/// VisPruner). The ascending indices of the `k` largest scores (every index if `k` ≥ the
+/// length), by a stable sort on descending score: ties go to the lower index, −0 and +0 are
+/// equal, NaN of either sign is smaller than every number (−∞ included) and ties with other
+/// NaNs, exactly as on the GPU.
 pub fn reference(scores: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     // Stable: equal scores keep ascending index order.
@@ -367,7 +370,7 @@ pub fn reference(scores: &[f32], k: usize) -> Vec<usize> {
             (false, false) => y.partial_cmp(&x).expect("not NaN"),
         }
     });
-    let mut kept = order[..k].to_vec();
+    let mut kept = order[..k.min(scores.len())].to_vec();
     kept.sort_unstable();
     kept
 }

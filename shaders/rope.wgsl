@@ -35,7 +35,9 @@ fn rope(
     let i = index % half_dim;
     let head = (index / half_dim) % p.heads;
     let row = index / (half_dim * p.heads);
-    // Positions past the table are rejected on the host; clamp so a bad id cannot read outside.
+    // The launcher cannot see the ids (they are already on the GPU); generate/prepare.rs keeps
+    // prompt + new tokens within max_position_embeddings, the table's length. The clamp only
+    // guarantees that a bad id reads a wrong angle instead of outside the table.
     let pos = min(positions[row], p.table_rows - 1u);
     let cs = table[pos * half_dim + i];
     let base = row * p.heads * p.head_dim + head * p.head_dim;

@@ -472,6 +472,7 @@ fn write_kept_overlay(
     };
     overlay::write(
         &image,
+        &request.image,
         &engine.image_processor,
         request.pad_to_square,
         patches,

@@ -1,7 +1,14 @@
 //! Choosing the next token from a logits row: greedy, or temperature + top-p with a seed.
+//!
+//! NaN logits are never chosen, as by the GPU argmax (`gpu::kernels::sample`): greedy picks the
+//! largest other value, sampling gives NaN no probability. A row with no value other than NaN has
+//! no answer: [`argmax`] gives the kernel's `NO_INDEX` and [`Sampler::sample`] `None`, which the
+//! decode loop reports as an error just as it does the GPU's `NO_INDEX`.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::gpu::kernels::sample::{argmax_reference, NO_INDEX};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -27,17 +34,10 @@ pub struct Sampler {
     rng: StdRng,
 }
 
-/// Index of the largest value; ties go to the lower index, NaN is never chosen.
+/// Index of the largest value; ties go to the lower index, NaN is never chosen; `NO_INDEX` when
+/// every value is NaN (or the row is empty). The GPU argmax kernel's contract, by its reference.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_value {
-            best = i;
-            best_value = v;
-        }
-    }
-    best as u32
+    argmax_reference(logits).map_or(NO_INDEX, |i| i as u32)
 }
 
 /// Natural log-softmax of the logits (in f64 for the normaliser).
@@ -77,16 +77,27 @@ impl Sampler {
         self.params.temperature <= 0.0
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.is_greedy() {
-            return argmax(logits);
+    /// The next token id; `None` when no logit is a number (all NaN, or an empty row). NaN
+    /// logits get no probability. If the largest logit is infinite (+∞, or −∞ when every
+    /// other value is −∞ or NaN), softmax is undefined and the argmax is returned, as greedy.
+    pub fn sample(&mut self, logits: &[f32]) -> Option<u32> {
+        let best = argmax_reference(logits)?;
+        let max = logits[best] as f64;
+        if self.is_greedy() || max.is_infinite() {
+            return Some(best as u32);
         }
         let t = self.params.temperature as f64;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let mut probs: Vec<(usize, f64)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &v)| (i, ((v as f64 - max) / t).exp()))
+            .map(|(i, &v)| {
+                let p = if v.is_nan() {
+                    0.0
+                } else {
+                    ((v as f64 - max) / t).exp()
+                };
+                (i, p)
+            })
             .collect();
         let total: f64 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= total);
@@ -110,10 +121,10 @@ impl Sampler {
         for p in &probs[..kept] {
             acc += p.1;
             if r < acc {
-                return p.0 as u32;
+                return Some(p.0 as u32);
             }
         }
-        probs[kept - 1].0 as u32
+        Some(probs[kept - 1].0 as u32)
     }
 }
 
@@ -137,7 +148,7 @@ mod tests {
         };
         let mut s = Sampler::new(params);
         assert!(
-            (0..200).all(|_| s.sample(&logits) == 0),
+            (0..200).all(|_| s.sample(&logits) == Some(0)),
             "top-p 0.5 keeps only the first token"
         );
         let params = SamplingParams {
@@ -147,14 +158,38 @@ mod tests {
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(params);
-            (0..50).map(|_| s.sample(&logits)).collect()
+            (0..50).map(|_| s.sample(&logits).unwrap()).collect()
         };
         let b: Vec<u32> = {
             let mut s = Sampler::new(params);
-            (0..50).map(|_| s.sample(&logits)).collect()
+            (0..50).map(|_| s.sample(&logits).unwrap()).collect()
         };
         assert_eq!(a, b);
         assert!(a.contains(&1), "the second token is drawn sometimes");
+    }
+
+    /// Hand-computed cases: NaN is skipped (also in front of −∞), all-NaN has no answer on the
+    /// host just as on the GPU (`NO_INDEX`, then an error in the decode loop).
+    #[test]
+    fn nan_is_never_chosen_and_an_all_nan_row_has_no_token() {
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), NO_INDEX);
+        assert_eq!(argmax(&[]), NO_INDEX);
+        for temperature in [0.0, 0.7] {
+            let params = SamplingParams {
+                temperature,
+                top_p: 1.0,
+                seed: 3,
+            };
+            let mut s = Sampler::new(params);
+            assert_eq!(s.sample(&[f32::NAN; 5]), None, "T = {temperature}");
+            assert_eq!(s.sample(&[f32::NAN, 2.0, f32::INFINITY]), Some(2));
+            let mixed = [f32::NAN, 1.0, f32::NAN, 1.5, f32::NAN];
+            for _ in 0..200 {
+                let id = s.sample(&mixed).unwrap();
+                assert!(id == 1 || id == 3, "T = {temperature}: drew NaN logit {id}");
+            }
+        }
     }
 
     #[test]

@@ -50,6 +50,32 @@ impl ModelCopy {
         let out = safetensors::serialize(kept, None).unwrap();
         std::fs::write(self.path("model.safetensors"), out).unwrap();
     }
+
+    /// Replace tensor `target` of model.safetensors by `shape`, its values made by `values`
+    /// from the old raw bytes.
+    fn replace_tensor(&self, target: &str, shape: Vec<usize>, values: impl Fn(&[u8]) -> Vec<u8>) {
+        let bytes = std::fs::read(self.path("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let new = values(st.tensor(target).unwrap().data());
+        let mut kept = Vec::new();
+        for (name, view) in st.tensors() {
+            let view = if name == target {
+                TensorView::new(view.dtype(), shape.clone(), &new).unwrap()
+            } else {
+                view
+            };
+            kept.push((name, view));
+        }
+        let out = safetensors::serialize(kept, None).unwrap();
+        std::fs::write(self.path("model.safetensors"), out).unwrap();
+    }
+
+    /// Rewrite a JSON file of the copy by replacing `from` with `to` (which must occur).
+    fn edit_json(&self, file: &str, from: &str, to: &str) {
+        let text = std::fs::read_to_string(self.path(file)).unwrap();
+        assert!(text.contains(from), "{file} holds no {from}");
+        std::fs::write(self.path(file), text.replacen(from, to, 1)).unwrap();
+    }
 }
 
 impl Drop for ModelCopy {
@@ -103,6 +129,59 @@ fn a_misshaped_tensor_is_named_with_both_shapes() {
         e.contains("layers.1.self_attn.q_proj.weight")
             && e.contains("[32, 128]")
             && e.contains("[64, 64]"),
+        "{e}"
+    );
+}
+
+/// `embed_tokens` is read on the host, where no kernel checks its width: a [1322, 32] matrix
+/// (the fixture's [661, 64] reshaped) used to load and then misalign every embedding row.
+#[test]
+fn an_embedding_of_the_wrong_width_is_named_with_both_widths() {
+    let m = ModelCopy::new("embed-width");
+    m.rewrite_weights(|name, shape| {
+        Some(if name == "language_model.model.embed_tokens.weight" {
+            vec![1322, 32]
+        } else {
+            shape
+        })
+    });
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("embed_tokens.weight") && e.contains("32") && e.contains("hidden_size = 64"),
+        "{e}"
+    );
+}
+
+/// A vision tower whose checkpoint and config agree on 4 input channels used to load, then
+/// slice out of bounds in `patchify` (the processor produces 3): refused at load.
+#[test]
+fn a_vision_tower_that_is_not_rgb_is_refused_at_load() {
+    let m = ModelCopy::new("channels");
+    m.edit_json("config.json", "\"num_channels\": 3", "\"num_channels\": 4");
+    let patch = "vision_tower.embeddings.patch_embedding.weight";
+    m.replace_tensor(patch, vec![64, 4, 14, 14], |old| {
+        old.iter().chain(&old[..old.len() / 3]).copied().collect()
+    });
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("config.json") && e.contains("vision_config.num_channels") && e.contains('4'),
+        "{e}"
+    );
+}
+
+/// Without the center crop, a non-square image resizes to a non-square array the vision
+/// tower cannot take (`patchify` sliced out of bounds): refused at load.
+#[test]
+fn a_processor_without_center_crop_is_refused_at_load() {
+    let m = ModelCopy::new("no-crop");
+    m.edit_json(
+        "preprocessor_config.json",
+        "\"do_center_crop\": true",
+        "\"do_center_crop\": false",
+    );
+    let e = load_error(&m.dir);
+    assert!(
+        e.contains("preprocessor_config.json") && e.contains("do_center_crop"),
         "{e}"
     );
 }

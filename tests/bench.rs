@@ -38,6 +38,28 @@ fn pruning_bench_reports_every_setting_on_the_fixture() {
     assert!(report.table().contains("realised"));
 }
 
+/// A library caller asking for zero timed runs used to index `runs[0]` of an empty list (and
+/// `bench kernels` silently ran once): both are argument errors naming `repeats`, as is an
+/// empty list of settings.
+#[test]
+fn zero_repeats_and_no_settings_are_argument_errors() {
+    let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
+    let settings = bench::default_settings(engine.config.image_tokens());
+    let name = |r: llava_wgpu::Result<_>| match r {
+        Err(llava_wgpu::Error::Argument { name, .. }) => name,
+        Err(other) => panic!("not an argument error: {other}"),
+        Ok(_) => panic!("accepted"),
+    };
+    let pruning =
+        |settings, repeats| bench::pruning(&engine, "fixture", settings, 0, repeats, 2, |_| {});
+    assert_eq!(name(pruning(&settings, 0).map(|_| ())), "repeats");
+    assert_eq!(name(pruning(&[], 1).map(|_| ())), "settings");
+    assert_eq!(
+        name(bench::kernels(&engine.gpu, 0, |_| {}).map(|_| ())),
+        "repeats"
+    );
+}
+
 #[test]
 fn presets_describe_llava_shapes_and_load() {
     let seven = presets::config("llava-1.5-7b").unwrap();
@@ -73,6 +95,7 @@ fn presets_describe_llava_shapes_and_load() {
         .unwrap_err()
         .to_string()
         .contains("argument preset"));
+    fixture::private_runtime_dir();
     let small = Engine::synthetic("small", EngineOptions::default()).unwrap();
     assert_eq!(small.config.image_tokens(), 576);
     assert!(small.weight_bytes > 50 << 20);

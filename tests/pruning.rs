@@ -349,6 +349,7 @@ fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
     };
     overlay::write(
         &image,
+        &case.image,
         &engine.image_processor,
         false,
         patches,
@@ -360,7 +361,10 @@ fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
     std::fs::remove_file(&path).ok();
     // 84-pixel crop scaled ×4, two panels 8 pixels apart.
     assert_eq!((overlay.width(), overlay.height()), (336 * 2 + 8, 336));
-    let (crop, h, w) = engine.image_processor.crop_rgb8(&image, false);
+    let (crop, h, w) = engine
+        .image_processor
+        .crop_rgb8(&image, &case.image, false)
+        .unwrap();
     assert_eq!((h, w), (84, 84));
     for (panel, list) in [stage1, stage2].iter().enumerate() {
         for patch in 0..36 {

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use llava_wgpu::gpu::kernels::topk::{self, Segment};
+use llava_wgpu::gpu::kernels::Dispatch;
 use llava_wgpu::gpu::{DType, Gpu, Recorder, Tensor};
 use llava_wgpu::Error;
 use rand::Rng;
@@ -137,6 +138,31 @@ fn topk_treats_nan_as_the_smallest_score() {
         run_select(&gpu, &t, 0, Segment::whole(4), 3, rng.seed),
         [0, 1, 3]
     );
+}
+
+/// The hand-ranked order of `prune::top_k`'s test (2 > 0 = −0 > −∞ > NaN = −NaN), on the GPU.
+#[test]
+fn topk_ranks_the_two_zeros_equal_and_nan_last_as_the_cpu_top_k() {
+    let gpu = gpu();
+    let rng = TestRng::new();
+    let scores = [f32::NAN, -0.0, f32::NEG_INFINITY, 2.0, 0.0, -f32::NAN];
+    let t = Tensor::from_f32(&gpu, &[6], &scores, "scores").unwrap();
+    let want: [&[u32]; 6] = [
+        &[3],
+        &[1, 3],
+        &[1, 3, 4],
+        &[1, 2, 3, 4],
+        &[0, 1, 2, 3, 4],
+        &[0, 1, 2, 3, 4, 5],
+    ];
+    for (i, want) in want.iter().enumerate() {
+        let k = i + 1;
+        assert_eq!(
+            run_select(&gpu, &t, 0, Segment::whole(6), k, rng.seed),
+            *want,
+            "k = {k}"
+        );
+    }
 }
 
 #[test]
@@ -319,6 +345,24 @@ fn gather_takes_rows_along_the_first_dimension() {
     assert_eq!(gpu.read_u32(&dst).unwrap(), want, "seed {}", rng.seed);
 }
 
+/// The dispatches of one pruning step, in order: select the rows to keep into `idx`, then gather
+/// `segment.kept_rows(k)` rows of every `(src, dst)` pair with them.
+fn select_then_gather(
+    gpu: &Gpu,
+    scores: &Tensor,
+    segment: Segment,
+    k: usize,
+    idx: &Tensor,
+    pairs: &[(&Tensor, &Tensor)],
+) -> Vec<Dispatch> {
+    let mut dispatches = vec![topk::select(gpu, scores, 0, segment, k, idx).unwrap()];
+    let rows = segment.kept_rows(k);
+    for (src, dst) in pairs {
+        dispatches.push(topk::gather_rows(gpu, src, idx, 0, rows, dst).unwrap());
+    }
+    dispatches
+}
+
 /// Select with random tied scores, then compact a hidden state, a KV-cache-like buffer with
 /// spare capacity, and the position ids; every compacted buffer must equal the CPU gather of
 /// the CPU reference list, bit for bit.
@@ -346,22 +390,18 @@ fn pipeline_case(gpu: &Gpu, rng: &mut TestRng, segment: Segment, k: usize, d: us
         t.poison(gpu);
     }
     let mut rec = Recorder::new(gpu);
-    rec.dispatch_all(
-        topk::compact(
-            gpu,
-            &scores_t,
-            0,
-            segment,
-            k,
-            &idx,
-            &[
-                (&hidden, &hidden_out),
-                (&cache, &cache_out),
-                (&pos, &pos_out),
-            ],
-        )
-        .unwrap(),
-    );
+    rec.dispatch_all(select_then_gather(
+        gpu,
+        &scores_t,
+        segment,
+        k,
+        &idx,
+        &[
+            (&hidden, &hidden_out),
+            (&cache, &cache_out),
+            (&pos, &pos_out),
+        ],
+    ));
     rec.finish("pipeline test").unwrap();
 
     let list = topk::reference_sequence(&scores, segment, k);

@@ -2,12 +2,17 @@
 //! (weights/shapes-heldout, seeds the training never used): the engine must give the answers HF
 //! transformers gave (recorded by scripts/hf_answers.py) and reach the 90% accuracy.
 
+mod session;
+
 use std::path::PathBuf;
 
 use llava_wgpu::harness::eval::{self, normalise};
 use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
 
+/// The repository root; every test here starts from it, so it also sets the Mesa runtime
+/// directory (see tests/session).
 fn root() -> PathBuf {
+    session::private_runtime_dir();
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 

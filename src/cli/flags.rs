@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 12] = [
+const FLAGS: [(&str, &str); 13] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
@@ -13,6 +13,7 @@ const FLAGS: [(&str, &str); 12] = [
     ("prune.stage1_score", "--stage1-score"),
     ("prune.stage2_layer", "--stage2-layer"),
     ("max_new_tokens", "--max-new-tokens"),
+    ("repeats", "--repeats"),
     ("gpu.adapter", "--adapter"),
     ("gpu.backend", "--backend"),
     ("prompt", "--prompt"),

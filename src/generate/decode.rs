@@ -105,10 +105,7 @@ impl Engine {
         if !picker.host_samples {
             let id = self.gpu.read_u32(&state.next_token)?[0];
             if id as usize >= self.config.text.vocab_size {
-                return Err(Error::gpu(
-                    "sampling",
-                    "the logits row holds no finite value",
-                ));
+                return Err(no_token());
             }
             return Ok(id);
         }
@@ -120,7 +117,7 @@ impl Engine {
                     .collect(),
             );
         }
-        Ok(picker.sampler.sample(logits))
+        picker.sampler.sample(logits).ok_or_else(no_token)
     }
 
     /// Run token `id` at `position` through the decoder, leaving its logits (and, with
@@ -148,4 +145,12 @@ impl Engine {
         }
         rec.finish("decode")
     }
+}
+
+/// Both pickers (the GPU argmax and the host sampler) find no token when every logit is NaN.
+fn no_token() -> Error {
+    Error::gpu(
+        "sampling",
+        "the logits row holds no number (every value is NaN)",
+    )
 }

@@ -28,9 +28,9 @@ impl Engine {
     /// gather the text embeddings.
     pub(super) fn prepare(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
         let image = load_image(&request.image)?;
-        let pixels = self
-            .image_processor
-            .preprocess(&image, request.pad_to_square);
+        let pixels =
+            self.image_processor
+                .preprocess(&image, &request.image, request.pad_to_square)?;
         let n0 = self.config.image_tokens();
         let text = request
             .template

@@ -28,7 +28,6 @@ pub struct Recorder<'g> {
     gpu: &'g Gpu,
     pending: Vec<Command>,
     batch: usize,
-    submitted: usize,
     stage: &'static str,
 }
 
@@ -42,7 +41,6 @@ impl<'g> Recorder<'g> {
             gpu,
             pending: Vec::new(),
             batch: batch.max(1),
-            submitted: 0,
             stage: "gpu",
         }
     }
@@ -92,18 +90,12 @@ impl<'g> Recorder<'g> {
         }
     }
 
-    /// Number of dispatches and copies submitted so far.
-    pub fn submitted(&self) -> usize {
-        self.submitted
-    }
-
     /// Encode and submit everything pending (does not wait).
     pub fn submit(&mut self) {
         if self.pending.is_empty() {
             return;
         }
         let commands = std::mem::take(&mut self.pending);
-        self.submitted += commands.len();
         let mut profiler = self.gpu.profiler.lock().unwrap_or_else(|p| p.into_inner());
         match profiler.as_mut() {
             Some(p) if p.mode == TimingMode::CpuWallClock => self.submit_one_by_one(&commands, p),

@@ -25,12 +25,11 @@ pub enum Shader {
     Norm,
     Rope,
     Activation,
-    Elementwise,
     Sample,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 9] = [
+    pub const ALL: [Shader; 8] = [
         Shader::Matmul,
         Shader::Gemv,
         Shader::Attention,
@@ -38,7 +37,6 @@ impl Shader {
         Shader::Norm,
         Shader::Rope,
         Shader::Activation,
-        Shader::Elementwise,
         Shader::Sample,
     ];
 
@@ -52,7 +50,6 @@ impl Shader {
             Shader::Norm => "norm",
             Shader::Rope => "rope",
             Shader::Activation => "activation",
-            Shader::Elementwise => "elementwise",
             Shader::Sample => "sample",
         }
     }
@@ -67,7 +64,6 @@ impl Shader {
             Shader::Norm => include_str!("../../shaders/norm.wgsl"),
             Shader::Rope => include_str!("../../shaders/rope.wgsl"),
             Shader::Activation => include_str!("../../shaders/activation.wgsl"),
-            Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             Shader::Sample => include_str!("../../shaders/sample.wgsl"),
         }
     }

@@ -5,7 +5,7 @@
 //! (`CLIPEncoderLayer`) with `layer_norm1`, `self_attn`, `layer_norm2` and `mlp`, each loaded
 //! from the checkpoint scope of the same name. `post_layernorm` is never used by LLaVA.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::kernels::activation::{self, Activation};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::linear::matmul;
@@ -290,14 +290,24 @@ impl ClipVision {
         })
     }
 
-    /// Flatten CHW pixels into patch rows [1 + patches, c·p·p] in the convolution's (c, y, x)
-    /// order; row 0 (the CLS position) is zero so the matmul leaves it to the class embedding.
-    pub fn patchify(&self, pixels: &[f32]) -> Vec<f32> {
+    /// Flatten CHW pixels `[c, s, s]` into patch rows [1 + patches, c·p·p] in the convolution's
+    /// (c, y, x) order; row 0 (the CLS position) is zero so the matmul leaves it to the class
+    /// embedding.
+    pub fn patchify(&self, pixels: &[f32]) -> Result<Vec<f32>> {
         let (s, p, c) = (
             self.config.image_size,
             self.config.patch_size,
             self.config.num_channels,
         );
+        if pixels.len() != c * s * s {
+            return Err(Error::shape(
+                "patchify",
+                format!(
+                    "pixels hold {} values, the vision tower takes [{c}, {s}, {s}]",
+                    pixels.len()
+                ),
+            ));
+        }
         let g = s / p;
         let row = c * p * p;
         let mut out = vec![0f32; (g * g + 1) * row];
@@ -313,7 +323,7 @@ impl ClipVision {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Record the tower on `pixels`; afterwards `buffers.hidden` holds the selected hidden state
@@ -328,7 +338,7 @@ impl ClipVision {
     ) -> Result<()> {
         buffers
             .patches
-            .write_f32(rec.gpu(), &self.patchify(pixels))?;
+            .write_f32(rec.gpu(), &self.patchify(pixels)?)?;
         self.embeddings.forward(rec, buffers)?;
         self.pre_layrnorm
             .forward(rec, &buffers.embeddings, &buffers.hidden)?;

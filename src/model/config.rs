@@ -449,6 +449,13 @@ impl Reader {
                 ),
             ));
         }
+        let num_channels = self.usize_or(v, p, "num_channels", 3)?;
+        if num_channels != 3 {
+            return Err(self.err(
+                "vision_config.num_channels",
+                format!("{num_channels} is not supported: the image processor produces RGB (3)"),
+            ));
+        }
         let hidden_act = self.str_or(v, p, "hidden_act", "quick_gelu")?;
         if hidden_act != "quick_gelu" && hidden_act != "gelu" {
             return Err(self.err(
@@ -463,7 +470,7 @@ impl Reader {
             num_attention_heads,
             image_size,
             patch_size,
-            num_channels: self.usize_or(v, p, "num_channels", 3)?,
+            num_channels,
             layer_norm_eps: self.f64_or(v, p, "layer_norm_eps", 1e-5)?,
             hidden_act,
         })

@@ -106,6 +106,8 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Self> {
         let start = Instant::now();
+        // The one weight no kernel launcher sees: its rows are gathered on the host.
+        checkpoint.check_embedding_width("text.embed_tokens.weight", config.text.hidden_size)?;
         let gpu = Gpu::new(options.gpu.clone())?;
 
         let vision_layers = config.vision_layers_to_run();

@@ -216,6 +216,30 @@ impl Checkpoint {
         self.get(canonical)?.rows_f32(ids)
     }
 
+    /// Check that the embedding matrix `canonical` is `[rows, width]`. Its rows are read on the
+    /// host ([`Self::embedding_rows`]), where no kernel launcher checks a shape, so a wrong width
+    /// would otherwise surface as misaligned rows or a slice out of bounds mid-request.
+    pub fn check_embedding_width(&self, canonical: &str, width: usize) -> Result<()> {
+        let (shape, file, name) = match self.synthetic.get(canonical) {
+            Some(shape) => (shape.clone(), self.dir.clone(), canonical.to_string()),
+            None => {
+                let t = self.get(canonical)?;
+                (t.shape.clone(), t.file.to_path_buf(), t.name.clone())
+            }
+        };
+        match shape[..] {
+            [_, w] if w == width => Ok(()),
+            _ => Err(file_error(
+                &file,
+                format!(
+                    "tensor '{name}' has shape {shape:?}: expected rows of hidden_size = {width} \
+                     values, found {}",
+                    shape.last().map_or("none".into(), |w| w.to_string())
+                ),
+            )),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

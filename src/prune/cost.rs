@@ -1,15 +1,10 @@
 //! The cost model of docs/pruning.md: per decoder layer with n tokens, hidden d and MLP width m,
 //! `F(n) = 4nd² + 2n²d + 3ndm` multiply-adds (SwiGLU has three matrices). The papers' FastV
-//! formula uses `2ndm`; [`layer_macs_paper`] gives that variant for comparisons with them.
+//! formula uses `2ndm` (the test below checks docs/pruning.md's figure with it).
 
 /// Multiply-adds of one LLaMA decoder layer over `n` tokens.
 pub fn layer_macs(n: u64, d: u64, m: u64) -> u64 {
     4 * n * d * d + 2 * n * n * d + 3 * n * d * m
-}
-
-/// The FastV paper's variant with a two-matrix MLP.
-pub fn layer_macs_paper(n: u64, d: u64, m: u64) -> u64 {
-    4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 }
 
 /// Prefill multiply-adds with `tokens[l]` tokens entering layer `l`.
@@ -22,7 +17,10 @@ pub fn prefill_macs(tokens: &[usize], d: usize, m: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    /// The FastV paper's variant with a two-matrix MLP.
+    fn layer_macs_paper(n: u64, d: u64, m: u64) -> u64 {
+        4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    }
 
     #[test]
     fn star_reference_setting_saves_58_percent_with_the_paper_formula() {

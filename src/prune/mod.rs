@@ -441,19 +441,38 @@ pub fn random_selection(n: usize, k: usize, seed: u64) -> Vec<usize> {
     chosen
 }
 
-/// Top-k by score, ties to the lower index, ascending index order (the CPU reference the GPU
-/// selection is tested against).
-pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    let mut kept = order[..k.min(scores.len())].to_vec();
-    kept.sort_unstable();
-    kept
-}
+/// Top-k by score in ascending index order, by the GPU selection's own CPU reference, so host
+/// (VisPruner) and GPU selections follow one rule: ties to the lower index, −0 = +0, NaN below
+/// every number (see [`crate::gpu::kernels::topk::reference`]).
+pub use crate::gpu::kernels::topk::reference as top_k;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hand-ranked: 2 > 0 = −0 (lower index first) > −∞ > NaN = −NaN. The former host top-k
+    /// (`total_cmp`) ranked +NaN above every number and −0 below +0, unlike the GPU.
+    #[test]
+    fn top_k_ranks_nan_last_and_the_two_zeros_equal() {
+        let scores = [f32::NAN, -0.0, f32::NEG_INFINITY, 2.0, 0.0, -f32::NAN];
+        let want: [&[usize]; 7] = [
+            &[],
+            &[3],
+            &[1, 3],
+            &[1, 3, 4],
+            &[1, 2, 3, 4],
+            &[0, 1, 2, 3, 4],
+            &[0, 1, 2, 3, 4, 5],
+        ];
+        for (k, want) in want.iter().enumerate() {
+            assert_eq!(top_k(&scores, k), *want, "k = {k}");
+        }
+        assert_eq!(
+            top_k(&scores, 9),
+            want[6],
+            "k beyond the length keeps everything"
+        );
+    }
 
     fn opts(method: Method) -> PruneOptions {
         PruneOptions {

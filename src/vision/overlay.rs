@@ -25,9 +25,10 @@ pub struct PatchGrid {
 }
 
 /// Write one panel per entry of `kept` (the visual-token indices a stage kept, in stage order)
-/// side by side. `image` is cropped by `processor` as the model saw it.
+/// side by side. `image` (read from `source`) is cropped by `processor` as the model saw it.
 pub fn write(
     image: &DynamicImage,
+    source: &Path,
     processor: &ImageProcessorConfig,
     pad_to_square: bool,
     patches: PatchGrid,
@@ -40,7 +41,7 @@ pub fn write(
             "no stage to draw: give the indices each stage kept",
         ));
     }
-    let (rgb, h, w) = processor.crop_rgb8(image, pad_to_square);
+    let (rgb, h, w) = processor.crop_rgb8(image, source, pad_to_square)?;
     let scale = (MIN_HEIGHT / h.max(1)).max(1);
     let (ph, pw) = (h * scale, w * scale);
     let width = kept.len() * pw + (kept.len() - 1) * GAP;

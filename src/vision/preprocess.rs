@@ -10,10 +10,17 @@ use image::DynamicImage;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::vision::resample::{resize_rgb8, Filter};
+use crate::vision::resample::{resize_window_rgb8, Filter, Window};
 
-/// Refuse images whose decoded size would be absurd (a decompression bomb or a wrong file).
+/// Refuse images whose decoded size would be absurd (a decompression bomb or a wrong file), and
+/// padding to a square beyond it.
 pub const MAX_IMAGE_PIXELS: u64 = 100_000_000;
+
+/// Once resized (before the crop), an image's long side may be at most this many times the
+/// model's input side (the larger of `crop_size`'s sides). With CLIP's processors (shortest edge
+/// = crop) this accepts aspect ratios up to 64:1; a longer strip, of which the center crop would
+/// see less than 1/64, is refused rather than silently reduced to a sliver of itself.
+pub const MAX_ELONGATION: usize = 64;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageProcessorConfig {
@@ -124,6 +131,15 @@ impl ImageProcessorConfig {
         if c.image_std.iter().any(|&s| s <= 0.0) {
             return Err(fail("image_std", "must be positive".into()));
         }
+        if !c.do_center_crop {
+            return Err(fail(
+                "do_center_crop",
+                format!(
+                    "false is not supported: the vision tower takes {image_size}x{image_size} \
+                     pixels, and without the crop the resized image's shape follows the input's"
+                ),
+            ));
+        }
         if c.crop_height != image_size || c.crop_width != image_size {
             return Err(fail(
                 "crop_size",
@@ -137,50 +153,119 @@ impl ImageProcessorConfig {
     }
 
     /// The 8-bit RGB image the model sees (after conversion, optional padding, resize and
-    /// crop), row-major `height × width × 3`, with its size.
-    pub fn crop_rgb8(&self, image: &DynamicImage, pad_to_square: bool) -> (Vec<u8>, usize, usize) {
-        let (mut w, mut h) = (image.width() as usize, image.height() as usize);
+    /// crop), row-major `height × width × 3`, with its size. Only the part of the resized image
+    /// that survives the crop is resampled, so the work follows the crop, not the input's
+    /// shape. `source` names the image in errors: padding that would exceed
+    /// [`MAX_IMAGE_PIXELS`], or a shape more elongated than [`MAX_ELONGATION`], is refused.
+    pub fn crop_rgb8(
+        &self,
+        image: &DynamicImage,
+        source: &Path,
+        pad_to_square: bool,
+    ) -> Result<(Vec<u8>, usize, usize)> {
+        let (w, h) = self.checked_sizes(image, source, pad_to_square)?;
         let mut rgb = to_rgb8(image, self.do_convert_rgb);
         if pad_to_square && w != h {
-            let side = w.max(h);
-            let fill: [u8; 3] = std::array::from_fn(|c| (self.image_mean[c] * 255.0) as u8);
-            let mut square = fill.repeat(side * side);
-            let (x0, y0) = ((side - w) / 2, (side - h) / 2);
-            for y in 0..h {
-                let dst = ((y + y0) * side + x0) * 3;
-                square[dst..dst + w * 3].copy_from_slice(&rgb[y * w * 3..(y + 1) * w * 3]);
-            }
-            (rgb, w, h) = (square, side, side);
+            rgb = self.pad_to_square(&rgb, w, h);
         }
-        if self.do_resize {
-            let (out_w, out_h) = shortest_edge_size(w, h, self.shortest_edge);
-            rgb = resize_rgb8(&rgb, w, h, out_w, out_h, self.filter);
-            (w, h) = (out_w, out_h);
-        }
-        if !self.do_center_crop {
-            return (rgb, h, w);
-        }
-        let (out_h, out_w) = (self.crop_height, self.crop_width);
+        let (w, h) = if pad_to_square {
+            (w.max(h), w.max(h))
+        } else {
+            (w, h)
+        };
+        let (rw, rh) = self.resized_size(w, h);
+        let (out_h, out_w) = if self.do_center_crop {
+            (self.crop_height, self.crop_width)
+        } else {
+            (rh, rw)
+        };
         // transformers' center_crop: top = (h − crop_h) // 2, padding with zeros if smaller.
-        let top = (h as i64 - out_h as i64).div_euclid(2);
-        let left = (w as i64 - out_w as i64).div_euclid(2);
-        let mut out = vec![0u8; out_h * out_w * 3];
-        for y in 0..out_h {
-            for x in 0..out_w {
-                let (sy, sx) = (y as i64 + top, x as i64 + left);
-                if sy >= 0 && sx >= 0 && (sy as usize) < h && (sx as usize) < w {
-                    let src = ((sy as usize) * w + sx as usize) * 3;
-                    out[(y * out_w + x) * 3..(y * out_w + x) * 3 + 3]
-                        .copy_from_slice(&rgb[src..src + 3]);
-                }
-            }
+        let top = (rh as i64 - out_h as i64).div_euclid(2);
+        let left = (rw as i64 - out_w as i64).div_euclid(2);
+        let inside = |start: i64, len: usize, size: usize| {
+            start.clamp(0, size as i64) as usize
+                ..(start + len as i64).clamp(0, size as i64) as usize
+        };
+        let window = Window {
+            x: inside(left, out_w, rw),
+            y: inside(top, out_h, rh),
+        };
+        let part = resize_window_rgb8(&rgb, (w, h), (rw, rh), &window, self.filter);
+        if (window.x.len(), window.y.len()) == (out_w, out_h) {
+            return Ok((part, out_h, out_w));
         }
-        (out, out_h, out_w)
+        let mut out = vec![0u8; out_h * out_w * 3];
+        let (x0, y0) = (window.x.start as i64 - left, window.y.start as i64 - top);
+        let row = window.x.len() * 3;
+        for (r, src) in part.chunks_exact(row.max(1)).enumerate() {
+            let dst = ((y0 as usize + r) * out_w + x0 as usize) * 3;
+            out[dst..dst + row].copy_from_slice(src);
+        }
+        Ok((out, out_h, out_w))
     }
 
-    /// Preprocess a decoded image into CHW f32 pixels `[3, crop_height, crop_width]`.
-    pub fn preprocess(&self, image: &DynamicImage, pad_to_square: bool) -> Vec<f32> {
-        let (rgb, h, w) = self.crop_rgb8(image, pad_to_square);
+    /// The size before resizing (padded to a square if asked), after refusing padding beyond
+    /// [`MAX_IMAGE_PIXELS`] and shapes more elongated than [`MAX_ELONGATION`].
+    fn checked_sizes(
+        &self,
+        image: &DynamicImage,
+        source: &Path,
+        pad_to_square: bool,
+    ) -> Result<(usize, usize)> {
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let fail = |reason: String| Error::File {
+            path: source.to_path_buf(),
+            reason: format!("the image is {w}x{h} pixels: {reason}"),
+        };
+        let side = w.max(h);
+        if pad_to_square && (side as u64).pow(2) > MAX_IMAGE_PIXELS {
+            return Err(fail(format!(
+                "padded to a square it would be {side}x{side}, over the {MAX_IMAGE_PIXELS}-pixel limit"
+            )));
+        }
+        let (pw, ph) = if pad_to_square { (side, side) } else { (w, h) };
+        let (rw, rh) = self.resized_size(pw, ph);
+        let input = self.crop_height.max(self.crop_width);
+        if w == 0 || h == 0 || rw.max(rh) > MAX_ELONGATION * input {
+            return Err(fail(format!(
+                "resized to {rw}x{rh}, its long side would be more than {MAX_ELONGATION} times \
+                 the model's {input}-pixel input (at most {MAX_ELONGATION}:1 is accepted)"
+            )));
+        }
+        Ok((w, h))
+    }
+
+    /// `w × h` after the resize step (unchanged without `do_resize`).
+    fn resized_size(&self, w: usize, h: usize) -> (usize, usize) {
+        if self.do_resize {
+            shortest_edge_size(w, h, self.shortest_edge)
+        } else {
+            (w, h)
+        }
+    }
+
+    /// `rgb` (`w × h`) centred on a square of the mean colour, as LLaVA's `expand2square`.
+    fn pad_to_square(&self, rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
+        let side = w.max(h);
+        let fill: [u8; 3] = std::array::from_fn(|c| (self.image_mean[c] * 255.0) as u8);
+        let mut square = fill.repeat(side * side);
+        let (x0, y0) = ((side - w) / 2, (side - h) / 2);
+        for y in 0..h {
+            let dst = ((y + y0) * side + x0) * 3;
+            square[dst..dst + w * 3].copy_from_slice(&rgb[y * w * 3..(y + 1) * w * 3]);
+        }
+        square
+    }
+
+    /// Preprocess a decoded image into CHW f32 pixels `[3, crop_height, crop_width]`; `source`
+    /// names the image in errors (see [`Self::crop_rgb8`]).
+    pub fn preprocess(
+        &self,
+        image: &DynamicImage,
+        source: &Path,
+        pad_to_square: bool,
+    ) -> Result<Vec<f32>> {
+        let (rgb, h, w) = self.crop_rgb8(image, source, pad_to_square)?;
         let mut out = vec![0f32; 3 * h * w];
         for y in 0..h {
             for x in 0..w {
@@ -196,7 +281,7 @@ impl ImageProcessorConfig {
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 

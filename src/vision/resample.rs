@@ -4,6 +4,8 @@
 //! intermediate image rounded to 8 bits between the passes. transformers' CLIPImageProcessor
 //! resizes through Pillow, so matching it bit for bit matters more than any "better" resampler.
 
+use std::ops::Range;
+
 /// Pillow's resampling filters that CLIP processors use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Filter {
@@ -56,19 +58,41 @@ impl Filter {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// For each output pixel: the first input index and the fixed-point weights.
+/// For each output pixel of a range: the first input index and the fixed-point weights.
 struct Coefficients {
     first: Vec<usize>,
     weights: Vec<Vec<i32>>,
 }
 
-fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
+impl Coefficients {
+    /// The input indices the range's pixels read: `[min first, max first + taps)`.
+    fn inputs(&self) -> Range<usize> {
+        let start = self.first.iter().copied().min().unwrap_or(0);
+        let end = self
+            .first
+            .iter()
+            .zip(&self.weights)
+            .map(|(&f, w)| f + w.len())
+            .max()
+            .unwrap_or(0);
+        start..end.max(start)
+    }
+}
+
+/// Pillow's `precompute_coeffs` for the output pixels `range` of an `in_size → out_size`
+/// resize (each pixel's weights depend only on its own position).
+fn coefficients(
+    in_size: usize,
+    out_size: usize,
+    range: Range<usize>,
+    filter: Filter,
+) -> Coefficients {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = filter.support() * filter_scale;
-    let mut first = Vec::with_capacity(out_size);
-    let mut weights = Vec::with_capacity(out_size);
-    for xx in 0..out_size {
+    let mut first = Vec::with_capacity(range.len());
+    let mut weights = Vec::with_capacity(range.len());
+    for xx in range {
         let center = (xx as f64 + 0.5) * scale;
         // Pillow truncates with a C cast after adding 0.5.
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -104,6 +128,23 @@ fn clip8(value: i64) -> u8 {
     (value >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
+/// `Σ weights[i] · pixel(first + i)` in fixed point, rounded and clipped to 8 bits; `pixel(j)`
+/// is channel value `j` of a row or column.
+fn convolve(first: usize, weights: &[i32], pixel: impl Fn(usize) -> u8) -> u8 {
+    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+    for (i, &k) in weights.iter().enumerate() {
+        acc += pixel(first + i) as i64 * k as i64;
+    }
+    clip8(acc)
+}
+
+/// Output columns `x` and rows `y` of a resize: a crop of the resized image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub x: Range<usize>,
+    pub y: Range<usize>,
+}
+
 /// Resize an interleaved RGB8 image (`width × height × 3`) like Pillow does.
 pub fn resize_rgb8(
     pixels: &[u8],
@@ -113,42 +154,62 @@ pub fn resize_rgb8(
     out_h: usize,
     filter: Filter,
 ) -> Vec<u8> {
-    let mut current = pixels.to_vec();
-    let mut w = width;
-    if out_w != width {
-        let c = coefficients(width, out_w, filter);
-        let mut next = vec![0u8; out_w * height * 3];
-        for y in 0..height {
-            for xx in 0..out_w {
-                for ch in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &k) in c.weights[xx].iter().enumerate() {
-                        acc += current[(y * w + c.first[xx] + i) * 3 + ch] as i64 * k as i64;
-                    }
-                    next[(y * out_w + xx) * 3 + ch] = clip8(acc);
-                }
+    let window = Window {
+        x: 0..out_w,
+        y: 0..out_h,
+    };
+    resize_window_rgb8(pixels, (width, height), (out_w, out_h), &window, filter)
+}
+
+/// The pixels in `window` of [`resize_rgb8`]'s `size → out` result, row-major
+/// `window.y.len() × window.x.len() × 3`, bit-identical to resizing everything and cropping.
+/// Only the window is computed (and only the input rows its vertical taps read go through the
+/// horizontal pass, as Pillow itself does), so the work follows the window, not `out`.
+/// `window` must lie inside `out`.
+pub fn resize_window_rgb8(
+    pixels: &[u8],
+    size: (usize, usize),
+    out: (usize, usize),
+    window: &Window,
+    filter: Filter,
+) -> Vec<u8> {
+    let ((width, height), (out_w, out_h)) = (size, out);
+    let cols = window.x.len();
+    if cols == 0 || window.y.is_empty() {
+        return Vec::new();
+    }
+    // Pillow: horizontal pass first, rounded to 8 bits, then the vertical pass.
+    let vertical = (out_h != height).then(|| coefficients(height, out_h, window.y.clone(), filter));
+    let rows = vertical
+        .as_ref()
+        .map_or(window.y.clone(), Coefficients::inputs);
+    let horizontal = (out_w != width).then(|| coefficients(width, out_w, window.x.clone(), filter));
+    let mut mid = vec![0u8; rows.len() * cols * 3];
+    for (r, y) in rows.clone().enumerate() {
+        let src = &pixels[y * width * 3..(y + 1) * width * 3];
+        let dst = &mut mid[r * cols * 3..(r + 1) * cols * 3];
+        let Some(c) = &horizontal else {
+            dst.copy_from_slice(&src[window.x.start * 3..window.x.end * 3]);
+            continue;
+        };
+        for (j, px) in dst.chunks_exact_mut(3).enumerate() {
+            for (ch, v) in px.iter_mut().enumerate() {
+                *v = convolve(c.first[j], &c.weights[j], |x| src[x * 3 + ch]);
             }
         }
-        current = next;
-        w = out_w;
     }
-    if out_h != height {
-        let c = coefficients(height, out_h, filter);
-        let mut next = vec![0u8; w * out_h * 3];
-        for yy in 0..out_h {
-            for x in 0..w {
-                for ch in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &k) in c.weights[yy].iter().enumerate() {
-                        acc += current[((c.first[yy] + i) * w + x) * 3 + ch] as i64 * k as i64;
-                    }
-                    next[(yy * w + x) * 3 + ch] = clip8(acc);
-                }
-            }
+    let Some(c) = vertical else {
+        return mid;
+    };
+    let mut next = vec![0u8; window.y.len() * cols * 3];
+    for (j, row) in next.chunks_exact_mut(cols * 3).enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = convolve(c.first[j], &c.weights[j], |y| {
+                mid[(y - rows.start) * cols * 3 + i]
+            });
         }
-        current = next;
     }
-    current
+    next
 }
 
 #[cfg(test)]
@@ -170,10 +231,102 @@ mod tests {
         assert!(out.iter().all(|&v| v == 200));
     }
 
+    /// The resampler as it was before windows (both passes over the whole image), validated
+    /// against transformers' pixels by tests/preprocess.rs: the reference for the windowed one.
+    fn whole_image_then_crop(
+        pixels: &[u8],
+        (width, height): (usize, usize),
+        (out_w, out_h): (usize, usize),
+        window: &Window,
+        filter: Filter,
+    ) -> Vec<u8> {
+        let mut current = pixels.to_vec();
+        if out_w != width {
+            let c = coefficients(width, out_w, 0..out_w, filter);
+            let mut next = vec![0u8; out_w * height * 3];
+            for y in 0..height {
+                for xx in 0..out_w {
+                    for ch in 0..3 {
+                        next[(y * out_w + xx) * 3 + ch] =
+                            convolve(c.first[xx], &c.weights[xx], |x| {
+                                current[(y * width + x) * 3 + ch]
+                            });
+                    }
+                }
+            }
+            current = next;
+        }
+        if out_h != height {
+            let c = coefficients(height, out_h, 0..out_h, filter);
+            let mut next = vec![0u8; out_w * out_h * 3];
+            for yy in 0..out_h {
+                for i in 0..out_w * 3 {
+                    next[yy * out_w * 3 + i] =
+                        convolve(c.first[yy], &c.weights[yy], |y| current[y * out_w * 3 + i]);
+                }
+            }
+            current = next;
+        }
+        let mut out = Vec::new();
+        for y in window.y.clone() {
+            out.extend_from_slice(
+                &current[(y * out_w + window.x.start) * 3..(y * out_w + window.x.end) * 3],
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn a_window_equals_the_whole_resize_cropped() {
+        let (w, h) = (23, 157);
+        let px: Vec<u8> = (0..w * h * 3).map(|i| (i * 7919 % 251) as u8).collect();
+        let cases = [
+            (
+                (84, 574),
+                Window {
+                    x: 0..84,
+                    y: 245..329,
+                },
+            ),
+            ((84, 574), Window { x: 3..80, y: 0..1 }),
+            (
+                (84, 574),
+                Window {
+                    x: 0..84,
+                    y: 573..574,
+                },
+            ),
+            ((23, 40), Window { x: 5..9, y: 11..30 }),
+            (
+                (10, 157),
+                Window {
+                    x: 2..10,
+                    y: 100..157,
+                },
+            ),
+            (
+                (23, 157),
+                Window {
+                    x: 1..22,
+                    y: 0..157,
+                },
+            ),
+            ((6, 9), Window { x: 0..6, y: 0..9 }),
+            ((84, 574), Window { x: 4..4, y: 0..0 }),
+        ];
+        for (out, window) in cases {
+            for filter in [Filter::Bicubic, Filter::Bilinear] {
+                let want = whole_image_then_crop(&px, (w, h), out, &window, filter);
+                let got = resize_window_rgb8(&px, (w, h), out, &window, filter);
+                assert!(got == want, "{out:?} {window:?} {filter:?}");
+            }
+        }
+    }
+
     #[test]
     fn weights_sum_to_one_in_fixed_point() {
         for (i, o) in [(97, 133), (200, 84), (61, 84), (1000, 3)] {
-            let c = coefficients(i, o, Filter::Bicubic);
+            let c = coefficients(i, o, 0..o, Filter::Bicubic);
             for w in &c.weights {
                 let s: i64 = w.iter().map(|&k| k as i64).sum();
                 assert!(

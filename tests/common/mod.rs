@@ -1,6 +1,9 @@
 //! Shared test helpers: the device, seeded random inputs, and tolerance checks that name the seed.
 #![allow(dead_code)]
 
+#[path = "../session/mod.rs"]
+mod session;
+
 use llava_wgpu::gpu::{Gpu, GpuOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -45,11 +48,13 @@ impl TestRng {
 
 /// The default device (lavapipe on a machine without a GPU).
 pub fn gpu() -> Gpu {
+    session::private_runtime_dir();
     Gpu::new(GpuOptions::default()).expect("no GPU adapter: install mesa-vulkan-drivers")
 }
 
 /// A device with the optional features switched off, to test the fallback shader paths.
 pub fn gpu_without_features() -> Gpu {
+    session::private_runtime_dir();
     Gpu::new(GpuOptions {
         disable_f16: true,
         disable_subgroups: true,
@@ -61,6 +66,7 @@ pub fn gpu_without_features() -> Gpu {
 
 /// A device that plans with a small storage-binding limit, forcing weights into chunks.
 pub fn gpu_with_binding_limit(bytes: u64) -> Gpu {
+    session::private_runtime_dir();
     Gpu::new(GpuOptions {
         max_binding_bytes: Some(bytes),
         ..GpuOptions::default()

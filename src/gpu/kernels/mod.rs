@@ -6,7 +6,6 @@
 
 pub mod activation;
 pub mod attention;
-pub mod elementwise;
 pub mod linear;
 pub mod norm;
 pub mod rope;
@@ -215,7 +214,6 @@ mod tests {
             Shader::Norm => norm::WORKGROUP.constants(),
             Shader::Rope => rope::WORKGROUP.constants(),
             Shader::Activation => activation::WORKGROUP.constants(),
-            Shader::Elementwise => elementwise::WORKGROUP.constants(),
             Shader::Sample => sample::WORKGROUP.constants(),
         }
     }

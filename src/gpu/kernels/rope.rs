@@ -65,7 +65,9 @@ impl RopeTable {
     }
 }
 
-/// Rotate `x [T, heads·D]` in place; `positions [T]` (u32) gives each row's position.
+/// Rotate `x [T, heads·D]` in place; `positions [T]` (u32) gives each row's position. The ids are
+/// not checked here (they are on the GPU): callers keep them below `table.positions`
+/// (generate/prepare.rs caps prompt + new tokens at the context); the shader clamps larger ones.
 pub fn rope(
     gpu: &Gpu,
     x: &Tensor,

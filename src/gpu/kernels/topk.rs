@@ -10,8 +10,6 @@
 //! 2. [`gather_rows`] copies `dst[r] = src[idx[r]]` for each buffer that must shrink: hidden
 //!    states `[T, d]`, K/V caches `[C, Hkv·D]` (the first `T − n + k` rows), position ids `[T]`.
 //! 3. The caller swaps the compacted buffers in.
-//!
-//! [`compact`] records 1 and 2 for several buffers at once.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -355,27 +353,11 @@ fn check_gather(
     Ok(())
 }
 
-/// Select the rows to keep into `idx` and compact every `(src, dst)` pair with them: the
-/// dispatches of one pruning step, in order. Each pair gathers `segment.kept_rows(k)` rows.
-pub fn compact(
-    gpu: &Gpu,
-    scores: &Tensor,
-    score_offset: usize,
-    segment: Segment,
-    k: usize,
-    idx: &Tensor,
-    pairs: &[(&Tensor, &Tensor)],
-) -> Result<Vec<Dispatch>> {
-    let mut dispatches = vec![select(gpu, scores, score_offset, segment, k, idx)?];
-    let rows = segment.kept_rows(k);
-    for (src, dst) in pairs {
-        dispatches.push(gather_rows(gpu, src, idx, 0, rows, dst)?);
-    }
-    Ok(dispatches)
-}
-
-/// CPU reference: the ascending indices of the `k` largest scores (ties → lower index, NaN
-/// smallest), by a stable sort on descending score. Panics if `k > scores.len()`.
+/// The one CPU top-k: [`select`]'s reference and the host selections' (`prune::top_k`, used by
+/// VisPruner). The ascending indices of the `k` largest scores (every index if `k` ≥ the
+/// length), by a stable sort on descending score: ties go to the lower index, −0 and +0 are
+/// equal, NaN of either sign is smaller than every number (−∞ included) and ties with other
+/// NaNs, exactly as on the GPU.
 pub fn reference(scores: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     // Stable: equal scores keep ascending index order.
@@ -388,7 +370,7 @@ pub fn reference(scores: &[f32], k: usize) -> Vec<usize> {
             (false, false) => y.partial_cmp(&x).expect("not NaN"),
         }
     });
-    let mut kept = order[..k].to_vec();
+    let mut kept = order[..k.min(scores.len())].to_vec();
     kept.sort_unstable();
     kept
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{copy_bandwidth, random, time_dispatches};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::kernels::linear::{gemv, matmul};
 use crate::gpu::kernels::{attention, Dispatch};
 use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
@@ -174,6 +174,12 @@ impl Suite<'_> {
 
 /// Run the kernel benchmark suite.
 pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Result<KernelReport> {
+    if repeats == 0 {
+        return Err(Error::argument(
+            "repeats",
+            "must be at least 1: the report gives the median of the timed runs",
+        ));
+    }
     let copy_bytes = (64u64 << 20).min(gpu.adapter_binding_bytes);
     progress("buffer copy");
     let copy_gbs = copy_bandwidth(gpu, copy_bytes, repeats)?;

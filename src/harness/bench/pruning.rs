@@ -242,6 +242,18 @@ pub fn pruning(
     decode_tokens: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<PruningReport> {
+    if repeats == 0 {
+        return Err(Error::argument(
+            "repeats",
+            "must be at least 1: the report gives medians of the timed requests",
+        ));
+    }
+    if settings.is_empty() {
+        return Err(Error::argument(
+            "settings",
+            "give at least one setting; the first is the baseline of every speedup",
+        ));
+    }
     let gpu = &engine.gpu;
     let image = bench_image(engine.config.vision.image_size as u32)?;
     let prompt = bench_prompt(engine);

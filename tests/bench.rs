@@ -27,8 +27,7 @@ fn pruning_bench_reports_every_setting_on_the_fixture() {
     // The unpruned cost is the docs/pruning.md formula over every layer at the full prompt length.
     let unpruned = prefill_macs(
         &vec![none.prompt_tokens; cfg.num_hidden_layers],
-        cfg.hidden_size,
-        cfg.intermediate_size,
+        &cfg.layer_widths(),
     );
     assert_eq!(none.prefill_macs, unpruned);
     assert!(report

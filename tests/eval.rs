@@ -38,6 +38,46 @@ fn eval_scores_the_unpruned_model_against_its_own_greedy_answers() {
     }
     assert!(report.table().contains("retention"));
 
+    // Every accuracy carries its 95% interval, and every row but STAR's is paired with STAR's
+    // row at its budget: the discordant counts are those of the two rows' per-question outcomes.
+    for row in &report.rows {
+        let ci = row.accuracy_ci95;
+        assert!(ci.low <= row.accuracy && row.accuracy <= ci.high, "{ci:?}");
+        assert!(
+            ci.high - ci.low > 0.3,
+            "3 questions leave a wide interval: {ci:?}"
+        );
+        assert_eq!(row.outcomes.len(), 3);
+        if row.method == "star" {
+            assert!(row.vs_star.is_none());
+            continue;
+        }
+        let star = report
+            .rows
+            .iter()
+            .find(|r| r.method == "star" && r.budget == row.budget)
+            .unwrap();
+        let m = row.vs_star.expect("paired with STAR");
+        let pairs = || row.outcomes.chars().zip(star.outcomes.chars());
+        assert_eq!(
+            m.only_this_correct,
+            pairs().filter(|p| *p == ('1', '0')).count()
+        );
+        assert_eq!(
+            m.only_reference_correct,
+            pairs().filter(|p| *p == ('0', '1')).count()
+        );
+        // With at most 3 discordant questions no difference can be significant (min p = 0.25).
+        assert!(m.p_value >= 0.25, "{m:?}");
+    }
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["rows"][1]["accuracy_ci95"]["low"].is_number());
+    assert!(
+        json["rows"][1]["vs_star"].is_null(),
+        "STAR is the reference"
+    );
+    assert!(json["rows"][1 + BUDGETS.len()]["vs_star"]["p_value"].is_number());
+
     // Bad lines are named by file and line.
     std::fs::write(&path, "{\"image\": \"a.png\", \"question\": \"q\"}\n").unwrap();
     let e = eval::read_jsonl(&path).unwrap_err().to_string();

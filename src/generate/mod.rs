@@ -162,16 +162,12 @@ impl Engine {
     /// Theoretical prefill multiply-adds of the decoder, as run and without pruning.
     fn prefill_flops(&self, input: &PreparedRequest) -> Flops {
         let text = &self.config.text;
-        let (d, m, layers) = (
-            text.hidden_size,
-            text.intermediate_size,
-            text.num_hidden_layers,
-        );
+        let (widths, layers) = (text.layer_widths(), text.num_hidden_layers);
         let plan = &input.plan;
         let text_tokens = input.prompt.ids.len() - plan.n1();
         Flops {
-            prefill: prefill_macs(&plan.tokens_per_layer(text_tokens, layers), d, m),
-            prefill_unpruned: prefill_macs(&vec![text_tokens + plan.n0; layers], d, m),
+            prefill: prefill_macs(&plan.tokens_per_layer(text_tokens, layers), &widths),
+            prefill_unpruned: prefill_macs(&vec![text_tokens + plan.n0; layers], &widths),
         }
     }
 }

@@ -430,6 +430,12 @@ impl Gpu {
         })
     }
 
+    /// Compute pipelines compiled on this device so far. `Engine::load` compiles every one a
+    /// request can use, so this does not change across requests.
+    pub fn pipelines_compiled(&self) -> usize {
+        self.pipelines.compiled()
+    }
+
     /// The flags this device compiles a shader with.
     pub fn shader_flags(&self) -> ShaderFlags {
         ShaderFlags {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -62,6 +63,8 @@ pub(crate) struct CachedPipeline {
 pub(crate) struct PipelineCache {
     pipelines: Mutex<HashMap<PipelineKey, CachedPipeline>>,
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
+    /// Pipelines compiled so far (cache misses), to check that none compiles after load.
+    compiled: AtomicUsize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,7 +100,13 @@ impl PipelineCache {
         Self {
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            compiled: AtomicUsize::new(0),
         }
+    }
+
+    /// Pipelines compiled so far: every cache miss of [`PipelineCache::pipeline`].
+    pub(crate) fn compiled(&self) -> usize {
+        self.compiled.load(Ordering::Relaxed)
     }
 
     fn module(&self, device: &wgpu::Device, key: &ModuleKey) -> Result<wgpu::ShaderModule> {
@@ -161,6 +170,7 @@ impl PipelineCache {
             return Err(shader_error(&key.module, key.entry, error.to_string()));
         }
         let cached = CachedPipeline { pipeline, layout };
+        self.compiled.fetch_add(1, Ordering::Relaxed);
         lock(&self.pipelines).insert(key.clone(), cached.clone());
         Ok(cached)
     }

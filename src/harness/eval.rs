@@ -13,6 +13,8 @@ use crate::generate::GenerateRequest;
 use crate::model::llava::Engine;
 use crate::prune::{Method, PruneOptions};
 
+use super::stats::{wilson, Interval, McNemar, Z95};
+
 #[derive(Clone, Debug)]
 pub struct Example {
     pub image: PathBuf,
@@ -97,10 +99,18 @@ pub struct EvalRow {
     pub correct: usize,
     pub total: usize,
     pub accuracy: f64,
+    /// 95% Wilson score interval of `accuracy` (`stats::wilson`).
+    pub accuracy_ci95: Interval,
     /// Accuracy relative to the unpruned model.
     pub retention: f64,
+    /// Exact McNemar test against STAR at the same budget on the same questions ("reference" is
+    /// STAR); absent on STAR's own rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_star: Option<McNemar>,
     pub total_ms: f64,
     pub ms_per_question: f64,
+    /// One character per question in the set's order: `1` answered correctly, `0` not.
+    pub outcomes: String,
     /// Per question type (only when the set's lines have a `type`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub by_type: BTreeMap<String, TypeScore>,
@@ -111,6 +121,8 @@ pub struct TypeScore {
     pub correct: usize,
     pub total: usize,
     pub accuracy: f64,
+    /// 95% Wilson score interval of `accuracy`.
+    pub accuracy_ci95: Interval,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -136,7 +148,6 @@ pub fn run(
     max_new_tokens: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<EvalReport> {
-    let n0 = engine.config.image_tokens();
     let mut plan: Vec<(Method, f64)> = vec![(Method::None, 1.0)];
     for method in METHODS {
         for budget in BUDGETS {
@@ -145,58 +156,26 @@ pub fn run(
     }
     let mut rows: Vec<EvalRow> = Vec::new();
     for (method, budget) in plan {
-        let prune = setting(method, budget, n0, 0);
-        let start = Instant::now();
-        let mut correct = 0;
-        let mut by_type: BTreeMap<String, TypeScore> = BTreeMap::new();
-        let mut visual = n0;
-        for (i, ex) in examples.iter().enumerate() {
-            let mut request = GenerateRequest::new(&ex.image, &ex.question);
-            request.max_new_tokens = max_new_tokens;
-            // A different random selection per question, reproducible.
-            request.prune = PruneOptions {
-                seed: i as u64,
-                ..prune.clone()
-            };
-            let out = engine.generate(&request, |_| {})?;
-            visual = out.visual_tokens.after_stage2;
-            let good = normalise(&out.text) == normalise(&ex.answer);
-            correct += usize::from(good);
-            if let Some(kind) = &ex.kind {
-                let score = by_type.entry(kind.clone()).or_default();
-                score.total += 1;
-                score.correct += usize::from(good);
-            }
-        }
-        let total_ms = start.elapsed().as_secs_f64() * 1e3;
-        for score in by_type.values_mut() {
-            score.accuracy = score.correct as f64 / score.total as f64;
-        }
-        let accuracy = correct as f64 / examples.len() as f64;
-        let unpruned = rows.first().map_or(accuracy, |r| r.accuracy);
-        let name = format!("{method:?}").to_lowercase();
+        let row = evaluate(engine, examples, method, budget, max_new_tokens)?;
         progress(&format!(
-            "{name} {:.0}%: {:.1}% correct",
+            "{} {:.0}%: {:.1}% correct (95% CI {:.1}–{:.1}%)",
+            row.method,
             budget * 100.0,
-            accuracy * 100.0
+            row.accuracy * 100.0,
+            row.accuracy_ci95.low * 100.0,
+            row.accuracy_ci95.high * 100.0
         ));
-        rows.push(EvalRow {
-            method: name,
-            budget,
-            visual_tokens: visual,
-            correct,
-            total: examples.len(),
-            accuracy,
-            retention: if unpruned > 0.0 {
-                accuracy / unpruned
-            } else {
-                0.0
-            },
-            total_ms,
-            ms_per_question: total_ms / examples.len() as f64,
-            by_type,
-        });
+        rows.push(row);
     }
+    let unpruned = rows[0].accuracy;
+    for row in &mut rows {
+        row.retention = if unpruned > 0.0 {
+            row.accuracy / unpruned
+        } else {
+            0.0
+        };
+    }
+    compare_with_star(&mut rows);
     Ok(EvalReport {
         model: label.to_string(),
         questions: examples.len(),
@@ -204,47 +183,155 @@ pub fn run(
     })
 }
 
+/// Answer every question with `method` at `budget` (retention and the STAR comparison are
+/// filled in once every row is known).
+fn evaluate(
+    engine: &Engine,
+    examples: &[Example],
+    method: Method,
+    budget: f64,
+    max_new_tokens: usize,
+) -> Result<EvalRow> {
+    let n0 = engine.config.image_tokens();
+    let prune = setting(method, budget, n0, 0);
+    let start = Instant::now();
+    let mut outcomes = String::with_capacity(examples.len());
+    let mut by_type: BTreeMap<String, TypeScore> = BTreeMap::new();
+    let mut visual = n0;
+    for (i, ex) in examples.iter().enumerate() {
+        let mut request = GenerateRequest::new(&ex.image, &ex.question);
+        request.max_new_tokens = max_new_tokens;
+        // A different random selection per question, reproducible.
+        request.prune = PruneOptions {
+            seed: i as u64,
+            ..prune.clone()
+        };
+        let out = engine.generate(&request, |_| {})?;
+        visual = out.visual_tokens.after_stage2;
+        let good = normalise(&out.text) == normalise(&ex.answer);
+        outcomes.push(if good { '1' } else { '0' });
+        if let Some(kind) = &ex.kind {
+            let score = by_type.entry(kind.clone()).or_default();
+            score.total += 1;
+            score.correct += usize::from(good);
+        }
+    }
+    let total_ms = start.elapsed().as_secs_f64() * 1e3;
+    for score in by_type.values_mut() {
+        score.accuracy = score.correct as f64 / score.total as f64;
+        score.accuracy_ci95 = wilson(score.correct, score.total, Z95);
+    }
+    let correct = outcomes.chars().filter(|&c| c == '1').count();
+    Ok(EvalRow {
+        method: format!("{method:?}").to_lowercase(),
+        budget,
+        visual_tokens: visual,
+        correct,
+        total: examples.len(),
+        accuracy: correct as f64 / examples.len() as f64,
+        accuracy_ci95: wilson(correct, examples.len(), Z95),
+        retention: 0.0,
+        vs_star: None,
+        total_ms,
+        ms_per_question: total_ms / examples.len() as f64,
+        outcomes,
+        by_type,
+    })
+}
+
+/// Pair every row that is not STAR's with STAR's row at the same budget (the unpruned row with
+/// STAR keeping everything) and test the difference with the exact McNemar test.
+fn compare_with_star(rows: &mut [EvalRow]) {
+    let correct = |r: &EvalRow| r.outcomes.chars().map(|c| c == '1').collect::<Vec<_>>();
+    let star: Vec<(f64, Vec<bool>)> = rows
+        .iter()
+        .filter(|r| r.method == "star")
+        .map(|r| (r.budget, correct(r)))
+        .collect();
+    for row in rows.iter_mut().filter(|r| r.method != "star") {
+        if let Some((_, reference)) = star.iter().find(|(b, _)| *b == row.budget) {
+            row.vs_star = Some(McNemar::of(&correct(row), reference));
+        }
+    }
+}
+
+/// `+3 -10 p=0.092`: questions only this method got right, only STAR got right, the p-value.
+fn star_cell(r: &EvalRow) -> String {
+    match &r.vs_star {
+        Some(m) => format!(
+            "+{} -{} p={:.3}",
+            m.only_this_correct, m.only_reference_correct, m.p_value
+        ),
+        None => "-".to_string(),
+    }
+}
+
+/// `82.6-94.5`: an interval in percent.
+fn ci_cell(ci: &Interval) -> String {
+    format!("{:.1}-{:.1}", ci.low * 100.0, ci.high * 100.0)
+}
+
 impl EvalReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "model: {}\n{} held-out questions\n\n",
+            "model: {}\n{} held-out questions; 95% CI: Wilson score interval; vs STAR: questions \
+             only this row / only STAR at the same budget answered correctly, exact McNemar p\n\n",
             self.model, self.questions
         );
         out.push_str(&format!(
-            "{:<10} {:>7} {:>8} {:>9} {:>10} {:>12}\n",
-            "method", "budget", "visual", "accuracy", "retention", "ms/question"
+            "{:<10} {:>7} {:>8} {:>9} {:>11} {:>10} {:>20} {:>12}\n",
+            "method",
+            "budget",
+            "visual",
+            "accuracy",
+            "95% CI",
+            "retention",
+            "vs STAR",
+            "ms/question"
         ));
         for r in &self.rows {
             out.push_str(&format!(
-                "{:<10} {:>6.0}% {:>8} {:>8.1}% {:>9.1}% {:>12.1}\n",
+                "{:<10} {:>6.0}% {:>8} {:>8.1}% {:>11} {:>9.1}% {:>20} {:>12.1}\n",
                 r.method,
                 r.budget * 100.0,
                 r.visual_tokens,
                 r.accuracy * 100.0,
+                ci_cell(&r.accuracy_ci95),
                 r.retention * 100.0,
+                star_cell(r),
                 r.ms_per_question
             ));
         }
+        out.push_str(&self.type_table());
+        out
+    }
+
+    /// Accuracy per question type with its interval (empty when the set has no types).
+    fn type_table(&self) -> String {
         let kinds: Vec<&String> = self
             .rows
             .first()
             .map(|r| r.by_type.keys().collect())
             .unwrap_or_default();
-        if !kinds.is_empty() {
-            out.push_str("\naccuracy by question type (%)\n");
-            out.push_str(&format!("{:<10} {:>7}", "method", "budget"));
+        if kinds.is_empty() {
+            return String::new();
+        }
+        let width = |k: &str| k.len().max(16);
+        let mut out = "\naccuracy by question type (%, 95% CI)\n".to_string();
+        out.push_str(&format!("{:<10} {:>7}", "method", "budget"));
+        for k in &kinds {
+            out.push_str(&format!(" {:>w$}", k, w = width(k)));
+        }
+        out.push('\n');
+        for r in &self.rows {
+            out.push_str(&format!("{:<10} {:>6.0}%", r.method, r.budget * 100.0));
             for k in &kinds {
-                out.push_str(&format!(" {:>w$}", k, w = k.len().max(6)));
+                let cell = r.by_type.get(*k).map_or("-".to_string(), |s| {
+                    format!("{:.1} [{}]", s.accuracy * 100.0, ci_cell(&s.accuracy_ci95))
+                });
+                out.push_str(&format!(" {:>w$}", cell, w = width(k)));
             }
             out.push('\n');
-            for r in &self.rows {
-                out.push_str(&format!("{:<10} {:>6.0}%", r.method, r.budget * 100.0));
-                for k in &kinds {
-                    let acc = r.by_type.get(*k).map_or(f64::NAN, |s| s.accuracy * 100.0);
-                    out.push_str(&format!(" {:>w$.1}", acc, w = k.len().max(6)));
-                }
-                out.push('\n');
-            }
         }
         out
     }
@@ -268,5 +355,58 @@ mod tests {
         let s = setting(Method::Star, 1.0, 196, 0);
         assert_eq!((s.stage1_keep, s.keep), (Some(196), Some(196)));
         assert_eq!(setting(Method::Random, 0.05, 196, 0).keep, Some(10));
+    }
+
+    fn row(method: &str, budget: f64, outcomes: &str) -> EvalRow {
+        let correct = outcomes.chars().filter(|&c| c == '1').count();
+        EvalRow {
+            method: method.into(),
+            budget,
+            visual_tokens: 0,
+            correct,
+            total: outcomes.len(),
+            accuracy: correct as f64 / outcomes.len() as f64,
+            accuracy_ci95: wilson(correct, outcomes.len(), Z95),
+            retention: 1.0,
+            vs_star: None,
+            total_ms: 0.0,
+            ms_per_question: 0.0,
+            outcomes: outcomes.into(),
+            by_type: BTreeMap::new(),
+        }
+    }
+
+    /// Each row is paired with STAR's row at its own budget: FastV at 11% below has 3 questions
+    /// only it answers and 10 only STAR answers (p = 0.09228515625 by hand, see stats.rs), at
+    /// 5% one discordant pair each way (p = 1).
+    #[test]
+    fn rows_are_compared_with_star_at_the_same_budget() {
+        let star_11 = format!("{}{}{}", "1".repeat(10), "0".repeat(3), "1".repeat(7));
+        let fastv_11 = format!("{}{}{}", "0".repeat(10), "1".repeat(3), "1".repeat(7));
+        let mut rows = vec![
+            row("none", 1.0, "11"),
+            row("star", 0.11, &star_11),
+            row("star", 0.05, "10"),
+            row("fastv", 0.11, &fastv_11),
+            row("fastv", 0.05, "01"),
+        ];
+        compare_with_star(&mut rows);
+        assert!(rows[0].vs_star.is_none(), "no STAR row at 100%");
+        assert!(rows[1].vs_star.is_none() && rows[2].vs_star.is_none());
+        let m = rows[3].vs_star.unwrap();
+        assert_eq!((m.only_this_correct, m.only_reference_correct), (3, 10));
+        assert!((m.p_value - 0.092_285_156_25).abs() < 1e-12);
+        let m = rows[4].vs_star.unwrap();
+        assert_eq!(
+            (m.only_this_correct, m.only_reference_correct, m.p_value),
+            (1, 1, 1.0)
+        );
+        let table = EvalReport {
+            model: "m".into(),
+            questions: 20,
+            rows,
+        }
+        .table();
+        assert!(table.contains("+3 -10 p=0.092"), "{table}");
     }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::prune::cost::LayerWidths;
 
 /// The LLaMA decoder's hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,6 +30,19 @@ pub struct TextConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Vec<u32>,
+}
+
+impl TextConfig {
+    /// The widths a decoder layer's cost depends on (`prune::cost`): q_proj and o_proj are
+    /// d × (heads · head_dim), k_proj and v_proj d × (kv_heads · head_dim).
+    pub fn layer_widths(&self) -> LayerWidths {
+        LayerWidths {
+            hidden: self.hidden_size as u64,
+            q: (self.num_attention_heads * self.head_dim) as u64,
+            kv: (self.num_key_value_heads * self.head_dim) as u64,
+            mlp: self.intermediate_size as u64,
+        }
+    }
 }
 
 /// The CLIP vision tower's hyper-parameters.

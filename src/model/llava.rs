@@ -7,10 +7,13 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, GpuOptions, WeightFormat};
+use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
+use crate::gpu::kernels::sample;
+use crate::gpu::kernels::topk::{self, Segment};
+use crate::gpu::{DType, Gpu, GpuOptions, Recorder, Tensor, WeightFormat};
 use crate::model::clip::ClipVision;
 use crate::model::config::LlavaConfig;
-use crate::model::llama::Llama;
+use crate::model::llama::{KvCache, Llama};
 use crate::model::loader::Loader;
 use crate::model::projector::Projector;
 use crate::model::weights::Checkpoint;
@@ -155,44 +158,125 @@ impl Engine {
         })
     }
 
-    /// Build (and throw away) every dispatch a request records, so all pipelines compile at load
-    /// instead of stalling the first request.
+    /// Build (and throw away) every dispatch a request can record, so all pipelines compile at
+    /// load instead of stalling the first request of their kind (`tests/pipelines.rs` checks
+    /// that no request compiles one after this).
     fn compile_pipelines(&self) -> Result<()> {
+        let mut rec = Recorder::new(&self.gpu);
+        self.compile_image_pipelines(&mut rec)?;
+        self.compile_text_pipelines(&mut rec)?;
+        rec.discard();
+        self.gpu.check_errors("pipeline compilation")
+    }
+
+    /// The vision tower with and without stage-1 scores, stage 1's select and gather (CLS and
+    /// all-query scoring share one pipeline), the projector.
+    fn compile_image_pipelines(&self, rec: &mut Recorder) -> Result<()> {
         let gpu = &self.gpu;
-        let mut rec = crate::gpu::Recorder::new(gpu);
         let vision = self.vision.buffers(gpu)?;
         let pixels = vec![0f32; 3 * self.config.vision.image_size * self.config.vision.image_size];
-        self.vision.forward(&mut rec, &vision, &pixels, None)?;
+        self.vision.forward(rec, &vision, &pixels, None)?;
+        let tokens = self.vision.tokens();
+        let heads = self.config.vision.num_attention_heads;
+        let shape = AttentionShape {
+            q_rows: tokens,
+            kv_rows: tokens,
+            heads,
+            kv_heads: heads,
+            head_dim: self.config.vision.head_dim(),
+            causal: false,
+        };
+        let (partials, scores) = attention::score_buffers(gpu, &shape)?;
+        let out = ScoreOutput {
+            q_start: 0,
+            q_end: tokens,
+            partials: &partials,
+            scores: &scores,
+        };
+        self.vision.forward(rec, &vision, &pixels, Some(out))?;
         let dt = self.config.text.hidden_size;
-        let features = crate::gpu::Tensor::empty(
+        let features = Tensor::empty(
             gpu,
             &[2, self.config.vision.hidden_size],
-            crate::gpu::DType::F32,
+            DType::F32,
             "warmup",
         )?;
+        let segment = Segment {
+            total: tokens,
+            start: 1,
+            len: tokens - 1,
+        };
+        let rows = Tensor::empty(gpu, &[segment.kept_rows(1)], DType::U32, "warmup")?;
+        rec.dispatch(topk::select(gpu, &scores, 1, segment, 1, &rows)?);
+        rec.dispatch(topk::gather_rows(
+            gpu,
+            &vision.hidden,
+            &rows,
+            1,
+            1,
+            &features,
+        )?);
         let scratch = Projector::scratch(gpu, 2, dt)?;
         let out = Projector::scratch(gpu, 2, dt)?;
-        self.projector
-            .forward(&mut rec, &features, &scratch, &out)?;
+        self.projector.forward(rec, &features, &scratch, &out)
+    }
+
+    /// The decoder at prefill (matmul) and decode (gemv) shapes, the scored attention of stage 2
+    /// and FastV with its select and the gathers of hidden rows (f32) and positions (u32), the
+    /// logits and the GPU argmax (host sampling reads the logits and adds no dispatch).
+    fn compile_text_pipelines(&self, rec: &mut Recorder) -> Result<()> {
+        let gpu = &self.gpu;
+        let text = &self.config.text;
         let buffers = self.llama.buffers(gpu, 2)?;
-        let layers = self.config.text.num_hidden_layers;
-        let token = crate::gpu::Tensor::empty(gpu, &[1], crate::gpu::DType::U32, "warmup")?;
-        // Both shapes: prefill (matmul) and decode (gemv).
+        let layers = text.num_hidden_layers;
         for t in [2, 1] {
-            let mut cache = crate::model::llama::KvCache::new(gpu, &self.config.text, 2)?;
+            let mut cache = KvCache::new(gpu, text, 2)?;
             self.llama
-                .forward_layers(&mut rec, &buffers, t, &mut cache, 0..layers, None)?;
+                .forward_layers(rec, &buffers, t, &mut cache, 0..layers, None)?;
         }
-        self.llama.logits(&mut rec, &buffers, 0)?;
-        rec.dispatch(crate::gpu::kernels::sample::argmax(
+        let shape = AttentionShape {
+            q_rows: 2,
+            kv_rows: 2,
+            heads: text.num_attention_heads,
+            kv_heads: text.num_key_value_heads,
+            head_dim: text.head_dim,
+            causal: true,
+        };
+        let (partials, scores) = attention::score_buffers(gpu, &shape)?;
+        let out = ScoreOutput {
+            q_start: 1,
+            q_end: 2,
+            partials: &partials,
+            scores: &scores,
+        };
+        let mut cache = KvCache::new(gpu, text, 2)?;
+        self.llama
+            .forward_layers(rec, &buffers, 2, &mut cache, 0..1, Some(out))?;
+        let segment = Segment::whole(2);
+        let rows = Tensor::empty(gpu, &[1], DType::U32, "warmup")?;
+        let hidden = Tensor::empty(gpu, &[1, text.hidden_size], DType::F32, "warmup")?;
+        let positions = Tensor::empty(gpu, &[1], DType::U32, "warmup")?;
+        rec.dispatch(topk::select(gpu, &scores, 0, segment, 1, &rows)?);
+        rec.dispatch(topk::gather_rows(
             gpu,
-            &buffers.logits,
+            &buffers.hidden,
+            &rows,
             0,
-            &token,
-            0,
+            1,
+            &hidden,
         )?);
-        rec.discard();
-        gpu.check_errors("pipeline compilation")
+        rec.dispatch(topk::gather_rows(
+            gpu,
+            &buffers.positions,
+            &rows,
+            0,
+            1,
+            &positions,
+        )?);
+        self.llama.logits(rec, &buffers, 0)?;
+        let token = Tensor::empty(gpu, &[1], DType::U32, "warmup")?;
+        rec.dispatch(sample::argmax(gpu, &buffers.logits, 0, &token, 0)?);
+        Ok(())
     }
 
     /// Token embeddings for `ids`, read from the mapped checkpoint.

@@ -3,7 +3,7 @@
 //! prompt's embeddings.
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
+use crate::gpu::kernels::attention::{self, ScoreOutput};
 use crate::gpu::kernels::topk::{self, Segment};
 use crate::gpu::{DType, Recorder, Tensor};
 use crate::model::clip::ClipBuffers;
@@ -123,15 +123,7 @@ impl Engine {
             ));
         }
         let tokens = self.vision.tokens();
-        let heads = self.config.vision.num_attention_heads;
-        let shape = AttentionShape {
-            q_rows: tokens,
-            kv_rows: tokens,
-            heads,
-            kv_heads: heads,
-            head_dim: self.config.vision.head_dim(),
-            causal: false,
-        };
+        let shape = self.vision.attention_shape();
         let (partials, scores) = attention::score_buffers(&self.gpu, &shape)?;
         let score_bytes = partials.buffer.size() + scores.buffer.size();
         // Which query rows score the patches: all of them (STAR), or the CLS row only.

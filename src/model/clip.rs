@@ -272,6 +272,20 @@ impl ClipVision {
         self.config.num_patches() + 1
     }
 
+    /// The shape of every encoder layer's self-attention: all T = 1 + patches tokens attend to
+    /// all of them.
+    pub fn attention_shape(&self) -> AttentionShape {
+        let (tokens, heads) = (self.tokens(), self.config.num_attention_heads);
+        AttentionShape {
+            q_rows: tokens,
+            kv_rows: tokens,
+            heads,
+            kv_heads: heads,
+            head_dim: self.config.head_dim(),
+            causal: false,
+        }
+    }
+
     pub fn buffers(&self, gpu: &Gpu) -> Result<ClipBuffers> {
         let t = self.tokens();
         let d = self.config.hidden_size;

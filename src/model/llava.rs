@@ -177,15 +177,7 @@ impl Engine {
         let pixels = vec![0f32; 3 * self.config.vision.image_size * self.config.vision.image_size];
         self.vision.forward(rec, &vision, &pixels, None)?;
         let tokens = self.vision.tokens();
-        let heads = self.config.vision.num_attention_heads;
-        let shape = AttentionShape {
-            q_rows: tokens,
-            kv_rows: tokens,
-            heads,
-            kv_heads: heads,
-            head_dim: self.config.vision.head_dim(),
-            causal: false,
-        };
+        let shape = self.vision.attention_shape();
         let (partials, scores) = attention::score_buffers(gpu, &shape)?;
         let out = ScoreOutput {
             q_start: 0,

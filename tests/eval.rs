@@ -38,8 +38,14 @@ fn eval_scores_the_unpruned_model_against_its_own_greedy_answers() {
     }
     assert!(report.table().contains("retention"));
 
-    // Every accuracy carries its 95% interval, and every row but STAR's is paired with STAR's
-    // row at its budget: the discordant counts are those of the two rows' per-question outcomes.
+    check_intervals_and_pairing(&report);
+    check_bad_lines_are_named(&path);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every accuracy carries its 95% interval, and every row but STAR's is paired with STAR's row
+/// at its budget: the discordant counts are those of the two rows' per-question outcomes.
+fn check_intervals_and_pairing(report: &eval::EvalReport) {
     for row in &report.rows {
         let ci = row.accuracy_ci95;
         assert!(ci.low <= row.accuracy && row.accuracy <= ci.high, "{ci:?}");
@@ -70,25 +76,26 @@ fn eval_scores_the_unpruned_model_against_its_own_greedy_answers() {
         // With at most 3 discordant questions no difference can be significant (min p = 0.25).
         assert!(m.p_value >= 0.25, "{m:?}");
     }
-    let json = serde_json::to_value(&report).unwrap();
+    let json = serde_json::to_value(report).unwrap();
     assert!(json["rows"][1]["accuracy_ci95"]["low"].is_number());
     assert!(
         json["rows"][1]["vs_star"].is_null(),
         "STAR is the reference"
     );
     assert!(json["rows"][1 + BUDGETS.len()]["vs_star"]["p_value"].is_number());
+}
 
-    // Bad lines are named by file and line.
-    std::fs::write(&path, "{\"image\": \"a.png\", \"question\": \"q\"}\n").unwrap();
-    let e = eval::read_jsonl(&path).unwrap_err().to_string();
+/// Bad lines are named by file and line.
+fn check_bad_lines_are_named(path: &std::path::Path) {
+    std::fs::write(path, "{\"image\": \"a.png\", \"question\": \"q\"}\n").unwrap();
+    let e = eval::read_jsonl(path).unwrap_err().to_string();
     assert!(
         e.contains("held_out.jsonl") && e.contains("line 1") && e.contains("answer"),
         "{e}"
     );
-    std::fs::write(&path, "not json\n").unwrap();
-    assert!(eval::read_jsonl(&path)
+    std::fs::write(path, "not json\n").unwrap();
+    assert!(eval::read_jsonl(path)
         .unwrap_err()
         .to_string()
         .contains("line 1"));
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use llava_wgpu::gpu::kernels::linear::{self, gemv, matmul};
+use llava_wgpu::gpu::kernels::ModuleKey;
 use llava_wgpu::gpu::{Gpu, Recorder, Tensor, Weight, WeightFormat};
 
 struct Case {
@@ -30,7 +31,8 @@ fn bounds(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
     out
 }
 
-fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
+/// Run one case and check it; returns the shader variants its dispatches ran.
+fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) -> Vec<ModuleKey> {
     let Case {
         m,
         n,
@@ -58,14 +60,17 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
     } else {
         yt.poison(gpu);
     }
-    let mut rec = Recorder::new(gpu);
+    let mut dispatches = Vec::new();
     if force_gemv {
         for row in 0..m {
-            rec.dispatch_all(gemv::gemv(gpu, &xt, row, &weight, &yt, row, accumulate).unwrap());
+            dispatches.extend(gemv::gemv(gpu, &xt, row, &weight, &yt, row, accumulate).unwrap());
         }
     } else {
-        rec.dispatch_all(matmul::matmul(gpu, &xt, &weight, &yt, accumulate).unwrap());
+        dispatches = matmul::matmul(gpu, &xt, &weight, &yt, accumulate).unwrap();
     }
+    let modules = dispatches.iter().map(|d| d.module.clone()).collect();
+    let mut rec = Recorder::new(gpu);
+    rec.dispatch_all(dispatches);
     rec.finish("matmul test").unwrap();
     let got = gpu.read_f32(&yt).unwrap();
     let want = linear::reference(
@@ -83,6 +88,7 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) {
         weight.chunks.len()
     );
     assert_within(&what, rng.seed, &got, &want, &bounds(&x, &w_seen, m, n, k));
+    modules
 }
 
 #[test]
@@ -112,10 +118,15 @@ fn matmul_matches_cpu_on_odd_shapes() {
     }
 }
 
+/// Both reduction paths run where the adapter has subgroups: the default device's dispatches use
+/// the subgroup variant exactly when the adapter offers usable subgroups, the device with the
+/// features disabled never does.
 #[test]
 fn gemv_matches_cpu_with_and_without_subgroups() {
     let mut rng = TestRng::new();
-    for gpu in [gpu(), gpu_without_features()] {
+    let default = gpu();
+    let expected = [adapter_offers_subgroups(&default), false];
+    for (gpu, subgroups) in [default, gpu_without_features()].into_iter().zip(expected) {
         let shapes = [
             (1, 7, 5),
             (1, 130, 67),
@@ -133,7 +144,8 @@ fn gemv_matches_cpu_with_and_without_subgroups() {
                     bias: i % 2 == 1,
                     accumulate: i % 2 == 0,
                 };
-                run_case(&gpu, &mut rng, &case, true);
+                let modules = run_case(&gpu, &mut rng, &case, true);
+                assert_ran_path("gemv", &modules, subgroups);
             }
         }
     }

@@ -16,8 +16,10 @@ fn run(gpu: &Gpu, logits: &[f32], rows: usize, v: usize, row: usize) -> u32 {
     let t = Tensor::from_f32(gpu, &[rows, v], logits, "logits").unwrap();
     let out = Tensor::empty(gpu, &[3], DType::U32, "ids").unwrap();
     out.poison(gpu);
+    let dispatch = sample::argmax(gpu, &t, row, &out, 1).unwrap();
+    assert_ran_path("argmax", &[dispatch.module.clone()], gpu.caps.subgroups);
     let mut rec = Recorder::new(gpu);
-    rec.dispatch(sample::argmax(gpu, &t, row, &out, 1).unwrap());
+    rec.dispatch(dispatch);
     rec.finish("argmax test").unwrap();
     let got = gpu.read_u32(&out).unwrap();
     assert_eq!(
@@ -39,8 +41,13 @@ fn check(gpu: &Gpu, rng: &TestRng, what: &str, logits: &[f32], rows: usize, v: u
     );
 }
 
+/// The subgroup path (where the adapter offers it) and the shared-memory path; `run` checks
+/// each dispatch took its device's path.
 fn devices() -> [Gpu; 2] {
-    [gpu(), gpu_without_features()]
+    let devices = [gpu(), gpu_without_features()];
+    let paths = [devices[0].caps.subgroups, devices[1].caps.subgroups];
+    assert_eq!(paths, [adapter_offers_subgroups(&devices[0]), false]);
+    devices
 }
 
 #[test]

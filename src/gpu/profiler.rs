@@ -293,6 +293,11 @@ impl ProfileReport {
         }
     }
 
+    /// The summed time of every timed dispatch, in microseconds.
+    pub fn kernel_us(&self) -> f64 {
+        self.rows.iter().map(|r| r.total_us).sum()
+    }
+
     /// The table `--profile` prints on stderr.
     pub fn table(&self) -> String {
         let mut out = format!("GPU profile ({:?})\n", self.mode);

@@ -26,10 +26,12 @@ pub enum Shader {
     Rope,
     Activation,
     Sample,
+    Fma,
+    Copy,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 8] = [
+    pub const ALL: [Shader; 10] = [
         Shader::Matmul,
         Shader::Gemv,
         Shader::Attention,
@@ -38,6 +40,8 @@ impl Shader {
         Shader::Rope,
         Shader::Activation,
         Shader::Sample,
+        Shader::Fma,
+        Shader::Copy,
     ];
 
     /// The file stem, used in labels and error messages.
@@ -51,6 +55,8 @@ impl Shader {
             Shader::Rope => "rope",
             Shader::Activation => "activation",
             Shader::Sample => "sample",
+            Shader::Fma => "fma",
+            Shader::Copy => "copy",
         }
     }
 
@@ -65,6 +71,8 @@ impl Shader {
             Shader::Rope => include_str!("../../shaders/rope.wgsl"),
             Shader::Activation => include_str!("../../shaders/activation.wgsl"),
             Shader::Sample => include_str!("../../shaders/sample.wgsl"),
+            Shader::Fma => include_str!("../../shaders/fma.wgsl"),
+            Shader::Copy => include_str!("../../shaders/copy.wgsl"),
         }
     }
 

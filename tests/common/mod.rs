@@ -74,6 +74,31 @@ pub fn gpu_with_binding_limit(bytes: u64) -> Gpu {
     .expect("no GPU adapter")
 }
 
+/// Whether the adapter behind `gpu` offers subgroups the kernels can use (SUBGROUP with a
+/// power-of-two minimum size of at least 4), read from the adapter listing rather than from the
+/// device's own decision.
+pub fn adapter_offers_subgroups(gpu: &Gpu) -> bool {
+    let adapter = llava_wgpu::gpu::device::list_adapters(&GpuOptions::default())
+        .into_iter()
+        .find(|a| a.name == gpu.info.name)
+        .expect("the device's adapter is listed");
+    let size = adapter.subgroup_min_size;
+    adapter.subgroups && size >= 4 && size.is_power_of_two()
+}
+
+/// Assert that every one of `modules` (the variants some dispatches ran) took the subgroup path
+/// if `subgroups`, else the shared-memory one.
+pub fn assert_ran_path(
+    what: &str,
+    modules: &[llava_wgpu::gpu::kernels::ModuleKey],
+    subgroups: bool,
+) {
+    assert!(!modules.is_empty(), "{what}: no dispatch");
+    for m in modules {
+        assert_eq!(m.flags.subgroups, subgroups, "{what} ran {m}");
+    }
+}
+
 /// Assert `|got - want| <= bound[i]` element-wise; NaN (an unwritten, poisoned element) fails.
 pub fn assert_within(what: &str, seed: u64, got: &[f32], want: &[f64], bound: &[f64]) {
     assert_eq!(got.len(), want.len(), "{what}: length (seed {seed})");

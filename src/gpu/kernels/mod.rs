@@ -6,6 +6,8 @@
 
 pub mod activation;
 pub mod attention;
+pub mod copy;
+pub mod fma;
 pub mod linear;
 pub mod norm;
 pub mod rope;
@@ -15,7 +17,8 @@ pub mod topk;
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 pub use crate::gpu::pipelines::Access;
-use crate::gpu::pipelines::{ModuleKey, PipelineKey};
+pub use crate::gpu::pipelines::ModuleKey;
+use crate::gpu::pipelines::PipelineKey;
 pub use crate::gpu::shaders::{preprocess, Constants, Shader, ShaderFlags};
 
 /// The workgroup size of a kernel whose threads each take one element, or stride over a row
@@ -46,6 +49,9 @@ pub struct Dispatch {
     pub kernel: &'static str,
     /// Human-readable shape, e.g. `M=577 N=1024 K=1024`.
     pub shape: String,
+    /// The shader variant that runs: its capability flags and injected constants, so a test
+    /// can confirm which path (subgroups or shared memory, f16 or not) a launch took.
+    pub module: ModuleKey,
     pub pipeline: wgpu::ComputePipeline,
     pub bind_group: wgpu::BindGroup,
     pub workgroups: [u32; 3],
@@ -135,6 +141,7 @@ impl<'a> KernelCall<'a> {
             storage: self.bindings.iter().map(|(a, _)| *a).collect(),
         };
         let cached = self.gpu.pipelines.pipeline(&self.gpu.device, &key)?;
+        let module = key.module;
         let mut params = self.params;
         // Uniform blocks are padded to 16 bytes, as WGSL's uniform layout requires.
         params.resize(params.len().max(16).next_multiple_of(16), 0);
@@ -167,6 +174,7 @@ impl<'a> KernelCall<'a> {
         Ok(Dispatch {
             kernel,
             shape,
+            module,
             pipeline: cached.pipeline,
             bind_group,
             workgroups,
@@ -215,6 +223,8 @@ mod tests {
             Shader::Rope => rope::WORKGROUP.constants(),
             Shader::Activation => activation::WORKGROUP.constants(),
             Shader::Sample => sample::WORKGROUP.constants(),
+            Shader::Fma => fma::WORKGROUP.constants(),
+            Shader::Copy => copy::WORKGROUP.constants(),
         }
     }
 

@@ -1,12 +1,13 @@
-//! `llava-wgpu bench kernels`: throughput of the kernel families on the chosen adapter, next to
-//! the adapter's measured buffer-copy bandwidth, so later work compares against fixed numbers.
-//! GFLOP/s and GB/s come from each launcher's analytic flop and byte counts, not from counters.
+//! `llava-wgpu bench kernels`: throughput of the kernel families on the chosen adapter, each as
+//! a fraction of the ceiling that bounds it (`ceilings.rs`), measured in the same run on the
+//! same GPU timestamps. GFLOP/s and GB/s come from each launcher's analytic flop and byte
+//! counts, not from counters.
 
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{copy_bandwidth, random, time_dispatches};
+use super::{random, time_dispatches, Bound, Ceilings};
 use crate::error::{Error, Result};
 use crate::gpu::kernels::linear::{gemv, matmul};
 use crate::gpu::kernels::{attention, Dispatch};
@@ -19,8 +20,10 @@ pub struct KernelResult {
     pub median_ms: f64,
     pub gflops: f64,
     pub gbytes_per_s: f64,
-    /// Achieved bandwidth as a fraction of the measured copy bandwidth.
-    pub bandwidth_fraction: f64,
+    /// The ceiling its analytic intensity puts it under.
+    pub bound: Bound,
+    /// GFLOP/s over the f32 FMA ceiling (arithmetic bound) or GB/s over the copy ceiling.
+    pub of_ceiling: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -28,28 +31,42 @@ pub struct KernelReport {
     pub adapter: String,
     pub backend: String,
     pub repeats: usize,
-    /// Buffer-to-buffer copy, counting bytes read plus bytes written.
-    pub copy_gbytes_per_s: f64,
+    pub ceilings: Ceilings,
     pub results: Vec<KernelResult>,
 }
 
 fn row(r: &KernelResult) -> String {
     format!(
-        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>8.1}%",
+        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>10} {:>8.1}%",
         r.kernel,
         r.shape,
         r.median_ms,
         r.gflops,
         r.gbytes_per_s,
-        100.0 * r.bandwidth_fraction
+        bound_name(r.bound),
+        100.0 * r.of_ceiling
     )
 }
 
-fn measure(name: &str, dispatches: &[Dispatch], time: Duration, copy_gbs: f64) -> KernelResult {
+/// How tables name a bound.
+pub fn bound_name(bound: Bound) -> &'static str {
+    match bound {
+        Bound::Arithmetic => "FMA f32",
+        Bound::Bandwidth => "copy",
+    }
+}
+
+fn measure(
+    name: &str,
+    dispatches: &[Dispatch],
+    time: Duration,
+    ceilings: &Ceilings,
+) -> KernelResult {
     let flops: u64 = dispatches.iter().map(|d| d.flops).sum();
     let bytes: u64 = dispatches.iter().map(|d| d.bytes).sum();
     let secs = time.as_secs_f64();
-    let gbs = bytes as f64 / secs / 1e9;
+    let (gflops, gbs) = (flops as f64 / secs / 1e9, bytes as f64 / secs / 1e9);
+    let bound = ceilings.bound(flops as f64, bytes as f64);
     KernelResult {
         kernel: name.to_string(),
         shape: dispatches
@@ -57,17 +74,18 @@ fn measure(name: &str, dispatches: &[Dispatch], time: Duration, copy_gbs: f64) -
             .map(|d| d.shape.clone())
             .unwrap_or_default(),
         median_ms: secs * 1e3,
-        gflops: flops as f64 / secs / 1e9,
+        gflops,
         gbytes_per_s: gbs,
-        bandwidth_fraction: gbs / copy_gbs,
+        bound,
+        of_ceiling: ceilings.fraction(bound, gflops, gbs),
     }
 }
 
-/// The cases timed so far, each measured against the copy bandwidth.
+/// The cases timed so far, each measured against the ceiling that bounds it.
 struct Suite<'a> {
     gpu: &'a Gpu,
     repeats: usize,
-    copy_gbs: f64,
+    ceilings: Ceilings,
     results: Vec<KernelResult>,
 }
 
@@ -75,7 +93,7 @@ impl Suite<'_> {
     /// Time `dispatches`, print the row on stderr as it comes, and keep it.
     fn time(&mut self, name: &str, dispatches: &[Dispatch]) -> Result<&mut KernelResult> {
         let t = time_dispatches(self.gpu, dispatches, self.repeats)?;
-        let r = measure(name, dispatches, t, self.copy_gbs);
+        let r = measure(name, dispatches, t, &self.ceilings);
         eprintln!("    {}", row(&r));
         self.results.push(r);
         Ok(self.results.last_mut().expect("just pushed"))
@@ -180,13 +198,12 @@ pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Res
             "must be at least 1: the report gives the median of the timed runs",
         ));
     }
-    let copy_bytes = (64u64 << 20).min(gpu.adapter_binding_bytes);
-    progress("buffer copy");
-    let copy_gbs = copy_bandwidth(gpu, copy_bytes, repeats)?;
+    progress("ceilings: FMA throughput and copy bandwidth");
+    let ceilings = Ceilings::measure(gpu, repeats)?;
     let mut suite = Suite {
         gpu,
         repeats,
-        copy_gbs,
+        ceilings,
         results: Vec::new(),
     };
     suite.matmul_and_gemv(&mut progress)?;
@@ -197,7 +214,7 @@ pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Res
         adapter: gpu.describe(),
         backend: format!("{:?}", gpu.info.backend),
         repeats,
-        copy_gbytes_per_s: copy_gbs,
+        ceilings: suite.ceilings,
         results: suite.results,
     })
 }
@@ -206,12 +223,14 @@ impl KernelReport {
     /// The table `bench kernels` prints.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "adapter: {}\nbuffer copy: {:.2} GB/s (read + write), median of {} runs\n\n",
-            self.adapter, self.copy_gbytes_per_s, self.repeats
+            "adapter: {}\n{}\nmedians of {} runs\n\n",
+            self.adapter,
+            self.ceilings.describe(),
+            self.repeats
         );
         out.push_str(&format!(
-            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>9}\n",
-            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "% of copy"
+            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>10} {:>9}\n",
+            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "bound", "% of it"
         ));
         for r in &self.results {
             out.push_str(&row(r));
@@ -219,20 +238,4 @@ impl KernelReport {
         }
         out
     }
-}
-
-/// The best throughput of the tiled matmul on a large f16 problem: the "peak" kernel
-/// efficiencies are measured against.
-pub fn matmul_peak(gpu: &Gpu, repeats: usize) -> Result<(f64, String)> {
-    let (m, n, k) = (577usize, 1024usize, 1024usize);
-    let w = Weight::from_f32(gpu, "w", n, k, &random(n * k, 1), WeightFormat::F16)?;
-    let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 2), "x")?;
-    let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
-    let d = matmul::matmul(gpu, &x, &w, &y, false)?;
-    let t = time_dispatches(gpu, &d, repeats)?;
-    let flops: u64 = d.iter().map(|d| d.flops).sum();
-    Ok((
-        flops as f64 / t.as_secs_f64() / 1e9,
-        format!("M={m} N={n} K={k} f16"),
-    ))
 }

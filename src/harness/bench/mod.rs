@@ -1,21 +1,24 @@
 //! Benchmarks: `llava-wgpu bench kernels` ([`kernels()`]) times the kernel families on their own;
 //! `llava-wgpu bench` ([`pruning()`]) times whole requests, pruned against unpruned.
 //!
-//! Every measurement runs once untimed (pipeline compilation, first touch of buffers), then
-//! `repeats` times as a whole submission (wall clock from submit to the GPU going idle), and is
-//! reported by its median.
+//! Kernel measurements run once untimed (pipeline compilation, first touch of buffers), then
+//! `repeats` times, each timed by the profiler's GPU timestamps around every dispatch (the same
+//! clock as `run --profile`), and are reported by their median. The ceilings they are compared
+//! with (`ceilings.rs`) are timed the same way in the same run.
 
+pub mod ceilings;
 pub mod kernels;
 pub mod pruning;
 
-pub use kernels::{kernels, matmul_peak, KernelReport, KernelResult};
+pub use ceilings::{Bound, Ceilings};
+pub use kernels::{kernels, KernelReport, KernelResult};
 pub use pruning::{
     default_settings, load_engine, pruning, FamilyEfficiency, PruningReport, Setting, SettingResult,
 };
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::kernels::Dispatch;
 use crate::gpu::{Gpu, Recorder};
 
@@ -38,36 +41,18 @@ fn median_of_runs(repeats: usize, run: impl Fn() -> Result<Duration>) -> Result<
     Ok(median(samples))
 }
 
+/// The summed GPU time of `dispatches`, recorded in one submission with the profiler on.
 fn time_dispatches(gpu: &Gpu, dispatches: &[Dispatch], repeats: usize) -> Result<Duration> {
     median_of_runs(repeats, || {
-        let start = Instant::now();
+        gpu.start_profiling();
         let mut rec = Recorder::with_batch(gpu, usize::MAX);
         rec.dispatch_all(dispatches.iter().cloned());
         rec.finish("bench")?;
-        Ok(start.elapsed())
+        let report = gpu
+            .finish_profiling()?
+            .ok_or_else(|| Error::gpu("bench", "the profiler stopped before the run ended"))?;
+        Ok(Duration::from_secs_f64(report.kernel_us() / 1e6))
     })
-}
-
-/// Copy bandwidth between two device buffers of `bytes` each, counting bytes read plus written.
-fn copy_bandwidth(gpu: &Gpu, bytes: u64, repeats: usize) -> Result<f64> {
-    let make = |label| {
-        gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes,
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })
-    };
-    let (src, dst) = (make("copy_src"), make("copy_dst"));
-    let t = median_of_runs(repeats, || {
-        let start = Instant::now();
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
-        gpu.queue.submit([enc.finish()]);
-        gpu.wait("copy bandwidth")?;
-        Ok(start.elapsed())
-    })?;
-    Ok(2.0 * bytes as f64 / t.as_secs_f64() / 1e9)
 }
 
 /// `n` values in [-1, 1) from a cheap deterministic generator: benchmark inputs only need to be

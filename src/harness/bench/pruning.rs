@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{copy_bandwidth, matmul_peak, median_f64};
+use super::kernels::bound_name;
+use super::{median_f64, Bound, Ceilings};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOutput, GenerateRequest};
 use crate::gpu::profiler::ProfileReport;
@@ -76,15 +77,16 @@ pub struct SettingResult {
     pub realisation: f64,
 }
 
-/// A kernel family's throughput during one unpruned request, against the measured peaks.
+/// A kernel family's throughput during one unpruned request, against the ceiling that bounds
+/// it (by the family's analytic flops per byte).
 #[derive(Clone, Debug, Serialize)]
 pub struct FamilyEfficiency {
     pub family: String,
     pub time_ms: f64,
     pub gflops: f64,
     pub gbytes_per_s: f64,
-    pub of_matmul_peak: f64,
-    pub of_copy_bandwidth: f64,
+    pub bound: Bound,
+    pub of_ceiling: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -94,9 +96,7 @@ pub struct PruningReport {
     pub warmup: usize,
     pub repeats: usize,
     pub decode_tokens: usize,
-    pub copy_gbytes_per_s: f64,
-    pub matmul_peak_gflops: f64,
-    pub matmul_peak_shape: String,
+    pub ceilings: Ceilings,
     pub settings: Vec<SettingResult>,
     pub kernel_families: Vec<FamilyEfficiency>,
 }
@@ -204,8 +204,8 @@ fn summarise(label: &str, outs: &[GenerateOutput], baseline_prefill: f64) -> Set
     }
 }
 
-/// Time, throughput and share of the peaks per kernel family, slowest first.
-fn kernel_families(profile: &ProfileReport, peak: f64, copy_gbs: f64) -> Vec<FamilyEfficiency> {
+/// Time, throughput and share of the bounding ceiling per kernel family, slowest first.
+fn kernel_families(profile: &ProfileReport, ceilings: &Ceilings) -> Vec<FamilyEfficiency> {
     let mut families: BTreeMap<&str, (f64, u64, u64)> = Default::default();
     for row in &profile.rows {
         let f = families.entry(family(&row.kernel)).or_default();
@@ -218,13 +218,14 @@ fn kernel_families(profile: &ProfileReport, peak: f64, copy_gbs: f64) -> Vec<Fam
         .map(|(name, (us, flops, bytes))| {
             let secs = us / 1e6;
             let (gflops, gbs) = (flops as f64 / secs / 1e9, bytes as f64 / secs / 1e9);
+            let bound = ceilings.bound(flops as f64, bytes as f64);
             FamilyEfficiency {
                 family: name.to_string(),
                 time_ms: us / 1e3,
                 gflops,
                 gbytes_per_s: gbs,
-                of_matmul_peak: gflops / peak,
-                of_copy_bandwidth: gbs / copy_gbs,
+                bound,
+                of_ceiling: ceilings.fraction(bound, gflops, gbs),
             }
         })
         .collect();
@@ -264,9 +265,8 @@ pub fn pruning(
         r.prune = prune.clone();
         r
     };
-    progress("measuring copy bandwidth and matmul peak");
-    let copy_gbs = copy_bandwidth(gpu, (64u64 << 20).min(gpu.adapter_binding_bytes), 3)?;
-    let (peak, peak_shape) = matmul_peak(gpu, 3)?;
+    progress("ceilings: FMA throughput and copy bandwidth");
+    let ceilings = Ceilings::measure(gpu, 3)?;
 
     let runs = run_settings(engine, settings, warmup, repeats, request, &mut progress)?;
     let baseline_prefill = median_f64(runs[0].1.iter().map(|o| o.timings_ms.prefill).collect());
@@ -286,27 +286,22 @@ pub fn pruning(
         warmup,
         repeats,
         decode_tokens,
-        copy_gbytes_per_s: copy_gbs,
-        matmul_peak_gflops: peak,
-        matmul_peak_shape: peak_shape,
+        kernel_families: kernel_families(&profile, &ceilings),
+        ceilings,
         settings,
-        kernel_families: kernel_families(&profile, peak, copy_gbs),
     })
 }
 
 impl PruningReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "model: {}\nadapter: {}\n{} warm-up + {} timed requests per setting (medians), {} decode tokens\n\
-             copy bandwidth {:.2} GB/s, matmul peak {:.2} GFLOP/s ({})\n\n",
+            "model: {}\nadapter: {}\n{} warm-up + {} timed requests per setting (medians), {} decode tokens\n{}\n\n",
             self.model,
             self.adapter,
             self.warmup,
             self.repeats,
             self.decode_tokens,
-            self.copy_gbytes_per_s,
-            self.matmul_peak_gflops,
-            self.matmul_peak_shape
+            self.ceilings.describe()
         );
         out.push_str(&format!(
             "{:<22} {:>15} {:>9} {:>10} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8}\n",
@@ -338,18 +333,18 @@ impl PruningReport {
         }
         out.push_str("\nkernel families in one unpruned request:\n");
         out.push_str(&format!(
-            "{:<12} {:>9} {:>9} {:>8} {:>13} {:>12}\n",
-            "family", "time ms", "GFLOP/s", "GB/s", "% matmul peak", "% copy BW"
+            "{:<12} {:>9} {:>9} {:>8} {:>10} {:>8}\n",
+            "family", "time ms", "GFLOP/s", "GB/s", "bound", "% of it"
         ));
         for f in &self.kernel_families {
             out.push_str(&format!(
-                "{:<12} {:>9.1} {:>9.2} {:>8.2} {:>12.0}% {:>11.0}%\n",
+                "{:<12} {:>9.1} {:>9.2} {:>8.2} {:>10} {:>7.1}%\n",
                 f.family,
                 f.time_ms,
                 f.gflops,
                 f.gbytes_per_s,
-                100.0 * f.of_matmul_peak,
-                100.0 * f.of_copy_bandwidth
+                bound_name(f.bound),
+                100.0 * f.of_ceiling
             ));
         }
         out

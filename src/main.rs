@@ -220,6 +220,22 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Many requests with varying pruning, questions and lengths; resident memory after
+    /// warm-up and at the end (fails if it grew by more than 1%).
+    Soak {
+        /// Requests after the warm-up.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        requests: u32,
+        /// Model directory (default: the demo model).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Question set cycled through (default: weights/shapes-heldout/heldout.jsonl).
+        #[arg(long)]
+        questions: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
@@ -510,6 +526,42 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_soak(
+    requests: u32,
+    model: Option<&Path>,
+    questions: Option<&Path>,
+    json: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    let model = match model {
+        Some(m) => m.to_path_buf(),
+        None => default_model()?,
+    };
+    let questions = match questions {
+        Some(q) => q.to_path_buf(),
+        None => shipped_path(DEFAULT_QUESTIONS, "--questions FILE.jsonl", None)?,
+    };
+    let examples = harness::eval::read_jsonl(&questions)?;
+    let engine = Engine::load(&model, device.engine_options(WeightFormat::F16))?;
+    eprintln!("soak on {}", engine.gpu.describe());
+    let label = model.display().to_string();
+    let report = harness::bench::soak(&engine, &label, &examples, requests as usize, |line| {
+        eprintln!("  {line}")
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    if !report.within_budget() {
+        anyhow::bail!(
+            "resident memory grew by more than {:.0}% (or could not be read)",
+            100.0 * harness::bench::soak::MAX_GROWTH
+        );
+    }
+    Ok(())
+}
+
 fn eval(
     model: Option<&Path>,
     questions: Option<&Path>,
@@ -572,6 +624,23 @@ fn main() -> ExitCode {
             device,
             ..
         } => bench_kernels(device, *repeats, *json),
+        Command::Bench {
+            what:
+                Some(BenchCommand::Soak {
+                    requests,
+                    model,
+                    questions,
+                    json,
+                }),
+            device,
+            ..
+        } => bench_soak(
+            *requests,
+            model.as_deref(),
+            questions.as_deref(),
+            *json,
+            device,
+        ),
         Command::Bench {
             what: None,
             args,

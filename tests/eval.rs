@@ -5,35 +5,50 @@ mod fixture;
 use llava_wgpu::harness::eval::{self, BUDGETS, METHODS};
 use llava_wgpu::{Engine, EngineOptions};
 
+/// Questions 1–3 expect what the unpruned model says (2 tokens; the second with trailing
+/// punctuation, which scoring ignores); question 4 expects an answer no model gives. So the
+/// unpruned model scores exactly 3 of 4, every row misses question 4, and retention is relative
+/// to 75%.
 #[test]
-fn eval_scores_the_unpruned_model_against_its_own_greedy_answers() {
+fn eval_scores_right_and_wrong_answers() {
     let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
     let dir = std::env::temp_dir().join(format!("llava-wgpu-eval-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    // The expected answer of each question is what the unpruned model says (2 tokens), so the
-    // unpruned accuracy must be exactly 100% and every row must be scored against it.
+    let cases = fixture::cases();
     let mut lines = String::new();
-    for case in fixture::cases().iter().take(3) {
-        let answer = engine.tokenizer.decode(&case.greedy_ids[..2]).unwrap();
+    for (i, case) in cases.iter().take(3).enumerate() {
+        let mut answer = engine.tokenizer.decode(&case.greedy_ids[..2]).unwrap();
+        if i == 1 {
+            answer.push_str(" !");
+        }
         let line =
             serde_json::json!({"image": case.image, "question": case.prompt, "answer": answer});
         lines.push_str(&format!("{line}\n"));
     }
+    let wrong = serde_json::json!({"image": cases[0].image, "question": cases[0].prompt,
+        "answer": "no model answers this"});
+    lines.push_str(&format!("{wrong}\n"));
     let path = dir.join("held_out.jsonl");
     std::fs::write(&path, lines).unwrap();
     let examples = eval::read_jsonl(&path).unwrap();
     let report = eval::run(&engine, "fixture", &examples, 2, |_| {}).unwrap();
     assert_eq!(report.rows.len(), 1 + METHODS.len() * BUDGETS.len());
-    assert_eq!(report.rows[0].accuracy, 1.0);
+    assert_eq!(report.rows[0].accuracy, 0.75);
+    assert_eq!(report.rows[0].outcomes, "1110");
     for row in &report.rows {
-        assert_eq!(row.total, 3);
+        assert_eq!(row.total, 4);
         assert!(
-            (row.retention - row.accuracy).abs() < 1e-12,
-            "retention is relative to 100%"
+            row.outcomes.ends_with('0'),
+            "{} scored the wrong answer",
+            row.method
+        );
+        assert!(
+            (row.retention - row.accuracy / 0.75).abs() < 1e-12,
+            "retention is relative to the unpruned 75%"
         );
         if row.budget == 1.0 && row.method != "random" {
             // Keeping every token is the unpruned model.
-            assert_eq!(row.accuracy, 1.0, "{} at 100%", row.method);
+            assert_eq!(row.outcomes, "1110", "{} at 100%", row.method);
         }
     }
     assert!(report.table().contains("retention"));
@@ -51,9 +66,9 @@ fn check_intervals_and_pairing(report: &eval::EvalReport) {
         assert!(ci.low <= row.accuracy && row.accuracy <= ci.high, "{ci:?}");
         assert!(
             ci.high - ci.low > 0.3,
-            "3 questions leave a wide interval: {ci:?}"
+            "4 questions leave a wide interval: {ci:?}"
         );
-        assert_eq!(row.outcomes.len(), 3);
+        assert_eq!(row.outcomes.len(), 4);
         if row.method == "star" {
             assert!(row.vs_star.is_none());
             continue;
@@ -73,7 +88,8 @@ fn check_intervals_and_pairing(report: &eval::EvalReport) {
             m.only_reference_correct,
             pairs().filter(|p| *p == ('0', '1')).count()
         );
-        // With at most 3 discordant questions no difference can be significant (min p = 0.25).
+        // Question 4 is wrong everywhere, so at most 3 questions are discordant and no
+        // difference can be significant: the exact two-sided p is at least 2 · 2^-3 = 0.25.
         assert!(m.p_value >= 0.25, "{m:?}");
     }
     let json = serde_json::to_value(report).unwrap();

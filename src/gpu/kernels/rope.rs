@@ -108,7 +108,9 @@ pub fn rope(
         )
 }
 
-/// CPU reference: rotate-half RoPE in f64 with the same f32 angles.
+/// CPU reference: rotate-half RoPE in f64 from the formula, angle = pos / theta^(2i/D), sharing
+/// nothing with the table. It differs from the engine (and transformers), which round the
+/// angle's factors to f32; [`reference_bound`] bounds the difference.
 pub fn reference(
     x: &[f32],
     heads: usize,
@@ -122,10 +124,42 @@ pub fn reference(
         for h in 0..heads {
             let base = (row * heads + h) * head_dim;
             for i in 0..half {
-                let a = angle(theta, head_dim, pos as usize, i) as f64;
+                let a = pos as f64 * theta.powf(-((2 * i) as f64) / head_dim as f64);
                 let (x1, x2) = (x[base + i] as f64, x[base + i + half] as f64);
                 out[base + i] = x1 * a.cos() - x2 * a.sin();
                 out[base + i + half] = x2 * a.cos() + x1 * a.sin();
+            }
+        }
+    }
+    out
+}
+
+/// Per element, how far the engine's rotation may be from [`reference`]. The f32 angle has
+/// relative error ≤ (ln(theta)·e + 4)·u (u = 2^-24): the f32 exponent e = 2i/D is off by
+/// ≤ u·e, which scales theta^e by ≤ ln(theta)·e·u, plus the power, reciprocal, position and
+/// product roundings. A rotation by an angle off by δ moves (x1, x2) by ≤ (|x1| + |x2|)·δ; the
+/// f32 cos/sin and the shader's two products and sum add ≤ 4u·(|x1| + |x2|).
+pub fn reference_bound(
+    x: &[f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    theta: f64,
+) -> Vec<f64> {
+    let u = 2f64.powi(-24);
+    let half = head_dim / 2;
+    let mut out = vec![0.0; x.len()];
+    for (row, &pos) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let base = (row * heads + h) * head_dim;
+            for i in 0..half {
+                let e = (2 * i) as f64 / head_dim as f64;
+                let a = pos as f64 * theta.powf(-e);
+                let delta = a * (theta.ln() * e + 4.0) * u;
+                let size = (x[base + i] as f64).abs() + (x[base + i + half] as f64).abs();
+                let bound = size * (delta + 4.0 * u);
+                out[base + i] = bound;
+                out[base + i + half] = bound;
             }
         }
     }

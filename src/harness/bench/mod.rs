@@ -1,5 +1,6 @@
 //! Benchmarks: `llava-wgpu bench kernels` ([`kernels()`]) times the kernel families on their own;
-//! `llava-wgpu bench` ([`pruning()`]) times whole requests, pruned against unpruned.
+//! `llava-wgpu bench` ([`pruning()`]) times whole requests, pruned against unpruned;
+//! `llava-wgpu bench soak` ([`soak()`]) runs many varied requests and watches resident memory.
 //!
 //! Kernel measurements run once untimed (pipeline compilation, first touch of buffers), then
 //! `repeats` times, each timed by the profiler's GPU timestamps around every dispatch (the same
@@ -9,12 +10,14 @@
 pub mod ceilings;
 pub mod kernels;
 pub mod pruning;
+pub mod soak;
 
 pub use ceilings::{Bound, Ceilings};
 pub use kernels::{kernels, KernelReport, KernelResult};
 pub use pruning::{
     default_settings, load_engine, pruning, FamilyEfficiency, PruningReport, Setting, SettingResult,
 };
+pub use soak::{soak, SoakReport};
 
 use std::time::Duration;
 

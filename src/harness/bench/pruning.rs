@@ -266,7 +266,7 @@ pub fn pruning(
         r
     };
     progress("ceilings: FMA throughput and copy bandwidth");
-    let ceilings = Ceilings::measure(gpu, 3)?;
+    let ceilings = Ceilings::measure(gpu, repeats)?;
 
     let runs = run_settings(engine, settings, warmup, repeats, request, &mut progress)?;
     let baseline_prefill = median_f64(runs[0].1.iter().map(|o| o.timings_ms.prefill).collect());

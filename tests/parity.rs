@@ -70,14 +70,18 @@ fn check_all_cases(engine: &Engine, tolerance: f64, label: &str) {
     }
 }
 
+/// Measured on lavapipe: rel L2 ≤ 6.4e-7 (projector) and ≤ 6.0e-7 (logits) over the five
+/// cases; the bound leaves ~8× for other drivers' summation orders.
 #[test]
-fn f32_weights_match_transformers_within_1e_3() {
-    check_all_cases(&engine(WeightFormat::F32, None), 1e-3, "f32");
+fn f32_weights_match_transformers_within_5e_6() {
+    check_all_cases(&engine(WeightFormat::F32, None), 5e-6, "f32");
 }
 
+/// Measured on lavapipe: rel L2 ≤ 5.5e-4 (projector) and ≤ 6.9e-4 (logits), the f16 rounding
+/// of the weights; the bound leaves ~4×.
 #[test]
-fn f16_weights_match_transformers_within_2e_2() {
-    check_all_cases(&engine(WeightFormat::F16, None), 2e-2, "f16");
+fn f16_weights_match_transformers_within_3e_3() {
+    check_all_cases(&engine(WeightFormat::F16, None), 3e-3, "f16");
 }
 
 #[test]

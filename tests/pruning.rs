@@ -178,6 +178,10 @@ fn json_ids(case: &fixture::Case, key: &str) -> Vec<usize> {
         .collect()
 }
 
+/// Relative L2 bound of f32 outputs against transformers: measured ≤ 6.6e-7 on lavapipe over
+/// the stage-1, STAR and FastV references, with ~8× margin (as tests/parity.rs).
+const F32_PARITY: f64 = 5e-6;
+
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got
         .iter()
@@ -273,7 +277,7 @@ fn stage_1_output_matches_transformers_fed_the_kept_features() {
         );
         eprintln!("stage 1 case {i}: features rel L2 {e_features:.2e}, logits {e_logits:.2e}");
         assert!(
-            e_features < 1e-3 && e_logits < 1e-3,
+            e_features < F32_PARITY && e_logits < F32_PARITY,
             "case {i}: features {e_features}, logits {e_logits}"
         );
         let want: Vec<u32> = json_ids(&case, "stage1_greedy_ids")
@@ -298,7 +302,7 @@ fn stage_2_output_matches_the_pytorch_drop_reference() {
             &fixture::tensor(&format!("case{i}.star_first_logits")),
         );
         eprintln!("STAR case {i}: first logits rel L2 {e:.2e}");
-        assert!(e < 1e-3, "case {i}: STAR first logits rel L2 {e}");
+        assert!(e < F32_PARITY, "case {i}: STAR first logits rel L2 {e}");
         let want: Vec<u32> = json_ids(&case, "star_greedy_ids")
             .into_iter()
             .map(|x| x as u32)
@@ -334,7 +338,7 @@ fn stage_2_output_matches_the_pytorch_drop_reference() {
             &fixture::tensor(&format!("case{i}.fastv_first_logits")),
         );
         eprintln!("FastV case {i}: first logits rel L2 {e:.2e}");
-        assert!(e < 1e-3, "case {i}: FastV first logits rel L2 {e}");
+        assert!(e < F32_PARITY, "case {i}: FastV first logits rel L2 {e}");
     }
 }
 

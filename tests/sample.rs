@@ -17,7 +17,11 @@ fn run(gpu: &Gpu, logits: &[f32], rows: usize, v: usize, row: usize) -> u32 {
     let out = Tensor::empty(gpu, &[3], DType::U32, "ids").unwrap();
     out.poison(gpu);
     let dispatch = sample::argmax(gpu, &t, row, &out, 1).unwrap();
-    assert_ran_path("argmax", &[dispatch.module.clone()], gpu.caps.subgroups);
+    assert_ran_path(
+        "argmax",
+        std::slice::from_ref(&dispatch.module),
+        gpu.caps.subgroups,
+    );
     let mut rec = Recorder::new(gpu);
     rec.dispatch(dispatch);
     rec.finish("argmax test").unwrap();

@@ -1,6 +1,6 @@
 //! Property-based fuzzing of the input path (issue #12): every input a user can hand the engine
 //! (config.json, safetensors shards and their index, prompts, images, preprocessor settings,
-//! eval question sets, and the shape checks of the kernels that need no device) ends in `Ok` or a
+//! eval question sets, the shape checks of the kernels, with and without a device) ends in `Ok` or a
 //! named library `Error`, never in a panic or an unbounded allocation.
 //!
 //! One module per target. Each property runs a few thousand cases by default; set
@@ -17,6 +17,7 @@
 mod checkpoint;
 mod config;
 mod jsonl;
+mod launchers;
 mod shapes;
 mod support;
 mod text;

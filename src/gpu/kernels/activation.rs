@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Dispatch, KernelCall, Shader, WorkgroupSize};
-use crate::gpu::tensor::Tensor;
+use crate::gpu::tensor::{DType, Tensor};
 
 /// Threads per workgroup, one per element (WG in the shader).
 pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
@@ -74,11 +74,12 @@ pub fn activate(gpu: &Gpu, act: Activation, x: &Tensor) -> Result<Dispatch> {
 pub fn silu_mul(gpu: &Gpu, gate_up: &Tensor, out: &Tensor) -> Result<Dispatch> {
     let (rows, cols) = gate_up.rows_cols();
     let (out_rows, width) = out.rows_cols();
-    if cols != 2 * width || out_rows != rows {
+    let f32s = gate_up.dtype == DType::F32 && out.dtype == DType::F32;
+    if cols != 2 * width || out_rows != rows || !f32s {
         return Err(Error::shape(
             "silu_mul",
             format!(
-                "gate|up {:?} must be [rows, 2·width] for out {:?}",
+                "gate|up {:?} must be f32 [rows, 2·width] for f32 out {:?}",
                 gate_up.shape, out.shape
             ),
         ));

@@ -22,7 +22,7 @@ struct Params {
 pub fn copy(gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<Dispatch> {
     let n = src.numel();
     let f32s = src.dtype == DType::F32 && dst.dtype == DType::F32;
-    if !f32s || dst.numel() != n || n % 4 != 0 || n == 0 {
+    if !f32s || dst.numel() != n || !n.is_multiple_of(4) || n == 0 {
         return Err(Error::shape(
             "copy",
             format!(

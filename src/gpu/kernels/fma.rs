@@ -67,7 +67,8 @@ pub fn fma(
             ),
         ));
     }
-    if !(chain.m.abs() < 1.0) || !chain.c.is_finite() {
+    let bounded = chain.m.abs() < 1.0; // false for NaN
+    if !bounded || !chain.c.is_finite() {
         return Err(Error::argument(
             "chain",
             format!(

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{grid, Dispatch, KernelCall, Shader, WorkgroupSize};
-use crate::gpu::tensor::Tensor;
+use crate::gpu::tensor::{DType, Tensor};
 
 /// Threads per row (one workgroup per row; WG in the shader).
 pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
@@ -27,12 +27,14 @@ fn check(
     y: &Tensor,
 ) -> Result<(usize, usize)> {
     let (rows, cols) = x.rows_cols();
-    let beta_ok = beta.is_none_or(|b| b.numel() == cols);
-    if y.shape != x.shape || gamma.numel() != cols || !beta_ok {
+    let beta_ok = beta.is_none_or(|b| b.numel() == cols && b.dtype == DType::F32);
+    // All f32: a u32 tensor would be read as float bits (found by tests/fuzz launchers).
+    let f32s = [x, gamma, y].iter().all(|t| t.dtype == DType::F32);
+    if y.shape != x.shape || gamma.numel() != cols || !beta_ok || !f32s {
         return Err(Error::shape(
             op,
             format!(
-                "x {:?}, weight {:?}, bias {:?}, y {:?}",
+                "x {:?}, weight {:?}, bias {:?}, y {:?} must be f32 of matching widths",
                 x.shape,
                 gamma.shape,
                 beta.map(|b| b.shape.clone()),

@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Dispatch, KernelCall, Shader, WorkgroupSize};
-use crate::gpu::tensor::Tensor;
+use crate::gpu::tensor::{DType, Tensor};
 
 /// Threads per workgroup, one per rotated pair (WG in the shader).
 pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
@@ -77,11 +77,12 @@ pub fn rope(
 ) -> Result<Dispatch> {
     let (rows, cols) = x.rows_cols();
     let d = table.head_dim;
-    if cols != heads * d || positions.numel() < rows {
+    let dtypes = x.dtype == DType::F32 && positions.dtype == DType::U32;
+    if cols != heads * d || positions.numel() < rows || !dtypes {
         return Err(Error::shape(
             "rope",
             format!(
-                "x {:?} is not [T, {heads}·{d}] or positions {:?} has fewer than T rows",
+                "x {:?} is not f32 [T, {heads}·{d}] or positions {:?} is not u32 with T rows or more",
                 x.shape, positions.shape
             ),
         ));

@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["text", "vision", "sample", "prune"],
     &["model"],
     &["generate"],
-    &["harness"],
+    &["harness", "serve"],
 ];
 
 fn layer_of(top: &str) -> Option<usize> {

@@ -162,6 +162,10 @@ enum Command {
     },
     /// Answer a question about an image.
     Run(Box<RunArgs>),
+    /// An OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models, GET /health).
+    Serve(Box<cli::serve::ServeArgs>),
+    /// An interactive chat about an image in the terminal.
+    Chat(Box<cli::serve::ChatArgs>),
     /// List every adapter with its backend, type, driver, limits and optional features.
     Devices {
         #[command(flatten)]
@@ -551,6 +555,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => cli::serve::serve(args),
+        Command::Chat(args) => cli::serve::chat(args),
         Command::Devices { device, json } => devices(device, *json),
         Command::Eval {
             model,

@@ -3,3 +3,5 @@
 
 pub mod choices;
 pub mod flags;
+pub mod chat;
+pub mod serve;

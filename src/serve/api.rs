@@ -151,6 +151,8 @@ pub fn parse(body: &[u8], policy: Policy) -> Checked<ChatRequest> {
         // The chosen token's log-probability is looked up among the top ones.
         logprobs: logprobs.map(|n| n.max(1)),
         prune: parse_prune(obj.get("prune"))?,
+        // Extension (as llama.cpp's server): keep generating past the end-of-sequence token.
+        ignore_eos: bool_field(obj, "ignore_eos")?.unwrap_or(false),
         ..TurnSettings::default()
     };
     let stream_usage = obj
@@ -228,11 +230,19 @@ fn parse_stop(v: Option<&Value>) -> Checked<Vec<String>> {
     Ok(list)
 }
 
+/// STAR with its default budgets, as `llava-wgpu run` without pruning flags.
+fn default_prune() -> PruneOptions {
+    PruneOptions {
+        method: Method::Star,
+        ..PruneOptions::default()
+    }
+}
+
 /// The `prune` extension: `{"method", "keep", "stage1_keep", "stage2_layer"}` (and the ratio
-/// forms and `stage1_score`), with the library's defaults for what is left out.
+/// forms and `stage1_score`); what is left out takes `run`'s defaults (STAR).
 fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     let obj = match v {
-        None | Some(Value::Null) => return Ok(PruneOptions::default()),
+        None | Some(Value::Null) => return Ok(default_prune()),
         Some(Value::Object(o)) => o,
         Some(other) => {
             return Err(ApiError::bad_request(
@@ -269,7 +279,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
         }
     };
     let library = |e: Error| ApiError::from_engine(&e).with_status(400);
-    let mut options = PruneOptions::default();
+    let mut options = default_prune();
     if let Some(method) = text("method")? {
         options.method = method.parse::<Method>().map_err(library)?;
     }

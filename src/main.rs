@@ -215,6 +215,9 @@ struct BenchArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The server on loopback: time to first token (first turn, follow-up, cached image),
+    /// concurrent clients, resident memory over many requests.
+    Serve(Box<cli::serve::BenchServeArgs>),
     /// Matmul, gemv and attention throughput next to the adapter's copy bandwidth.
     Kernels {
         /// Timed runs per case (the median is reported).
@@ -578,6 +581,11 @@ fn main() -> ExitCode {
             device,
             ..
         } => bench_kernels(device, *repeats, *json),
+        Command::Bench {
+            what: Some(BenchCommand::Serve(args)),
+            device,
+            ..
+        } => cli::serve::bench_serve(args, device),
         Command::Bench {
             what: None,
             args,

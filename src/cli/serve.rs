@@ -108,3 +108,77 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
     };
     super::chat::run(engine, args.image.clone(), settings)
 }
+
+#[derive(Args)]
+pub struct BenchServeArgs {
+    /// Model directory; default: the demo model in weights/tiny-llava-shapes.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The image asked about; default: the demo model's example1.png.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Conversations timed for time to first token (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    #[arg(long, default_value_t = 4)]
+    requests_per_client: usize,
+    /// Requests of the resident-memory soak.
+    #[arg(long, default_value_t = 1000)]
+    soak: usize,
+    /// Tokens per timed answer.
+    #[arg(long, default_value_t = 8)]
+    max_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
+    use llava_wgpu::harness::bench::serve::{serve, ServeBenchOptions};
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => default_model()?,
+    };
+    let image = args.image.clone().unwrap_or_else(|| model.join("example1.png"));
+    let mut engine_options = device.engine_options(llava_wgpu::gpu::WeightFormat::F16);
+    engine_options.progress = false;
+    let engine = Engine::load(&model, engine_options)?;
+    let options = ServeBenchOptions {
+        image,
+        repeats: args.repeats,
+        clients: args.clients,
+        per_client: args.requests_per_client,
+        soak: args.soak,
+        max_tokens: args.max_tokens,
+    };
+    let r = serve(engine, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("time to first token (client-side, median of {}):", args.repeats);
+    println!("  first turn (new image)      {:9.1} ms", r.ttft_first_turn_ms);
+    println!(
+        "  follow-up turn              {:9.1} ms  ({:.2}x faster)",
+        r.ttft_follow_up_ms, r.follow_up_speedup
+    );
+    println!(
+        "  new conversation, cached    {:9.1} ms  ({:.2}x faster)",
+        r.ttft_cached_image_ms, r.cached_image_speedup
+    );
+    println!(
+        "{} concurrent requests ({} clients x {}): {} answered, {} refused (503), {} lost",
+        r.concurrent_requests, args.clients, args.requests_per_client, r.answered, r.refused_503, r.lost
+    );
+    println!(
+        "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes: {}",
+        r.soak_requests,
+        r.resident_bytes_start,
+        r.resident_bytes_end,
+        r.resident_growth_percent,
+        r.gpu_bytes_end.map_or("not tracked on this branch".to_string(), |b| b.to_string())
+    );
+    Ok(())
+}

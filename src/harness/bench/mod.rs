@@ -7,6 +7,7 @@
 
 pub mod kernels;
 pub mod pruning;
+pub mod serve;
 
 pub use kernels::{kernels, matmul_peak, KernelReport, KernelResult};
 pub use pruning::{

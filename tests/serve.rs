@@ -97,7 +97,12 @@ fn user_with_image(image: &str, text: &str) -> Value {
     ]})
 }
 
-fn one_shot(prompt: &str, image: &str, max_new: usize, prune: PruneOptions) -> llava_wgpu::GenerateOutput {
+fn one_shot(
+    prompt: &str,
+    image: &str,
+    max_new: usize,
+    prune: PruneOptions,
+) -> llava_wgpu::GenerateOutput {
     let mut request = GenerateRequest::new(demo_dir().join(image), prompt);
     request.max_new_tokens = max_new;
     request.prune = prune;
@@ -129,9 +134,15 @@ fn answers_equal_run_and_streams_concatenate_to_them() {
     let run = one_shot("Which shape is green?", "example1.png", 8, star);
     assert_eq!(content(&answer), run.text);
     assert_eq!(answer["usage"]["prompt_tokens"], run.prompt_tokens);
-    assert_eq!(answer["usage"]["completion_tokens"], run.generated_ids.len());
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        run.generated_ids.len()
+    );
     assert_eq!(answer["visual_tokens"]["after_stage2"], 40);
-    assert_eq!(answer["visual_tokens"]["after_stage1"], run.visual_tokens.after_stage1);
+    assert_eq!(
+        answer["visual_tokens"]["after_stage1"],
+        run.visual_tokens.after_stage1
+    );
     assert_eq!(answer["object"], "chat.completion");
 
     // The same request streamed.
@@ -166,7 +177,9 @@ fn answers_equal_run_and_streams_concatenate_to_them() {
         }
     }
     assert_eq!(text, content(&answer));
-    let finish = chunks.iter().find(|c| !c["choices"][0]["finish_reason"].is_null());
+    let finish = chunks
+        .iter()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null());
     assert_eq!(
         finish.unwrap()["choices"][0]["finish_reason"],
         answer["choices"][0]["finish_reason"]
@@ -197,13 +210,22 @@ fn a_follow_up_reuses_the_session_and_equals_a_run_of_the_whole_conversation() {
     let (status, a2) = post(server, &follow.to_string());
     assert_eq!(status, 200, "{a2}");
     assert_eq!(a2["llava"]["image"], "session");
-    assert!(a2["llava"]["reused_tokens"].as_u64().unwrap() >= a1["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert!(
+        a2["llava"]["reused_tokens"].as_u64().unwrap()
+            >= a1["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
     let whole = Template::LlavaHf
         .render_conversation(
             &[
-                llava_wgpu::text::Message::new(llava_wgpu::text::Role::User, "Which shape is green?"),
+                llava_wgpu::text::Message::new(
+                    llava_wgpu::text::Role::User,
+                    "Which shape is green?",
+                ),
                 llava_wgpu::text::Message::new(llava_wgpu::text::Role::Assistant, content(&a1)),
-                llava_wgpu::text::Message::new(llava_wgpu::text::Role::User, "How many objects are in the image?"),
+                llava_wgpu::text::Message::new(
+                    llava_wgpu::text::Role::User,
+                    "How many objects are in the image?",
+                ),
             ],
             0,
             "<image>",
@@ -237,7 +259,10 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(b"this is not a picture at all")
     );
-    let part = |p: Value| json!({"messages": [{"role": "user", "content": [p, {"type": "text", "text": "hi"}]}]}).to_string();
+    let part = |p: Value| {
+        json!({"messages": [{"role": "user", "content": [p, {"type": "text", "text": "hi"}]}]})
+            .to_string()
+    };
     vec![
         ("malformed JSON", "{\"messages\": [".to_string(), 400, None),
         ("not a JSON object", "[1, 2]".to_string(), 400, None),
@@ -272,15 +297,30 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
             422,
             Some("messages[0].content[0].image_url"),
         ),
-        ("no image", json!({"messages": [{"role": "user", "content": "hi"}]}).to_string(), 400, Some("messages")),
+        (
+            "no image",
+            json!({"messages": [{"role": "user", "content": "hi"}]}).to_string(),
+            400,
+            Some("messages"),
+        ),
         (
             "impossible budget",
             with(json!({"prune": {"method": "star", "keep": 5000}})),
             422,
             Some("prune.keep"),
         ),
-        ("unknown prune field", with(json!({"prune": {"kep": 3}})), 400, Some("prune.kep")),
-        ("temperature out of range", with(json!({"temperature": 7})), 400, Some("temperature")),
+        (
+            "unknown prune field",
+            with(json!({"prune": {"kep": 3}})),
+            400,
+            Some("prune.kep"),
+        ),
+        (
+            "temperature out of range",
+            with(json!({"temperature": 7})),
+            400,
+            Some("temperature"),
+        ),
     ]
 }
 
@@ -288,7 +328,9 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
 /// has read a body it refuses.
 fn post_raw(server: &Server, body: &str) -> (u16, Value) {
     let mut socket = TcpStream::connect(server.addr).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -310,9 +352,15 @@ fn every_bad_request_gets_its_status_and_the_server_keeps_serving() {
         let (got, answer) = post(server, &body);
         assert_eq!(got, status, "{name}: {answer}");
         let error = &answer["error"];
-        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {answer}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {answer}"
+        );
         assert!(error["type"].is_string(), "{name}: {answer}");
-        assert!(error.get("code").is_some() && error.get("param").is_some(), "{name}: {answer}");
+        assert!(
+            error.get("code").is_some() && error.get("param").is_some(),
+            "{name}: {answer}"
+        );
         if let Some(param) = param {
             assert_eq!(error["param"], param, "{name}: {answer}");
         }
@@ -341,7 +389,9 @@ fn a_client_that_disconnects_cancels_its_generation() {
     })
     .to_string();
     let mut socket = TcpStream::connect(server.addr).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
     write!(
         socket,
         "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -352,7 +402,11 @@ fn a_client_that_disconnects_cancels_its_generation() {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     // The role chunk, then at least one chunk of text.
-    while String::from_utf8_lossy(&seen).matches("chat.completion.chunk").count() < 2 {
+    while String::from_utf8_lossy(&seen)
+        .matches("chat.completion.chunk")
+        .count()
+        < 2
+    {
         let n = socket.read(&mut buf).unwrap();
         assert!(n > 0, "the server closed the stream early");
         seen.extend_from_slice(&buf[..n]);
@@ -407,8 +461,14 @@ fn a_full_queue_answers_503_with_retry_after_and_shutdown_is_graceful() {
     // One answered by the worker, one waiting in the queue: the rest are refused.
     assert!(busy >= 3, "{results:?}");
     for (status, retry, text) in &results {
-        assert!(*status == 200 || (*status == 503 && *retry), "{status} {text}");
+        assert!(
+            *status == 200 || (*status == 503 && *retry),
+            "{status} {text}"
+        );
     }
     server.shutdown().unwrap();
-    assert!(TcpStream::connect(addr).is_err(), "still listening after shutdown");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still listening after shutdown"
+    );
 }

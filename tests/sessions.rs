@@ -62,7 +62,10 @@ fn one_shot(engine: &Engine, conv: &Conversation, s: &TurnSettings) -> llava_wgp
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn unpruned() -> PruneOptions {
@@ -88,7 +91,9 @@ fn unpruned_follow_up_equals_a_one_shot_run_of_the_whole_conversation() {
             (Role::User, "Which color does the cross have?"),
         ],
     );
-    let a2 = engine.turn(&mut session, &follow, &s, None, |_| {}).unwrap();
+    let a2 = engine
+        .turn(&mut session, &follow, &s, None, |_| {})
+        .unwrap();
     assert_eq!(a2.turn.image, ImageFrom::Session);
     assert!(
         a2.turn.reused_tokens >= a1.prompt_tokens,
@@ -149,9 +154,20 @@ fn star_follow_up_keeps_the_first_turns_visual_tokens() {
             (Role::User, "How many objects are in the image?"),
         ],
     );
-    let a2 = engine.turn(&mut session, &follow, &s, None, |_| {}).unwrap();
+    let a2 = engine
+        .turn(&mut session, &follow, &s, None, |_| {})
+        .unwrap();
     assert_eq!(a2.turn.image, ImageFrom::Session);
-    assert_eq!(a2.kept_visual_indices.as_ref().unwrap().stage2.as_ref().unwrap().len(), n2);
+    assert_eq!(
+        a2.kept_visual_indices
+            .as_ref()
+            .unwrap()
+            .stage2
+            .as_ref()
+            .unwrap()
+            .len(),
+        n2
+    );
     assert_eq!(
         format!("{:?}", a1.kept_visual_indices),
         format!("{:?}", a2.kept_visual_indices),

@@ -114,7 +114,10 @@ impl Chat {
                     if path.is_file() {
                         self.image = Some(path);
                         self.new_conversation();
-                        println!("(new conversation about {})", self.image.as_ref().unwrap().display());
+                        println!(
+                            "(new conversation about {})",
+                            self.image.as_ref().unwrap().display()
+                        );
                     } else {
                         println!("error: {} is not a file", path.display());
                     }
@@ -204,7 +207,9 @@ impl Chat {
 fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOptions> {
     let method: Method = words
         .next()
-        .ok_or_else(|| anyhow::anyhow!("usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K]"))?
+        .ok_or_else(|| {
+            anyhow::anyhow!("usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K]")
+        })?
         .parse()?;
     let mut prune = PruneOptions {
         method,

@@ -141,7 +141,10 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let image = args.image.clone().unwrap_or_else(|| model.join("example1.png"));
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| model.join("example1.png"));
     let mut engine_options = device.engine_options(llava_wgpu::gpu::WeightFormat::F16);
     engine_options.progress = false;
     let engine = Engine::load(&model, engine_options)?;
@@ -158,8 +161,14 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("time to first token (client-side, median of {}):", args.repeats);
-    println!("  first turn (new image)      {:9.1} ms", r.ttft_first_turn_ms);
+    println!(
+        "time to first token (client-side, median of {}):",
+        args.repeats
+    );
+    println!(
+        "  first turn (new image)      {:9.1} ms",
+        r.ttft_first_turn_ms
+    );
     println!(
         "  follow-up turn              {:9.1} ms  ({:.2}x faster)",
         r.ttft_follow_up_ms, r.follow_up_speedup
@@ -170,7 +179,12 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
     );
     println!(
         "{} concurrent requests ({} clients x {}): {} answered, {} refused (503), {} lost",
-        r.concurrent_requests, args.clients, args.requests_per_client, r.answered, r.refused_503, r.lost
+        r.concurrent_requests,
+        args.clients,
+        args.requests_per_client,
+        r.answered,
+        r.refused_503,
+        r.lost
     );
     println!(
         "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes: {}",
@@ -178,7 +192,8 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
         r.resident_bytes_start,
         r.resident_bytes_end,
         r.resident_growth_percent,
-        r.gpu_bytes_end.map_or("not tracked on this branch".to_string(), |b| b.to_string())
+        r.gpu_bytes_end
+            .map_or("not tracked on this branch".to_string(), |b| b.to_string())
     );
     Ok(())
 }

@@ -49,7 +49,13 @@ impl Engine {
     ) -> Result<GenerateOutput> {
         let mut session = Session::one_shot();
         let conversation = request.conversation();
-        self.turn(&mut session, &conversation, &request.settings(), None, on_text)
+        self.turn(
+            &mut session,
+            &conversation,
+            &request.settings(),
+            None,
+            on_text,
+        )
     }
 
     /// Answer the last message of `conversation` in `session`: prepare (tokenize, plan, find
@@ -92,7 +98,9 @@ impl Engine {
         };
         let kept_visual_indices = match kept_before {
             Some(kept) => kept,
-            None => self.kept_indices(&input, image.as_ref().and_then(|i| i.kept.clone()), &state)?,
+            None => {
+                self.kept_indices(&input, image.as_ref().and_then(|i| i.kept.clone()), &state)?
+            }
         };
 
         let mut picker = TokenPicker {

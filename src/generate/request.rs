@@ -75,7 +75,10 @@ impl GenerateRequest {
 pub enum ImageInput {
     File(PathBuf),
     /// Encoded image bytes (an upload or a data URL); `source` names them in errors.
-    Bytes { bytes: Arc<[u8]>, source: PathBuf },
+    Bytes {
+        bytes: Arc<[u8]>,
+        source: PathBuf,
+    },
 }
 
 impl ImageInput {

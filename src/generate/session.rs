@@ -228,7 +228,11 @@ impl SessionState {
         let dropped = self.plan.n1() - self.plan.n2();
         let first_pruned = self.plan.stage2.map_or(usize::MAX, |s| s.layer);
         for (i, layer) in self.cache.layers.iter_mut().enumerate() {
-            layer.len = if i >= first_pruned { len - dropped } else { len };
+            layer.len = if i >= first_pruned {
+                len - dropped
+            } else {
+                len
+            };
         }
         self.tokens.truncate(len);
     }

@@ -58,11 +58,9 @@ impl ApiError {
             Error::Argument { name, .. } => Self::bad_request(name.clone(), message)
                 .with_status(422)
                 .with_code("unprocessable"),
-            Error::File { path, .. } => {
-                Self::bad_request(path.display().to_string(), message)
-                    .with_status(422)
-                    .with_code("invalid_image")
-            }
+            Error::File { path, .. } => Self::bad_request(path.display().to_string(), message)
+                .with_status(422)
+                .with_code("invalid_image"),
             _ => Self {
                 status: 500,
                 message,
@@ -264,7 +262,10 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(ApiError::bad_request(
             format!("prune.{unknown}"),
-            format!("unknown field prune.{unknown} (known: {})", KNOWN.join(", ")),
+            format!(
+                "unknown field prune.{unknown} (known: {})",
+                KNOWN.join(", ")
+            ),
         ));
     }
     let name = |field: &str| format!("prune.{field}");
@@ -436,10 +437,15 @@ fn parse_image_url(url: &str, at: &str, policy: Policy) -> Checked<ImageInput> {
                 "data URLs must be base64 (data:image/png;base64,...)",
             ));
         };
-        if !matches!(mime, "image/png" | "image/jpeg" | "image/jpg" | "image/webp") {
+        if !matches!(
+            mime,
+            "image/png" | "image/jpeg" | "image/jpg" | "image/webp"
+        ) {
             return Err(ApiError::bad_request(
                 param,
-                format!("image type {mime:?} is not accepted: send image/png, image/jpeg or image/webp"),
+                format!(
+                    "image type {mime:?} is not accepted: send image/png, image/jpeg or image/webp"
+                ),
             )
             .with_code("unsupported_image_type"));
         }

@@ -37,7 +37,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(model: String, options: ServeOptions, jobs: SyncSender<Job>, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        model: String,
+        options: ServeOptions,
+        jobs: SyncSender<Job>,
+        stats: Arc<Stats>,
+    ) -> Self {
         Self {
             model,
             options,
@@ -147,9 +152,12 @@ pub fn resident_bytes() -> Option<u64> {
 /// The body, refused with 413 past the limit (by its Content-Length, or as it arrives).
 async fn read_body(request: Request, limit: usize) -> std::result::Result<Bytes, ApiError> {
     let too_large = || {
-        ApiError::bad_request(None, format!("the request body is larger than the {limit}-byte limit"))
-            .with_status(413)
-            .with_code("body_too_large")
+        ApiError::bad_request(
+            None,
+            format!("the request body is larger than the {limit}-byte limit"),
+        )
+        .with_status(413)
+        .with_code("body_too_large")
     };
     let declared = request
         .headers()
@@ -348,7 +356,12 @@ fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
-fn stream_response(meta: Meta, first: Event, rx: UnboundedReceiver<Event>, guard: CancelOnDrop) -> Response {
+fn stream_response(
+    meta: Meta,
+    first: Event,
+    rx: UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+) -> Response {
     let role = sse(&meta.chunk(json!({"role": "assistant", "content": ""}), None));
     let mut stream = EventStream {
         meta,
@@ -394,7 +407,8 @@ impl EventStream {
     }
 
     fn finish(&mut self) {
-        self.pending.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        self.pending
+            .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
         self.guard.armed = false;
         self.done = true;
     }

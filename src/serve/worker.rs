@@ -125,7 +125,10 @@ impl Worker {
                 if !rest.is_empty() {
                     let _ = events.send(Event::Text(rest));
                 }
-                let logprobs = job.settings.logprobs.map(|_| self.logprobs(&output, job.top_logprobs));
+                let logprobs = job
+                    .settings
+                    .logprobs
+                    .map(|_| self.logprobs(&output, job.top_logprobs));
                 Event::Done(Box::new(Finished {
                     text: text.text,
                     finish_reason,

@@ -159,10 +159,16 @@ mod tests {
     #[test]
     fn one_user_message_renders_as_the_single_turn_prompt() {
         for template in Template::ALL {
-            let prompt = if template == Template::Raw { "<image> Q" } else { "Q" };
+            let prompt = if template == Template::Raw {
+                "<image> Q"
+            } else {
+                "Q"
+            };
             let messages = [Message::new(Role::User, prompt)];
             assert_eq!(
-                template.render_conversation(&messages, 0, "<image>").unwrap(),
+                template
+                    .render_conversation(&messages, 0, "<image>")
+                    .unwrap(),
                 template.render(prompt, "<image>")
             );
         }

@@ -389,8 +389,11 @@ pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
         )));
     }
     let mut bytes = Vec::with_capacity(size as usize);
-    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_IMAGE_FILE_BYTES + 1), &mut bytes)
-        .map_err(|e| fail(e.to_string()))?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_IMAGE_FILE_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(|e| fail(e.to_string()))?;
     Ok(bytes)
 }
 

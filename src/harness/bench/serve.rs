@@ -74,7 +74,11 @@ pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport>
     let client = Client::new(&server);
     let variant = |i: u32| image_variant(&base, i, &options.image);
     // Warm-up: one conversation (pipelines, allocator pools).
-    client.ttft(&first_turn(&variant(u32::MAX)?, "What is in the image?", options.max_tokens))?;
+    client.ttft(&first_turn(
+        &variant(u32::MAX)?,
+        "What is in the image?",
+        options.max_tokens,
+    ))?;
     let (mut first, mut follow, mut cached) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..options.repeats as u32 {
         let image = variant(i)?;
@@ -86,7 +90,11 @@ pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport>
         messages.push(json!({"role": "assistant", "content": answer.trim()}));
         messages.push(json!({"role": "user", "content": "How many objects are in the image?"}));
         follow.push(client.ttft(&next)?.0);
-        let other = first_turn(&image, "Which color does the cross have?", options.max_tokens);
+        let other = first_turn(
+            &image,
+            "Which color does the cross have?",
+            options.max_tokens,
+        );
         cached.push(client.ttft(&other)?.0);
     }
     let (first, follow, cached) = (median(first), median(follow), median(cached));
@@ -175,13 +183,18 @@ impl Client {
             .send(&body.to_string())
             .map_err(|e| Error::argument("bench serve", e.to_string()))?;
         if response.status() != 200 {
-            return Err(Error::argument("bench serve", format!("status {}", response.status())));
+            return Err(Error::argument(
+                "bench serve",
+                format!("status {}", response.status()),
+            ));
         }
         let mut first = None;
         let mut text = String::new();
         for line in BufReader::new(response.into_body().into_reader()).lines() {
             let line = line.map_err(|e| Error::argument("bench serve", e.to_string()))?;
-            let Some(data) = line.strip_prefix("data: ") else { continue };
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
             if data == "[DONE]" {
                 break;
             }
@@ -239,7 +252,11 @@ fn concurrent(client: &Client, image: &str, options: &ServeBenchOptions) -> (usi
             let client = client.clone();
             let bodies: Vec<String> = (0..options.per_client)
                 .map(|r| {
-                    let mut body = first_turn(image, &format!("Question {c}-{r}: which shape is green?"), 2);
+                    let mut body = first_turn(
+                        image,
+                        &format!("Question {c}-{r}: which shape is green?"),
+                        2,
+                    );
                     body["stream"] = json!(false);
                     body.to_string()
                 })
@@ -271,7 +288,10 @@ fn soak(client: &Client, image: &str, options: &ServeBenchOptions) -> Result<(u6
         body["stream"] = json!(false);
         let status = client.status(&body.to_string());
         if status != 200 {
-            return Err(Error::argument("bench serve", format!("soak request {i}: status {status}")));
+            return Err(Error::argument(
+                "bench serve",
+                format!("soak request {i}: status {status}"),
+            ));
         }
     }
     Ok((start, client.resident_bytes()?))

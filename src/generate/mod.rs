@@ -125,10 +125,10 @@ impl Engine {
         let memory = self.memory_report(image.as_ref(), &state);
         let turn = TurnReport {
             reused_tokens: input.reused,
-            image: match (&input.image, session.uses_image_cache()) {
-                (prepare::ImageStep::InSession, _) => ImageFrom::Session,
-                (prepare::ImageStep::Cached(_), _) => ImageFrom::Cache,
-                (prepare::ImageStep::Encode { .. }, _) => ImageFrom::Encoder,
+            image: match &input.image {
+                prepare::ImageStep::InSession => ImageFrom::Session,
+                prepare::ImageStep::Cached(_) => ImageFrom::Cache,
+                prepare::ImageStep::Encode { .. } => ImageFrom::Encoder,
             },
         };
         let mut tokens = input.prompt.ids.clone();

@@ -21,7 +21,8 @@ const LAYERS: &[&[&str]] = &[
     &["text", "vision", "sample", "prune"],
     &["model"],
     &["generate"],
-    &["harness", "serve"],
+    &["serve"],
+    &["harness"],
 ];
 
 fn layer_of(top: &str) -> Option<usize> {

@@ -38,6 +38,7 @@ use prefill::Prefilled;
 use prepare::PreparedRequest;
 pub use request::{Conversation, GenerateRequest, ImageInput, TurnSettings};
 pub use session::Session;
+use session::SessionState;
 
 impl Engine {
     /// Answer `request`, calling `on_text` with each new piece of text as it is decoded: a
@@ -86,7 +87,8 @@ impl Engine {
         // greedy decoding reads just the argmax id.
         let host_samples = !sampler.is_greedy() || settings.logprobs.is_some();
         let first_prompt_len = session.first_prompt_len();
-        let (cache, kept_before) = session.take_cache(self, &input)?;
+        let one_turn_rows = input.prompt.ids.len() + input.max_new;
+        let (cache, kept_before) = session.take_cache(self, input.reused, one_turn_rows)?;
         let mut state = self.prefill(&input, image.as_ref(), cache, !host_samples)?;
         let first_logits = self.read_if(
             host_samples || settings.capture_outputs,
@@ -133,14 +135,18 @@ impl Engine {
         };
         let mut tokens = input.prompt.ids.clone();
         tokens.extend_from_slice(&decoded.ids[..decoded.fed]);
-        session.store(
-            &input,
-            settings,
+        session.store(SessionState {
+            image: input.image_id,
+            template: settings.template,
+            pad_to_square: settings.pad_to_square,
+            prune: settings.prune.clone(),
+            plan: input.plan,
+            image_start: input.prompt.image_start,
+            first_prompt_len: first_prompt_len.unwrap_or(input.prompt.ids.len()),
             tokens,
-            state.cache,
-            kept_visual_indices.clone(),
-            first_prompt_len.unwrap_or(input.prompt.ids.len()),
-        );
+            cache: state.cache,
+            kept: kept_visual_indices.clone(),
+        });
         Ok(GenerateOutput {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,

@@ -16,7 +16,6 @@ use crate::prune::{Plan, PruneOptions};
 use crate::text::{EncodedPrompt, Template};
 
 use super::output::KeptIndices;
-use super::prepare::PreparedRequest;
 use super::request::{Conversation, TurnSettings};
 
 /// How many rows a session's KV cache holds.
@@ -124,22 +123,24 @@ impl Session {
         self.state.as_ref().map(|s| &s.plan)
     }
 
-    /// The KV cache for the turn `input` prepares, cut back to the ids it reuses, and the kept
-    /// visual indices of the first turn. The session holds neither while the GPU works, so a
-    /// turn that fails leaves it empty and its next turn starts over.
+    /// The KV cache for a turn that reuses the first `reused` ids (cut back to them), and the
+    /// kept visual indices of the first turn; a first turn gets a new cache (`one_turn_rows`
+    /// rows when the session answers one turn only). The session holds neither while the GPU
+    /// works, so a turn that fails leaves it empty and its next turn starts over.
     pub(super) fn take_cache(
         &mut self,
         engine: &Engine,
-        input: &PreparedRequest,
+        reused: usize,
+        one_turn_rows: usize,
     ) -> Result<(KvCache, Option<Option<KeptIndices>>)> {
         match self.state.take() {
             Some(mut state) => {
-                state.truncate(input.reused);
+                state.truncate(reused);
                 Ok((state.cache, Some(state.kept)))
             }
             None => {
                 let rows = match self.kv {
-                    KvSizing::OneTurn => input.prompt.ids.len() + input.max_new,
+                    KvSizing::OneTurn => one_turn_rows,
                     KvSizing::Context => engine.config.text.max_position_embeddings,
                 };
                 Ok((session_kv(engine, rows)?, None))
@@ -147,29 +148,9 @@ impl Session {
         }
     }
 
-    /// Keep what the turn left: `tokens` (the prompt and the generated ids that went through
-    /// the decoder) are what `cache` now holds.
-    pub(super) fn store(
-        &mut self,
-        input: &PreparedRequest,
-        settings: &TurnSettings,
-        tokens: Vec<u32>,
-        cache: KvCache,
-        kept: Option<KeptIndices>,
-        first_prompt_len: usize,
-    ) {
-        self.state = Some(SessionState {
-            image: input.image_id,
-            template: settings.template,
-            pad_to_square: settings.pad_to_square,
-            prune: settings.prune.clone(),
-            plan: input.plan,
-            image_start: input.prompt.image_start,
-            first_prompt_len,
-            tokens,
-            cache,
-            kept,
-        });
+    /// Keep what a turn left (its `tokens` are what its `cache` now holds).
+    pub(super) fn store(&mut self, state: SessionState) {
+        self.state = Some(state);
     }
 
     pub(super) fn first_prompt_len(&self) -> Option<usize> {

@@ -12,6 +12,7 @@ pub mod harness;
 pub mod model;
 pub mod prune;
 pub mod sample;
+pub mod serve;
 pub mod text;
 pub mod vision;
 

@@ -162,6 +162,10 @@ enum Command {
     },
     /// Answer a question about an image.
     Run(Box<RunArgs>),
+    /// An OpenAI-compatible HTTP server (POST /v1/chat/completions, GET /v1/models, GET /health).
+    Serve(Box<cli::serve::ServeArgs>),
+    /// An interactive chat about an image in the terminal.
+    Chat(Box<cli::serve::ChatArgs>),
     /// List every adapter with its backend, type, driver, limits and optional features.
     Devices {
         #[command(flatten)]
@@ -211,6 +215,9 @@ struct BenchArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// The server on loopback: time to first token (first turn, follow-up, cached image),
+    /// concurrent clients, resident memory over many requests.
+    Serve(Box<cli::serve::BenchServeArgs>),
     /// Matmul, gemv and attention throughput next to the adapter's copy bandwidth.
     Kernels {
         /// Timed runs per case (the median is reported).
@@ -603,6 +610,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => cli::serve::serve(args),
+        Command::Chat(args) => cli::serve::chat(args),
         Command::Devices { device, json } => devices(device, *json),
         Command::Eval {
             model,
@@ -641,6 +650,11 @@ fn main() -> ExitCode {
             *json,
             device,
         ),
+        Command::Bench {
+            what: Some(BenchCommand::Serve(args)),
+            device,
+            ..
+        } => cli::serve::bench_serve(args, device),
         Command::Bench {
             what: None,
             args,

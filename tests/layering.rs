@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["text", "vision", "sample", "prune"],
     &["model"],
     &["generate"],
+    &["serve"],
     &["harness"],
 ];
 

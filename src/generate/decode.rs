@@ -1,6 +1,7 @@
 //! The decode loop: pick a token (greedy on the GPU, or sampled on the host from the logits),
 //! stream its text, stop at EOS or the limit, and run the decoder on it for the next one.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -13,11 +14,14 @@ use crate::text::StreamDecoder;
 use super::output::{ms, TokenLogprob};
 use super::prefill::Prefilled;
 use super::prepare::PreparedRequest;
-use super::request::GenerateRequest;
+use super::request::TurnSettings;
 
 /// What the decode loop produced.
 pub(super) struct Decoded {
     pub ids: Vec<u32>,
+    /// Leading `ids` that went through the decoder (their keys and values are in the cache):
+    /// all of them, but the last when the token limit stopped the loop.
+    pub fed: usize,
     pub stop_reason: String,
     pub logprobs: Option<Vec<Vec<TokenLogprob>>>,
     /// From the start of prefill to the first token's arrival.
@@ -34,14 +38,17 @@ pub(super) struct TokenPicker<'a> {
     pub host_samples: bool,
     pub logprobs: Option<usize>,
     pub on_text: &'a mut dyn FnMut(&str),
+    /// Checked before every token: once set, the loop stops (`stop_reason` "cancelled").
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 impl Engine {
-    /// Generate up to `input.max_new` tokens after prefill; `first_logits` is the logits row
-    /// prefill left (read only when the host samples).
+    /// Generate up to `input.max_new` tokens after prefill, at the positions after the
+    /// conversation's prompt; `first_logits` is the logits row prefill left (read only when the
+    /// host samples).
     pub(super) fn decode(
         &self,
-        request: &GenerateRequest,
+        settings: &TurnSettings,
         input: &PreparedRequest,
         state: &mut Prefilled,
         picker: &mut TokenPicker,
@@ -51,6 +58,7 @@ impl Engine {
         let (prompt_len, max_new) = (input.prompt.ids.len(), input.max_new);
         let mut out = Decoded {
             ids: Vec::new(),
+            fed: 0,
             stop_reason: "max_new_tokens".into(),
             logprobs: picker.logprobs.map(|_| Vec::new()),
             prefill_ms: 0.0,
@@ -61,6 +69,10 @@ impl Engine {
         // Decode time runs from the first token's arrival (the end of prefill) to the last one.
         let mut decode_start = Instant::now();
         for step in 0..max_new {
+            if picker.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                out.stop_reason = "cancelled".into();
+                break;
+            }
             if step > 0 && picker.host_samples {
                 logits = self.gpu.read_f32(&state.buffers.logits)?;
             }
@@ -69,7 +81,7 @@ impl Engine {
                 out.prefill_ms = ms(prefill_start);
                 decode_start = Instant::now();
             }
-            if !request.ignore_eos && self.config.text.eos_token_id.contains(&next) {
+            if !settings.ignore_eos && self.config.text.eos_token_id.contains(&next) {
                 out.stop_reason = "eos".into();
                 break;
             }
@@ -84,6 +96,7 @@ impl Engine {
             // The new token sits at the position after the prompt as it entered the language
             // model (before stage 2), as if nothing had been dropped.
             self.decode_step(state, next, prompt_len + step, !picker.host_samples)?;
+            out.fed += 1;
         }
         if max_new == 0 {
             out.prefill_ms = ms(prefill_start);

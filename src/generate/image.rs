@@ -8,9 +8,12 @@ use crate::gpu::kernels::topk::{self, Segment};
 use crate::gpu::{DType, Recorder, Tensor};
 use crate::model::clip::ClipBuffers;
 use crate::model::config::FeatureSelect;
+use crate::model::image_cache::ProjectedImage;
 use crate::model::llava::Engine;
 use crate::model::projector::Projector;
 use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score, VISPRUNER_IMPORTANT_RATIO};
+
+use super::prepare::{ImageStep, PreparedRequest};
 
 /// The image side of a request after the vision tower, selection and the projector.
 pub(super) struct EncodedImage {
@@ -42,6 +45,30 @@ impl ImageBuffers {
 }
 
 impl Engine {
+    /// The turn's image rows: encoded (and stored in the image cache when the session uses it),
+    /// taken from the cache, or None on a follow-up turn (the session's KV cache holds them).
+    pub(super) fn image_step(&self, input: &PreparedRequest) -> Result<Option<EncodedImage>> {
+        match &input.image {
+            ImageStep::InSession => Ok(None),
+            ImageStep::Cached(projected) => Ok(Some(EncodedImage {
+                embeddings: projected.embeddings.clone(),
+                kept: projected.kept.clone(),
+                activation_bytes: 0,
+            })),
+            ImageStep::Encode { pixels, key } => {
+                let image = self.encode_image(pixels, &input.plan)?;
+                if let (Some(key), Ok(mut cache)) = (key, self.image_cache.lock()) {
+                    let projected = ProjectedImage {
+                        embeddings: image.embeddings.clone(),
+                        kept: image.kept.clone(),
+                    };
+                    cache.insert(*key, projected);
+                }
+                Ok(Some(image))
+            }
+        }
+    }
+
     /// Run the vision tower, apply the plan's before-projector selection and the projector.
     pub(super) fn encode_image(&self, pixels: &[f32], plan: &Plan) -> Result<EncodedImage> {
         let gpu = &self.gpu;

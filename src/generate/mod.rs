@@ -15,7 +15,9 @@ mod output;
 mod prefill;
 mod prepare;
 mod request;
+mod session;
 
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::error::Result;
@@ -23,56 +25,96 @@ use crate::gpu::Tensor;
 use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
 use crate::sample::Sampler;
+use crate::text::EncodedPrompt;
 
 use decode::TokenPicker;
 use image::EncodedImage;
 use output::ms;
 pub use output::{
-    Flops, GenerateOutput, KeptIndices, MemoryReport, Timings, TokenLogprob, VisualTokens,
+    Flops, GenerateOutput, ImageFrom, KeptIndices, MemoryReport, Timings, TokenLogprob, TurnReport,
+    VisualTokens,
 };
 use prefill::Prefilled;
 use prepare::PreparedRequest;
-pub use request::GenerateRequest;
+pub use request::{Conversation, GenerateRequest, ImageInput, TurnSettings};
+pub use session::Session;
+use session::SessionState;
 
 impl Engine {
-    /// Answer `request`, calling `on_text` with each new piece of text as it is decoded.
+    /// Answer `request`, calling `on_text` with each new piece of text as it is decoded: a
+    /// session with one turn.
     pub fn generate(
         &self,
         request: &GenerateRequest,
+        on_text: impl FnMut(&str),
+    ) -> Result<GenerateOutput> {
+        let mut session = Session::one_shot();
+        let conversation = request.conversation();
+        self.turn(
+            &mut session,
+            &conversation,
+            &request.settings(),
+            None,
+            on_text,
+        )
+    }
+
+    /// Answer the last message of `conversation` in `session`: prepare (tokenize, plan, find
+    /// the image), image (encode + stage 1 + projector, unless cached or already in the
+    /// session), prefill (stage 2 on a first turn), decode, output. `cancel`, once set, stops
+    /// the answer before its next token.
+    pub fn turn(
+        &self,
+        session: &mut Session,
+        conversation: &Conversation,
+        settings: &TurnSettings,
+        cancel: Option<&AtomicBool>,
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerateOutput> {
         let total = Instant::now();
         let t0 = Instant::now();
-        let input = self.prepare(request)?;
+        let input = self.prepare(session, conversation, settings)?;
         let preprocess_ms = ms(t0);
         self.gpu.profile_host_stage("preprocess", preprocess_ms);
 
         let t1 = Instant::now();
-        let image = self.encode_image(&input.pixels, &input.plan)?;
+        let image = self.image_step(&input)?;
         let vision_ms = ms(t1);
 
         let prefill_start = Instant::now();
-        let sampler = Sampler::new(request.sampling);
+        let sampler = Sampler::new(settings.sampling);
         // The logits row is read only when the host samples from it or a caller asked for it;
         // greedy decoding reads just the argmax id.
-        let host_samples = !sampler.is_greedy() || request.logprobs.is_some();
-        let mut state = self.prefill(&input, &image, !host_samples)?;
+        let host_samples = !sampler.is_greedy() || settings.logprobs.is_some();
+        let first_prompt_len = session.first_prompt_len();
+        let one_turn_rows = input.prompt.ids.len() + input.max_new;
+        let (cache, kept_before) = session.take_cache(self, input.reused, one_turn_rows)?;
+        let mut state = self.prefill(&input, image.as_ref(), cache, !host_samples)?;
         let first_logits = self.read_if(
-            host_samples || request.capture_outputs,
+            host_samples || settings.capture_outputs,
             &state.buffers.logits,
         )?;
-        let image_features = self.read_if(request.capture_outputs, &image.embeddings)?;
-        let kept_visual_indices = self.kept_indices(&input, image.kept.clone(), &state)?;
+        let image_features = match &image {
+            Some(image) => self.read_if(settings.capture_outputs, &image.embeddings)?,
+            None => Vec::new(),
+        };
+        let kept_visual_indices = match kept_before {
+            Some(kept) => kept,
+            None => {
+                self.kept_indices(&input, image.as_ref().and_then(|i| i.kept.clone()), &state)?
+            }
+        };
 
         let mut picker = TokenPicker {
             sampler,
             host_samples,
-            logprobs: request.logprobs,
+            logprobs: settings.logprobs,
             on_text: &mut on_text,
+            cancel,
         };
         let first = first_logits.clone();
         let decoded = self.decode(
-            request,
+            settings,
             &input,
             &mut state,
             &mut picker,
@@ -82,6 +124,29 @@ impl Engine {
 
         let kv_cache_bytes = state.cache.used_bytes();
         let decoded_steps = decoded.ids.len().saturating_sub(1);
+        let memory = self.memory_report(image.as_ref(), &state);
+        let turn = TurnReport {
+            reused_tokens: input.reused,
+            image: match &input.image {
+                prepare::ImageStep::InSession => ImageFrom::Session,
+                prepare::ImageStep::Cached(_) => ImageFrom::Cache,
+                prepare::ImageStep::Encode { .. } => ImageFrom::Encoder,
+            },
+        };
+        let mut tokens = input.prompt.ids.clone();
+        tokens.extend_from_slice(&decoded.ids[..decoded.fed]);
+        session.store(SessionState {
+            image: input.image_id,
+            template: settings.template,
+            pad_to_square: settings.pad_to_square,
+            prune: settings.prune.clone(),
+            plan: input.plan,
+            image_start: input.prompt.image_start,
+            first_prompt_len: first_prompt_len.unwrap_or(input.prompt.ids.len()),
+            tokens,
+            cache: state.cache,
+            kept: kept_visual_indices.clone(),
+        });
         Ok(GenerateOutput {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,
@@ -101,10 +166,27 @@ impl Engine {
             flops: self.prefill_flops(&input),
             stop_reason: decoded.stop_reason,
             logprobs: decoded.logprobs,
-            memory: self.memory_report(&image, &state),
+            memory,
             first_logits,
             image_features,
+            turn,
         })
+    }
+
+    /// The conversation's ids with `image_tokens` image tokens, as a turn would tokenize them
+    /// (to match a conversation against sessions by prefix).
+    pub fn tokenize_conversation(
+        &self,
+        conversation: &Conversation,
+        settings: &TurnSettings,
+        image_tokens: usize,
+    ) -> Result<EncodedPrompt> {
+        let text = settings.template.render_conversation(
+            &conversation.messages,
+            conversation.image_in,
+            &self.tokenizer.image_token,
+        )?;
+        self.tokenizer.encode_with_image(&text, image_tokens)
     }
 
     /// The f32 contents of `tensor` when `wanted` (an empty vector otherwise): readbacks that
@@ -118,12 +200,12 @@ impl Engine {
     }
 
     /// GPU bytes allocated for this request and the model.
-    fn memory_report(&self, image: &EncodedImage, state: &Prefilled) -> MemoryReport {
+    fn memory_report(&self, image: Option<&EncodedImage>, state: &Prefilled) -> MemoryReport {
         MemoryReport {
             weights_bytes: self.weight_bytes,
             kv_cache_bytes: state.cache.used_bytes(),
             kv_cache_allocated_bytes: state.cache.allocated_bytes(),
-            activation_bytes: image.activation_bytes + state.activation_bytes(),
+            activation_bytes: image.map_or(0, |i| i.activation_bytes) + state.activation_bytes(),
         }
     }
 
@@ -159,7 +241,8 @@ impl Engine {
         Ok(Some(KeptIndices { stage1, stage2 }))
     }
 
-    /// Theoretical prefill multiply-adds of the decoder, as run and without pruning.
+    /// Theoretical prefill multiply-adds of the decoder, as run and without pruning, for the
+    /// conversation's whole prompt as one prefill (a follow-up turn computes fewer).
     fn prefill_flops(&self, input: &PreparedRequest) -> Flops {
         let text = &self.config.text;
         let (widths, layers) = (text.layer_widths(), text.num_hidden_layers);

@@ -85,6 +85,29 @@ pub struct GenerateOutput {
     /// Projector output [visual tokens, text width], with `capture_outputs` (not serialised).
     #[serde(skip)]
     pub image_features: Vec<f32>,
+    /// How the turn used its session and the image cache (not serialised: `run --json` has
+    /// one turn).
+    #[serde(skip)]
+    pub turn: TurnReport,
+}
+
+/// Where a turn's image rows came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageFrom {
+    /// The vision tower, stage 1 and the projector ran.
+    #[default]
+    Encoder,
+    /// The engine's image cache held the projector output.
+    Cache,
+    /// A follow-up turn: the session's KV cache holds the image rows.
+    Session,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TurnReport {
+    /// Prompt ids whose keys and values came from the session's cache.
+    pub reused_tokens: usize,
+    pub image: ImageFrom,
 }
 
 /// Milliseconds since `since`.

@@ -43,45 +43,54 @@ struct Compacted {
 }
 
 impl Engine {
-    /// Run the prompt through the decoder and leave the first token's logits in
-    /// `buffers.logits` (and, with `gpu_argmax`, its greedy id in `next_token`).
+    /// Run the prompt's new rows (after the `input.reused` ones `cache` holds) through the
+    /// decoder and leave the first token's logits in `buffers.logits` (and, with `gpu_argmax`,
+    /// its greedy id in `next_token`). `image` is the projector output on a first turn.
     pub(super) fn prefill(
         &self,
         input: &PreparedRequest,
-        image: &EncodedImage,
+        image: Option<&EncodedImage>,
+        cache: KvCache,
         gpu_argmax: bool,
     ) -> Result<Prefilled> {
         let gpu = &self.gpu;
-        let prompt_len = input.prompt.ids.len();
-        let buffers = self.llama.buffers(gpu, prompt_len)?;
-        let cache = KvCache::new(gpu, &self.config.text, prompt_len + input.max_new)?;
+        let (prompt_len, reused) = (input.prompt.ids.len(), input.reused);
+        let rows = prompt_len - reused;
+        let buffers = self.llama.buffers(gpu, rows)?;
         buffers.hidden.write_f32(gpu, &input.embeddings)?;
+        // New rows sit at the positions after the reused ones (STAR's rule: stage 2 never
+        // shifts a position).
         buffers
             .positions
-            .write_u32(gpu, &(0..prompt_len as u32).collect::<Vec<_>>())?;
+            .write_u32(gpu, &(reused as u32..prompt_len as u32).collect::<Vec<_>>())?;
         let next_token = Tensor::empty(gpu, &[1], DType::U32, "next_token")?;
         let mut state = Prefilled {
             buffers,
             cache,
             next_token,
-            rows: prompt_len,
+            rows,
             stage2_rows: None,
             stage2_bytes: 0,
         };
         let mut rec = Recorder::new(gpu);
         rec.set_stage("prefill");
-        // The projector output replaces the image placeholders' rows.
-        let row_bytes = (self.config.text.hidden_size * 4) as u64;
-        rec.copy(
-            &image.embeddings.buffer,
-            0,
-            &state.buffers.hidden.buffer,
-            input.prompt.image_start as u64 * row_bytes,
-            input.prompt.image_tokens as u64 * row_bytes,
-        );
+        if let Some(image) = image {
+            // The projector output replaces the image placeholders' rows.
+            let row_bytes = (self.config.text.hidden_size * 4) as u64;
+            rec.copy(
+                &image.embeddings.buffer,
+                0,
+                &state.buffers.hidden.buffer,
+                (input.prompt.image_start - reused) as u64 * row_bytes,
+                input.prompt.image_tokens as u64 * row_bytes,
+            );
+        }
         match input.plan.stage2 {
-            None => self.run_layers(&mut rec, &mut state, 0..self.llama.layers.len(), None)?,
-            Some(stage2) => self.prefill_with_stage2(&mut rec, &mut state, input, stage2)?,
+            // Stage 2 runs once, on the first prompt; follow-up rows pass every layer.
+            Some(stage2) if reused == 0 => {
+                self.prefill_with_stage2(&mut rec, &mut state, input, stage2)?
+            }
+            _ => self.run_layers(&mut rec, &mut state, 0..self.llama.layers.len(), None)?,
         }
         rec.set_stage("first token");
         self.llama

@@ -1,22 +1,45 @@
-//! Step 1 of a request, on the host: load and preprocess the image, render and tokenize the
-//! prompt, turn the pruning options into a plan, and gather the prompt's token embeddings.
+//! Step 1 of a turn, on the host: render and tokenize the conversation, turn the pruning options
+//! into a plan (first turn), find the image's projector output in the cache or preprocess the
+//! image, work out which tokens the session's KV cache already holds, and gather the embeddings
+//! of the rest.
+
+use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::model::image_cache::{ImageKey, ProjectedImage};
 use crate::model::llava::Engine;
 use crate::prune::Plan;
 use crate::text::EncodedPrompt;
-use crate::vision::load_image;
+use crate::vision::decode_image;
 
-use super::request::GenerateRequest;
+use super::request::{Conversation, TurnSettings};
+use super::session::{Session, SessionState};
 
-/// A request checked, tokenized and planned: what the GPU passes need.
+/// Where the turn's image rows come from.
+pub(super) enum ImageStep {
+    /// Run the vision tower on these preprocessed pixels [3, S, S]; store the output under the
+    /// key when the session uses the image cache.
+    Encode {
+        pixels: Vec<f32>,
+        key: Option<ImageKey>,
+    },
+    /// The projector output of an identical image seen before.
+    Cached(ProjectedImage),
+    /// A follow-up turn: the image rows are in the session's KV cache already.
+    InSession,
+}
+
+/// A turn checked, tokenized and planned: what the GPU passes need.
 pub(super) struct PreparedRequest {
-    /// The preprocessed image, [3, S, S].
-    pub pixels: Vec<f32>,
+    pub image: ImageStep,
+    /// The image's identity: a hash of its bytes alone (a session holds one image).
+    pub image_id: ImageKey,
     pub plan: Plan,
-    /// Prompt ids with the N1 image tokens the language model receives.
+    /// The whole conversation's ids with the N1 image tokens the language model receives.
     pub prompt: EncodedPrompt,
-    /// Token embeddings of `prompt` [prompt length, d]; the image rows stay zero until the
+    /// Leading ids of `prompt` whose keys and values the session's cache already holds.
+    pub reused: usize,
+    /// Token embeddings of `prompt[reused..]` [rows, d]; image rows stay zero until the
     /// projector output is copied over them on the GPU.
     pub embeddings: Vec<f32>,
     /// Tokens to generate at most: the request's limit, capped by the context.
@@ -24,24 +47,110 @@ pub(super) struct PreparedRequest {
 }
 
 impl Engine {
-    /// Preprocess the image, tokenize the prompt with N1 image tokens, plan the pruning and
-    /// gather the text embeddings.
-    pub(super) fn prepare(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
-        let image = load_image(&request.image)?;
-        let pixels =
-            self.image_processor
-                .preprocess(&image, &request.image, request.pad_to_square)?;
+    /// Prepare a turn of `session`: its first (plan, image, whole prompt) or a follow-up (only
+    /// the tokens after the longest prefix the session holds).
+    pub(super) fn prepare(
+        &self,
+        session: &Session,
+        conversation: &Conversation,
+        settings: &TurnSettings,
+    ) -> Result<PreparedRequest> {
+        let bytes = conversation.image.bytes()?;
+        let image_id = ImageKey::new(&bytes, "");
+        let text = settings.template.render_conversation(
+            &conversation.messages,
+            conversation.image_in,
+            &self.tokenizer.image_token,
+        )?;
+        match session.state() {
+            Some(state) => self.prepare_follow_up(state, image_id, &text, settings),
+            None => {
+                let source = conversation.image.source();
+                self.prepare_first(session, (&bytes, image_id), source, &text, settings)
+            }
+        }
+    }
+
+    fn prepare_first(
+        &self,
+        session: &Session,
+        (bytes, image_id): (&[u8], ImageKey),
+        source: &Path,
+        text: &str,
+        settings: &TurnSettings,
+    ) -> Result<PreparedRequest> {
         let n0 = self.config.image_tokens();
-        let text = request
-            .template
-            .render(&request.prompt, &self.tokenizer.image_token);
         // The plan needs the text after the image, which tokenizing with N0 tokens tells.
-        let probe = self.tokenizer.encode_with_image(&text, n0)?;
+        let probe = self.tokenizer.encode_with_image(text, n0)?;
         let text_after_image = probe.ids.len() - probe.image_start - n0;
         let layers = self.config.text.num_hidden_layers;
-        let plan = request.prune.plan(n0, layers, text_after_image)?;
-        let n1 = plan.n1();
-        let prompt = self.tokenizer.encode_with_image(&text, n1)?;
+        let plan = settings.prune.plan(n0, layers, text_after_image)?;
+        let key = session
+            .uses_image_cache()
+            .then(|| ImageKey::new(bytes, &image_settings(&plan, settings)));
+        let cached = key.and_then(|k| self.image_cache.lock().ok()?.get(&k));
+        let image = match cached {
+            Some(projected) => ImageStep::Cached(projected),
+            None => {
+                let decoded = decode_image(bytes, source)?;
+                let pixels =
+                    self.image_processor
+                        .preprocess(&decoded, source, settings.pad_to_square)?;
+                ImageStep::Encode { pixels, key }
+            }
+        };
+        let prompt = self.tokenizer.encode_with_image(text, plan.n1())?;
+        self.check_context(&prompt, plan.n1())?;
+        let embeddings = self.prompt_embeddings(&prompt, 0)?;
+        Ok(PreparedRequest {
+            image,
+            image_id,
+            plan,
+            max_new: self.max_new(settings, &prompt),
+            prompt,
+            reused: 0,
+            embeddings,
+        })
+    }
+
+    /// A follow-up: same image and settings as the session's first turn, a conversation that
+    /// starts with the session's first prompt; only the ids after the common prefix are new.
+    fn prepare_follow_up(
+        &self,
+        state: &SessionState,
+        image_id: ImageKey,
+        text: &str,
+        settings: &TurnSettings,
+    ) -> Result<PreparedRequest> {
+        state.check_same_settings(settings)?;
+        if image_id != state.image {
+            return Err(Error::argument(
+                "messages",
+                "a session holds one image: this conversation's image differs from the one its first turn saw (start a new session for another image)",
+            ));
+        }
+        let n1 = state.plan.n1();
+        let prompt = self.tokenizer.encode_with_image(text, n1)?;
+        self.check_context(&prompt, n1)?;
+        let reused = state.reusable_prefix(&prompt).ok_or_else(|| {
+            Error::argument(
+                "messages",
+                "the conversation does not continue this session's first prompt (same image, first question, then at least one new token)",
+            )
+        })?;
+        let embeddings = self.prompt_embeddings(&prompt, reused)?;
+        Ok(PreparedRequest {
+            image: ImageStep::InSession,
+            image_id,
+            plan: state.plan,
+            max_new: self.max_new(settings, &prompt),
+            prompt,
+            reused,
+            embeddings,
+        })
+    }
+
+    fn check_context(&self, prompt: &EncodedPrompt, n1: usize) -> Result<()> {
         let prompt_len = prompt.ids.len();
         let context = self.config.text.max_position_embeddings;
         if prompt_len >= context {
@@ -50,29 +159,37 @@ impl Engine {
                 format!("the prompt takes {prompt_len} tokens ({n1} of them visual), the model's context is {context}"),
             ));
         }
-        let embeddings = self.prompt_embeddings(&prompt)?;
-        Ok(PreparedRequest {
-            pixels,
-            plan,
-            max_new: request.max_new_tokens.min(context - prompt_len),
-            prompt,
-            embeddings,
-        })
+        Ok(())
     }
 
-    /// Token embeddings of the prompt, with zero rows where the image goes.
-    fn prompt_embeddings(&self, prompt: &EncodedPrompt) -> Result<Vec<f32>> {
+    /// The request's token limit, capped by the room the context leaves after `prompt`.
+    fn max_new(&self, settings: &TurnSettings, prompt: &EncodedPrompt) -> usize {
+        let context = self.config.text.max_position_embeddings;
+        settings.max_new_tokens.min(context - prompt.ids.len())
+    }
+
+    /// Token embeddings of `prompt.ids[from..]`, with zero rows where the image goes.
+    fn prompt_embeddings(&self, prompt: &EncodedPrompt, from: usize) -> Result<Vec<f32>> {
         let dt = self.config.text.hidden_size;
         let image_id = self.tokenizer.image_token_id;
         // Image placeholders are looked up as id 0 (any valid row), then zeroed.
-        let ids: Vec<u32> = prompt
-            .ids
+        let ids: Vec<u32> = prompt.ids[from..]
             .iter()
             .map(|&id| if id == image_id { 0 } else { id })
             .collect();
         let mut embeddings = self.embed(&ids)?;
         let image_rows = prompt.image_start..prompt.image_start + prompt.image_tokens;
-        embeddings[image_rows.start * dt..image_rows.end * dt].fill(0.0);
+        for row in image_rows.filter(|&r| r >= from) {
+            embeddings[(row - from) * dt..(row - from + 1) * dt].fill(0.0);
+        }
         Ok(embeddings)
     }
+}
+
+/// Everything besides the bytes that changes an image's projector output.
+fn image_settings(plan: &Plan, settings: &TurnSettings) -> String {
+    format!(
+        "pad_to_square={} before_projector={:?}",
+        settings.pad_to_square, plan.before_projector
+    )
 }

@@ -1,10 +1,14 @@
-//! What a caller asks for: one question about one image, with decoding and pruning settings.
+//! What a caller asks for: one question about one image ([`GenerateRequest`]), or one turn of a
+//! conversation ([`Conversation`] and [`TurnSettings`]), with decoding and pruning settings.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::error::Result;
 use crate::prune::PruneOptions;
 use crate::sample::SamplingParams;
-use crate::text::Template;
+use crate::text::{Message, Role, Template};
+use crate::vision::read_image_file;
 
 /// One question about one image.
 #[derive(Clone, Debug)]
@@ -41,5 +45,85 @@ impl GenerateRequest {
             prune: PruneOptions::default(),
             capture_outputs: false,
         }
+    }
+
+    /// The request as the first turn of a conversation.
+    pub fn conversation(&self) -> Conversation {
+        Conversation {
+            messages: vec![Message::new(Role::User, self.prompt.clone())],
+            image: ImageInput::File(self.image.clone()),
+            image_in: 0,
+        }
+    }
+
+    pub fn settings(&self) -> TurnSettings {
+        TurnSettings {
+            template: self.template,
+            max_new_tokens: self.max_new_tokens,
+            sampling: self.sampling,
+            logprobs: self.logprobs,
+            pad_to_square: self.pad_to_square,
+            ignore_eos: self.ignore_eos,
+            prune: self.prune.clone(),
+            capture_outputs: self.capture_outputs,
+        }
+    }
+}
+
+/// Where a conversation's image comes from.
+#[derive(Clone, Debug)]
+pub enum ImageInput {
+    File(PathBuf),
+    /// Encoded image bytes (an upload or a data URL); `source` names them in errors.
+    Bytes {
+        bytes: Arc<[u8]>,
+        source: PathBuf,
+    },
+}
+
+impl ImageInput {
+    /// The encoded bytes (read from disk for a file, within the size limit).
+    pub fn bytes(&self) -> Result<Arc<[u8]>> {
+        match self {
+            ImageInput::File(path) => Ok(read_image_file(path)?.into()),
+            ImageInput::Bytes { bytes, .. } => Ok(bytes.clone()),
+        }
+    }
+
+    /// What errors about the image name.
+    pub fn source(&self) -> &Path {
+        match self {
+            ImageInput::File(path) => path,
+            ImageInput::Bytes { source, .. } => source,
+        }
+    }
+}
+
+/// A conversation about one image: every message so far, the last one the user's.
+#[derive(Clone, Debug)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+    pub image: ImageInput,
+    /// Index of the message the image belongs to (its placeholder opens that message).
+    pub image_in: usize,
+}
+
+/// How one turn is answered: everything a request sets besides the conversation. A session's
+/// follow-up turns must keep the template, padding and pruning of its first turn.
+#[derive(Clone, Debug)]
+pub struct TurnSettings {
+    pub template: Template,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub logprobs: Option<usize>,
+    pub pad_to_square: bool,
+    pub ignore_eos: bool,
+    pub prune: PruneOptions,
+    pub capture_outputs: bool,
+}
+
+impl Default for TurnSettings {
+    fn default() -> Self {
+        GenerateRequest::new("", "").settings()
     }
 }

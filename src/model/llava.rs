@@ -2,6 +2,7 @@
 //! loaded once and shared by every request.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,6 +14,7 @@ use crate::gpu::kernels::topk::{self, Segment};
 use crate::gpu::{DType, Gpu, GpuOptions, Recorder, Tensor, WeightFormat};
 use crate::model::clip::ClipVision;
 use crate::model::config::LlavaConfig;
+use crate::model::image_cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
 use crate::model::llama::{KvCache, Llama};
 use crate::model::loader::Loader;
 use crate::model::projector::Projector;
@@ -54,6 +56,9 @@ pub struct Engine {
     /// GPU bytes of all weights.
     pub weight_bytes: u64,
     pub load_ms: f64,
+    /// Projector outputs of images already seen, shared by every session (not by one-shot
+    /// `generate`, whose timings must measure the vision tower).
+    pub image_cache: Mutex<ImageCache>,
 }
 
 impl Engine {
@@ -150,6 +155,7 @@ impl Engine {
             llama,
             weight_bytes,
             load_ms: 0.0,
+            image_cache: Mutex::new(ImageCache::new(DEFAULT_IMAGE_CACHE_BYTES)),
         };
         engine.compile_pipelines()?;
         Ok(Self {

@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod image_cache;
 pub mod llama;
 pub mod llava;
 pub mod loader;

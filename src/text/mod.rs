@@ -3,5 +3,5 @@
 pub mod template;
 pub mod tokenizer;
 
-pub use template::Template;
+pub use template::{Message, Role, Template};
 pub use tokenizer::{EncodedPrompt, StreamDecoder, TextTokenizer};

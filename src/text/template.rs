@@ -45,6 +45,82 @@ impl Template {
     }
 }
 
+/// Who said a message of a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// One message of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub role: Role,
+    pub text: String,
+}
+
+impl Message {
+    pub fn new(role: Role, text: impl Into<String>) -> Self {
+        Self {
+            role,
+            text: text.into(),
+        }
+    }
+}
+
+impl Template {
+    /// A whole conversation with the image placeholder at the start of message `image_in`, and
+    /// the assistant prefix the next answer follows. For one user message this is exactly
+    /// [`Template::render`]. The llava-hf form follows the checkpoints' `chat_template.jinja`
+    /// (`ROLE: ` before every non-system message, images first, a space after every text);
+    /// vicuna-v1 ends an assistant answer with `</s>` as the original LLaVA conversations do.
+    /// `raw` takes one user message holding `<image>` itself.
+    pub fn render_conversation(
+        self,
+        messages: &[Message],
+        image_in: usize,
+        image_token: &str,
+    ) -> Result<String> {
+        if self == Template::Raw {
+            return match messages {
+                [Message {
+                    role: Role::User,
+                    text,
+                }] => Ok(text.clone()),
+                _ => Err(Error::argument(
+                    "template",
+                    "the raw template takes exactly one user message; use llava-hf or vicuna-v1 for a conversation",
+                )),
+            };
+        }
+        let mut out = String::new();
+        if self == Template::VicunaV1 {
+            out.push_str(VICUNA_SYSTEM);
+            out.push(' ');
+        }
+        for (i, message) in messages.iter().enumerate() {
+            match message.role {
+                Role::System => {}
+                Role::User => out.push_str("USER: "),
+                Role::Assistant => out.push_str("ASSISTANT: "),
+            }
+            if i == image_in {
+                out.push_str(image_token);
+                out.push('\n');
+            }
+            out.push_str(&message.text);
+            if message.role == Role::Assistant && self == Template::VicunaV1 {
+                out.push_str("</s>");
+            } else {
+                out.push(' ');
+            }
+        }
+        out.push_str("ASSISTANT:");
+        Ok(out)
+    }
+}
+
 impl FromStr for Template {
     type Err = Error;
     fn from_str(text: &str) -> Result<Self> {
@@ -78,5 +154,40 @@ mod tests {
         );
         let v = Template::VicunaV1.render("Q", "<image>");
         assert!(v.starts_with("A chat between") && v.ends_with("USER: <image>\nQ ASSISTANT:"));
+    }
+
+    #[test]
+    fn one_user_message_renders_as_the_single_turn_prompt() {
+        for template in Template::ALL {
+            let prompt = if template == Template::Raw {
+                "<image> Q"
+            } else {
+                "Q"
+            };
+            let messages = [Message::new(Role::User, prompt)];
+            assert_eq!(
+                template
+                    .render_conversation(&messages, 0, "<image>")
+                    .unwrap(),
+                template.render(prompt, "<image>")
+            );
+        }
+    }
+
+    #[test]
+    fn follow_up_turns_extend_the_first_prompt() {
+        let messages = [
+            Message::new(Role::User, "Q1"),
+            Message::new(Role::Assistant, "A1"),
+            Message::new(Role::User, "Q2"),
+        ];
+        let text = Template::LlavaHf
+            .render_conversation(&messages, 0, "<image>")
+            .unwrap();
+        // As transformers renders chat_template.jinja for the same messages.
+        assert_eq!(text, "USER: <image>\nQ1 ASSISTANT: A1 USER: Q2 ASSISTANT:");
+        assert!(Template::Raw
+            .render_conversation(&messages, 0, "<image>")
+            .is_err());
     }
 }

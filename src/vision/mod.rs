@@ -4,4 +4,4 @@ pub mod overlay;
 pub mod preprocess;
 pub mod resample;
 
-pub use preprocess::{load_image, ImageProcessorConfig};
+pub use preprocess::{decode_image, load_image, read_image_file, ImageProcessorConfig};

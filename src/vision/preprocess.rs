@@ -369,20 +369,53 @@ fn read_json(path: &Path) -> Result<Value> {
 /// Decode an image file, refusing unreadable, corrupt or absurdly large ones with an error that
 /// names the file.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    decode_image(&read_image_file(path)?, path)
+}
+
+/// Encoded image files larger than this are refused before they are read into memory.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+
+/// The bytes of an image file, refusing a file over [`MAX_IMAGE_FILE_BYTES`].
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
     let fail = |reason: String| Error::File {
         path: path.to_path_buf(),
         reason,
     };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| fail(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?;
-    if reader.format().is_none() {
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let size = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    if size > MAX_IMAGE_FILE_BYTES {
+        return Err(fail(format!(
+            "{size} bytes is larger than the {MAX_IMAGE_FILE_BYTES}-byte limit for an image file"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, MAX_IMAGE_FILE_BYTES + 1),
+        &mut bytes,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// Decode an image held in memory (an upload, a data URL), refusing corrupt, unknown or absurdly
+/// large ones with an error that names `source`.
+pub fn decode_image(bytes: &[u8], source: &Path) -> Result<DynamicImage> {
+    let fail = |reason: String| Error::File {
+        path: source.to_path_buf(),
+        reason,
+    };
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| fail(e.to_string()))
+    };
+    let probe = reader()?;
+    if probe.format().is_none() {
         return Err(fail(
             "not a recognised image format (png, jpeg, bmp, gif, webp, tiff)".into(),
         ));
     }
-    let (w, h) = reader
+    let (w, h) = probe
         .into_dimensions()
         .map_err(|e| fail(format!("cannot read the image header: {e}")))?;
     if w == 0 || h == 0 || w as u64 * h as u64 > MAX_IMAGE_PIXELS {
@@ -390,13 +423,9 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
             "{w}x{h} pixels is empty or larger than the {MAX_IMAGE_PIXELS}-pixel limit"
         )));
     }
-    let image = image::ImageReader::open(path)
-        .map_err(|e| fail(e.to_string()))?
-        .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?
+    reader()?
         .decode()
-        .map_err(|e| fail(format!("corrupt or unsupported image: {e}")))?;
-    Ok(image)
+        .map_err(|e| fail(format!("corrupt or unsupported image: {e}")))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod ceilings;
 pub mod kernels;
 pub mod pruning;
 pub mod soak;
+pub mod serve;
 
 pub use ceilings::{Bound, Ceilings};
 pub use kernels::{kernels, KernelReport, KernelResult};

@@ -1,0 +1,199 @@
+//! `serve` and `chat`: the command-line side of the engine's sessions (issue #13).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use llava_wgpu::generate::TurnSettings;
+use llava_wgpu::prune::PruneOptions;
+use llava_wgpu::serve::{ServeOptions, Server};
+use llava_wgpu::Engine;
+
+use super::choices::{MethodArg, WeightsArg};
+use crate::{default_model, DeviceArgs};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Address to listen on (loopback by default: the server has no authentication).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Accept `image_url`s that are paths on this machine (otherwise only data URLs).
+    #[arg(long)]
+    allow_local_images: bool,
+    /// Requests that may wait for the GPU worker; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Conversations whose KV cache is kept for follow-up requests.
+    #[arg(long, default_value_t = 16)]
+    max_sessions: usize,
+    /// Largest request body accepted (bytes); larger ones get 413.
+    #[arg(long, default_value_t = 20 << 20)]
+    max_body_bytes: usize,
+    /// Weight format on the GPU.
+    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
+    weights: WeightsArg,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The image to talk about (or `/image FILE` in the chat).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Maximum number of tokens per answer.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Visual-token pruning for each conversation (`/prune` changes it).
+    #[arg(long, value_enum, default_value_t = MethodArg::Star)]
+    prune: MethodArg,
+    /// Weight format on the GPU.
+    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
+    weights: WeightsArg,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn serve(args: &ServeArgs) -> Result<()> {
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => default_model()?,
+    };
+    let engine = Engine::load(&model, args.device.engine_options(args.weights.into()))?;
+    let options = ServeOptions {
+        host: args.host.clone(),
+        port: args.port,
+        allow_local_images: args.allow_local_images,
+        queue: args.queue,
+        max_body_bytes: args.max_body_bytes,
+        max_sessions: args.max_sessions,
+        handle_signals: true,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(engine, options)?;
+    eprintln!(
+        "serving {} on http://{} (POST /v1/chat/completions, GET /v1/models, GET /health); Ctrl-C stops",
+        model.display(),
+        server.addr
+    );
+    server.join()?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+pub fn chat(args: &ChatArgs) -> Result<()> {
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => default_model()?,
+    };
+    let mut options = args.device.engine_options(args.weights.into());
+    options.progress = false;
+    let engine = Engine::load(&model, options)?;
+    let settings = TurnSettings {
+        max_new_tokens: args.max_new_tokens,
+        prune: PruneOptions {
+            method: args.prune.into(),
+            ..PruneOptions::default()
+        },
+        ..TurnSettings::default()
+    };
+    super::chat::run(engine, args.image.clone(), settings)
+}
+
+#[derive(Args)]
+pub struct BenchServeArgs {
+    /// Model directory; default: the demo model in weights/tiny-llava-shapes.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The image asked about; default: the demo model's example1.png.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Conversations timed for time to first token (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    #[arg(long, default_value_t = 4)]
+    requests_per_client: usize,
+    /// Requests of the resident-memory soak.
+    #[arg(long, default_value_t = 1000)]
+    soak: usize,
+    /// Tokens per timed answer.
+    #[arg(long, default_value_t = 8)]
+    max_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
+    use llava_wgpu::harness::bench::serve::{serve, ServeBenchOptions};
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => default_model()?,
+    };
+    let image = args
+        .image
+        .clone()
+        .unwrap_or_else(|| model.join("example1.png"));
+    let mut engine_options = device.engine_options(llava_wgpu::gpu::WeightFormat::F16);
+    engine_options.progress = false;
+    let engine = Engine::load(&model, engine_options)?;
+    let options = ServeBenchOptions {
+        image,
+        repeats: args.repeats,
+        clients: args.clients,
+        per_client: args.requests_per_client,
+        soak: args.soak,
+        max_tokens: args.max_tokens,
+    };
+    let r = serve(engine, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "time to first token (client-side, median of {}):",
+        args.repeats
+    );
+    println!(
+        "  first turn (new image)      {:9.1} ms",
+        r.ttft_first_turn_ms
+    );
+    println!(
+        "  follow-up turn              {:9.1} ms  ({:.2}x faster)",
+        r.ttft_follow_up_ms, r.follow_up_speedup
+    );
+    println!(
+        "  new conversation, cached    {:9.1} ms  ({:.2}x faster)",
+        r.ttft_cached_image_ms, r.cached_image_speedup
+    );
+    println!(
+        "{} concurrent requests ({} clients x {}): {} answered, {} refused (503), {} lost",
+        r.concurrent_requests,
+        args.clients,
+        args.requests_per_client,
+        r.answered,
+        r.refused_503,
+        r.lost
+    );
+    println!(
+        "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes: {}",
+        r.soak_requests,
+        r.resident_bytes_start,
+        r.resident_bytes_end,
+        r.resident_growth_percent,
+        r.gpu_bytes_end
+            .map_or("not tracked on this branch".to_string(), |b| b.to_string())
+    );
+    Ok(())
+}

@@ -1,0 +1,474 @@
+//! The OpenAI-compatible server on a loopback port, driven over HTTP.
+//!
+//! References: answers are compared with `Engine::generate` (what `run` prints) on a second
+//! engine loaded in this process; streamed chunks must concatenate to the non-streamed text; a
+//! follow-up must equal a one-shot run of the whole conversation (no pruning). Bad requests are
+//! checked for their status and OpenAI's error shape, and the server must keep answering after
+//! them. A disconnect is observed through the `cancelled` counter of `/health`, not by timing.
+
+mod fixture;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use llava_wgpu::prune::{Method, PruneOptions};
+use llava_wgpu::serve::{ServeOptions, Server};
+use llava_wgpu::text::Template;
+use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
+
+fn demo_dir() -> PathBuf {
+    fixture::private_runtime_dir();
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("weights/tiny-llava-shapes")
+}
+
+fn load() -> Engine {
+    Engine::load(&demo_dir(), EngineOptions::default()).expect("demo model loads")
+}
+
+const BODY_LIMIT: usize = 1 << 20;
+
+/// One server for the tests that share it (ephemeral port, loopback only).
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let options = ServeOptions {
+            port: 0,
+            max_body_bytes: BODY_LIMIT,
+            ..ServeOptions::default()
+        };
+        Server::start(load(), options).expect("server starts")
+    })
+}
+
+/// The engine the server's answers are compared with.
+fn reference() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(load)
+}
+
+fn url(server: &Server, path: &str) -> String {
+    format!("http://{}{path}", server.addr)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+/// POST a body; the status and the parsed JSON answer.
+fn post(server: &Server, body: &str) -> (u16, Value) {
+    let mut response = agent()
+        .post(&url(server, "/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(body)
+        .expect("the server answers");
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+fn health(server: &Server) -> Value {
+    let mut response = agent().get(&url(server, "/health")).call().unwrap();
+    serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()
+}
+
+fn data_url(image: &str) -> String {
+    let bytes = std::fs::read(demo_dir().join(image)).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+fn user_with_image(image: &str, text: &str) -> Value {
+    json!({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(image)}},
+        {"type": "text", "text": text},
+    ]})
+}
+
+fn one_shot(
+    prompt: &str,
+    image: &str,
+    max_new: usize,
+    prune: PruneOptions,
+) -> llava_wgpu::GenerateOutput {
+    let mut request = GenerateRequest::new(demo_dir().join(image), prompt);
+    request.max_new_tokens = max_new;
+    request.prune = prune;
+    reference().generate(&request, |_| {}).unwrap()
+}
+
+fn content(v: &Value) -> &str {
+    v["choices"][0]["message"]["content"].as_str().unwrap()
+}
+
+#[test]
+fn answers_equal_run_and_streams_concatenate_to_them() {
+    let server = server();
+    let star = PruneOptions {
+        method: Method::Star,
+        keep: Some(40),
+        stage2_layer: Some(2),
+        ..PruneOptions::default()
+    };
+    let body = json!({
+        "model": "tiny-llava-shapes",
+        "messages": [user_with_image("example1.png", "Which shape is green?")],
+        "max_tokens": 8,
+        "temperature": 0,
+        "prune": {"method": "star", "keep": 40, "stage2_layer": 2},
+    });
+    let (status, answer) = post(server, &body.to_string());
+    assert_eq!(status, 200, "{answer}");
+    let run = one_shot("Which shape is green?", "example1.png", 8, star);
+    assert_eq!(content(&answer), run.text);
+    assert_eq!(answer["usage"]["prompt_tokens"], run.prompt_tokens);
+    assert_eq!(
+        answer["usage"]["completion_tokens"],
+        run.generated_ids.len()
+    );
+    assert_eq!(answer["visual_tokens"]["after_stage2"], 40);
+    assert_eq!(
+        answer["visual_tokens"]["after_stage1"],
+        run.visual_tokens.after_stage1
+    );
+    assert_eq!(answer["object"], "chat.completion");
+
+    // The same request streamed.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let response = agent()
+        .post(&url(server, "/v1/chat/completions"))
+        .header("Content-Type", "application/json")
+        .send(&streamed.to_string())
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let reader = BufReader::new(response.into_body().into_reader());
+    let mut text = String::new();
+    let mut events = Vec::new();
+    for line in reader.lines() {
+        let line = line.unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            events.push(data.to_string());
+        }
+    }
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    for chunk in &chunks {
+        assert!(chunk["object"] == "chat.completion.chunk", "{chunk}");
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+        }
+    }
+    assert_eq!(text, content(&answer));
+    let finish = chunks
+        .iter()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null());
+    assert_eq!(
+        finish.unwrap()["choices"][0]["finish_reason"],
+        answer["choices"][0]["finish_reason"]
+    );
+    assert_eq!(chunks.last().unwrap()["usage"], answer["usage"]);
+}
+
+#[test]
+fn a_follow_up_reuses_the_session_and_equals_a_run_of_the_whole_conversation() {
+    let server = server();
+    let first = json!({
+        "messages": [user_with_image("example2.png", "Which shape is green?")],
+        "max_tokens": 6,
+        "prune": {"method": "none"},
+    });
+    let (status, a1) = post(server, &first.to_string());
+    assert_eq!(status, 200, "{a1}");
+    assert_eq!(a1["llava"]["image"], "encoder");
+    let follow = json!({
+        "messages": [
+            user_with_image("example2.png", "Which shape is green?"),
+            {"role": "assistant", "content": content(&a1)},
+            {"role": "user", "content": "How many objects are in the image?"},
+        ],
+        "max_tokens": 6,
+        "prune": {"method": "none"},
+    });
+    let (status, a2) = post(server, &follow.to_string());
+    assert_eq!(status, 200, "{a2}");
+    assert_eq!(a2["llava"]["image"], "session");
+    assert!(
+        a2["llava"]["reused_tokens"].as_u64().unwrap()
+            >= a1["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    let whole = Template::LlavaHf
+        .render_conversation(
+            &[
+                llava_wgpu::text::Message::new(
+                    llava_wgpu::text::Role::User,
+                    "Which shape is green?",
+                ),
+                llava_wgpu::text::Message::new(llava_wgpu::text::Role::Assistant, content(&a1)),
+                llava_wgpu::text::Message::new(
+                    llava_wgpu::text::Role::User,
+                    "How many objects are in the image?",
+                ),
+            ],
+            0,
+            "<image>",
+        )
+        .unwrap();
+    let mut request = GenerateRequest::new(demo_dir().join("example2.png"), whole);
+    request.template = Template::Raw;
+    request.max_new_tokens = 6;
+    let run = reference().generate(&request, |_| {}).unwrap();
+    assert_eq!(content(&a2), run.text);
+    assert_eq!(a2["usage"]["prompt_tokens"], run.prompt_tokens);
+
+    // A new conversation about the same image: the projector output comes from the cache.
+    let (status, a3) = post(server, &first.to_string());
+    assert_eq!(status, 200);
+    assert_eq!(a3["llava"]["image"], "image_cache");
+    assert_eq!(content(&a3), content(&a1));
+}
+
+/// (name, body, status, param it must name)
+fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
+    let image = user_with_image("example1.png", "Which shape is green?");
+    let with = |extra: Value| {
+        let mut body = json!({"messages": [image.clone()], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body.to_string()
+    };
+    let not_image = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(b"this is not a picture at all")
+    );
+    let part = |p: Value| {
+        json!({"messages": [{"role": "user", "content": [p, {"type": "text", "text": "hi"}]}]})
+            .to_string()
+    };
+    vec![
+        ("malformed JSON", "{\"messages\": [".to_string(), 400, None),
+        ("not a JSON object", "[1, 2]".to_string(), 400, None),
+        ("n > 1", with(json!({"n": 2})), 400, Some("n")),
+        (
+            "unknown content part",
+            part(json!({"type": "input_audio", "input_audio": {}})),
+            400,
+            Some("messages[0].content[0].type"),
+        ),
+        (
+            "http image URL",
+            part(json!({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}})),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+        ),
+        (
+            "local path without --allow-local-images",
+            part(json!({"type": "image_url", "image_url": {"url": "/etc/passwd"}})),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+        ),
+        (
+            "gif data URL",
+            part(json!({"type": "image_url", "image_url": {"url": "data:image/gif;base64,R0lG"}})),
+            400,
+            Some("messages[0].content[0].image_url.url"),
+        ),
+        (
+            "not an image",
+            part(json!({"type": "image_url", "image_url": {"url": not_image}})),
+            422,
+            Some("messages[0].content[0].image_url"),
+        ),
+        (
+            "no image",
+            json!({"messages": [{"role": "user", "content": "hi"}]}).to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "impossible budget",
+            with(json!({"prune": {"method": "star", "keep": 5000}})),
+            422,
+            Some("prune.keep"),
+        ),
+        (
+            "unknown prune field",
+            with(json!({"prune": {"kep": 3}})),
+            400,
+            Some("prune.kep"),
+        ),
+        (
+            "temperature out of range",
+            with(json!({"temperature": 7})),
+            400,
+            Some("temperature"),
+        ),
+    ]
+}
+
+/// POST over a raw socket, ignoring a failed write: a server may answer (and close) before it
+/// has read a body it refuses.
+fn post_raw(server: &Server, body: &str) -> (u16, Value) {
+    let mut socket = TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = socket.write_all(head.as_bytes());
+    let _ = socket.write_all(body.as_bytes());
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer[9..12].parse().unwrap();
+    let json = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+#[test]
+fn every_bad_request_gets_its_status_and_the_server_keeps_serving() {
+    let server = server();
+    for (name, body, status, param) in bad_requests() {
+        let (got, answer) = post(server, &body);
+        assert_eq!(got, status, "{name}: {answer}");
+        let error = &answer["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {answer}"
+        );
+        assert!(error["type"].is_string(), "{name}: {answer}");
+        assert!(
+            error.get("code").is_some() && error.get("param").is_some(),
+            "{name}: {answer}"
+        );
+        if let Some(param) = param {
+            assert_eq!(error["param"], param, "{name}: {answer}");
+        }
+    }
+    let huge = json!({"messages": [], "padding": "x".repeat(BODY_LIMIT)}).to_string();
+    let (status, answer) = post_raw(server, &huge);
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["error"]["code"], "body_too_large");
+    let good = json!({"messages": [user_with_image("example3.png", "What is in the image?")], "max_tokens": 3});
+    let (status, answer) = post(server, &good.to_string());
+    assert_eq!(status, 200, "{answer}");
+    let mut models = agent().get(&url(server, "/v1/models")).call().unwrap();
+    let models: Value = serde_json::from_str(&models.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny-llava-shapes");
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_generation() {
+    let server = server();
+    let before = health(server)["cancelled"].as_u64().unwrap();
+    let body = json!({
+        "messages": [user_with_image("example1.png", "What is in the image?")],
+        "max_tokens": 900,
+        "ignore_eos": true,
+        "stream": true,
+    })
+    .to_string();
+    let mut socket = TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    write!(
+        socket,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read until the first content chunk has arrived, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The role chunk, then at least one chunk of text.
+    while String::from_utf8_lossy(&seen)
+        .matches("chat.completion.chunk")
+        .count()
+        < 2
+    {
+        let n = socket.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed the stream early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    drop(socket);
+    // The worker notices at its next token; 900 tokens would take minutes on lavapipe.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let h = health(server);
+        if h["cancelled"].as_u64().unwrap() > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no cancellation observed: {h}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_shutdown_is_graceful() {
+    let options = ServeOptions {
+        port: 0,
+        queue: 1,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(load(), options).unwrap();
+    let body = json!({
+        "messages": [user_with_image("example1.png", "What is in the image?")],
+        "max_tokens": 12,
+        "ignore_eos": true,
+    })
+    .to_string();
+    let addr = server.addr;
+    let clients: Vec<_> = (0..5)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut response = agent()
+                    .post(&format!("http://{addr}/v1/chat/completions"))
+                    .header("Content-Type", "application/json")
+                    .send(&body)
+                    .unwrap();
+                let retry = response.headers().get("retry-after").is_some();
+                let status = response.status().as_u16();
+                let text = response.body_mut().read_to_string().unwrap();
+                (status, retry, text)
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let busy = results.iter().filter(|r| r.0 == 503).count();
+    // One answered by the worker, one waiting in the queue: the rest are refused.
+    assert!(busy >= 3, "{results:?}");
+    for (status, retry, text) in &results {
+        assert!(
+            *status == 200 || (*status == 503 && *retry),
+            "{status} {text}"
+        );
+    }
+    server.shutdown().unwrap();
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still listening after shutdown"
+    );
+}

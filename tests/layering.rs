@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["error"],
     &["gpu"],
-    &["text", "vision", "sample", "prune"],
+    &["text", "vision", "sample", "prune", "quant"],
     &["model"],
     &["generate"],
     &["harness"],

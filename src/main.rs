@@ -17,7 +17,7 @@ use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
-use cli::choices::{BackendArg, MethodArg, Stage1ScoreArg, TemplateArg, WeightsArg};
+use cli::choices::{BackendArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg, WeightsArg};
 
 #[derive(Parser)]
 #[command(
@@ -52,13 +52,27 @@ impl DeviceArgs {
     }
 
     /// Every command that loads a model does so on this device, with a progress bar.
-    fn engine_options(&self, weight_format: WeightFormat) -> EngineOptions {
+    fn engine_options(&self, weights: &WeightArgs) -> EngineOptions {
         EngineOptions {
             gpu: self.options(),
-            weight_format,
+            weight_format: weights.weights.into(),
+            vision_weight_format: weights.vision_weights.map(Into::into),
             progress: true,
         }
     }
+}
+
+/// Weight formats on the GPU, shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+struct WeightArgs {
+    /// Format of the language model's linear layers and lm_head: f16, f32, or ggml's q8_0 /
+    /// q4_0 blocks (quantized at load, or as stored by `quantize`).
+    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
+    weights: WeightsArg,
+    /// Format of the vision tower and projector (default: f16 when --weights is quantized,
+    /// otherwise the same as --weights).
+    #[arg(long, value_enum)]
+    vision_weights: Option<WeightsArg>,
 }
 
 #[derive(Args)]
@@ -121,9 +135,8 @@ struct RunArgs {
     /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
     #[arg(long)]
     pad_to_square: bool,
-    /// Weight format on the GPU.
-    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
-    weights: WeightsArg,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
@@ -158,7 +171,23 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
+        weights: WeightArgs,
+        #[command(flatten)]
         device: DeviceArgs,
+    },
+    /// Write a copy of a checkpoint with the language model's linear layers and lm_head stored
+    /// as ggml Q8_0 / Q4_0 blocks (safetensors plus the original config, tokenizer and processor
+    /// files); it loads with --weights of the same format, memory-mapped, without requantizing.
+    Quantize {
+        /// Model directory (llava-hf layout) with f32, f16 or bf16 weights.
+        #[arg(long)]
+        model: PathBuf,
+        /// Directory to write (created; must not hold a model.safetensors yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Block format.
+        #[arg(long, value_enum)]
+        weights: QuantizedArg,
     },
     /// Answer a question about an image.
     Run(Box<RunArgs>),
@@ -207,6 +236,8 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    weights: WeightArgs,
 }
 
 #[derive(Subcommand)]
@@ -334,7 +365,7 @@ fn run(args: &RunArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, args.device.engine_options(args.weights.into()))?;
+    let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
     let request = args.request();
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
@@ -483,7 +514,7 @@ fn write_kept_overlay(
 }
 
 fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
-    let options = device.engine_options(WeightFormat::F16);
+    let options = device.engine_options(&args.weights);
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
@@ -516,6 +547,7 @@ fn eval(
     limit: Option<usize>,
     max_new: usize,
     json: bool,
+    weights: &WeightArgs,
     device: &DeviceArgs,
 ) -> Result<()> {
     let model = match model {
@@ -530,7 +562,7 @@ fn eval(
     if let Some(n) = limit {
         examples.truncate(n.max(1));
     }
-    let engine = Engine::load(&model, device.engine_options(WeightFormat::F16))?;
+    let engine = Engine::load(&model, device.engine_options(weights))?;
     let report = harness::eval::run(
         &engine,
         &model.display().to_string(),
@@ -546,6 +578,12 @@ fn eval(
     Ok(())
 }
 
+fn quantize(model: &Path, out: &Path, format: WeightFormat) -> Result<()> {
+    let report = llava_wgpu::model::quantize::write_checkpoint(model, out, format)?;
+    eprintln!("{report}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     quiet_mesa_without_a_session();
     let cli = Cli::parse();
@@ -558,6 +596,7 @@ fn main() -> ExitCode {
             limit,
             max_new_tokens,
             json,
+            weights,
             device,
         } => eval(
             model.as_deref(),
@@ -565,8 +604,14 @@ fn main() -> ExitCode {
             *limit,
             *max_new_tokens,
             *json,
+            weights,
             device,
         ),
+        Command::Quantize {
+            model,
+            out,
+            weights,
+        } => quantize(model, out, (*weights).into()),
         Command::Bench {
             what: Some(BenchCommand::Kernels { repeats, json }),
             device,

@@ -14,6 +14,7 @@ fn engine(format: WeightFormat, max_binding_bytes: Option<u64>) -> Engine {
             ..GpuOptions::default()
         },
         weight_format: format,
+        vision_weight_format: None,
         progress: false,
     };
     Engine::load(&fixture::model_dir(), options).unwrap()

@@ -136,6 +136,20 @@ impl WeightFormat {
     }
 }
 
+impl std::str::FromStr for WeightFormat {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        Self::from_name(name).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+            Error::argument(
+                "weight_format",
+                format!("'{name}' is not one of {}", names.join(", ")),
+            )
+        })
+    }
+}
+
 const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
@@ -408,7 +422,7 @@ impl Weight {
                 format!("{format:?} is not a block format"),
             ));
         };
-        if k % QUANT_BLOCK != 0 {
+        if !k.is_multiple_of(QUANT_BLOCK) {
             return Err(Error::shape(
                 name,
                 format!("rows of {k} values are not whole blocks of {QUANT_BLOCK}"),

@@ -150,7 +150,7 @@ impl<'a> Loader<'a> {
     /// whole blocks of 32 stay f16 (as llama.cpp's quantizer leaves such tensors unquantized),
     /// which the load reports on stderr.
     fn format_for(&self, label: &str, k: usize) -> WeightFormat {
-        if self.format.is_quantized() && k % QUANT_BLOCK != 0 {
+        if self.format.is_quantized() && !k.is_multiple_of(QUANT_BLOCK) {
             eprintln!(
                 "{label}: rows of {k} values are not whole blocks of {QUANT_BLOCK}; kept in f16 \
                  instead of {:?}",

@@ -330,24 +330,41 @@ impl Checkpoint {
         }
     }
 
+    /// Whether a tensor exists under any alias of the canonical name `canonical`.
+    pub fn contains_canonical(&self, canonical: &str) -> bool {
+        Self::aliases(canonical)
+            .iter()
+            .any(|n| self.index.contains_key(n))
+    }
+
+    /// Every tensor name stored in the checkpoint's files, sorted (empty for synthetic ones).
+    pub fn stored_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.index.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The tensor stored under exactly `name` in the files.
+    pub fn stored(&self, name: &str) -> Option<RawTensor<'_>> {
+        let shard = &self.shards[*self.index.get(name)?];
+        let info = shard.metadata.info(name)?;
+        let start = shard.header_len + 8 + info.data_offsets.0;
+        let end = shard.header_len + 8 + info.data_offsets.1;
+        Some(RawTensor {
+            name: name.to_string(),
+            file: &shard.path,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            bytes: &shard.map[start..end],
+            quantized: shard.quantized.get(name).cloned(),
+        })
+    }
+
     /// Find a tensor by canonical name under any of its aliases.
     pub fn get(&self, canonical: &str) -> Result<RawTensor<'_>> {
         let names = Self::aliases(canonical);
-        for name in &names {
-            if let Some(&s) = self.index.get(name) {
-                let shard = &self.shards[s];
-                let info = shard.metadata.info(name).expect("indexed tensors exist");
-                let start = shard.header_len + 8 + info.data_offsets.0;
-                let end = shard.header_len + 8 + info.data_offsets.1;
-                return Ok(RawTensor {
-                    name: name.clone(),
-                    file: &shard.path,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    bytes: &shard.map[start..end],
-                    quantized: shard.quantized.get(name).cloned(),
-                });
-            }
+        if let Some(t) = names.iter().find_map(|name| self.stored(name)) {
+            return Ok(t);
         }
         Err(file_error(
             &self.dir,
@@ -426,15 +443,7 @@ impl Checkpoint {
             return Ok(blocks.into());
         };
         if *stored != format {
-            return Err(file_error(
-                t.file,
-                format!(
-                    "tensor '{}' is stored as {} blocks; load the checkpoint with weights = {}",
-                    t.name,
-                    stored.name(),
-                    stored.name()
-                ),
-            ));
+            return Err(t.stored_as_blocks().expect("the tensor is quantized"));
         }
         if logical[..] != *shape {
             return Err(file_error(
@@ -447,7 +456,7 @@ impl Checkpoint {
         }
         let block_bytes = format.block_bytes().unwrap_or(0);
         let blocks = shape.iter().product::<usize>() / quant::BLOCK;
-        if shape[1] % quant::BLOCK != 0
+        if !shape[1].is_multiple_of(quant::BLOCK)
             || t.dtype != Dtype::U8
             || t.bytes.len() != blocks * block_bytes
         {
@@ -510,6 +519,9 @@ impl RawTensor<'_> {
     }
 
     pub fn check_shape(&self, shape: &[usize]) -> Result<()> {
+        if let Some(e) = self.stored_as_blocks() {
+            return Err(e);
+        }
         if self.shape != shape {
             return Err(file_error(
                 self.file,
@@ -522,17 +534,23 @@ impl RawTensor<'_> {
         Ok(())
     }
 
+    /// The error for reading a tensor stored as blocks in another format than requested.
+    fn stored_as_blocks(&self) -> Option<Error> {
+        let (format, _) = self.quantized.as_ref()?;
+        Some(file_error(
+            self.file,
+            format!(
+                "tensor '{}' is stored as {} blocks; load the checkpoint with weight_format = {}",
+                self.name,
+                format.name(),
+                format.name()
+            ),
+        ))
+    }
+
     pub fn to_f32(&self) -> Result<Vec<f32>> {
-        if let Some((format, _)) = &self.quantized {
-            return Err(file_error(
-                self.file,
-                format!(
-                    "tensor '{}' is stored as {} blocks; load the checkpoint with weights = {}",
-                    self.name,
-                    format.name(),
-                    format.name()
-                ),
-            ));
+        if let Some(e) = self.stored_as_blocks() {
+            return Err(e);
         }
         Ok(match self.dtype {
             Dtype::F32 => bytemuck::pod_collect_to_vec(self.bytes),

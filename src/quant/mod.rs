@@ -30,7 +30,7 @@ pub fn quantize(format: WeightFormat, values: &[f32]) -> Result<Vec<u8>> {
 /// in f32).
 pub fn dequantize(format: WeightFormat, blocks: &[u8]) -> Result<Vec<f32>> {
     let size = block_bytes(format)?;
-    if blocks.len() % size != 0 {
+    if !blocks.len().is_multiple_of(size) {
         return Err(Error::shape(
             "quantized blocks",
             format!(
@@ -66,7 +66,7 @@ fn block_bytes(format: WeightFormat) -> Result<usize> {
 
 fn check_blocks(format: WeightFormat, len: usize) -> Result<()> {
     block_bytes(format)?;
-    if len % BLOCK != 0 {
+    if !len.is_multiple_of(BLOCK) {
         return Err(Error::shape(
             "quantize",
             format!("{len} values are not whole blocks of {BLOCK}"),

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::harness;
-use llava_wgpu::prune::PruneOptions;
+use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::sample::SamplingParams;
 use llava_wgpu::vision::load_image;
 use llava_wgpu::vision::overlay::{self, PatchGrid};
@@ -153,28 +153,7 @@ struct RunArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Accuracy of every pruning method at 100/50/25/11/5% of the visual tokens on a held-out set.
-    Eval {
-        /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Held-out questions: JSONL lines {"image", "question", "answer"[, "type"]} (image paths
-        /// relative to the file); default: weights/shapes-heldout/heldout.jsonl.
-        #[arg(long)]
-        questions: Option<PathBuf>,
-        /// Evaluate only the first N questions.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Tokens generated per answer.
-        #[arg(long, default_value_t = 8)]
-        max_new_tokens: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        weights: WeightArgs,
-        #[command(flatten)]
-        device: DeviceArgs,
-    },
+    Eval(Box<EvalArgs>),
     /// Write a copy of a checkpoint with the language model's linear layers and lm_head stored
     /// as ggml Q8_0 / Q4_0 blocks (safetensors plus the original config, tokenizer and processor
     /// files); it loads with --weights of the same format, memory-mapped, without requantizing.
@@ -209,6 +188,33 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Held-out questions: JSONL lines {"image", "question", "answer"[, "type"]} (image paths
+    /// relative to the file); default: weights/shapes-heldout/heldout.jsonl.
+    #[arg(long)]
+    questions: Option<PathBuf>,
+    /// Evaluate only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Tokens generated per answer.
+    #[arg(long, default_value_t = 8)]
+    max_new_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Evaluate only these pruning methods (comma-separated; the unpruned row always runs).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    methods: Vec<MethodArg>,
+    #[command(flatten)]
+    weights: WeightArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -250,6 +256,9 @@ enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run only these sections: matmul, ggml, decode, attention, quantized (repeatable).
+        #[arg(long, value_name = "SECTION")]
+        only: Vec<String>,
     },
 }
 
@@ -305,11 +314,18 @@ fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench_kernels(device: &DeviceArgs, repeats: u32, json: bool) -> Result<()> {
+fn bench_kernels(device: &DeviceArgs, repeats: u32, only: &[String], json: bool) -> Result<()> {
     let gpu = Gpu::new(device.options())?;
     eprintln!("benchmarking on {}", gpu.describe());
-    let report = harness::bench::kernels(&gpu, repeats as usize, |case| eprintln!("  {case}"))
-        .context("kernel benchmark failed")?;
+    let sections: Vec<&str> = if only.is_empty() {
+        harness::bench::kernels::SECTIONS.to_vec()
+    } else {
+        only.iter().map(String::as_str).collect()
+    };
+    let report = harness::bench::kernel_sections(&gpu, repeats as usize, &sections, |case| {
+        eprintln!("  {case}")
+    })
+    .context("kernel benchmark failed")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -538,39 +554,85 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     } else {
         print!("{}", report.table());
     }
+    let format = engine.llama.lm_head.format;
+    if format != WeightFormat::F16 {
+        drop(engine);
+        decode_against_f16(args, device, &settings, &report, format)?;
+    }
     Ok(())
 }
 
-fn eval(
-    model: Option<&Path>,
-    questions: Option<&Path>,
-    limit: Option<usize>,
-    max_new: usize,
-    json: bool,
-    weights: &WeightArgs,
+/// With --weights other than f16: the unpruned setting again with f16 language-model weights
+/// (same vision weights, same process), and the decode speed of both on stderr.
+fn decode_against_f16(
+    args: &BenchArgs,
     device: &DeviceArgs,
+    settings: &[harness::bench::Setting],
+    report: &harness::bench::PruningReport,
+    format: WeightFormat,
 ) -> Result<()> {
-    let model = match model {
-        Some(m) => m.to_path_buf(),
+    let mut options = device.engine_options(&args.weights);
+    options.vision_weight_format = Some(options.vision_format());
+    options.weight_format = WeightFormat::F16;
+    let (engine, label) =
+        harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
+    let none: Vec<_> = settings
+        .iter()
+        .filter(|s| s.label == "none")
+        .cloned()
+        .collect();
+    let base = harness::bench::pruning(
+        &engine,
+        &label,
+        &none,
+        args.warmup,
+        args.repeats as usize,
+        args.decode_tokens,
+        |what| eprintln!("  f16 baseline: {what}"),
+    )?;
+    let tps = |r: &harness::bench::PruningReport| {
+        r.settings
+            .iter()
+            .find(|s| s.label == "none")
+            .map_or(0.0, |s| s.median_decode_tokens_per_second)
+    };
+    let (quantized, f16) = (tps(report), tps(&base));
+    eprintln!(
+        "decode tokens/s without pruning: {} {quantized:.2}, f16 {f16:.2} ({:.2}x f16)",
+        format.name(),
+        quantized / f16
+    );
+    Ok(())
+}
+
+fn eval(args: &EvalArgs) -> Result<()> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
         None => default_model()?,
     };
-    let questions = match questions {
-        Some(q) => q.to_path_buf(),
+    let questions = match &args.questions {
+        Some(q) => q.clone(),
         None => shipped_path(DEFAULT_QUESTIONS, "--questions FILE.jsonl", None)?,
     };
     let mut examples = harness::eval::read_jsonl(&questions)?;
-    if let Some(n) = limit {
+    if let Some(n) = args.limit {
         examples.truncate(n.max(1));
     }
-    let engine = Engine::load(&model, device.engine_options(weights))?;
-    let report = harness::eval::run(
+    let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
+    let methods: Vec<Method> = if args.methods.is_empty() {
+        harness::eval::METHODS.to_vec()
+    } else {
+        args.methods.iter().map(|&m| m.into()).collect()
+    };
+    let report = harness::eval::run_methods(
         &engine,
         &model.display().to_string(),
         &examples,
-        max_new,
+        &methods,
+        args.max_new_tokens,
         |line| eprintln!("  {line}"),
     )?;
-    if json {
+    if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
@@ -590,33 +652,22 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Run(args) => run(args),
         Command::Devices { device, json } => devices(device, *json),
-        Command::Eval {
-            model,
-            questions,
-            limit,
-            max_new_tokens,
-            json,
-            weights,
-            device,
-        } => eval(
-            model.as_deref(),
-            questions.as_deref(),
-            *limit,
-            *max_new_tokens,
-            *json,
-            weights,
-            device,
-        ),
+        Command::Eval(args) => eval(args),
         Command::Quantize {
             model,
             out,
             weights,
         } => quantize(model, out, (*weights).into()),
         Command::Bench {
-            what: Some(BenchCommand::Kernels { repeats, json }),
+            what:
+                Some(BenchCommand::Kernels {
+                    repeats,
+                    json,
+                    only,
+                }),
             device,
             ..
-        } => bench_kernels(device, *repeats, *json),
+        } => bench_kernels(device, *repeats, only, *json),
         Command::Bench {
             what: None,
             args,

@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 15] = [
+const FLAGS: [(&str, &str); 16] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
@@ -20,6 +20,7 @@ const FLAGS: [(&str, &str); 15] = [
     ("preset", "--preset"),
     ("vision_weight_format", "--vision-weights"),
     ("weight_format", "--weights"),
+    ("sections", "--only"),
 ];
 
 fn flag(field: &str) -> Option<&'static str> {

@@ -146,10 +146,23 @@ pub fn run(
     label: &str,
     examples: &[Example],
     max_new_tokens: usize,
+    progress: impl FnMut(&str),
+) -> Result<EvalReport> {
+    run_methods(engine, label, examples, &METHODS, max_new_tokens, progress)
+}
+
+/// Evaluate the unpruned model, then each of `methods` at every budget (a shorter run, e.g.
+/// STAR alone to compare weight formats).
+pub fn run_methods(
+    engine: &Engine,
+    label: &str,
+    examples: &[Example],
+    methods: &[Method],
+    max_new_tokens: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<EvalReport> {
     let mut plan: Vec<(Method, f64)> = vec![(Method::None, 1.0)];
-    for method in METHODS {
+    for &method in methods.iter().filter(|&&m| m != Method::None) {
         for budget in BUDGETS {
             plan.push((method, budget));
         }

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::linear::{gemv, matmul};
 use crate::gpu::kernels::{attention, Dispatch};
 use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
+use crate::quant;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelResult {
@@ -21,6 +22,10 @@ pub struct KernelResult {
     pub gbytes_per_s: f64,
     /// Achieved bandwidth as a fraction of the measured copy bandwidth.
     pub bandwidth_fraction: f64,
+    /// For quantized-weight cases: this median time over the f16 case's at the same shape in
+    /// the same run (below 1 is faster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_vs_f16: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -34,8 +39,11 @@ pub struct KernelReport {
 }
 
 fn row(r: &KernelResult) -> String {
+    let ratio = r
+        .time_vs_f16
+        .map_or(String::new(), |x| format!(" {x:>9.2}x"));
     format!(
-        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>8.1}%",
+        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>8.1}%{ratio}",
         r.kernel,
         r.shape,
         r.median_ms,
@@ -60,6 +68,7 @@ fn measure(name: &str, dispatches: &[Dispatch], time: Duration, copy_gbs: f64) -
         gflops: flops as f64 / secs / 1e9,
         gbytes_per_s: gbs,
         bandwidth_fraction: gbs / copy_gbs,
+        time_vs_f16: None,
     }
 }
 
@@ -131,6 +140,46 @@ impl Suite<'_> {
         Ok(())
     }
 
+    /// The 7B model's linear layers with f16, Q8_0 and Q4_0 weights of the same values: decode
+    /// GEMV and prefill matmul (577 rows, a CLIP-L/336 image's worth) for the attention
+    /// projections (4096 → 4096), the MLP up (4096 → 11008) and down (11008 → 4096), each
+    /// quantized row with its time relative to f16.
+    fn quantized_linear(
+        &mut self,
+        prefill_rows: usize,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let gpu = self.gpu;
+        for (n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008)] {
+            let values = random(n * k, (3 * n + k) as u64);
+            let weights = [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0]
+                .into_iter()
+                .map(|format| bench_weight(gpu, n, k, &values, format))
+                .collect::<Result<Vec<_>>>()?;
+            for m in [1, prefill_rows] {
+                let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, m as u64), "x")?;
+                let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
+                let mut f16_ms = None;
+                for w in &weights {
+                    let format = w.format.name();
+                    let d = if m == 1 {
+                        progress(&format!("gemv {format} N={n} K={k}"));
+                        gemv::gemv(gpu, &x, 0, w, &y, 0, false)?
+                    } else {
+                        progress(&format!("matmul {format} M={m} N={n} K={k}"));
+                        matmul::matmul(gpu, &x, w, &y, false)?
+                    };
+                    let r = self.time(d[0].kernel, &d)?;
+                    match f16_ms {
+                        None => f16_ms = Some(r.median_ms),
+                        Some(base) => r.time_vs_f16 = Some(r.median_ms / base),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// CLIP ViT-L/14-336 self-attention (577 tokens, 16 heads of 64), without and with the
     /// pruning scores accumulated on the side.
     fn clip_attention(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
@@ -172,8 +221,27 @@ impl Suite<'_> {
     }
 }
 
+/// The suite's sections, in the order they run: `bench kernels --only NAME` picks some.
+pub const SECTIONS: [&str; 5] = ["matmul", "ggml", "decode", "attention", "quantized"];
+
 /// Run the kernel benchmark suite.
-pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Result<KernelReport> {
+pub fn kernels(gpu: &Gpu, repeats: usize, progress: impl FnMut(&str)) -> Result<KernelReport> {
+    kernel_sections(gpu, repeats, &SECTIONS, progress)
+}
+
+/// Run the named [`SECTIONS`] of the suite (the copy bandwidth is always measured).
+pub fn kernel_sections(
+    gpu: &Gpu,
+    repeats: usize,
+    sections: &[&str],
+    mut progress: impl FnMut(&str),
+) -> Result<KernelReport> {
+    if let Some(bad) = sections.iter().find(|s| !SECTIONS.contains(s)) {
+        return Err(Error::argument(
+            "sections",
+            format!("'{bad}' is not one of {}", SECTIONS.join(", ")),
+        ));
+    }
     if repeats == 0 {
         return Err(Error::argument(
             "repeats",
@@ -189,10 +257,22 @@ pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Res
         copy_gbs,
         results: Vec::new(),
     };
-    suite.matmul_and_gemv(&mut progress)?;
-    suite.ggml_matmul(&mut progress)?;
-    suite.decode_gemv(&mut progress)?;
-    suite.clip_attention(&mut progress)?;
+    let run = |name: &str| sections.contains(&name);
+    if run("matmul") {
+        suite.matmul_and_gemv(&mut progress)?;
+    }
+    if run("ggml") {
+        suite.ggml_matmul(&mut progress)?;
+    }
+    if run("decode") {
+        suite.decode_gemv(&mut progress)?;
+    }
+    if run("attention") {
+        suite.clip_attention(&mut progress)?;
+    }
+    if run("quantized") {
+        suite.quantized_linear(577, &mut progress)?;
+    }
     Ok(KernelReport {
         adapter: gpu.describe(),
         backend: format!("{:?}", gpu.info.backend),
@@ -210,14 +290,30 @@ impl KernelReport {
             self.adapter, self.copy_gbytes_per_s, self.repeats
         );
         out.push_str(&format!(
-            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>9}\n",
-            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "% of copy"
+            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>9} {:>10}\n",
+            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "% of copy", "time/f16"
         ));
         for r in &self.results {
             out.push_str(&row(r));
             out.push('\n');
         }
         out
+    }
+}
+
+/// A benchmark weight in `format` (quantized formats go through the host quantizer).
+fn bench_weight(
+    gpu: &Gpu,
+    n: usize,
+    k: usize,
+    values: &[f32],
+    format: WeightFormat,
+) -> Result<Weight> {
+    if format.is_quantized() {
+        let blocks = quant::quantize(format, values)?;
+        Weight::from_blocks(gpu, "w", n, k, format, &blocks)
+    } else {
+        Weight::from_f32(gpu, "w", n, k, values, format)
     }
 }
 

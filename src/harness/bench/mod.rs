@@ -8,7 +8,7 @@
 pub mod kernels;
 pub mod pruning;
 
-pub use kernels::{kernels, matmul_peak, KernelReport, KernelResult};
+pub use kernels::{kernel_sections, kernels, matmul_peak, KernelReport, KernelResult};
 pub use pruning::{
     default_settings, load_engine, pruning, FamilyEfficiency, PruningReport, Setting, SettingResult,
 };

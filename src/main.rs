@@ -211,6 +211,10 @@ struct EvalArgs {
     /// Evaluate only these pruning methods (comma-separated; the unpruned row always runs).
     #[arg(long, value_enum, value_delimiter = ',')]
     methods: Vec<MethodArg>,
+    /// Evaluate only these budgets, as fractions of the visual tokens (comma-separated;
+    /// default 1, 0.5, 0.25, 0.11, 0.05).
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<f64>,
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
@@ -256,7 +260,8 @@ enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only these sections: matmul, ggml, decode, attention, quantized (repeatable).
+        /// Run only these sections: matmul, ggml, decode, attention, quantized-gemv,
+        /// quantized-matmul (repeatable).
         #[arg(long, value_name = "SECTION")]
         only: Vec<String>,
     },
@@ -624,11 +629,17 @@ fn eval(args: &EvalArgs) -> Result<()> {
     } else {
         args.methods.iter().map(|&m| m.into()).collect()
     };
+    let budgets = if args.budgets.is_empty() {
+        harness::eval::BUDGETS.to_vec()
+    } else {
+        args.budgets.clone()
+    };
     let report = harness::eval::run_methods(
         &engine,
         &model.display().to_string(),
         &examples,
         &methods,
+        &budgets,
         args.max_new_tokens,
         |line| eprintln!("  {line}"),
     )?;

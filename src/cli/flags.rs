@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 16] = [
+const FLAGS: [(&str, &str); 17] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
@@ -21,6 +21,7 @@ const FLAGS: [(&str, &str); 16] = [
     ("vision_weight_format", "--vision-weights"),
     ("weight_format", "--weights"),
     ("sections", "--only"),
+    ("budgets", "--budgets"),
 ];
 
 fn flag(field: &str) -> Option<&'static str> {

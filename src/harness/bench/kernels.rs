@@ -140,15 +140,14 @@ impl Suite<'_> {
         Ok(())
     }
 
-    /// The 7B model's linear layers with f16, Q8_0 and Q4_0 weights of the same values: decode
-    /// GEMV and prefill matmul (577 rows, a CLIP-L/336 image's worth) for the attention
-    /// projections (4096 → 4096), the MLP up (4096 → 11008) and down (11008 → 4096), each
-    /// quantized row with its time relative to f16.
-    fn quantized_linear(
-        &mut self,
-        prefill_rows: usize,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<()> {
+    /// The 7B model's linear layers with f16, Q8_0 and Q4_0 weights of the same values, for
+    /// each of `rows`: 1 is the decode GEMV, more the prefill matmul (577 rows, a CLIP-L/336
+    /// image's worth). Shapes: the attention projections (4096 → 4096), the MLP up
+    /// (4096 → 11008) and down (11008 → 4096); each quantized row with its time relative to f16.
+    fn quantized_linear(&mut self, rows: &[usize], progress: &mut dyn FnMut(&str)) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         let gpu = self.gpu;
         for (n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008)] {
             let values = random(n * k, (3 * n + k) as u64);
@@ -156,7 +155,7 @@ impl Suite<'_> {
                 .into_iter()
                 .map(|format| bench_weight(gpu, n, k, &values, format))
                 .collect::<Result<Vec<_>>>()?;
-            for m in [1, prefill_rows] {
+            for &m in rows {
                 let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, m as u64), "x")?;
                 let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
                 let mut f16_ms = None;
@@ -222,7 +221,14 @@ impl Suite<'_> {
 }
 
 /// The suite's sections, in the order they run: `bench kernels --only NAME` picks some.
-pub const SECTIONS: [&str; 5] = ["matmul", "ggml", "decode", "attention", "quantized"];
+pub const SECTIONS: [&str; 6] = [
+    "matmul",
+    "ggml",
+    "decode",
+    "attention",
+    "quantized-gemv",
+    "quantized-matmul",
+];
 
 /// Run the kernel benchmark suite.
 pub fn kernels(gpu: &Gpu, repeats: usize, progress: impl FnMut(&str)) -> Result<KernelReport> {
@@ -270,9 +276,14 @@ pub fn kernel_sections(
     if run("attention") {
         suite.clip_attention(&mut progress)?;
     }
-    if run("quantized") {
-        suite.quantized_linear(577, &mut progress)?;
+    let mut quantized_rows = Vec::new();
+    if run("quantized-gemv") {
+        quantized_rows.push(1);
     }
+    if run("quantized-matmul") {
+        quantized_rows.push(577);
+    }
+    suite.quantized_linear(&quantized_rows, &mut progress)?;
     Ok(KernelReport {
         adapter: gpu.describe(),
         backend: format!("{:?}", gpu.info.backend),

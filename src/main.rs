@@ -226,7 +226,8 @@ struct BenchArgs {
     /// Model directory (llava-hf layout); without it a synthetic model from --preset is built.
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
-    /// Synthetic model with random f16 weights: small (576 visual tokens, narrow layers),
+    /// Synthetic model with random weights (stored as --weights says): small (576 visual
+    /// tokens, narrow layers),
     /// llava-1.5-7b, llava-1.5-13b.
     #[arg(long)]
     preset: Option<String>,

@@ -8,18 +8,23 @@
 // has subgroups (any subgroup size; MAX_SUBGROUPS = WG / the device's smallest subgroup size
 // bounds how many there are), with a shared-memory tree otherwise.
 //
+// Quantized weights (Q8_0, Q4_0; tensor.rs `WeightFormat::storage_bytes`): a thread takes whole
+// blocks of 32 weights, loads the 32 x values once into registers for its ROWS rows, reads each
+// row's block quants with one (Q4_0) or two (Q8_0) aligned vec4<u32> loads, dequantizes in
+// registers and adds d·Σ q·x. Neighbouring threads read neighbouring blocks.
+//
 // Injected by the host (gemv.rs `GemvShape`, linear/mod.rs flag bits):
 //#inject WG ROWS MAX_SUBGROUPS FLAG_BIAS FLAG_ACCUMULATE
 
 struct Params {
     n: u32,            // rows of W in this chunk
     k: u32,
-    w_stride: u32,     // 32-bit words per stored W row
+    w_stride: u32,     // 32-bit words per stored W row (f16/f32); blocks per row (Q8_0/Q4_0)
     x_offset: u32,     // index of x[0] in the x buffer (to use one row of a matrix)
     col_offset: u32,   // first output element (= first W row of this chunk)
     flags: u32,        // FLAG_BIAS: add bias, FLAG_ACCUMULATE: accumulate into y
     y_offset: u32,     // index of y[0] in the y buffer
-    _pad: u32,
+    scales: u32,       // quantized: word offset of the f16 scales region (0 for f16/f32)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -165,6 +170,117 @@ fn gemv_f32(
             let row = row0 + r;
             if (row < p.n) {
                 sums[r] += dot(bitcast<vec4<f32>>(w[row * chunks + c]), xa);
+            }
+        }
+    }
+    finish(sums, row0, tid, lane, sg_id, sg_count);
+}
+
+// Scale of block `blk` (row-major over the chunk) of a quantized weight: f16 pairs in u32 words.
+fn block_scale(blk: u32) -> f32 {
+    let word = p.scales + blk / 2u;
+    return unpack2x16float(w[word / 4u][word % 4u])[blk % 2u];
+}
+
+// 4 signed bytes → 4 floats (Q8_0 quants, element order = byte order).
+fn i8x4(v: u32) -> vec4<f32> {
+    return vec4<f32>(unpack4xI8(v));
+}
+
+// Q4_0 word i of a block: its low nibbles are elements 4i.., its high nibbles 16 + 4i...
+fn q4_low(v: u32) -> vec4<f32> {
+    return vec4<f32>(unpack4xU8(v & 0x0f0f0f0fu)) - 8.0;
+}
+
+fn q4_high(v: u32) -> vec4<f32> {
+    return vec4<f32>(unpack4xU8((v >> 4u) & 0x0f0f0f0fu)) - 8.0;
+}
+
+@compute @workgroup_size(WG)
+fn gemv_q8_0(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+//#if SUBGROUPS
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg_id: u32,
+    @builtin(num_subgroups) sg_count: u32,
+//#endif
+) {
+//#if SUBGROUPS
+//#else
+    let lane = 0u;
+    let sg_id = 0u;
+    let sg_count = 1u;
+//#endif
+    let row0 = (wg.x + wg.y * groups.x) * ROWS;
+    var sums = vec4<f32>(0.0);
+    let blocks = p.w_stride;
+    for (var b = tid; b < blocks; b += WG) {
+        let k0 = b * 32u;
+        let x0 = x4(k0);
+        let x1 = x4(k0 + 4u);
+        let x2 = x4(k0 + 8u);
+        let x3 = x4(k0 + 12u);
+        let x4_ = x4(k0 + 16u);
+        let x5 = x4(k0 + 20u);
+        let x6 = x4(k0 + 24u);
+        let x7 = x4(k0 + 28u);
+        for (var r = 0u; r < ROWS; r++) {
+            let row = row0 + r;
+            if (row < p.n) {
+                let blk = row * blocks + b;
+                let qa = w[blk * 2u];
+                let qb = w[blk * 2u + 1u];
+                let s = dot(i8x4(qa.x), x0) + dot(i8x4(qa.y), x1) + dot(i8x4(qa.z), x2)
+                      + dot(i8x4(qa.w), x3) + dot(i8x4(qb.x), x4_) + dot(i8x4(qb.y), x5)
+                      + dot(i8x4(qb.z), x6) + dot(i8x4(qb.w), x7);
+                sums[r] += block_scale(blk) * s;
+            }
+        }
+    }
+    finish(sums, row0, tid, lane, sg_id, sg_count);
+}
+
+@compute @workgroup_size(WG)
+fn gemv_q4_0(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+//#if SUBGROUPS
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg_id: u32,
+    @builtin(num_subgroups) sg_count: u32,
+//#endif
+) {
+//#if SUBGROUPS
+//#else
+    let lane = 0u;
+    let sg_id = 0u;
+    let sg_count = 1u;
+//#endif
+    let row0 = (wg.x + wg.y * groups.x) * ROWS;
+    var sums = vec4<f32>(0.0);
+    let blocks = p.w_stride;
+    for (var b = tid; b < blocks; b += WG) {
+        let k0 = b * 32u;
+        let x0 = x4(k0);
+        let x1 = x4(k0 + 4u);
+        let x2 = x4(k0 + 8u);
+        let x3 = x4(k0 + 12u);
+        let x4_ = x4(k0 + 16u);
+        let x5 = x4(k0 + 20u);
+        let x6 = x4(k0 + 24u);
+        let x7 = x4(k0 + 28u);
+        for (var r = 0u; r < ROWS; r++) {
+            let row = row0 + r;
+            if (row < p.n) {
+                let blk = row * blocks + b;
+                let q = w[blk];
+                let s = dot(q4_low(q.x), x0) + dot(q4_low(q.y), x1) + dot(q4_low(q.z), x2)
+                      + dot(q4_low(q.w), x3) + dot(q4_high(q.x), x4_) + dot(q4_high(q.y), x5)
+                      + dot(q4_high(q.z), x6) + dot(q4_high(q.w), x7);
+                sums[r] += block_scale(blk) * s;
             }
         }
     }

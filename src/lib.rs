@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod harness;
 pub mod model;
 pub mod prune;
+pub mod quant;
 pub mod sample;
 pub mod serve;
 pub mod text;

@@ -10,14 +10,14 @@ use clap::{Args, Parser, Subcommand};
 use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::harness;
-use llava_wgpu::prune::PruneOptions;
+use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::sample::SamplingParams;
 use llava_wgpu::vision::load_image;
 use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
-use cli::choices::{BackendArg, MethodArg, Stage1ScoreArg, TemplateArg, WeightsArg};
+use cli::choices::{BackendArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg, WeightsArg};
 
 #[derive(Parser)]
 #[command(
@@ -52,11 +52,35 @@ impl DeviceArgs {
     }
 
     /// Every command that loads a model does so on this device, with a progress bar.
-    fn engine_options(&self, weight_format: WeightFormat) -> EngineOptions {
+    fn engine_options(&self, weights: &WeightArgs) -> EngineOptions {
         EngineOptions {
             gpu: self.options(),
-            weight_format,
+            weight_format: weights.weights.into(),
+            vision_weight_format: weights.vision_weights.map(Into::into),
             progress: true,
+        }
+    }
+}
+
+/// Weight formats on the GPU, shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+struct WeightArgs {
+    /// Format of the language model's linear layers and lm_head: f16, f32, or ggml's q8_0 /
+    /// q4_0 blocks (quantized at load, or as stored by `quantize`).
+    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
+    weights: WeightsArg,
+    /// Format of the vision tower and projector (default: f16 when --weights is quantized,
+    /// otherwise the same as --weights).
+    #[arg(long, value_enum)]
+    vision_weights: Option<WeightsArg>,
+}
+
+impl WeightArgs {
+    /// The defaults (f16 everywhere), for commands without weight flags.
+    fn f16() -> Self {
+        Self {
+            weights: WeightsArg::F16,
+            vision_weights: None,
         }
     }
 }
@@ -121,9 +145,8 @@ struct RunArgs {
     /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
     #[arg(long)]
     pad_to_square: bool,
-    /// Weight format on the GPU.
-    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
-    weights: WeightsArg,
+    #[command(flatten)]
+    weights: WeightArgs,
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
@@ -140,25 +163,20 @@ struct RunArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Accuracy of every pruning method at 100/50/25/11/5% of the visual tokens on a held-out set.
-    Eval {
-        /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
+    Eval(Box<EvalArgs>),
+    /// Write a copy of a checkpoint with the language model's linear layers and lm_head stored
+    /// as ggml Q8_0 / Q4_0 blocks (safetensors plus the original config, tokenizer and processor
+    /// files); it loads with --weights of the same format, memory-mapped, without requantizing.
+    Quantize {
+        /// Model directory (llava-hf layout) with f32, f16 or bf16 weights.
         #[arg(long)]
-        model: Option<PathBuf>,
-        /// Held-out questions: JSONL lines {"image", "question", "answer"[, "type"]} (image paths
-        /// relative to the file); default: weights/shapes-heldout/heldout.jsonl.
+        model: PathBuf,
+        /// Directory to write (created; must not hold a model.safetensors yet).
         #[arg(long)]
-        questions: Option<PathBuf>,
-        /// Evaluate only the first N questions.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Tokens generated per answer.
-        #[arg(long, default_value_t = 8)]
-        max_new_tokens: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        device: DeviceArgs,
+        out: PathBuf,
+        /// Block format.
+        #[arg(long, value_enum)]
+        weights: QuantizedArg,
     },
     /// Answer a question about an image.
     Run(Box<RunArgs>),
@@ -187,11 +205,43 @@ enum Command {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Held-out questions: JSONL lines {"image", "question", "answer"[, "type"]} (image paths
+    /// relative to the file); default: weights/shapes-heldout/heldout.jsonl.
+    #[arg(long)]
+    questions: Option<PathBuf>,
+    /// Evaluate only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Tokens generated per answer.
+    #[arg(long, default_value_t = 8)]
+    max_new_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Evaluate only these pruning methods (comma-separated; the unpruned row always runs).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    methods: Vec<MethodArg>,
+    /// Evaluate only these budgets, as fractions of the visual tokens (comma-separated;
+    /// default 1, 0.5, 0.25, 0.11, 0.05).
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<f64>,
+    #[command(flatten)]
+    weights: WeightArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     /// Model directory (llava-hf layout); without it a synthetic model from --preset is built.
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
-    /// Synthetic model with random f16 weights: small (576 visual tokens, narrow layers),
+    /// Synthetic model with random weights (stored as --weights says): small (576 visual
+    /// tokens, narrow layers),
     /// llava-1.5-7b, llava-1.5-13b.
     #[arg(long)]
     preset: Option<String>,
@@ -211,6 +261,8 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    weights: WeightArgs,
 }
 
 #[derive(Subcommand)]
@@ -226,6 +278,10 @@ enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run only these sections: matmul, ggml, decode, attention, quantized-gemv,
+        /// quantized-matmul (repeatable).
+        #[arg(long, value_name = "SECTION")]
+        only: Vec<String>,
     },
     /// Many requests with varying pruning, questions and lengths; resident memory after
     /// warm-up and at the end (fails if it grew by more than 1%).
@@ -297,11 +353,18 @@ fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench_kernels(device: &DeviceArgs, repeats: u32, json: bool) -> Result<()> {
+fn bench_kernels(device: &DeviceArgs, repeats: u32, only: &[String], json: bool) -> Result<()> {
     let gpu = Gpu::new(device.options())?;
     eprintln!("benchmarking on {}", gpu.describe());
-    let report = harness::bench::kernels(&gpu, repeats as usize, |case| eprintln!("  {case}"))
-        .context("kernel benchmark failed")?;
+    let sections: Vec<&str> = if only.is_empty() {
+        harness::bench::kernels::SECTIONS.to_vec()
+    } else {
+        only.iter().map(String::as_str).collect()
+    };
+    let report = harness::bench::kernel_sections(&gpu, repeats as usize, &sections, |case| {
+        eprintln!("  {case}")
+    })
+    .context("kernel benchmark failed")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -357,7 +420,7 @@ fn run(args: &RunArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, args.device.engine_options(args.weights.into()))?;
+    let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
     let request = args.request();
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
@@ -506,7 +569,7 @@ fn write_kept_overlay(
 }
 
 fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
-    let options = device.engine_options(WeightFormat::F16);
+    let options = device.engine_options(&args.weights);
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
@@ -530,6 +593,11 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     } else {
         print!("{}", report.table());
     }
+    let format = engine.llama.lm_head.format;
+    if format != WeightFormat::F16 {
+        drop(engine);
+        decode_against_f16(args, device, &settings, &report, format)?;
+    }
     Ok(())
 }
 
@@ -549,7 +617,7 @@ fn bench_soak(
         None => shipped_path(DEFAULT_QUESTIONS, "--questions FILE.jsonl", None)?,
     };
     let examples = harness::eval::read_jsonl(&questions)?;
-    let engine = Engine::load(&model, device.engine_options(WeightFormat::F16))?;
+    let engine = Engine::load(&model, device.engine_options(&WeightArgs::f16()))?;
     eprintln!("soak on {}", engine.gpu.describe());
     let label = model.display().to_string();
     let report = harness::bench::soak(&engine, &label, &examples, requests as usize, |line| {
@@ -569,39 +637,94 @@ fn bench_soak(
     Ok(())
 }
 
-fn eval(
-    model: Option<&Path>,
-    questions: Option<&Path>,
-    limit: Option<usize>,
-    max_new: usize,
-    json: bool,
+
+/// With --weights other than f16: the unpruned setting again with f16 language-model weights
+/// (same vision weights, same process), and the decode speed of both on stderr.
+fn decode_against_f16(
+    args: &BenchArgs,
     device: &DeviceArgs,
+    settings: &[harness::bench::Setting],
+    report: &harness::bench::PruningReport,
+    format: WeightFormat,
 ) -> Result<()> {
-    let model = match model {
-        Some(m) => m.to_path_buf(),
+    let mut options = device.engine_options(&args.weights);
+    options.vision_weight_format = Some(options.vision_format());
+    options.weight_format = WeightFormat::F16;
+    let (engine, label) =
+        harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
+    let none: Vec<_> = settings
+        .iter()
+        .filter(|s| s.label == "none")
+        .cloned()
+        .collect();
+    let base = harness::bench::pruning(
+        &engine,
+        &label,
+        &none,
+        args.warmup,
+        args.repeats as usize,
+        args.decode_tokens,
+        |what| eprintln!("  f16 baseline: {what}"),
+    )?;
+    let tps = |r: &harness::bench::PruningReport| {
+        r.settings
+            .iter()
+            .find(|s| s.label == "none")
+            .map_or(0.0, |s| s.median_decode_tokens_per_second)
+    };
+    let (quantized, f16) = (tps(report), tps(&base));
+    eprintln!(
+        "decode tokens/s without pruning: {} {quantized:.2}, f16 {f16:.2} ({:.2}x f16)",
+        format.name(),
+        quantized / f16
+    );
+    Ok(())
+}
+
+fn eval(args: &EvalArgs) -> Result<()> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
         None => default_model()?,
     };
-    let questions = match questions {
-        Some(q) => q.to_path_buf(),
+    let questions = match &args.questions {
+        Some(q) => q.clone(),
         None => shipped_path(DEFAULT_QUESTIONS, "--questions FILE.jsonl", None)?,
     };
     let mut examples = harness::eval::read_jsonl(&questions)?;
-    if let Some(n) = limit {
+    if let Some(n) = args.limit {
         examples.truncate(n.max(1));
     }
-    let engine = Engine::load(&model, device.engine_options(WeightFormat::F16))?;
-    let report = harness::eval::run(
+    let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
+    let methods: Vec<Method> = if args.methods.is_empty() {
+        harness::eval::METHODS.to_vec()
+    } else {
+        args.methods.iter().map(|&m| m.into()).collect()
+    };
+    let budgets = if args.budgets.is_empty() {
+        harness::eval::BUDGETS.to_vec()
+    } else {
+        args.budgets.clone()
+    };
+    let report = harness::eval::run_methods(
         &engine,
         &model.display().to_string(),
         &examples,
-        max_new,
+        &methods,
+        &budgets,
+        args.max_new_tokens,
         |line| eprintln!("  {line}"),
     )?;
-    if json {
+    if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
     }
+    Ok(())
+}
+
+fn quantize(model: &Path, out: &Path, format: WeightFormat) -> Result<()> {
+    let report = llava_wgpu::model::quantize::write_checkpoint(model, out, format)?;
+    eprintln!("{report}");
     Ok(())
 }
 
@@ -613,26 +736,22 @@ fn main() -> ExitCode {
         Command::Serve(args) => cli::serve::serve(args),
         Command::Chat(args) => cli::serve::chat(args),
         Command::Devices { device, json } => devices(device, *json),
-        Command::Eval {
+        Command::Eval(args) => eval(args),
+        Command::Quantize {
             model,
-            questions,
-            limit,
-            max_new_tokens,
-            json,
-            device,
-        } => eval(
-            model.as_deref(),
-            questions.as_deref(),
-            *limit,
-            *max_new_tokens,
-            *json,
-            device,
-        ),
+            out,
+            weights,
+        } => quantize(model, out, (*weights).into()),
         Command::Bench {
-            what: Some(BenchCommand::Kernels { repeats, json }),
+            what:
+                Some(BenchCommand::Kernels {
+                    repeats,
+                    json,
+                    only,
+                }),
             device,
             ..
-        } => bench_kernels(device, *repeats, *json),
+        } => bench_kernels(device, *repeats, only, *json),
         Command::Bench {
             what:
                 Some(BenchCommand::Soak {

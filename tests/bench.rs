@@ -80,8 +80,8 @@ fn pruning_bench_reports_every_setting_on_the_fixture() {
 }
 
 /// A library caller asking for zero timed runs used to index `runs[0]` of an empty list (and
-/// `bench kernels` silently ran once): both are argument errors naming `repeats`, as is an
-/// empty list of settings.
+/// `bench kernels` silently ran once): both are argument errors naming `repeats`, as are an
+/// empty list of settings and an unknown kernel section.
 #[test]
 fn zero_repeats_and_no_settings_are_argument_errors() {
     let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
@@ -99,6 +99,9 @@ fn zero_repeats_and_no_settings_are_argument_errors() {
         name(bench::kernels(&engine.gpu, 0, |_| {}).map(|_| ())),
         "repeats"
     );
+    // An unknown section is refused before anything is timed.
+    let sections = bench::kernel_sections(&engine.gpu, 1, &["quantized"], |_| {});
+    assert_eq!(name(sections.map(|_| ())), "sections");
 }
 
 #[test]

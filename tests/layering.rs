@@ -1,7 +1,7 @@
 //! Imports point one way (ARCHITECTURE.md, "Layers"). Two checks over every file of src/:
 //!
 //! - a top-level module imports only from the layers below it in the data flow: error → gpu →
-//!   {text, vision, sample, prune} → model → generate → harness;
+//!   {text, vision, sample, prune, quant} → model → generate → harness;
 //! - inside the crate, the file-level import graph has no cycle. A module's use of its own
 //!   ancestors is not an edge: a parent shares its contract with its children that way (e.g.
 //!   `gpu::kernels::linear` holds the flag bits its `gemv` and `matmul` children read), and the
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["error"],
     &["gpu"],
-    &["text", "vision", "sample", "prune"],
+    &["text", "vision", "sample", "prune", "quant"],
     &["model"],
     &["generate"],
     &["serve"],

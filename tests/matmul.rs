@@ -7,6 +7,7 @@ use common::*;
 use llava_wgpu::gpu::kernels::linear::{self, gemv, matmul};
 use llava_wgpu::gpu::kernels::ModuleKey;
 use llava_wgpu::gpu::{Gpu, Recorder, Tensor, Weight, WeightFormat};
+use llava_wgpu::quant;
 
 struct Case {
     m: usize,
@@ -45,14 +46,23 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) -> Vec<
     let w_values = rng.uniform(n * k, -1.0, 1.0);
     let b = rng.uniform(n, -1.0, 1.0);
     let y0 = rng.uniform(m * n, -1.0, 1.0);
-    let mut weight = Weight::from_f32(gpu, "w", n, k, &w_values, format).unwrap();
+    // Quantized weights: the kernel must compute with exactly what the blocks stand for, as
+    // the host dequantizer (checked against gguf in tests/quant.rs) reads them.
+    let (mut weight, w_seen) = if format.is_quantized() {
+        let blocks = quant::quantize(format, &w_values).unwrap();
+        let w = Weight::from_blocks(gpu, "w", n, k, format, &blocks).unwrap();
+        (w, quant::dequantize(format, &blocks).unwrap())
+    } else {
+        let w = Weight::from_f32(gpu, "w", n, k, &w_values, format).unwrap();
+        let seen = match format {
+            WeightFormat::F16 => linear::round_to_f16(&w_values),
+            _ => w_values.clone(),
+        };
+        (w, seen)
+    };
     if bias {
         weight = weight.with_bias(gpu, &b).unwrap();
     }
-    let w_seen = match format {
-        WeightFormat::F16 => linear::round_to_f16(&w_values),
-        WeightFormat::F32 => w_values.clone(),
-    };
     let xt = Tensor::from_f32(gpu, &[m, k], &x, "x").unwrap();
     let yt = Tensor::empty(gpu, &[m, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
     if accumulate {
@@ -170,6 +180,120 @@ fn chunked_weights_give_the_same_result() {
             run_case(&gpu, &mut rng, &case, force_gemv);
         }
     }
+}
+
+const QUANTIZED: [WeightFormat; 2] = [WeightFormat::Q8_0, WeightFormat::Q4_0];
+
+/// K a multiple of 32 but not of 128 (odd block counts: 1, 3, 5, 35 blocks), odd N, M = 1, 37
+/// and 577 (a CLIP-L/336 sequence).
+#[test]
+fn quantized_matmul_matches_cpu_on_odd_shapes() {
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    let shapes = [
+        (1, 7, 32),
+        (37, 70, 96),
+        (577, 65, 160),
+        (64, 129, 1120),
+        (3, 1, 32),
+    ];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        for format in QUANTIZED {
+            let case = Case {
+                m,
+                n,
+                k,
+                format,
+                bias: i % 2 == 0,
+                accumulate: i % 3 == 1,
+            };
+            run_case(&gpu, &mut rng, &case, false);
+        }
+    }
+}
+
+#[test]
+fn quantized_gemv_matches_cpu_with_and_without_subgroups() {
+    let mut rng = TestRng::new();
+    for gpu in [gpu(), gpu_without_features()] {
+        let shapes = [
+            (1, 7, 32),
+            (1, 131, 96),
+            (2, 33, 1120),
+            (1, 1001, 160),
+            (1, 5, 4128),
+        ];
+        for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            for format in QUANTIZED {
+                let case = Case {
+                    m,
+                    n,
+                    k,
+                    format,
+                    bias: i % 2 == 1,
+                    accumulate: i % 2 == 0,
+                };
+                run_case(&gpu, &mut rng, &case, true);
+            }
+        }
+    }
+}
+
+/// Chunks of a quantized weight each carry their own scales region.
+#[test]
+fn quantized_chunked_weights_give_the_same_result() {
+    // 1 KiB bindings: a [300, 96] Q8_0 row is 102 bytes → 9 rows a chunk; Q4_0 54 → 18.
+    let gpu = gpu_with_binding_limit(1024);
+    let mut rng = TestRng::new();
+    for format in QUANTIZED {
+        for (m, force_gemv) in [(5, false), (1, true), (70, false)] {
+            let case = Case {
+                m,
+                n: 300,
+                k: 96,
+                format,
+                bias: true,
+                accumulate: m == 5,
+            };
+            run_case(&gpu, &mut rng, &case, force_gemv);
+        }
+    }
+}
+
+/// The GPU layout keeps ggml's block bytes recoverable, and the buffer is exactly
+/// `storage_bytes` long.
+#[test]
+fn quantized_upload_keeps_the_blocks() {
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    let (n, k) = (13, 96);
+    for format in QUANTIZED {
+        let blocks = quant::quantize(format, &rng.uniform(n * k, -2.0, 2.0)).unwrap();
+        let w = Weight::from_blocks(&gpu, "w", n, k, format, &blocks).unwrap();
+        assert_eq!(w.chunks.len(), 1);
+        assert_eq!(w.chunks[0].buffer.size(), format.storage_bytes(n, k));
+        let buffer = &w.chunks[0].buffer;
+        let words = gpu
+            .read_words(buffer, 0, buffer.size() as usize / 4)
+            .unwrap();
+        let bytes: &[u8] = bytemuck::cast_slice(&words);
+        let back = quant::to_ggml_blocks(format, n * k / 32, bytes).unwrap();
+        assert_eq!(back, blocks, "{format:?}");
+    }
+}
+
+#[test]
+fn quantized_upload_rejects_wrong_block_counts() {
+    let gpu = gpu();
+    let blocks = vec![0u8; 3 * 34];
+    let err = Weight::from_blocks(&gpu, "layers.0.q_proj", 2, 64, WeightFormat::Q8_0, &blocks)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layers.0.q_proj"), "{err}");
+    let err = Weight::from_blocks(&gpu, "odd", 2, 40, WeightFormat::Q4_0, &[0; 36])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("odd") && err.contains("40"), "{err}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! End-to-end parity with HF transformers on the tiny random LLaVA fixture: projector output,
 //! first-step logits and 16 greedy tokens for every recorded image/prompt pair, with f32 and f16
-//! weights, and with weights forced into row chunks by a small binding limit.
+//! weights, with weights forced into row chunks by a small binding limit, and with Q8_0 / Q4_0
+//! decoder weights against transformers fed the dequantized weights (scripts/quant_reference.py).
 
 mod fixture;
 
@@ -14,6 +15,7 @@ fn engine(format: WeightFormat, max_binding_bytes: Option<u64>) -> Engine {
             ..GpuOptions::default()
         },
         weight_format: format,
+        vision_weight_format: None,
         progress: false,
     };
     Engine::load(&fixture::model_dir(), options).unwrap()
@@ -119,4 +121,52 @@ fn streamed_text_and_memory_report_are_consistent() {
         2 * (cfg.num_key_value_heads * cfg.head_dim * 4) as u64 * cfg.num_hidden_layers as u64;
     assert_eq!(out.kv_cache_bytes, rows * per_row);
     assert!(out.memory.weights_bytes > 0 && out.memory.activation_bytes > 0);
+}
+
+/// A tensor of weights/tiny-random-llava/reference/quantized.safetensors
+/// (scripts/quant_reference.py: transformers fed gguf-dequantized decoder weights).
+fn quantized_reference(name: &str) -> (Vec<usize>, Vec<u8>) {
+    let path = fixture::reference_dir().join("quantized.safetensors");
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} missing"));
+    (t.shape().to_vec(), t.data().to_vec())
+}
+
+/// Q8_0 and Q4_0 decoder weights (vision in f32, as the reference keeps it): the engine must
+/// compute what transformers computes with the dequantized weights.
+#[test]
+fn quantized_weights_match_transformers_fed_dequantized_weights() {
+    for format in [WeightFormat::Q8_0, WeightFormat::Q4_0] {
+        let options = EngineOptions {
+            weight_format: format,
+            vision_weight_format: Some(WeightFormat::F32),
+            ..Default::default()
+        };
+        let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+        let name = format.name();
+        for case in fixture::cases() {
+            let out = engine.generate(&request(&case), |_| {}).unwrap();
+            let key = format!("case{}.{name}", case.index);
+            let (_, logits) = quantized_reference(&format!("{key}.first_logits"));
+            let want: Vec<f32> = bytemuck::pod_collect_to_vec(&logits);
+            let (_, ids) = quantized_reference(&format!("{key}.greedy_ids"));
+            let want_ids: Vec<u32> = bytemuck::pod_collect_to_vec::<u8, i64>(&ids)
+                .into_iter()
+                .map(|id| id as u32)
+                .collect();
+            let err = rel_l2(&out.first_logits, &want);
+            eprintln!("{name} case {}: logits rel L2 {err:.2e}", case.index);
+            assert!(
+                err <= 1e-4,
+                "{name} case {}: logits rel L2 {err}",
+                case.index
+            );
+            assert_eq!(
+                out.generated_ids, want_ids,
+                "{name} case {}: greedy tokens",
+                case.index
+            );
+        }
+    }
 }

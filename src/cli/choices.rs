@@ -100,6 +100,10 @@ impl From<BackendArg> for BackendChoice {
 pub enum WeightsArg {
     F16,
     F32,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 impl From<WeightsArg> for WeightFormat {
@@ -107,6 +111,26 @@ impl From<WeightsArg> for WeightFormat {
         match arg {
             WeightsArg::F16 => WeightFormat::F16,
             WeightsArg::F32 => WeightFormat::F32,
+            WeightsArg::Q8_0 => WeightFormat::Q8_0,
+            WeightsArg::Q4_0 => WeightFormat::Q4_0,
+        }
+    }
+}
+
+/// `quantize --weights`: the block formats a checkpoint can be written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantizedArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl From<QuantizedArg> for WeightFormat {
+    fn from(arg: QuantizedArg) -> Self {
+        match arg {
+            QuantizedArg::Q8_0 => WeightFormat::Q8_0,
+            QuantizedArg::Q4_0 => WeightFormat::Q4_0,
         }
     }
 }
@@ -135,6 +159,9 @@ mod tests {
         same_names::<Stage1ScoreArg, Stage1Score>();
         same_names::<TemplateArg, Template>();
         same_names::<BackendArg, BackendChoice>();
+        same_names::<WeightsArg, WeightFormat>();
+        same_names::<QuantizedArg, WeightFormat>();
+        assert_eq!(WeightsArg::value_variants().len(), WeightFormat::ALL.len());
         assert_eq!(MethodArg::value_variants().len(), Method::ALL.len());
         assert_eq!(
             Stage1ScoreArg::value_variants().len(),

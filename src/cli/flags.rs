@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 13] = [
+const FLAGS: [(&str, &str); 17] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
@@ -18,6 +18,10 @@ const FLAGS: [(&str, &str); 13] = [
     ("gpu.backend", "--backend"),
     ("prompt", "--prompt"),
     ("preset", "--preset"),
+    ("vision_weight_format", "--vision-weights"),
+    ("weight_format", "--weights"),
+    ("sections", "--only"),
+    ("budgets", "--budgets"),
 ];
 
 fn flag(field: &str) -> Option<&'static str> {
@@ -55,6 +59,8 @@ pub fn in_flags(error: &Error) -> String {
             flag(name).unwrap_or(name),
             reason_in_flags(reason)
         ),
+        // Loading errors name the format field a checkpoint needs (`weight_format = q4_0`).
+        Error::File { path, reason } => format!("{}: {}", path.display(), reason_in_flags(reason)),
         other => other.to_string(),
     }
 }

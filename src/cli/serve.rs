@@ -10,8 +10,8 @@ use llava_wgpu::prune::PruneOptions;
 use llava_wgpu::serve::{ServeOptions, Server};
 use llava_wgpu::Engine;
 
-use super::choices::{MethodArg, WeightsArg};
-use crate::{default_model, DeviceArgs};
+use super::choices::MethodArg;
+use crate::{default_model, DeviceArgs, WeightArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -35,9 +35,8 @@ pub struct ServeArgs {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 20 << 20)]
     max_body_bytes: usize,
-    /// Weight format on the GPU.
-    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
-    weights: WeightsArg,
+    #[command(flatten)]
+    weights: WeightArgs,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -56,9 +55,8 @@ pub struct ChatArgs {
     /// Visual-token pruning for each conversation (`/prune` changes it).
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
     prune: MethodArg,
-    /// Weight format on the GPU.
-    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
-    weights: WeightsArg,
+    #[command(flatten)]
+    weights: WeightArgs,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -68,7 +66,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, args.device.engine_options(args.weights.into()))?;
+    let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
     let options = ServeOptions {
         host: args.host.clone(),
         port: args.port,
@@ -95,7 +93,7 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let mut options = args.device.engine_options(args.weights.into());
+    let mut options = args.device.engine_options(&args.weights);
     options.progress = false;
     let engine = Engine::load(&model, options)?;
     let settings = TurnSettings {
@@ -145,7 +143,7 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
         .image
         .clone()
         .unwrap_or_else(|| model.join("example1.png"));
-    let mut engine_options = device.engine_options(llava_wgpu::gpu::WeightFormat::F16);
+    let mut engine_options = device.engine_options(&WeightArgs::f16());
     engine_options.progress = false;
     let engine = Engine::load(&model, engine_options)?;
     let options = ServeBenchOptions {

@@ -26,22 +26,127 @@ pub enum WeightFormat {
     /// IEEE half, two per u32 word (low half = even column), read with `unpack2x16float`.
     F16,
     F32,
+    /// ggml's Q8_0: blocks of 32 weights, one f16 scale `d` and 32 int8 `q`; weight = d·q.
+    Q8_0,
+    /// ggml's Q4_0: blocks of 32 weights, one f16 scale `d` and 16 bytes of nibbles (byte j:
+    /// element j in the low nibble, element j + 16 in the high one); weight = d·(q − 8).
+    Q4_0,
 }
 
+/// Weights per block of the block-quantized formats (ggml's QK8_0 = QK4_0 = 32).
+pub const QUANT_BLOCK: usize = 32;
+
 impl WeightFormat {
-    pub fn bytes_per_element(self) -> usize {
+    pub const ALL: [WeightFormat; 4] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+    ];
+
+    /// The lower-case name used in checkpoints' metadata and on the command line ("q4_0").
+    pub fn name(self) -> &'static str {
         match self {
-            WeightFormat::F16 => 2,
-            WeightFormat::F32 => 4,
+            WeightFormat::F16 => "f16",
+            WeightFormat::F32 => "f32",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
         }
     }
 
-    /// Rows are padded to this many elements (one vec4 of 32-bit words).
+    /// The format called `name` (see [`Self::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Whether the format stores blocks of [`QUANT_BLOCK`] weights with a shared scale.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, WeightFormat::Q8_0 | WeightFormat::Q4_0)
+    }
+
+    /// Bytes of one ggml block (f16 scale + quants): 34 for Q8_0, 18 for Q4_0; None otherwise.
+    pub fn block_bytes(self) -> Option<usize> {
+        self.quant_bytes_per_block().map(|q| 2 + q)
+    }
+
+    /// Bytes of a block's quants alone (its scale excluded).
+    pub fn quant_bytes_per_block(self) -> Option<usize> {
+        match self {
+            WeightFormat::Q8_0 => Some(QUANT_BLOCK),
+            WeightFormat::Q4_0 => Some(QUANT_BLOCK / 2),
+            WeightFormat::F16 | WeightFormat::F32 => None,
+        }
+    }
+
+    /// Rows of the float formats are padded to this many elements (one vec4 of 32-bit words);
+    /// quantized rows are whole blocks, which are already vec4-aligned (see [`Self::storage_bytes`]).
     pub fn row_alignment(self) -> usize {
         match self {
             WeightFormat::F16 => 8,
             WeightFormat::F32 => 4,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 => QUANT_BLOCK,
         }
+    }
+
+    /// Bytes of one weight row as a kernel streams it (no padding; scales included).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            WeightFormat::F16 => cols * 2,
+            WeightFormat::F32 => cols * 4,
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+                cols.div_ceil(QUANT_BLOCK) * self.block_bytes().unwrap_or(0)
+            }
+        }
+    }
+
+    /// Exact bytes of the GPU buffer holding an `[rows, cols]` weight in this format (no bias),
+    /// so buffers can be sized without data. A weight split into row chunks allocates this for
+    /// each chunk's rows; the sum equals `storage_bytes(n, cols)` since chunks hold multiples
+    /// of 64 rows except the last.
+    ///
+    /// Float rows are padded to [`Self::row_alignment`]. Quantized weights hold two regions, so
+    /// every load is an aligned u32/vec4 load (ggml's 34- and 18-byte blocks are not 4-byte
+    /// aligned, and WGSL has no 8- or 16-bit storage): first the quants of every block, row by
+    /// row (32 or 16 bytes a block, so each block starts on 16 bytes), then the f16 scales in
+    /// the same order, padded to 16 bytes. Block `b` of row `r` is scale `r·nb + b` followed by
+    /// quants `r·nb + b`: ggml's block bytes are recovered exactly (`quant::to_ggml_blocks`).
+    pub fn storage_bytes(self, rows: usize, cols: usize) -> u64 {
+        let bytes = match self {
+            WeightFormat::F16 | WeightFormat::F32 => {
+                rows * self.row_bytes(cols.next_multiple_of(self.row_alignment()))
+            }
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+                let blocks = rows * cols.div_ceil(QUANT_BLOCK);
+                let quants = blocks * self.quant_bytes_per_block().unwrap_or(0);
+                quants + (blocks * 2).next_multiple_of(16)
+            }
+        };
+        bytes as u64
+    }
+
+    /// 32-bit words of one stored row in the float formats (None for quantized ones, whose
+    /// rows are split over two regions).
+    pub fn row_words(self, cols: usize) -> Option<usize> {
+        match self {
+            WeightFormat::F16 | WeightFormat::F32 => {
+                Some(self.row_bytes(cols.next_multiple_of(self.row_alignment())) / 4)
+            }
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 => None,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        Self::from_name(name).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
+            Error::argument(
+                "weight_format",
+                format!("'{name}' is not one of {}", names.join(", ")),
+            )
+        })
     }
 }
 
@@ -207,6 +312,16 @@ impl Tensor {
     }
 }
 
+fn check_len(name: &str, n: usize, per_row: usize, got: usize, what: &str) -> Result<()> {
+    if got != n * per_row {
+        return Err(Error::shape(
+            name,
+            format!("weight of {n} rows needs {} {what}, got {got}", n * per_row),
+        ));
+    }
+    Ok(())
+}
+
 /// One row-range of a weight matrix in its own buffer.
 #[derive(Clone, Debug)]
 pub struct WeightChunk {
@@ -233,6 +348,7 @@ pub struct Weight {
 
 impl Weight {
     /// Upload `W[N, K]` given as f32 values, converting to `format` (f16 rounds to nearest even).
+    /// Quantized formats take their blocks from [`Self::from_blocks`] instead.
     pub fn from_f32(
         gpu: &Gpu,
         name: &str,
@@ -241,27 +357,27 @@ impl Weight {
         data: &[f32],
         format: WeightFormat,
     ) -> Result<Self> {
-        if data.len() != n * k {
-            return Err(Error::shape(
-                name,
-                format!(
-                    "weight [{n}, {k}] needs {} values, got {}",
-                    n * k,
-                    data.len()
-                ),
-            ));
-        }
-        Self::upload(gpu, name, n, k, format, |row, out| match format {
-            WeightFormat::F32 => {
-                let src = &data[row * k..(row + 1) * k];
-                let dst: &mut [f32] = bytemuck::cast_slice_mut(out);
-                dst[..k].copy_from_slice(src);
+        check_len(name, n, k, data.len(), "values")?;
+        let row_words = match format.row_words(k) {
+            Some(words) if !format.is_quantized() => words,
+            _ => {
+                return Err(Error::shape(
+                    name,
+                    format!("{format:?} weights are uploaded from their blocks, not from floats"),
+                ))
             }
-            WeightFormat::F16 => {
-                let src = &data[row * k..(row + 1) * k];
-                let dst: &mut [u16] = bytemuck::cast_slice_mut(out);
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = f16::from_f32(*s).to_bits();
+        };
+        Self::upload(gpu, name, n, k, format, |first_row, rows, out| {
+            for r in 0..rows {
+                let src = &data[(first_row + r) * k..(first_row + r + 1) * k];
+                let dst = &mut out[r * row_words..(r + 1) * row_words];
+                if format == WeightFormat::F32 {
+                    bytemuck::cast_slice_mut::<u32, f32>(dst)[..k].copy_from_slice(src);
+                } else {
+                    let halves: &mut [u16] = bytemuck::cast_slice_mut(dst);
+                    for (d, s) in halves.iter_mut().zip(src) {
+                        *d = f16::from_f32(*s).to_bits();
+                    }
                 }
             }
         })
@@ -269,19 +385,60 @@ impl Weight {
 
     /// Upload `W[N, K]` given as IEEE halves (what f16 checkpoints hold), kept as f16.
     pub fn from_f16(gpu: &Gpu, name: &str, n: usize, k: usize, data: &[f16]) -> Result<Self> {
-        if data.len() != n * k {
+        check_len(name, n, k, data.len(), "values")?;
+        let row_words = WeightFormat::F16.row_words(k).unwrap_or(0);
+        Self::upload(
+            gpu,
+            name,
+            n,
+            k,
+            WeightFormat::F16,
+            |first_row, rows, out| {
+                for r in 0..rows {
+                    let dst: &mut [f16] =
+                        bytemuck::cast_slice_mut(&mut out[r * row_words..(r + 1) * row_words]);
+                    dst[..k].copy_from_slice(&data[(first_row + r) * k..(first_row + r + 1) * k]);
+                }
+            },
+        )
+    }
+
+    /// Upload `W[N, K]` given as ggml blocks (Q8_0 or Q4_0, row-major: row r holds blocks
+    /// `r·K/32 ..`), unchanged except for the split into the quants and scales regions that
+    /// [`WeightFormat::storage_bytes`] describes. K must be a multiple of 32.
+    pub fn from_blocks(
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+        blocks: &[u8],
+    ) -> Result<Self> {
+        let (Some(block_bytes), Some(quant_bytes)) =
+            (format.block_bytes(), format.quant_bytes_per_block())
+        else {
             return Err(Error::shape(
                 name,
-                format!(
-                    "weight [{n}, {k}] needs {} values, got {}",
-                    n * k,
-                    data.len()
-                ),
+                format!("{format:?} is not a block format"),
+            ));
+        };
+        if !k.is_multiple_of(QUANT_BLOCK) {
+            return Err(Error::shape(
+                name,
+                format!("rows of {k} values are not whole blocks of {QUANT_BLOCK}"),
             ));
         }
-        Self::upload(gpu, name, n, k, WeightFormat::F16, |row, out| {
-            let dst: &mut [f16] = bytemuck::cast_slice_mut(out);
-            dst[..k].copy_from_slice(&data[row * k..(row + 1) * k]);
+        let per_row = k / QUANT_BLOCK;
+        check_len(name, n, per_row * block_bytes, blocks.len(), "block bytes")?;
+        Self::upload(gpu, name, n, k, format, |first_row, rows, out| {
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+            let count = rows * per_row;
+            let (quants, scales) = bytes.split_at_mut(count * quant_bytes);
+            let src = &blocks[first_row * per_row * block_bytes..][..count * block_bytes];
+            for (i, block) in src.chunks_exact(block_bytes).enumerate() {
+                scales[i * 2..i * 2 + 2].copy_from_slice(&block[..2]);
+                quants[i * quant_bytes..(i + 1) * quant_bytes].copy_from_slice(&block[2..]);
+            }
         })
     }
 
@@ -302,20 +459,30 @@ impl Weight {
         Ok(rows.min(n.max(1)))
     }
 
+    /// The one place weight buffers are created: splits `W[N, K]` into row chunks that fit a
+    /// storage binding, sizes each with [`WeightFormat::storage_bytes`] and lets `fill_chunk`
+    /// write its words (`fill_chunk(first_row, rows, words)`).
     fn upload(
         gpu: &Gpu,
         name: &str,
         n: usize,
         k: usize,
         format: WeightFormat,
-        mut fill_row: impl FnMut(usize, &mut [u32]),
+        mut fill_chunk: impl FnMut(usize, usize, &mut [u32]),
     ) -> Result<Self> {
         if n == 0 || k == 0 {
             return Err(Error::shape(name, format!("weight [{n}, {k}] is empty")));
         }
         let row_stride = k.next_multiple_of(format.row_alignment());
-        let row_words = row_stride * format.bytes_per_element() / 4;
-        let rows_per_chunk = Self::rows_per_chunk(gpu.max_binding_bytes, row_words * 4, n)
+        // A quantized chunk's scales region is padded by up to 14 bytes: keep room for it.
+        let (binding, row_bytes) = match format.row_words(k) {
+            Some(words) => (gpu.max_binding_bytes, words * 4),
+            None => (
+                gpu.max_binding_bytes.saturating_sub(16),
+                format.row_bytes(k),
+            ),
+        };
+        let rows_per_chunk = Self::rows_per_chunk(binding, row_bytes, n)
             .map_err(|e| Error::shape(name, e.to_string()))?;
         let mut chunks = Vec::new();
         let mut first_row = 0;
@@ -323,19 +490,15 @@ impl Weight {
         while first_row < n {
             let rows = rows_per_chunk.min(n - first_row);
             words.clear();
-            words.resize(rows * row_words, 0u32);
-            for r in 0..rows {
-                fill_row(
-                    first_row + r,
-                    &mut words[r * row_words..(r + 1) * row_words],
-                );
-            }
+            words.resize(format.storage_bytes(rows, k) as usize / 4, 0u32);
+            fill_chunk(first_row, rows, &mut words);
             let buffer = gpu
                 .device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some(name),
                     contents: bytemuck::cast_slice(&words),
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    // COPY_SRC lets a test read the stored layout back.
+                    usage: STORAGE_USAGE,
                 });
             chunks.push(WeightChunk {
                 buffer,
@@ -379,7 +542,7 @@ impl Weight {
 
     /// Bytes a kernel streams to read the whole weight once (no padding).
     pub fn stream_bytes(&self) -> u64 {
-        (self.n * self.k * self.format.bytes_per_element()) as u64
+        (self.n * self.format.row_bytes(self.k)) as u64
             + self.bias.as_ref().map_or(0, |b| b.bytes())
     }
 }

@@ -146,11 +146,39 @@ pub fn run(
     label: &str,
     examples: &[Example],
     max_new_tokens: usize,
+    progress: impl FnMut(&str),
+) -> Result<EvalReport> {
+    run_methods(
+        engine,
+        label,
+        examples,
+        &METHODS,
+        &BUDGETS,
+        max_new_tokens,
+        progress,
+    )
+}
+
+/// Evaluate the unpruned model, then each of `methods` at each of `budgets` (a shorter run,
+/// e.g. STAR at 11% alone to compare weight formats).
+pub fn run_methods(
+    engine: &Engine,
+    label: &str,
+    examples: &[Example],
+    methods: &[Method],
+    budgets: &[f64],
+    max_new_tokens: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<EvalReport> {
+    if let Some(bad) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
+        return Err(crate::error::Error::argument(
+            "budgets",
+            format!("{bad} is not a fraction of the visual tokens in (0, 1]"),
+        ));
+    }
     let mut plan: Vec<(Method, f64)> = vec![(Method::None, 1.0)];
-    for method in METHODS {
-        for budget in BUDGETS {
+    for &method in methods.iter().filter(|&&m| m != Method::None) {
+        for &budget in budgets {
             plan.push((method, budget));
         }
     }

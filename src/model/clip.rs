@@ -110,7 +110,7 @@ impl ClipEmbeddings {
             d,
             channels * p * p,
             &values,
-            loader.format,
+            loader.float_format(),
         )?;
         loader.add_uploaded_bytes(patch_embedding.gpu_bytes());
         // The class embedding only ever sits at position 0: fold it into that position's row.

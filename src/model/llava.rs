@@ -26,8 +26,13 @@ use crate::vision::ImageProcessorConfig;
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub gpu: GpuOptions,
-    /// Matrix weights on the GPU: f16 (default) or f32 (exact parity checks).
+    /// Matrix weights of the language model (decoder linear layers and `lm_head`) on the GPU:
+    /// f16 (default), f32 (exact parity checks), or ggml's Q8_0 / Q4_0 blocks (quantized at
+    /// load from float checkpoints, or read as stored from a `quantize`d one).
     pub weight_format: WeightFormat,
+    /// Matrix weights of the vision tower and projector; `None`: the same as `weight_format`
+    /// when that is f16 or f32, f16 when it is quantized.
+    pub vision_weight_format: Option<WeightFormat>,
     /// Show a progress bar on stderr while weights upload.
     pub progress: bool,
 }
@@ -37,8 +42,21 @@ impl Default for EngineOptions {
         Self {
             gpu: GpuOptions::default(),
             weight_format: WeightFormat::F16,
+            vision_weight_format: None,
             progress: false,
         }
+    }
+}
+
+impl EngineOptions {
+    /// The format the vision tower and projector load in (see `vision_weight_format`).
+    pub fn vision_format(&self) -> WeightFormat {
+        self.vision_weight_format
+            .unwrap_or(if self.weight_format.is_quantized() {
+                WeightFormat::F16
+            } else {
+                self.weight_format
+            })
     }
 }
 
@@ -133,11 +151,14 @@ impl Engine {
             ProgressBar::hidden()
         };
         let root = Loader::new(&gpu, &checkpoint, options.weight_format);
-        let vision =
-            ClipVision::load(&root.scope("vision"), &config.vision, vision_layers, || {
-                bar.inc(1)
-            })?;
-        let projector = Projector::load(&root.scope("projector"), &config)?;
+        let vision_root = root.with_format(options.vision_format());
+        let vision = ClipVision::load(
+            &vision_root.scope("vision"),
+            &config.vision,
+            vision_layers,
+            || bar.inc(1),
+        )?;
+        let projector = Projector::load(&vision_root.scope("projector"), &config)?;
         bar.inc(1);
         let llama = Llama::load(&root, &config.text, || bar.inc(1))?;
         let weight_bytes = root.uploaded_bytes();

@@ -10,6 +10,7 @@ use std::fmt::Display;
 use std::rc::Rc;
 
 use crate::error::Result;
+use crate::gpu::tensor::QUANT_BLOCK;
 use crate::gpu::{Gpu, Tensor, Weight, WeightFormat};
 use crate::model::weights::Checkpoint;
 
@@ -81,7 +82,19 @@ impl<'a> Loader<'a> {
         let keys: Vec<String> = names.iter().map(|name| self.key(name)).collect();
         let label = keys.join("+");
         let n = n_each * keys.len();
-        let mut weight = match self.format {
+        let mut weight = match self.format_for(&label, k) {
+            format @ (WeightFormat::Q8_0 | WeightFormat::Q4_0) => {
+                let mut blocks = Vec::new();
+                for key in &keys {
+                    let name = format!("{key}.weight");
+                    blocks.extend_from_slice(&self.checkpoint.blocks(
+                        &name,
+                        &[n_each, k],
+                        format,
+                    )?);
+                }
+                Weight::from_blocks(self.gpu, &label, n, k, format, &blocks)?
+            }
             WeightFormat::F16 => {
                 let mut values = Vec::with_capacity(n * k);
                 for key in &keys {
@@ -112,6 +125,40 @@ impl<'a> Loader<'a> {
         }
         self.add_uploaded_bytes(weight.gpu_bytes());
         Ok(weight)
+    }
+
+    /// This scope with matrix weights in `format` (the vision tower and projector may differ
+    /// from the language model).
+    pub fn with_format(&self, format: WeightFormat) -> Self {
+        Self {
+            format,
+            ..self.clone()
+        }
+    }
+
+    /// The format of float-only weights (a convolution's patch embedding): this scope's format,
+    /// or f16 where that is a block format.
+    pub fn float_format(&self) -> WeightFormat {
+        if self.format.is_quantized() {
+            WeightFormat::F16
+        } else {
+            self.format
+        }
+    }
+
+    /// The format a `[_, k]` weight is stored in: this scope's, except that rows which are not
+    /// whole blocks of 32 stay f16 (as llama.cpp's quantizer leaves such tensors unquantized),
+    /// which the load reports on stderr.
+    fn format_for(&self, label: &str, k: usize) -> WeightFormat {
+        if self.format.is_quantized() && !k.is_multiple_of(QUANT_BLOCK) {
+            eprintln!(
+                "{label}: rows of {k} values are not whole blocks of {QUANT_BLOCK}; kept in f16 \
+                 instead of {:?}",
+                self.format
+            );
+            return WeightFormat::F16;
+        }
+        self.format
     }
 
     /// The tensor `name` as f32 values on the host, checked against `shape`.

@@ -9,6 +9,7 @@ pub mod loader;
 pub mod norm;
 pub mod presets;
 pub mod projector;
+pub mod quantize;
 pub mod weights;
 
 pub use config::LlavaConfig;

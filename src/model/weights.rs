@@ -18,12 +18,23 @@ use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::gpu::WeightFormat;
+use crate::quant;
+
+/// Safetensors metadata key holding a quantized checkpoint's weight format ("q4_0"), written by
+/// `llava-wgpu quantize`.
+pub const FORMAT_KEY: &str = "llava_wgpu.weights";
+/// Safetensors metadata key holding, as a JSON object, the `[rows, cols]` shape of every tensor
+/// stored as ggml blocks (its safetensors entry is a U8 `[rows, bytes per row]` array).
+pub const QUANTIZED_KEY: &str = "llava_wgpu.quantized";
 
 struct Shard {
     path: PathBuf,
     map: Mmap,
     header_len: usize,
     metadata: Metadata,
+    /// On-disk tensor name → (block format, logical `[rows, cols]`) for quantized tensors.
+    quantized: HashMap<String, (WeightFormat, Vec<usize>)>,
 }
 
 /// A tensor's dtype, shape and raw little-endian bytes inside a mapped shard.
@@ -33,6 +44,8 @@ pub struct RawTensor<'a> {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub bytes: &'a [u8],
+    /// Block format and logical `[rows, cols]` shape if the tensor holds ggml blocks.
+    pub quantized: Option<(WeightFormat, Vec<usize>)>,
 }
 
 /// Every tensor of a checkpoint directory, memory mapped; or a synthetic checkpoint whose
@@ -103,12 +116,46 @@ fn open_shard(path: &Path) -> Result<Shard> {
             format!("not a valid safetensors file (truncated, or its header disagrees with its size): {e:?}"),
         )
     })?;
+    let quantized = quantized_tensors(path, &metadata)?;
     Ok(Shard {
         path: path.to_path_buf(),
         map,
         header_len,
         metadata,
+        quantized,
     })
+}
+
+/// The quantized tensors a shard's metadata lists (see [`FORMAT_KEY`], [`QUANTIZED_KEY`]).
+fn quantized_tensors(
+    path: &Path,
+    metadata: &Metadata,
+) -> Result<HashMap<String, (WeightFormat, Vec<usize>)>> {
+    let Some(meta) = metadata.metadata() else {
+        return Ok(HashMap::new());
+    };
+    let Some(shapes) = meta.get(QUANTIZED_KEY) else {
+        return Ok(HashMap::new());
+    };
+    let name = meta.get(FORMAT_KEY).map(String::as_str).unwrap_or("");
+    let format = WeightFormat::from_name(name)
+        .filter(|f| f.is_quantized())
+        .ok_or_else(|| {
+            file_error(
+                path,
+                format!("metadata '{FORMAT_KEY}' is '{name}', expected q8_0 or q4_0"),
+            )
+        })?;
+    let shapes: HashMap<String, Vec<usize>> = serde_json::from_str(shapes).map_err(|e| {
+        file_error(
+            path,
+            format!("metadata '{QUANTIZED_KEY}' is not an object of [rows, cols] shapes: {e}"),
+        )
+    })?;
+    Ok(shapes
+        .into_iter()
+        .map(|(tensor, shape)| (tensor, (format, shape)))
+        .collect())
 }
 
 impl Checkpoint {
@@ -283,23 +330,41 @@ impl Checkpoint {
         }
     }
 
+    /// Whether a tensor exists under any alias of the canonical name `canonical`.
+    pub fn contains_canonical(&self, canonical: &str) -> bool {
+        Self::aliases(canonical)
+            .iter()
+            .any(|n| self.index.contains_key(n))
+    }
+
+    /// Every tensor name stored in the checkpoint's files, sorted (empty for synthetic ones).
+    pub fn stored_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.index.keys().cloned().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The tensor stored under exactly `name` in the files.
+    pub fn stored(&self, name: &str) -> Option<RawTensor<'_>> {
+        let shard = &self.shards[*self.index.get(name)?];
+        let info = shard.metadata.info(name)?;
+        let start = shard.header_len + 8 + info.data_offsets.0;
+        let end = shard.header_len + 8 + info.data_offsets.1;
+        Some(RawTensor {
+            name: name.to_string(),
+            file: &shard.path,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            bytes: &shard.map[start..end],
+            quantized: shard.quantized.get(name).cloned(),
+        })
+    }
+
     /// Find a tensor by canonical name under any of its aliases.
     pub fn get(&self, canonical: &str) -> Result<RawTensor<'_>> {
         let names = Self::aliases(canonical);
-        for name in &names {
-            if let Some(&s) = self.index.get(name) {
-                let shard = &self.shards[s];
-                let info = shard.metadata.info(name).expect("indexed tensors exist");
-                let start = shard.header_len + 8 + info.data_offsets.0;
-                let end = shard.header_len + 8 + info.data_offsets.1;
-                return Ok(RawTensor {
-                    name: name.clone(),
-                    file: &shard.path,
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    bytes: &shard.map[start..end],
-                });
-            }
+        if let Some(t) = names.iter().find_map(|name| self.stored(name)) {
+            return Ok(t);
         }
         Err(file_error(
             &self.dir,
@@ -356,6 +421,61 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// The weight `canonical` of logical shape `[rows, cols]` as ggml blocks of `format`: the
+    /// stored blocks of a quantized checkpoint, borrowed from the mapped file (never
+    /// requantized), or float values quantized now.
+    pub fn blocks(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        format: WeightFormat,
+    ) -> Result<std::borrow::Cow<'_, [u8]>> {
+        if self.synthetic.contains_key(canonical) {
+            let values = self.f32(canonical, shape)?;
+            return Ok(quant::quantize(format, &values)?.into());
+        }
+        let t = self.get(canonical)?;
+        let Some((stored, logical)) = &t.quantized else {
+            t.check_shape(shape)?;
+            let blocks = quant::quantize(format, &t.to_f32()?)
+                .map_err(|e| file_error(t.file, format!("tensor '{}': {e}", t.name)))?;
+            return Ok(blocks.into());
+        };
+        if *stored != format {
+            return Err(t.stored_as_blocks().expect("the tensor is quantized"));
+        }
+        if logical[..] != *shape {
+            return Err(file_error(
+                t.file,
+                format!(
+                    "tensor '{}' has shape {logical:?}, expected {shape:?}",
+                    t.name
+                ),
+            ));
+        }
+        let block_bytes = format.block_bytes().unwrap_or(0);
+        let blocks = shape.iter().product::<usize>() / quant::BLOCK;
+        if !shape[1].is_multiple_of(quant::BLOCK)
+            || t.dtype != Dtype::U8
+            || t.bytes.len() != blocks * block_bytes
+        {
+            return Err(file_error(
+                t.file,
+                format!(
+                    "tensor '{}' ({} bytes of {:?}) does not hold the {blocks} {} blocks of \
+                     {block_bytes} bytes its shape {shape:?} needs",
+                    t.name,
+                    t.bytes.len(),
+                    t.dtype,
+                    format.name()
+                ),
+            ));
+        }
+        Ok(t.bytes.into())
+    }
+}
+
 impl RawTensor<'_> {
     /// Rows `ids` of a 2-D tensor as f32, converted one row at a time (an embedding lookup
     /// straight from the mapped file).
@@ -391,6 +511,7 @@ impl RawTensor<'_> {
                 dtype: self.dtype,
                 shape: vec![width],
                 bytes: &self.bytes[id * width * size..(id + 1) * width * size],
+                quantized: None,
             };
             out.extend(row.to_f32()?);
         }
@@ -398,6 +519,9 @@ impl RawTensor<'_> {
     }
 
     pub fn check_shape(&self, shape: &[usize]) -> Result<()> {
+        if let Some(e) = self.stored_as_blocks() {
+            return Err(e);
+        }
         if self.shape != shape {
             return Err(file_error(
                 self.file,
@@ -410,7 +534,24 @@ impl RawTensor<'_> {
         Ok(())
     }
 
+    /// The error for reading a tensor stored as blocks in another format than requested.
+    fn stored_as_blocks(&self) -> Option<Error> {
+        let (format, _) = self.quantized.as_ref()?;
+        Some(file_error(
+            self.file,
+            format!(
+                "tensor '{}' is stored as {} blocks; load the checkpoint with weight_format = {}",
+                self.name,
+                format.name(),
+                format.name()
+            ),
+        ))
+    }
+
     pub fn to_f32(&self) -> Result<Vec<f32>> {
+        if let Some(e) = self.stored_as_blocks() {
+            return Err(e);
+        }
         Ok(match self.dtype {
             Dtype::F32 => bytemuck::pod_collect_to_vec(self.bytes),
             Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(self.bytes)

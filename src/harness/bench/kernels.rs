@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::linear::{gemv, matmul};
 use crate::gpu::kernels::{attention, Dispatch};
 use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
+use crate::quant;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelResult {
@@ -24,6 +25,10 @@ pub struct KernelResult {
     pub bound: Bound,
     /// GFLOP/s over the f32 FMA ceiling (arithmetic bound) or GB/s over the copy ceiling.
     pub of_ceiling: f64,
+    /// For quantized-weight cases: this median time over the f16 case's at the same shape in
+    /// the same run (below 1 is faster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_vs_f16: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -36,8 +41,11 @@ pub struct KernelReport {
 }
 
 fn row(r: &KernelResult) -> String {
+    let ratio = r
+        .time_vs_f16
+        .map_or(String::new(), |x| format!(" {x:>9.2}x"));
     format!(
-        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>10} {:>8.1}%",
+        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>10} {:>8.1}%{ratio}",
         r.kernel,
         r.shape,
         r.median_ms,
@@ -78,6 +86,7 @@ fn measure(
         gbytes_per_s: gbs,
         bound,
         of_ceiling: ceilings.fraction(bound, gflops, gbs),
+        time_vs_f16: None,
     }
 }
 
@@ -149,6 +158,45 @@ impl Suite<'_> {
         Ok(())
     }
 
+    /// The 7B model's linear layers with f16, Q8_0 and Q4_0 weights of the same values, for
+    /// each of `rows`: 1 is the decode GEMV, more the prefill matmul (577 rows, a CLIP-L/336
+    /// image's worth). Shapes: the attention projections (4096 → 4096), the MLP up
+    /// (4096 → 11008) and down (11008 → 4096); each quantized row with its time relative to f16.
+    fn quantized_linear(&mut self, rows: &[usize], progress: &mut dyn FnMut(&str)) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let gpu = self.gpu;
+        for (n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008)] {
+            let values = random(n * k, (3 * n + k) as u64);
+            let weights = [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0]
+                .into_iter()
+                .map(|format| bench_weight(gpu, n, k, &values, format))
+                .collect::<Result<Vec<_>>>()?;
+            for &m in rows {
+                let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, m as u64), "x")?;
+                let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
+                let mut f16_ms = None;
+                for w in &weights {
+                    let format = w.format.name();
+                    let d = if m == 1 {
+                        progress(&format!("gemv {format} N={n} K={k}"));
+                        gemv::gemv(gpu, &x, 0, w, &y, 0, false)?
+                    } else {
+                        progress(&format!("matmul {format} M={m} N={n} K={k}"));
+                        matmul::matmul(gpu, &x, w, &y, false)?
+                    };
+                    let r = self.time(d[0].kernel, &d)?;
+                    match f16_ms {
+                        None => f16_ms = Some(r.median_ms),
+                        Some(base) => r.time_vs_f16 = Some(r.median_ms / base),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// CLIP ViT-L/14-336 self-attention (577 tokens, 16 heads of 64), without and with the
     /// pruning scores accumulated on the side.
     fn clip_attention(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
@@ -190,8 +238,34 @@ impl Suite<'_> {
     }
 }
 
+/// The suite's sections, in the order they run: `bench kernels --only NAME` picks some.
+pub const SECTIONS: [&str; 6] = [
+    "matmul",
+    "ggml",
+    "decode",
+    "attention",
+    "quantized-gemv",
+    "quantized-matmul",
+];
+
 /// Run the kernel benchmark suite.
-pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Result<KernelReport> {
+pub fn kernels(gpu: &Gpu, repeats: usize, progress: impl FnMut(&str)) -> Result<KernelReport> {
+    kernel_sections(gpu, repeats, &SECTIONS, progress)
+}
+
+/// Run the named [`SECTIONS`] of the suite (the copy bandwidth is always measured).
+pub fn kernel_sections(
+    gpu: &Gpu,
+    repeats: usize,
+    sections: &[&str],
+    mut progress: impl FnMut(&str),
+) -> Result<KernelReport> {
+    if let Some(bad) = sections.iter().find(|s| !SECTIONS.contains(s)) {
+        return Err(Error::argument(
+            "sections",
+            format!("'{bad}' is not one of {}", SECTIONS.join(", ")),
+        ));
+    }
     if repeats == 0 {
         return Err(Error::argument(
             "repeats",
@@ -206,10 +280,27 @@ pub fn kernels(gpu: &Gpu, repeats: usize, mut progress: impl FnMut(&str)) -> Res
         ceilings,
         results: Vec::new(),
     };
-    suite.matmul_and_gemv(&mut progress)?;
-    suite.ggml_matmul(&mut progress)?;
-    suite.decode_gemv(&mut progress)?;
-    suite.clip_attention(&mut progress)?;
+    let run = |name: &str| sections.contains(&name);
+    if run("matmul") {
+        suite.matmul_and_gemv(&mut progress)?;
+    }
+    if run("ggml") {
+        suite.ggml_matmul(&mut progress)?;
+    }
+    if run("decode") {
+        suite.decode_gemv(&mut progress)?;
+    }
+    if run("attention") {
+        suite.clip_attention(&mut progress)?;
+    }
+    let mut quantized_rows = Vec::new();
+    if run("quantized-gemv") {
+        quantized_rows.push(1);
+    }
+    if run("quantized-matmul") {
+        quantized_rows.push(577);
+    }
+    suite.quantized_linear(&quantized_rows, &mut progress)?;
     Ok(KernelReport {
         adapter: gpu.describe(),
         backend: format!("{:?}", gpu.info.backend),
@@ -229,13 +320,29 @@ impl KernelReport {
             self.repeats
         );
         out.push_str(&format!(
-            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>10} {:>9}\n",
-            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "bound", "% of it"
+            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>10} {:>9} {:>10}\n",
+            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "bound", "% of it", "time/f16"
         ));
         for r in &self.results {
             out.push_str(&row(r));
             out.push('\n');
         }
         out
+    }
+}
+
+/// A benchmark weight in `format` (quantized formats go through the host quantizer).
+fn bench_weight(
+    gpu: &Gpu,
+    n: usize,
+    k: usize,
+    values: &[f32],
+    format: WeightFormat,
+) -> Result<Weight> {
+    if format.is_quantized() {
+        let blocks = quant::quantize(format, values)?;
+        Weight::from_blocks(gpu, "w", n, k, format, &blocks)
+    } else {
+        Weight::from_f32(gpu, "w", n, k, values, format)
     }
 }

@@ -14,7 +14,7 @@ pub mod soak;
 pub mod serve;
 
 pub use ceilings::{Bound, Ceilings};
-pub use kernels::{kernels, KernelReport, KernelResult};
+pub use kernels::{kernel_sections, kernels, KernelReport, KernelResult};
 pub use pruning::{
     default_settings, load_engine, pruning, FamilyEfficiency, PruningReport, Setting, SettingResult,
 };

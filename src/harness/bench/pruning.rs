@@ -361,9 +361,10 @@ pub fn load_engine(
         (Some(dir), _) => Ok((Engine::load(dir, options)?, dir.display().to_string())),
         (None, name) => {
             let name = name.unwrap_or("small");
+            let format = options.weight_format.name();
             Ok((
                 Engine::synthetic(name, options)?,
-                format!("preset {name} (random f16 weights)"),
+                format!("preset {name} (random weights, language model in {format})"),
             ))
         }
     }

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{flag_constants, flags_for};
+use super::{chunk_layout, flag_constants, flags_for};
 use crate::error::{Error, Result};
 use crate::gpu::device::{Capabilities, Gpu};
 use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
@@ -58,7 +58,7 @@ struct Params {
     col_offset: u32,
     flags: u32,
     y_offset: u32,
-    _pad: u32,
+    scales: u32,
 }
 
 /// Multiply row `x_row` of `x [M, K]` by `wᵀ`, writing row `y_row` of `y [*, N]`. One dispatch
@@ -83,26 +83,25 @@ pub fn gemv(
             ),
         ));
     }
-    let entry = match w.format {
-        WeightFormat::F16 => "gemv_f16",
-        WeightFormat::F32 => "gemv_f32",
+    // The profiler's name tells the subgroup variant (the same entry compiled with SUBGROUPS).
+    let (entry, subgroup_kernel) = match w.format {
+        WeightFormat::F16 => ("gemv_f16", "gemv_f16_subgroup"),
+        WeightFormat::F32 => ("gemv_f32", "gemv_f32_subgroup"),
+        WeightFormat::Q8_0 => ("gemv_q8_0", "gemv_q8_0_subgroup"),
+        WeightFormat::Q4_0 => ("gemv_q4_0", "gemv_q4_0_subgroup"),
     };
-    let w_stride = (w.row_stride * w.format.bytes_per_element() / 4) as u32;
-    let flags = flags_for(w, accumulate);
-    let shape = GemvShape::for_device(&gpu.caps);
-    let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
     let kernel = if gpu.caps.subgroups {
-        if w.format == WeightFormat::F16 {
-            "gemv_f16_subgroup"
-        } else {
-            "gemv_f32_subgroup"
-        }
+        subgroup_kernel
     } else {
         entry
     };
+    let flags = flags_for(w, accumulate);
+    let shape = GemvShape::for_device(&gpu.caps);
+    let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
     w.chunks
         .iter()
         .map(|chunk| {
+            let (w_stride, scales) = chunk_layout(w, chunk.rows);
             let params = Params {
                 n: chunk.rows as u32,
                 k: k as u32,
@@ -111,10 +110,10 @@ pub fn gemv(
                 col_offset: chunk.first_row as u32,
                 flags,
                 y_offset: (y_row * n_total) as u32,
-                _pad: 0,
+                scales,
             };
             let groups = chunk.rows.div_ceil(shape.rows as usize) as u32;
-            let bytes = (k * 4 + chunk.rows * k * w.format.bytes_per_element()) as u64
+            let bytes = (k * 4 + chunk.rows * w.format.row_bytes(k)) as u64
                 + (chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
             KernelCall::new(gpu, Shader::Gemv, entry)
                 .constants(shape.constants())

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_linear, flag_constants, flags_for};
+use super::{check_linear, chunk_layout, flag_constants, flags_for};
 use crate::error::Result;
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Constants, Dispatch, KernelCall, Shader};
@@ -55,6 +55,8 @@ struct Params {
     y_stride: u32,
     col_offset: u32,
     flags: u32,
+    scales: u32,
+    _pad: [u32; 3],
 }
 
 /// One dispatch per row-chunk of `w`. `accumulate` adds the product to what `y` holds (a fused
@@ -67,11 +69,12 @@ pub fn matmul(
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
     let (m, n_total, k) = check_linear("matmul", x, w, y)?;
-    let (entry, kernel) = match w.format {
-        WeightFormat::F16 => ("matmul_f16", "matmul_f16"),
-        WeightFormat::F32 => ("matmul_f32", "matmul_f32"),
+    let entry = match w.format {
+        WeightFormat::F16 => "matmul_f16",
+        WeightFormat::F32 => "matmul_f32",
+        WeightFormat::Q8_0 => "matmul_q8_0",
+        WeightFormat::Q4_0 => "matmul_q4_0",
     };
-    let w_stride = (w.row_stride * w.format.bytes_per_element() / 4) as u32;
     let flags = flags_for(w, accumulate);
     // Without a bias the bias slot is bound to X (read-only twice is allowed) and never read.
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
@@ -79,6 +82,7 @@ pub fn matmul(
     w.chunks
         .iter()
         .map(|chunk| {
+            let (w_stride, scales) = chunk_layout(w, chunk.rows);
             let params = Params {
                 m: m as u32,
                 n: chunk.rows as u32,
@@ -88,10 +92,12 @@ pub fn matmul(
                 y_stride: n_total as u32,
                 col_offset: chunk.first_row as u32,
                 flags,
+                scales,
+                _pad: [0; 3],
             };
             let n_tiles = chunk.rows.div_ceil(TILING.tile_n as usize) as u32;
             let flops = 2 * (m * chunk.rows * k) as u64;
-            let bytes = (m * k * 4 + chunk.rows * k * w.format.bytes_per_element()) as u64
+            let bytes = (m * k * 4 + chunk.rows * w.format.row_bytes(k)) as u64
                 + (m * chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
             KernelCall::new(gpu, Shader::Matmul, entry)
                 .constants(TILING.constants())
@@ -101,7 +107,7 @@ pub fn matmul(
                 .read(bias)
                 .read_write(&y.buffer)
                 .build(
-                    kernel,
+                    entry,
                     format!("M={m} N={} K={k}", chunk.rows),
                     [n_tiles, m_tiles, 1],
                     flops,
@@ -131,6 +137,9 @@ mod tests {
         assert_eq!(tile_k * tile_m / 4, 8 * threads);
         // load_w_tile_f16: one (row quad, 8-half group) unit per thread.
         assert_eq!((tile_n / 4) * (tile_k / 8), threads);
+        // load_w_tile_q8_0 / q4_0: one block per K step, one (row quad, quarter) unit per thread.
+        assert_eq!(tile_k, 32);
+        assert_eq!((tile_n / 4) * 4, threads);
         // load_w_tile_f32: (row quad, 4-float group) units, two per thread.
         assert_eq!((tile_n / 4) * (tile_k / 4), 2 * threads);
     }

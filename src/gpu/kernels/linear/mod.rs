@@ -11,7 +11,7 @@ pub mod matmul;
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Constants, Dispatch};
-use crate::gpu::tensor::{Tensor, Weight};
+use crate::gpu::tensor::{Tensor, Weight, QUANT_BLOCK};
 
 /// Bit of `Params::flags` that adds the bias (FLAG_BIAS in the shaders).
 pub(crate) const FLAG_BIAS: u32 = 1;
@@ -33,6 +33,20 @@ pub(crate) fn flags_for(w: &Weight, accumulate: bool) -> u32 {
         flags |= FLAG_BIAS;
     }
     flags
+}
+
+/// How a shader finds a chunk of `rows` rows of `w`: `(w_stride, scales)` as both shaders'
+/// `Params` name them. Float formats: 32-bit words per stored row, no scales region.
+/// Quantized formats: blocks per row, and the word offset where the f16 scales follow the quants.
+pub(crate) fn chunk_layout(w: &Weight, rows: usize) -> (u32, u32) {
+    match (w.format.row_words(w.k), w.format.quant_bytes_per_block()) {
+        (Some(words), _) => (words as u32, 0),
+        (None, Some(quant_bytes)) => {
+            let blocks = w.k / QUANT_BLOCK;
+            (blocks as u32, (rows * blocks * quant_bytes / 4) as u32)
+        }
+        (None, None) => unreachable!("every format is either float or block-quantized"),
+    }
 }
 
 /// Check `x [M, K]`, `w [N, K]`, `y [M, N]` and return (M, N, K).

@@ -637,7 +637,6 @@ fn bench_soak(
     Ok(())
 }
 
-
 /// With --weights other than f16: the unpruned setting again with f16 language-model weights
 /// (same vision weights, same process), and the decode speed of both on stderr.
 fn decode_against_f16(

@@ -10,8 +10,8 @@
 pub mod ceilings;
 pub mod kernels;
 pub mod pruning;
-pub mod soak;
 pub mod serve;
+pub mod soak;
 
 pub use ceilings::{Bound, Ceilings};
 pub use kernels::{kernel_sections, kernels, KernelReport, KernelResult};

@@ -114,5 +114,8 @@ fn streamed_text_and_memory_report_are_consistent() {
     let per_row =
         2 * (cfg.num_key_value_heads * cfg.head_dim * 4) as u64 * cfg.num_hidden_layers as u64;
     assert_eq!(out.kv_cache_bytes, rows * per_row);
+    // The request's only KV cache is what the tracker saw of that kind.
+    assert_eq!(out.memory.kv_cache_bytes, out.kv_cache_bytes);
     assert!(out.memory.weights_bytes > 0 && out.memory.activation_bytes > 0);
+    assert!(out.memory.peak_bytes >= out.memory.weights_bytes + out.memory.kv_cache_bytes);
 }

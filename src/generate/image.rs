@@ -18,7 +18,6 @@ pub(super) struct EncodedImage {
     pub embeddings: Tensor,
     /// Patch indices the language model receives (None: all of them).
     pub kept: Option<Vec<usize>>,
-    pub activation_bytes: u64,
 }
 
 /// Buffers of one image's pass: the tower's own, and what the projector reads and writes.
@@ -30,15 +29,6 @@ struct ImageBuffers {
     scratch: Tensor,
     /// (N1, text width): the projector output.
     embeddings: Tensor,
-}
-
-impl ImageBuffers {
-    fn bytes(&self) -> u64 {
-        self.tower.bytes()
-            + self.features.buffer.size()
-            + self.scratch.buffer.size()
-            + self.embeddings.buffer.size()
-    }
 }
 
 impl Engine {
@@ -53,7 +43,6 @@ impl Engine {
             scratch: Projector::scratch(gpu, n1, dt)?,
             embeddings: Tensor::empty(gpu, &[n1, dt], DType::F32, "image.embeddings")?,
         };
-        let mut activation_bytes = b.bytes();
         let mut rec = Recorder::new(gpu);
         rec.set_stage("vision");
         let kept = match plan.before_projector {
@@ -62,9 +51,8 @@ impl Engine {
                 None
             }
             Some(selection) => {
-                let (kept, score_bytes) =
+                let kept =
                     self.selected_patch_features(&mut rec, &b, pixels, plan.n0, selection)?;
-                activation_bytes += score_bytes;
                 Some(kept)
             }
         };
@@ -75,7 +63,6 @@ impl Engine {
         Ok(EncodedImage {
             embeddings: b.embeddings,
             kept,
-            activation_bytes,
         })
     }
 
@@ -107,7 +94,7 @@ impl Engine {
 
     /// Pruned before the projector: run the tower with the scores `selection` needs, choose
     /// the kept patches and gather their rows into `b.features`. Returns the kept patch indices
-    /// (ascending) and the bytes of the score buffers.
+    /// (ascending).
     fn selected_patch_features(
         &self,
         rec: &mut Recorder,
@@ -115,7 +102,7 @@ impl Engine {
         pixels: &[f32],
         n0: usize,
         selection: BeforeProjector,
-    ) -> Result<(Vec<usize>, u64)> {
+    ) -> Result<Vec<usize>> {
         if self.config.vision_feature_select_strategy != FeatureSelect::Default {
             return Err(Error::argument(
                 "prune.method",
@@ -125,7 +112,6 @@ impl Engine {
         let tokens = self.vision.tokens();
         let shape = self.vision.attention_shape();
         let (partials, scores) = attention::score_buffers(&self.gpu, &shape)?;
-        let score_bytes = partials.buffer.size() + scores.buffer.size();
         // Which query rows score the patches: all of them (STAR), or the CLS row only.
         let all_queries = matches!(
             selection,
@@ -144,8 +130,7 @@ impl Engine {
         self.vision
             .forward(rec, &b.tower, pixels, needs_scores.then_some(out))?;
         rec.set_stage("stage 1");
-        let kept = self.select_and_gather(rec, b, &scores, n0, selection)?;
-        Ok((kept, score_bytes))
+        self.select_and_gather(rec, b, &scores, n0, selection)
     }
 
     /// Choose the kept patches (top-k on the GPU, or VisPruner / random on the host) and gather

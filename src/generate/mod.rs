@@ -25,7 +25,6 @@ use crate::prune::cost::prefill_macs;
 use crate::sample::Sampler;
 
 use decode::TokenPicker;
-use image::EncodedImage;
 use output::ms;
 pub use output::{
     Flops, GenerateOutput, KeptIndices, MemoryReport, Timings, TokenLogprob, VisualTokens,
@@ -42,6 +41,8 @@ impl Engine {
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerateOutput> {
         let total = Instant::now();
+        // Peaks from here on belong to this request (the weights stay alive across requests).
+        self.gpu.memory.reset_peaks();
         let t0 = Instant::now();
         let input = self.prepare(request)?;
         let preprocess_ms = ms(t0);
@@ -80,7 +81,8 @@ impl Engine {
             prefill_start,
         )?;
 
-        let kv_cache_bytes = state.cache.used_bytes();
+        let kv_cache_bytes = state.cache.allocated_bytes();
+        let memory = MemoryReport::of(&self.gpu.memory_stats());
         let decoded_steps = decoded.ids.len().saturating_sub(1);
         Ok(GenerateOutput {
             text: self.tokenizer.decode(&decoded.ids)?,
@@ -101,7 +103,7 @@ impl Engine {
             flops: self.prefill_flops(&input),
             stop_reason: decoded.stop_reason,
             logprobs: decoded.logprobs,
-            memory: self.memory_report(&image, &state),
+            memory,
             first_logits,
             image_features,
         })
@@ -114,16 +116,6 @@ impl Engine {
             self.gpu.read_f32(tensor)
         } else {
             Ok(Vec::new())
-        }
-    }
-
-    /// GPU bytes allocated for this request and the model.
-    fn memory_report(&self, image: &EncodedImage, state: &Prefilled) -> MemoryReport {
-        MemoryReport {
-            weights_bytes: self.weight_bytes,
-            kv_cache_bytes: state.cache.used_bytes(),
-            kv_cache_allocated_bytes: state.cache.allocated_bytes(),
-            activation_bytes: image.activation_bytes + state.activation_bytes(),
         }
     }
 

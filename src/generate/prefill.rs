@@ -25,21 +25,19 @@ pub(super) struct Prefilled {
     pub rows: usize,
     /// (rows,) u32: the prompt rows stage 2 kept, when it ran.
     pub stage2_rows: Option<Tensor>,
-    /// Bytes of stage 2's score and compaction buffers.
-    pub stage2_bytes: u64,
 }
 
-impl Prefilled {
-    /// GPU bytes of the language model's activations (the KV cache is counted apart).
-    pub fn activation_bytes(&self) -> u64 {
-        self.buffers.bytes() + self.stage2_bytes + self.next_token.buffer.size()
-    }
-}
-
-/// Stage 2's outputs: the kept prompt rows and the bytes its buffers take.
-struct Compacted {
-    rows: Tensor,
-    bytes: u64,
+/// Rows each decoder layer's cache will hold: its prompt rows (all of them before stage 2's
+/// layer K, the kept ones from K on) and every generated token but the last, which is never
+/// fed back.
+fn kv_capacities(input: &PreparedRequest, layers: usize) -> Vec<usize> {
+    let plan = &input.plan;
+    let text_rows = input.prompt.ids.len() - plan.n1();
+    let generated = input.max_new.saturating_sub(1);
+    plan.tokens_per_layer(text_rows, layers)
+        .into_iter()
+        .map(|rows| rows + generated)
+        .collect()
 }
 
 impl Engine {
@@ -54,7 +52,11 @@ impl Engine {
         let gpu = &self.gpu;
         let prompt_len = input.prompt.ids.len();
         let buffers = self.llama.buffers(gpu, prompt_len)?;
-        let cache = KvCache::new(gpu, &self.config.text, prompt_len + input.max_new)?;
+        let cache = KvCache::new(
+            gpu,
+            &self.config.text,
+            &kv_capacities(input, self.llama.layers.len()),
+        )?;
         buffers.hidden.write_f32(gpu, &input.embeddings)?;
         buffers
             .positions
@@ -66,7 +68,6 @@ impl Engine {
             next_token,
             rows: prompt_len,
             stage2_rows: None,
-            stage2_bytes: 0,
         };
         let mut rec = Recorder::new(gpu);
         rec.set_stage("prefill");
@@ -149,16 +150,16 @@ impl Engine {
             len: prompt.image_tokens,
         };
         rec.set_stage("stage 2");
-        let compacted = self.compact_prompt(rec, &state.buffers, &scores, segment, stage2.keep)?;
+        let kept = self.compact_prompt(rec, &state.buffers, &scores, segment, stage2.keep)?;
         state.rows = segment.kept_rows(stage2.keep);
-        state.stage2_bytes = partials.buffer.size() + scores.buffer.size() + compacted.bytes;
-        state.stage2_rows = Some(compacted.rows);
+        state.stage2_rows = Some(kept);
         rec.set_stage("prefill");
         self.run_layers(rec, state, stage2.layer..self.llama.layers.len(), None)
     }
 
     /// Keep the text rows and the `keep` top-scored rows of the image `segment`: gather the
-    /// hidden state and position ids of the kept rows to the front of `b`'s buffers.
+    /// hidden state and position ids of the kept rows to the front of `b`'s buffers. Returns
+    /// the kept rows' indices.
     fn compact_prompt(
         &self,
         rec: &mut Recorder,
@@ -166,7 +167,7 @@ impl Engine {
         scores: &Tensor,
         segment: Segment,
         keep: usize,
-    ) -> Result<Compacted> {
+    ) -> Result<Tensor> {
         let gpu = &self.gpu;
         let dt = self.config.text.hidden_size;
         let kept_rows = segment.kept_rows(keep);
@@ -208,7 +209,6 @@ impl Engine {
             0,
             kept_rows as u64 * 4,
         );
-        let bytes = rows.buffer.size() + hidden.buffer.size() + positions.buffer.size();
-        Ok(Compacted { rows, bytes })
+        Ok(rows)
     }
 }

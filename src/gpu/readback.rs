@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
+use crate::gpu::memory::MemoryKind;
 use crate::gpu::tensor::Tensor;
 
 impl Gpu {
@@ -31,12 +32,13 @@ impl Gpu {
         // Copy sizes must be multiples of 4 bytes (always true here) and the staging buffer is
         // rounded up to the copy alignment.
         let staging_size = size.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let descriptor = wgpu::BufferDescriptor {
             label: Some("readback"),
             size: staging_size,
             usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
             mapped_at_creation: false,
-        });
+        };
+        let staging = self.create_buffer(&descriptor, MemoryKind::Scratch);
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {

@@ -8,10 +8,10 @@
 //! and its own dispatch (LLaVA-7B's embed_tokens and lm_head are 262 MB; many GPUs bind 128 MiB).
 
 use half::f16;
-use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
+use crate::gpu::memory::{GpuBuffer, MemoryKind};
 
 /// Element type of an activation tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,14 +50,14 @@ const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST);
 
 /// Buffers are rounded up to 16 bytes so the last element can be read as part of a vec4.
-fn padded_size(bytes: usize) -> u64 {
+pub fn padded_size(bytes: usize) -> u64 {
     (bytes.max(16).div_ceil(16) * 16) as u64
 }
 
 /// A row-major activation tensor in one GPU buffer.
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    pub buffer: wgpu::Buffer,
+    pub buffer: GpuBuffer,
     pub shape: Vec<usize>,
     pub dtype: DType,
 }
@@ -79,15 +79,28 @@ impl Tensor {
         Ok(numel)
     }
 
-    /// An uninitialised tensor (contents unspecified: zero on most drivers, never relied upon).
+    /// An uninitialised activation tensor (contents unspecified: zero on most drivers, never
+    /// relied upon).
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType, label: &str) -> Result<Self> {
+        Self::empty_as(gpu, shape, dtype, label, MemoryKind::Activations)
+    }
+
+    /// An uninitialised tensor counted under `kind` (e.g. the KV cache).
+    pub fn empty_as(
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        label: &str,
+        kind: MemoryKind,
+    ) -> Result<Self> {
         let numel = Self::check_binding(gpu, shape, label)?;
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        let descriptor = wgpu::BufferDescriptor {
             label: Some(label),
             size: padded_size(numel * 4),
             usage: STORAGE_USAGE,
             mapped_at_creation: false,
-        });
+        };
+        let buffer = gpu.create_buffer(&descriptor, kind);
         Ok(Self {
             buffer,
             shape: shape.to_vec(),
@@ -101,6 +114,7 @@ impl Tensor {
         dtype: DType,
         words: &[u32],
         label: &str,
+        kind: MemoryKind,
     ) -> Result<Self> {
         let numel = Self::check_binding(gpu, shape, label)?;
         if words.len() != numel {
@@ -114,13 +128,12 @@ impl Tensor {
         }
         let mut padded = words.to_vec();
         padded.resize(padded_size(numel * 4) as usize / 4, 0);
-        let buffer = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::cast_slice(&padded),
-                usage: STORAGE_USAGE,
-            });
+        let descriptor = wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(&padded),
+            usage: STORAGE_USAGE,
+        };
+        let buffer = gpu.create_buffer_init(&descriptor, kind);
         Ok(Self {
             buffer,
             shape: shape.to_vec(),
@@ -128,12 +141,25 @@ impl Tensor {
         })
     }
 
+    /// An activation tensor holding `data`.
     pub fn from_f32(gpu: &Gpu, shape: &[usize], data: &[f32], label: &str) -> Result<Self> {
-        Self::from_words(gpu, shape, DType::F32, bytemuck::cast_slice(data), label)
+        Self::from_f32_as(gpu, shape, data, label, MemoryKind::Activations)
+    }
+
+    /// A tensor holding `data`, counted under `kind` (e.g. a norm weight).
+    pub fn from_f32_as(
+        gpu: &Gpu,
+        shape: &[usize],
+        data: &[f32],
+        label: &str,
+        kind: MemoryKind,
+    ) -> Result<Self> {
+        let words = bytemuck::cast_slice(data);
+        Self::from_words(gpu, shape, DType::F32, words, label, kind)
     }
 
     pub fn from_u32(gpu: &Gpu, shape: &[usize], data: &[u32], label: &str) -> Result<Self> {
-        Self::from_words(gpu, shape, DType::U32, data, label)
+        Self::from_words(gpu, shape, DType::U32, data, label, MemoryKind::Activations)
     }
 
     /// The same buffer seen with another shape of at most as many elements (e.g. the first
@@ -210,7 +236,7 @@ impl Tensor {
 /// One row-range of a weight matrix in its own buffer.
 #[derive(Clone, Debug)]
 pub struct WeightChunk {
-    pub buffer: wgpu::Buffer,
+    pub buffer: GpuBuffer,
     /// First output row of the full matrix that this chunk holds.
     pub first_row: usize,
     pub rows: usize,
@@ -330,13 +356,12 @@ impl Weight {
                     &mut words[r * row_words..(r + 1) * row_words],
                 );
             }
-            let buffer = gpu
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(name),
-                    contents: bytemuck::cast_slice(&words),
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                });
+            let descriptor = wgpu::util::BufferInitDescriptor {
+                label: Some(name),
+                contents: bytemuck::cast_slice(&words),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            };
+            let buffer = gpu.create_buffer_init(&descriptor, MemoryKind::Weights);
             chunks.push(WeightChunk {
                 buffer,
                 first_row,
@@ -362,11 +387,12 @@ impl Weight {
                 format!("bias has {} values for {} output rows", bias.len(), self.n),
             ));
         }
-        self.bias = Some(Tensor::from_f32(
+        self.bias = Some(Tensor::from_f32_as(
             gpu,
             &[self.n],
             bias,
             &format!("{}.bias", self.name),
+            MemoryKind::Weights,
         )?);
         Ok(self)
     }

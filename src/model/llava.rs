@@ -51,7 +51,7 @@ pub struct Engine {
     pub vision: ClipVision,
     pub projector: Projector,
     pub llama: Llama,
-    /// GPU bytes of all weights.
+    /// GPU bytes of all weights (the tracker's count after loading).
     pub weight_bytes: u64,
     pub load_ms: f64,
 }
@@ -135,7 +135,7 @@ impl Engine {
         let projector = Projector::load(&root.scope("projector"), &config)?;
         bar.inc(1);
         let llama = Llama::load(&root, &config.text, || bar.inc(1))?;
-        let weight_bytes = root.uploaded_bytes();
+        let weight_bytes = gpu.memory_stats().live.weights;
         bar.finish_and_clear();
         gpu.wait("weight upload")?;
         let engine = Self {
@@ -222,7 +222,7 @@ impl Engine {
         let buffers = self.llama.buffers(gpu, 2)?;
         let layers = text.num_hidden_layers;
         for t in [2, 1] {
-            let mut cache = KvCache::new(gpu, text, 2)?;
+            let mut cache = KvCache::uniform(gpu, text, 2)?;
             self.llama
                 .forward_layers(rec, &buffers, t, &mut cache, 0..layers, None)?;
         }
@@ -241,7 +241,7 @@ impl Engine {
             partials: &partials,
             scores: &scores,
         };
-        let mut cache = KvCache::new(gpu, text, 2)?;
+        let mut cache = KvCache::uniform(gpu, text, 2)?;
         self.llama
             .forward_layers(rec, &buffers, 2, &mut cache, 0..1, Some(out))?;
         let segment = Segment::whole(2);

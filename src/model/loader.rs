@@ -5,16 +5,14 @@
 //! loads its own fields from the scope its parent hands it, so a key in an error message leads
 //! straight to the struct that asked for it, as in candle's `VarBuilder::pp`.
 
-use std::cell::Cell;
 use std::fmt::Display;
-use std::rc::Rc;
 
 use crate::error::Result;
-use crate::gpu::{Gpu, Tensor, Weight, WeightFormat};
+use crate::gpu::{Gpu, MemoryKind, Tensor, Weight, WeightFormat};
 use crate::model::weights::Checkpoint;
 
-/// Reads tensors under one key prefix and uploads them, tallying the GPU bytes every scope of
-/// the same root loader takes.
+/// Reads tensors under one key prefix and uploads them (counted as weights by the device's
+/// allocation tracker).
 #[derive(Clone)]
 pub struct Loader<'a> {
     pub gpu: &'a Gpu,
@@ -22,8 +20,6 @@ pub struct Loader<'a> {
     /// Format of matrix weights (norm weights, biases and embeddings stay f32).
     pub format: WeightFormat,
     prefix: String,
-    /// Shared by every scope: the total a model's weights take on the GPU.
-    uploaded_bytes: Rc<Cell<u64>>,
 }
 
 impl<'a> Loader<'a> {
@@ -33,7 +29,6 @@ impl<'a> Loader<'a> {
             checkpoint,
             format,
             prefix: String::new(),
-            uploaded_bytes: Rc::new(Cell::new(0)),
         }
     }
 
@@ -52,16 +47,6 @@ impl<'a> Loader<'a> {
         } else {
             format!("{}.{name}", self.prefix)
         }
-    }
-
-    /// GPU bytes uploaded so far through this loader and all its scopes.
-    pub fn uploaded_bytes(&self) -> u64 {
-        self.uploaded_bytes.get()
-    }
-
-    /// Count GPU memory a module allocated itself (e.g. a precomputed table).
-    pub fn add_uploaded_bytes(&self, bytes: u64) {
-        self.uploaded_bytes.set(self.uploaded_bytes.get() + bytes);
     }
 
     /// The linear layer `name`: `name.weight` [n, k] and, if `bias`, `name.bias` [n].
@@ -110,7 +95,6 @@ impl<'a> Loader<'a> {
             }
             weight = weight.with_bias(self.gpu, &values)?;
         }
-        self.add_uploaded_bytes(weight.gpu_bytes());
         Ok(weight)
     }
 
@@ -127,8 +111,13 @@ impl<'a> Loader<'a> {
 
     /// Upload host values as the f32 tensor `name` of this scope.
     pub fn upload(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Tensor> {
-        let t = Tensor::from_f32(self.gpu, shape, values, &self.key(name))?;
-        self.add_uploaded_bytes(t.buffer.size());
+        let t = Tensor::from_f32_as(
+            self.gpu,
+            shape,
+            values,
+            &self.key(name),
+            MemoryKind::Weights,
+        )?;
         Ok(t)
     }
 }

@@ -336,7 +336,7 @@ fn check_gather(
             ),
         ));
     }
-    if src.buffer == dst.buffer {
+    if *src.buffer == *dst.buffer {
         return Err(Error::argument(
             "dst",
             "must be a different buffer from src (gather is not in place)",

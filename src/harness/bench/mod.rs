@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::gpu::kernels::Dispatch;
-use crate::gpu::{Gpu, Recorder};
+use crate::gpu::{Gpu, MemoryKind, Recorder};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -51,12 +51,13 @@ fn time_dispatches(gpu: &Gpu, dispatches: &[Dispatch], repeats: usize) -> Result
 /// Copy bandwidth between two device buffers of `bytes` each, counting bytes read plus written.
 fn copy_bandwidth(gpu: &Gpu, bytes: u64, repeats: usize) -> Result<f64> {
     let make = |label| {
-        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        let descriptor = wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes,
             usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        })
+        };
+        gpu.create_buffer(&descriptor, MemoryKind::Scratch)
     };
     let (src, dst) = (make("copy_src"), make("copy_dst"));
     let t = median_of_runs(repeats, || {

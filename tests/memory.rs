@@ -1,0 +1,176 @@
+//! The allocation tracker (`gpu/memory.rs`): buffers of known sizes move the live and peak
+//! counters of their kind by exactly their sizes, views share one count, and drops release it.
+//! Expected sizes are worked out here from the buffer rules (16-byte rounding of activations,
+//! rows padded to 8 halves for f16 weights), not read from the engine.
+
+mod common;
+mod fixture;
+
+use llava_wgpu::gpu::{DType, MemoryKind, Tensor, Weight, WeightFormat};
+use llava_wgpu::model::llama::KvCache;
+use llava_wgpu::prune::{Method, PruneOptions};
+use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+
+/// Activation and KV buffers: `bytes` rounded up to 16, at least 16.
+fn padded(bytes: u64) -> u64 {
+    bytes.max(16).div_ceil(16) * 16
+}
+
+#[test]
+fn allocating_and_dropping_moves_the_counters_by_the_buffer_sizes() {
+    let gpu = common::gpu();
+    let before = gpu.memory_stats();
+
+    // 37 × 5 f32 = 740 bytes, rounded to 752.
+    let a = Tensor::empty(&gpu, &[37, 5], DType::F32, "a").unwrap();
+    assert_eq!(a.buffer.size(), 752);
+    let kv = Tensor::empty_as(&gpu, &[3, 3], DType::F32, "kv", MemoryKind::Kv).unwrap();
+    let after = gpu.memory_stats();
+    assert_eq!(after.live.activations - before.live.activations, 752);
+    assert_eq!(after.live.kv - before.live.kv, padded(36));
+    assert_eq!(after.live.weights, before.live.weights);
+
+    // A view shares the buffer: no new bytes, and the bytes stay until the view drops too.
+    let view = a.view(&[2, 5]).unwrap();
+    assert_eq!(gpu.memory_stats().live.activations, after.live.activations);
+    drop(a);
+    assert_eq!(gpu.memory_stats().live.activations, after.live.activations);
+    drop(view);
+    let dropped = gpu.memory_stats();
+    assert_eq!(dropped.live.activations, before.live.activations);
+    // The peak remembers the most that was alive.
+    assert_eq!(dropped.peak.activations, after.live.activations);
+    assert_eq!(dropped.peak_total, after.live.total());
+
+    drop(kv);
+    assert_eq!(gpu.memory_stats().live.kv, before.live.kv);
+    gpu.memory.reset_peaks();
+    let reset = gpu.memory_stats();
+    assert_eq!(reset.peak, reset.live);
+    assert_eq!(reset.peak_total, reset.live.total());
+}
+
+#[test]
+fn weights_count_their_padded_rows_and_chunks() {
+    // A binding limit of 4 KiB splits a [300, 37] f16 weight into chunks; each row holds
+    // 37 halves padded to 40 (80 bytes), so 51 rows fit a chunk and 300 rows make 6 chunks.
+    let gpu = common::gpu_with_binding_limit(4096);
+    let before = gpu.memory_stats().live.weights;
+    let (n, k) = (300usize, 37usize);
+    let values: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32).collect();
+    let w = Weight::from_f32(&gpu, "w", n, k, &values, WeightFormat::F16)
+        .unwrap()
+        .with_bias(&gpu, &vec![0.5; n])
+        .unwrap();
+    assert!(w.chunks.len() > 1, "the forced limit must split the weight");
+    let expected = (n * 40 * 2) as u64 + padded(n as u64 * 4);
+    assert_eq!(gpu.memory_stats().live.weights - before, expected);
+    drop(w);
+    assert_eq!(gpu.memory_stats().live.weights, before);
+}
+
+#[test]
+fn readback_staging_is_scratch_and_is_released() {
+    let gpu = common::gpu();
+    let t = Tensor::from_f32(&gpu, &[10], &[1.0; 10], "t").unwrap();
+    gpu.memory.reset_peaks();
+    let before = gpu.memory_stats();
+    assert_eq!(gpu.read_f32(&t).unwrap(), vec![1.0; 10]);
+    let after = gpu.memory_stats();
+    assert_eq!(after.live.scratch, before.live.scratch);
+    // The staging buffer of 10 words existed during the read.
+    assert_eq!(after.peak.scratch - before.live.scratch, 40);
+}
+
+/// The model tests run on: 4 decoder layers, 2 KV heads of 16, 36 visual tokens.
+fn fixture_engine() -> Engine {
+    Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap()
+}
+
+fn generate(engine: &Engine, prune: PruneOptions, tokens: usize) -> GenerateOutput {
+    let case = &fixture::cases()[1];
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.max_new_tokens = tokens;
+    request.ignore_eos = true;
+    request.prune = prune;
+    engine.generate(&request, |_| {}).unwrap()
+}
+
+/// K and V of one layer holding `rows` rows of `width` f32: two buffers, each rounded to 16 bytes.
+fn layer_kv_bytes(rows: usize, width: usize) -> u64 {
+    2 * padded((rows * width * 4) as u64)
+}
+
+#[test]
+fn star_allocates_less_kv_than_no_pruning_by_the_dropped_rows() {
+    let engine = fixture_engine();
+    let cfg = engine.config.text.clone();
+    let (layers, width) = (
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let n0 = engine.config.image_tokens();
+    let tokens = 4;
+    let none = generate(&engine, PruneOptions::default(), tokens);
+    let text_rows = none.prompt_tokens - n0;
+    // Every generated token but the last is fed back and cached.
+    let generated = tokens - 1;
+    let want_none = layers as u64 * layer_kv_bytes(text_rows + n0 + generated, width);
+    assert_eq!(none.memory.kv_cache_bytes, want_none, "unpruned KV bytes");
+    assert_eq!(none.kv_cache_bytes, want_none);
+
+    for (n1, n2, k) in [(32, 8, 2), (30, 5, 1), (35, 3, 3)] {
+        let star = PruneOptions {
+            method: Method::Star,
+            stage1_keep: Some(n1),
+            keep: Some(n2),
+            stage2_layer: Some(k),
+            ..Default::default()
+        };
+        let pruned = generate(&engine, star, tokens);
+        // Layers before K hold the N1 visual rows, layers from K on only the N2 kept ones.
+        let want = k as u64 * layer_kv_bytes(text_rows + n1 + generated, width)
+            + (layers - k) as u64 * layer_kv_bytes(text_rows + n2 + generated, width);
+        let label = format!("STAR N1={n1} N2={n2} K={k}");
+        assert_eq!(pruned.memory.kv_cache_bytes, want, "{label}");
+        assert_eq!(pruned.kv_cache_bytes, want, "{label}");
+        assert!(pruned.memory.kv_cache_bytes < none.memory.kv_cache_bytes);
+    }
+}
+
+#[test]
+fn a_kv_layer_grows_keeping_its_rows() {
+    let engine = fixture_engine();
+    let gpu = &engine.gpu;
+    let cfg = &engine.config.text;
+    let width = cfg.num_key_value_heads * cfg.head_dim;
+    let mut cache = KvCache::uniform(gpu, cfg, 5).unwrap();
+    let before = gpu.memory_stats().live.kv;
+    let mut rng = common::TestRng::new();
+    let k_rows = rng.uniform(3 * width, -2.0, 2.0);
+    let v_rows = rng.uniform(3 * width, -2.0, 2.0);
+    let layer = cfg.num_hidden_layers - 1;
+    cache.layers[layer].k.write_f32(gpu, &k_rows).unwrap();
+    cache.layers[layer].v.write_f32(gpu, &v_rows).unwrap();
+    cache.layers[layer].len = 3;
+
+    cache.grow_layer(gpu, layer, 11).unwrap();
+    let grown = &cache.layers[layer];
+    assert_eq!((grown.capacity(), grown.len), (11, 3));
+    let k = gpu.read_f32(&grown.k).unwrap();
+    let v = gpu.read_f32(&grown.v).unwrap();
+    assert_eq!(&k[..3 * width], &k_rows[..], "seed {}", rng.seed);
+    assert_eq!(&v[..3 * width], &v_rows[..], "seed {}", rng.seed);
+    // The old buffers are gone and the new ones counted.
+    assert_eq!(
+        gpu.memory_stats().live.kv - before,
+        layer_kv_bytes(11, width) - layer_kv_bytes(5, width)
+    );
+    assert_eq!(cache.allocated_bytes(), gpu.memory_stats().live.kv);
+
+    // Shrinking below the rows held, or a layer that does not exist, is refused by name.
+    let err = cache.grow_layer(gpu, layer, 2).unwrap_err().to_string();
+    assert!(err.contains("capacity"), "{err}");
+    let err = cache.grow_layer(gpu, 99, 20).unwrap_err().to_string();
+    assert!(err.contains("layer"), "{err}");
+}

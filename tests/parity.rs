@@ -14,7 +14,7 @@ fn engine(format: WeightFormat, max_binding_bytes: Option<u64>) -> Engine {
             ..GpuOptions::default()
         },
         weight_format: format,
-        progress: false,
+        ..EngineOptions::default()
     };
     Engine::load(&fixture::model_dir(), options).unwrap()
 }

@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 13] = [
+const FLAGS: [(&str, &str); 14] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
@@ -18,6 +18,7 @@ const FLAGS: [(&str, &str); 13] = [
     ("gpu.backend", "--backend"),
     ("prompt", "--prompt"),
     ("preset", "--preset"),
+    ("text_layers", "--layers"),
 ];
 
 fn flag(field: &str) -> Option<&'static str> {

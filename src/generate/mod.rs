@@ -7,10 +7,12 @@
 //! 4. `decode.rs`: sampling, streamed text, one decoder step per token;
 //! 5. `output.rs`: what the request returns (`--json`).
 //!
-//! `request.rs` holds what a caller asks for. Pruning follows `docs/pruning.md`.
+//! `request.rs` holds what a caller asks for; `memory.rs` creates a request's buffers without
+//! running it (`llava-wgpu memory`). Pruning follows `docs/pruning.md`.
 
 mod decode;
 mod image;
+mod memory;
 mod output;
 mod prefill;
 mod prepare;
@@ -25,6 +27,7 @@ use crate::prune::cost::prefill_macs;
 use crate::sample::Sampler;
 
 use decode::TokenPicker;
+pub use memory::RequestMemory;
 use output::ms;
 pub use output::{
     Flops, GenerateOutput, KeptIndices, MemoryReport, Timings, TokenLogprob, VisualTokens,

@@ -31,6 +31,15 @@ impl Engine {
         let pixels =
             self.image_processor
                 .preprocess(&image, &request.image, request.pad_to_square)?;
+        let mut input = self.plan_prompt(request)?;
+        input.embeddings = self.prompt_embeddings(&input.prompt)?;
+        input.pixels = pixels;
+        Ok(input)
+    }
+
+    /// The prompt's side of [`Engine::prepare`]: template, tokens and pruning plan, with no
+    /// image read and no embeddings gathered (`pixels` and `embeddings` stay empty).
+    pub(super) fn plan_prompt(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
         let n0 = self.config.image_tokens();
         let text = request
             .template
@@ -50,13 +59,12 @@ impl Engine {
                 format!("the prompt takes {prompt_len} tokens ({n1} of them visual), the model's context is {context}"),
             ));
         }
-        let embeddings = self.prompt_embeddings(&prompt)?;
         Ok(PreparedRequest {
-            pixels,
+            pixels: Vec::new(),
             plan,
             max_new: request.max_new_tokens.min(context - prompt_len),
             prompt,
-            embeddings,
+            embeddings: Vec::new(),
         })
     }
 

@@ -45,6 +45,9 @@ impl WeightFormat {
     }
 }
 
+const WEIGHT_USAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST);
+
 const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
@@ -328,6 +331,26 @@ impl Weight {
         Ok(rows.min(n.max(1)))
     }
 
+    /// The buffers of `W[N, K]` in `format` with no data written: the same chunks and sizes
+    /// an upload creates, for `llava-wgpu memory`, which measures a model without loading it.
+    pub fn allocate(
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        Self::build(gpu, name, n, k, format, |rows, row_words| {
+            let descriptor = wgpu::BufferDescriptor {
+                label: Some(name),
+                size: (rows * row_words * 4) as u64,
+                usage: WEIGHT_USAGE,
+                mapped_at_creation: false,
+            };
+            gpu.create_buffer(&descriptor, MemoryKind::Weights)
+        })
+    }
+
     fn upload(
         gpu: &Gpu,
         name: &str,
@@ -335,6 +358,37 @@ impl Weight {
         k: usize,
         format: WeightFormat,
         mut fill_row: impl FnMut(usize, &mut [u32]),
+    ) -> Result<Self> {
+        let mut words = Vec::new();
+        let mut first_row = 0;
+        Self::build(gpu, name, n, k, format, |rows, row_words| {
+            words.clear();
+            words.resize(rows * row_words, 0u32);
+            for r in 0..rows {
+                fill_row(
+                    first_row + r,
+                    &mut words[r * row_words..(r + 1) * row_words],
+                );
+            }
+            first_row += rows;
+            let descriptor = wgpu::util::BufferInitDescriptor {
+                label: Some(name),
+                contents: bytemuck::cast_slice(&words),
+                usage: WEIGHT_USAGE,
+            };
+            gpu.create_buffer_init(&descriptor, MemoryKind::Weights)
+        })
+    }
+
+    /// Split `W[N, K]` into chunks that each fit a storage binding and create each chunk's
+    /// buffer with `chunk_buffer(rows, words per row)`, in row order.
+    fn build(
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+        mut chunk_buffer: impl FnMut(usize, usize) -> GpuBuffer,
     ) -> Result<Self> {
         if n == 0 || k == 0 {
             return Err(Error::shape(name, format!("weight [{n}, {k}] is empty")));
@@ -345,25 +399,10 @@ impl Weight {
             .map_err(|e| Error::shape(name, e.to_string()))?;
         let mut chunks = Vec::new();
         let mut first_row = 0;
-        let mut words = Vec::new();
         while first_row < n {
             let rows = rows_per_chunk.min(n - first_row);
-            words.clear();
-            words.resize(rows * row_words, 0u32);
-            for r in 0..rows {
-                fill_row(
-                    first_row + r,
-                    &mut words[r * row_words..(r + 1) * row_words],
-                );
-            }
-            let descriptor = wgpu::util::BufferInitDescriptor {
-                label: Some(name),
-                contents: bytemuck::cast_slice(&words),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-            };
-            let buffer = gpu.create_buffer_init(&descriptor, MemoryKind::Weights);
             chunks.push(WeightChunk {
-                buffer,
+                buffer: chunk_buffer(rows, row_words),
                 first_row,
                 rows,
             });

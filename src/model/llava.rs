@@ -28,6 +28,13 @@ pub struct EngineOptions {
     pub weight_format: WeightFormat,
     /// Show a progress bar on stderr while weights upload.
     pub progress: bool,
+    /// Create every weight buffer without uploading data (and compile no pipelines): the
+    /// `memory` command measures a model's allocations this way. Such an engine cannot answer
+    /// requests.
+    pub allocate_only: bool,
+    /// Load only the first N decoder layers: real widths at a truncated depth, for benchmarks
+    /// of large models on small devices (the answers are not the model's).
+    pub text_layers: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -36,6 +43,8 @@ impl Default for EngineOptions {
             gpu: GpuOptions::default(),
             weight_format: WeightFormat::F16,
             progress: false,
+            allocate_only: false,
+            text_layers: None,
         }
     }
 }
@@ -109,6 +118,17 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Self> {
         let start = Instant::now();
+        let mut config = config;
+        if let Some(layers) = options.text_layers {
+            let depth = config.text.num_hidden_layers;
+            if layers == 0 || layers > depth {
+                return Err(Error::argument(
+                    "text_layers",
+                    format!("{layers} is not between 1 and the model's {depth} decoder layers"),
+                ));
+            }
+            config.text.num_hidden_layers = layers;
+        }
         // The one weight no kernel launcher sees: its rows are gathered on the host.
         checkpoint.check_embedding_width("text.embed_tokens.weight", config.text.hidden_size)?;
         let gpu = Gpu::new(options.gpu.clone())?;
@@ -127,7 +147,12 @@ impl Engine {
         } else {
             ProgressBar::hidden()
         };
-        let root = Loader::new(&gpu, &checkpoint, options.weight_format);
+        let root = Loader::new(
+            &gpu,
+            &checkpoint,
+            options.weight_format,
+            options.allocate_only,
+        );
         let vision =
             ClipVision::load(&root.scope("vision"), &config.vision, vision_layers, || {
                 bar.inc(1)
@@ -151,7 +176,9 @@ impl Engine {
             weight_bytes,
             load_ms: 0.0,
         };
-        engine.compile_pipelines()?;
+        if !options.allocate_only {
+            engine.compile_pipelines()?;
+        }
         Ok(Self {
             load_ms: start.elapsed().as_secs_f64() * 1e3,
             ..engine

@@ -19,15 +19,24 @@ pub struct Loader<'a> {
     pub checkpoint: &'a Checkpoint,
     /// Format of matrix weights (norm weights, biases and embeddings stay f32).
     pub format: WeightFormat,
+    /// Create the matrix weights' buffers without reading or uploading their values (shapes
+    /// are still checked): `llava-wgpu memory` measures a model this way.
+    pub allocate_only: bool,
     prefix: String,
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(gpu: &'a Gpu, checkpoint: &'a Checkpoint, format: WeightFormat) -> Self {
+    pub fn new(
+        gpu: &'a Gpu,
+        checkpoint: &'a Checkpoint,
+        format: WeightFormat,
+        allocate_only: bool,
+    ) -> Self {
         Self {
             gpu,
             checkpoint,
             format,
+            allocate_only,
             prefix: String::new(),
         }
     }
@@ -66,27 +75,14 @@ impl<'a> Loader<'a> {
         let keys: Vec<String> = names.iter().map(|name| self.key(name)).collect();
         let label = keys.join("+");
         let n = n_each * keys.len();
-        let mut weight = match self.format {
-            WeightFormat::F16 => {
-                let mut values = Vec::with_capacity(n * k);
-                for key in &keys {
-                    values.extend(
-                        self.checkpoint
-                            .f16(&format!("{key}.weight"), &[n_each, k])?,
-                    );
-                }
-                Weight::from_f16(self.gpu, &label, n, k, &values)?
+        let mut weight = if self.allocate_only {
+            for key in &keys {
+                self.checkpoint
+                    .check(&format!("{key}.weight"), &[n_each, k])?;
             }
-            WeightFormat::F32 => {
-                let mut values = Vec::with_capacity(n * k);
-                for key in &keys {
-                    values.extend(
-                        self.checkpoint
-                            .f32(&format!("{key}.weight"), &[n_each, k])?,
-                    );
-                }
-                Weight::from_f32(self.gpu, &label, n, k, &values, WeightFormat::F32)?
-            }
+            Weight::allocate(self.gpu, &label, n, k, self.format)?
+        } else {
+            self.upload_matrix(&keys, &label, n_each, k)?
         };
         if bias {
             let mut values = Vec::with_capacity(n);
@@ -96,6 +92,39 @@ impl<'a> Loader<'a> {
             weight = weight.with_bias(self.gpu, &values)?;
         }
         Ok(weight)
+    }
+
+    /// The weights `keys` stacked into one [n_each · keys, k] matrix, uploaded in `format`.
+    fn upload_matrix(
+        &self,
+        keys: &[String],
+        label: &str,
+        n_each: usize,
+        k: usize,
+    ) -> Result<Weight> {
+        let n = n_each * keys.len();
+        Ok(match self.format {
+            WeightFormat::F16 => {
+                let mut values = Vec::with_capacity(n * k);
+                for key in keys {
+                    values.extend(
+                        self.checkpoint
+                            .f16(&format!("{key}.weight"), &[n_each, k])?,
+                    );
+                }
+                Weight::from_f16(self.gpu, label, n, k, &values)?
+            }
+            WeightFormat::F32 => {
+                let mut values = Vec::with_capacity(n * k);
+                for key in keys {
+                    values.extend(
+                        self.checkpoint
+                            .f32(&format!("{key}.weight"), &[n_each, k])?,
+                    );
+                }
+                Weight::from_f32(self.gpu, label, n, k, &values, WeightFormat::F32)?
+            }
+        })
     }
 
     /// The tensor `name` as f32 values on the host, checked against `shape`.

@@ -10,7 +10,8 @@ pub mod pruning;
 
 pub use kernels::{kernels, matmul_peak, KernelReport, KernelResult};
 pub use pruning::{
-    default_settings, load_engine, pruning, FamilyEfficiency, PruningReport, Setting, SettingResult,
+    bench_prompt, default_settings, load_engine, pruning, FamilyEfficiency, PruningReport, Setting,
+    SettingResult,
 };
 
 use std::time::{Duration, Instant};

@@ -181,3 +181,46 @@ fn a_kv_layer_grows_keeping_its_rows() {
     let err = cache.grow_layer(gpu, 99, 20).unwrap_err().to_string();
     assert!(err.contains("layer"), "{err}");
 }
+
+/// `allocate_request` (what `llava-wgpu memory` prints) creates the buffers a real request
+/// creates: the tracker sees the same KV and activation peaks when the request runs.
+#[test]
+fn measuring_a_request_allocates_what_running_it_allocates() {
+    let engine = fixture_engine();
+    let case = &fixture::cases()[1];
+    let settings = [
+        PruneOptions::default(),
+        PruneOptions {
+            method: Method::Star,
+            stage1_keep: Some(30),
+            keep: Some(6),
+            stage2_layer: Some(2),
+            ..Default::default()
+        },
+        PruneOptions {
+            method: Method::Fastv,
+            keep: Some(9),
+            ..Default::default()
+        },
+    ];
+    for prune in settings {
+        let mut request = GenerateRequest::new(&case.image, &case.prompt);
+        request.max_new_tokens = 5;
+        request.ignore_eos = true;
+        request.prune = prune.clone();
+        let planned = engine.allocate_request(&request).unwrap();
+        let ran = engine.generate(&request, |_| {}).unwrap();
+        let label = format!("{:?}", prune.method);
+        assert_eq!(planned.prompt_tokens, ran.prompt_tokens, "{label}");
+        assert_eq!(planned.kv_cache_bytes, ran.kv_cache_bytes, "{label}");
+        assert_eq!(planned.stats.peak.kv, ran.memory.kv_cache_bytes, "{label}");
+        assert_eq!(
+            planned.stats.peak.activations, ran.memory.activation_bytes,
+            "{label}"
+        );
+        assert_eq!(planned.stats.live.weights, ran.memory.weights_bytes);
+        // The planned buffers are released again.
+        let after = engine.gpu.memory_stats().live;
+        assert_eq!((after.kv, after.activations), (0, 0), "{label}");
+    }
+}

@@ -17,7 +17,7 @@ use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
-use cli::choices::{BackendArg, MethodArg, Stage1ScoreArg, TemplateArg, WeightsArg};
+use cli::choices::{BackendArg, KvArg, MethodArg, Stage1ScoreArg, TemplateArg, WeightsArg};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +59,7 @@ impl DeviceArgs {
             progress: true,
             allocate_only: false,
             text_layers: None,
+            kv: None,
         }
     }
 }
@@ -126,6 +127,9 @@ struct RunArgs {
     /// Weight format on the GPU.
     #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
     weights: WeightsArg,
+    /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
+    #[arg(long, value_enum)]
+    kv: Option<KvArg>,
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
@@ -212,6 +216,9 @@ struct BenchArgs {
     /// `--preset llava-1.5-7b --layers 2` on a small device).
     #[arg(long, value_name = "N")]
     layers: Option<usize>,
+    /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
+    #[arg(long, value_enum)]
+    kv: Option<KvArg>,
     /// Run only the settings whose label contains this text (repeatable; `none`, the baseline
     /// every speedup is measured against, always runs).
     #[arg(long, value_name = "TEXT")]
@@ -232,6 +239,9 @@ struct MemoryArgs {
     /// Weight format on the GPU.
     #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
     weights: WeightsArg,
+    /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
+    #[arg(long, value_enum)]
+    kv: Option<KvArg>,
     /// Pruning method (default: both `none` and STAR with its default budgets).
     #[arg(long, value_enum)]
     prune: Option<MethodArg>,
@@ -296,6 +306,7 @@ impl MemoryArgs {
 fn memory(args: &MemoryArgs) -> Result<()> {
     let mut options = args.device.engine_options(args.weights.into());
     options.allocate_only = true;
+    options.kv = args.kv.map(Into::into);
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     let settings = args.settings();
@@ -437,7 +448,9 @@ fn run(args: &RunArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, args.device.engine_options(args.weights.into()))?;
+    let mut options = args.device.engine_options(args.weights.into());
+    options.kv = args.kv.map(Into::into);
+    let engine = Engine::load(&model, options)?;
     let request = args.request();
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
@@ -588,6 +601,7 @@ fn write_kept_overlay(
 fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     let mut options = device.engine_options(args.weights.into());
     options.text_layers = args.layers;
+    options.kv = args.kv.map(Into::into);
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());

@@ -89,9 +89,18 @@ fn readback_staging_is_scratch_and_is_released() {
     assert_eq!(after.peak.scratch - before.live.scratch, 40);
 }
 
-/// The model tests run on: 4 decoder layers, 2 KV heads of 16, 36 visual tokens.
+/// The model tests run on (4 decoder layers, 2 KV heads of 16, 36 visual tokens), with its
+/// KV cache in `kv` (F32 or F16).
+fn fixture_engine_with(kv: DType) -> Engine {
+    let options = EngineOptions {
+        kv: Some(kv),
+        ..EngineOptions::default()
+    };
+    Engine::load(&fixture::model_dir(), options).unwrap()
+}
+
 fn fixture_engine() -> Engine {
-    Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap()
+    fixture_engine_with(DType::F32)
 }
 
 fn generate(engine: &Engine, prune: PruneOptions, tokens: usize) -> GenerateOutput {
@@ -105,12 +114,23 @@ fn generate(engine: &Engine, prune: PruneOptions, tokens: usize) -> GenerateOutp
 
 /// K and V of one layer holding `rows` rows of `width` f32: two buffers, each rounded to 16 bytes.
 fn layer_kv_bytes(rows: usize, width: usize) -> u64 {
-    2 * padded((rows * width * 4) as u64)
+    layer_kv_bytes_of(rows, width, 4)
+}
+
+/// The same with `element` bytes per value (2 for the f16 cache).
+fn layer_kv_bytes_of(rows: usize, width: usize, element: usize) -> u64 {
+    2 * padded((rows * width * element) as u64)
 }
 
 #[test]
 fn star_allocates_less_kv_than_no_pruning_by_the_dropped_rows() {
-    let engine = fixture_engine();
+    for (kv, element) in [(DType::F32, 4), (DType::F16, 2)] {
+        star_saves_kv_bytes(fixture_engine_with(kv), element);
+    }
+}
+
+fn star_saves_kv_bytes(engine: Engine, element: usize) {
+    let layer_kv_bytes = |rows, width| layer_kv_bytes_of(rows, width, element);
     let cfg = engine.config.text.clone();
     let (layers, width) = (
         cfg.num_hidden_layers,
@@ -151,7 +171,7 @@ fn a_kv_layer_grows_keeping_its_rows() {
     let gpu = &engine.gpu;
     let cfg = &engine.config.text;
     let width = cfg.num_key_value_heads * cfg.head_dim;
-    let mut cache = KvCache::uniform(gpu, cfg, 5).unwrap();
+    let mut cache = KvCache::uniform(gpu, cfg, 5, DType::F32).unwrap();
     let before = gpu.memory_stats().live.kv;
     // Distinct values per element, so a misplaced row cannot pass.
     let k_rows: Vec<f32> = (0..3 * width).map(|i| i as f32 * 0.25 - 7.0).collect();

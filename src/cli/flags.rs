@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 14] = [
+const FLAGS: [(&str, &str); 15] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
@@ -19,6 +19,7 @@ const FLAGS: [(&str, &str); 14] = [
     ("prompt", "--prompt"),
     ("preset", "--preset"),
     ("text_layers", "--layers"),
+    ("kv", "--kv"),
 ];
 
 fn flag(field: &str) -> Option<&'static str> {

@@ -78,7 +78,12 @@ impl Engine {
         let layers = self.llama.layers.len();
         Ok(Prefilled {
             buffers: self.llama.buffers(gpu, prompt_len)?,
-            cache: KvCache::new(gpu, &self.config.text, &kv_capacities(input, layers))?,
+            cache: KvCache::new(
+                gpu,
+                &self.config.text,
+                &kv_capacities(input, layers),
+                self.kv_dtype,
+            )?,
             next_token: Tensor::empty(gpu, &[1], DType::U32, "next_token")?,
             rows: prompt_len,
             stage2_rows: None,

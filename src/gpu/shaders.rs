@@ -26,10 +26,11 @@ pub enum Shader {
     Rope,
     Activation,
     Sample,
+    KvStore,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 8] = [
+    pub const ALL: [Shader; 9] = [
         Shader::Matmul,
         Shader::Gemv,
         Shader::Attention,
@@ -38,6 +39,7 @@ impl Shader {
         Shader::Rope,
         Shader::Activation,
         Shader::Sample,
+        Shader::KvStore,
     ];
 
     /// The file stem, used in labels and error messages.
@@ -51,6 +53,7 @@ impl Shader {
             Shader::Rope => "rope",
             Shader::Activation => "activation",
             Shader::Sample => "sample",
+            Shader::KvStore => "kv_store",
         }
     }
 
@@ -65,6 +68,7 @@ impl Shader {
             Shader::Rope => include_str!("../../shaders/rope.wgsl"),
             Shader::Activation => include_str!("../../shaders/activation.wgsl"),
             Shader::Sample => include_str!("../../shaders/sample.wgsl"),
+            Shader::KvStore => include_str!("../../shaders/kv_store.wgsl"),
         }
     }
 

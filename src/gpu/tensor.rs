@@ -18,6 +18,18 @@ use crate::gpu::memory::{GpuBuffer, MemoryKind};
 pub enum DType {
     F32,
     U32,
+    /// IEEE half, two per 32-bit word (low half = even element), as f16 weights are stored:
+    /// read with `unpack2x16float`, which needs no optional feature (the f16 KV cache).
+    F16,
+}
+
+impl DType {
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
 }
 
 /// Storage format of a weight matrix on the GPU.
@@ -66,9 +78,9 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    fn check_binding(gpu: &Gpu, shape: &[usize], what: &str) -> Result<usize> {
+    fn check_binding(gpu: &Gpu, shape: &[usize], dtype: DType, what: &str) -> Result<usize> {
         let numel: usize = shape.iter().product();
-        let bytes = numel * 4;
+        let bytes = numel * dtype.bytes();
         if bytes as u64 > gpu.adapter_binding_bytes {
             return Err(Error::shape(
                 what,
@@ -96,10 +108,10 @@ impl Tensor {
         label: &str,
         kind: MemoryKind,
     ) -> Result<Self> {
-        let numel = Self::check_binding(gpu, shape, label)?;
+        let numel = Self::check_binding(gpu, shape, dtype, label)?;
         let descriptor = wgpu::BufferDescriptor {
             label: Some(label),
-            size: padded_size(numel * 4),
+            size: padded_size(numel * dtype.bytes()),
             usage: STORAGE_USAGE,
             mapped_at_creation: false,
         };
@@ -119,7 +131,7 @@ impl Tensor {
         label: &str,
         kind: MemoryKind,
     ) -> Result<Self> {
-        let numel = Self::check_binding(gpu, shape, label)?;
+        let numel = Self::check_binding(gpu, shape, dtype, label)?;
         if words.len() != numel {
             return Err(Error::shape(
                 label,
@@ -169,7 +181,7 @@ impl Tensor {
     /// `T` rows of a buffer allocated for the longest sequence).
     pub fn view(&self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
-        if numel as u64 * 4 > self.buffer.size() {
+        if (numel * self.dtype.bytes()) as u64 > self.buffer.size() {
             return Err(Error::shape(
                 "tensor view",
                 format!(
@@ -192,7 +204,7 @@ impl Tensor {
 
     /// Size in bytes of the logical contents (without the vec4 padding).
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * 4
+        (self.numel() * self.dtype.bytes()) as u64
     }
 
     /// Overwrite the contents from the host (queued; ordered before later submissions).

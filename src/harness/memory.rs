@@ -24,6 +24,8 @@ pub struct MemoryReport {
     pub model: String,
     pub adapter: String,
     pub weights_format: String,
+    /// The KV cache's element type.
+    pub kv_format: String,
     pub rows: Vec<MemoryRow>,
 }
 
@@ -50,6 +52,7 @@ pub fn measure(
         model: model_label.to_string(),
         adapter: engine.gpu.describe(),
         weights_format: weights_format.to_string(),
+        kv_format: format!("{:?}", engine.kv_dtype).to_lowercase(),
         rows,
     })
 }
@@ -61,9 +64,9 @@ fn mib(bytes: u64) -> f64 {
 impl MemoryReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "model: {} (weights {})\nadapter: {}\nallocated GPU bytes per kind at the request's peak, MiB \
+            "model: {} (weights {}, KV cache {})\nadapter: {}\nallocated GPU bytes per kind at the request's peak, MiB \
              (GB = 10^9 bytes in the last column)\n\n",
-            self.model, self.weights_format, self.adapter
+            self.model, self.weights_format, self.kv_format, self.adapter
         );
         out.push_str(&format!(
             "{:<22} {:>13} {:>7} {:>10} {:>8} {:>12} {:>8} {:>10} {:>8}\n",

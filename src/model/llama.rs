@@ -15,7 +15,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::rope::{self, RopeTable};
-use crate::gpu::kernels::{activation, linear};
+use crate::gpu::kernels::{activation, kv_store, linear};
 use crate::gpu::{DType, Gpu, MemoryKind, Recorder, Tensor, Weight};
 use crate::model::config::TextConfig;
 use crate::model::loader::Loader;
@@ -56,11 +56,11 @@ pub struct Llama {
     pub rope: RopeTable,
 }
 
-/// One layer's cached keys and values, f32.
+/// One layer's cached keys and values, f32 or f16 (halves packed two per word).
 pub struct LayerKv {
     /// (capacity, kv_heads · head_dim), rows [0, len) filled, already rotated.
     pub k: Tensor,
-    /// (capacity, kv_heads · head_dim), rows [0, len) filled.
+    /// (capacity, kv_heads · head_dim), rows [0, len) filled, same element type as `k`.
     pub v: Tensor,
     /// Rows filled (layers after a stage-2 drop hold fewer than those before it).
     pub len: usize,
@@ -74,8 +74,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache whose layer `i` holds up to `capacities[i]` rows.
-    pub fn new(gpu: &Gpu, config: &TextConfig, capacities: &[usize]) -> Result<Self> {
+    /// A cache whose layer `i` holds up to `capacities[i]` rows of `dtype` (F32 or F16).
+    pub fn new(gpu: &Gpu, config: &TextConfig, capacities: &[usize], dtype: DType) -> Result<Self> {
+        if dtype == DType::U32 {
+            return Err(Error::argument(
+                "kv",
+                "the KV cache holds f32 or f16 values",
+            ));
+        }
         if capacities.len() != config.num_hidden_layers {
             return Err(Error::shape(
                 "kv cache",
@@ -90,14 +96,19 @@ impl KvCache {
         let layers = capacities
             .iter()
             .enumerate()
-            .map(|(i, &capacity)| LayerKv::new(gpu, i, capacity, width))
+            .map(|(i, &capacity)| LayerKv::new(gpu, i, capacity, width, dtype))
             .collect::<Result<_>>()?;
         Ok(Self { layers })
     }
 
     /// A cache with the same capacity in every layer.
-    pub fn uniform(gpu: &Gpu, config: &TextConfig, capacity: usize) -> Result<Self> {
-        Self::new(gpu, config, &vec![capacity; config.num_hidden_layers])
+    pub fn uniform(gpu: &Gpu, config: &TextConfig, capacity: usize, dtype: DType) -> Result<Self> {
+        Self::new(
+            gpu,
+            config,
+            &vec![capacity; config.num_hidden_layers],
+            dtype,
+        )
     }
 
     /// Bytes of the cache's buffers (every layer's K and V, as allocated).
@@ -132,7 +143,7 @@ impl KvCache {
                 ),
             ));
         }
-        let bigger = LayerKv::new(gpu, layer, capacity, kv.width())?;
+        let bigger = LayerKv::new(gpu, layer, capacity, kv.width(), kv.k.dtype)?;
         let filled = kv.len as u64 * kv.row_bytes();
         let mut rec = Recorder::new(gpu);
         rec.copy(&kv.k.buffer, 0, &bigger.k.buffer, 0, filled);
@@ -147,10 +158,10 @@ impl KvCache {
 }
 
 impl LayerKv {
-    fn new(gpu: &Gpu, layer: usize, capacity: usize, width: usize) -> Result<Self> {
+    fn new(gpu: &Gpu, layer: usize, capacity: usize, width: usize, dtype: DType) -> Result<Self> {
         let buffer = |name: &str| {
             let label = format!("kv.{name}.{layer}");
-            Tensor::empty_as(gpu, &[capacity, width], DType::F32, &label, MemoryKind::Kv)
+            Tensor::empty_as(gpu, &[capacity, width], dtype, &label, MemoryKind::Kv)
         };
         Ok(Self {
             k: buffer("k")?,
@@ -170,10 +181,11 @@ impl LayerKv {
     }
 
     fn row_bytes(&self) -> u64 {
-        self.width() as u64 * 4
+        (self.width() * self.k.dtype.bytes()) as u64
     }
 
-    /// Queue copying the rows of `k` and `v` after the filled ones; returns the first new row.
+    /// Queue writing the f32 rows of `k` and `v` after the filled ones (a copy into an f32
+    /// cache, a conversion into an f16 one); returns the first new row.
     fn append(&mut self, rec: &mut Recorder, k: &Tensor, v: &Tensor) -> Result<usize> {
         let rows = k.rows_cols().0;
         let capacity = self.capacity();
@@ -187,10 +199,19 @@ impl LayerKv {
                 ),
             ));
         }
-        let row_bytes = self.row_bytes();
-        let (offset, size) = (start as u64 * row_bytes, rows as u64 * row_bytes);
-        rec.copy(&k.buffer, 0, &self.k.buffer, offset, size);
-        rec.copy(&v.buffer, 0, &self.v.buffer, offset, size);
+        if self.k.dtype == DType::F16 {
+            let gpu = rec.gpu();
+            let stores = [
+                kv_store::store_f16(gpu, k, &self.k, start)?,
+                kv_store::store_f16(gpu, v, &self.v, start)?,
+            ];
+            rec.dispatch_all(stores);
+        } else {
+            let row_bytes = self.row_bytes();
+            let (offset, size) = (start as u64 * row_bytes, rows as u64 * row_bytes);
+            rec.copy(&k.buffer, 0, &self.k.buffer, offset, size);
+            rec.copy(&v.buffer, 0, &self.v.buffer, offset, size);
+        }
         self.len = start + rows;
         Ok(start)
     }

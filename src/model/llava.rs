@@ -35,6 +35,9 @@ pub struct EngineOptions {
     /// Load only the first N decoder layers: real widths at a truncated depth, for benchmarks
     /// of large models on small devices (the answers are not the model's).
     pub text_layers: Option<usize>,
+    /// Element type of the KV cache: `DType::F16` (half the bytes) or `DType::F32`. None: f16
+    /// where the adapter has SHADER_F16, f32 otherwise.
+    pub kv: Option<DType>,
 }
 
 impl Default for EngineOptions {
@@ -45,6 +48,7 @@ impl Default for EngineOptions {
             progress: false,
             allocate_only: false,
             text_layers: None,
+            kv: None,
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct Engine {
     pub llama: Llama,
     /// GPU bytes of all weights (the tracker's count after loading).
     pub weight_bytes: u64,
+    /// Element type of every request's KV cache (F32 or F16).
+    pub kv_dtype: DType,
     pub load_ms: f64,
 }
 
@@ -132,6 +138,17 @@ impl Engine {
         // The one weight no kernel launcher sees: its rows are gathered on the host.
         checkpoint.check_embedding_width("text.embed_tokens.weight", config.text.hidden_size)?;
         let gpu = Gpu::new(options.gpu.clone())?;
+        let kv_dtype = match options.kv {
+            Some(DType::U32) => {
+                return Err(Error::argument(
+                    "kv",
+                    "the KV cache holds f16 or f32 values",
+                ))
+            }
+            Some(dtype) => dtype,
+            None if gpu.caps.shader_f16 => DType::F16,
+            None => DType::F32,
+        };
 
         let vision_layers = config.vision_layers_to_run();
         let steps = (vision_layers + 1 + config.text.num_hidden_layers + 2) as u64;
@@ -174,6 +191,7 @@ impl Engine {
             projector,
             llama,
             weight_bytes,
+            kv_dtype,
             load_ms: 0.0,
         };
         if !options.allocate_only {
@@ -249,7 +267,7 @@ impl Engine {
         let buffers = self.llama.buffers(gpu, 2)?;
         let layers = text.num_hidden_layers;
         for t in [2, 1] {
-            let mut cache = KvCache::uniform(gpu, text, 2)?;
+            let mut cache = KvCache::uniform(gpu, text, 2, self.kv_dtype)?;
             self.llama
                 .forward_layers(rec, &buffers, t, &mut cache, 0..layers, None)?;
         }
@@ -268,7 +286,7 @@ impl Engine {
             partials: &partials,
             scores: &scores,
         };
-        let mut cache = KvCache::uniform(gpu, text, 2)?;
+        let mut cache = KvCache::uniform(gpu, text, 2, self.kv_dtype)?;
         self.llama
             .forward_layers(rec, &buffers, 2, &mut cache, 0..1, Some(out))?;
         let segment = Segment::whole(2);

@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod kv_store;
 pub mod linear;
 pub mod norm;
 pub mod rope;
@@ -216,6 +217,7 @@ mod tests {
             Shader::Rope => rope::WORKGROUP.constants(),
             Shader::Activation => activation::WORKGROUP.constants(),
             Shader::Sample => sample::WORKGROUP.constants(),
+            Shader::KvStore => kv_store::WORKGROUP.constants(),
         }
     }
 

@@ -48,7 +48,7 @@
 //
 // Injected by the host (attention.rs `AttentionTiling`): BM, BN, THREADS, STRIDE (the padded row
 // stride of the Q and K/V tiles in vec4) and REDUCE_THREADS (the reduction's workgroup size).
-//#inject BM BN THREADS STRIDE REDUCE_THREADS
+//#inject BM BN THREADS STRIDE REDUCE_THREADS KV_F16
 
 struct Params {
     q_rows: u32,       // Tq
@@ -74,8 +74,10 @@ const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+// K and V are f32 (KV_F16 = 0, read as bit patterns) or IEEE halves packed two per word
+// (KV_F16 = 1, the f16 KV cache, unpacked with unpack2x16float): one declaration for both.
+@group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(6) var<storage, read_write> scores: array<f32>;
@@ -149,26 +151,49 @@ fn load4_q(e: u32, n: u32) -> vec4<f32> {
     return keep_first(shift4(q[w], b, s), n);
 }
 
+// Half `e` of an f16 K (or V) buffer: word e / 2 is component (e / 2) % 4 of vec4 e / 8.
+fn half_k(e: u32) -> f32 {
+    let w = e / 2u;
+    return unpack2x16float(k[w / 4u][w % 4u])[e % 2u];
+}
+
+fn half_v(e: u32) -> f32 {
+    let w = e / 2u;
+    return unpack2x16float(v[w / 4u][w % 4u])[e % 2u];
+}
+
 fn load4_k(e: u32, n: u32) -> vec4<f32> {
+    if (KV_F16 == 1u) {
+        var x = vec4<f32>(0.0);
+        for (var i = 0u; i < n; i++) { x[i] = half_k(e + i); }
+        return x;
+    }
     let w = e / 4u;
     let s = e % 4u;
+    let a = bitcast<vec4<f32>>(k[w]);
     if (s == 0u) {
-        return keep_first(k[w], n);
+        return keep_first(a, n);
     }
     var b = vec4<f32>(0.0);
-    if (s + n > 4u) { b = k[w + 1u]; }
-    return keep_first(shift4(k[w], b, s), n);
+    if (s + n > 4u) { b = bitcast<vec4<f32>>(k[w + 1u]); }
+    return keep_first(shift4(a, b, s), n);
 }
 
 fn load4_v(e: u32, n: u32) -> vec4<f32> {
+    if (KV_F16 == 1u) {
+        var x = vec4<f32>(0.0);
+        for (var i = 0u; i < n; i++) { x[i] = half_v(e + i); }
+        return x;
+    }
     let w = e / 4u;
     let s = e % 4u;
+    let a = bitcast<vec4<f32>>(v[w]);
     if (s == 0u) {
-        return keep_first(v[w], n);
+        return keep_first(a, n);
     }
     var b = vec4<f32>(0.0);
-    if (s + n > 4u) { b = v[w + 1u]; }
-    return keep_first(shift4(v[w], b, s), n);
+    if (s + n > 4u) { b = bitcast<vec4<f32>>(v[w + 1u]); }
+    return keep_first(shift4(a, b, s), n);
 }
 
 // Stage the block's query rows, pre-scaled by scale·log2(e); rows past the end are zero.

@@ -17,7 +17,9 @@ use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
-use cli::choices::{BackendArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg, WeightsArg};
+use cli::choices::{
+    BackendArg, KvArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg, WeightsArg,
+};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +60,9 @@ impl DeviceArgs {
             weight_format: weights.weights.into(),
             vision_weight_format: weights.vision_weights.map(Into::into),
             progress: true,
+            allocate_only: false,
+            text_layers: None,
+            kv: None,
         }
     }
 }
@@ -147,6 +152,9 @@ struct RunArgs {
     pad_to_square: bool,
     #[command(flatten)]
     weights: WeightArgs,
+    /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
+    #[arg(long, value_enum)]
+    kv: Option<KvArg>,
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
@@ -192,6 +200,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// GPU memory a full-depth request allocates (weights, KV cache, activations, scratch and
+    /// the peak), measured by creating its buffers without computing.
+    Memory(Box<MemoryArgs>),
     /// Benchmarks: pruned against unpruned on a model (default), or `bench kernels`.
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
@@ -254,6 +265,13 @@ struct BenchArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
+    /// Run only the first N decoder layers (real widths at a truncated depth, e.g.
+    /// `--preset llava-1.5-7b --layers 2` on a small device).
+    #[arg(long, value_name = "N")]
+    layers: Option<usize>,
+    /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
+    #[arg(long, value_enum)]
+    kv: Option<KvArg>,
     /// Run only the settings whose label contains this text (repeatable; `none`, the baseline
     /// every speedup is measured against, always runs).
     #[arg(long, value_name = "TEXT")]
@@ -263,6 +281,100 @@ struct BenchArgs {
     json: bool,
     #[command(flatten)]
     weights: WeightArgs,
+}
+
+#[derive(Args)]
+struct MemoryArgs {
+    /// Model directory (llava-hf layout): its weights' buffers are created, not uploaded.
+    #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+    model: Option<PathBuf>,
+    /// A model shape without a checkpoint: llava-1.5-7b, llava-1.5-13b, small.
+    #[arg(long)]
+    preset: Option<String>,
+    #[command(flatten)]
+    weights: WeightArgs,
+    /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
+    #[arg(long, value_enum)]
+    kv: Option<KvArg>,
+    /// Pruning method (default: both `none` and STAR with its default budgets).
+    #[arg(long, value_enum)]
+    prune: Option<MethodArg>,
+    /// STAR stage 1: visual tokens kept in the vision encoder (N1).
+    #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
+    stage1_keep: Option<usize>,
+    /// STAR stage 1 as a reduction ratio.
+    #[arg(long, value_name = "R")]
+    stage1_ratio: Option<f64>,
+    /// Final visual-token budget (N2).
+    #[arg(long, value_name = "N2", conflicts_with = "keep_ratio")]
+    keep: Option<usize>,
+    /// Final budget as a reduction ratio.
+    #[arg(long, value_name = "X")]
+    keep_ratio: Option<f64>,
+    /// Decoder layer K (1-based) of stage 2 / FastV.
+    #[arg(long, value_name = "K")]
+    stage2_layer: Option<usize>,
+    /// Tokens the request may generate (each needs a KV row).
+    #[arg(short = 'n', long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+impl MemoryArgs {
+    /// The settings to measure: the one asked for, or none and STAR at its defaults.
+    fn settings(&self) -> Vec<harness::bench::Setting> {
+        let Some(method) = self.prune else {
+            let star = PruneOptions {
+                method: llava_wgpu::prune::Method::Star,
+                ..PruneOptions::default()
+            };
+            return vec![
+                harness::bench::Setting {
+                    label: "none".into(),
+                    prune: PruneOptions::default(),
+                },
+                harness::bench::Setting {
+                    label: "star (defaults)".into(),
+                    prune: star,
+                },
+            ];
+        };
+        let prune = PruneOptions {
+            method: method.into(),
+            stage1_keep: self.stage1_keep,
+            stage1_ratio: self.stage1_ratio,
+            keep: self.keep,
+            keep_ratio: self.keep_ratio,
+            stage2_layer: self.stage2_layer,
+            ..PruneOptions::default()
+        };
+        let label = format!("{method:?}").to_lowercase();
+        vec![harness::bench::Setting { label, prune }]
+    }
+}
+
+fn memory(args: &MemoryArgs) -> Result<()> {
+    let mut options = args.device.engine_options(&args.weights);
+    options.allocate_only = true;
+    options.kv = args.kv.map(Into::into);
+    let (engine, label) =
+        harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
+    let settings = args.settings();
+    // The image is never opened: only the prompt, plan and limits size the buffers.
+    let mut request = GenerateRequest::new("(not read)", harness::bench::bench_prompt(&engine));
+    request.max_new_tokens = args.max_new_tokens;
+    let format = WeightFormat::from(args.weights.weights).name();
+    let report = harness::memory::measure(&engine, &label, format, &settings, &request)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -420,7 +532,9 @@ fn run(args: &RunArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
+    let mut options = args.device.engine_options(&args.weights);
+    options.kv = args.kv.map(Into::into);
+    let engine = Engine::load(&model, options)?;
     let request = args.request();
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
@@ -569,7 +683,9 @@ fn write_kept_overlay(
 }
 
 fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
-    let options = device.engine_options(&args.weights);
+    let mut options = device.engine_options(&args.weights);
+    options.text_layers = args.layers;
+    options.kv = args.kv.map(Into::into);
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
@@ -736,6 +852,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => cli::serve::chat(args),
         Command::Devices { device, json } => devices(device, *json),
         Command::Eval(args) => eval(args),
+        Command::Memory(args) => memory(args),
         Command::Quantize {
             model,
             out,

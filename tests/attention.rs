@@ -394,3 +394,101 @@ fn bad_shapes_are_clear_errors() {
     );
     assert!(err.contains("scores"), "{err}");
 }
+
+/// `values` rounded to IEEE halves (nearest even) and packed two per word, low half first:
+/// the f16 KV cache's layout, built here with the `half` crate, not with the engine.
+fn pack_halves(values: &[f32]) -> Vec<u32> {
+    values
+        .chunks(2)
+        .map(|p| {
+            let lo = half::f16::from_f32(p[0]).to_bits() as u32;
+            let hi = half::f16::from_f32(p[1]).to_bits() as u32;
+            lo | hi << 16
+        })
+        .collect()
+}
+
+fn round_to_half(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// Attention reading an f16 K/V cache against the f64 reference fed the same f16-rounded keys
+/// and values (so only the kernel's own arithmetic is compared), with NaN halves in the cache
+/// rows past the valid keys.
+fn check_f16_kv(gpu: &Gpu, rng: &mut TestRng, s: AttentionShape, capacity: usize) {
+    let scale = attention::default_scale(s.head_dim);
+    let x = inputs(rng, &s, capacity);
+    let kv_width = s.kv_heads * s.head_dim;
+    let q = Tensor::from_f32(gpu, &[s.q_rows, s.heads * s.head_dim], &x.q, "q").unwrap();
+    let half_tensor = |values: &[f32], label| {
+        let t = Tensor::empty(gpu, &[capacity, kv_width], DType::F16, label).unwrap();
+        t.write_u32(gpu, &pack_halves(values)).unwrap();
+        t
+    };
+    let (k, v) = (half_tensor(&x.k, "k"), half_tensor(&x.v, "v"));
+    let out = Tensor::empty(gpu, &[s.q_rows, s.heads * s.head_dim], DType::F32, "out").unwrap();
+    out.poison(gpu);
+    let mut rec = Recorder::new(gpu);
+    rec.dispatch_all(attention::attention(gpu, &s, scale, &q, &k, &v, &out, None).unwrap());
+    rec.finish("attention f16 kv test").unwrap();
+    let got = gpu.read_f32(&out).unwrap();
+    let (k16, v16) = (round_to_half(&x.k), round_to_half(&x.v));
+    let (want, _) = attention::reference(&s, scale, &x.q, &k16, &v16, None);
+    assert_close(
+        &format!("f16 K/V output {s:?} capacity={capacity}"),
+        rng.seed,
+        &got,
+        &want,
+        OUT_ABS,
+        OUT_REL,
+    );
+}
+
+#[test]
+fn f16_kv_cache_matches_cpu_on_the_rounded_values() {
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    check_f16_kv(&gpu, &mut rng, shape(37, 37, 4, 2, 16, true), 40);
+    check_f16_kv(&gpu, &mut rng, shape(1, 200, 4, 2, 16, true), 256);
+    check_f16_kv(&gpu, &mut rng, shape(1, 77, 4, 1, 128, true), 80);
+    check_f16_kv(&gpu, &mut rng, shape(3, 40, 6, 2, 24, true), 48);
+    // Odd head dim with an even row width: halves straddle heads and words.
+    check_f16_kv(&gpu, &mut rng, shape(5, 21, 2, 2, 17, false), 22);
+}
+
+/// The KV append kernel writes exactly the halves the `half` crate rounds to, at the row asked
+/// for, and leaves every other row as it was.
+#[test]
+fn kv_store_writes_rounded_halves_at_the_row() {
+    use llava_wgpu::gpu::kernels::kv_store;
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    let (capacity, width, rows, first) = (13usize, 34usize, 5usize, 6usize);
+    // Up to 60000: large halves, inside f16's range (WGSL leaves overflow indeterminate).
+    let values = rng.uniform(rows * width, -60000.0, 60000.0);
+    let src = Tensor::from_f32(&gpu, &[rows, width], &values, "src").unwrap();
+    let cache = Tensor::empty(&gpu, &[capacity, width], DType::F16, "cache").unwrap();
+    let marker = vec![0xDEAD_BEEFu32; capacity * width / 2];
+    cache.write_u32(&gpu, &marker).unwrap();
+    let mut rec = Recorder::new(&gpu);
+    rec.dispatch(kv_store::store_f16(&gpu, &src, &cache, first).unwrap());
+    rec.finish("kv store test").unwrap();
+    let got = gpu
+        .read_words(&cache.buffer, 0, capacity * width / 2)
+        .unwrap();
+    let words_per_row = width / 2;
+    let written = first * words_per_row..(first + rows) * words_per_row;
+    assert_eq!(
+        &got[written.clone()],
+        &pack_halves(&values)[..],
+        "seed {}",
+        rng.seed
+    );
+    assert!(got[..written.start].iter().all(|&w| w == 0xDEAD_BEEF));
+    assert!(got[written.end..].iter().all(|&w| w == 0xDEAD_BEEF));
+    // Rows past the cache, or an odd width, are refused.
+    assert!(kv_store::store_f16(&gpu, &src, &cache, capacity - 2).is_err());
+}

@@ -3,10 +3,20 @@
 
 mod fixture;
 
+use llava_wgpu::gpu::DType;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::text::Template;
 use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+
+/// Bytes per cached key or value: the engine keeps its KV cache in f16 where the adapter has
+/// SHADER_F16, else in f32.
+fn kv_element_bytes(engine: &Engine) -> usize {
+    match engine.kv_dtype {
+        DType::F16 => 2,
+        _ => 4,
+    }
+}
 
 fn engine() -> Engine {
     Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap()
@@ -293,7 +303,7 @@ fn stage_2_output_matches_the_pytorch_drop_reference() {
     let engine = engine_f32();
     let (n1, n2, k) = budgets();
     let cfg = &engine.config.text;
-    let row_bytes = 2 * (cfg.num_key_value_heads * cfg.head_dim * 4) as u64;
+    let row_bytes = 2 * (cfg.num_key_value_heads * cfg.head_dim * kv_element_bytes(&engine)) as u64;
     for case in fixture::cases() {
         let i = case.index;
         let out = run(&engine, &case, star(n1, n2, k), 8);

@@ -297,7 +297,9 @@ fn gather_copies_rows_bit_for_bit() {
                     let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
                     Tensor::from_f32(&gpu, &[src_rows, width], &floats, "src").unwrap()
                 }
-                DType::U32 => Tensor::from_u32(&gpu, &[src_rows, width], &words, "src").unwrap(),
+                DType::U32 | DType::F16 => {
+                    Tensor::from_u32(&gpu, &[src_rows, width], &words, "src").unwrap()
+                }
             };
             // Repeats and any order are allowed; a 1-D index tensor read from an offset.
             let idx_offset = rng.index(5);

@@ -2,7 +2,7 @@
 //! converts into the library type; the tests check that both sides spell every value alike.
 
 use llava_wgpu::gpu::device::BackendChoice;
-use llava_wgpu::gpu::WeightFormat;
+use llava_wgpu::gpu::{DType, WeightFormat};
 use llava_wgpu::prune::{Method, Stage1Score};
 use llava_wgpu::text::Template;
 
@@ -131,6 +131,24 @@ impl From<QuantizedArg> for WeightFormat {
         match arg {
             QuantizedArg::Q8_0 => WeightFormat::Q8_0,
             QuantizedArg::Q4_0 => WeightFormat::Q4_0,
+        }
+    }
+}
+
+/// `--kv`: the KV cache's element type ([`DType`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvArg {
+    /// IEEE halves, two per word: half the bytes (default where the adapter has SHADER_F16).
+    F16,
+    /// Full precision (default otherwise).
+    F32,
+}
+
+impl From<KvArg> for DType {
+    fn from(arg: KvArg) -> Self {
+        match arg {
+            KvArg::F16 => DType::F16,
+            KvArg::F32 => DType::F32,
         }
     }
 }

@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 17] = [
+const FLAGS: [(&str, &str); 19] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
@@ -22,6 +22,8 @@ const FLAGS: [(&str, &str); 17] = [
     ("weight_format", "--weights"),
     ("sections", "--only"),
     ("budgets", "--budgets"),
+    ("text_layers", "--layers"),
+    ("kv", "--kv"),
 ];
 
 fn flag(field: &str) -> Option<&'static str> {

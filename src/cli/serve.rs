@@ -185,13 +185,13 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
         r.lost
     );
     println!(
-        "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes: {}",
+        "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes alive: {} -> {}",
         r.soak_requests,
         r.resident_bytes_start,
         r.resident_bytes_end,
         r.resident_growth_percent,
-        r.gpu_bytes_end
-            .map_or("not tracked on this branch".to_string(), |b| b.to_string())
+        r.gpu_bytes_start.map_or("?".to_string(), |b| b.to_string()),
+        r.gpu_bytes_end.map_or("?".to_string(), |b| b.to_string()),
     );
     Ok(())
 }

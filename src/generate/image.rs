@@ -21,27 +21,28 @@ pub(super) struct EncodedImage {
     pub embeddings: Tensor,
     /// Patch indices the language model receives (None: all of them).
     pub kept: Option<Vec<usize>>,
-    pub activation_bytes: u64,
 }
 
 /// Buffers of one image's pass: the tower's own, and what the projector reads and writes.
-struct ImageBuffers {
+pub(super) struct ImageBuffers {
     tower: ClipBuffers,
     /// (N1, vision width): the encoder rows that become visual tokens.
     features: Tensor,
     /// (N1, text width): the projector's hidden layer.
     scratch: Tensor,
     /// (N1, text width): the projector output.
-    embeddings: Tensor,
+    pub(super) embeddings: Tensor,
 }
 
-impl ImageBuffers {
-    fn bytes(&self) -> u64 {
-        self.tower.bytes()
-            + self.features.buffer.size()
-            + self.scratch.buffer.size()
-            + self.embeddings.buffer.size()
-    }
+/// What a before-projector selection adds: the scores of the last tower layer and the list of
+/// kept encoder rows.
+pub(super) struct Stage1Buffers {
+    /// Per-block partial sums of the scored attention.
+    partials: Tensor,
+    /// (tokens,) per-key scores.
+    scores: Tensor,
+    /// (1 + N1,) u32: CLS and the kept patch rows of the encoder output.
+    rows: Tensor,
 }
 
 impl Engine {
@@ -53,7 +54,6 @@ impl Engine {
             ImageStep::Cached(projected) => Ok(Some(EncodedImage {
                 embeddings: projected.embeddings.clone(),
                 kept: projected.kept.clone(),
-                activation_bytes: 0,
             })),
             ImageStep::Encode { pixels, key } => {
                 let image = self.encode_image(pixels, &input.plan)?;
@@ -69,19 +69,49 @@ impl Engine {
         }
     }
 
-    /// Run the vision tower, apply the plan's before-projector selection and the projector.
-    pub(super) fn encode_image(&self, pixels: &[f32], plan: &Plan) -> Result<EncodedImage> {
+    /// The image pass's buffers for `n1` visual tokens.
+    pub(super) fn image_buffers(&self, n1: usize) -> Result<ImageBuffers> {
         let gpu = &self.gpu;
         let (dv, dt) = (self.config.vision.hidden_size, self.config.text.hidden_size);
-        let n1 = plan.n1();
-        let b = ImageBuffers {
+        Ok(ImageBuffers {
             tower: self.vision.buffers(gpu)?,
             features: Tensor::empty(gpu, &[n1, dv], DType::F32, "image.features")?,
             scratch: Projector::scratch(gpu, n1, dt)?,
             embeddings: Tensor::empty(gpu, &[n1, dt], DType::F32, "image.embeddings")?,
-        };
-        let mut activation_bytes = b.bytes();
-        let mut rec = Recorder::new(gpu);
+        })
+    }
+
+    /// The buffers a before-projector selection of `n1` patches needs.
+    pub(super) fn stage1_buffers(&self, n1: usize) -> Result<Stage1Buffers> {
+        let (partials, scores) =
+            attention::score_buffers(&self.gpu, &self.vision.attention_shape())?;
+        let segment = self.patch_segment();
+        let rows = Tensor::empty(
+            &self.gpu,
+            &[segment.kept_rows(n1)],
+            DType::U32,
+            "stage1.rows",
+        )?;
+        Ok(Stage1Buffers {
+            partials,
+            scores,
+            rows,
+        })
+    }
+
+    /// The patch rows of the encoder output, after CLS.
+    fn patch_segment(&self) -> Segment {
+        Segment {
+            total: self.vision.tokens(),
+            start: 1,
+            len: self.config.image_tokens(),
+        }
+    }
+
+    /// Run the vision tower, apply the plan's before-projector selection and the projector.
+    pub(super) fn encode_image(&self, pixels: &[f32], plan: &Plan) -> Result<EncodedImage> {
+        let b = self.image_buffers(plan.n1())?;
+        let mut rec = Recorder::new(&self.gpu);
         rec.set_stage("vision");
         let kept = match plan.before_projector {
             None => {
@@ -89,9 +119,8 @@ impl Engine {
                 None
             }
             Some(selection) => {
-                let (kept, score_bytes) =
+                let kept =
                     self.selected_patch_features(&mut rec, &b, pixels, plan.n0, selection)?;
-                activation_bytes += score_bytes;
                 Some(kept)
             }
         };
@@ -102,7 +131,6 @@ impl Engine {
         Ok(EncodedImage {
             embeddings: b.embeddings,
             kept,
-            activation_bytes,
         })
     }
 
@@ -134,7 +162,7 @@ impl Engine {
 
     /// Pruned before the projector: run the tower with the scores `selection` needs, choose
     /// the kept patches and gather their rows into `b.features`. Returns the kept patch indices
-    /// (ascending) and the bytes of the score buffers.
+    /// (ascending).
     fn selected_patch_features(
         &self,
         rec: &mut Recorder,
@@ -142,7 +170,7 @@ impl Engine {
         pixels: &[f32],
         n0: usize,
         selection: BeforeProjector,
-    ) -> Result<(Vec<usize>, u64)> {
+    ) -> Result<Vec<usize>> {
         if self.config.vision_feature_select_strategy != FeatureSelect::Default {
             return Err(Error::argument(
                 "prune.method",
@@ -150,9 +178,7 @@ impl Engine {
             ));
         }
         let tokens = self.vision.tokens();
-        let shape = self.vision.attention_shape();
-        let (partials, scores) = attention::score_buffers(&self.gpu, &shape)?;
-        let score_bytes = partials.buffer.size() + scores.buffer.size();
+        let s1 = self.stage1_buffers(b.features.shape[0])?;
         // Which query rows score the patches: all of them (STAR), or the CLS row only.
         let all_queries = matches!(
             selection,
@@ -164,15 +190,14 @@ impl Engine {
         let out = ScoreOutput {
             q_start: 0,
             q_end: if all_queries { tokens } else { 1 },
-            partials: &partials,
-            scores: &scores,
+            partials: &s1.partials,
+            scores: &s1.scores,
         };
         let needs_scores = !matches!(selection, BeforeProjector::Random { .. });
         self.vision
             .forward(rec, &b.tower, pixels, needs_scores.then_some(out))?;
         rec.set_stage("stage 1");
-        let kept = self.select_and_gather(rec, b, &scores, n0, selection)?;
-        Ok((kept, score_bytes))
+        self.select_and_gather(rec, b, &s1, n0, selection)
     }
 
     /// Choose the kept patches (top-k on the GPU, or VisPruner / random on the host) and gather
@@ -181,7 +206,7 @@ impl Engine {
         &self,
         rec: &mut Recorder,
         b: &ImageBuffers,
-        scores: &Tensor,
+        s1: &Stage1Buffers,
         n0: usize,
         selection: BeforeProjector,
     ) -> Result<Vec<usize>> {
@@ -189,19 +214,15 @@ impl Engine {
         let dv = self.config.vision.hidden_size;
         let n1 = b.features.shape[0];
         // Row list into the encoder output: [CLS, 1 + kept...]; the gather skips CLS.
-        let segment = Segment {
-            total: self.vision.tokens(),
-            start: 1,
-            len: n0,
-        };
-        let rows = Tensor::empty(gpu, &[segment.kept_rows(n1)], DType::U32, "stage1.rows")?;
+        let segment = self.patch_segment();
+        let (scores, rows) = (&s1.scores, &s1.rows);
         let hidden = &b.tower.hidden;
         let kept = match selection {
             BeforeProjector::TopK { keep, .. } => {
-                rec.dispatch(topk::select(gpu, scores, 1, segment, keep, &rows)?);
-                rec.dispatch(topk::gather_rows(gpu, hidden, &rows, 1, keep, &b.features)?);
+                rec.dispatch(topk::select(gpu, scores, 1, segment, keep, rows)?);
+                rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, &b.features)?);
                 rec.submit();
-                let list = gpu.read_u32(&rows)?;
+                let list = gpu.read_u32(rows)?;
                 return Ok(list[1..].iter().map(|&r| r as usize - 1).collect());
             }
             BeforeProjector::VisPruner { keep } => {
@@ -224,7 +245,7 @@ impl Engine {
             .chain(kept.iter().map(|&i| i as u32 + 1))
             .collect();
         rows.write_u32(gpu, &list)?;
-        rec.dispatch(topk::gather_rows(gpu, hidden, &rows, 1, n1, &b.features)?);
+        rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, n1, &b.features)?);
         Ok(kept)
     }
 }

@@ -7,10 +7,12 @@
 //! 4. `decode.rs`: sampling, streamed text, one decoder step per token;
 //! 5. `output.rs`: what the request returns (`--json`).
 //!
-//! `request.rs` holds what a caller asks for. Pruning follows `docs/pruning.md`.
+//! `request.rs` holds what a caller asks for; `memory.rs` creates a request's buffers without
+//! running it (`llava-wgpu memory`). Pruning follows `docs/pruning.md`.
 
 mod decode;
 mod image;
+mod memory;
 mod output;
 mod prefill;
 mod prepare;
@@ -28,7 +30,7 @@ use crate::sample::Sampler;
 use crate::text::EncodedPrompt;
 
 use decode::TokenPicker;
-use image::EncodedImage;
+pub use memory::RequestMemory;
 use output::ms;
 pub use output::{
     Flops, GenerateOutput, ImageFrom, KeptIndices, MemoryReport, Timings, TokenLogprob, TurnReport,
@@ -72,6 +74,8 @@ impl Engine {
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerateOutput> {
         let total = Instant::now();
+        // Peaks from here on belong to this request (the weights stay alive across requests).
+        self.gpu.memory.reset_peaks();
         let t0 = Instant::now();
         let input = self.prepare(session, conversation, settings)?;
         let preprocess_ms = ms(t0);
@@ -87,8 +91,7 @@ impl Engine {
         // greedy decoding reads just the argmax id.
         let host_samples = !sampler.is_greedy() || settings.logprobs.is_some();
         let first_prompt_len = session.first_prompt_len();
-        let one_turn_rows = input.prompt.ids.len() + input.max_new;
-        let (cache, kept_before) = session.take_cache(self, input.reused, one_turn_rows)?;
+        let (cache, kept_before) = session.take_cache(self, &input)?;
         let mut state = self.prefill(&input, image.as_ref(), cache, !host_samples)?;
         let first_logits = self.read_if(
             host_samples || settings.capture_outputs,
@@ -122,9 +125,9 @@ impl Engine {
             prefill_start,
         )?;
 
-        let kv_cache_bytes = state.cache.used_bytes();
+        let kv_cache_bytes = state.cache.allocated_bytes();
+        let memory = MemoryReport::of(&self.gpu.memory_stats());
         let decoded_steps = decoded.ids.len().saturating_sub(1);
-        let memory = self.memory_report(image.as_ref(), &state);
         let turn = TurnReport {
             reused_tokens: input.reused,
             image: match &input.image {
@@ -196,16 +199,6 @@ impl Engine {
             self.gpu.read_f32(tensor)
         } else {
             Ok(Vec::new())
-        }
-    }
-
-    /// GPU bytes allocated for this request and the model.
-    fn memory_report(&self, image: Option<&EncodedImage>, state: &Prefilled) -> MemoryReport {
-        MemoryReport {
-            weights_bytes: self.weight_bytes,
-            kv_cache_bytes: state.cache.used_bytes(),
-            kv_cache_allocated_bytes: state.cache.allocated_bytes(),
-            activation_bytes: image.map_or(0, |i| i.activation_bytes) + state.activation_bytes(),
         }
     }
 

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::gpu::MemoryStats;
 use crate::prune::Plan;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -42,12 +43,33 @@ pub struct Timings {
     pub total: f64,
 }
 
+/// GPU bytes allocated, read from the device's allocation tracker (`gpu/memory.rs`): the sizes
+/// of buffers that existed, not a formula over shapes.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct MemoryReport {
+    /// Weights alive at the end of the request (the loaded model).
     pub weights_bytes: u64,
+    /// The most KV-cache bytes alive at once during the request.
     pub kv_cache_bytes: u64,
-    pub kv_cache_allocated_bytes: u64,
+    /// The most activation bytes alive at once during the request.
     pub activation_bytes: u64,
+    /// The most scratch bytes (uniform blocks, readback staging) alive at once.
+    pub scratch_bytes: u64,
+    /// The most bytes of all kinds alive at once during the request.
+    pub peak_bytes: u64,
+}
+
+impl MemoryReport {
+    /// The request's figures from the tracker's counters (peaks reset when it started).
+    pub fn of(stats: &MemoryStats) -> Self {
+        Self {
+            weights_bytes: stats.live.weights,
+            kv_cache_bytes: stats.peak.kv,
+            activation_bytes: stats.peak.activations,
+            scratch_bytes: stats.peak.scratch,
+            peak_bytes: stats.peak_total,
+        }
+    }
 }
 
 /// Theoretical prefill multiply-adds of the decoder (the cost model of docs/pruning.md).
@@ -71,6 +93,8 @@ pub struct GenerateOutput {
     pub visual_tokens: VisualTokens,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_visual_indices: Option<KeptIndices>,
+    /// Bytes of the KV-cache buffers this request allocated (every layer's K and V, each sized
+    /// for the rows that layer holds: pruned layers are smaller).
     pub kv_cache_bytes: u64,
     pub timings_ms: Timings,
     pub decode_tokens_per_second: f64,

@@ -25,24 +25,103 @@ pub(super) struct Prefilled {
     pub rows: usize,
     /// (rows,) u32: the prompt rows stage 2 kept, when it ran.
     pub stage2_rows: Option<Tensor>,
-    /// Bytes of stage 2's score and compaction buffers.
-    pub stage2_bytes: u64,
 }
 
-impl Prefilled {
-    /// GPU bytes of the language model's activations (the KV cache is counted apart).
-    pub fn activation_bytes(&self) -> u64 {
-        self.buffers.bytes() + self.stage2_bytes + self.next_token.buffer.size()
+/// Rows each decoder layer's cache will hold: its prompt rows (all of them before stage 2's
+/// layer K, the kept ones from K on) and every generated token but the last, which is never
+/// fed back.
+fn kv_capacities(input: &PreparedRequest, layers: usize) -> Vec<usize> {
+    let plan = &input.plan;
+    let text_rows = input.prompt.ids.len() - plan.n1();
+    let generated = input.max_new.saturating_sub(1);
+    plan.tokens_per_layer(text_rows, layers)
+        .into_iter()
+        .map(|rows| rows + generated)
+        .collect()
+}
+
+/// Stage 2's buffers: layer K−1's attention scores and the compaction's row list and gathers.
+pub(super) struct Stage2Buffers {
+    partials: Tensor,
+    /// (prompt rows,) per-key scores.
+    scores: Tensor,
+    /// (kept rows,) u32: the prompt rows kept.
+    rows: Tensor,
+    /// (kept rows, d): the kept hidden rows, before they are copied to the front.
+    hidden: Tensor,
+    /// (kept rows,) u32: their position ids.
+    positions: Tensor,
+}
+
+/// The image rows of the prompt.
+fn image_segment(input: &PreparedRequest) -> Segment {
+    Segment {
+        total: input.prompt.ids.len(),
+        start: input.prompt.image_start,
+        len: input.prompt.image_tokens,
     }
 }
 
-/// Stage 2's outputs: the kept prompt rows and the bytes its buffers take.
-struct Compacted {
-    rows: Tensor,
-    bytes: u64,
+impl Stage2Buffers {
+    /// The kept rows' list, which outlives stage 2 (the others are dropped with it).
+    pub(super) fn into_rows(self) -> Tensor {
+        self.rows
+    }
 }
 
 impl Engine {
+    /// A KV cache sized per layer for a first turn of `input` (see [`kv_capacities`]).
+    pub(super) fn new_kv_cache(&self, input: &PreparedRequest) -> Result<KvCache> {
+        let capacities = kv_capacities(input, self.llama.layers.len());
+        KvCache::new(&self.gpu, &self.config.text, &capacities, self.kv_dtype)
+    }
+
+    /// The decoder's state for the prompt's new rows (those after the `input.reused` ones
+    /// `cache` holds): their activations, the cache, and the GPU-picked token.
+    pub(super) fn prefill_state(
+        &self,
+        input: &PreparedRequest,
+        cache: KvCache,
+    ) -> Result<Prefilled> {
+        let gpu = &self.gpu;
+        let rows = input.prompt.ids.len() - input.reused;
+        Ok(Prefilled {
+            buffers: self.llama.buffers(gpu, rows)?,
+            cache,
+            next_token: Tensor::empty(gpu, &[1], DType::U32, "next_token")?,
+            rows,
+            stage2_rows: None,
+        })
+    }
+
+    /// The buffers stage 2 needs to score the prompt and keep `keep` visual rows.
+    pub(super) fn stage2_buffers(
+        &self,
+        input: &PreparedRequest,
+        keep: usize,
+    ) -> Result<Stage2Buffers> {
+        let (gpu, text) = (&self.gpu, &self.config.text);
+        let prompt_len = input.prompt.ids.len();
+        let shape = AttentionShape {
+            q_rows: prompt_len,
+            kv_rows: prompt_len,
+            heads: text.num_attention_heads,
+            kv_heads: text.num_key_value_heads,
+            head_dim: text.head_dim,
+            causal: true,
+        };
+        let (partials, scores) = attention::score_buffers(gpu, &shape)?;
+        let kept_rows = image_segment(input).kept_rows(keep);
+        let dt = text.hidden_size;
+        Ok(Stage2Buffers {
+            partials,
+            scores,
+            rows: Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.rows")?,
+            hidden: Tensor::empty(gpu, &[kept_rows, dt], DType::F32, "stage2.hidden")?,
+            positions: Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.positions")?,
+        })
+    }
+
     /// Run the prompt's new rows (after the `input.reused` ones `cache` holds) through the
     /// decoder and leave the first token's logits in `buffers.logits` (and, with `gpu_argmax`,
     /// its greedy id in `next_token`). `image` is the projector output on a first turn.
@@ -55,23 +134,14 @@ impl Engine {
     ) -> Result<Prefilled> {
         let gpu = &self.gpu;
         let (prompt_len, reused) = (input.prompt.ids.len(), input.reused);
-        let rows = prompt_len - reused;
-        let buffers = self.llama.buffers(gpu, rows)?;
+        let mut state = self.prefill_state(input, cache)?;
+        let buffers = &state.buffers;
         buffers.hidden.write_f32(gpu, &input.embeddings)?;
         // New rows sit at the positions after the reused ones (STAR's rule: stage 2 never
         // shifts a position).
         buffers
             .positions
             .write_u32(gpu, &(reused as u32..prompt_len as u32).collect::<Vec<_>>())?;
-        let next_token = Tensor::empty(gpu, &[1], DType::U32, "next_token")?;
-        let mut state = Prefilled {
-            buffers,
-            cache,
-            next_token,
-            rows,
-            stage2_rows: None,
-            stage2_bytes: 0,
-        };
         let mut rec = Recorder::new(gpu);
         rec.set_stage("prefill");
         if let Some(image) = image {
@@ -129,18 +199,9 @@ impl Engine {
         input: &PreparedRequest,
         stage2: Stage2,
     ) -> Result<()> {
-        let text = &self.config.text;
         let prompt = &input.prompt;
         let prompt_len = prompt.ids.len();
-        let shape = AttentionShape {
-            q_rows: prompt_len,
-            kv_rows: prompt_len,
-            heads: text.num_attention_heads,
-            kv_heads: text.num_key_value_heads,
-            head_dim: text.head_dim,
-            causal: true,
-        };
-        let (partials, scores) = attention::score_buffers(&self.gpu, &shape)?;
+        let s2 = self.stage2_buffers(input, stage2.keep)?;
         let q_start = match stage2.rows {
             Stage2Rows::TextAfterImage => prompt.image_start + prompt.image_tokens,
             Stage2Rows::LastRow => prompt_len - 1,
@@ -148,58 +209,52 @@ impl Engine {
         let out = ScoreOutput {
             q_start,
             q_end: prompt_len,
-            partials: &partials,
-            scores: &scores,
+            partials: &s2.partials,
+            scores: &s2.scores,
         };
         self.run_layers(rec, state, 0..stage2.layer, Some(out))?;
-        let segment = Segment {
-            total: prompt_len,
-            start: prompt.image_start,
-            len: prompt.image_tokens,
-        };
+        let segment = image_segment(input);
         rec.set_stage("stage 2");
-        let compacted = self.compact_prompt(rec, &state.buffers, &scores, segment, stage2.keep)?;
+        self.compact_prompt(rec, &state.buffers, &s2, segment, stage2.keep)?;
         state.rows = segment.kept_rows(stage2.keep);
-        state.stage2_bytes = partials.buffer.size() + scores.buffer.size() + compacted.bytes;
-        state.stage2_rows = Some(compacted.rows);
+        state.stage2_rows = Some(s2.rows);
         rec.set_stage("prefill");
         self.run_layers(rec, state, stage2.layer..self.llama.layers.len(), None)
     }
 
     /// Keep the text rows and the `keep` top-scored rows of the image `segment`: gather the
-    /// hidden state and position ids of the kept rows to the front of `b`'s buffers.
+    /// hidden state and position ids of the kept rows to the front of `b`'s buffers (the kept
+    /// rows' indices land in `s2.rows`).
     fn compact_prompt(
         &self,
         rec: &mut Recorder,
         b: &LlamaBuffers,
-        scores: &Tensor,
+        s2: &Stage2Buffers,
         segment: Segment,
         keep: usize,
-    ) -> Result<Compacted> {
+    ) -> Result<()> {
         let gpu = &self.gpu;
         let dt = self.config.text.hidden_size;
         let kept_rows = segment.kept_rows(keep);
-        let rows = Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.rows")?;
-        let hidden = Tensor::empty(gpu, &[kept_rows, dt], DType::F32, "stage2.hidden")?;
-        let positions = Tensor::empty(gpu, &[kept_rows], DType::U32, "stage2.positions")?;
+        let (scores, rows, hidden, positions) = (&s2.scores, &s2.rows, &s2.hidden, &s2.positions);
         rec.dispatch(topk::select(
             gpu,
             scores,
             segment.start,
             segment,
             keep,
-            &rows,
+            rows,
         )?);
         rec.dispatch(topk::gather_rows(
-            gpu, &b.hidden, &rows, 0, kept_rows, &hidden,
+            gpu, &b.hidden, rows, 0, kept_rows, hidden,
         )?);
         rec.dispatch(topk::gather_rows(
             gpu,
             &b.positions,
-            &rows,
+            rows,
             0,
             kept_rows,
-            &positions,
+            positions,
         )?);
         // Gather cannot work in place: gather into scratch, then copy back to the front.
         let row_bytes = (dt * 4) as u64;
@@ -217,7 +272,6 @@ impl Engine {
             0,
             kept_rows as u64 * 4,
         );
-        let bytes = rows.buffer.size() + hidden.buffer.size() + positions.buffer.size();
-        Ok(Compacted { rows, bytes })
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ use crate::prune::Plan;
 use crate::text::EncodedPrompt;
 use crate::vision::decode_image;
 
-use super::request::{Conversation, TurnSettings};
+use super::request::{Conversation, GenerateRequest, TurnSettings};
 use super::session::{Session, SessionState};
 
 /// Where the turn's image rows come from.
@@ -79,12 +79,7 @@ impl Engine {
         text: &str,
         settings: &TurnSettings,
     ) -> Result<PreparedRequest> {
-        let n0 = self.config.image_tokens();
-        // The plan needs the text after the image, which tokenizing with N0 tokens tells.
-        let probe = self.tokenizer.encode_with_image(text, n0)?;
-        let text_after_image = probe.ids.len() - probe.image_start - n0;
-        let layers = self.config.text.num_hidden_layers;
-        let plan = settings.prune.plan(n0, layers, text_after_image)?;
+        let (plan, prompt) = self.plan_first(text, settings)?;
         let key = session
             .uses_image_cache()
             .then(|| ImageKey::new(bytes, &image_settings(&plan, settings)));
@@ -99,8 +94,6 @@ impl Engine {
                 ImageStep::Encode { pixels, key }
             }
         };
-        let prompt = self.tokenizer.encode_with_image(text, plan.n1())?;
-        self.check_context(&prompt, plan.n1())?;
         let embeddings = self.prompt_embeddings(&prompt, 0)?;
         Ok(PreparedRequest {
             image,
@@ -110,6 +103,43 @@ impl Engine {
             prompt,
             reused: 0,
             embeddings,
+        })
+    }
+
+    /// A first turn's pruning plan and its prompt tokenized with N1 image tokens.
+    fn plan_first(&self, text: &str, settings: &TurnSettings) -> Result<(Plan, EncodedPrompt)> {
+        let n0 = self.config.image_tokens();
+        // The plan needs the text after the image, which tokenizing with N0 tokens tells.
+        let probe = self.tokenizer.encode_with_image(text, n0)?;
+        let text_after_image = probe.ids.len() - probe.image_start - n0;
+        let layers = self.config.text.num_hidden_layers;
+        let plan = settings.prune.plan(n0, layers, text_after_image)?;
+        let prompt = self.tokenizer.encode_with_image(text, plan.n1())?;
+        self.check_context(&prompt, plan.n1())?;
+        Ok((plan, prompt))
+    }
+
+    /// The prompt's side of a one-shot `request` for [`Engine::allocate_request`]: template,
+    /// tokens and pruning plan, with no image read and no embeddings gathered.
+    pub(super) fn plan_prompt(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
+        let (conversation, settings) = (request.conversation(), request.settings());
+        let text = settings.template.render_conversation(
+            &conversation.messages,
+            conversation.image_in,
+            &self.tokenizer.image_token,
+        )?;
+        let (plan, prompt) = self.plan_first(&text, &settings)?;
+        Ok(PreparedRequest {
+            image: ImageStep::Encode {
+                pixels: Vec::new(),
+                key: None,
+            },
+            image_id: ImageKey::new(&[], ""),
+            plan,
+            max_new: self.max_new(&settings, &prompt),
+            prompt,
+            reused: 0,
+            embeddings: Vec::new(),
         })
     }
 

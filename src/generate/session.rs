@@ -16,20 +16,11 @@ use crate::prune::{Plan, PruneOptions};
 use crate::text::{EncodedPrompt, Template};
 
 use super::output::KeptIndices;
+use super::prepare::PreparedRequest;
 use super::request::{Conversation, TurnSettings};
-
-/// How many rows a session's KV cache holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KvSizing {
-    /// The first prompt and its answer: nothing is appended later (one-shot `generate`).
-    OneTurn,
-    /// The model's whole context, so follow-up turns fit.
-    Context,
-}
 
 /// One conversation with an [`Engine`]; answer its turns with [`Engine::turn`].
 pub struct Session {
-    kv: KvSizing,
     image_cache: bool,
     state: Option<SessionState>,
 }
@@ -59,21 +50,18 @@ impl Default for Session {
 }
 
 impl Session {
-    /// A conversation: its KV cache spans the model's context, and images go through the
+    /// A conversation: its KV cache grows by each turn's rows, and images go through the
     /// engine's image cache.
     pub fn new() -> Self {
         Self {
-            kv: KvSizing::Context,
             image_cache: true,
             state: None,
         }
     }
 
-    /// One question (`Engine::generate`): a KV cache just large enough, and the vision tower
-    /// always runs (its timings and memory are part of what a one-shot run reports).
+    /// One question (`Engine::generate`): the vision tower always runs (its timings and memory are part of what a one-shot run reports).
     pub(super) fn one_shot() -> Self {
         Self {
-            kv: KvSizing::OneTurn,
             image_cache: false,
             state: None,
         }
@@ -123,28 +111,30 @@ impl Session {
         self.state.as_ref().map(|s| &s.plan)
     }
 
-    /// The KV cache for a turn that reuses the first `reused` ids (cut back to them), and the
-    /// kept visual indices of the first turn; a first turn gets a new cache (`one_turn_rows`
-    /// rows when the session answers one turn only). The session holds neither while the GPU
-    /// works, so a turn that fails leaves it empty and its next turn starts over.
+    /// The KV cache for `input`'s turn and the kept visual indices of the first turn. A first
+    /// turn gets a new cache sized per layer for its prompt and answer; a follow-up gets the
+    /// session's cache cut back to the `input.reused` ids it shares, each layer grown (by a GPU
+    /// copy) to hold this turn's new rows and answer too. The session holds neither while the
+    /// GPU works, so a turn that fails leaves it empty and its next turn starts over.
     pub(super) fn take_cache(
         &mut self,
         engine: &Engine,
-        reused: usize,
-        one_turn_rows: usize,
+        input: &PreparedRequest,
     ) -> Result<(KvCache, Option<Option<KeptIndices>>)> {
         match self.state.take() {
             Some(mut state) => {
-                state.truncate(reused);
+                state.truncate(input.reused);
+                let new_rows = input.prompt.ids.len() - input.reused;
+                let generated = input.max_new.saturating_sub(1);
+                for layer in 0..state.cache.layers.len() {
+                    let needed = state.cache.layers[layer].len + new_rows + generated;
+                    if needed > state.cache.layers[layer].capacity() {
+                        state.cache.grow_layer(&engine.gpu, layer, needed)?;
+                    }
+                }
                 Ok((state.cache, Some(state.kept)))
             }
-            None => {
-                let rows = match self.kv {
-                    KvSizing::OneTurn => one_turn_rows,
-                    KvSizing::Context => engine.config.text.max_position_embeddings,
-                };
-                Ok((session_kv(engine, rows)?, None))
-            }
+            None => Ok((engine.new_kv_cache(input)?, None)),
         }
     }
 
@@ -156,13 +146,6 @@ impl Session {
     pub(super) fn first_prompt_len(&self) -> Option<usize> {
         self.state.as_ref().map(|s| s.first_prompt_len)
     }
-}
-
-/// The KV cache a session allocates at its first turn, for `rows` tokens in every layer.
-/// (Where per-layer capacities, with layers ≥ K sized for the pruned rows, and growth by copy
-/// for follow-up turns plug in.)
-fn session_kv(engine: &Engine, rows: usize) -> Result<KvCache> {
-    KvCache::new(&engine.gpu, &engine.config.text, rows)
 }
 
 impl SessionState {

@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::gpu::memory::{GpuBuffer, MemoryKind, MemoryStats, MemoryTracker};
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::profiler::{ProfileReport, Profiler, TimingMode};
 use crate::gpu::shaders::ShaderFlags;
@@ -323,6 +324,8 @@ pub struct Gpu {
     /// The adapter's real storage-binding limit, which activation tensors must fit.
     pub adapter_binding_bytes: u64,
     pub(crate) pipelines: PipelineCache,
+    /// Every buffer created through [`Gpu::create_buffer`] / [`Gpu::create_buffer_init`].
+    pub memory: Arc<MemoryTracker>,
     /// Present while profiling: recorders time every dispatch into it.
     pub(crate) profiler: Mutex<Option<Profiler>>,
     /// Errors wgpu reported outside an error scope; checked at every synchronisation point so a
@@ -425,9 +428,34 @@ impl Gpu {
             max_binding_bytes,
             adapter_binding_bytes: adapter_binding,
             pipelines: PipelineCache::new(),
+            memory: MemoryTracker::new(),
             profiler: Mutex::new(None),
             uncaptured,
         })
+    }
+
+    /// Create a buffer, counted under `kind` (see `memory.rs`): the only way the engine makes one.
+    pub fn create_buffer(
+        &self,
+        descriptor: &wgpu::BufferDescriptor,
+        kind: MemoryKind,
+    ) -> GpuBuffer {
+        self.memory.create_buffer(&self.device, descriptor, kind)
+    }
+
+    /// Create a buffer holding `contents`, counted under `kind`.
+    pub fn create_buffer_init(
+        &self,
+        descriptor: &wgpu::util::BufferInitDescriptor,
+        kind: MemoryKind,
+    ) -> GpuBuffer {
+        self.memory
+            .create_buffer_init(&self.device, descriptor, kind)
+    }
+
+    /// Live and peak bytes of the buffers created on this device, per kind.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.memory.stats()
     }
 
     /// Compute pipelines compiled on this device so far. `Engine::load` compiles every one a

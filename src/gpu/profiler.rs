@@ -10,11 +10,13 @@
 //! wgpu handles it needs rather than a `Gpu`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::gpu::memory::{GpuBuffer, MemoryKind, MemoryTracker};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum TimingMode {
@@ -53,7 +55,7 @@ impl KernelEvent {
 
 /// Timestamps written into a buffer by one submission, read back at the end.
 pub(crate) struct PendingBatch {
-    pub readback: wgpu::Buffer,
+    pub readback: GpuBuffer,
     pub metas: Vec<DispatchMeta>,
 }
 
@@ -93,24 +95,30 @@ impl Profiler {
 
     /// Resolve the queries of `count` timestamps into a mappable buffer (encoded by the caller).
     pub(crate) fn resolve(
+        memory: &Arc<MemoryTracker>,
         device: &wgpu::Device,
         encoder: &mut wgpu::CommandEncoder,
         set: &wgpu::QuerySet,
         count: u32,
-    ) -> wgpu::Buffer {
+    ) -> GpuBuffer {
         let size = count as u64 * 8;
-        let resolve = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamps.resolve"),
-            size,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let readback = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamps.readback"),
-            size,
-            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
-            mapped_at_creation: false,
-        });
+        let buffer = |label, usage| {
+            let descriptor = wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            };
+            memory.create_buffer(device, &descriptor, MemoryKind::Scratch)
+        };
+        let resolve = buffer(
+            "timestamps.resolve",
+            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let readback = buffer(
+            "timestamps.readback",
+            wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+        );
         encoder.resolve_query_set(set, 0..count, &resolve, 0);
         encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, size);
         readback

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
+use crate::gpu::memory::{GpuBuffer, MemoryKind};
 use crate::gpu::tensor::Tensor;
 
 impl Gpu {
@@ -30,13 +31,7 @@ impl Gpu {
         }
         // Copy sizes must be multiples of 4 bytes (always true here) and the staging buffer is
         // rounded up to the copy alignment.
-        let staging_size = size.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: staging_size,
-            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
-            mapped_at_creation: false,
-        });
+        let staging = self.staging_buffer(size);
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -60,6 +55,18 @@ impl Gpu {
         drop(view);
         staging.unmap();
         Ok(words)
+    }
+
+    /// A mappable buffer that `bytes` are copied into to be read on the host (rounded up to the
+    /// copy alignment), counted as scratch.
+    pub fn staging_buffer(&self, bytes: u64) -> GpuBuffer {
+        let descriptor = wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT),
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        };
+        self.create_buffer(&descriptor, MemoryKind::Scratch)
     }
 
     /// The whole tensor as f32 values.

@@ -182,9 +182,15 @@ impl<'g> Recorder<'g> {
                 }
             }
         }
-        let readback = timing
-            .as_ref()
-            .map(|(set, _)| Profiler::resolve(&self.gpu.device, &mut encoder, set, 2 * dispatches));
+        let readback = timing.as_ref().map(|(set, _)| {
+            Profiler::resolve(
+                &self.gpu.memory,
+                &self.gpu.device,
+                &mut encoder,
+                set,
+                2 * dispatches,
+            )
+        });
         self.gpu.queue.submit([encoder.finish()]);
         if let (Some(readback), Some(p)) = (readback, profiler.as_mut()) {
             p.pending.push(PendingBatch { readback, metas });

@@ -28,10 +28,11 @@ pub enum Shader {
     Sample,
     Fma,
     Copy,
+    KvStore,
 }
 
 impl Shader {
-    pub const ALL: [Shader; 10] = [
+    pub const ALL: [Shader; 11] = [
         Shader::Matmul,
         Shader::Gemv,
         Shader::Attention,
@@ -42,6 +43,7 @@ impl Shader {
         Shader::Sample,
         Shader::Fma,
         Shader::Copy,
+        Shader::KvStore,
     ];
 
     /// The file stem, used in labels and error messages.
@@ -57,6 +59,7 @@ impl Shader {
             Shader::Sample => "sample",
             Shader::Fma => "fma",
             Shader::Copy => "copy",
+            Shader::KvStore => "kv_store",
         }
     }
 
@@ -73,6 +76,7 @@ impl Shader {
             Shader::Sample => include_str!("../../shaders/sample.wgsl"),
             Shader::Fma => include_str!("../../shaders/fma.wgsl"),
             Shader::Copy => include_str!("../../shaders/copy.wgsl"),
+            Shader::KvStore => include_str!("../../shaders/kv_store.wgsl"),
         }
     }
 

@@ -8,16 +8,28 @@
 //! and its own dispatch (LLaVA-7B's embed_tokens and lm_head are 262 MB; many GPUs bind 128 MiB).
 
 use half::f16;
-use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
+use crate::gpu::memory::{GpuBuffer, MemoryKind};
 
 /// Element type of an activation tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
     U32,
+    /// IEEE half, two per 32-bit word (low half = even element), as f16 weights are stored:
+    /// read with `unpack2x16float`, which needs no optional feature (the f16 KV cache).
+    F16,
+}
+
+impl DType {
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
 }
 
 /// Storage format of a weight matrix on the GPU.
@@ -150,27 +162,32 @@ impl std::str::FromStr for WeightFormat {
     }
 }
 
+/// COPY_SRC lets a test read a weight's stored layout back (the ggml blocks of a quantized one).
+const WEIGHT_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
 const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
 /// Buffers are rounded up to 16 bytes so the last element can be read as part of a vec4.
-fn padded_size(bytes: usize) -> u64 {
+pub fn padded_size(bytes: usize) -> u64 {
     (bytes.max(16).div_ceil(16) * 16) as u64
 }
 
 /// A row-major activation tensor in one GPU buffer.
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    pub buffer: wgpu::Buffer,
+    pub buffer: GpuBuffer,
     pub shape: Vec<usize>,
     pub dtype: DType,
 }
 
 impl Tensor {
-    fn check_binding(gpu: &Gpu, shape: &[usize], what: &str) -> Result<usize> {
+    fn check_binding(gpu: &Gpu, shape: &[usize], dtype: DType, what: &str) -> Result<usize> {
         let numel: usize = shape.iter().product();
-        let bytes = numel * 4;
+        let bytes = numel * dtype.bytes();
         if bytes as u64 > gpu.adapter_binding_bytes {
             return Err(Error::shape(
                 what,
@@ -184,15 +201,28 @@ impl Tensor {
         Ok(numel)
     }
 
-    /// An uninitialised tensor (contents unspecified: zero on most drivers, never relied upon).
+    /// An uninitialised activation tensor (contents unspecified: zero on most drivers, never
+    /// relied upon).
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType, label: &str) -> Result<Self> {
-        let numel = Self::check_binding(gpu, shape, label)?;
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        Self::empty_as(gpu, shape, dtype, label, MemoryKind::Activations)
+    }
+
+    /// An uninitialised tensor counted under `kind` (e.g. the KV cache).
+    pub fn empty_as(
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        label: &str,
+        kind: MemoryKind,
+    ) -> Result<Self> {
+        let numel = Self::check_binding(gpu, shape, dtype, label)?;
+        let descriptor = wgpu::BufferDescriptor {
             label: Some(label),
-            size: padded_size(numel * 4),
+            size: padded_size(numel * dtype.bytes()),
             usage: STORAGE_USAGE,
             mapped_at_creation: false,
-        });
+        };
+        let buffer = gpu.create_buffer(&descriptor, kind);
         Ok(Self {
             buffer,
             shape: shape.to_vec(),
@@ -206,8 +236,9 @@ impl Tensor {
         dtype: DType,
         words: &[u32],
         label: &str,
+        kind: MemoryKind,
     ) -> Result<Self> {
-        let numel = Self::check_binding(gpu, shape, label)?;
+        let numel = Self::check_binding(gpu, shape, dtype, label)?;
         if words.len() != numel {
             return Err(Error::shape(
                 label,
@@ -219,13 +250,12 @@ impl Tensor {
         }
         let mut padded = words.to_vec();
         padded.resize(padded_size(numel * 4) as usize / 4, 0);
-        let buffer = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::cast_slice(&padded),
-                usage: STORAGE_USAGE,
-            });
+        let descriptor = wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(&padded),
+            usage: STORAGE_USAGE,
+        };
+        let buffer = gpu.create_buffer_init(&descriptor, kind);
         Ok(Self {
             buffer,
             shape: shape.to_vec(),
@@ -233,19 +263,32 @@ impl Tensor {
         })
     }
 
+    /// An activation tensor holding `data`.
     pub fn from_f32(gpu: &Gpu, shape: &[usize], data: &[f32], label: &str) -> Result<Self> {
-        Self::from_words(gpu, shape, DType::F32, bytemuck::cast_slice(data), label)
+        Self::from_f32_as(gpu, shape, data, label, MemoryKind::Activations)
+    }
+
+    /// A tensor holding `data`, counted under `kind` (e.g. a norm weight).
+    pub fn from_f32_as(
+        gpu: &Gpu,
+        shape: &[usize],
+        data: &[f32],
+        label: &str,
+        kind: MemoryKind,
+    ) -> Result<Self> {
+        let words = bytemuck::cast_slice(data);
+        Self::from_words(gpu, shape, DType::F32, words, label, kind)
     }
 
     pub fn from_u32(gpu: &Gpu, shape: &[usize], data: &[u32], label: &str) -> Result<Self> {
-        Self::from_words(gpu, shape, DType::U32, data, label)
+        Self::from_words(gpu, shape, DType::U32, data, label, MemoryKind::Activations)
     }
 
     /// The same buffer seen with another shape of at most as many elements (e.g. the first
     /// `T` rows of a buffer allocated for the longest sequence).
     pub fn view(&self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
-        if numel as u64 * 4 > self.buffer.size() {
+        if (numel * self.dtype.bytes()) as u64 > self.buffer.size() {
             return Err(Error::shape(
                 "tensor view",
                 format!(
@@ -268,7 +311,7 @@ impl Tensor {
 
     /// Size in bytes of the logical contents (without the vec4 padding).
     pub fn bytes(&self) -> u64 {
-        self.numel() as u64 * 4
+        (self.numel() * self.dtype.bytes()) as u64
     }
 
     /// Overwrite the contents from the host (queued; ordered before later submissions).
@@ -325,7 +368,7 @@ fn check_len(name: &str, n: usize, per_row: usize, got: usize, what: &str) -> Re
 /// One row-range of a weight matrix in its own buffer.
 #[derive(Clone, Debug)]
 pub struct WeightChunk {
-    pub buffer: wgpu::Buffer,
+    pub buffer: GpuBuffer,
     /// First output row of the full matrix that this chunk holds.
     pub first_row: usize,
     pub rows: usize,
@@ -459,9 +502,28 @@ impl Weight {
         Ok(rows.min(n.max(1)))
     }
 
-    /// The one place weight buffers are created: splits `W[N, K]` into row chunks that fit a
-    /// storage binding, sizes each with [`WeightFormat::storage_bytes`] and lets `fill_chunk`
-    /// write its words (`fill_chunk(first_row, rows, words)`).
+    /// The buffers of `W[N, K]` in `format` with no data written: the same chunks and sizes
+    /// an upload creates, for `llava-wgpu memory`, which measures a model without loading it.
+    pub fn allocate(
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        Self::build(gpu, name, n, k, format, |_, rows| {
+            let descriptor = wgpu::BufferDescriptor {
+                label: Some(name),
+                size: format.storage_bytes(rows, k),
+                usage: WEIGHT_USAGE,
+                mapped_at_creation: false,
+            };
+            gpu.create_buffer(&descriptor, MemoryKind::Weights)
+        })
+    }
+
+    /// Creates the buffers of `W[N, K]` and lets `fill_chunk` write each chunk's words
+    /// (`fill_chunk(first_row, rows, words)`; a chunk is [`WeightFormat::storage_bytes`] long).
     fn upload(
         gpu: &Gpu,
         name: &str,
@@ -469,6 +531,31 @@ impl Weight {
         k: usize,
         format: WeightFormat,
         mut fill_chunk: impl FnMut(usize, usize, &mut [u32]),
+    ) -> Result<Self> {
+        let mut words = Vec::new();
+        Self::build(gpu, name, n, k, format, |first_row, rows| {
+            words.clear();
+            words.resize(format.storage_bytes(rows, k) as usize / 4, 0u32);
+            fill_chunk(first_row, rows, &mut words);
+            let descriptor = wgpu::util::BufferInitDescriptor {
+                label: Some(name),
+                contents: bytemuck::cast_slice(&words),
+                usage: WEIGHT_USAGE,
+            };
+            gpu.create_buffer_init(&descriptor, MemoryKind::Weights)
+        })
+    }
+
+    /// The one place weight buffers are created: splits `W[N, K]` into row chunks that each fit
+    /// a storage binding and creates each chunk's buffer with `chunk_buffer(first_row, rows)`,
+    /// in row order.
+    fn build(
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+        mut chunk_buffer: impl FnMut(usize, usize) -> GpuBuffer,
     ) -> Result<Self> {
         if n == 0 || k == 0 {
             return Err(Error::shape(name, format!("weight [{n}, {k}] is empty")));
@@ -486,22 +573,10 @@ impl Weight {
             .map_err(|e| Error::shape(name, e.to_string()))?;
         let mut chunks = Vec::new();
         let mut first_row = 0;
-        let mut words = Vec::new();
         while first_row < n {
             let rows = rows_per_chunk.min(n - first_row);
-            words.clear();
-            words.resize(format.storage_bytes(rows, k) as usize / 4, 0u32);
-            fill_chunk(first_row, rows, &mut words);
-            let buffer = gpu
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(name),
-                    contents: bytemuck::cast_slice(&words),
-                    // COPY_SRC lets a test read the stored layout back.
-                    usage: STORAGE_USAGE,
-                });
             chunks.push(WeightChunk {
-                buffer,
+                buffer: chunk_buffer(first_row, rows),
                 first_row,
                 rows,
             });
@@ -525,11 +600,12 @@ impl Weight {
                 format!("bias has {} values for {} output rows", bias.len(), self.n),
             ));
         }
-        self.bias = Some(Tensor::from_f32(
+        self.bias = Some(Tensor::from_f32_as(
             gpu,
             &[self.n],
             bias,
             &format!("{}.bias", self.name),
+            MemoryKind::Weights,
         )?);
         Ok(self)
     }

@@ -1,6 +1,7 @@
-//! Harnesses around the engine, behind `llava-wgpu bench` and `llava-wgpu eval`: they drive it
+//! Harnesses around the engine, behind `llava-wgpu bench`, `eval` and `memory`: they drive it
 //! the way any library user does, and nothing else in the crate depends on them.
 
 pub mod bench;
 pub mod eval;
+pub mod memory;
 pub mod stats;

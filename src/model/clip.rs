@@ -78,24 +78,7 @@ pub struct ClipBuffers {
     pub mlp: Tensor,
 }
 
-impl ClipBuffers {
-    pub fn bytes(&self) -> u64 {
-        [
-            &self.patches,
-            &self.embeddings,
-            &self.hidden,
-            &self.normed,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.attn,
-            &self.mlp,
-        ]
-        .iter()
-        .map(|t| t.buffer.size())
-        .sum()
-    }
-}
+impl ClipBuffers {}
 
 impl ClipEmbeddings {
     fn load(loader: &Loader, c: &VisionConfig) -> Result<Self> {
@@ -112,7 +95,6 @@ impl ClipEmbeddings {
             &values,
             loader.float_format(),
         )?;
-        loader.add_uploaded_bytes(patch_embedding.gpu_bytes());
         // The class embedding only ever sits at position 0: fold it into that position's row.
         let class = loader.f32("class_embedding", &[d])?;
         let mut base = loader.f32("position_embedding.weight", &[tokens, d])?;

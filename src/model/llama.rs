@@ -15,8 +15,8 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::rope::{self, RopeTable};
-use crate::gpu::kernels::{activation, linear};
-use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight};
+use crate::gpu::kernels::{activation, kv_store, linear};
+use crate::gpu::{DType, Gpu, MemoryKind, Recorder, Tensor, Weight};
 use crate::model::config::TextConfig;
 use crate::model::loader::Loader;
 use crate::model::norm::RmsNorm;
@@ -56,59 +56,139 @@ pub struct Llama {
     pub rope: RopeTable,
 }
 
-/// One layer's cached keys and values, f32.
+/// One layer's cached keys and values, f32 or f16 (halves packed two per word).
 pub struct LayerKv {
     /// (capacity, kv_heads · head_dim), rows [0, len) filled, already rotated.
     pub k: Tensor,
-    /// (capacity, kv_heads · head_dim), rows [0, len) filled.
+    /// (capacity, kv_heads · head_dim), rows [0, len) filled, same element type as `k`.
     pub v: Tensor,
     /// Rows filled (layers after a stage-2 drop hold fewer than those before it).
     pub len: usize,
 }
 
-/// Keys and values of every layer, for up to `capacity` tokens.
+/// Keys and values of every decoder layer. Each layer is allocated for the rows it will hold:
+/// after a stage-2 drop, layers K.. hold only the kept rows, so pruning frees their bytes.
 pub struct KvCache {
     /// One entry per decoder layer.
     pub layers: Vec<LayerKv>,
-    pub capacity: usize,
 }
 
 impl KvCache {
-    pub fn new(gpu: &Gpu, config: &TextConfig, capacity: usize) -> Result<Self> {
+    /// A cache whose layer `i` holds up to `capacities[i]` rows of `dtype` (F32 or F16).
+    pub fn new(gpu: &Gpu, config: &TextConfig, capacities: &[usize], dtype: DType) -> Result<Self> {
+        if dtype == DType::U32 {
+            return Err(Error::argument(
+                "kv",
+                "the KV cache holds f32 or f16 values",
+            ));
+        }
+        if capacities.len() != config.num_hidden_layers {
+            return Err(Error::shape(
+                "kv cache",
+                format!(
+                    "{} layer capacities for {} decoder layers",
+                    capacities.len(),
+                    config.num_hidden_layers
+                ),
+            ));
+        }
         let width = config.num_key_value_heads * config.head_dim;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                Ok(LayerKv {
-                    k: Tensor::empty(gpu, &[capacity, width], DType::F32, &format!("kv.k.{i}"))?,
-                    v: Tensor::empty(gpu, &[capacity, width], DType::F32, &format!("kv.v.{i}"))?,
-                    len: 0,
-                })
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { layers, capacity })
-    }
-
-    /// GPU bytes the filled part of the cache occupies (what pruning shrinks).
-    pub fn used_bytes(&self) -> u64 {
-        self.layers
+        let layers = capacities
             .iter()
-            .map(|l| 2 * l.len as u64 * l.k.shape[1] as u64 * 4)
-            .sum()
+            .enumerate()
+            .map(|(i, &capacity)| LayerKv::new(gpu, i, capacity, width, dtype))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
     }
 
+    /// A cache with the same capacity in every layer.
+    pub fn uniform(gpu: &Gpu, config: &TextConfig, capacity: usize, dtype: DType) -> Result<Self> {
+        Self::new(
+            gpu,
+            config,
+            &vec![capacity; config.num_hidden_layers],
+            dtype,
+        )
+    }
+
+    /// Bytes of the cache's buffers (every layer's K and V, as allocated).
     pub fn allocated_bytes(&self) -> u64 {
         self.layers
             .iter()
             .map(|l| l.k.buffer.size() + l.v.buffer.size())
             .sum()
     }
+
+    /// Give layer `layer` room for `capacity` rows, keeping its filled rows: new buffers, a GPU
+    /// copy of rows [0, len), and the old buffers released (a follow-up turn of a conversation
+    /// needs more rows than its first request planned for). A capacity below the rows held is
+    /// refused.
+    pub fn grow_layer(&mut self, gpu: &Gpu, layer: usize, capacity: usize) -> Result<()> {
+        let Some(kv) = self.layers.get_mut(layer) else {
+            return Err(Error::argument(
+                "layer",
+                format!(
+                    "the cache has {} layers, not {}",
+                    self.layers.len(),
+                    layer + 1
+                ),
+            ));
+        };
+        if capacity < kv.len {
+            return Err(Error::argument(
+                "capacity",
+                format!(
+                    "layer {layer} holds {} rows; a capacity of {capacity} would drop some",
+                    kv.len
+                ),
+            ));
+        }
+        let bigger = LayerKv::new(gpu, layer, capacity, kv.width(), kv.k.dtype)?;
+        let filled = kv.len as u64 * kv.row_bytes();
+        let mut rec = Recorder::new(gpu);
+        rec.copy(&kv.k.buffer, 0, &bigger.k.buffer, 0, filled);
+        rec.copy(&kv.v.buffer, 0, &bigger.v.buffer, 0, filled);
+        rec.finish("kv cache growth")?;
+        *kv = LayerKv {
+            len: kv.len,
+            ..bigger
+        };
+        Ok(())
+    }
 }
 
 impl LayerKv {
-    /// Queue copying the rows of `k` and `v` after the filled ones; returns the first new row.
+    fn new(gpu: &Gpu, layer: usize, capacity: usize, width: usize, dtype: DType) -> Result<Self> {
+        let buffer = |name: &str| {
+            let label = format!("kv.{name}.{layer}");
+            Tensor::empty_as(gpu, &[capacity, width], dtype, &label, MemoryKind::Kv)
+        };
+        Ok(Self {
+            k: buffer("k")?,
+            v: buffer("v")?,
+            len: 0,
+        })
+    }
+
+    /// Rows the layer has room for.
+    pub fn capacity(&self) -> usize {
+        self.k.shape[0]
+    }
+
+    /// Elements per row: kv_heads · head_dim.
+    pub fn width(&self) -> usize {
+        self.k.shape[1]
+    }
+
+    fn row_bytes(&self) -> u64 {
+        (self.width() * self.k.dtype.bytes()) as u64
+    }
+
+    /// Queue writing the f32 rows of `k` and `v` after the filled ones (a copy into an f32
+    /// cache, a conversion into an f16 one); returns the first new row.
     fn append(&mut self, rec: &mut Recorder, k: &Tensor, v: &Tensor) -> Result<usize> {
-        let (rows, width) = k.rows_cols();
-        let capacity = self.k.shape[0];
+        let rows = k.rows_cols().0;
+        let capacity = self.capacity();
         let start = self.len;
         if start + rows > capacity {
             return Err(Error::argument(
@@ -119,10 +199,19 @@ impl LayerKv {
                 ),
             ));
         }
-        let row_bytes = width as u64 * 4;
-        let (offset, size) = (start as u64 * row_bytes, rows as u64 * row_bytes);
-        rec.copy(&k.buffer, 0, &self.k.buffer, offset, size);
-        rec.copy(&v.buffer, 0, &self.v.buffer, offset, size);
+        if self.k.dtype == DType::F16 {
+            let gpu = rec.gpu();
+            let stores = [
+                kv_store::store_f16(gpu, k, &self.k, start)?,
+                kv_store::store_f16(gpu, v, &self.v, start)?,
+            ];
+            rec.dispatch_all(stores);
+        } else {
+            let row_bytes = self.row_bytes();
+            let (offset, size) = (start as u64 * row_bytes, rows as u64 * row_bytes);
+            rec.copy(&k.buffer, 0, &self.k.buffer, offset, size);
+            rec.copy(&v.buffer, 0, &self.v.buffer, offset, size);
+        }
         self.len = start + rows;
         Ok(start)
     }
@@ -160,26 +249,6 @@ pub struct LlamaBuffers {
 }
 
 impl LlamaBuffers {
-    pub fn bytes(&self) -> u64 {
-        [
-            &self.hidden,
-            &self.normed,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.attn,
-            &self.gate_up,
-            &self.act,
-            &self.positions,
-            &self.last,
-            &self.last_normed,
-            &self.logits,
-        ]
-        .iter()
-        .map(|t| t.buffer.size())
-        .sum()
-    }
-
     /// Views of the first `t` rows of every per-token buffer (the same GPU memory).
     pub fn first_rows(&self, t: usize) -> Result<Self> {
         let rows = |x: &Tensor| x.view(&[t, x.shape[1]]);
@@ -342,7 +411,6 @@ impl Llama {
             config.head_dim,
             config.max_position_embeddings,
         )?;
-        loader.add_uploaded_bytes(rope.table.buffer.size());
         Ok(Self {
             config: config.clone(),
             layers,

@@ -35,6 +35,16 @@ pub struct EngineOptions {
     pub vision_weight_format: Option<WeightFormat>,
     /// Show a progress bar on stderr while weights upload.
     pub progress: bool,
+    /// Create every weight buffer without uploading data (and compile no pipelines): the
+    /// `memory` command measures a model's allocations this way. Such an engine cannot answer
+    /// requests.
+    pub allocate_only: bool,
+    /// Load only the first N decoder layers: real widths at a truncated depth, for benchmarks
+    /// of large models on small devices (the answers are not the model's).
+    pub text_layers: Option<usize>,
+    /// Element type of the KV cache: `DType::F16` (half the bytes) or `DType::F32`. None: f16
+    /// where the adapter has SHADER_F16, f32 otherwise.
+    pub kv: Option<DType>,
 }
 
 impl Default for EngineOptions {
@@ -44,6 +54,9 @@ impl Default for EngineOptions {
             weight_format: WeightFormat::F16,
             vision_weight_format: None,
             progress: false,
+            allocate_only: false,
+            text_layers: None,
+            kv: None,
         }
     }
 }
@@ -71,8 +84,10 @@ pub struct Engine {
     pub vision: ClipVision,
     pub projector: Projector,
     pub llama: Llama,
-    /// GPU bytes of all weights.
+    /// GPU bytes of all weights (the tracker's count after loading).
     pub weight_bytes: u64,
+    /// Element type of every request's KV cache (F32 or F16).
+    pub kv_dtype: DType,
     pub load_ms: f64,
     /// Projector outputs of images already seen, shared by every session (not by one-shot
     /// `generate`, whose timings must measure the vision tower).
@@ -132,9 +147,31 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Self> {
         let start = Instant::now();
+        let mut config = config;
+        if let Some(layers) = options.text_layers {
+            let depth = config.text.num_hidden_layers;
+            if layers == 0 || layers > depth {
+                return Err(Error::argument(
+                    "text_layers",
+                    format!("{layers} is not between 1 and the model's {depth} decoder layers"),
+                ));
+            }
+            config.text.num_hidden_layers = layers;
+        }
         // The one weight no kernel launcher sees: its rows are gathered on the host.
         checkpoint.check_embedding_width("text.embed_tokens.weight", config.text.hidden_size)?;
         let gpu = Gpu::new(options.gpu.clone())?;
+        let kv_dtype = match options.kv {
+            Some(DType::U32) => {
+                return Err(Error::argument(
+                    "kv",
+                    "the KV cache holds f16 or f32 values",
+                ))
+            }
+            Some(dtype) => dtype,
+            None if gpu.caps.shader_f16 => DType::F16,
+            None => DType::F32,
+        };
 
         let vision_layers = config.vision_layers_to_run();
         let steps = (vision_layers + 1 + config.text.num_hidden_layers + 2) as u64;
@@ -150,7 +187,12 @@ impl Engine {
         } else {
             ProgressBar::hidden()
         };
-        let root = Loader::new(&gpu, &checkpoint, options.weight_format);
+        let root = Loader::new(
+            &gpu,
+            &checkpoint,
+            options.weight_format,
+            options.allocate_only,
+        );
         let vision_root = root.with_format(options.vision_format());
         let vision = ClipVision::load(
             &vision_root.scope("vision"),
@@ -161,7 +203,7 @@ impl Engine {
         let projector = Projector::load(&vision_root.scope("projector"), &config)?;
         bar.inc(1);
         let llama = Llama::load(&root, &config.text, || bar.inc(1))?;
-        let weight_bytes = root.uploaded_bytes();
+        let weight_bytes = gpu.memory_stats().live.weights;
         bar.finish_and_clear();
         gpu.wait("weight upload")?;
         let engine = Self {
@@ -175,10 +217,13 @@ impl Engine {
             projector,
             llama,
             weight_bytes,
+            kv_dtype,
             load_ms: 0.0,
             image_cache: Mutex::new(ImageCache::new(DEFAULT_IMAGE_CACHE_BYTES)),
         };
-        engine.compile_pipelines()?;
+        if !options.allocate_only {
+            engine.compile_pipelines()?;
+        }
         Ok(Self {
             load_ms: start.elapsed().as_secs_f64() * 1e3,
             ..engine
@@ -249,7 +294,7 @@ impl Engine {
         let buffers = self.llama.buffers(gpu, 2)?;
         let layers = text.num_hidden_layers;
         for t in [2, 1] {
-            let mut cache = KvCache::new(gpu, text, 2)?;
+            let mut cache = KvCache::uniform(gpu, text, 2, self.kv_dtype)?;
             self.llama
                 .forward_layers(rec, &buffers, t, &mut cache, 0..layers, None)?;
         }
@@ -268,7 +313,7 @@ impl Engine {
             partials: &partials,
             scores: &scores,
         };
-        let mut cache = KvCache::new(gpu, text, 2)?;
+        let mut cache = KvCache::uniform(gpu, text, 2, self.kv_dtype)?;
         self.llama
             .forward_layers(rec, &buffers, 2, &mut cache, 0..1, Some(out))?;
         let segment = Segment::whole(2);

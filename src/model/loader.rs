@@ -5,36 +5,40 @@
 //! loads its own fields from the scope its parent hands it, so a key in an error message leads
 //! straight to the struct that asked for it, as in candle's `VarBuilder::pp`.
 
-use std::cell::Cell;
 use std::fmt::Display;
-use std::rc::Rc;
 
 use crate::error::Result;
 use crate::gpu::tensor::QUANT_BLOCK;
-use crate::gpu::{Gpu, Tensor, Weight, WeightFormat};
+use crate::gpu::{Gpu, MemoryKind, Tensor, Weight, WeightFormat};
 use crate::model::weights::Checkpoint;
 
-/// Reads tensors under one key prefix and uploads them, tallying the GPU bytes every scope of
-/// the same root loader takes.
+/// Reads tensors under one key prefix and uploads them (counted as weights by the device's
+/// allocation tracker).
 #[derive(Clone)]
 pub struct Loader<'a> {
     pub gpu: &'a Gpu,
     pub checkpoint: &'a Checkpoint,
     /// Format of matrix weights (norm weights, biases and embeddings stay f32).
     pub format: WeightFormat,
+    /// Create the matrix weights' buffers without reading or uploading their values (shapes
+    /// are still checked): `llava-wgpu memory` measures a model this way.
+    pub allocate_only: bool,
     prefix: String,
-    /// Shared by every scope: the total a model's weights take on the GPU.
-    uploaded_bytes: Rc<Cell<u64>>,
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(gpu: &'a Gpu, checkpoint: &'a Checkpoint, format: WeightFormat) -> Self {
+    pub fn new(
+        gpu: &'a Gpu,
+        checkpoint: &'a Checkpoint,
+        format: WeightFormat,
+        allocate_only: bool,
+    ) -> Self {
         Self {
             gpu,
             checkpoint,
             format,
+            allocate_only,
             prefix: String::new(),
-            uploaded_bytes: Rc::new(Cell::new(0)),
         }
     }
 
@@ -55,16 +59,6 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// GPU bytes uploaded so far through this loader and all its scopes.
-    pub fn uploaded_bytes(&self) -> u64 {
-        self.uploaded_bytes.get()
-    }
-
-    /// Count GPU memory a module allocated itself (e.g. a precomputed table).
-    pub fn add_uploaded_bytes(&self, bytes: u64) {
-        self.uploaded_bytes.set(self.uploaded_bytes.get() + bytes);
-    }
-
     /// The linear layer `name`: `name.weight` [n, k] and, if `bias`, `name.bias` [n].
     pub fn linear(&self, name: &str, n: usize, k: usize, bias: bool) -> Result<Weight> {
         self.linear_stack(&[name], n, k, bias)
@@ -82,39 +76,15 @@ impl<'a> Loader<'a> {
         let keys: Vec<String> = names.iter().map(|name| self.key(name)).collect();
         let label = keys.join("+");
         let n = n_each * keys.len();
-        let mut weight = match self.format_for(&label, k) {
-            format @ (WeightFormat::Q8_0 | WeightFormat::Q4_0) => {
-                let mut blocks = Vec::new();
-                for key in &keys {
-                    let name = format!("{key}.weight");
-                    blocks.extend_from_slice(&self.checkpoint.blocks(
-                        &name,
-                        &[n_each, k],
-                        format,
-                    )?);
-                }
-                Weight::from_blocks(self.gpu, &label, n, k, format, &blocks)?
+        let format = self.format_for(&label, k);
+        let mut weight = if self.allocate_only {
+            for key in &keys {
+                self.checkpoint
+                    .check(&format!("{key}.weight"), &[n_each, k])?;
             }
-            WeightFormat::F16 => {
-                let mut values = Vec::with_capacity(n * k);
-                for key in &keys {
-                    values.extend(
-                        self.checkpoint
-                            .f16(&format!("{key}.weight"), &[n_each, k])?,
-                    );
-                }
-                Weight::from_f16(self.gpu, &label, n, k, &values)?
-            }
-            WeightFormat::F32 => {
-                let mut values = Vec::with_capacity(n * k);
-                for key in &keys {
-                    values.extend(
-                        self.checkpoint
-                            .f32(&format!("{key}.weight"), &[n_each, k])?,
-                    );
-                }
-                Weight::from_f32(self.gpu, &label, n, k, &values, WeightFormat::F32)?
-            }
+            Weight::allocate(self.gpu, &label, n, k, format)?
+        } else {
+            self.upload_matrix(&keys, &label, n_each, k, format)?
         };
         if bias {
             let mut values = Vec::with_capacity(n);
@@ -123,7 +93,6 @@ impl<'a> Loader<'a> {
             }
             weight = weight.with_bias(self.gpu, &values)?;
         }
-        self.add_uploaded_bytes(weight.gpu_bytes());
         Ok(weight)
     }
 
@@ -161,6 +130,53 @@ impl<'a> Loader<'a> {
         self.format
     }
 
+    /// The weights `keys` stacked into one [n_each · keys, k] matrix, uploaded in `format`
+    /// (quantized formats from the checkpoint's blocks, or quantized now).
+    fn upload_matrix(
+        &self,
+        keys: &[String],
+        label: &str,
+        n_each: usize,
+        k: usize,
+        format: WeightFormat,
+    ) -> Result<Weight> {
+        let n = n_each * keys.len();
+        Ok(match format {
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
+                let mut blocks = Vec::new();
+                for key in keys {
+                    let name = format!("{key}.weight");
+                    blocks.extend_from_slice(&self.checkpoint.blocks(
+                        &name,
+                        &[n_each, k],
+                        format,
+                    )?);
+                }
+                Weight::from_blocks(self.gpu, label, n, k, format, &blocks)?
+            }
+            WeightFormat::F16 => {
+                let mut values = Vec::with_capacity(n * k);
+                for key in keys {
+                    values.extend(
+                        self.checkpoint
+                            .f16(&format!("{key}.weight"), &[n_each, k])?,
+                    );
+                }
+                Weight::from_f16(self.gpu, label, n, k, &values)?
+            }
+            WeightFormat::F32 => {
+                let mut values = Vec::with_capacity(n * k);
+                for key in keys {
+                    values.extend(
+                        self.checkpoint
+                            .f32(&format!("{key}.weight"), &[n_each, k])?,
+                    );
+                }
+                Weight::from_f32(self.gpu, label, n, k, &values, WeightFormat::F32)?
+            }
+        })
+    }
+
     /// The tensor `name` as f32 values on the host, checked against `shape`.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         self.checkpoint.f32(&self.key(name), shape)
@@ -174,8 +190,13 @@ impl<'a> Loader<'a> {
 
     /// Upload host values as the f32 tensor `name` of this scope.
     pub fn upload(&self, name: &str, shape: &[usize], values: &[f32]) -> Result<Tensor> {
-        let t = Tensor::from_f32(self.gpu, shape, values, &self.key(name))?;
-        self.add_uploaded_bytes(t.buffer.size());
+        let t = Tensor::from_f32_as(
+            self.gpu,
+            shape,
+            values,
+            &self.key(name),
+            MemoryKind::Weights,
+        )?;
         Ok(t)
     }
 }

@@ -376,6 +376,15 @@ impl Checkpoint {
         ))
     }
 
+    /// Check that a tensor exists with the expected shape, reading no values (the `memory`
+    /// command allocates weights without uploading them).
+    pub fn check(&self, canonical: &str, shape: &[usize]) -> Result<()> {
+        if let Some(check) = self.synthetic_shape(canonical, shape) {
+            return check;
+        }
+        self.get(canonical)?.check_shape(shape)
+    }
+
     /// A tensor as f32 values, checked against the expected shape.
     pub fn f32(&self, canonical: &str, shape: &[usize]) -> Result<Vec<f32>> {
         if let Some(check) = self.synthetic_shape(canonical, shape) {

@@ -138,6 +138,7 @@ async fn health(State(app): State<Shared>) -> Response {
         "cancelled": n(&s.cancelled),
         "session_hits": n(&s.session_hits),
         "resident_bytes": resident_bytes(),
+        "gpu_live_bytes": n(&s.gpu_live_bytes),
     }))
     .into_response()
 }

@@ -57,6 +57,8 @@ pub struct Stats {
     /// Turns that reused a session's KV cache.
     pub session_hits: AtomicU64,
     pub queued: AtomicU64,
+    /// GPU bytes alive (the engine's allocation tracker) after the last answered request.
+    pub gpu_live_bytes: AtomicU64,
 }
 
 pub struct Worker {
@@ -143,6 +145,8 @@ impl Worker {
         };
         let _ = job.events.send(event);
         self.keep_session(session);
+        let live = self.engine.gpu.memory_stats().live.total();
+        self.stats.gpu_live_bytes.store(live, Ordering::Relaxed);
     }
 
     /// OpenAI's `logprobs.content`: per generated token its text, its log-probability (null

@@ -54,13 +54,20 @@ impl AttentionTiling {
         vec4s * 16
     }
 
+    /// The constants for an f32 K/V (see [`AttentionTiling::constants_for`]).
     pub fn constants(&self) -> Constants {
+        self.constants_for(DType::F32)
+    }
+
+    /// The constants for K/V of element type `kv` (f32, or f16 packed two per word).
+    pub fn constants_for(&self, kv: DType) -> Constants {
         Constants::new(&[
             ("BM", self.block_rows),
             ("BN", self.key_tile),
             ("THREADS", self.threads),
             ("STRIDE", self.stride()),
             ("REDUCE_THREADS", self.reduce_threads),
+            ("KV_F16", u32::from(kv == DType::F16)),
         ])
     }
 }
@@ -278,11 +285,16 @@ fn check_tensors(
     }
     for (name, t) in [("K", k), ("V", v)] {
         let (rows, cols) = t.rows_cols();
-        if t.dtype != DType::F32 || cols != shape.kv_heads * d || rows < shape.kv_rows {
+        let dtype_ok = t.dtype == DType::F32 || (t.dtype == DType::F16 && cols % 2 == 0);
+        if !dtype_ok || t.dtype != k.dtype || cols != shape.kv_heads * d || rows < shape.kv_rows {
             return fail(
                 name,
                 t,
-                format!("f32 [C ≥ {}, {}]", shape.kv_rows, shape.kv_heads * d),
+                format!(
+                    "f32 or f16 (both alike, even width) [C ≥ {}, {}]",
+                    shape.kv_rows,
+                    shape.kv_heads * d
+                ),
             );
         }
     }
@@ -404,7 +416,7 @@ pub fn attention(
     let Some(so) = scores else {
         let (flops, bytes) = main_pass_cost(shape);
         let dispatch = KernelCall::new(gpu, Shader::Attention, "attention")
-            .constants(TILING.constants())
+            .constants(TILING.constants_for(k.dtype))
             .params(&plain_params(shape, scale))
             .read(&q.buffer)
             .read(&k.buffer)
@@ -454,7 +466,7 @@ fn attention_with_scores(
     let partial_bytes = (partial_rows * kv_rows * 4) as u64;
     let call = |entry: &'static str| {
         KernelCall::new(gpu, Shader::Attention, entry)
-            .constants(TILING.constants())
+            .constants(TILING.constants_for(k.dtype))
             .params(&params)
             .read(&q.buffer)
             .read(&k.buffer)

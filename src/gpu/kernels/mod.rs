@@ -8,6 +8,7 @@ pub mod activation;
 pub mod attention;
 pub mod copy;
 pub mod fma;
+pub mod kv_store;
 pub mod linear;
 pub mod norm;
 pub mod rope;
@@ -16,6 +17,7 @@ pub mod topk;
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
+use crate::gpu::memory::{GpuBuffer, MemoryKind};
 pub use crate::gpu::pipelines::Access;
 pub use crate::gpu::pipelines::ModuleKey;
 use crate::gpu::pipelines::PipelineKey;
@@ -60,7 +62,7 @@ pub struct Dispatch {
     /// Analytic bytes read and written from global memory.
     pub bytes: u64,
     /// The uniform parameter block (kept so a caller may rewrite it between submissions).
-    pub params: wgpu::Buffer,
+    pub params: GpuBuffer,
 }
 
 /// Builds a [`Dispatch`]: bindings are added in shader order starting at binding 1.
@@ -145,13 +147,13 @@ impl<'a> KernelCall<'a> {
         let mut params = self.params;
         // Uniform blocks are padded to 16 bytes, as WGSL's uniform layout requires.
         params.resize(params.len().max(16).next_multiple_of(16), 0);
-        let params_buffer = wgpu::util::DeviceExt::create_buffer_init(
-            &self.gpu.device,
+        let params_buffer = self.gpu.create_buffer_init(
             &wgpu::util::BufferInitDescriptor {
                 label: Some(kernel),
                 contents: &params,
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             },
+            MemoryKind::Scratch,
         );
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
@@ -225,6 +227,7 @@ mod tests {
             Shader::Sample => sample::WORKGROUP.constants(),
             Shader::Fma => fma::WORKGROUP.constants(),
             Shader::Copy => copy::WORKGROUP.constants(),
+            Shader::KvStore => kv_store::WORKGROUP.constants(),
         }
     }
 

@@ -6,6 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Dispatch, KernelCall, Shader, WorkgroupSize};
+use crate::gpu::memory::MemoryKind;
 use crate::gpu::tensor::{DType, Tensor};
 
 /// Threads per workgroup, one per rotated pair (WG in the shader).
@@ -55,7 +56,13 @@ impl RopeTable {
                 data.push(a.sin() as f32);
             }
         }
-        let table = Tensor::from_f32(gpu, &[positions, half, 2], &data, "rope_table")?;
+        let table = Tensor::from_f32_as(
+            gpu,
+            &[positions, half, 2],
+            &data,
+            "rope_table",
+            MemoryKind::Weights,
+        )?;
         Ok(Self {
             table,
             positions,

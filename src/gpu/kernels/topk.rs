@@ -267,6 +267,12 @@ pub fn gather_rows(
     let kernel = match src.dtype {
         DType::F32 => "gather_rows_f32",
         DType::U32 => "gather_rows_u32",
+        DType::F16 => {
+            return Err(Error::shape(
+                "gather_rows",
+                "gathers 32-bit elements; an f16 tensor's rows are not gathered",
+            ))
+        }
     };
     KernelCall::new(gpu, Shader::Topk, "gather_rows")
         .flags(Default::default())
@@ -336,7 +342,7 @@ fn check_gather(
             ),
         ));
     }
-    if src.buffer == dst.buffer {
+    if *src.buffer == *dst.buffer {
         return Err(Error::argument(
             "dst",
             "must be a different buffer from src (gather is not in place)",

@@ -121,7 +121,7 @@ fn bench_image(size: u32) -> Result<PathBuf> {
 
 /// About 55 text tokens after the image, like a detailed question (a synthetic model's
 /// tokenizer only knows `t<N>` words).
-fn bench_prompt(engine: &Engine) -> String {
+pub fn bench_prompt(engine: &Engine) -> String {
     if engine.checkpoint.dir().is_dir() {
         "Describe every object in this picture: its colour, its shape, where it is, and how it relates to the others. ".repeat(3)
     } else {
@@ -361,10 +361,14 @@ pub fn load_engine(
         (Some(dir), _) => Ok((Engine::load(dir, options)?, dir.display().to_string())),
         (None, name) => {
             let name = name.unwrap_or("small");
+            let depth = match options.text_layers {
+                Some(n) => format!(", first {n} decoder layers"),
+                None => String::new(),
+            };
             let format = options.weight_format.name();
             Ok((
                 Engine::synthetic(name, options)?,
-                format!("preset {name} (random weights, language model in {format})"),
+                format!("preset {name} (random weights, language model in {format}{depth})"),
             ))
         }
     }

@@ -8,11 +8,11 @@
 //! 2. `clients` concurrent clients × `per_client` requests: every request must be answered
 //!    (200) or refused (503); a transport error or any other status counts as lost.
 //! 3. Resident memory (the process's RSS, as `/health` reports it) after a warm-up and after
-//!    `soak` more requests, as growth in percent. GPU bytes are not tracked by this branch:
-//!    `gpu_bytes_*` stay None until the engine's allocation tracker lands (the hook is
-//!    [`gpu_bytes`]).
+//!    `soak` more requests, as growth in percent, and the GPU bytes alive by the engine's
+//!    allocation tracker at the same two points ([`gpu_bytes`]).
 
 use std::io::{BufRead, BufReader, Cursor};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,10 +54,10 @@ pub struct ServeReport {
     pub gpu_bytes_end: Option<u64>,
 }
 
-/// GPU bytes the engine has allocated: None until the allocation tracker exists (the `memory`
-/// branch's tracker plugs in here).
-pub fn gpu_bytes(_server: &Server) -> Option<u64> {
-    None
+/// GPU bytes the engine's allocation tracker counted alive after the server's last answer
+/// (weights, image cache, kept sessions' KV caches and every other live buffer).
+pub fn gpu_bytes(server: &Server) -> Option<u64> {
+    Some(server.stats.gpu_live_bytes.load(Ordering::Relaxed))
 }
 
 pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport> {

@@ -46,10 +46,9 @@ pub fn resident_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// GPU bytes the engine has allocated. The `memory` branch's allocation tracker plugs in here;
-/// until then nothing counts them, and the report says so rather than print a formula.
-pub fn gpu_allocated_bytes(_engine: &Engine) -> Option<u64> {
-    None
+/// GPU bytes alive now, as the engine's allocation tracker counts every buffer it creates.
+pub fn gpu_allocated_bytes(engine: &Engine) -> Option<u64> {
+    Some(engine.gpu.memory_stats().live.total())
 }
 
 /// Every pruning setting a soak cycles through: none, and every method at every budget below

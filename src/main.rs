@@ -746,7 +746,7 @@ fn bench_soak(
     }
     if !report.within_budget() {
         anyhow::bail!(
-            "resident memory grew by more than {:.0}% (or could not be read)",
+            "resident or GPU memory grew by more than {:.0}% (or could not be read)",
             100.0 * harness::bench::soak::MAX_GROWTH
         );
     }

@@ -153,7 +153,7 @@ fn quantized_reference(name: &str) -> (Vec<usize>, Vec<u8>) {
     (t.shape().to_vec(), t.data().to_vec())
 }
 
-/// Q8_0 and Q4_0 decoder weights (vision in f32, as the reference keeps it): the engine must
+/// Q8_0 and Q4_0 decoder weights (vision and KV cache in f32, as the reference keeps them): the engine must
 /// compute what transformers computes with the dequantized weights.
 #[test]
 fn quantized_weights_match_transformers_fed_dequantized_weights() {
@@ -161,6 +161,7 @@ fn quantized_weights_match_transformers_fed_dequantized_weights() {
         let options = EngineOptions {
             weight_format: format,
             vision_weight_format: Some(WeightFormat::F32),
+            kv: Some(DType::F32),
             ..Default::default()
         };
         let engine = Engine::load(&fixture::model_dir(), options).unwrap();

@@ -171,9 +171,11 @@ fn impossible_settings_are_refused() {
 use llava_wgpu::gpu::WeightFormat;
 use llava_wgpu::prune::top_k;
 
+/// f32 weights and an f32 KV cache: the exact path the transformers references are held to.
 fn engine_f32() -> Engine {
     let options = EngineOptions {
         weight_format: WeightFormat::F32,
+        kv: Some(DType::F32),
         ..Default::default()
     };
     Engine::load(&fixture::model_dir(), options).unwrap()

@@ -12,6 +12,7 @@ mod fixture;
 use std::path::PathBuf;
 
 use llava_wgpu::generate::{Conversation, ImageFrom, ImageInput, Session, TurnSettings};
+use llava_wgpu::gpu::DType;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::text::{Message, Role, Template};
 use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
@@ -178,7 +179,11 @@ fn star_follow_up_keeps_the_first_turns_visual_tokens() {
     let width = engine.config.text.num_key_value_heads * engine.config.text.head_dim;
     let held = a2.prompt_tokens + a2.generated_ids.len() - 1;
     let rows = k * held + (layers - k) * (held - (n1 - n2));
-    assert_eq!(a2.kv_cache_bytes, (rows * width * 2 * 4) as u64);
+    let element_bytes = match engine.kv_dtype {
+        DType::F16 => 2,
+        _ => 4,
+    };
+    assert_eq!(a2.kv_cache_bytes, (rows * width * 2 * element_bytes) as u64);
 }
 
 #[test]

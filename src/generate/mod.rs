@@ -91,7 +91,13 @@ impl Engine {
         // greedy decoding reads just the argmax id.
         let host_samples = !sampler.is_greedy() || settings.logprobs.is_some();
         let first_prompt_len = session.first_prompt_len();
-        let (cache, kept_before) = session.take_cache(self, &input)?;
+        // A follow-up grows the session's cache by this turn's new rows and answer; a first
+        // turn gets a cache sized per layer for its prompt and answer.
+        let turn_rows = input.prompt.ids.len() - input.reused + input.max_new.saturating_sub(1);
+        let (cache, kept_before) = match session.take_cache(&self.gpu, input.reused, turn_rows)? {
+            Some((cache, kept)) => (cache, Some(kept)),
+            None => (self.new_kv_cache(&input)?, None),
+        };
         let mut state = self.prefill(&input, image.as_ref(), cache, !host_samples)?;
         let first_logits = self.read_if(
             host_samples || settings.capture_outputs,

@@ -9,6 +9,7 @@
 //! new session.
 
 use crate::error::{Error, Result};
+use crate::gpu::Gpu;
 use crate::model::image_cache::ImageKey;
 use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
@@ -16,7 +17,6 @@ use crate::prune::{Plan, PruneOptions};
 use crate::text::{EncodedPrompt, Template};
 
 use super::output::KeptIndices;
-use super::prepare::PreparedRequest;
 use super::request::{Conversation, TurnSettings};
 
 /// One conversation with an [`Engine`]; answer its turns with [`Engine::turn`].
@@ -59,7 +59,8 @@ impl Session {
         }
     }
 
-    /// One question (`Engine::generate`): the vision tower always runs (its timings and memory are part of what a one-shot run reports).
+    /// One question (`Engine::generate`): the vision tower always runs (its timings and memory
+    /// are part of what a one-shot run reports).
     pub(super) fn one_shot() -> Self {
         Self {
             image_cache: false,
@@ -111,31 +112,28 @@ impl Session {
         self.state.as_ref().map(|s| &s.plan)
     }
 
-    /// The KV cache for `input`'s turn and the kept visual indices of the first turn. A first
-    /// turn gets a new cache sized per layer for its prompt and answer; a follow-up gets the
-    /// session's cache cut back to the `input.reused` ids it shares, each layer grown (by a GPU
-    /// copy) to hold this turn's new rows and answer too. The session holds neither while the
-    /// GPU works, so a turn that fails leaves it empty and its next turn starts over.
+    /// A follow-up's KV cache and the first turn's kept visual indices: the session's cache cut
+    /// back to the `reused` ids the turn shares, each layer grown (by a GPU copy) to hold
+    /// `turn_rows` more (the turn's new prompt rows and its answer). None before a first turn.
+    /// The session holds neither while the GPU works, so a turn that fails leaves it empty and
+    /// its next turn starts over.
     pub(super) fn take_cache(
         &mut self,
-        engine: &Engine,
-        input: &PreparedRequest,
-    ) -> Result<(KvCache, Option<Option<KeptIndices>>)> {
-        match self.state.take() {
-            Some(mut state) => {
-                state.truncate(input.reused);
-                let new_rows = input.prompt.ids.len() - input.reused;
-                let generated = input.max_new.saturating_sub(1);
-                for layer in 0..state.cache.layers.len() {
-                    let needed = state.cache.layers[layer].len + new_rows + generated;
-                    if needed > state.cache.layers[layer].capacity() {
-                        state.cache.grow_layer(&engine.gpu, layer, needed)?;
-                    }
-                }
-                Ok((state.cache, Some(state.kept)))
+        gpu: &Gpu,
+        reused: usize,
+        turn_rows: usize,
+    ) -> Result<Option<(KvCache, Option<KeptIndices>)>> {
+        let Some(mut state) = self.state.take() else {
+            return Ok(None);
+        };
+        state.truncate(reused);
+        for layer in 0..state.cache.layers.len() {
+            let needed = state.cache.layers[layer].len + turn_rows;
+            if needed > state.cache.layers[layer].capacity() {
+                state.cache.grow_layer(gpu, layer, needed)?;
             }
-            None => Ok((engine.new_kv_cache(input)?, None)),
         }
+        Ok(Some((state.cache, state.kept)))
     }
 
     /// Keep what a turn left (its `tokens` are what its `cache` now holds).

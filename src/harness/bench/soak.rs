@@ -27,8 +27,7 @@ pub struct SoakReport {
     /// Resident set size of this process (VmRSS); None where it cannot be read.
     pub rss_start_bytes: Option<u64>,
     pub rss_end_bytes: Option<u64>,
-    /// GPU memory the engine holds allocated; None until an allocation tracker exists
-    /// (see [`gpu_allocated_bytes`]).
+    /// GPU bytes alive by the engine's allocation tracker (see [`gpu_allocated_bytes`]).
     pub gpu_allocated_start_bytes: Option<u64>,
     pub gpu_allocated_end_bytes: Option<u64>,
     /// (end − start) / start of the resident set size.
@@ -134,8 +133,13 @@ pub fn soak(
 
 impl SoakReport {
     /// Whether resident memory grew by at most [`MAX_GROWTH`] (unknown counts as not).
+    /// Both the resident set and the GPU bytes alive grew by at most [`MAX_GROWTH`].
     pub fn within_budget(&self) -> bool {
-        self.rss_growth.is_some_and(|g| g <= MAX_GROWTH)
+        let gpu_ok = match (self.gpu_allocated_start_bytes, self.gpu_allocated_end_bytes) {
+            (Some(start), Some(end)) => end as f64 <= start as f64 * (1.0 + MAX_GROWTH),
+            _ => false,
+        };
+        gpu_ok && self.rss_growth.is_some_and(|g| g <= MAX_GROWTH)
     }
 
     pub fn table(&self) -> String {

@@ -9,6 +9,7 @@
 //!
 //! `request.rs` holds what a caller asks for. Pruning follows `docs/pruning.md`.
 
+mod anyres;
 mod decode;
 mod image;
 mod output;
@@ -48,7 +49,10 @@ impl Engine {
         self.gpu.profile_host_stage("preprocess", preprocess_ms);
 
         let t1 = Instant::now();
-        let image = self.encode_image(&input.pixels, &input.plan)?;
+        let image = match &input.anyres {
+            Some(layout) => self.encode_anyres_image(&input.pixels, layout)?,
+            None => self.encode_image(&input.pixels, &input.plan)?,
+        };
         let vision_ms = ms(t1);
 
         let prefill_start = Instant::now();

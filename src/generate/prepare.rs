@@ -1,18 +1,23 @@
 //! Step 1 of a request, on the host: load and preprocess the image, render and tokenize the
 //! prompt, turn the pruning options into a plan, and gather the prompt's token embeddings.
 
+use image::DynamicImage;
+
 use crate::error::{Error, Result};
 use crate::model::llava::Engine;
-use crate::prune::Plan;
+use crate::prune::{Method, Plan};
 use crate::text::EncodedPrompt;
+use crate::vision::anyres::AnyresLayout;
 use crate::vision::load_image;
 
 use super::request::GenerateRequest;
 
 /// A request checked, tokenized and planned: what the GPU passes need.
 pub(super) struct PreparedRequest {
-    /// The preprocessed image, [3, S, S].
+    /// The preprocessed image, [3, S, S]; for LLaVA-NeXT every view, [views, 3, S, S].
     pub pixels: Vec<f32>,
+    /// LLaVA-NeXT: how the image is tiled into views and packed (None for LLaVA-1.5).
+    pub anyres: Option<AnyresLayout>,
     pub plan: Plan,
     /// Prompt ids with the N1 image tokens the language model receives.
     pub prompt: EncodedPrompt,
@@ -28,10 +33,10 @@ impl Engine {
     /// gather the text embeddings.
     pub(super) fn prepare(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
         let image = load_image(&request.image)?;
-        let pixels =
-            self.image_processor
-                .preprocess(&image, &request.image, request.pad_to_square)?;
-        let n0 = self.config.image_tokens();
+        let (pixels, anyres) = self.preprocess_image(&image, request)?;
+        let n0 = anyres
+            .as_ref()
+            .map_or(self.config.image_tokens(), AnyresLayout::image_tokens);
         let text = request
             .template
             .render(&request.prompt, &self.tokenizer.image_token);
@@ -53,11 +58,48 @@ impl Engine {
         let embeddings = self.prompt_embeddings(&prompt)?;
         Ok(PreparedRequest {
             pixels,
+            anyres,
             plan,
             max_new: request.max_new_tokens.min(context - prompt_len),
             prompt,
             embeddings,
         })
+    }
+
+    /// The image's pixels for the vision tower: one view (LLaVA-1.5), or LLaVA-NeXT's base view
+    /// and crops with their layout.
+    fn preprocess_image(
+        &self,
+        image: &DynamicImage,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<f32>, Option<AnyresLayout>)> {
+        let processor = &self.image_processor;
+        let Some(anyres) = &self.config.anyres else {
+            let pixels = processor.preprocess(image, &request.image, request.pad_to_square)?;
+            return Ok((pixels, None));
+        };
+        if request.pad_to_square {
+            return Err(Error::argument(
+                "pad_to_square",
+                "LLaVA-NeXT tiles the image at its own aspect ratio; padding to a square is LLaVA-1.5's evaluation setting",
+            ));
+        }
+        if request.prune.method != Method::None {
+            return Err(Error::argument(
+                "prune.method",
+                "visual-token pruning on LLaVA-NeXT (anyres) models is not built yet",
+            ));
+        }
+        let vision = &self.config.vision;
+        let hw = (image.height() as usize, image.width() as usize);
+        let layout = AnyresLayout::new(
+            hw,
+            &anyres.grid_pinpoints,
+            vision.image_size,
+            vision.patch_size,
+        );
+        let views = processor.anyres_views(image, &request.image, &layout)?;
+        Ok((views.concat(), Some(layout)))
     }
 
     /// Token embeddings of the prompt, with zero rows where the image goes.

@@ -1,4 +1,4 @@
-//! The prompt formats LLaVA-1.5 checkpoints were trained with.
+//! The prompt formats LLaVA-1.5 and LLaVA-NeXT checkpoints were trained with.
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,18 +17,27 @@ pub enum Template {
     LlavaHf,
     /// The original LLaVA-1.5 `vicuna_v1` format: the system sentence, then the llava-hf turn.
     VicunaV1,
+    /// `[INST] <image>\n{prompt} [/INST]`: llava-v1.6-mistral-7b-hf's chat template (Mistral
+    /// instruct). The vicuna NeXT checkpoints use `VicunaV1`.
+    MistralInst,
     /// The prompt exactly as given (it must contain `<image>` itself).
     Raw,
 }
 
 impl Template {
-    pub const ALL: [Template; 3] = [Template::LlavaHf, Template::VicunaV1, Template::Raw];
+    pub const ALL: [Template; 4] = [
+        Template::LlavaHf,
+        Template::VicunaV1,
+        Template::MistralInst,
+        Template::Raw,
+    ];
 
     /// The name the command line uses.
     pub fn name(self) -> &'static str {
         match self {
             Template::LlavaHf => "llava-hf",
             Template::VicunaV1 => "vicuna-v1",
+            Template::MistralInst => "mistral-inst",
             Template::Raw => "raw",
         }
     }
@@ -40,6 +49,7 @@ impl Template {
             Template::VicunaV1 => {
                 format!("{VICUNA_SYSTEM} USER: {image_token}\n{prompt} ASSISTANT:")
             }
+            Template::MistralInst => format!("[INST] {image_token}\n{prompt} [/INST]"),
             Template::Raw => prompt.to_string(),
         }
     }
@@ -54,7 +64,7 @@ impl FromStr for Template {
             .ok_or_else(|| {
                 Error::argument(
                     "template",
-                    format!("'{text}' is not one of llava-hf, vicuna-v1, raw"),
+                    format!("'{text}' is not one of llava-hf, vicuna-v1, mistral-inst, raw"),
                 )
             })
     }
@@ -78,5 +88,9 @@ mod tests {
         );
         let v = Template::VicunaV1.render("Q", "<image>");
         assert!(v.starts_with("A chat between") && v.ends_with("USER: <image>\nQ ASSISTANT:"));
+        assert_eq!(
+            Template::MistralInst.render("Q", "<image>"),
+            "[INST] <image>\nQ [/INST]"
+        );
     }
 }

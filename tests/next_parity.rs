@@ -1,0 +1,97 @@
+//! End-to-end parity of LLaVA-NeXT (anyres) with HF transformers on the tiny random fixtures:
+//! for every recorded image (square, wide, tall, tiny, RGBA: four pinpoints) the packed image
+//! features (projector output with base view, unpadded grid and image_newline rows in
+//! transformers' order), the prompt length, the first logits and 16 greedy tokens, with the
+//! LLaMA decoder (vicuna prompt) and the Mistral decoder ([INST] prompt).
+
+mod next_fixture;
+
+use llava_wgpu::gpu::{GpuOptions, WeightFormat};
+use llava_wgpu::text::Template;
+use llava_wgpu::{Engine, EngineOptions, GenerateRequest};
+
+fn engine(variant: &str, format: WeightFormat) -> Engine {
+    let options = EngineOptions {
+        gpu: GpuOptions::default(),
+        weight_format: format,
+        progress: false,
+    };
+    Engine::load(&next_fixture::model_dir(variant), options).unwrap()
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn check(variant: &str, template: Template, format: WeightFormat, tolerance: f64) {
+    let engine = engine(variant, format);
+    for case in next_fixture::cases(variant) {
+        let mut request = GenerateRequest::new(&case.image, &case.prompt);
+        request.template = template;
+        request.capture_outputs = true;
+        request.max_new_tokens = case.greedy_ids.len();
+        request.ignore_eos = true; // the references mask EOS (it never wins, see cases.json)
+        let out = engine.generate(&request, |_| {}).unwrap();
+        let label = format!("{variant} {format:?} case {}", case.index);
+        let want_features =
+            next_fixture::tensor(variant, &format!("case{}.image_features", case.index));
+        let want_logits =
+            next_fixture::tensor(variant, &format!("case{}.first_logits", case.index));
+        let e_features = rel_l2(&out.image_features, &want_features);
+        let e_logits = rel_l2(&out.first_logits, &want_logits);
+        eprintln!(
+            "{label}: image features rel L2 {e_features:.2e}, first logits rel L2 {e_logits:.2e}"
+        );
+        assert_eq!(
+            out.prompt_tokens,
+            case.input_ids.len(),
+            "{label}: prompt tokens"
+        );
+        assert!(
+            e_features <= tolerance,
+            "{label}: image features rel L2 {e_features}"
+        );
+        assert!(
+            e_logits <= tolerance,
+            "{label}: first logits rel L2 {e_logits}"
+        );
+        assert_eq!(out.generated_ids, case.greedy_ids, "{label}: greedy tokens");
+    }
+}
+
+#[test]
+fn llama_next_f32_matches_transformers_within_1e_4() {
+    check(
+        next_fixture::VICUNA,
+        Template::VicunaV1,
+        WeightFormat::F32,
+        1e-4,
+    );
+}
+
+#[test]
+fn llama_next_f16_matches_transformers_within_2e_2() {
+    check(
+        next_fixture::VICUNA,
+        Template::VicunaV1,
+        WeightFormat::F16,
+        2e-2,
+    );
+}
+
+#[test]
+fn mistral_next_f32_matches_transformers_within_1e_4() {
+    check(
+        next_fixture::MISTRAL,
+        Template::MistralInst,
+        WeightFormat::F32,
+        1e-4,
+    );
+}

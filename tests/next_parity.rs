@@ -54,6 +54,12 @@ fn check(variant: &str, template: Template, format: WeightFormat, tolerance: f64
             case.input_ids.len(),
             "{label}: prompt tokens"
         );
+        // Patch tokens after unpadding; the image_newline rows are not visual tokens.
+        assert_eq!(
+            out.visual_tokens.encoder,
+            case.int("visual_tokens"),
+            "{label}"
+        );
         assert!(
             e_features <= tolerance,
             "{label}: image features rel L2 {e_features}"
@@ -94,4 +100,39 @@ fn mistral_next_f32_matches_transformers_within_1e_4() {
         WeightFormat::F32,
         1e-4,
     );
+}
+
+#[test]
+fn a_next_request_compiles_no_pipeline_after_load() {
+    let engine = engine(next_fixture::VICUNA, WeightFormat::F16);
+    let at_load = engine.gpu.pipelines_compiled();
+    for case in next_fixture::cases(next_fixture::VICUNA).iter().take(2) {
+        let mut request = GenerateRequest::new(&case.image, &case.prompt);
+        request.template = Template::VicunaV1;
+        request.max_new_tokens = 3;
+        engine.generate(&request, |_| {}).unwrap();
+    }
+    let compiled = engine.gpu.pipelines_compiled() - at_load;
+    assert_eq!(
+        compiled, 0,
+        "an anyres request compiled {compiled} pipelines"
+    );
+}
+
+#[test]
+fn pruning_and_square_padding_are_refused_on_next_with_the_field_named() {
+    use llava_wgpu::prune::{Method, PruneOptions};
+    let engine = engine(next_fixture::VICUNA, WeightFormat::F16);
+    let case = &next_fixture::cases(next_fixture::VICUNA)[0];
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.prune = PruneOptions {
+        method: Method::Star,
+        ..Default::default()
+    };
+    let e = engine.generate(&request, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("prune.method"), "{e}");
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.pad_to_square = true;
+    let e = engine.generate(&request, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("pad_to_square"), "{e}");
 }

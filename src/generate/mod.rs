@@ -90,7 +90,16 @@ impl Engine {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,
             prompt_tokens: input.prompt.ids.len(),
-            visual_tokens: VisualTokens::of(&input.plan),
+            visual_tokens: match &input.anyres {
+                // NeXT: the patch tokens that reach the language model; newlines are no
+                // visual tokens (docs/pruning.md).
+                Some(layout) => VisualTokens {
+                    encoder: layout.visual_tokens(),
+                    after_stage1: layout.visual_tokens(),
+                    after_stage2: layout.visual_tokens(),
+                },
+                None => VisualTokens::of(&input.plan),
+            },
             kept_visual_indices,
             kv_cache_bytes,
             timings_ms: Timings {

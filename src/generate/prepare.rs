@@ -87,7 +87,7 @@ impl Engine {
         if request.prune.method != Method::None {
             return Err(Error::argument(
                 "prune.method",
-                "visual-token pruning on LLaVA-NeXT (anyres) models is not built yet",
+                "visual-token pruning on LLaVA-NeXT (anyres) models is not built yet: use method none",
             ));
         }
         let vision = &self.config.vision;

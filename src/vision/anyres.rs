@@ -175,6 +175,28 @@ impl AnyresLayout {
     }
 }
 
+/// Per-view budgets for a before-projector selection on `views` views (docs/pruning.md, NeXT):
+/// `floor(total / views)` each, the first `total mod views` views (base view first) one more.
+pub fn split_budget(total: usize, views: usize) -> Vec<usize> {
+    (0..views)
+        .map(|v| total / views + usize::from(v < total % views))
+        .collect()
+}
+
+impl AnyresLayout {
+    /// The packed sequence after a per-view selection: `kept[v]` holds view `v`'s kept patch
+    /// indices (ascending). Selection happens on each view's full grid; unpadding then removes
+    /// the padding-only rows and columns (kept or not), and every remaining grid row still ends
+    /// with a newline, even if none of its patches was kept.
+    pub fn packed_kept(&self, kept: &[Vec<usize>]) -> Vec<PackedToken> {
+        let is_kept = |token: &PackedToken| match *token {
+            PackedToken::Patch { view, index } => kept[view].binary_search(&index).is_ok(),
+            PackedToken::Newline => true,
+        };
+        self.packed().into_iter().filter(is_kept).collect()
+    }
+}
+
 impl ImageProcessorConfig {
     /// The views of `image` the vision tower sees, each CHW f32 `[3, S, S]` normalised like
     /// [`Self::preprocess`]: the base view, then the crops of `layout`'s pinpoint in raster order.
@@ -313,5 +335,41 @@ mod tests {
         );
         assert_eq!(layout.image_tokens(), 10);
         assert_eq!(layout.visual_tokens(), 8);
+        // Kept patches on each view's full grid: view 1's patch 0 sits in an unpadded-away
+        // column and is dropped anyway; the second row keeps only its newline.
+        let kept = vec![vec![1, 2], vec![0, 1], vec![0]];
+        assert_eq!(
+            layout.packed_kept(&kept),
+            vec![p(0, 1), p(0, 2), p(1, 1), p(2, 0), Newline, Newline]
+        );
+    }
+
+    #[test]
+    fn extreme_shapes_give_consistent_layouts() {
+        // 1x1, 10000x1 (no grid row survives unpadding), 1x10000, and a sweep of odd sizes.
+        let mut sizes = vec![(1, 1), (1, 10000), (10000, 1), (3, 7)];
+        sizes.extend((1..40).map(|i| (i * 37 % 901 + 1, i * 53 % 677 + 1)));
+        for hw in sizes {
+            let layout = AnyresLayout::new(hw, &LLAVA_HF, 336, 14);
+            let (gh, gw) = (layout.crops.0 * 24, layout.crops.1 * 24);
+            assert!(
+                layout.rows.end <= gh && layout.cols.end <= gw,
+                "{hw:?}: {layout:?}"
+            );
+            assert_eq!(layout.packed().len(), layout.image_tokens(), "{hw:?}");
+            let (h, w) = resized_in_pinpoint(hw, layout.pinpoint_hw);
+            assert!(h >= 1 && w >= 1 && h <= layout.pinpoint_hw.0 && w <= layout.pinpoint_hw.1);
+        }
+        // The 10000-wide strip keeps no grid row (transformers: new_height 0), only the base view.
+        let strip = AnyresLayout::new((1, 10000), &LLAVA_HF, 336, 14);
+        assert_eq!((strip.rows.len(), strip.image_tokens()), (0, 576));
+    }
+
+    #[test]
+    fn budgets_split_evenly_base_view_first() {
+        assert_eq!(split_budget(320, 5), vec![64; 5]);
+        assert_eq!(split_budget(160, 3), vec![54, 53, 53]);
+        assert_eq!(split_budget(7, 5), vec![2, 2, 1, 1, 1]);
+        assert_eq!(split_budget(3, 5), vec![1, 1, 1, 0, 0]);
     }
 }

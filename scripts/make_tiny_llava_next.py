@@ -84,6 +84,9 @@ LOGIT_STD = 8.0
 ROPE_THETA = 5000.0
 RMS_NORM_EPS = 1e-5
 SCORE_LAYERS = 3  # decoder layers 0..2 score the image tokens (K = 1..3)
+# STAR stage 1 on NeXT (docs/pruning.md): every view keeps floor(16 * (1 - R)) of its patches by attention received
+STAGE1_RATIO = 0.25  # -> 12 of 16 per view
+STAGE1_NEW_TOKENS = 8
 
 VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the human's questions.")
@@ -110,9 +113,11 @@ MISTRAL_TEMPLATE = (
 )
 
 VARIANTS = {
-    "vicuna": dict(out="tiny-random-llava-next", text="llama", template=VICUNA_TEMPLATE, base_seed=2601,
+    # base_seed: where the seed search starts; it first succeeded at these with transformers 5.23 / torch 2.15
+    # (from 2601 and 2701), so regeneration is quick. With other versions the search continues from here.
+    "vicuna": dict(out="tiny-random-llava-next", text="llama", template=VICUNA_TEMPLATE, base_seed=2762,
                    expect=lambda p: f"{VICUNA_SYSTEM} USER: <image>\n{p} ASSISTANT:"),
-    "mistral": dict(out="tiny-random-llava-next-mistral", text="mistral", template=MISTRAL_TEMPLATE, base_seed=2701,
+    "mistral": dict(out="tiny-random-llava-next-mistral", text="mistral", template=MISTRAL_TEMPLATE, base_seed=3161,
                     expect=lambda p: f"[INST] <image>\n{p} [/INST]"),
 }
 
@@ -147,17 +152,75 @@ def unpadded_grid(orig_hw, grid_hw):
     return 0, ch, pad, cw - pad
 
 
-def manual_pack(views: np.ndarray, grid_rows: int, grid_cols: int, orig_hw, newline: np.ndarray) -> np.ndarray:
+def manual_pack(views: np.ndarray, grid_rows: int, grid_cols: int, orig_hw, newline: np.ndarray,
+                kept=None) -> np.ndarray:
     """Packed image features from per-view features [V, GRID*GRID, d]: the base view's rows, then for every row of the
-    unpadded combined grid its features left to right, then the newline vector."""
+    unpadded combined grid its features left to right, then the newline vector. With `kept` (per view, the kept patch
+    indices on that view's grid) only kept patches appear; every remaining grid row still ends with a newline."""
+    keep = (lambda v, i: True) if kept is None else (lambda v, i: i in kept[v])
     r0, r1, c0, c1 = unpadded_grid(orig_hw, (grid_rows * GRID, grid_cols * GRID))
-    out = [views[0]]
+    out = [views[0][i][None] for i in range(PATCHES_PER_VIEW) if keep(0, i)]
     for y in range(r0, r1):
         for x in range(c0, c1):
-            crop = (y // GRID) * grid_cols + x // GRID
-            out.append(views[1 + crop][(y % GRID) * GRID + x % GRID][None])
+            crop, idx = (y // GRID) * grid_cols + x // GRID, (y % GRID) * GRID + x % GRID
+            if keep(1 + crop, idx):
+                out.append(views[1 + crop][idx][None])
         out.append(newline[None])
     return np.concatenate(out, axis=0)
+
+
+def topk_keep(scores: torch.Tensor, k: int) -> list[int]:
+    """Top-k indices by score, ties to the lower index, returned in ascending (raster) order."""
+    order = sorted(range(len(scores)), key=lambda j: (-float(scores[j]), j))
+    return sorted(order[:k])
+
+
+def boundary_gap(scores: torch.Tensor, k: int) -> float:
+    """Relative gap between the k-th and (k+1)-th largest scores (how safe an exact kept-set comparison is)."""
+    v = sorted((float(x) for x in scores), reverse=True)
+    return (v[k - 1] - v[k]) / abs(v[k - 1]) if k < len(v) else float("inf")
+
+
+@torch.no_grad()
+def greedy_from_embeds(model, embeds: torch.Tensor, eos_id: int, steps: int):
+    """Greedy decoding (EOS masked) from prompt embeddings: (ids, first logits, smallest top-1/top-2 gap)."""
+    out = model(inputs_embeds=embeds, use_cache=True)
+    logits, past, first, ids = out.logits[0, -1].float(), out.past_key_values, None, []
+    gap = float("inf")
+    attn = torch.ones(1, embeds.shape[1], dtype=torch.long)
+    for step in range(steps):
+        if first is None:
+            first = logits.clone()
+        masked = logits.clone()
+        masked[eos_id] = -float("inf")
+        top = torch.topk(masked, 2).values
+        gap = min(gap, float(top[0] - top[1]))
+        ids.append(int(masked.argmax()))
+        if step + 1 == steps:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=torch.tensor([[ids[-1]]]), attention_mask=attn, past_key_values=past, use_cache=True)
+        logits, past = out.logits[0, -1].float(), out.past_key_values
+    return ids, first, gap
+
+
+@torch.no_grad()
+def stage1_reference(model, cs: dict, per_view: torch.Tensor, attn_scores: torch.Tensor, newline: np.ndarray,
+                     image_id: int, eos_id: int, keep: int):
+    """STAR stage 1 per view: each view keeps its `keep` patches with the most attention received (CLIP layer -2's
+    attention, CLS key excluded), selection on the view's full grid before unpadding; the kept rows are packed as
+    transformers packs all of them and spliced into a prompt with that many image tokens."""
+    kept = [topk_keep(attn_scores[v, 1:], keep) for v in range(per_view.shape[0])]
+    gaps = [boundary_gap(attn_scores[v, 1:], keep) for v in range(per_view.shape[0])]
+    feats = torch.from_numpy(manual_pack(per_view.numpy(), cs["grid"][0], cs["grid"][1],
+                                         tuple(cs["image_sizes"][0].tolist()), newline, kept))
+    raw = cs["raw_ids"]
+    k = raw.index(image_id)
+    ids = raw[:k] + [image_id] * feats.shape[0] + raw[k + 1:]
+    embeds = model.get_input_embeddings()(torch.tensor([ids]))
+    embeds[0, k:k + feats.shape[0]] = feats
+    greedy, first, top2 = greedy_from_embeds(model, embeds, eos_id, STAGE1_NEW_TOKENS)
+    return dict(kept=kept, gaps=gaps, features=feats, ids=ids, greedy=greedy, first=first, top2=top2)
 
 
 # ----------------------------------------------------------------------------- model
@@ -430,6 +493,15 @@ def build(variant: str) -> None:
                            newline)
         assert np.array_equal(mine, feats.numpy()), "packing rule differs from transformers"
         text, last = text_scores(model, cs, image_id)
+        # the embeds splice used for pruned prompts reproduces the unpruned forward when every patch is kept
+        full_keep = stage1_reference(model, cs, per_view, attn_scores, newline, image_id, eos_id, PATCHES_PER_VIEW)
+        assert full_keep["ids"] == cs["input_ids"]
+        assert torch.allclose(full_keep["first"], step_logits[0], atol=1e-4), (full_keep["first"] - step_logits[0]).abs().max()
+        assert full_keep["greedy"] == ids[:STAGE1_NEW_TOKENS]
+        n1_view = math.floor(PATCHES_PER_VIEW * (1 - STAGE1_RATIO))
+        s1 = stage1_reference(model, cs, per_view, attn_scores, newline, image_id, eos_id, n1_view)
+        tensors[f"case{i}.stage1_image_features"] = s1["features"].float().contiguous()
+        tensors[f"case{i}.stage1_first_logits"] = s1["first"].contiguous()
 
         tensors[f"case{i}.pixel_values"] = cs["pv"].contiguous()
         tensors[f"case{i}.vision_layer_features"] = sel.float().contiguous()
@@ -458,6 +530,13 @@ def build(variant: str) -> None:
             "greedy_ids": ids, "greedy_text": hf_tok.decode(ids, skip_special_tokens=True),
             "unconstrained_eos_step": first_eos, "min_top2_gap": round(min(gaps), 6),
             "f16_weight_max_logit_err": [round(e, 6) for e in f16_err],
+            "stage1_keep_per_view": n1_view,
+            "stage1_kept_per_view": s1["kept"],
+            "stage1_min_boundary_gap_rel": min(s1["gaps"]),
+            "stage1_image_tokens": len(s1["ids"]) - len(cs["raw_ids"]) + 1,
+            "stage1_input_ids": s1["ids"],
+            "stage1_greedy_ids": s1["greedy"],
+            "stage1_min_top2_gap": round(s1["top2"], 6),
         })
         log(f"case{i}: greedy {ids} text={case_json[-1]['greedy_text']!r} min gap {min(gaps):.3f}")
 
@@ -511,6 +590,11 @@ def build(variant: str) -> None:
             "text_image_scores_layer{l}": "[image_tokens] unpruned prefill, decoder layer l: attention to each image "
                                           "token position (newlines included), mean over heads and rows after the image",
             "fastv_image_scores_layer{l}": "[image_tokens] the same from the last prompt row only",
+            "stage1_image_features": "[stage1 image tokens,64] STAR stage 1 per view (keep stage1_keep_per_view of each "
+                                     "view's 16 patches by clip_attention_scores, ties to the lower index, on the full "
+                                     "grid), then packed like image_features (unpadding, a newline after every row)",
+            "stage1_first_logits": "[vocab] transformers with stage1_input_ids and stage1_image_features spliced at the "
+                                   "<image> positions; stage1_greedy_ids are 8 greedy tokens from there (EOS masked)",
         },
         "cases": case_json,
     }

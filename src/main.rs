@@ -188,7 +188,8 @@ struct BenchArgs {
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
     /// Synthetic model with random f16 weights: small (576 visual tokens, narrow layers),
-    /// llava-1.5-7b, llava-1.5-13b.
+    /// next-small (LLaVA-NeXT's 2,880, narrow layers; unpruned only for now), llava-1.5-7b,
+    /// llava-1.5-13b.
     #[arg(long)]
     preset: Option<String>,
     /// Untimed requests per setting before the timed ones.

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use crate::error::Result;
 use crate::gpu::Tensor;
+use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
 use crate::sample::Sampler;
@@ -91,13 +92,7 @@ impl Engine {
         // greedy decoding reads just the argmax id.
         let host_samples = !sampler.is_greedy() || settings.logprobs.is_some();
         let first_prompt_len = session.first_prompt_len();
-        // A follow-up grows the session's cache by this turn's new rows and answer; a first
-        // turn gets a cache sized per layer for its prompt and answer.
-        let turn_rows = input.prompt.ids.len() - input.reused + input.max_new.saturating_sub(1);
-        let (cache, kept_before) = match session.take_cache(&self.gpu, input.reused, turn_rows)? {
-            Some((cache, kept)) => (cache, Some(kept)),
-            None => (self.new_kv_cache(&input)?, None),
-        };
+        let (cache, kept_before) = self.turn_cache(session, &input)?;
         let mut state = self.prefill(&input, image.as_ref(), cache, !host_samples)?;
         let first_logits = self.read_if(
             host_samples || settings.capture_outputs,
@@ -109,9 +104,7 @@ impl Engine {
         };
         let kept_visual_indices = match kept_before {
             Some(kept) => kept,
-            None => {
-                self.kept_indices(&input, image.as_ref().and_then(|i| i.kept.clone()), &state)?
-            }
+            None => self.kept_indices(&input, image.and_then(|i| i.kept), &state)?,
         };
 
         let mut picker = TokenPicker {
@@ -134,28 +127,15 @@ impl Engine {
         let kv_cache_bytes = state.cache.allocated_bytes();
         let memory = MemoryReport::of(&self.gpu.memory_stats());
         let decoded_steps = decoded.ids.len().saturating_sub(1);
-        let turn = TurnReport {
-            reused_tokens: input.reused,
-            image: match &input.image {
-                prepare::ImageStep::InSession => ImageFrom::Session,
-                prepare::ImageStep::Cached(_) => ImageFrom::Cache,
-                prepare::ImageStep::Encode { .. } => ImageFrom::Encoder,
-            },
-        };
-        let mut tokens = input.prompt.ids.clone();
-        tokens.extend_from_slice(&decoded.ids[..decoded.fed]);
-        session.store(SessionState {
-            image: input.image_id,
-            template: settings.template,
-            pad_to_square: settings.pad_to_square,
-            prune: settings.prune.clone(),
-            plan: input.plan,
-            image_start: input.prompt.image_start,
-            first_prompt_len: first_prompt_len.unwrap_or(input.prompt.ids.len()),
-            tokens,
-            cache: state.cache,
-            kept: kept_visual_indices.clone(),
-        });
+        let turn = turn_report(&input);
+        session.store(session_state(
+            &input,
+            settings,
+            first_prompt_len,
+            &decoded.ids[..decoded.fed],
+            state.cache,
+            kept_visual_indices.clone(),
+        ));
         Ok(GenerateOutput {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,
@@ -180,6 +160,23 @@ impl Engine {
             image_features,
             turn,
         })
+    }
+
+    /// The KV cache for `input`'s turn and, on a follow-up, the first turn's kept visual
+    /// indices. A follow-up grows the session's cache by this turn's new rows and answer; a
+    /// first turn gets a cache sized per layer for its prompt and answer.
+    fn turn_cache(
+        &self,
+        session: &mut Session,
+        input: &PreparedRequest,
+    ) -> Result<(KvCache, Option<Option<KeptIndices>>)> {
+        let turn_rows = input.prompt.ids.len() - input.reused + input.max_new.saturating_sub(1);
+        Ok(
+            match session.take_cache(&self.gpu, input.reused, turn_rows)? {
+                Some((cache, kept)) => (cache, Some(kept)),
+                None => (self.new_kv_cache(input)?, None),
+            },
+        )
     }
 
     /// The conversation's ids with `image_tokens` image tokens, as a turn would tokenize them
@@ -255,6 +252,45 @@ impl Engine {
 }
 
 /// Events per second over `ms` milliseconds (0 when no time passed).
+/// What the session keeps after a turn: the settings its cache was built with, the ids the
+/// cache now holds (the prompt and the generated ids `fed` back through the decoder) and the
+/// cache itself.
+fn session_state(
+    input: &PreparedRequest,
+    settings: &TurnSettings,
+    first_prompt_len: Option<usize>,
+    fed: &[u32],
+    cache: KvCache,
+    kept: Option<KeptIndices>,
+) -> SessionState {
+    let mut tokens = input.prompt.ids.clone();
+    tokens.extend_from_slice(fed);
+    SessionState {
+        image: input.image_id,
+        template: settings.template,
+        pad_to_square: settings.pad_to_square,
+        prune: settings.prune.clone(),
+        plan: input.plan,
+        image_start: input.prompt.image_start,
+        first_prompt_len: first_prompt_len.unwrap_or(input.prompt.ids.len()),
+        tokens,
+        cache,
+        kept,
+    }
+}
+
+/// How the turn reused earlier work: its shared prefix and where its image rows came from.
+fn turn_report(input: &PreparedRequest) -> TurnReport {
+    TurnReport {
+        reused_tokens: input.reused,
+        image: match &input.image {
+            prepare::ImageStep::InSession => ImageFrom::Session,
+            prepare::ImageStep::Cached(_) => ImageFrom::Cache,
+            prepare::ImageStep::Encode { .. } => ImageFrom::Encoder,
+        },
+    }
+}
+
 fn per_second(events: usize, ms: f64) -> f64 {
     if ms > 0.0 {
         events as f64 / (ms / 1e3)

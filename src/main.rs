@@ -252,8 +252,8 @@ struct BenchArgs {
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
     /// Synthetic model with random weights (stored as --weights says): small (576 visual
-    /// tokens, narrow layers),
-    /// llava-1.5-7b, llava-1.5-13b.
+    /// tokens, narrow layers), next-small (LLaVA-NeXT's 2,880, narrow layers), llava-1.5-7b,
+    /// llava-1.5-13b.
     #[arg(long)]
     preset: Option<String>,
     /// Untimed requests per setting before the timed ones.

@@ -59,8 +59,11 @@ impl From<Stage1ScoreArg> for Stage1Score {
 pub enum TemplateArg {
     /// `USER: <image>\n{prompt} ASSISTANT:` (the llava-hf model cards and chat template).
     LlavaHf,
-    /// The original LLaVA-1.5 `vicuna_v1` format: the system sentence, then the llava-hf turn.
+    /// The original LLaVA-1.5 `vicuna_v1` format: the system sentence, then the llava-hf turn
+    /// (also llava-v1.6-vicuna's prompt).
     VicunaV1,
+    /// `[INST] <image>\n{prompt} [/INST]` (llava-v1.6-mistral).
+    MistralInst,
     /// The prompt exactly as given (it must contain `<image>` itself).
     Raw,
 }
@@ -70,6 +73,7 @@ impl From<TemplateArg> for Template {
         match arg {
             TemplateArg::LlavaHf => Template::LlavaHf,
             TemplateArg::VicunaV1 => Template::VicunaV1,
+            TemplateArg::MistralInst => Template::MistralInst,
             TemplateArg::Raw => Template::Raw,
         }
     }

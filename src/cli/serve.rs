@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use llava_wgpu::generate::TurnSettings;
+use llava_wgpu::harness::bench::serve::ServeReport;
 use llava_wgpu::prune::PruneOptions;
 use llava_wgpu::serve::{ServeOptions, Server};
 use llava_wgpu::Engine;
@@ -157,8 +158,30 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
     let r = serve(engine, &options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(());
+    } else {
+        print_serve_report(&r, args);
     }
+    check_serve_report(&r)
+}
+
+/// The goals `bench serve` checks: no request lost, and memory flat over the soak.
+fn check_serve_report(r: &ServeReport) -> Result<()> {
+    let gpu_growth = r.gpu_growth_percent.unwrap_or(0.0);
+    if r.lost > 0 || r.resident_growth_percent > MAX_SOAK_GROWTH || gpu_growth > MAX_SOAK_GROWTH {
+        anyhow::bail!(
+            "bench serve: {} requests lost, resident memory {:+.2}%, GPU bytes {:+.2}% over the soak (allowed: none lost, {MAX_SOAK_GROWTH}% growth)",
+            r.lost,
+            r.resident_growth_percent,
+            gpu_growth
+        );
+    }
+    Ok(())
+}
+
+/// Growth of resident memory or GPU bytes over the soak that counts as a leak, in percent.
+const MAX_SOAK_GROWTH: f64 = 2.0;
+
+fn print_serve_report(r: &ServeReport, args: &BenchServeArgs) {
     println!(
         "time to first token (client-side, median of {}):",
         args.repeats
@@ -185,13 +208,14 @@ pub fn bench_serve(args: &BenchServeArgs, device: &DeviceArgs) -> Result<()> {
         r.lost
     );
     println!(
-        "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes alive: {} -> {}",
+        "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes alive: {} -> {} ({})",
         r.soak_requests,
         r.resident_bytes_start,
         r.resident_bytes_end,
         r.resident_growth_percent,
         r.gpu_bytes_start.map_or("?".to_string(), |b| b.to_string()),
         r.gpu_bytes_end.map_or("?".to_string(), |b| b.to_string()),
+        r.gpu_growth_percent
+            .map_or("?".to_string(), |g| format!("{g:+.2}%")),
     );
-    Ok(())
 }

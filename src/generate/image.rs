@@ -56,7 +56,10 @@ impl Engine {
                 kept: projected.kept.clone(),
             })),
             ImageStep::Encode { pixels, key } => {
-                let image = self.encode_image(pixels, &input.plan)?;
+                let image = match &input.anyres {
+                    Some(layout) => self.encode_anyres_image(pixels, layout)?,
+                    None => self.encode_image(pixels, &input.plan)?,
+                };
                 if let (Some(key), Ok(mut cache)) = (key, self.image_cache.lock()) {
                     let projected = ProjectedImage {
                         embeddings: image.embeddings.clone(),

@@ -10,6 +10,7 @@
 //! `request.rs` holds what a caller asks for; `memory.rs` creates a request's buffers without
 //! running it (`llava-wgpu memory`). Pruning follows `docs/pruning.md`.
 
+mod anyres;
 mod decode;
 mod image;
 mod memory;
@@ -140,7 +141,7 @@ impl Engine {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,
             prompt_tokens: input.prompt.ids.len(),
-            visual_tokens: VisualTokens::of(&input.plan),
+            visual_tokens: visual_tokens(&input),
             kept_visual_indices,
             kv_cache_bytes,
             timings_ms: Timings {
@@ -251,7 +252,6 @@ impl Engine {
     }
 }
 
-/// Events per second over `ms` milliseconds (0 when no time passed).
 /// What the session keeps after a turn: the settings its cache was built with, the ids the
 /// cache now holds (the prompt and the generated ids `fed` back through the decoder) and the
 /// cache itself.
@@ -271,6 +271,7 @@ fn session_state(
         pad_to_square: settings.pad_to_square,
         prune: settings.prune.clone(),
         plan: input.plan,
+        anyres: input.anyres.clone(),
         image_start: input.prompt.image_start,
         first_prompt_len: first_prompt_len.unwrap_or(input.prompt.ids.len()),
         tokens,
@@ -291,6 +292,20 @@ fn turn_report(input: &PreparedRequest) -> TurnReport {
     }
 }
 
+/// Visual tokens per stage. On LLaVA-NeXT, the patch tokens that reach the language model:
+/// `image_newline` rows are no visual tokens (docs/pruning.md).
+fn visual_tokens(input: &PreparedRequest) -> VisualTokens {
+    match &input.anyres {
+        Some(layout) => VisualTokens {
+            encoder: layout.visual_tokens(),
+            after_stage1: layout.visual_tokens(),
+            after_stage2: layout.visual_tokens(),
+        },
+        None => VisualTokens::of(&input.plan),
+    }
+}
+
+/// Events per second over `ms` milliseconds (0 when no time passed).
 fn per_second(events: usize, ms: f64) -> f64 {
     if ms > 0.0 {
         events as f64 / (ms / 1e3)

@@ -5,11 +5,14 @@
 
 use std::path::Path;
 
+use image::DynamicImage;
+
 use crate::error::{Error, Result};
 use crate::model::image_cache::{ImageKey, ProjectedImage};
 use crate::model::llava::Engine;
-use crate::prune::Plan;
+use crate::prune::{Method, Plan};
 use crate::text::EncodedPrompt;
+use crate::vision::anyres::AnyresLayout;
 use crate::vision::decode_image;
 
 use super::request::{Conversation, GenerateRequest, TurnSettings};
@@ -17,8 +20,8 @@ use super::session::{Session, SessionState};
 
 /// Where the turn's image rows come from.
 pub(super) enum ImageStep {
-    /// Run the vision tower on these preprocessed pixels [3, S, S]; store the output under the
-    /// key when the session uses the image cache.
+    /// Run the vision tower on these preprocessed pixels ([3, S, S]; LLaVA-NeXT: every view,
+    /// [views, 3, S, S]); store the output under the key when the session uses the image cache.
     Encode {
         pixels: Vec<f32>,
         key: Option<ImageKey>,
@@ -34,6 +37,8 @@ pub(super) struct PreparedRequest {
     pub image: ImageStep,
     /// The image's identity: a hash of its bytes alone (a session holds one image).
     pub image_id: ImageKey,
+    /// LLaVA-NeXT: how the image is tiled into views and packed (None for LLaVA-1.5).
+    pub anyres: Option<AnyresLayout>,
     pub plan: Plan,
     /// The whole conversation's ids with the N1 image tokens the language model receives.
     pub prompt: EncodedPrompt,
@@ -79,7 +84,19 @@ impl Engine {
         text: &str,
         settings: &TurnSettings,
     ) -> Result<PreparedRequest> {
-        let (plan, prompt) = self.plan_first(text, settings)?;
+        // LLaVA-NeXT's token count depends on the image's size, so its image is decoded first.
+        let decoded = match self.config.anyres {
+            Some(_) => Some(decode_image(bytes, source)?),
+            None => None,
+        };
+        let anyres = match &decoded {
+            Some(image) => Some(self.anyres_layout(image, settings)?),
+            None => None,
+        };
+        let n0 = anyres
+            .as_ref()
+            .map_or(self.config.image_tokens(), AnyresLayout::image_tokens);
+        let (plan, prompt) = self.plan_first(text, settings, n0)?;
         let key = session
             .uses_image_cache()
             .then(|| ImageKey::new(bytes, &image_settings(&plan, settings)));
@@ -87,10 +104,15 @@ impl Engine {
         let image = match cached {
             Some(projected) => ImageStep::Cached(projected),
             None => {
-                let decoded = decode_image(bytes, source)?;
-                let pixels =
-                    self.image_processor
-                        .preprocess(&decoded, source, settings.pad_to_square)?;
+                let decoded = match decoded {
+                    Some(image) => image,
+                    None => decode_image(bytes, source)?,
+                };
+                let processor = &self.image_processor;
+                let pixels = match &anyres {
+                    Some(layout) => processor.anyres_views(&decoded, source, layout)?.concat(),
+                    None => processor.preprocess(&decoded, source, settings.pad_to_square)?,
+                };
                 ImageStep::Encode { pixels, key }
             }
         };
@@ -98,6 +120,7 @@ impl Engine {
         Ok(PreparedRequest {
             image,
             image_id,
+            anyres,
             plan,
             max_new: self.max_new(settings, &prompt),
             prompt,
@@ -106,9 +129,42 @@ impl Engine {
         })
     }
 
-    /// A first turn's pruning plan and its prompt tokenized with N1 image tokens.
-    fn plan_first(&self, text: &str, settings: &TurnSettings) -> Result<(Plan, EncodedPrompt)> {
-        let n0 = self.config.image_tokens();
+    /// LLaVA-NeXT: how `image` is tiled into views and packed into the prompt.
+    fn anyres_layout(&self, image: &DynamicImage, settings: &TurnSettings) -> Result<AnyresLayout> {
+        let anyres = self
+            .config
+            .anyres
+            .as_ref()
+            .expect("called for anyres models");
+        if settings.pad_to_square {
+            return Err(Error::argument(
+                "pad_to_square",
+                "LLaVA-NeXT tiles the image at its own aspect ratio; padding to a square is LLaVA-1.5's evaluation setting",
+            ));
+        }
+        if settings.prune.method != Method::None {
+            return Err(Error::argument(
+                "prune.method",
+                "visual-token pruning on LLaVA-NeXT (anyres) models is not built yet: use method none",
+            ));
+        }
+        let vision = &self.config.vision;
+        Ok(AnyresLayout::new(
+            (image.height() as usize, image.width() as usize),
+            &anyres.grid_pinpoints,
+            vision.image_size,
+            vision.patch_size,
+        ))
+    }
+
+    /// A first turn's pruning plan for `n0` visual tokens and its prompt tokenized with N1 image
+    /// tokens.
+    fn plan_first(
+        &self,
+        text: &str,
+        settings: &TurnSettings,
+        n0: usize,
+    ) -> Result<(Plan, EncodedPrompt)> {
         // The plan needs the text after the image, which tokenizing with N0 tokens tells.
         let probe = self.tokenizer.encode_with_image(text, n0)?;
         let text_after_image = probe.ids.len() - probe.image_start - n0;
@@ -128,13 +184,20 @@ impl Engine {
             conversation.image_in,
             &self.tokenizer.image_token,
         )?;
-        let (plan, prompt) = self.plan_first(&text, &settings)?;
+        if self.config.anyres.is_some() {
+            return Err(Error::argument(
+                "model",
+                "planning a LLaVA-NeXT request's memory without its image is not built: its visual tokens depend on the image's size",
+            ));
+        }
+        let (plan, prompt) = self.plan_first(&text, &settings, self.config.image_tokens())?;
         Ok(PreparedRequest {
             image: ImageStep::Encode {
                 pixels: Vec::new(),
                 key: None,
             },
             image_id: ImageKey::new(&[], ""),
+            anyres: None,
             plan,
             max_new: self.max_new(&settings, &prompt),
             prompt,
@@ -172,6 +235,7 @@ impl Engine {
         Ok(PreparedRequest {
             image: ImageStep::InSession,
             image_id,
+            anyres: state.anyres.clone(),
             plan: state.plan,
             max_new: self.max_new(settings, &prompt),
             prompt,

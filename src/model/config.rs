@@ -1,5 +1,6 @@
-//! `config.json` of a llava-hf checkpoint (model_type `llava`, a `llama` text model and a
-//! `clip_vision_model` vision tower).
+//! `config.json` of a llava-hf checkpoint: model_type `llava` (LLaVA-1.5) or `llava_next`
+//! (LLaVA-NeXT, anyres: [`AnyresConfig`]), a `llama` or `mistral` text model and a
+//! `clip_vision_model` vision tower.
 //!
 //! Real llava-hf files omit most fields and rely on the transformers class defaults
 //! (`llava-1.5-7b-hf` lists neither `hidden_size` nor `num_hidden_layers` for its text model), so
@@ -85,10 +86,25 @@ pub enum FeatureSelect {
     Full,
 }
 
+/// LLaVA-NeXT's anyres tiling (`LlavaNextConfig`): the image is cut into crops of the vision
+/// tower's size at the best-fitting resolution, plus a base view of the whole image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnyresConfig {
+    /// `image_grid_pinpoints`: the candidate resolutions as (height, width), multiples of the
+    /// vision tower's `image_size`.
+    pub grid_pinpoints: Vec<(usize, usize)>,
+}
+
+/// transformers' `LlavaNextConfig` default `image_grid_pinpoints` (llava-hf's 336-px list).
+pub const DEFAULT_GRID_PINPOINTS: [(usize, usize); 5] =
+    [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlavaConfig {
     pub text: TextConfig,
     pub vision: VisionConfig,
+    /// LLaVA-NeXT's tiling (model_type `llava_next`); None for LLaVA-1.5.
+    pub anyres: Option<AnyresConfig>,
     pub image_token_index: u32,
     /// Negative values count from the end of `hidden_states` (which has L + 1 entries).
     pub vision_feature_layer: i64,
@@ -147,6 +163,10 @@ impl LlavaConfig {
         reader.llava(&root)
     }
 }
+
+/// The most crops along one side of a pinpoint: llava-hf's lists use at most 3, the anyres-max
+/// variants 6; more would be a broken file, not a model.
+const MAX_CROPS_PER_SIDE: usize = 16;
 
 struct Reader {
     path: PathBuf,
@@ -241,11 +261,11 @@ impl Reader {
     }
 
     fn llava(&self, root: &Value) -> Result<LlavaConfig> {
-        self.expect_model_type(root, "model_type", &["llava"])?;
+        self.expect_model_type(root, "model_type", &["llava", "llava_next"])?;
         let empty = Value::Object(Default::default());
         let text_obj = root.get("text_config").unwrap_or(&empty);
         let vision_obj = root.get("vision_config").unwrap_or(&empty);
-        self.expect_model_type(text_obj, "text_config.model_type", &["llama"])?;
+        self.expect_model_type(text_obj, "text_config.model_type", &["llama", "mistral"])?;
         self.expect_model_type(
             vision_obj,
             "vision_config.model_type",
@@ -256,6 +276,12 @@ impl Reader {
         let vision = self.vision(vision_obj)?;
         let vision_feature_layer = self.vision_feature_layer(root, &vision)?;
         let vision_feature_select_strategy = self.feature_select(root)?;
+        let anyres = match root.get("model_type").and_then(Value::as_str) {
+            Some("llava_next") => {
+                Some(self.anyres(root, &vision, vision_feature_select_strategy)?)
+            }
+            _ => None,
+        };
         let projector_hidden_act = self.str_or(root, "", "projector_hidden_act", "gelu")?;
         if projector_hidden_act != "gelu" {
             return Err(self.err(
@@ -276,6 +302,7 @@ impl Reader {
         Ok(LlavaConfig {
             text,
             vision,
+            anyres,
             image_token_index,
             vision_feature_layer,
             vision_feature_select_strategy,
@@ -309,6 +336,59 @@ impl Reader {
             ));
         }
         Ok(layer)
+    }
+
+    /// `image_grid_pinpoints` (transformers' default list if absent): (height, width) pairs,
+    /// each side a positive multiple of the vision tower's image size. The "full" strategy is
+    /// refused: transformers' packing of the crop grid assumes patch rows only.
+    fn anyres(
+        &self,
+        root: &Value,
+        vision: &VisionConfig,
+        select: FeatureSelect,
+    ) -> Result<AnyresConfig> {
+        if select == FeatureSelect::Full {
+            return Err(self.err(
+                "vision_feature_select_strategy",
+                "'full' cannot be used with llava_next: its crop grid holds patch tokens only (use 'default')",
+            ));
+        }
+        let field = "image_grid_pinpoints";
+        let grid_pinpoints = match root.get(field) {
+            None | Some(Value::Null) => DEFAULT_GRID_PINPOINTS.to_vec(),
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(|item| self.pinpoint(item, vision.image_size))
+                .collect::<Result<_>>()?,
+            Some(v) => {
+                return Err(self.err(
+                    field,
+                    format!("expected a list of [height, width], found {v}"),
+                ))
+            }
+        };
+        Ok(AnyresConfig { grid_pinpoints })
+    }
+
+    fn pinpoint(&self, item: &Value, image_size: usize) -> Result<(usize, usize)> {
+        let side = |v: &Value| {
+            v.as_u64()
+                .map(|n| n as usize)
+                .filter(|&n| n > 0 && n % image_size == 0 && n / image_size <= MAX_CROPS_PER_SIDE)
+        };
+        match item.as_array().map(Vec::as_slice) {
+            Some([h, w]) => side(h).zip(side(w)).ok_or(()),
+            _ => Err(()),
+        }
+        .map_err(|()| {
+            self.err(
+                "image_grid_pinpoints",
+                format!(
+                    "{item} is not [height, width] with each side a multiple of the vision \
+                     tower's image_size {image_size} (at most {MAX_CROPS_PER_SIDE} crops per side)"
+                ),
+            )
+        })
     }
 
     fn feature_select(&self, root: &Value) -> Result<FeatureSelect> {
@@ -350,11 +430,12 @@ impl Reader {
 
     fn text(&self, t: &Value, root: &Value) -> Result<TextConfig> {
         let p = "text_config.";
-        // LlamaConfig defaults (the 7B shape).
+        let mistral = t.get("model_type").and_then(Value::as_str) == Some("mistral");
+        // LlamaConfig or MistralConfig defaults (the 7B shapes).
         let hidden_size = self.usize_or(t, p, "hidden_size", 4096)?;
         let num_attention_heads = self.usize_or(t, p, "num_attention_heads", 32)?;
-        let num_key_value_heads =
-            self.usize_or(t, p, "num_key_value_heads", num_attention_heads)?;
+        let kv_default = if mistral { 8 } else { num_attention_heads };
+        let num_key_value_heads = self.usize_or(t, p, "num_key_value_heads", kv_default)?;
         // `"head_dim": null` means the default, hidden_size / num_attention_heads, like no key.
         let head_dim_given = !matches!(t.get("head_dim"), None | Some(Value::Null));
         if hidden_size % num_attention_heads != 0 && !head_dim_given {
@@ -408,16 +489,32 @@ impl Reader {
             .and_then(Value::as_u64)
             .map_or(32000, |n| n as usize);
         let eos = self.ids(t, p, "eos_token_id")?;
+        let (intermediate_default, context_default) = if mistral {
+            (14336, 4096 * 32)
+        } else {
+            (11008, 2048)
+        };
+        let mut max_position_embeddings =
+            self.usize_or(t, p, "max_position_embeddings", context_default)?;
+        if mistral {
+            // `"sliding_window": null` is full attention. A window (MistralConfig's default is
+            // 4096) caps the context: within it, sliding-window attention is full causal
+            // attention, so the engine never needs the sliding mask.
+            if !matches!(t.get("sliding_window"), Some(Value::Null)) {
+                let window = self.usize_or(t, p, "sliding_window", 4096)?;
+                max_position_embeddings = max_position_embeddings.min(window);
+            }
+        }
         Ok(TextConfig {
             hidden_size,
-            intermediate_size: self.usize_or(t, p, "intermediate_size", 11008)?,
+            intermediate_size: self.usize_or(t, p, "intermediate_size", intermediate_default)?,
             num_hidden_layers: self.usize_or(t, p, "num_hidden_layers", 32)?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             rms_norm_eps: self.f64_or(t, p, "rms_norm_eps", 1e-6)?,
             rope_theta,
-            max_position_embeddings: self.usize_or(t, p, "max_position_embeddings", 2048)?,
+            max_position_embeddings,
             vocab_size: self.usize_or(t, p, "vocab_size", vocab_default)?,
             tie_word_embeddings: t
                 .get("tie_word_embeddings")
@@ -530,20 +627,23 @@ mod tests {
 
     #[test]
     fn unsupported_architectures_name_the_field() {
-        let bad = LLAVA_7B.replace(r#""model_type": "llama""#, r#""model_type": "mistral""#);
+        let bad = LLAVA_7B.replace(r#""model_type": "llama""#, r#""model_type": "gemma""#);
         let e = LlavaConfig::parse(&bad, Path::new("config.json"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("text_config.model_type") && e.contains("mistral"),
+            e.contains("text_config.model_type") && e.contains("gemma"),
             "{e}"
         );
-        let bad = LLAVA_7B.replace(r#""model_type": "llava""#, r#""model_type": "llava_next""#);
+        let bad = LLAVA_7B.replace(
+            r#""model_type": "llava""#,
+            r#""model_type": "llava_onevision""#,
+        );
         let e = LlavaConfig::parse(&bad, Path::new("config.json"))
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`model_type`") && e.contains("llava_next"),
+            e.contains("`model_type`") && e.contains("llava_onevision"),
             "{e}"
         );
         let bad = LLAVA_7B.replace(
@@ -641,5 +741,76 @@ mod tests {
         );
         let c = LlavaConfig::parse(&newer, Path::new("config.json")).unwrap();
         assert_eq!(c.text.rope_theta, 5000.0);
+    }
+
+    /// llava-hf/llava-v1.6-mistral-7b-hf's config.json as published (the text model relies on
+    /// MistralConfig's defaults for its width and depth).
+    const NEXT_MISTRAL_7B: &str = r#"{
+      "architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
+      "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+      "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+      "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
+        "architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+        "torch_dtype": "bfloat16", "vocab_size": 32064},
+      "torch_dtype": "float16", "use_image_newline_parameter": true,
+      "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+        "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+        "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+      "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064
+    }"#;
+
+    #[test]
+    fn llava_next_mistral_gets_mistral_defaults_and_pinpoints() {
+        let c = LlavaConfig::parse(NEXT_MISTRAL_7B, Path::new("config.json")).unwrap();
+        assert_eq!(c.text.hidden_size, 4096);
+        assert_eq!(c.text.num_hidden_layers, 32);
+        assert_eq!(c.text.num_key_value_heads, 8);
+        assert_eq!(c.text.intermediate_size, 14336);
+        assert_eq!(c.text.rope_theta, 1e6);
+        // sliding_window null: the whole 32k context.
+        assert_eq!(c.text.max_position_embeddings, 32768);
+        let anyres = c.anyres.expect("llava_next has anyres");
+        assert_eq!(anyres.grid_pinpoints, DEFAULT_GRID_PINPOINTS.to_vec());
+        // A window smaller than the context caps it; an absent one is MistralConfig's 4096.
+        let windowed =
+            NEXT_MISTRAL_7B.replace(r#""sliding_window": null"#, r#""sliding_window": 8192"#);
+        let c = LlavaConfig::parse(&windowed, Path::new("config.json")).unwrap();
+        assert_eq!(c.text.max_position_embeddings, 8192);
+        let absent = NEXT_MISTRAL_7B.replace(r#""sliding_window": null,"#, "");
+        let c = LlavaConfig::parse(&absent, Path::new("config.json")).unwrap();
+        assert_eq!(c.text.max_position_embeddings, 4096);
+        // LLaVA-1.5 has no tiling.
+        assert!(LlavaConfig::parse(LLAVA_7B, Path::new("config.json"))
+            .unwrap()
+            .anyres
+            .is_none());
+    }
+
+    #[test]
+    fn bad_pinpoints_and_full_strategy_name_the_field() {
+        let pinpoints = r#""image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]"#;
+        for bad in [
+            r#""image_grid_pinpoints": [[336, 670]]"#,
+            r#""image_grid_pinpoints": [[336]]"#,
+            r#""image_grid_pinpoints": []"#,
+            r#""image_grid_pinpoints": [[0, 336]]"#,
+            r#""image_grid_pinpoints": "anyres""#,
+        ] {
+            let text = NEXT_MISTRAL_7B.replace(pinpoints, bad);
+            let e = LlavaConfig::parse(&text, Path::new("config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("image_grid_pinpoints"), "{bad}: {e}");
+        }
+        let full = NEXT_MISTRAL_7B.replace(
+            r#""vision_feature_select_strategy": "default""#,
+            r#""vision_feature_select_strategy": "full""#,
+        );
+        let e = LlavaConfig::parse(&full, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vision_feature_select_strategy"), "{e}");
     }
 }

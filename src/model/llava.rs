@@ -83,6 +83,9 @@ pub struct Engine {
     pub image_processor: ImageProcessorConfig,
     pub vision: ClipVision,
     pub projector: Projector,
+    /// LLaVA-NeXT's `image_newline` [1, text width], the row closing each grid row of the
+    /// packed image features (None for LLaVA-1.5).
+    pub image_newline: Option<Tensor>,
     pub llama: Llama,
     /// GPU bytes of all weights (the tracker's count after loading).
     pub weight_bytes: u64,
@@ -201,6 +204,14 @@ impl Engine {
             || bar.inc(1),
         )?;
         let projector = Projector::load(&vision_root.scope("projector"), &config)?;
+        let image_newline = match config.anyres {
+            Some(_) => {
+                let dt = config.text.hidden_size;
+                let values = vision_root.f32("image_newline", &[dt])?;
+                Some(vision_root.upload("image_newline", &[1, dt], &values)?)
+            }
+            None => None,
+        };
         bar.inc(1);
         let llama = Llama::load(&root, &config.text, || bar.inc(1))?;
         let weight_bytes = gpu.memory_stats().live.weights;
@@ -215,6 +226,7 @@ impl Engine {
             image_processor,
             vision,
             projector,
+            image_newline,
             llama,
             weight_bytes,
             kv_dtype,

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::config::LlavaConfig;
 
 /// The presets and their config.json text (parsed by the same code as a real checkpoint's).
-pub const PRESETS: [(&str, &str); 3] = [
+pub const PRESETS: [(&str, &str); 4] = [
     // LLaVA-1.5-7B exactly as llava-hf publishes it (the text model relies on LlamaConfig defaults).
     (
         "llava-1.5-7b",
@@ -32,6 +32,19 @@ pub const PRESETS: [(&str, &str); 3] = [
     (
         "small",
         r#"{"model_type": "llava", "image_token_index": 32000, "projector_hidden_act": "gelu",
+            "text_config": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8,
+                            "num_key_value_heads": 8, "num_hidden_layers": 16, "max_position_embeddings": 4096,
+                            "rms_norm_eps": 1e-05, "vocab_size": 32064},
+            "vision_config": {"model_type": "clip_vision_model", "hidden_size": 256, "image_size": 336, "intermediate_size": 1024,
+                              "num_attention_heads": 4, "num_hidden_layers": 6, "patch_size": 14},
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default"}"#,
+    ),
+    // LLaVA-NeXT's token geometry (336-px views, llava-hf's pinpoints: a square image gives the
+    // base view plus 2 x 2 crops, 2,880 visual tokens and 48 newlines) with "small"'s narrow layers.
+    (
+        "next-small",
+        r#"{"model_type": "llava_next", "image_token_index": 32000, "projector_hidden_act": "gelu",
+            "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
             "text_config": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8,
                             "num_key_value_heads": 8, "num_hidden_layers": 16, "max_position_embeddings": 4096,
                             "rms_norm_eps": 1e-05, "vocab_size": 32064},
@@ -119,5 +132,25 @@ pub fn tensor_shapes(config: &LlavaConfig) -> HashMap<String, Vec<usize>> {
     }
     add("text.norm.weight".into(), vec![dt]);
     add("lm_head.weight".into(), vec![t.vocab_size, dt]);
+    if config.anyres.is_some() {
+        add("image_newline".into(), vec![dt]);
+    }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vision::anyres::AnyresLayout;
+
+    #[test]
+    fn next_small_has_next_geometry() {
+        let c = config("next-small").unwrap();
+        let anyres = c.anyres.as_ref().expect("a llava_next preset");
+        // The bench's square image at the largest square pinpoint: base view + 2 x 2 crops.
+        let layout = AnyresLayout::new((672, 672), &anyres.grid_pinpoints, 336, 14);
+        assert_eq!(layout.views(), 5);
+        assert_eq!((layout.visual_tokens(), layout.newlines()), (2880, 48));
+        assert_eq!(tensor_shapes(&c)["image_newline"], vec![512]);
+    }
 }

@@ -323,6 +323,8 @@ impl Checkpoint {
                 ],
                 rest,
             )
+        } else if canonical == "image_newline" {
+            with(&["", "model."], "image_newline")
         } else if canonical == "lm_head.weight" {
             with(&["language_model.lm_head.", "lm_head."], "weight")
         } else {

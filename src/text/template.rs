@@ -1,4 +1,4 @@
-//! The prompt formats LLaVA-1.5 checkpoints were trained with.
+//! The prompt formats LLaVA-1.5 and LLaVA-NeXT checkpoints were trained with.
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,18 +17,27 @@ pub enum Template {
     LlavaHf,
     /// The original LLaVA-1.5 `vicuna_v1` format: the system sentence, then the llava-hf turn.
     VicunaV1,
+    /// `[INST] <image>\n{prompt} [/INST]`: llava-v1.6-mistral-7b-hf's chat template (Mistral
+    /// instruct). The vicuna NeXT checkpoints use `VicunaV1`.
+    MistralInst,
     /// The prompt exactly as given (it must contain `<image>` itself).
     Raw,
 }
 
 impl Template {
-    pub const ALL: [Template; 3] = [Template::LlavaHf, Template::VicunaV1, Template::Raw];
+    pub const ALL: [Template; 4] = [
+        Template::LlavaHf,
+        Template::VicunaV1,
+        Template::MistralInst,
+        Template::Raw,
+    ];
 
     /// The name the command line uses.
     pub fn name(self) -> &'static str {
         match self {
             Template::LlavaHf => "llava-hf",
             Template::VicunaV1 => "vicuna-v1",
+            Template::MistralInst => "mistral-inst",
             Template::Raw => "raw",
         }
     }
@@ -40,6 +49,7 @@ impl Template {
             Template::VicunaV1 => {
                 format!("{VICUNA_SYSTEM} USER: {image_token}\n{prompt} ASSISTANT:")
             }
+            Template::MistralInst => format!("[INST] {image_token}\n{prompt} [/INST]"),
             Template::Raw => prompt.to_string(),
         }
     }
@@ -75,7 +85,9 @@ impl Template {
     /// [`Template::render`]. The llava-hf form follows the checkpoints' `chat_template.jinja`
     /// (`ROLE: ` before every non-system message, images first, a space after every text);
     /// vicuna-v1 ends an assistant answer with `</s>` as the original LLaVA conversations do.
-    /// `raw` takes one user message holding `<image>` itself.
+    /// `raw` takes one user message holding `<image>` itself. mistral-inst wraps each user
+    /// message in `[INST] … [/INST]` and ends each answer with `</s>` (Mistral's instruct
+    /// format; system messages are not part of it and are dropped).
     pub fn render_conversation(
         self,
         messages: &[Message],
@@ -93,6 +105,9 @@ impl Template {
                     "the raw template takes exactly one user message; use llava-hf or vicuna-v1 for a conversation",
                 )),
             };
+        }
+        if self == Template::MistralInst {
+            return Ok(mistral_conversation(messages, image_in, image_token));
         }
         let mut out = String::new();
         if self == Template::VicunaV1 {
@@ -121,6 +136,31 @@ impl Template {
     }
 }
 
+/// Mistral instruct: `[INST] {image}\n{question} [/INST] {answer}</s>[INST] …`.
+fn mistral_conversation(messages: &[Message], image_in: usize, image_token: &str) -> String {
+    let mut out = String::new();
+    for (i, message) in messages.iter().enumerate() {
+        match message.role {
+            Role::System => {}
+            Role::User => {
+                out.push_str("[INST] ");
+                if i == image_in {
+                    out.push_str(image_token);
+                    out.push('\n');
+                }
+                out.push_str(&message.text);
+                out.push_str(" [/INST]");
+            }
+            Role::Assistant => {
+                out.push(' ');
+                out.push_str(&message.text);
+                out.push_str("</s>");
+            }
+        }
+    }
+    out
+}
+
 impl FromStr for Template {
     type Err = Error;
     fn from_str(text: &str) -> Result<Self> {
@@ -130,7 +170,7 @@ impl FromStr for Template {
             .ok_or_else(|| {
                 Error::argument(
                     "template",
-                    format!("'{text}' is not one of llava-hf, vicuna-v1, raw"),
+                    format!("'{text}' is not one of llava-hf, vicuna-v1, mistral-inst, raw"),
                 )
             })
     }
@@ -154,6 +194,10 @@ mod tests {
         );
         let v = Template::VicunaV1.render("Q", "<image>");
         assert!(v.starts_with("A chat between") && v.ends_with("USER: <image>\nQ ASSISTANT:"));
+        assert_eq!(
+            Template::MistralInst.render("Q", "<image>"),
+            "[INST] <image>\nQ [/INST]"
+        );
     }
 
     #[test]
@@ -186,6 +230,13 @@ mod tests {
             .unwrap();
         // As transformers renders chat_template.jinja for the same messages.
         assert_eq!(text, "USER: <image>\nQ1 ASSISTANT: A1 USER: Q2 ASSISTANT:");
+        let mistral = Template::MistralInst
+            .render_conversation(&messages, 0, "<image>")
+            .unwrap();
+        assert_eq!(
+            mistral,
+            "[INST] <image>\nQ1 [/INST] A1</s>[INST] Q2 [/INST]"
+        );
         assert!(Template::Raw
             .render_conversation(&messages, 0, "<image>")
             .is_err());

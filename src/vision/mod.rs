@@ -1,5 +1,6 @@
-//! Image input: decoding and CLIP preprocessing.
+//! Image input: decoding, CLIP preprocessing and LLaVA-NeXT's anyres tiling.
 
+pub mod anyres;
 pub mod overlay;
 pub mod preprocess;
 pub mod resample;

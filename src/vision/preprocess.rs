@@ -266,6 +266,11 @@ impl ImageProcessorConfig {
         pad_to_square: bool,
     ) -> Result<Vec<f32>> {
         let (rgb, h, w) = self.crop_rgb8(image, source, pad_to_square)?;
+        Ok(self.normalise(&rgb, h, w))
+    }
+
+    /// RGB8 `h × w × 3` to CHW f32: rescale (× 1/255) and normalise with the mean and std.
+    pub(crate) fn normalise(&self, rgb: &[u8], h: usize, w: usize) -> Vec<f32> {
         let mut out = vec![0f32; 3 * h * w];
         for y in 0..h {
             for x in 0..w {
@@ -281,7 +286,7 @@ impl ImageProcessorConfig {
                 }
             }
         }
-        Ok(out)
+        out
     }
 }
 
@@ -330,7 +335,7 @@ fn three_numbers(value: &Value) -> Option<[f64; 3]> {
 }
 
 /// RGB8 pixels; transparency is composited onto white with Pillow's integer `alpha_composite`.
-fn to_rgb8(image: &DynamicImage, convert: bool) -> Vec<u8> {
+pub(crate) fn to_rgb8(image: &DynamicImage, convert: bool) -> Vec<u8> {
     let has_alpha = image.color().has_alpha();
     if !(convert && has_alpha) {
         return image.to_rgb8().into_raw();

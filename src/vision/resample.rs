@@ -1,5 +1,6 @@
 //! Pillow's `Image.resize` for 8-bit images, reproduced exactly: separable convolution
-//! (horizontal pass, then vertical), filter support widened by the downscale factor
+//! (horizontal pass, then vertical, unless the height shrinks much more: [`vertical_first`]),
+//! filter support widened by the downscale factor
 //! (antialiasing), coefficients normalised and converted to 22-bit fixed point, and the
 //! intermediate image rounded to 8 bits between the passes. transformers' CLIPImageProcessor
 //! resizes through Pillow, so matching it bit for bit matters more than any "better" resampler.
@@ -178,6 +179,9 @@ pub fn resize_window_rgb8(
     if cols == 0 || window.y.is_empty() {
         return Vec::new();
     }
+    if vertical_first(size, out) {
+        return resize_window_vertical_first(pixels, size, out, window, filter);
+    }
     // Pillow: horizontal pass first, rounded to 8 bits, then the vertical pass.
     let vertical = (out_h != height).then(|| coefficients(height, out_h, window.y.clone(), filter));
     let rows = vertical
@@ -212,6 +216,59 @@ pub fn resize_window_rgb8(
     next
 }
 
+/// Pillow 13's pass order (`ImagingResampleInner`): the vertical pass runs first when the
+/// height loses more than twice as many pixels as the width (`(h − out_h) > 0` and
+/// `(h − out_h) > 2 · (w − out_w)`, in signed pixel counts). The order changes the result:
+/// the intermediate image is rounded to 8 bits.
+pub fn vertical_first(size: (usize, usize), out: (usize, usize)) -> bool {
+    let lost_rows = size.1 as i64 - out.1 as i64;
+    let lost_cols = size.0 as i64 - out.0 as i64;
+    lost_rows > 0 && lost_rows > 2 * lost_cols
+}
+
+/// [`resize_window_rgb8`] with the vertical pass first: the window's rows over the input
+/// columns its horizontal taps read, rounded to 8 bits, then the horizontal pass.
+fn resize_window_vertical_first(
+    pixels: &[u8],
+    (width, height): (usize, usize),
+    (out_w, out_h): (usize, usize),
+    window: &Window,
+    filter: Filter,
+) -> Vec<u8> {
+    let horizontal = (out_w != width).then(|| coefficients(width, out_w, window.x.clone(), filter));
+    let columns = horizontal
+        .as_ref()
+        .map_or(window.x.clone(), Coefficients::inputs);
+    let vertical = (out_h != height).then(|| coefficients(height, out_h, window.y.clone(), filter));
+    let span = columns.len();
+    let mut mid = vec![0u8; window.y.len() * span * 3];
+    for (r, row) in mid.chunks_exact_mut(span * 3).enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            let at = |y: usize| pixels[y * width * 3 + columns.start * 3 + i];
+            *v = match &vertical {
+                Some(c) => convolve(c.first[r], &c.weights[r], at),
+                None => at(window.y.start + r),
+            };
+        }
+    }
+    let Some(c) = horizontal else {
+        return mid;
+    };
+    let cols = window.x.len();
+    let mut next = vec![0u8; window.y.len() * cols * 3];
+    for (r, row) in next.chunks_exact_mut(cols * 3).enumerate() {
+        let src = &mid[r * span * 3..(r + 1) * span * 3];
+        for (j, px) in row.chunks_exact_mut(3).enumerate() {
+            for (ch, v) in px.iter_mut().enumerate() {
+                *v = convolve(c.first[j], &c.weights[j], |x| {
+                    src[(x - columns.start) * 3 + ch]
+                });
+            }
+        }
+    }
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,7 +289,8 @@ mod tests {
     }
 
     /// The resampler as it was before windows (both passes over the whole image), validated
-    /// against transformers' pixels by tests/preprocess.rs: the reference for the windowed one.
+    /// against transformers' pixels by tests/preprocess.rs and tests/next_preprocess.rs: the
+    /// reference for the windowed one.
     fn whole_image_then_crop(
         pixels: &[u8],
         (width, height): (usize, usize),
@@ -240,11 +298,11 @@ mod tests {
         window: &Window,
         filter: Filter,
     ) -> Vec<u8> {
-        let mut current = pixels.to_vec();
-        if out_w != width {
+        // One pass along one axis over the whole image: (w, h) → (w', h').
+        let horizontal = |current: &[u8], h: usize| {
             let c = coefficients(width, out_w, 0..out_w, filter);
-            let mut next = vec![0u8; out_w * height * 3];
-            for y in 0..height {
+            let mut next = vec![0u8; out_w * h * 3];
+            for y in 0..h {
                 for xx in 0..out_w {
                     for ch in 0..3 {
                         next[(y * out_w + xx) * 3 + ch] =
@@ -254,18 +312,32 @@ mod tests {
                     }
                 }
             }
-            current = next;
-        }
-        if out_h != height {
+            next
+        };
+        let vertical = |current: &[u8], w: usize| {
             let c = coefficients(height, out_h, 0..out_h, filter);
-            let mut next = vec![0u8; out_w * out_h * 3];
+            let mut next = vec![0u8; w * out_h * 3];
             for yy in 0..out_h {
-                for i in 0..out_w * 3 {
-                    next[yy * out_w * 3 + i] =
-                        convolve(c.first[yy], &c.weights[yy], |y| current[y * out_w * 3 + i]);
+                for i in 0..w * 3 {
+                    next[yy * w * 3 + i] =
+                        convolve(c.first[yy], &c.weights[yy], |y| current[y * w * 3 + i]);
                 }
             }
-            current = next;
+            next
+        };
+        let mut current = pixels.to_vec();
+        if vertical_first((width, height), (out_w, out_h)) {
+            current = vertical(&current, width);
+            if out_w != width {
+                current = horizontal(&current, out_h);
+            }
+        } else {
+            if out_w != width {
+                current = horizontal(&current, height);
+            }
+            if out_h != height {
+                current = vertical(&current, out_w);
+            }
         }
         let mut out = Vec::new();
         for y in window.y.clone() {
@@ -312,6 +384,10 @@ mod tests {
                 },
             ),
             ((6, 9), Window { x: 0..6, y: 0..9 }),
+            // Height shrinks by more than twice the width's loss: Pillow 13 goes vertical first.
+            ((20, 40), Window { x: 0..20, y: 0..40 }),
+            ((17, 31), Window { x: 2..15, y: 5..30 }),
+            ((30, 50), Window { x: 1..29, y: 7..8 }),
             ((84, 574), Window { x: 4..4, y: 0..0 }),
         ];
         for (out, window) in cases {
@@ -321,6 +397,16 @@ mod tests {
                 assert!(got == want, "{out:?} {window:?} {filter:?}");
             }
         }
+    }
+
+    #[test]
+    fn pass_order_follows_pillow_13() {
+        // (w, h) → (out_w, out_h): rows lost vs twice the columns lost.
+        assert!(vertical_first((100, 260), (56, 56))); // 204 > 88
+        assert!(!vertical_first((187, 120), (114, 20))); // 100 < 146
+        assert!(!vertical_first((100, 100), (50, 50))); // 50 < 100
+        assert!(vertical_first((50, 50), (100, 20))); // 30 > −100
+        assert!(!vertical_first((50, 50), (20, 100))); // the height grows
     }
 
     #[test]

@@ -256,7 +256,19 @@ pub fn pruning(
         ));
     }
     let gpu = &engine.gpu;
-    let image = bench_image(engine.config.vision.image_size as u32)?;
+    // LLaVA-NeXT: a square image as large as the largest square pinpoint, so it is tiled into
+    // the most crops (2 x 2 plus the base view, 2,880 visual tokens, for llava-hf's list).
+    let side = match &engine.config.anyres {
+        Some(anyres) => anyres
+            .grid_pinpoints
+            .iter()
+            .filter(|(h, w)| h == w)
+            .map(|&(h, _)| h)
+            .max()
+            .unwrap_or(engine.config.vision.image_size),
+        None => engine.config.vision.image_size,
+    };
+    let image = bench_image(side as u32)?;
     let prompt = bench_prompt(engine);
     let request = |prune: &PruneOptions| {
         let mut r = GenerateRequest::new(&image, &prompt);

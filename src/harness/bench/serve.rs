@@ -7,12 +7,11 @@
 //!    turn's time divided by each of the others (same run, same server).
 //! 2. `clients` concurrent clients × `per_client` requests: every request must be answered
 //!    (200) or refused (503); a transport error or any other status counts as lost.
-//! 3. Resident memory (the process's RSS, as `/health` reports it) after a warm-up and after
-//!    `soak` more requests, as growth in percent, and the GPU bytes alive by the engine's
-//!    allocation tracker at the same two points ([`gpu_bytes`]).
+//! 3. Resident memory (the process's RSS) and the GPU bytes alive in the engine's allocation
+//!    tracker, both as `/health` reports them, after a warm-up and after `soak` requests of
+//!    multi-turn conversations ([`soak`]), with the growth in percent.
 
 use std::io::{BufRead, BufReader, Cursor};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,12 +51,7 @@ pub struct ServeReport {
     pub resident_growth_percent: f64,
     pub gpu_bytes_start: Option<u64>,
     pub gpu_bytes_end: Option<u64>,
-}
-
-/// GPU bytes the engine's allocation tracker counted alive after the server's last answer
-/// (weights, image cache, kept sessions' KV caches and every other live buffer).
-pub fn gpu_bytes(server: &Server) -> Option<u64> {
-    Some(server.stats.gpu_live_bytes.load(Ordering::Relaxed))
+    pub gpu_growth_percent: Option<f64>,
 }
 
 pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport> {
@@ -100,9 +94,10 @@ pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport>
     let (first, follow, cached) = (median(first), median(follow), median(cached));
 
     let load = concurrent(&client, &variant(7_000_000)?, options);
-    let (start, end) = soak(&client, &variant(8_000_000)?, options)?;
-    let gpu_start = gpu_bytes(&server);
-    let gpu_end = gpu_bytes(&server);
+    let images = (0..SOAK_IMAGES)
+        .map(|i| variant(8_000_000 + i))
+        .collect::<Result<Vec<_>>>()?;
+    let (start, end) = soak(&client, &images, options)?;
     server.shutdown()?;
     Ok(ServeReport {
         ttft_first_turn_ms: first,
@@ -115,11 +110,15 @@ pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport>
         refused_503: load.1,
         lost: load.2,
         soak_requests: options.soak,
-        resident_bytes_start: start,
-        resident_bytes_end: end,
-        resident_growth_percent: (end as f64 / start as f64 - 1.0) * 100.0,
-        gpu_bytes_start: gpu_start,
-        gpu_bytes_end: gpu_end,
+        resident_bytes_start: start.resident,
+        resident_bytes_end: end.resident,
+        resident_growth_percent: (end.resident as f64 / start.resident as f64 - 1.0) * 100.0,
+        gpu_bytes_start: start.gpu,
+        gpu_bytes_end: end.gpu,
+        gpu_growth_percent: start
+            .gpu
+            .zip(end.gpu)
+            .map(|(a, b)| (b as f64 / a as f64 - 1.0) * 100.0),
     })
 }
 
@@ -226,7 +225,8 @@ impl Client {
         }
     }
 
-    fn resident_bytes(&self) -> Result<u64> {
+    /// The server's resident and tracked GPU bytes, as `/health` reports them.
+    fn memory(&self) -> Result<Memory> {
         let mut r = self
             .agent
             .get(&self.health)
@@ -234,9 +234,13 @@ impl Client {
             .map_err(|e| Error::argument("bench serve", e.to_string()))?;
         let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
             .unwrap_or(Value::Null);
-        v["resident_bytes"]
+        let resident = v["resident_bytes"]
             .as_u64()
-            .ok_or_else(|| Error::argument("bench serve", "/health reports no resident_bytes"))
+            .ok_or_else(|| Error::argument("bench serve", "/health reports no resident_bytes"))?;
+        Ok(Memory {
+            resident,
+            gpu: v["gpu_live_bytes"].as_u64(),
+        })
     }
 }
 
@@ -274,27 +278,50 @@ fn concurrent(client: &Client, image: &str, options: &ServeBenchOptions) -> (usi
     (answered, refused, total - answered - refused)
 }
 
-/// Resident bytes after a tenth of `soak` requests (warm-up) and after all of them. Requests
-/// cycle through new conversations and follow-ups, so sessions and the image cache fill and
-/// evict as in use.
-fn soak(client: &Client, image: &str, options: &ServeBenchOptions) -> Result<(u64, u64)> {
+/// Distinct images the soak's conversations are about (the image cache holds them all).
+const SOAK_IMAGES: u32 = 4;
+/// Turns per soak conversation: a first question, then follow-ups in the same session.
+const SOAK_TURNS: usize = 4;
+
+/// What `/health` reports about memory at one point of the soak.
+#[derive(Clone, Copy)]
+struct Memory {
+    resident: u64,
+    gpu: Option<u64>,
+}
+
+/// Memory after a tenth of `soak` requests (warm-up) and after all of them. The requests are
+/// conversations of [`SOAK_TURNS`] turns (a first question, then follow-ups that reuse its
+/// session) about [`SOAK_IMAGES`] images in turn, so sessions, KV growth and the image cache
+/// fill and evict as in use. Answers are one token, so the soak measures memory, not decoding.
+fn soak(
+    client: &Client,
+    images: &[String],
+    options: &ServeBenchOptions,
+) -> Result<(Memory, Memory)> {
     let warm = (options.soak / 10).max(1);
-    let mut start = 0;
+    let mut start = None;
+    let mut conversation = Value::Null;
     for i in 0..options.soak {
         if i == warm {
-            start = client.resident_bytes()?;
+            start = Some(client.memory()?);
         }
-        let mut body = first_turn(image, &format!("Question {i}: what is in the image?"), 1);
-        body["stream"] = json!(false);
-        let status = client.status(&body.to_string());
-        if status != 200 {
-            return Err(Error::argument(
-                "bench serve",
-                format!("soak request {i}: status {status}"),
-            ));
+        let question = format!("Question {i}: what is in the image?");
+        if i % SOAK_TURNS == 0 {
+            let image = &images[(i / SOAK_TURNS) % images.len()];
+            conversation = first_turn(image, &question, 1);
+        } else {
+            let messages = conversation["messages"].as_array_mut().expect("messages");
+            messages.push(json!({"role": "user", "content": question}));
         }
+        let (_, answer) = client
+            .ttft(&conversation)
+            .map_err(|e| Error::argument("bench serve", format!("soak request {i}: {e}")))?;
+        let messages = conversation["messages"].as_array_mut().expect("messages");
+        messages.push(json!({"role": "assistant", "content": answer.trim()}));
     }
-    Ok((start, client.resident_bytes()?))
+    let end = client.memory()?;
+    Ok((start.unwrap_or(end), end))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

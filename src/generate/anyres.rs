@@ -1,113 +1,311 @@
 //! The image side of a LLaVA-NeXT request: one vision-tower pass per view (the base view, then
-//! the crops), the projector over every view's patch rows, and the packing transformers does in
+//! the crops), each view's own before-projector selection when the method has one, the
+//! projector over the kept patch rows, and the packing transformers does in
 //! `pack_image_features`: the base view's rows, then each unpadded grid row followed by
 //! `image_newline` (`vision/anyres.rs` computes the order on the host; one gather applies it).
+//!
+//! Pruning follows docs/pruning.md's NeXT section: budgets are split across views before the
+//! projector; stage 2 and FastV rank the patch rows of all views together, and newline rows are
+//! never scored, dropped or counted.
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::topk;
 use crate::gpu::{DType, Recorder, Tensor};
 use crate::model::llava::Engine;
 use crate::model::projector::Projector;
-use crate::vision::anyres::{AnyresLayout, PackedToken};
+use crate::prune::{
+    BeforeProjector, Method, Plan, PruneOptions, Stage1Score, DEFAULT_STAGE1_RATIO,
+};
+use crate::vision::anyres::{split_budget, AnyresLayout, PackedToken};
 
 use super::image::EncodedImage;
 
+/// A LLaVA-NeXT request's image side: the tiling, each view's selection before the projector,
+/// stage 2's budget in patch tokens, and the packed rows the prompt holds.
+#[derive(Clone, Debug)]
+pub(super) struct AnyresRequest {
+    pub layout: AnyresLayout,
+    /// The selection each view gets before the projector (None: every patch).
+    pub per_view: Option<Vec<BeforeProjector>>,
+    /// Patch tokens stage 2 (or FastV) keeps; newline rows are kept besides.
+    pub stage2_keep: Option<usize>,
+    /// The prompt's image rows in order: every packed token until the image pass has run,
+    /// then the ones its selection kept.
+    pub packed: Vec<PackedToken>,
+}
+
+impl AnyresRequest {
+    /// Split `plan`, made over the image's patch tokens (N0 = `layout.visual_tokens()`), into
+    /// per-view budgets: STAR's stage 1 keeps `floor(N_c (1 − R))` of every view (or
+    /// `prune.stage1_keep` split across views), a before-projector baseline splits N2.
+    pub fn new(layout: AnyresLayout, plan: &Plan, prune: &PruneOptions) -> Result<Self> {
+        let views = layout.views();
+        let per_view_patches = layout.patches_per_view();
+        let budgets = |total: usize| split_budget(total, views);
+        let per_view = match plan.before_projector {
+            None => None,
+            Some(selection) => {
+                let keeps = match (plan.method, prune.stage1_keep) {
+                    (Method::Star, Some(total)) => budgets(total),
+                    (Method::Star, None) => {
+                        let r = prune.stage1_ratio.unwrap_or(DEFAULT_STAGE1_RATIO);
+                        let keep = (per_view_patches as f64 * (1.0 - r)).floor() as usize;
+                        vec![keep; views]
+                    }
+                    _ => budgets(plan.n1()),
+                };
+                if let Some(v) = keeps.iter().position(|&k| k == 0 || k > per_view_patches) {
+                    return Err(Error::argument(
+                        "prune.keep",
+                        format!(
+                            "view {v} of {views} would keep {} of its {per_view_patches} patches: a LLaVA-NeXT budget before the projector is split across views, and each must keep at least one",
+                            keeps[v]
+                        ),
+                    ));
+                }
+                let per_view = keeps.iter().enumerate();
+                Some(per_view.map(|(v, &k)| for_view(selection, k, v)).collect())
+            }
+        };
+        Ok(Self {
+            packed: layout.packed(),
+            stage2_keep: plan.stage2.map(|s| s.keep),
+            per_view,
+            layout,
+        })
+    }
+
+    /// Patch tokens among the packed rows (newlines excluded).
+    pub fn patch_tokens(&self) -> usize {
+        self.packed
+            .iter()
+            .filter(|t| matches!(t, PackedToken::Patch { .. }))
+            .count()
+    }
+
+    /// Positions of the newline rows among the packed rows.
+    pub fn newline_rows(&self) -> impl Iterator<Item = usize> + '_ {
+        self.packed
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == PackedToken::Newline)
+            .map(|(i, _)| i)
+    }
+
+    /// `plan` (its method and stage 2's layer) restated over the prompt's image rows, which the
+    /// decoder works with: N0 is every packed row, N1 the rows in `packed`, stage 2 keeps its
+    /// patch budget (at most the patches left) plus every newline.
+    pub fn row_plan(&self, plan: &Plan) -> Plan {
+        let rows = self.packed.len();
+        let newlines = rows - self.patch_tokens();
+        Plan {
+            method: plan.method,
+            n0: self.layout.image_tokens(),
+            before_projector: self.per_view.as_ref().map(|_| BeforeProjector::TopK {
+                score: Stage1Score::Attention,
+                keep: rows,
+            }),
+            stage2: plan.stage2.map(|mut s| {
+                let patches = self.stage2_keep.unwrap_or(s.keep);
+                s.keep = patches.min(self.patch_tokens()) + newlines;
+                s
+            }),
+        }
+    }
+}
+
+/// `selection` with view `v`'s budget `keep` (random draws get a seed per view).
+fn for_view(selection: BeforeProjector, keep: usize, v: usize) -> BeforeProjector {
+    match selection {
+        BeforeProjector::TopK { score, .. } => BeforeProjector::TopK { score, keep },
+        BeforeProjector::VisPruner { .. } => BeforeProjector::VisPruner { keep },
+        BeforeProjector::Random { seed, .. } => BeforeProjector::Random {
+            keep,
+            seed: seed.wrapping_add(v as u64),
+        },
+    }
+}
+
 impl Engine {
-    /// Encode `pixels` ([views, 3, S, S]) into the packed image rows the prompt receives,
-    /// [layout.image_tokens(), text width].
+    /// Encode `pixels` ([views, 3, S, S]) into the packed image rows the prompt receives:
+    /// [packed rows, text width], with `packed` saying what each row is.
     pub(super) fn encode_anyres_image(
         &self,
         pixels: &[f32],
-        layout: &AnyresLayout,
+        anyres: &AnyresRequest,
     ) -> Result<EncodedImage> {
         let gpu = &self.gpu;
-        let (dv, dt) = (self.config.vision.hidden_size, self.config.text.hidden_size);
+        let layout = &anyres.layout;
+        let dv = self.config.vision.hidden_size;
         let newline = self.image_newline.as_ref().ok_or_else(|| {
             Error::shape(
                 "image_newline",
                 "an anyres request on a model without image_newline",
             )
         })?;
-        let (views, per_view) = (layout.views(), layout.patches_per_view());
-        let patch_rows = views * per_view;
+        let views = layout.views();
+        let per_view = layout.patches_per_view();
+        let budgets: Vec<usize> = match &anyres.per_view {
+            Some(selections) => selections.iter().map(|s| selection_keep(*s)).collect(),
+            None => vec![per_view; views],
+        };
+        let kept_rows: usize = budgets.iter().sum();
         let tower = self.vision.buffers(gpu)?;
-        // (views · patches, dv): every view's patch rows (CLS dropped), view after view.
-        let features = Tensor::empty(gpu, &[patch_rows, dv], DType::F32, "anyres.features")?;
-        let scratch = Projector::scratch(gpu, patch_rows, dt)?;
-        // (views · patches, dt): the projector output of every patch row.
-        let projected = Tensor::empty(gpu, &[patch_rows, dt], DType::F32, "anyres.projected")?;
-        // (views · patches + 1, dt): the projected rows and, last, image_newline.
-        let source = Tensor::empty(gpu, &[patch_rows + 1, dt], DType::F32, "anyres.source")?;
-        let order = Tensor::empty(gpu, &[layout.image_tokens()], DType::U32, "anyres.order")?;
-        order.write_u32(gpu, &packed_rows(layout, patch_rows))?;
-        let embeddings = Tensor::empty(
-            gpu,
-            &[layout.image_tokens(), dt],
-            DType::F32,
-            "image.embeddings",
-        )?;
-
+        // (kept rows, dv): every view's kept patch rows (CLS dropped), view after view.
+        let features = Tensor::empty(gpu, &[kept_rows, dv], DType::F32, "anyres.features")?;
         let mut rec = Recorder::new(gpu);
         rec.set_stage("vision");
         let view_len = pixels.len() / views;
         let row_bytes = (dv * 4) as u64;
+        let mut kept = Vec::with_capacity(views);
+        let mut offset = 0;
         for (v, view) in pixels.chunks_exact(view_len).enumerate() {
-            self.vision.forward(&mut rec, &tower, view, None)?;
-            // Patch rows follow CLS (vision_feature_select_strategy "default").
-            rec.copy(
-                &tower.hidden.buffer,
-                row_bytes,
-                &features.buffer,
-                (v * per_view) as u64 * row_bytes,
-                per_view as u64 * row_bytes,
-            );
+            let keep = budgets[v];
+            let view_kept = match &anyres.per_view {
+                None => {
+                    self.vision.forward(&mut rec, &tower, view, None)?;
+                    // Patch rows follow CLS (vision_feature_select_strategy "default").
+                    rec.copy(
+                        &tower.hidden.buffer,
+                        row_bytes,
+                        &features.buffer,
+                        offset as u64 * row_bytes,
+                        per_view as u64 * row_bytes,
+                    );
+                    (0..per_view).collect()
+                }
+                Some(selections) => {
+                    let rows = Tensor::empty(gpu, &[keep, dv], DType::F32, "anyres.view")?;
+                    let pair = (&tower, &rows);
+                    let chosen = self.selected_patch_features(
+                        &mut rec,
+                        pair,
+                        view,
+                        per_view,
+                        selections[v],
+                    )?;
+                    rec.copy(
+                        &rows.buffer,
+                        0,
+                        &features.buffer,
+                        offset as u64 * row_bytes,
+                        keep as u64 * row_bytes,
+                    );
+                    rec.set_stage("vision");
+                    chosen
+                }
+            };
+            kept.push(view_kept);
+            offset += keep;
             // The next view's pixels are a queue write: this view's commands must go first.
             rec.submit();
         }
+        let packed = layout.packed_kept(&kept);
+        let embeddings = self.project_and_pack(&mut rec, &features, newline, &kept, &packed)?;
+        rec.finish("vision")?;
+        Ok(EncodedImage {
+            embeddings,
+            kept: None,
+            packed: Some(packed),
+        })
+    }
+
+    /// The projector over `features` (the kept rows of every view, view after view), then one
+    /// gather into prompt order with `image_newline` where `packed` has a newline.
+    fn project_and_pack(
+        &self,
+        rec: &mut Recorder,
+        features: &Tensor,
+        newline: &Tensor,
+        kept: &[Vec<usize>],
+        packed: &[PackedToken],
+    ) -> Result<Tensor> {
+        let gpu = &self.gpu;
+        let dt = self.config.text.hidden_size;
+        let rows = features.shape[0];
         rec.set_stage("projector");
+        let scratch = Projector::scratch(gpu, rows, dt)?;
+        // (rows + 1, dt): the projected rows and, last, image_newline.
+        let source = Tensor::empty(gpu, &[rows + 1, dt], DType::F32, "anyres.source")?;
+        let projected = Tensor::empty(gpu, &[rows, dt], DType::F32, "anyres.projected")?;
         self.projector
-            .forward(&mut rec, &features, &scratch, &projected)?;
+            .forward(rec, features, &scratch, &projected)?;
         let out_row = (dt * 4) as u64;
         rec.copy(
             &projected.buffer,
             0,
             &source.buffer,
             0,
-            patch_rows as u64 * out_row,
+            rows as u64 * out_row,
         );
         rec.copy(
             &newline.buffer,
             0,
             &source.buffer,
-            patch_rows as u64 * out_row,
+            rows as u64 * out_row,
             out_row,
         );
+        let order = Tensor::empty(gpu, &[packed.len()], DType::U32, "anyres.order")?;
+        order.write_u32(gpu, &source_rows(kept, packed, rows))?;
+        let embeddings = Tensor::empty(gpu, &[packed.len(), dt], DType::F32, "image.embeddings")?;
         rec.dispatch(topk::gather_rows(
             gpu,
             &source,
             &order,
             0,
-            layout.image_tokens(),
+            packed.len(),
             &embeddings,
         )?);
-        rec.finish("vision")?;
-        Ok(EncodedImage {
-            embeddings,
-            kept: None,
-        })
+        Ok(embeddings)
     }
 }
 
-/// For each packed image token, its row in the gather source: patch `index` of view `view` is
-/// row `view · patches + index`, a newline the row after all patches (`newline_row`).
-fn packed_rows(layout: &AnyresLayout, newline_row: usize) -> Vec<u32> {
-    let per_view = layout.patches_per_view();
-    layout
-        .packed()
-        .into_iter()
-        .map(|token| match token {
-            PackedToken::Patch { view, index } => (view * per_view + index) as u32,
+/// Patches a before-projector selection keeps.
+fn selection_keep(selection: BeforeProjector) -> usize {
+    match selection {
+        BeforeProjector::TopK { keep, .. }
+        | BeforeProjector::VisPruner { keep }
+        | BeforeProjector::Random { keep, .. } => keep,
+    }
+}
+
+/// For each packed token, its row in the gather source: the kept rows of every view, view
+/// after view (`kept[v]` ascending), then the newline at `newline_row`.
+fn source_rows(kept: &[Vec<usize>], packed: &[PackedToken], newline_row: usize) -> Vec<u32> {
+    let mut first_row = Vec::with_capacity(kept.len());
+    let mut total = 0;
+    for view in kept {
+        first_row.push(total);
+        total += view.len();
+    }
+    packed
+        .iter()
+        .map(|token| match *token {
+            PackedToken::Patch { view, index } => {
+                let at = kept[view]
+                    .binary_search(&index)
+                    .expect("packed tokens come from the kept lists");
+                (first_row[view] + at) as u32
+            }
             PackedToken::Newline => newline_row as u32,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_rows_follow_the_kept_lists() {
+        let kept = vec![vec![0, 2], vec![1, 3]];
+        let packed = [
+            PackedToken::Patch { view: 0, index: 2 },
+            PackedToken::Patch { view: 1, index: 1 },
+            PackedToken::Newline,
+            PackedToken::Patch { view: 1, index: 3 },
+            PackedToken::Patch { view: 0, index: 0 },
+        ];
+        assert_eq!(source_rows(&kept, &packed, 4), vec![1, 2, 4, 3, 0]);
+    }
 }

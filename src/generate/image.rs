@@ -13,6 +13,8 @@ use crate::model::llava::Engine;
 use crate::model::projector::Projector;
 use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score, VISPRUNER_IMPORTANT_RATIO};
 
+use crate::vision::anyres::PackedToken;
+
 use super::prepare::{ImageStep, PreparedRequest};
 
 /// The image side of a request after the vision tower, selection and the projector.
@@ -21,6 +23,8 @@ pub(super) struct EncodedImage {
     pub embeddings: Tensor,
     /// Patch indices the language model receives (None: all of them).
     pub kept: Option<Vec<usize>>,
+    /// LLaVA-NeXT: what each row of `embeddings` is, in prompt order (None for LLaVA-1.5).
+    pub packed: Option<Vec<PackedToken>>,
 }
 
 /// Buffers of one image's pass: the tower's own, and what the projector reads and writes.
@@ -54,16 +58,18 @@ impl Engine {
             ImageStep::Cached(projected) => Ok(Some(EncodedImage {
                 embeddings: projected.embeddings.clone(),
                 kept: projected.kept.clone(),
+                packed: projected.packed.clone(),
             })),
             ImageStep::Encode { pixels, key } => {
                 let image = match &input.anyres {
-                    Some(layout) => self.encode_anyres_image(pixels, layout)?,
+                    Some(anyres) => self.encode_anyres_image(pixels, anyres)?,
                     None => self.encode_image(pixels, &input.plan)?,
                 };
                 if let (Some(key), Ok(mut cache)) = (key, self.image_cache.lock()) {
                     let projected = ProjectedImage {
                         embeddings: image.embeddings.clone(),
                         kept: image.kept.clone(),
+                        packed: image.packed.clone(),
                     };
                     cache.insert(*key, projected);
                 }
@@ -122,8 +128,13 @@ impl Engine {
                 None
             }
             Some(selection) => {
-                let kept =
-                    self.selected_patch_features(&mut rec, &b, pixels, plan.n0, selection)?;
+                let kept = self.selected_patch_features(
+                    &mut rec,
+                    (&b.tower, &b.features),
+                    pixels,
+                    plan.n0,
+                    selection,
+                )?;
                 Some(kept)
             }
         };
@@ -134,6 +145,7 @@ impl Engine {
         Ok(EncodedImage {
             embeddings: b.embeddings,
             kept,
+            packed: None,
         })
     }
 
@@ -163,13 +175,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Pruned before the projector: run the tower with the scores `selection` needs, choose
-    /// the kept patches and gather their rows into `b.features`. Returns the kept patch indices
+    /// Pruned before the projector: run `tower` with the scores `selection` needs, choose the
+    /// kept patches and gather their rows into `features`. Returns the kept patch indices
     /// (ascending).
-    fn selected_patch_features(
+    pub(super) fn selected_patch_features(
         &self,
         rec: &mut Recorder,
-        b: &ImageBuffers,
+        (tower, features): (&ClipBuffers, &Tensor),
         pixels: &[f32],
         n0: usize,
         selection: BeforeProjector,
@@ -181,7 +193,7 @@ impl Engine {
             ));
         }
         let tokens = self.vision.tokens();
-        let s1 = self.stage1_buffers(b.features.shape[0])?;
+        let s1 = self.stage1_buffers(features.shape[0])?;
         // Which query rows score the patches: all of them (STAR), or the CLS row only.
         let all_queries = matches!(
             selection,
@@ -198,9 +210,9 @@ impl Engine {
         };
         let needs_scores = !matches!(selection, BeforeProjector::Random { .. });
         self.vision
-            .forward(rec, &b.tower, pixels, needs_scores.then_some(out))?;
+            .forward(rec, tower, pixels, needs_scores.then_some(out))?;
         rec.set_stage("stage 1");
-        self.select_and_gather(rec, b, &s1, n0, selection)
+        self.select_and_gather(rec, (tower, features), &s1, n0, selection)
     }
 
     /// Choose the kept patches (top-k on the GPU, or VisPruner / random on the host) and gather
@@ -208,22 +220,22 @@ impl Engine {
     fn select_and_gather(
         &self,
         rec: &mut Recorder,
-        b: &ImageBuffers,
+        (tower, features): (&ClipBuffers, &Tensor),
         s1: &Stage1Buffers,
         n0: usize,
         selection: BeforeProjector,
     ) -> Result<Vec<usize>> {
         let gpu = &self.gpu;
         let dv = self.config.vision.hidden_size;
-        let n1 = b.features.shape[0];
+        let n1 = features.shape[0];
         // Row list into the encoder output: [CLS, 1 + kept...]; the gather skips CLS.
         let segment = self.patch_segment();
         let (scores, rows) = (&s1.scores, &s1.rows);
-        let hidden = &b.tower.hidden;
+        let hidden = &tower.hidden;
         let kept = match selection {
             BeforeProjector::TopK { keep, .. } => {
                 rec.dispatch(topk::select(gpu, scores, 1, segment, keep, rows)?);
-                rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, &b.features)?);
+                rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, features)?);
                 rec.submit();
                 let list = gpu.read_u32(rows)?;
                 return Ok(list[1..].iter().map(|&r| r as usize - 1).collect());
@@ -248,7 +260,7 @@ impl Engine {
             .chain(kept.iter().map(|&i| i as u32 + 1))
             .collect();
         rows.write_u32(gpu, &list)?;
-        rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, n1, &b.features)?);
+        rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, n1, features)?);
         Ok(kept)
     }
 }

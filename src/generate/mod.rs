@@ -30,13 +30,15 @@ use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
 use crate::sample::Sampler;
 use crate::text::EncodedPrompt;
+use crate::vision::anyres::PackedToken;
 
+use anyres::AnyresRequest;
 use decode::TokenPicker;
 pub use memory::RequestMemory;
 use output::ms;
 pub use output::{
-    Flops, GenerateOutput, ImageFrom, KeptIndices, MemoryReport, Timings, TokenLogprob, TurnReport,
-    VisualTokens,
+    Flops, GenerateOutput, ImageFrom, KeptIndices, KeptPerView, MemoryReport, Timings,
+    TokenLogprob, TurnReport, ViewPatch, VisualTokens,
 };
 use prefill::Prefilled;
 use prepare::PreparedRequest;
@@ -79,12 +81,13 @@ impl Engine {
         // Peaks from here on belong to this request (the weights stay alive across requests).
         self.gpu.memory.reset_peaks();
         let t0 = Instant::now();
-        let input = self.prepare(session, conversation, settings)?;
+        let mut input = self.prepare(session, conversation, settings)?;
         let preprocess_ms = ms(t0);
         self.gpu.profile_host_stage("preprocess", preprocess_ms);
 
         let t1 = Instant::now();
         let image = self.image_step(&input)?;
+        self.fit_image(&mut input, image.as_ref(), settings);
         let vision_ms = ms(t1);
 
         let prefill_start = Instant::now();
@@ -220,22 +223,31 @@ impl Engine {
             return Ok(None);
         }
         let image_rows = input.prompt.image_start..input.prompt.image_start + plan.n1();
-        let stage2 = match &state.stage2_rows {
+        // Stage 2's kept rows, as positions among the image rows.
+        let stage2_local = match &state.stage2_rows {
             Some(rows) => Some(
                 self.gpu
                     .read_u32(rows)?
                     .iter()
                     .map(|&r| r as usize)
                     .filter(|r| image_rows.contains(r))
-                    .map(|r| {
-                        let local = r - image_rows.start;
-                        stage1.as_ref().map_or(local, |s| s[local])
-                    })
-                    .collect(),
+                    .map(|r| r - image_rows.start)
+                    .collect::<Vec<_>>(),
             ),
             None => None,
         };
-        Ok(Some(KeptIndices { stage1, stage2 }))
+        if let Some(anyres) = &input.anyres {
+            return Ok(Some(kept_per_view(anyres, stage2_local)));
+        }
+        let stage2 = stage2_local.map(|local| {
+            let original = |l: usize| stage1.as_ref().map_or(l, |s| s[l]);
+            local.into_iter().map(original).collect()
+        });
+        Ok(Some(KeptIndices {
+            stage1,
+            stage2,
+            per_view: None,
+        }))
     }
 
     /// Theoretical prefill multiply-adds of the decoder, as run and without pruning, for the
@@ -292,15 +304,43 @@ fn turn_report(input: &PreparedRequest) -> TurnReport {
     }
 }
 
-/// Visual tokens per stage. On LLaVA-NeXT, the patch tokens that reach the language model:
+/// LLaVA-NeXT's kept patches: after the image pass (when it selected), the packed patch rows;
+/// after stage 2, the patches of the rows it kept (`stage2_local`: positions among the image
+/// rows; newline rows, always kept, are no patches).
+fn kept_per_view(anyres: &AnyresRequest, stage2_local: Option<Vec<usize>>) -> KeptIndices {
+    let patch = |token: &PackedToken| match *token {
+        PackedToken::Patch { view, index } => Some(ViewPatch { view, index }),
+        PackedToken::Newline => None,
+    };
+    let stage1 = anyres
+        .per_view
+        .as_ref()
+        .map(|_| anyres.packed.iter().filter_map(patch).collect());
+    let stage2 = stage2_local.map(|local| {
+        let rows = local.into_iter().map(|l| &anyres.packed[l]);
+        rows.filter_map(patch).collect()
+    });
+    KeptIndices {
+        stage1: None,
+        stage2: None,
+        per_view: Some(KeptPerView { stage1, stage2 }),
+    }
+}
+
+/// Visual tokens per stage. On LLaVA-NeXT, patch tokens that reach the language model:
 /// `image_newline` rows are no visual tokens (docs/pruning.md).
 fn visual_tokens(input: &PreparedRequest) -> VisualTokens {
     match &input.anyres {
-        Some(layout) => VisualTokens {
-            encoder: layout.visual_tokens(),
-            after_stage1: layout.visual_tokens(),
-            after_stage2: layout.visual_tokens(),
-        },
+        Some(anyres) => {
+            let after_stage1 = anyres.patch_tokens();
+            VisualTokens {
+                encoder: anyres.layout.visual_tokens(),
+                after_stage1,
+                after_stage2: anyres
+                    .stage2_keep
+                    .map_or(after_stage1, |keep| keep.min(after_stage1)),
+            }
+        }
         None => VisualTokens::of(&input.plan),
     }
 }

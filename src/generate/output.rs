@@ -31,6 +31,25 @@ impl VisualTokens {
 pub struct KeptIndices {
     pub stage1: Option<Vec<usize>>,
     pub stage2: Option<Vec<usize>>,
+    /// LLaVA-NeXT: the kept patches of each stage as (view, index on that view's grid);
+    /// `stage1` and `stage2` are then None.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_view: Option<KeptPerView>,
+}
+
+/// A LLaVA-NeXT request's kept patches per stage, in prompt order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KeptPerView {
+    pub stage1: Option<Vec<ViewPatch>>,
+    pub stage2: Option<Vec<ViewPatch>>,
+}
+
+/// Patch `index` (raster order on the view's own grid) of view `view` (0 = the base view, then
+/// the crops in raster order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ViewPatch {
+    pub view: usize,
+    pub index: usize,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

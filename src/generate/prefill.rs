@@ -213,6 +213,15 @@ impl Engine {
             scores: &s2.scores,
         };
         self.run_layers(rec, state, 0..stage2.layer, Some(out))?;
+        if let Some(anyres) = &input.anyres {
+            // LLaVA-NeXT's newline rows are never scored or dropped (docs/pruning.md): they
+            // enter the top-k with an infinite score, and the budget counts them besides N2.
+            rec.submit();
+            for row in anyres.newline_rows() {
+                let at = prompt.image_start + row;
+                s2.scores.write_f32_at(&self.gpu, at, &[f32::INFINITY])?;
+            }
+        }
         let segment = image_segment(input);
         rec.set_stage("stage 2");
         self.compact_prompt(rec, &state.buffers, &s2, segment, stage2.keep)?;

@@ -10,11 +10,13 @@ use image::DynamicImage;
 use crate::error::{Error, Result};
 use crate::model::image_cache::{ImageKey, ProjectedImage};
 use crate::model::llava::Engine;
-use crate::prune::{Method, Plan};
+use crate::prune::Plan;
 use crate::text::EncodedPrompt;
 use crate::vision::anyres::AnyresLayout;
 use crate::vision::decode_image;
 
+use super::anyres::AnyresRequest;
+use super::image::EncodedImage;
 use super::request::{Conversation, GenerateRequest, TurnSettings};
 use super::session::{Session, SessionState};
 
@@ -37,8 +39,8 @@ pub(super) struct PreparedRequest {
     pub image: ImageStep,
     /// The image's identity: a hash of its bytes alone (a session holds one image).
     pub image_id: ImageKey,
-    /// LLaVA-NeXT: how the image is tiled into views and packed (None for LLaVA-1.5).
-    pub anyres: Option<AnyresLayout>,
+    /// LLaVA-NeXT: how the image is tiled, selected per view and packed (None for LLaVA-1.5).
+    pub anyres: Option<AnyresRequest>,
     pub plan: Plan,
     /// The whole conversation's ids with the N1 image tokens the language model receives.
     pub prompt: EncodedPrompt,
@@ -89,17 +91,25 @@ impl Engine {
             Some(_) => Some(decode_image(bytes, source)?),
             None => None,
         };
-        let anyres = match &decoded {
-            Some(image) => Some(self.anyres_layout(image, settings)?),
-            None => None,
+        let (plan, prompt, anyres) = match &decoded {
+            Some(image) => {
+                let layout = self.anyres_layout(image, settings)?;
+                let (plan, prompt, anyres) = self.plan_first_anyres(text, settings, layout)?;
+                (plan, prompt, Some(anyres))
+            }
+            None => {
+                let (plan, prompt) = self.plan_first(text, settings, self.config.image_tokens())?;
+                (plan, prompt, None)
+            }
         };
-        let n0 = anyres
-            .as_ref()
-            .map_or(self.config.image_tokens(), AnyresLayout::image_tokens);
-        let (plan, prompt) = self.plan_first(text, settings, n0)?;
-        let key = session
-            .uses_image_cache()
-            .then(|| ImageKey::new(bytes, &image_settings(&plan, settings)));
+        let selection = match &anyres {
+            Some(anyres) => format!("{:?}", anyres.per_view),
+            None => format!("{:?}", plan.before_projector),
+        };
+        let key = session.uses_image_cache().then(|| {
+            let settings = format!("pad_to_square={} {selection}", settings.pad_to_square);
+            ImageKey::new(bytes, &settings)
+        });
         let cached = key.and_then(|k| self.image_cache.lock().ok()?.get(&k));
         let image = match cached {
             Some(projected) => ImageStep::Cached(projected),
@@ -110,7 +120,9 @@ impl Engine {
                 };
                 let processor = &self.image_processor;
                 let pixels = match &anyres {
-                    Some(layout) => processor.anyres_views(&decoded, source, layout)?.concat(),
+                    Some(anyres) => processor
+                        .anyres_views(&decoded, source, &anyres.layout)?
+                        .concat(),
                     None => processor.preprocess(&decoded, source, settings.pad_to_square)?,
                 };
                 ImageStep::Encode { pixels, key }
@@ -142,12 +154,6 @@ impl Engine {
                 "LLaVA-NeXT tiles the image at its own aspect ratio; padding to a square is LLaVA-1.5's evaluation setting",
             ));
         }
-        if settings.prune.method != Method::None {
-            return Err(Error::argument(
-                "prune.method",
-                "visual-token pruning on LLaVA-NeXT (anyres) models is not built yet: use method none",
-            ));
-        }
         let vision = &self.config.vision;
         Ok(AnyresLayout::new(
             (image.height() as usize, image.width() as usize),
@@ -155,6 +161,27 @@ impl Engine {
             vision.image_size,
             vision.patch_size,
         ))
+    }
+
+    /// A LLaVA-NeXT first turn: the plan over the image's patch tokens split per view, and the
+    /// prompt tokenized with every packed row (the image pass may keep fewer, see
+    /// [`PreparedRequest::fit_image`]); the plan returned is over prompt rows.
+    fn plan_first_anyres(
+        &self,
+        text: &str,
+        settings: &TurnSettings,
+        layout: AnyresLayout,
+    ) -> Result<(Plan, EncodedPrompt, AnyresRequest)> {
+        let rows = layout.image_tokens();
+        let prompt = self.tokenizer.encode_with_image(text, rows)?;
+        self.check_context(&prompt, rows)?;
+        let text_after_image = prompt.ids.len() - prompt.image_start - rows;
+        let layers = self.config.text.num_hidden_layers;
+        let patches = settings
+            .prune
+            .plan(layout.visual_tokens(), layers, text_after_image)?;
+        let anyres = AnyresRequest::new(layout, &patches, &settings.prune)?;
+        Ok((anyres.row_plan(&patches), prompt, anyres))
     }
 
     /// A first turn's pruning plan for `n0` visual tokens and its prompt tokenized with N1 image
@@ -256,6 +283,31 @@ impl Engine {
         Ok(())
     }
 
+    /// LLaVA-NeXT, after the image pass: the prompt was tokenized with every packed row; keep
+    /// the rows of the tokens the pass kept and restate the plan over them.
+    pub(super) fn fit_image(
+        &self,
+        input: &mut PreparedRequest,
+        image: Option<&EncodedImage>,
+        settings: &TurnSettings,
+    ) {
+        let packed = image.and_then(|i| i.packed.as_ref());
+        let (Some(anyres), Some(packed)) = (input.anyres.as_mut(), packed) else {
+            return;
+        };
+        let dropped = anyres.packed.len() - packed.len();
+        anyres.packed = packed.clone();
+        input.plan = anyres.row_plan(&input.plan);
+        let prompt = &mut input.prompt;
+        let end = prompt.image_start + prompt.image_tokens;
+        prompt.ids.drain(end - dropped..end);
+        prompt.image_tokens -= dropped;
+        // A first turn's embeddings start at row 0; image rows are zero until the GPU fills them.
+        let dt = self.config.text.hidden_size;
+        input.embeddings.drain((end - dropped) * dt..end * dt);
+        input.max_new = self.max_new(settings, &input.prompt);
+    }
+
     /// The request's token limit, capped by the room the context leaves after `prompt`.
     fn max_new(&self, settings: &TurnSettings, prompt: &EncodedPrompt) -> usize {
         let context = self.config.text.max_position_embeddings;
@@ -278,12 +330,4 @@ impl Engine {
         }
         Ok(embeddings)
     }
-}
-
-/// Everything besides the bytes that changes an image's projector output.
-fn image_settings(plan: &Plan, settings: &TurnSettings) -> String {
-    format!(
-        "pad_to_square={} before_projector={:?}",
-        settings.pad_to_square, plan.before_projector
-    )
 }

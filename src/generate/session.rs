@@ -15,8 +15,8 @@ use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
 use crate::prune::{Plan, PruneOptions};
 use crate::text::{EncodedPrompt, Template};
-use crate::vision::anyres::AnyresLayout;
 
+use super::anyres::AnyresRequest;
 use super::output::KeptIndices;
 use super::request::{Conversation, TurnSettings};
 
@@ -34,8 +34,8 @@ pub(super) struct SessionState {
     pub pad_to_square: bool,
     pub prune: PruneOptions,
     pub plan: Plan,
-    /// LLaVA-NeXT: the image's tiling (None for LLaVA-1.5).
-    pub anyres: Option<AnyresLayout>,
+    /// LLaVA-NeXT: the image's tiling and the packed rows the cache holds (None for 1.5).
+    pub anyres: Option<AnyresRequest>,
     pub image_start: usize,
     /// Length of the first prompt, whose text after the image scored stage 2.
     pub first_prompt_len: usize,

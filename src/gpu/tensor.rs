@@ -323,6 +323,28 @@ impl Tensor {
         self.write_words(gpu, data)
     }
 
+    /// Write `values` at element `offset` of an f32 tensor (queued like any buffer write: it
+    /// lands after the work already submitted).
+    pub fn write_f32_at(&self, gpu: &Gpu, offset: usize, values: &[f32]) -> Result<()> {
+        if self.dtype != DType::F32 || offset + values.len() > self.numel() {
+            return Err(Error::shape(
+                "tensor write",
+                format!(
+                    "{} f32 values at element {offset} do not fit a {:?} tensor of shape {:?}",
+                    values.len(),
+                    self.dtype,
+                    self.shape
+                ),
+            ));
+        }
+        gpu.queue.write_buffer(
+            &self.buffer,
+            offset as u64 * 4,
+            bytemuck::cast_slice(values),
+        );
+        Ok(())
+    }
+
     fn write_words(&self, gpu: &Gpu, words: &[u32]) -> Result<()> {
         if words.len() > self.numel() {
             return Err(Error::shape(

@@ -9,6 +9,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::gpu::Tensor;
+use crate::vision::anyres::PackedToken;
 
 /// Which image, preprocessed and selected how: SHA-256 over the image bytes and a description of
 /// the settings that change the projector output.
@@ -35,6 +36,8 @@ pub struct ProjectedImage {
     pub embeddings: Tensor,
     /// Patch indices kept before the projector (None: all of them).
     pub kept: Option<Vec<usize>>,
+    /// LLaVA-NeXT: what each row of `embeddings` is (None for LLaVA-1.5).
+    pub packed: Option<Vec<PackedToken>>,
 }
 
 impl ProjectedImage {

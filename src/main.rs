@@ -7,11 +7,13 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use llava_wgpu::generate::KeptPerView;
 use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::harness;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::sample::SamplingParams;
+use llava_wgpu::vision::anyres::AnyresLayout;
 use llava_wgpu::vision::load_image;
 use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
@@ -661,11 +663,14 @@ fn write_kept_overlay(
             "invalid argument --kept-overlay: needs a pruning method (--prune ...): nothing was dropped"
         )
     })?;
+    let image = load_image(&request.image)?;
+    if let Some(per_view) = &kept.per_view {
+        return write_anyres_overlay(engine, request, &image, per_view, path);
+    }
     let stages: Vec<&[usize]> = [kept.stage1.as_deref(), kept.stage2.as_deref()]
         .into_iter()
         .flatten()
         .collect();
-    let image = load_image(&request.image)?;
     let patches = PatchGrid {
         patch_size: engine.config.vision.patch_size,
         grid: engine.config.vision.grid(),
@@ -679,6 +684,39 @@ fn write_kept_overlay(
         &stages,
         path,
     )?;
+    Ok(())
+}
+
+/// `--kept-overlay` on LLaVA-NeXT: per stage, the base view and every crop.
+fn write_anyres_overlay(
+    engine: &Engine,
+    request: &GenerateRequest,
+    image: &image::DynamicImage,
+    per_view: &KeptPerView,
+    path: &Path,
+) -> Result<()> {
+    let anyres = engine
+        .config
+        .anyres
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("per-view kept patches from a model without anyres"))?;
+    let vision = &engine.config.vision;
+    let hw = (image.height() as usize, image.width() as usize);
+    let layout = AnyresLayout::new(
+        hw,
+        &anyres.grid_pinpoints,
+        vision.image_size,
+        vision.patch_size,
+    );
+    let rgb = engine
+        .image_processor
+        .anyres_rgb8(image, &request.image, &layout)?;
+    let stages: Vec<Vec<(usize, usize)>> = [&per_view.stage1, &per_view.stage2]
+        .into_iter()
+        .flatten()
+        .map(|kept| kept.iter().map(|p| (p.view, p.index)).collect())
+        .collect();
+    overlay::write_anyres((&rgb.0, &rgb.1), &layout, vision.patch_size, &stages, path)?;
     Ok(())
 }
 

@@ -208,19 +208,8 @@ impl ImageProcessorConfig {
         layout: &AnyresLayout,
     ) -> Result<Vec<Vec<f32>>> {
         let s = self.crop_height;
-        let (w, h) = (image.width() as usize, image.height() as usize);
-        if (h, w) != layout.image_hw {
-            return Err(Error::File {
-                path: source.to_path_buf(),
-                reason: format!(
-                    "the image is {w}x{h}, its anyres layout was planned for {}x{}",
-                    layout.image_hw.1, layout.image_hw.0
-                ),
-            });
-        }
-        let rgb = to_rgb8(image, self.do_convert_rgb);
-        let mut views = vec![self.normalise(&resize(&rgb, (w, h), (s, s), self), s, s)];
-        let canvas = self.padded_pinpoint(&rgb, layout);
+        let (base, canvas) = self.anyres_rgb8(image, source, layout)?;
+        let mut views = vec![self.normalise(&base, s, s)];
         let (th, tw) = layout.pinpoint_hw;
         for cy in 0..th / s {
             for cx in 0..tw / s {
@@ -233,6 +222,30 @@ impl ImageProcessorConfig {
             }
         }
         Ok(views)
+    }
+
+    /// What the views are cut from, RGB8: the base view (`S × S`) and the padded pinpoint
+    /// canvas (pinpoint height × width) whose tiles are the crops.
+    pub fn anyres_rgb8(
+        &self,
+        image: &DynamicImage,
+        source: &Path,
+        layout: &AnyresLayout,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let s = self.crop_height;
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        if (h, w) != layout.image_hw {
+            return Err(Error::File {
+                path: source.to_path_buf(),
+                reason: format!(
+                    "the image is {w}x{h}, its anyres layout was planned for {}x{}",
+                    layout.image_hw.1, layout.image_hw.0
+                ),
+            });
+        }
+        let rgb = to_rgb8(image, self.do_convert_rgb);
+        let base = resize(&rgb, (w, h), (s, s), self);
+        Ok((base, self.padded_pinpoint(&rgb, layout)))
     }
 
     /// The image resized into the pinpoint keeping its aspect ratio and centred on black

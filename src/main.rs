@@ -13,6 +13,7 @@ use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::harness;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::sample::SamplingParams;
+use llava_wgpu::text::Template;
 use llava_wgpu::vision::anyres::AnyresLayout;
 use llava_wgpu::vision::load_image;
 use llava_wgpu::vision::overlay::{self, PatchGrid};
@@ -146,9 +147,10 @@ struct RunArgs {
     /// Write the input image with pruned patches dimmed (one panel per stage) to this PNG.
     #[arg(long, value_name = "FILE.png")]
     kept_overlay: Option<PathBuf>,
-    /// Prompt format.
-    #[arg(long, value_enum, default_value_t = TemplateArg::LlavaHf)]
-    template: TemplateArg,
+    /// Prompt format (default: the one the model's kind ships: llava-hf for LLaVA-1.5,
+    /// vicuna-v1 or mistral-inst for LLaVA-NeXT by its decoder).
+    #[arg(long, value_enum)]
+    template: Option<TemplateArg>,
     /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
     #[arg(long)]
     pad_to_square: bool,
@@ -537,7 +539,10 @@ fn run(args: &RunArgs) -> Result<()> {
     let mut options = args.device.engine_options(&args.weights);
     options.kv = args.kv.map(Into::into);
     let engine = Engine::load(&model, options)?;
-    let request = args.request();
+    let mut request = args.request();
+    request.template = args
+        .template
+        .map_or(engine.config.default_template(), Into::into);
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
     if profiling {
@@ -584,7 +589,7 @@ impl RunArgs {
         GenerateRequest {
             image: self.image.clone(),
             prompt: self.prompt.clone(),
-            template: self.template.into(),
+            template: Template::default(),
             max_new_tokens: self.max_new_tokens,
             sampling: SamplingParams {
                 temperature: self.temperature,

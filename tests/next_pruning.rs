@@ -353,16 +353,34 @@ fn before_projector_baselines_split_their_budget_across_views() {
 }
 
 #[test]
-fn a_budget_that_leaves_a_view_empty_is_refused() {
+fn a_budget_below_the_view_count_goes_to_the_first_views() {
     let engine = engine();
     let case = &next_fixture::cases(VICUNA)[0];
-    let mut request = GenerateRequest::new(&case.image, &case.prompt);
-    request.template = Template::VicunaV1;
-    request.prune = PruneOptions {
-        method: Method::Random,
+    let prune = PruneOptions {
+        method: Method::Fastervlm,
         keep: Some(2),
         ..Default::default()
     };
+    let out = run(&engine, case, prune, 1);
+    let views: Vec<usize> = per_view(&out)
+        .stage1
+        .unwrap()
+        .iter()
+        .map(|p| p.view)
+        .collect();
+    assert_eq!(
+        views,
+        vec![0, 1],
+        "one patch each for the base view and the first crop"
+    );
+    let too_many = PruneOptions {
+        method: Method::Star,
+        stage1_keep: Some(17 * case.int("num_views")),
+        keep: Some(4),
+        ..Default::default()
+    };
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.prune = too_many;
     let err = engine.generate(&request, |_| {}).unwrap_err().to_string();
-    assert!(err.contains("prune.keep") && err.contains("view"), "{err}");
+    assert!(err.contains("prune.stage1_keep"), "{err}");
 }

@@ -54,11 +54,11 @@ impl AnyresRequest {
                     }
                     _ => budgets(plan.n1()),
                 };
-                if let Some(v) = keeps.iter().position(|&k| k == 0 || k > per_view_patches) {
+                if let Some(v) = keeps.iter().position(|&k| k > per_view_patches) {
                     return Err(Error::argument(
-                        "prune.keep",
+                        "prune.stage1_keep",
                         format!(
-                            "view {v} of {views} would keep {} of its {per_view_patches} patches: a LLaVA-NeXT budget before the projector is split across views, and each must keep at least one",
+                            "view {v} of {views} would keep {} of its {per_view_patches} patches (a LLaVA-NeXT budget before the projector is split across views)",
                             keeps[v]
                         ),
                     ));
@@ -162,6 +162,8 @@ impl Engine {
         for (v, view) in pixels.chunks_exact(view_len).enumerate() {
             let keep = budgets[v];
             let view_kept = match &anyres.per_view {
+                // A budget smaller than the views leaves the last ones empty: no tower pass.
+                Some(_) if keep == 0 => Vec::new(),
                 None => {
                     self.vision.forward(&mut rec, &tower, view, None)?;
                     // Patch rows follow CLS (vision_feature_select_strategy "default").

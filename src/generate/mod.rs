@@ -30,7 +30,7 @@ use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
 use crate::sample::Sampler;
 use crate::text::EncodedPrompt;
-use crate::vision::anyres::PackedToken;
+use crate::vision::anyres::{AnyresLayout, PackedToken};
 
 use anyres::AnyresRequest;
 use decode::TokenPicker;
@@ -181,6 +181,24 @@ impl Engine {
                 None => (self.new_kv_cache(input)?, None),
             },
         )
+    }
+
+    /// Visual tokens the vision side gives `image`: fixed for LLaVA-1.5; on LLaVA-NeXT the
+    /// patches of every view after unpadding, which depend on the image's size.
+    pub fn visual_tokens_of(&self, image: &std::path::Path) -> Result<usize> {
+        let Some(anyres) = &self.config.anyres else {
+            return Ok(self.config.image_tokens());
+        };
+        let decoded = crate::vision::load_image(image)?;
+        let vision = &self.config.vision;
+        let hw = (decoded.height() as usize, decoded.width() as usize);
+        let layout = AnyresLayout::new(
+            hw,
+            &anyres.grid_pinpoints,
+            vision.image_size,
+            vision.patch_size,
+        );
+        Ok(layout.visual_tokens())
     }
 
     /// The conversation's ids with `image_tokens` image tokens, as a turn would tokenize them

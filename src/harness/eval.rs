@@ -71,11 +71,28 @@ pub fn normalise(text: &str) -> String {
 pub const BUDGETS: [f64; 5] = [1.0, 0.5, 0.25, 0.11, 0.05];
 
 /// The pruning request for `method` keeping `fraction` of `n0` visual tokens. STAR keeps 90% in
-/// stage 1 (or the final budget, if larger) and the rest at its default layer.
-pub fn setting(method: Method, fraction: f64, n0: usize, seed: u64) -> PruneOptions {
+/// stage 1 (or the final budget, if larger) and the rest at its default layer. On LLaVA-NeXT
+/// (`per_view`), stage 1 keeps 90% of every view (all of them when the final budget needs more).
+pub fn setting(
+    method: Method,
+    fraction: f64,
+    n0: usize,
+    seed: u64,
+    per_view: bool,
+) -> PruneOptions {
     let n2 = ((n0 as f64 * fraction).round() as usize).clamp(1, n0);
     match method {
         Method::None => PruneOptions::default(),
+        Method::Star if per_view => PruneOptions {
+            method,
+            stage1_ratio: Some(if n2 > (n0 as f64 * 0.9).floor() as usize {
+                0.0
+            } else {
+                0.1
+            }),
+            keep: Some(n2),
+            ..Default::default()
+        },
         Method::Star => PruneOptions {
             method,
             stage1_keep: Some(((n0 as f64 * 0.9).floor() as usize).max(n2)),
@@ -220,20 +237,19 @@ fn evaluate(
     budget: f64,
     max_new_tokens: usize,
 ) -> Result<EvalRow> {
-    let n0 = engine.config.image_tokens();
-    let prune = setting(method, budget, n0, 0);
+    let per_view = engine.config.anyres.is_some();
     let start = Instant::now();
     let mut outcomes = String::with_capacity(examples.len());
     let mut by_type: BTreeMap<String, TypeScore> = BTreeMap::new();
-    let mut visual = n0;
+    let mut visual = 0;
     for (i, ex) in examples.iter().enumerate() {
         let mut request = GenerateRequest::new(&ex.image, &ex.question);
         request.max_new_tokens = max_new_tokens;
+        request.template = engine.config.default_template();
+        // LLaVA-NeXT's visual tokens depend on the image's size; the budget follows them.
+        let n0 = engine.visual_tokens_of(&ex.image)?;
         // A different random selection per question, reproducible.
-        request.prune = PruneOptions {
-            seed: i as u64,
-            ..prune.clone()
-        };
+        request.prune = setting(method, budget, n0, i as u64, per_view);
         let out = engine.generate(&request, |_| {})?;
         visual = out.visual_tokens.after_stage2;
         let good = normalise(&out.text) == normalise(&ex.answer);
@@ -378,11 +394,11 @@ mod tests {
 
     #[test]
     fn budgets_scale_with_the_visual_tokens() {
-        let s = setting(Method::Star, 0.11, 576, 0);
+        let s = setting(Method::Star, 0.11, 576, 0, false);
         assert_eq!((s.stage1_keep, s.keep), (Some(518), Some(63)));
-        let s = setting(Method::Star, 1.0, 196, 0);
+        let s = setting(Method::Star, 1.0, 196, 0, false);
         assert_eq!((s.stage1_keep, s.keep), (Some(196), Some(196)));
-        assert_eq!(setting(Method::Random, 0.05, 196, 0).keep, Some(10));
+        assert_eq!(setting(Method::Random, 0.05, 196, 0, false).keep, Some(10));
     }
 
     fn row(method: &str, budget: f64, outcomes: &str) -> EvalRow {

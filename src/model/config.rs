@@ -14,10 +14,13 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::prune::cost::LayerWidths;
+use crate::text::Template;
 
 /// The LLaMA decoder's hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TextConfig {
+    /// A Mistral decoder (model_type `mistral`); LLaMA otherwise.
+    pub mistral: bool,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -117,6 +120,17 @@ pub struct LlavaConfig {
 }
 
 impl LlavaConfig {
+    /// The prompt format the llava-hf checkpoints of this kind ship as their chat template:
+    /// `llava-hf` for LLaVA-1.5, `vicuna-v1` for llava-v1.6-vicuna, `mistral-inst` for
+    /// llava-v1.6-mistral.
+    pub fn default_template(&self) -> Template {
+        match (&self.anyres, self.text.mistral) {
+            (None, _) => Template::LlavaHf,
+            (Some(_), false) => Template::VicunaV1,
+            (Some(_), true) => Template::MistralInst,
+        }
+    }
+
     /// Number of CLIP encoder layers that must run to produce the selected features:
     /// `hidden_states[i]` is the output of layer `i - 1` (`hidden_states[0]` is the embeddings
     /// after `pre_layrnorm`), so feature layer −2 of 24 layers needs layers 0..=22, i.e. 23.
@@ -506,6 +520,7 @@ impl Reader {
             }
         }
         Ok(TextConfig {
+            mistral,
             hidden_size,
             intermediate_size: self.usize_or(t, p, "intermediate_size", intermediate_default)?,
             num_hidden_layers: self.usize_or(t, p, "num_hidden_layers", 32)?,

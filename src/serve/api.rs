@@ -100,6 +100,8 @@ pub struct Policy {
     /// Read `image_url`s that are local paths (or `file://` URLs).
     pub allow_local_images: bool,
     pub default_max_tokens: usize,
+    /// The model's prompt format (`LlavaConfig::default_template`).
+    pub template: Template,
 }
 
 type Checked<T> = std::result::Result<T, ApiError>;
@@ -358,7 +360,7 @@ fn parse_messages(v: Option<&Value>, policy: Policy) -> Checked<(Conversation, T
         image,
         image_in,
     };
-    Ok((conversation, Template::LlavaHf))
+    Ok((conversation, policy.template))
 }
 
 /// A message's text (its text parts joined by spaces) and its image, if it has one.

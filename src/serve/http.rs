@@ -23,6 +23,7 @@ use tokio_stream::Stream;
 
 use crate::error::{Error, Result};
 use crate::generate::ImageFrom;
+use crate::text::Template;
 
 use super::api::{self, ApiError, ChatRequest, Policy};
 use super::worker::{Event, Finished, Job, Stats};
@@ -30,6 +31,7 @@ use super::ServeOptions;
 
 pub struct App {
     model: String,
+    template: Template,
     options: ServeOptions,
     jobs: SyncSender<Job>,
     stats: Arc<Stats>,
@@ -38,13 +40,14 @@ pub struct App {
 
 impl App {
     pub fn new(
-        model: String,
+        (model, template): (String, Template),
         options: ServeOptions,
         jobs: SyncSender<Job>,
         stats: Arc<Stats>,
     ) -> Self {
         Self {
             model,
+            template,
             options,
             jobs,
             stats,
@@ -190,6 +193,7 @@ async fn chat(State(app): State<Shared>, request: Request) -> Response {
     let policy = Policy {
         allow_local_images: app.options.allow_local_images,
         default_max_tokens: app.options.default_max_tokens,
+        template: app.template,
     };
     let parsed = match read_body(request, app.options.max_body_bytes).await {
         Ok(body) => api::parse(&body, policy),

@@ -53,10 +53,10 @@ pub fn gpu_allocated_bytes(engine: &Engine) -> Option<u64> {
 /// Every pruning setting a soak cycles through: none, and every method at every budget below
 /// 100%.
 fn soak_settings(n0: usize) -> Vec<PruneOptions> {
-    let mut settings = vec![setting(Method::None, 1.0, n0, 0)];
+    let mut settings = vec![setting(Method::None, 1.0, n0, 0, false)];
     for method in METHODS {
         for &budget in BUDGETS.iter().filter(|&&b| b < 1.0) {
-            settings.push(setting(method, budget, n0, 0));
+            settings.push(setting(method, budget, n0, 0, false));
         }
     }
     settings

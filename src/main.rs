@@ -120,24 +120,8 @@ struct RunArgs {
     /// Visual-token pruning method (default STAR: the README's accuracy table shows why).
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
     prune: MethodArg,
-    /// STAR stage 1: visual tokens kept in the vision encoder (N1).
-    #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
-    stage1_keep: Option<usize>,
-    /// STAR stage 1 as a reduction ratio: N1 = floor(N0·(1−R)) (default 0.1: 576 → 518).
-    #[arg(long, value_name = "R")]
-    stage1_ratio: Option<f64>,
-    /// Final visual-token budget (N2).
-    #[arg(long, value_name = "N2", conflicts_with = "keep_ratio")]
-    keep: Option<usize>,
-    /// Final budget as a reduction ratio: N2 = round(N0·(1−X)) (default 8/9: 576 → 64).
-    #[arg(long, value_name = "X")]
-    keep_ratio: Option<f64>,
-    /// Decoder layer K (1-based) of stage 2 / FastV (default: 14 of 32 scaled to the depth; FastV 2).
-    #[arg(long, value_name = "K")]
-    stage2_layer: Option<usize>,
-    /// What STAR stage 1 scores patches by.
-    #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
-    stage1_score: Stage1ScoreArg,
+    #[command(flatten)]
+    budgets: BudgetArgs,
     /// Time every GPU dispatch and print a per-kernel table on stderr.
     #[arg(long)]
     profile: bool,
@@ -287,6 +271,44 @@ struct BenchArgs {
     weights: WeightArgs,
 }
 
+/// A pruning method's budgets (`run`, `memory`).
+#[derive(Args)]
+struct BudgetArgs {
+    /// STAR stage 1: visual tokens kept in the vision encoder (N1).
+    #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
+    stage1_keep: Option<usize>,
+    /// STAR stage 1 as a reduction ratio: N1 = floor(N0·(1−R)) (default 0.1: 576 → 518).
+    #[arg(long, value_name = "R")]
+    stage1_ratio: Option<f64>,
+    /// Final visual-token budget (N2).
+    #[arg(long, value_name = "N2", conflicts_with = "keep_ratio")]
+    keep: Option<usize>,
+    /// Final budget as a reduction ratio: N2 = round(N0·(1−X)) (default 8/9: 576 → 64).
+    #[arg(long, value_name = "X")]
+    keep_ratio: Option<f64>,
+    /// Decoder layer K (1-based) of stage 2 / FastV (default: 14 of 32 scaled to the depth; FastV 2).
+    #[arg(long, value_name = "K")]
+    stage2_layer: Option<usize>,
+    /// What STAR stage 1 scores patches by.
+    #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
+    stage1_score: Stage1ScoreArg,
+}
+
+impl BudgetArgs {
+    fn options(&self, method: MethodArg, seed: u64) -> PruneOptions {
+        PruneOptions {
+            method: method.into(),
+            stage1_keep: self.stage1_keep,
+            stage1_ratio: self.stage1_ratio,
+            keep: self.keep,
+            keep_ratio: self.keep_ratio,
+            stage2_layer: self.stage2_layer,
+            stage1_score: self.stage1_score.into(),
+            seed,
+        }
+    }
+}
+
 #[derive(Args)]
 struct MemoryArgs {
     /// Model directory (llava-hf layout): its weights' buffers are created, not uploaded.
@@ -303,21 +325,8 @@ struct MemoryArgs {
     /// Pruning method (default: both `none` and STAR with its default budgets).
     #[arg(long, value_enum)]
     prune: Option<MethodArg>,
-    /// STAR stage 1: visual tokens kept in the vision encoder (N1).
-    #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
-    stage1_keep: Option<usize>,
-    /// STAR stage 1 as a reduction ratio.
-    #[arg(long, value_name = "R")]
-    stage1_ratio: Option<f64>,
-    /// Final visual-token budget (N2).
-    #[arg(long, value_name = "N2", conflicts_with = "keep_ratio")]
-    keep: Option<usize>,
-    /// Final budget as a reduction ratio.
-    #[arg(long, value_name = "X")]
-    keep_ratio: Option<f64>,
-    /// Decoder layer K (1-based) of stage 2 / FastV.
-    #[arg(long, value_name = "K")]
-    stage2_layer: Option<usize>,
+    #[command(flatten)]
+    budgets: BudgetArgs,
     /// Tokens the request may generate (each needs a KV row).
     #[arg(short = 'n', long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -347,15 +356,7 @@ impl MemoryArgs {
                 },
             ];
         };
-        let prune = PruneOptions {
-            method: method.into(),
-            stage1_keep: self.stage1_keep,
-            stage1_ratio: self.stage1_ratio,
-            keep: self.keep,
-            keep_ratio: self.keep_ratio,
-            stage2_layer: self.stage2_layer,
-            ..PruneOptions::default()
-        };
+        let prune = self.budgets.options(method, 0);
         let label = format!("{method:?}").to_lowercase();
         vec![harness::bench::Setting { label, prune }]
     }
@@ -600,16 +601,7 @@ impl RunArgs {
             pad_to_square: self.pad_to_square,
             ignore_eos: self.ignore_eos,
             capture_outputs: false,
-            prune: PruneOptions {
-                method: self.prune.into(),
-                stage1_keep: self.stage1_keep,
-                stage1_ratio: self.stage1_ratio,
-                keep: self.keep,
-                keep_ratio: self.keep_ratio,
-                stage2_layer: self.stage2_layer,
-                stage1_score: self.stage1_score.into(),
-                seed: self.seed,
-            },
+            prune: self.budgets.options(self.prune, self.seed),
         }
     }
 }
@@ -732,7 +724,11 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
-    let mut settings = harness::bench::default_settings(engine.config.image_tokens());
+    let mut settings = match engine.config.anyres {
+        // The bench image is tiled into the most crops: 2,880 visual tokens for llava-hf's list.
+        Some(_) => harness::bench::next_settings(harness::bench::bench_visual_tokens(&engine)?),
+        None => harness::bench::default_settings(engine.config.image_tokens()),
+    };
     if !args.only.is_empty() {
         settings.retain(|s| {
             s.label == "none" || args.only.iter().any(|o| s.label.contains(o.as_str()))

@@ -93,26 +93,7 @@ fn check_profile(engine: &Engine, mode: TimingMode) {
         .filter(|e| e["cat"] == "kernel")
         .collect();
 
-    // One attention per layer per forward pass, counted from the config: the CLIP layers that
-    // run, every decoder layer once for the prompt, and once per decoded token after the first.
-    let config = &engine.config;
-    let mut attention: HashMap<&str, usize> = HashMap::new();
-    for e in &kernels {
-        let name = e["name"].as_str().unwrap();
-        if name.starts_with("attention") && name != "attention_scores_reduce" {
-            *attention
-                .entry(e["args"]["stage"].as_str().unwrap())
-                .or_default() += 1;
-        }
-    }
-    let layers = config.text.num_hidden_layers;
-    let prompt_pass: usize = ["prefill", "stage 2", "first token"]
-        .iter()
-        .map(|s| attention.get(s).copied().unwrap_or(0))
-        .sum();
-    assert_eq!(attention["vision"], config.vision_layers_to_run());
-    assert_eq!(prompt_pass, layers);
-    assert_eq!(attention["decode"], (NEW_TOKENS - 1) * layers);
+    check_attention_counts(engine, &kernels);
 
     // The queue runs dispatches in the order they were recorded, so on one clock each starts
     // no earlier than the previous one, and none lasts a negative time.
@@ -142,4 +123,27 @@ fn check_profile(engine: &Engine, mode: TimingMode) {
         .iter()
         .any(|r| r.kernel.starts_with("matmul") && r.gflops > 0.0));
     assert!(report.table().contains("attention"));
+}
+
+/// One attention per layer per forward pass, counted from the config: the CLIP layers that run,
+/// every decoder layer once for the prompt, and once per decoded token after the first.
+fn check_attention_counts(engine: &Engine, kernels: &[&serde_json::Value]) {
+    let config = &engine.config;
+    let mut attention: HashMap<&str, usize> = HashMap::new();
+    for e in kernels {
+        let name = e["name"].as_str().unwrap();
+        if name.starts_with("attention") && name != "attention_scores_reduce" {
+            *attention
+                .entry(e["args"]["stage"].as_str().unwrap())
+                .or_default() += 1;
+        }
+    }
+    let layers = config.text.num_hidden_layers;
+    let prompt_pass: usize = ["prefill", "stage 2", "first token"]
+        .iter()
+        .map(|s| attention.get(s).copied().unwrap_or(0))
+        .sum();
+    assert_eq!(attention["vision"], config.vision_layers_to_run());
+    assert_eq!(prompt_pass, layers);
+    assert_eq!(attention["decode"], (NEW_TOKENS - 1) * layers);
 }

@@ -150,10 +150,34 @@ impl Engine {
             None => vec![per_view; views],
         };
         let kept_rows: usize = budgets.iter().sum();
-        let tower = self.vision.buffers(gpu)?;
         // (kept rows, dv): every view's kept patch rows (CLS dropped), view after view.
         let features = Tensor::empty(gpu, &[kept_rows, dv], DType::F32, "anyres.features")?;
         let mut rec = Recorder::new(gpu);
+        let kept = self.encode_views(&mut rec, pixels, anyres, &budgets, &features)?;
+        let packed = layout.packed_kept(&kept);
+        let embeddings = self.project_and_pack(&mut rec, &features, newline, &kept, &packed)?;
+        rec.finish("vision")?;
+        Ok(EncodedImage {
+            embeddings,
+            kept: None,
+            packed: Some(packed),
+        })
+    }
+
+    /// Each view through the tower with its selection (`budgets[v]` patches kept), its kept
+    /// rows copied into `features` view after view. Returns each view's kept patch indices.
+    fn encode_views(
+        &self,
+        rec: &mut Recorder,
+        pixels: &[f32],
+        anyres: &AnyresRequest,
+        budgets: &[usize],
+        features: &Tensor,
+    ) -> Result<Vec<Vec<usize>>> {
+        let gpu = &self.gpu;
+        let (views, per_view) = (anyres.layout.views(), anyres.layout.patches_per_view());
+        let tower = self.vision.buffers(gpu)?;
+        let dv = self.config.vision.hidden_size;
         rec.set_stage("vision");
         let view_len = pixels.len() / views;
         let row_bytes = (dv * 4) as u64;
@@ -165,7 +189,7 @@ impl Engine {
                 // A budget smaller than the views leaves the last ones empty: no tower pass.
                 Some(_) if keep == 0 => Vec::new(),
                 None => {
-                    self.vision.forward(&mut rec, &tower, view, None)?;
+                    self.vision.forward(rec, &tower, view, None)?;
                     // Patch rows follow CLS (vision_feature_select_strategy "default").
                     rec.copy(
                         &tower.hidden.buffer,
@@ -179,13 +203,8 @@ impl Engine {
                 Some(selections) => {
                     let rows = Tensor::empty(gpu, &[keep, dv], DType::F32, "anyres.view")?;
                     let pair = (&tower, &rows);
-                    let chosen = self.selected_patch_features(
-                        &mut rec,
-                        pair,
-                        view,
-                        per_view,
-                        selections[v],
-                    )?;
+                    let chosen =
+                        self.selected_patch_features(rec, pair, view, per_view, selections[v])?;
                     rec.copy(
                         &rows.buffer,
                         0,
@@ -202,14 +221,7 @@ impl Engine {
             // The next view's pixels are a queue write: this view's commands must go first.
             rec.submit();
         }
-        let packed = layout.packed_kept(&kept);
-        let embeddings = self.project_and_pack(&mut rec, &features, newline, &kept, &packed)?;
-        rec.finish("vision")?;
-        Ok(EncodedImage {
-            embeddings,
-            kept: None,
-            packed: Some(packed),
-        })
+        Ok(kept)
     }
 
     /// The projector over `features` (the kept rows of every view, view after view), then one

@@ -42,6 +42,26 @@ pub(super) struct TokenPicker<'a> {
     pub cancel: Option<&'a AtomicBool>,
 }
 
+impl<'a> TokenPicker<'a> {
+    /// The picker `settings` ask for: the host samples when it must (sampling, log-probs).
+    pub fn new(
+        settings: &TurnSettings,
+        on_text: &'a mut dyn FnMut(&str),
+        cancel: Option<&'a AtomicBool>,
+    ) -> Self {
+        let sampler = Sampler::new(settings.sampling);
+        Self {
+            // The logits row is read only when the host samples from it; greedy decoding reads
+            // just the GPU's argmax id.
+            host_samples: !sampler.is_greedy() || settings.logprobs.is_some(),
+            sampler,
+            logprobs: settings.logprobs,
+            on_text,
+            cancel,
+        }
+    }
+}
+
 impl Engine {
     /// Generate up to `input.max_new` tokens after prefill, at the positions after the
     /// conversation's prompt; `first_logits` is the logits row prefill left (read only when the

@@ -28,7 +28,6 @@ use crate::gpu::Tensor;
 use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
-use crate::sample::Sampler;
 use crate::text::EncodedPrompt;
 use crate::vision::anyres::{AnyresLayout, PackedToken};
 
@@ -91,17 +90,13 @@ impl Engine {
         let vision_ms = ms(t1);
 
         let prefill_start = Instant::now();
-        let sampler = Sampler::new(settings.sampling);
-        // The logits row is read only when the host samples from it or a caller asked for it;
-        // greedy decoding reads just the argmax id.
-        let host_samples = !sampler.is_greedy() || settings.logprobs.is_some();
+        let mut picker = TokenPicker::new(settings, &mut on_text, cancel);
         let first_prompt_len = session.first_prompt_len();
         let (cache, kept_before) = self.turn_cache(session, &input)?;
-        let mut state = self.prefill(&input, image.as_ref(), cache, !host_samples)?;
-        let first_logits = self.read_if(
-            host_samples || settings.capture_outputs,
-            &state.buffers.logits,
-        )?;
+        let mut state = self.prefill(&input, image.as_ref(), cache, !picker.host_samples)?;
+        // The logits row is read back only when the host samples or a caller asked for it.
+        let wanted = picker.host_samples || settings.capture_outputs;
+        let first_logits = self.read_if(wanted, &state.buffers.logits)?;
         let image_features = match &image {
             Some(image) => self.read_if(settings.capture_outputs, &image.embeddings)?,
             None => Vec::new(),
@@ -109,14 +104,6 @@ impl Engine {
         let kept_visual_indices = match kept_before {
             Some(kept) => kept,
             None => self.kept_indices(&input, image.and_then(|i| i.kept), &state)?,
-        };
-
-        let mut picker = TokenPicker {
-            sampler,
-            host_samples,
-            logprobs: settings.logprobs,
-            on_text: &mut on_text,
-            cancel,
         };
         let first = first_logits.clone();
         let decoded = self.decode(

@@ -442,6 +442,35 @@ impl Reader {
         Ok(index)
     }
 
+    /// RoPE's base: `rope_parameters.rope_theta` (transformers 5) or `rope_theta`; RoPE
+    /// scaling is refused by name.
+    fn rope_theta(&self, t: &Value) -> Result<f64> {
+        let p = "text_config.";
+        match t.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
+            Some(_) => {
+                let rp = &t["rope_parameters"];
+                let kind =
+                    self.str_or(rp, "text_config.rope_parameters.", "rope_type", "default")?;
+                if kind != "default" {
+                    return Err(self.err(
+                        "text_config.rope_parameters.rope_type",
+                        format!("'{kind}' RoPE scaling is not supported"),
+                    ));
+                }
+                self.f64_or(rp, "text_config.rope_parameters.", "rope_theta", 10000.0)
+            }
+            None => {
+                if let Some(scaling) = t.get("rope_scaling").filter(|v| !v.is_null()) {
+                    return Err(self.err(
+                        "text_config.rope_scaling",
+                        format!("RoPE scaling {scaling} is not supported"),
+                    ));
+                }
+                self.f64_or(t, p, "rope_theta", 10000.0)
+            }
+        }
+    }
+
     fn text(&self, t: &Value, root: &Value) -> Result<TextConfig> {
         let p = "text_config.";
         let mistral = t.get("model_type").and_then(Value::as_str) == Some("mistral");
@@ -474,29 +503,7 @@ impl Reader {
                 format!("'{hidden_act}' is not supported (LLaMA uses silu)"),
             ));
         }
-        let rope_theta = match t.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
-            Some(_) => {
-                let rp = &t["rope_parameters"];
-                let kind =
-                    self.str_or(rp, "text_config.rope_parameters.", "rope_type", "default")?;
-                if kind != "default" {
-                    return Err(self.err(
-                        "text_config.rope_parameters.rope_type",
-                        format!("'{kind}' RoPE scaling is not supported"),
-                    ));
-                }
-                self.f64_or(rp, "text_config.rope_parameters.", "rope_theta", 10000.0)?
-            }
-            None => {
-                if let Some(scaling) = t.get("rope_scaling").filter(|v| !v.is_null()) {
-                    return Err(self.err(
-                        "text_config.rope_scaling",
-                        format!("RoPE scaling {scaling} is not supported"),
-                    ));
-                }
-                self.f64_or(t, p, "rope_theta", 10000.0)?
-            }
-        };
+        let rope_theta = self.rope_theta(t)?;
         // The vocabulary size sits in text_config in newer files and at the top level in older.
         let vocab_default = root
             .get("vocab_size")

@@ -164,32 +164,10 @@ impl Engine {
         // The one weight no kernel launcher sees: its rows are gathered on the host.
         checkpoint.check_embedding_width("text.embed_tokens.weight", config.text.hidden_size)?;
         let gpu = Gpu::new(options.gpu.clone())?;
-        let kv_dtype = match options.kv {
-            Some(DType::U32) => {
-                return Err(Error::argument(
-                    "kv",
-                    "the KV cache holds f16 or f32 values",
-                ))
-            }
-            Some(dtype) => dtype,
-            None if gpu.caps.shader_f16 => DType::F16,
-            None => DType::F32,
-        };
-
+        let kv_dtype = kv_dtype(options.kv, &gpu)?;
         let vision_layers = config.vision_layers_to_run();
         let steps = (vision_layers + 1 + config.text.num_hidden_layers + 2) as u64;
-        let bar = if options.progress {
-            let bar = ProgressBar::new(steps);
-            bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers {elapsed}")
-                    .expect("static template")
-                    .progress_chars("=> "),
-            );
-            bar.set_message("uploading weights");
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
+        let bar = upload_progress(options.progress, steps);
         let root = Loader::new(
             &gpu,
             &checkpoint,
@@ -360,4 +338,32 @@ impl Engine {
         self.checkpoint
             .embedding_rows("text.embed_tokens.weight", ids)
     }
+}
+
+/// The KV cache's element type: as asked, else f16 where the adapter has SHADER_F16.
+fn kv_dtype(asked: Option<DType>, gpu: &Gpu) -> Result<DType> {
+    match asked {
+        Some(DType::U32) => Err(Error::argument(
+            "kv",
+            "the KV cache holds f16 or f32 values",
+        )),
+        Some(dtype) => Ok(dtype),
+        None if gpu.caps.shader_f16 => Ok(DType::F16),
+        None => Ok(DType::F32),
+    }
+}
+
+/// A progress bar over the layers being uploaded (hidden unless `shown`).
+fn upload_progress(shown: bool, steps: u64) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers {elapsed}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("uploading weights");
+    bar
 }

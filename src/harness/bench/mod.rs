@@ -16,8 +16,8 @@ pub mod soak;
 pub use ceilings::{Bound, Ceilings};
 pub use kernels::{kernel_sections, kernels, KernelReport, KernelResult};
 pub use pruning::{
-    bench_prompt, default_settings, load_engine, pruning, FamilyEfficiency, PruningReport, Setting,
-    SettingResult,
+    bench_prompt, bench_visual_tokens, default_settings, load_engine, next_settings, pruning,
+    FamilyEfficiency, PruningReport, Setting, SettingResult,
 };
 pub use soak::{soak, SoakReport};
 

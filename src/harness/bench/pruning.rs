@@ -60,6 +60,47 @@ pub fn default_settings(n0: usize) -> Vec<Setting> {
     settings
 }
 
+/// LLaVA-NeXT's settings (docs/pruning.md, NeXT; the STAR paper's NeXT budgets): none; STAR
+/// (stage 1 keeping 90% of every view) at 1/9 and 1/18 of `n0` (11% and 5.5%: 320 and 160 of
+/// 2,880); FastV K = 2 and VisPruner at 1/9.
+pub fn next_settings(n0: usize) -> Vec<Setting> {
+    let budget = |parts: usize| ((n0 as f64 / parts as f64).round() as usize).max(1);
+    let (n11, n55) = (budget(9), budget(18));
+    let star = |n2: usize| Setting {
+        label: format!("star 90%/view N2={n2}"),
+        prune: PruneOptions {
+            method: Method::Star,
+            keep: Some(n2),
+            ..Default::default()
+        },
+    };
+    vec![
+        Setting {
+            label: "none".into(),
+            prune: PruneOptions::default(),
+        },
+        star(n11),
+        star(n55),
+        Setting {
+            label: format!("fastv K=2 N2={n11}"),
+            prune: PruneOptions {
+                method: Method::Fastv,
+                keep: Some(n11),
+                stage2_layer: Some(2),
+                ..Default::default()
+            },
+        },
+        Setting {
+            label: format!("vispruner N2={n11}"),
+            prune: PruneOptions {
+                method: Method::Vispruner,
+                keep: Some(n11),
+                ..Default::default()
+            },
+        },
+    ]
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct SettingResult {
     pub label: String,
@@ -233,6 +274,28 @@ fn kernel_families(profile: &ProfileReport, ceilings: &Ceilings) -> Vec<FamilyEf
     efficiencies
 }
 
+/// The image `bench` asks about: the tower's size; on LLaVA-NeXT a square as large as the
+/// largest square pinpoint, so it is tiled into the most crops (2 x 2 plus the base view, 2,880
+/// visual tokens, for llava-hf's list).
+fn bench_image_for(engine: &Engine) -> Result<PathBuf> {
+    let side = match &engine.config.anyres {
+        Some(anyres) => anyres
+            .grid_pinpoints
+            .iter()
+            .filter(|(h, w)| h == w)
+            .map(|&(h, _)| h)
+            .max()
+            .unwrap_or(engine.config.vision.image_size),
+        None => engine.config.vision.image_size,
+    };
+    bench_image(side as u32)
+}
+
+/// Visual tokens of the image `bench` asks about (the N0 its budgets scale with).
+pub fn bench_visual_tokens(engine: &Engine) -> Result<usize> {
+    engine.visual_tokens_of(&bench_image_for(engine)?)
+}
+
 /// Run every setting on `engine` with `warmup` + `repeats` requests each.
 pub fn pruning(
     engine: &Engine,
@@ -256,19 +319,7 @@ pub fn pruning(
         ));
     }
     let gpu = &engine.gpu;
-    // LLaVA-NeXT: a square image as large as the largest square pinpoint, so it is tiled into
-    // the most crops (2 x 2 plus the base view, 2,880 visual tokens, for llava-hf's list).
-    let side = match &engine.config.anyres {
-        Some(anyres) => anyres
-            .grid_pinpoints
-            .iter()
-            .filter(|(h, w)| h == w)
-            .map(|&(h, _)| h)
-            .max()
-            .unwrap_or(engine.config.vision.image_size),
-        None => engine.config.vision.image_size,
-    };
-    let image = bench_image(side as u32)?;
+    let image = bench_image_for(engine)?;
     let prompt = bench_prompt(engine);
     let request = |prune: &PruneOptions| {
         let mut r = GenerateRequest::new(&image, &prompt);
@@ -316,11 +367,12 @@ impl PruningReport {
             self.ceilings.describe()
         );
         out.push_str(&format!(
-            "{:<22} {:>15} {:>9} {:>10} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8}\n",
+            "{:<22} {:>15} {:>9} {:>10} {:>7} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8}\n",
             "setting",
             "visual tokens",
             "TTFT ms",
             "vision ms",
+            "vision%",
             "prefill ms",
             "decode t/s",
             "KV MiB",
@@ -330,11 +382,12 @@ impl PruningReport {
         ));
         for s in &self.settings {
             out.push_str(&format!(
-                "{:<22} {:>15} {:>9.0} {:>10.0} {:>11.0} {:>10.2} {:>9.2} {:>7.2}x {:>7.2}x {:>7.0}%\n",
+                "{:<22} {:>15} {:>9.0} {:>10.0} {:>6.0}% {:>11.0} {:>10.2} {:>9.2} {:>7.2}x {:>7.2}x {:>7.0}%\n",
                 s.label,
                 format!("{}>{}>{}", s.visual_tokens[0], s.visual_tokens[1], s.visual_tokens[2]),
                 s.median_ttft_ms,
                 s.median_vision_ms,
+                100.0 * s.median_vision_ms / s.median_ttft_ms,
                 s.median_prefill_ms,
                 s.median_decode_tokens_per_second,
                 s.kv_cache_bytes as f64 / (1 << 20) as f64,

@@ -14,7 +14,6 @@ use llava_wgpu::harness;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::sample::SamplingParams;
 use llava_wgpu::text::Template;
-use llava_wgpu::vision::anyres::AnyresLayout;
 use llava_wgpu::vision::load_image;
 use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
@@ -692,19 +691,10 @@ fn write_anyres_overlay(
     per_view: &KeptPerView,
     path: &Path,
 ) -> Result<()> {
-    let anyres = engine
-        .config
-        .anyres
-        .as_ref()
+    let layout = engine
+        .anyres_layout(image)
         .ok_or_else(|| anyhow::anyhow!("per-view kept patches from a model without anyres"))?;
     let vision = &engine.config.vision;
-    let hw = (image.height() as usize, image.width() as usize);
-    let layout = AnyresLayout::new(
-        hw,
-        &anyres.grid_pinpoints,
-        vision.image_size,
-        vision.patch_size,
-    );
     let rgb = engine
         .image_processor
         .anyres_rgb8(image, &request.image, &layout)?;

@@ -146,20 +146,10 @@ fn shards_and_key_layouts_load_to_the_same_model() {
         assert!(
             logits == reference.0,
             "{name}: logits differ (rel L2 {})",
-            rel_l2(&logits, &reference.0)
+            fixture::rel_l2(&logits, &reference.0)
         );
         assert_eq!(ids, reference.1, "{name}");
     }
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 #[test]
@@ -169,13 +159,13 @@ fn f16_and_bf16_checkpoints_load() {
     // biases and embeddings (kept f32 from an f32 file), which moves logits by ~1e-4.
     let v = variant("f16", hub_layout, Dtype::F16, 2);
     let (logits, ids) = answer(&v.dir);
-    let e = rel_l2(&logits, &reference.0);
+    let e = fixture::rel_l2(&logits, &reference.0);
     assert!(e < 2e-3, "f16 checkpoint: rel L2 {e}");
     assert_eq!(ids, reference.1);
     // bf16 keeps 8 bits of mantissa: logits stay within the f16 parity bound.
     let v = variant("bf16", newer_layout, Dtype::BF16, 1);
     let (logits, ids) = answer(&v.dir);
-    let e = rel_l2(&logits, &reference.0);
+    let e = fixture::rel_l2(&logits, &reference.0);
     assert!(e < 2e-2, "bf16 checkpoint: rel L2 {e}");
     assert_eq!(ids[..4], reference.1[..4]);
 }

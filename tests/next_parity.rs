@@ -24,17 +24,6 @@ fn engine(variant: &str, format: WeightFormat) -> Engine {
     Engine::load(&next_fixture::model_dir(variant), options).unwrap()
 }
 
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 fn check(variant: &str, template: Template, format: WeightFormat, tolerance: f64) {
     let engine = engine(variant, format);
     for case in next_fixture::cases(variant) {
@@ -49,8 +38,8 @@ fn check(variant: &str, template: Template, format: WeightFormat, tolerance: f64
             next_fixture::tensor(variant, &format!("case{}.image_features", case.index));
         let want_logits =
             next_fixture::tensor(variant, &format!("case{}.first_logits", case.index));
-        let e_features = rel_l2(&out.image_features, &want_features);
-        let e_logits = rel_l2(&out.first_logits, &want_logits);
+        let e_features = next_fixture::rel_l2(&out.image_features, &want_features);
+        let e_logits = next_fixture::rel_l2(&out.first_logits, &want_logits);
         eprintln!(
             "{label}: image features rel L2 {e_features:.2e}, first logits rel L2 {e_logits:.2e}"
         );

@@ -99,18 +99,7 @@ fn a_per_view_selection_packs_like_the_reference() {
             variant,
             &format!("case{}.clip_attention_scores", case.index),
         );
-        let kept: Vec<Vec<usize>> = case.json["stage1_kept_per_view"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|i| i.as_u64().unwrap() as usize)
-                    .collect()
-            })
-            .collect();
+        let kept: Vec<Vec<usize>> = case.int_lists("stage1_kept_per_view");
         assert_eq!(kept.len(), layout.views());
         for (v, want) in kept.iter().enumerate() {
             // Row 0 of each view's scores is the CLS key, never a visual token.

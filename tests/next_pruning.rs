@@ -40,17 +40,6 @@ fn run(engine: &Engine, case: &Case, prune: PruneOptions, tokens: usize) -> Gene
     engine.generate(&request, |_| {}).unwrap()
 }
 
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 /// One packed image row: a patch (view, index) or a newline (None).
 type Row = Option<ViewPatch>;
 
@@ -149,18 +138,7 @@ fn stage_1_selects_per_view_and_matches_transformers() {
         let i = case.index;
         let per_view_keep = case.int("stage1_keep_per_view");
         let views = case.int("num_views");
-        let reference: Vec<Vec<usize>> = case.json["stage1_kept_per_view"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| {
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as usize)
-                    .collect()
-            })
-            .collect();
+        let reference: Vec<Vec<usize>> = case.int_lists("stage1_kept_per_view");
         // Stage 2 keeps every patch stage 1 left, so the output is stage 1's alone.
         let star = PruneOptions {
             method: Method::Star,
@@ -186,8 +164,8 @@ fn stage_1_selects_per_view_and_matches_transformers() {
         let features = next_fixture::tensor(VICUNA, &format!("case{i}.stage1_image_features"));
         let logits = next_fixture::tensor(VICUNA, &format!("case{i}.stage1_first_logits"));
         let (e_features, e_logits) = (
-            rel_l2(&out.image_features, &features),
-            rel_l2(&out.first_logits, &logits),
+            next_fixture::rel_l2(&out.image_features, &features),
+            next_fixture::rel_l2(&out.first_logits, &logits),
         );
         eprintln!("case {i}: stage-1 features rel L2 {e_features:.2e}, logits {e_logits:.2e}");
         assert!(e_features < F32_PARITY && e_logits < F32_PARITY, "case {i}");
@@ -218,13 +196,7 @@ fn stage2_reference() -> serde_json::Value {
 
 fn pruning_tensor(name: &str) -> Vec<f32> {
     let dir = next_fixture::model_dir(VICUNA).join("reference");
-    let bytes = std::fs::read(dir.join("pruning.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = st.tensor(name).unwrap();
-    view.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    next_fixture::read_tensor(&dir.join("pruning.safetensors"), name)
 }
 
 #[test]
@@ -263,7 +235,7 @@ fn stage_2_and_fastv_outputs_match_the_pytorch_drop_reference() {
                 "{label}: kept patches"
             );
             let logits = pruning_tensor(&format!("case{i}.{}_first_logits", method.name()));
-            let e = rel_l2(&out.first_logits, &logits);
+            let e = next_fixture::rel_l2(&out.first_logits, &logits);
             eprintln!("{label}: first logits rel L2 {e:.2e}");
             assert!(e < F32_PARITY, "{label}: first logits rel L2 {e}");
             let greedy: Vec<u32> = want["greedy_ids"]

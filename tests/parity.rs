@@ -26,17 +26,6 @@ fn engine_with_kv(format: WeightFormat, max_binding_bytes: Option<u64>, kv: DTyp
     Engine::load(&fixture::model_dir(), options).unwrap()
 }
 
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 fn request(case: &fixture::Case) -> GenerateRequest {
     let mut r = GenerateRequest::new(&case.image, &case.prompt);
     r.capture_outputs = true;
@@ -52,8 +41,8 @@ fn check_all_cases(engine: &Engine, tolerance: f64, label: &str) {
         let out = engine.generate(&request(&case), |_| {}).unwrap();
         let want_features = fixture::tensor(&format!("case{}.image_features", case.index));
         let want_logits = fixture::tensor(&format!("case{}.first_logits", case.index));
-        let e_features = rel_l2(&out.image_features, &want_features);
-        let e_logits = rel_l2(&out.first_logits, &want_logits);
+        let e_features = fixture::rel_l2(&out.image_features, &want_features);
+        let e_logits = fixture::rel_l2(&out.first_logits, &want_logits);
         eprintln!(
             "{label} case {}: projector rel L2 {e_features:.2e}, logits rel L2 {e_logits:.2e}",
             case.index
@@ -176,7 +165,7 @@ fn quantized_weights_match_transformers_fed_dequantized_weights() {
                 .into_iter()
                 .map(|id| id as u32)
                 .collect();
-            let err = rel_l2(&out.first_logits, &want);
+            let err = fixture::rel_l2(&out.first_logits, &want);
             eprintln!("{name} case {}: logits rel L2 {err:.2e}", case.index);
             assert!(
                 err <= 1e-4,

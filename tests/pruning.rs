@@ -194,16 +194,6 @@ fn json_ids(case: &fixture::Case, key: &str) -> Vec<usize> {
 /// the stage-1, STAR and FastV references, with ~8× margin (as tests/parity.rs).
 const F32_PARITY: f64 = 5e-6;
 
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (*g as f64 - *w as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 /// The budgets the fixture chose (N1 = 32, N2 = 7, K = 2: no near-ties at the boundaries).
 fn budgets() -> (usize, usize, usize) {
     let text = std::fs::read_to_string(fixture::reference_dir().join("cases.json")).unwrap();
@@ -279,11 +269,11 @@ fn stage_1_output_matches_transformers_fed_the_kept_features() {
         let i = case.index;
         // Stage 2 keeping all N1 tokens is bit-identical to no stage 2 (tested above).
         let out = run(&engine, &case, star(n1, n1, k), 16);
-        let e_features = rel_l2(
+        let e_features = fixture::rel_l2(
             &out.image_features,
             &fixture::tensor(&format!("case{i}.stage1_image_features")),
         );
-        let e_logits = rel_l2(
+        let e_logits = fixture::rel_l2(
             &out.first_logits,
             &fixture::tensor(&format!("case{i}.stage1_first_logits")),
         );
@@ -309,7 +299,7 @@ fn stage_2_output_matches_the_pytorch_drop_reference() {
     for case in fixture::cases() {
         let i = case.index;
         let out = run(&engine, &case, star(n1, n2, k), 8);
-        let e = rel_l2(
+        let e = fixture::rel_l2(
             &out.first_logits,
             &fixture::tensor(&format!("case{i}.star_first_logits")),
         );
@@ -345,7 +335,7 @@ fn stage_2_output_matches_the_pytorch_drop_reference() {
             },
             1,
         );
-        let e = rel_l2(
+        let e = fixture::rel_l2(
             &fastv.first_logits,
             &fixture::tensor(&format!("case{i}.fastv_first_logits")),
         );

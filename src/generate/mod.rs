@@ -29,7 +29,7 @@ use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
 use crate::text::EncodedPrompt;
-use crate::vision::anyres::{AnyresLayout, PackedToken};
+use crate::vision::anyres::PackedToken;
 
 use anyres::AnyresRequest;
 use decode::TokenPicker;
@@ -173,18 +173,11 @@ impl Engine {
     /// Visual tokens the vision side gives `image`: fixed for LLaVA-1.5; on LLaVA-NeXT the
     /// patches of every view after unpadding, which depend on the image's size.
     pub fn visual_tokens_of(&self, image: &std::path::Path) -> Result<usize> {
-        let Some(anyres) = &self.config.anyres else {
+        if self.config.anyres.is_none() {
             return Ok(self.config.image_tokens());
-        };
+        }
         let decoded = crate::vision::load_image(image)?;
-        let vision = &self.config.vision;
-        let hw = (decoded.height() as usize, decoded.width() as usize);
-        let layout = AnyresLayout::new(
-            hw,
-            &anyres.grid_pinpoints,
-            vision.image_size,
-            vision.patch_size,
-        );
+        let layout = self.anyres_layout(&decoded).expect("an anyres model");
         Ok(layout.visual_tokens())
     }
 

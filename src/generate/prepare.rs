@@ -93,7 +93,7 @@ impl Engine {
         };
         let (plan, prompt, anyres) = match &decoded {
             Some(image) => {
-                let layout = self.anyres_layout(image, settings)?;
+                let layout = self.checked_layout(image, settings)?;
                 let (plan, prompt, anyres) = self.plan_first_anyres(text, settings, layout)?;
                 (plan, prompt, Some(anyres))
             }
@@ -142,20 +142,26 @@ impl Engine {
     }
 
     /// LLaVA-NeXT: how `image` is tiled into views and packed into the prompt.
-    fn anyres_layout(&self, image: &DynamicImage, settings: &TurnSettings) -> Result<AnyresLayout> {
-        let anyres = self
-            .config
-            .anyres
-            .as_ref()
-            .expect("called for anyres models");
+    fn checked_layout(
+        &self,
+        image: &DynamicImage,
+        settings: &TurnSettings,
+    ) -> Result<AnyresLayout> {
         if settings.pad_to_square {
             return Err(Error::argument(
                 "pad_to_square",
                 "LLaVA-NeXT tiles the image at its own aspect ratio; padding to a square is LLaVA-1.5's evaluation setting",
             ));
         }
+        Ok(self.anyres_layout(image).expect("called for anyres models"))
+    }
+
+    /// LLaVA-NeXT: how `image` is tiled (its pinpoint, crops and unpadding); None for
+    /// LLaVA-1.5.
+    pub fn anyres_layout(&self, image: &DynamicImage) -> Option<AnyresLayout> {
+        let anyres = self.config.anyres.as_ref()?;
         let vision = &self.config.vision;
-        Ok(AnyresLayout::new(
+        Some(AnyresLayout::new(
             (image.height() as usize, image.width() as usize),
             &anyres.grid_pinpoints,
             vision.image_size,

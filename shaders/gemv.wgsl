@@ -106,8 +106,9 @@ fn write_row(row: u32, sum: f32) {
     y[at] = v;
 }
 
-@compute @workgroup_size(WG)
-fn gemv_f16(
+// The ids an entry point receives. Without subgroups the reduction in `finish` uses only
+// `tid`, and the subgroup ids read as one lane of one subgroup.
+struct Invocation {
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) groups: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
@@ -116,14 +117,24 @@ fn gemv_f16(
     @builtin(subgroup_id) sg_id: u32,
     @builtin(num_subgroups) sg_count: u32,
 //#endif
-) {
+}
+
+// The first of the ROWS output rows this workgroup computes (2D grid past the dimension limit).
+fn first_row(inv: Invocation) -> u32 {
+    return (inv.wg.x + inv.wg.y * inv.groups.x) * ROWS;
+}
+
+// Reduce every thread's `sums` over the workgroup and write the ROWS rows.
+fn reduce_and_write(inv: Invocation, sums: vec4<f32>) {
 //#if SUBGROUPS
+    finish(sums, first_row(inv), inv.tid, inv.lane, inv.sg_id, inv.sg_count);
 //#else
-    let lane = 0u;
-    let sg_id = 0u;
-    let sg_count = 1u;
+    finish(sums, first_row(inv), inv.tid, 0u, 0u, 1u);
 //#endif
-    let row0 = (wg.x + wg.y * groups.x) * ROWS;
+}
+
+// This thread's partial sums of ROWS rows of an f16 weight.
+fn f16_sums(row0: u32, tid: u32) -> vec4<f32> {
     var sums = vec4<f32>(0.0);
     // One vec4<u32> holds 8 halves; w_stride / 4 of them per row.
     let chunks = p.w_stride / 4u;
@@ -141,27 +152,11 @@ fn gemv_f16(
             }
         }
     }
-    finish(sums, row0, tid, lane, sg_id, sg_count);
+    return sums;
 }
 
-@compute @workgroup_size(WG)
-fn gemv_f32(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) tid: u32,
-//#if SUBGROUPS
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_id) sg_id: u32,
-    @builtin(num_subgroups) sg_count: u32,
-//#endif
-) {
-//#if SUBGROUPS
-//#else
-    let lane = 0u;
-    let sg_id = 0u;
-    let sg_count = 1u;
-//#endif
-    let row0 = (wg.x + wg.y * groups.x) * ROWS;
+// This thread's partial sums of ROWS rows of an f32 weight.
+fn f32_sums(row0: u32, tid: u32) -> vec4<f32> {
     var sums = vec4<f32>(0.0);
     let chunks = p.w_stride / 4u;
     for (var c = tid; c < chunks; c += WG) {
@@ -173,7 +168,7 @@ fn gemv_f32(
             }
         }
     }
-    finish(sums, row0, tid, lane, sg_id, sg_count);
+    return sums;
 }
 
 // Scale of block `blk` (row-major over the chunk) of a quantized weight: f16 pairs in u32 words.
@@ -196,93 +191,61 @@ fn q4_high(v: u32) -> vec4<f32> {
     return vec4<f32>(unpack4xU8((v >> 4u) & 0x0f0f0f0fu)) - 8.0;
 }
 
-@compute @workgroup_size(WG)
-fn gemv_q8_0(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) tid: u32,
-//#if SUBGROUPS
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_id) sg_id: u32,
-    @builtin(num_subgroups) sg_count: u32,
-//#endif
-) {
-//#if SUBGROUPS
-//#else
-    let lane = 0u;
-    let sg_id = 0u;
-    let sg_count = 1u;
-//#endif
-    let row0 = (wg.x + wg.y * groups.x) * ROWS;
+const W_Q8_0: u32 = 2u;
+const W_Q4_0: u32 = 3u;
+
+// Σ q·x over block `blk` (without its scale) of a weight stored in `format`; `xs` are the
+// block's 32 x values.
+fn block_dot(format: u32, blk: u32, xs: array<vec4<f32>, 8>) -> f32 {
+    if (format == W_Q8_0) {
+        let qa = w[blk * 2u];
+        let qb = w[blk * 2u + 1u];
+        return dot(i8x4(qa.x), xs[0]) + dot(i8x4(qa.y), xs[1]) + dot(i8x4(qa.z), xs[2])
+             + dot(i8x4(qa.w), xs[3]) + dot(i8x4(qb.x), xs[4]) + dot(i8x4(qb.y), xs[5])
+             + dot(i8x4(qb.z), xs[6]) + dot(i8x4(qb.w), xs[7]);
+    }
+    let q = w[blk];
+    return dot(q4_low(q.x), xs[0]) + dot(q4_low(q.y), xs[1]) + dot(q4_low(q.z), xs[2])
+         + dot(q4_low(q.w), xs[3]) + dot(q4_high(q.x), xs[4]) + dot(q4_high(q.y), xs[5])
+         + dot(q4_high(q.z), xs[6]) + dot(q4_high(q.w), xs[7]);
+}
+
+// This thread's partial sums of ROWS rows of a weight in ggml blocks (`format` is a constant
+// at every call, so only its dequantization stays in the loop).
+fn quantized_sums(format: u32, row0: u32, tid: u32) -> vec4<f32> {
     var sums = vec4<f32>(0.0);
     let blocks = p.w_stride;
     for (var b = tid; b < blocks; b += WG) {
         let k0 = b * 32u;
-        let x0 = x4(k0);
-        let x1 = x4(k0 + 4u);
-        let x2 = x4(k0 + 8u);
-        let x3 = x4(k0 + 12u);
-        let x4_ = x4(k0 + 16u);
-        let x5 = x4(k0 + 20u);
-        let x6 = x4(k0 + 24u);
-        let x7 = x4(k0 + 28u);
+        let xs = array<vec4<f32>, 8>(x4(k0), x4(k0 + 4u), x4(k0 + 8u), x4(k0 + 12u),
+                                     x4(k0 + 16u), x4(k0 + 20u), x4(k0 + 24u), x4(k0 + 28u));
         for (var r = 0u; r < ROWS; r++) {
             let row = row0 + r;
             if (row < p.n) {
                 let blk = row * blocks + b;
-                let qa = w[blk * 2u];
-                let qb = w[blk * 2u + 1u];
-                let s = dot(i8x4(qa.x), x0) + dot(i8x4(qa.y), x1) + dot(i8x4(qa.z), x2)
-                      + dot(i8x4(qa.w), x3) + dot(i8x4(qb.x), x4_) + dot(i8x4(qb.y), x5)
-                      + dot(i8x4(qb.z), x6) + dot(i8x4(qb.w), x7);
-                sums[r] += block_scale(blk) * s;
+                sums[r] += block_scale(blk) * block_dot(format, blk, xs);
             }
         }
     }
-    finish(sums, row0, tid, lane, sg_id, sg_count);
+    return sums;
 }
 
 @compute @workgroup_size(WG)
-fn gemv_q4_0(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) groups: vec3<u32>,
-    @builtin(local_invocation_index) tid: u32,
-//#if SUBGROUPS
-    @builtin(subgroup_invocation_id) lane: u32,
-    @builtin(subgroup_id) sg_id: u32,
-    @builtin(num_subgroups) sg_count: u32,
-//#endif
-) {
-//#if SUBGROUPS
-//#else
-    let lane = 0u;
-    let sg_id = 0u;
-    let sg_count = 1u;
-//#endif
-    let row0 = (wg.x + wg.y * groups.x) * ROWS;
-    var sums = vec4<f32>(0.0);
-    let blocks = p.w_stride;
-    for (var b = tid; b < blocks; b += WG) {
-        let k0 = b * 32u;
-        let x0 = x4(k0);
-        let x1 = x4(k0 + 4u);
-        let x2 = x4(k0 + 8u);
-        let x3 = x4(k0 + 12u);
-        let x4_ = x4(k0 + 16u);
-        let x5 = x4(k0 + 20u);
-        let x6 = x4(k0 + 24u);
-        let x7 = x4(k0 + 28u);
-        for (var r = 0u; r < ROWS; r++) {
-            let row = row0 + r;
-            if (row < p.n) {
-                let blk = row * blocks + b;
-                let q = w[blk];
-                let s = dot(q4_low(q.x), x0) + dot(q4_low(q.y), x1) + dot(q4_low(q.z), x2)
-                      + dot(q4_low(q.w), x3) + dot(q4_high(q.x), x4_) + dot(q4_high(q.y), x5)
-                      + dot(q4_high(q.z), x6) + dot(q4_high(q.w), x7);
-                sums[r] += block_scale(blk) * s;
-            }
-        }
-    }
-    finish(sums, row0, tid, lane, sg_id, sg_count);
+fn gemv_f16(inv: Invocation) {
+    reduce_and_write(inv, f16_sums(first_row(inv), inv.tid));
+}
+
+@compute @workgroup_size(WG)
+fn gemv_f32(inv: Invocation) {
+    reduce_and_write(inv, f32_sums(first_row(inv), inv.tid));
+}
+
+@compute @workgroup_size(WG)
+fn gemv_q8_0(inv: Invocation) {
+    reduce_and_write(inv, quantized_sums(W_Q8_0, first_row(inv), inv.tid));
+}
+
+@compute @workgroup_size(WG)
+fn gemv_q4_0(inv: Invocation) {
+    reduce_and_write(inv, quantized_sums(W_Q4_0, first_row(inv), inv.tid));
 }

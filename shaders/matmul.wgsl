@@ -244,8 +244,24 @@ fn multiply_tile(acc: ptr<function, array<vec4<f32>, 16>>, tx: u32, ty: u32) {
     }
 }
 
-@compute @workgroup_size(THREADS)
-fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+// Weight storage formats, each entry point below passes one as a constant, so the compiler
+// keeps only that format's loader in the loop.
+const W_F16: u32 = 0u;
+const W_F32: u32 = 1u;
+const W_Q8_0: u32 = 2u;
+const W_Q4_0: u32 = 3u;
+
+fn load_w_tile(format: u32, n0: u32, k0: u32, tid: u32) {
+    switch format {
+        case W_F32: { load_w_tile_f32(n0, k0, tid); }
+        case W_Q8_0: { load_w_tile_q8_0(n0, k0, tid); }
+        case W_Q4_0: { load_w_tile_q4_0(n0, k0, tid); }
+        default: { load_w_tile_f16(n0, k0, tid); }
+    }
+}
+
+// One workgroup's 64x64 output tile for a weight stored in `format`.
+fn matmul_tile(format: u32, wg: vec3<u32>, tid: u32) {
     let n0 = wg.x * TILE_N;
     let row0 = wg.y * TILE_M;
     let tx = tid % 8u;
@@ -253,61 +269,30 @@ fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         load_x_tile(row0, k0, tid);
-        load_w_tile_f16(n0, k0, tid);
+        load_w_tile(format, n0, k0, tid);
         workgroupBarrier();
         multiply_tile(&acc, tx, ty);
         workgroupBarrier();
     }
     store(&acc, row0, n0, tx, ty);
+}
+
+@compute @workgroup_size(THREADS)
+fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    matmul_tile(W_F16, wg, tid);
 }
 
 @compute @workgroup_size(THREADS)
 fn matmul_f32(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let n0 = wg.x * TILE_N;
-    let row0 = wg.y * TILE_M;
-    let tx = tid % 8u;
-    let ty = tid / 8u;
-    var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        load_x_tile(row0, k0, tid);
-        load_w_tile_f32(n0, k0, tid);
-        workgroupBarrier();
-        multiply_tile(&acc, tx, ty);
-        workgroupBarrier();
-    }
-    store(&acc, row0, n0, tx, ty);
+    matmul_tile(W_F32, wg, tid);
 }
 
 @compute @workgroup_size(THREADS)
 fn matmul_q8_0(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let n0 = wg.x * TILE_N;
-    let row0 = wg.y * TILE_M;
-    let tx = tid % 8u;
-    let ty = tid / 8u;
-    var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        load_x_tile(row0, k0, tid);
-        load_w_tile_q8_0(n0, k0, tid);
-        workgroupBarrier();
-        multiply_tile(&acc, tx, ty);
-        workgroupBarrier();
-    }
-    store(&acc, row0, n0, tx, ty);
+    matmul_tile(W_Q8_0, wg, tid);
 }
 
 @compute @workgroup_size(THREADS)
 fn matmul_q4_0(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let n0 = wg.x * TILE_N;
-    let row0 = wg.y * TILE_M;
-    let tx = tid % 8u;
-    let ty = tid / 8u;
-    var acc: array<vec4<f32>, 16>;
-    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        load_x_tile(row0, k0, tid);
-        load_w_tile_q4_0(n0, k0, tid);
-        workgroupBarrier();
-        multiply_tile(&acc, tx, ty);
-        workgroupBarrier();
-    }
-    store(&acc, row0, n0, tx, ty);
+    matmul_tile(W_Q4_0, wg, tid);
 }

@@ -197,17 +197,30 @@ fn quantized_matmul_matches_cpu_on_odd_shapes() {
         (64, 129, 1120),
         (3, 1, 32),
     ];
+    run_quantized(&gpu, &mut rng, &shapes, |i| (i % 2 == 0, i % 3 == 1), false);
+}
+
+/// Every quantized format at each of `shapes` (m, n, k), with bias and accumulation as
+/// `flags(i)` says for shape i.
+fn run_quantized(
+    gpu: &Gpu,
+    rng: &mut TestRng,
+    shapes: &[(usize, usize, usize)],
+    flags: impl Fn(usize) -> (bool, bool),
+    force_gemv: bool,
+) {
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        let (bias, accumulate) = flags(i);
         for format in QUANTIZED {
             let case = Case {
                 m,
                 n,
                 k,
                 format,
-                bias: i % 2 == 0,
-                accumulate: i % 3 == 1,
+                bias,
+                accumulate,
             };
-            run_case(&gpu, &mut rng, &case, false);
+            run_case(gpu, rng, &case, force_gemv);
         }
     }
 }
@@ -223,19 +236,7 @@ fn quantized_gemv_matches_cpu_with_and_without_subgroups() {
             (1, 1001, 160),
             (1, 5, 4128),
         ];
-        for (i, &(m, n, k)) in shapes.iter().enumerate() {
-            for format in QUANTIZED {
-                let case = Case {
-                    m,
-                    n,
-                    k,
-                    format,
-                    bias: i % 2 == 1,
-                    accumulate: i % 2 == 0,
-                };
-                run_case(&gpu, &mut rng, &case, true);
-            }
-        }
+        run_quantized(&gpu, &mut rng, &shapes, |i| (i % 2 == 1, i % 2 == 0), true);
     }
 }
 

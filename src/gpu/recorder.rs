@@ -29,6 +29,8 @@ pub struct Recorder<'g> {
     pending: Vec<Command>,
     batch: usize,
     stage: &'static str,
+    /// Only build pipelines: never submit (see [`Recorder::compile_only`]).
+    compile_only: bool,
 }
 
 impl<'g> Recorder<'g> {
@@ -42,7 +44,16 @@ impl<'g> Recorder<'g> {
             pending: Vec::new(),
             batch: batch.max(1),
             stage: "gpu",
+            compile_only: false,
         }
+    }
+
+    /// A recorder whose dispatches are built (so their pipelines compile) and then dropped:
+    /// nothing it records ever runs, however many dispatches a batch would submit.
+    pub fn compile_only(gpu: &'g Gpu) -> Self {
+        let mut rec = Self::new(gpu);
+        rec.compile_only = true;
+        rec
     }
 
     pub fn gpu(&self) -> &'g Gpu {
@@ -92,6 +103,9 @@ impl<'g> Recorder<'g> {
 
     /// Encode and submit everything pending (does not wait).
     pub fn submit(&mut self) {
+        if self.compile_only {
+            self.pending.clear();
+        }
         if self.pending.is_empty() {
             return;
         }

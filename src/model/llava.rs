@@ -224,7 +224,7 @@ impl Engine {
     /// load instead of stalling the first request of their kind (`tests/pipelines.rs` checks
     /// that no request compiles one after this).
     fn compile_pipelines(&self) -> Result<()> {
-        let mut rec = Recorder::new(&self.gpu);
+        let mut rec = Recorder::compile_only(&self.gpu);
         self.compile_image_pipelines(&mut rec)?;
         self.compile_text_pipelines(&mut rec)?;
         rec.discard();

@@ -208,12 +208,12 @@ fn an_unsupported_architecture_is_named() {
     let config = std::fs::read_to_string(m.path("config.json")).unwrap();
     std::fs::write(
         m.path("config.json"),
-        config.replace("\"llama\"", "\"mistral\""),
+        config.replace("\"llama\"", "\"gemma\""),
     )
     .unwrap();
     let e = load_error(&m.dir);
     assert!(
-        e.contains("text_config.model_type") && e.contains("mistral"),
+        e.contains("text_config.model_type") && e.contains("gemma"),
         "{e}"
     );
 }

@@ -114,17 +114,9 @@ fn a_next_request_compiles_no_pipeline_after_load() {
 }
 
 #[test]
-fn pruning_and_square_padding_are_refused_on_next_with_the_field_named() {
-    use llava_wgpu::prune::{Method, PruneOptions};
+fn square_padding_is_refused_on_next_with_the_field_named() {
     let engine = engine(next_fixture::VICUNA, WeightFormat::F16);
     let case = &next_fixture::cases(next_fixture::VICUNA)[0];
-    let mut request = GenerateRequest::new(&case.image, &case.prompt);
-    request.prune = PruneOptions {
-        method: Method::Star,
-        ..Default::default()
-    };
-    let e = engine.generate(&request, |_| {}).unwrap_err().to_string();
-    assert!(e.contains("prune.method"), "{e}");
     let mut request = GenerateRequest::new(&case.image, &case.prompt);
     request.pad_to_square = true;
     let e = engine.generate(&request, |_| {}).unwrap_err().to_string();

@@ -11,6 +11,7 @@
 //! running it (`llava-wgpu memory`). Pruning follows `docs/pruning.md`.
 
 mod anyres;
+mod anyres_plan;
 mod decode;
 mod image;
 mod memory;
@@ -31,7 +32,7 @@ use crate::prune::cost::prefill_macs;
 use crate::text::EncodedPrompt;
 use crate::vision::anyres::PackedToken;
 
-use anyres::AnyresRequest;
+use anyres_plan::AnyresRequest;
 use decode::TokenPicker;
 pub use memory::RequestMemory;
 use output::ms;
@@ -86,7 +87,8 @@ impl Engine {
 
         let t1 = Instant::now();
         let image = self.image_step(&input)?;
-        self.fit_image(&mut input, image.as_ref(), settings);
+        let packed = image.as_ref().and_then(|i| i.packed.as_deref());
+        self.fit_image(&mut input, packed, settings);
         let vision_ms = ms(t1);
 
         let prefill_start = Instant::now();

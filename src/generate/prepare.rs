@@ -12,11 +12,10 @@ use crate::model::image_cache::{ImageKey, ProjectedImage};
 use crate::model::llava::Engine;
 use crate::prune::Plan;
 use crate::text::EncodedPrompt;
-use crate::vision::anyres::AnyresLayout;
+use crate::vision::anyres::{AnyresLayout, PackedToken};
 use crate::vision::decode_image;
 
-use super::anyres::AnyresRequest;
-use super::image::EncodedImage;
+use super::anyres_plan::AnyresRequest;
 use super::request::{Conversation, GenerateRequest, TurnSettings};
 use super::session::{Session, SessionState};
 
@@ -290,19 +289,18 @@ impl Engine {
     }
 
     /// LLaVA-NeXT, after the image pass: the prompt was tokenized with every packed row; keep
-    /// the rows of the tokens the pass kept and restate the plan over them.
+    /// the rows of the tokens the pass kept (`packed`) and restate the plan over them.
     pub(super) fn fit_image(
         &self,
         input: &mut PreparedRequest,
-        image: Option<&EncodedImage>,
+        packed: Option<&[PackedToken]>,
         settings: &TurnSettings,
     ) {
-        let packed = image.and_then(|i| i.packed.as_ref());
         let (Some(anyres), Some(packed)) = (input.anyres.as_mut(), packed) else {
             return;
         };
         let dropped = anyres.packed.len() - packed.len();
-        anyres.packed = packed.clone();
+        anyres.packed = packed.to_vec();
         input.plan = anyres.row_plan(&input.plan);
         let prompt = &mut input.prompt;
         let end = prompt.image_start + prompt.image_tokens;

@@ -16,7 +16,7 @@ use crate::model::llava::Engine;
 use crate::prune::{Plan, PruneOptions};
 use crate::text::{EncodedPrompt, Template};
 
-use super::anyres::AnyresRequest;
+use super::anyres_plan::AnyresRequest;
 use super::output::KeptIndices;
 use super::request::{Conversation, TurnSettings};
 

@@ -33,7 +33,7 @@ use crate::text::EncodedPrompt;
 use crate::vision::anyres::PackedToken;
 
 use anyres_plan::AnyresRequest;
-use decode::TokenPicker;
+use decode::{Decoded, TokenPicker};
 pub use memory::RequestMemory;
 use output::ms;
 pub use output::{
@@ -121,6 +121,7 @@ impl Engine {
         let memory = MemoryReport::of(&self.gpu.memory_stats());
         let decoded_steps = decoded.ids.len().saturating_sub(1);
         let turn = turn_report(&input);
+        let timings_ms = timings(self.load_ms, (preprocess_ms, vision_ms), &decoded, total);
         session.store(session_state(
             &input,
             settings,
@@ -136,14 +137,7 @@ impl Engine {
             visual_tokens: visual_tokens(&input),
             kept_visual_indices,
             kv_cache_bytes,
-            timings_ms: Timings {
-                load: self.load_ms,
-                preprocess: preprocess_ms,
-                vision: vision_ms,
-                prefill: decoded.prefill_ms,
-                decode: decoded.decode_ms,
-                total: ms(total),
-            },
+            timings_ms,
             decode_tokens_per_second: per_second(decoded_steps, decoded.decode_ms),
             flops: self.prefill_flops(&input),
             stop_reason: decoded.stop_reason,
@@ -342,6 +336,24 @@ fn visual_tokens(input: &PreparedRequest) -> VisualTokens {
             }
         }
         None => VisualTokens::of(&input.plan),
+    }
+}
+
+/// A turn's timings: host preprocessing and the image pass as measured around them, prefill and
+/// decode as the decoding loop measured them, and the whole turn since `start`.
+fn timings(
+    load: f64,
+    (preprocess, vision): (f64, f64),
+    decoded: &Decoded,
+    start: Instant,
+) -> Timings {
+    Timings {
+        load,
+        preprocess,
+        vision,
+        prefill: decoded.prefill_ms,
+        decode: decoded.decode_ms,
+        total: ms(start),
     }
 }
 

@@ -270,6 +270,16 @@ struct BenchArgs {
     weights: WeightArgs,
 }
 
+impl BenchArgs {
+    fn plan(&self) -> harness::bench::Plan {
+        harness::bench::Plan {
+            warmup: self.warmup,
+            repeats: self.repeats as usize,
+            decode_tokens: self.decode_tokens,
+        }
+    }
+}
+
 /// A pruning method's budgets (`run`, `memory`).
 #[derive(Args)]
 struct BudgetArgs {
@@ -724,15 +734,9 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
             s.label == "none" || args.only.iter().any(|o| s.label.contains(o.as_str()))
         });
     }
-    let report = harness::bench::pruning(
-        &engine,
-        &label,
-        &settings,
-        args.warmup,
-        args.repeats as usize,
-        args.decode_tokens,
-        |what| eprintln!("  {what}"),
-    )?;
+    let report = harness::bench::pruning(&engine, &label, &settings, args.plan(), |what| {
+        eprintln!("  {what}")
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -783,7 +787,8 @@ fn bench_soak(
 }
 
 /// With --weights other than f16: the unpruned setting again with f16 language-model weights
-/// (same vision weights, same process), and the decode speed of both on stderr.
+/// (same vision weights, same process, same warm-up and repeats, no profile), and the decode
+/// speed of both on stderr.
 fn decode_against_f16(
     args: &BenchArgs,
     device: &DeviceArgs,
@@ -794,29 +799,23 @@ fn decode_against_f16(
     let mut options = device.engine_options(&args.weights);
     options.vision_weight_format = Some(options.vision_format());
     options.weight_format = WeightFormat::F16;
-    let (engine, label) =
+    let (engine, _) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     let none: Vec<_> = settings
         .iter()
         .filter(|s| s.label == "none")
         .cloned()
         .collect();
-    let base = harness::bench::pruning(
-        &engine,
-        &label,
-        &none,
-        args.warmup,
-        args.repeats as usize,
-        args.decode_tokens,
-        |what| eprintln!("  f16 baseline: {what}"),
-    )?;
-    let tps = |r: &harness::bench::PruningReport| {
-        r.settings
+    let base = harness::bench::timed_settings(&engine, &none, args.plan(), |what| {
+        eprintln!("  f16 baseline: {what}")
+    })?;
+    let tps = |settings: &[harness::bench::SettingResult]| {
+        settings
             .iter()
             .find(|s| s.label == "none")
             .map_or(0.0, |s| s.median_decode_tokens_per_second)
     };
-    let (quantized, f16) = (tps(report), tps(&base));
+    let (quantized, f16) = (tps(&report.settings), tps(&base));
     eprintln!(
         "decode tokens/s without pruning: {} {quantized:.2}, f16 {f16:.2} ({:.2}x f16)",
         format.name(),

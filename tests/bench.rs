@@ -7,6 +7,14 @@ use llava_wgpu::harness::bench;
 use llava_wgpu::model::presets;
 use llava_wgpu::{Engine, EngineOptions};
 
+fn plan(warmup: usize, repeats: usize) -> bench::Plan {
+    bench::Plan {
+        warmup,
+        repeats,
+        decode_tokens: 2,
+    }
+}
+
 /// Every setting's token counts are the budgets it asked for (docs/pruning.md's arithmetic, done
 /// here by hand), speedups grow as budgets shrink, and the ceilings are the ones the adapter can
 /// measure. No timing is compared with anything.
@@ -16,7 +24,7 @@ fn pruning_bench_reports_every_setting_on_the_fixture() {
     let n0 = engine.config.image_tokens();
     let settings = bench::default_settings(n0);
     assert_eq!(settings.len(), 6);
-    let report = bench::pruning(&engine, "fixture", &settings, 0, 1, 2, |_| {}).unwrap();
+    let report = bench::pruning(&engine, "fixture", &settings, plan(0, 1), |_| {}).unwrap();
     assert_eq!(report.settings.len(), settings.len());
 
     // Budgets scale from LLaVA's 576 tokens: N2 = round(n · N0 / 576), N1 = floor(0.9 · N0).
@@ -79,6 +87,27 @@ fn pruning_bench_reports_every_setting_on_the_fixture() {
     assert!(report.table().contains("realised"));
 }
 
+/// With a warm-up, the kernel families come from the baseline's profiled warm-up request: every
+/// family a request dispatches is there, and the timed settings alone carry no profile.
+#[test]
+fn kernel_families_come_from_the_warm_up_when_there_is_one() {
+    let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
+    let settings = &bench::default_settings(engine.config.image_tokens())[..1];
+    let report = bench::pruning(&engine, "fixture", settings, plan(1, 1), |_| {}).unwrap();
+    let families: Vec<&str> = report
+        .kernel_families
+        .iter()
+        .map(|f| f.family.as_str())
+        .collect();
+    for family in ["matmul", "attention", "norm", "gemv"] {
+        assert!(families.contains(&family), "{family} missing: {families:?}");
+    }
+    let timed = bench::timed_settings(&engine, settings, plan(1, 2), |_| {}).unwrap();
+    assert_eq!(timed.len(), 1);
+    assert_eq!(timed[0].visual_tokens, report.settings[0].visual_tokens);
+    assert!(timed[0].median_decode_tokens_per_second > 0.0);
+}
+
 /// A library caller asking for zero timed runs used to index `runs[0]` of an empty list (and
 /// `bench kernels` silently ran once): both are argument errors naming `repeats`, as are an
 /// empty list of settings and an unknown kernel section.
@@ -92,9 +121,11 @@ fn zero_repeats_and_no_settings_are_argument_errors() {
         Ok(_) => panic!("accepted"),
     };
     let pruning =
-        |settings, repeats| bench::pruning(&engine, "fixture", settings, 0, repeats, 2, |_| {});
+        |settings, repeats| bench::pruning(&engine, "fixture", settings, plan(0, repeats), |_| {});
     assert_eq!(name(pruning(&settings, 0).map(|_| ())), "repeats");
     assert_eq!(name(pruning(&[], 1).map(|_| ())), "settings");
+    let timed = bench::timed_settings(&engine, &settings, plan(1, 0), |_| {});
+    assert_eq!(name(timed.map(|_| ())), "repeats");
     assert_eq!(
         name(bench::kernels(&engine.gpu, 0, |_| {}).map(|_| ())),
         "repeats"

@@ -187,33 +187,49 @@ fn family(kernel: &str) -> &'static str {
     }
 }
 
-/// The timed outputs of every setting, in order, after `warmup` untimed requests each.
+/// How many requests each setting gets and how long they are.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Untimed requests per setting before the timed ones.
+    pub warmup: usize,
+    /// Timed requests per setting; the report gives their medians.
+    pub repeats: usize,
+    /// Tokens generated per request (EOS ignored).
+    pub decode_tokens: usize,
+}
+
+/// The timed outputs of every setting, in order, after `plan.warmup` untimed requests each, and
+/// with `profile_warmup` the GPU profile of the baseline's last warm-up request if there is one
+/// (profiling an untimed request spares the kernel-family table a request of its own).
 fn run_settings(
     engine: &Engine,
     settings: &[Setting],
-    warmup: usize,
-    repeats: usize,
+    plan: Plan,
+    profile_warmup: bool,
     request: impl Fn(&PruneOptions) -> GenerateRequest,
     progress: &mut dyn FnMut(&str),
-) -> Result<Vec<(String, Vec<GenerateOutput>)>> {
-    let mut runs = Vec::new();
-    for setting in settings {
+) -> Result<(Vec<(String, Vec<GenerateOutput>)>, Option<ProfileReport>)> {
+    let (mut runs, mut profile) = (Vec::new(), None);
+    let total = plan.warmup + plan.repeats;
+    for (index, setting) in settings.iter().enumerate() {
         let mut outputs = Vec::new();
-        for i in 0..warmup + repeats {
-            progress(&format!(
-                "{} ({}/{})",
-                setting.label,
-                i + 1,
-                warmup + repeats
-            ));
+        for i in 0..total {
+            progress(&format!("{} ({}/{total})", setting.label, i + 1));
+            let profiled = profile_warmup && index == 0 && i + 1 == plan.warmup;
+            if profiled {
+                engine.gpu.start_profiling();
+            }
             let out = engine.generate(&request(&setting.prune), |_| {})?;
-            if i >= warmup {
+            if profiled {
+                profile = engine.gpu.finish_profiling()?;
+            }
+            if i >= plan.warmup {
                 outputs.push(out);
             }
         }
         runs.push((setting.label.clone(), outputs));
     }
-    Ok(runs)
+    Ok((runs, profile))
 }
 
 /// Medians of one setting's outputs; speedups against the unpruned `baseline_prefill` ms.
@@ -296,17 +312,22 @@ pub fn bench_visual_tokens(engine: &Engine) -> Result<usize> {
     engine.visual_tokens_of(&bench_image_for(engine)?)
 }
 
-/// Run every setting on `engine` with `warmup` + `repeats` requests each.
-pub fn pruning(
-    engine: &Engine,
-    model_label: &str,
-    settings: &[Setting],
-    warmup: usize,
-    repeats: usize,
-    decode_tokens: usize,
-    mut progress: impl FnMut(&str),
-) -> Result<PruningReport> {
-    if repeats == 0 {
+/// The request `bench` sends for one setting: the bench image and prompt, `plan.decode_tokens`
+/// tokens with EOS ignored.
+fn bench_request(engine: &Engine, plan: Plan) -> Result<impl Fn(&PruneOptions) -> GenerateRequest> {
+    let image = bench_image_for(engine)?;
+    let prompt = bench_prompt(engine);
+    Ok(move |prune: &PruneOptions| {
+        let mut r = GenerateRequest::new(&image, &prompt);
+        r.max_new_tokens = plan.decode_tokens;
+        r.ignore_eos = true;
+        r.prune = prune.clone();
+        r
+    })
+}
+
+fn check_plan(settings: &[Setting], plan: Plan) -> Result<()> {
+    if plan.repeats == 0 {
         return Err(Error::argument(
             "repeats",
             "must be at least 1: the report gives medians of the timed requests",
@@ -318,40 +339,67 @@ pub fn pruning(
             "give at least one setting; the first is the baseline of every speedup",
         ));
     }
-    let gpu = &engine.gpu;
-    let image = bench_image_for(engine)?;
-    let prompt = bench_prompt(engine);
-    let request = |prune: &PruneOptions| {
-        let mut r = GenerateRequest::new(&image, &prompt);
-        r.max_new_tokens = decode_tokens;
-        r.ignore_eos = true;
-        r.prune = prune.clone();
-        r
-    };
-    progress("ceilings: FMA throughput and copy bandwidth");
-    let ceilings = Ceilings::measure(gpu, repeats)?;
+    Ok(())
+}
 
-    let runs = run_settings(engine, settings, warmup, repeats, request, &mut progress)?;
+/// Medians per setting, speedups against the first setting's prefill.
+fn summarise_runs(runs: &[(String, Vec<GenerateOutput>)]) -> Vec<SettingResult> {
     let baseline_prefill = median_f64(runs[0].1.iter().map(|o| o.timings_ms.prefill).collect());
-    let settings = runs
-        .iter()
+    runs.iter()
         .map(|(label, outs)| summarise(label, outs, baseline_prefill))
-        .collect();
+        .collect()
+}
 
-    // One profiled unpruned request: where the time goes, per kernel family.
-    progress("profiling one unpruned request");
-    gpu.start_profiling();
-    engine.generate(&request(&PruneOptions::default()), |_| {})?;
-    let profile = gpu.finish_profiling()?.expect("profiling was started");
+/// The timed settings alone: no ceilings, no kernel profile (`bench --weights q4_0`'s f16
+/// comparison).
+pub fn timed_settings(
+    engine: &Engine,
+    settings: &[Setting],
+    plan: Plan,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<SettingResult>> {
+    check_plan(settings, plan)?;
+    let request = bench_request(engine, plan)?;
+    let (runs, _) = run_settings(engine, settings, plan, false, request, &mut progress)?;
+    Ok(summarise_runs(&runs))
+}
+
+/// Run every setting on `engine` with `plan.warmup` + `plan.repeats` requests each, the
+/// ceilings, and the kernel families of one unpruned request.
+pub fn pruning(
+    engine: &Engine,
+    model_label: &str,
+    settings: &[Setting],
+    plan: Plan,
+    mut progress: impl FnMut(&str),
+) -> Result<PruningReport> {
+    check_plan(settings, plan)?;
+    let gpu = &engine.gpu;
+    let request = bench_request(engine, plan)?;
+    progress("ceilings: FMA throughput and copy bandwidth");
+    let ceilings = Ceilings::measure(gpu, plan.repeats)?;
+
+    let (runs, warmup_profile) =
+        run_settings(engine, settings, plan, true, &request, &mut progress)?;
+    let profile = match warmup_profile {
+        Some(profile) => profile,
+        None => {
+            // No warm-up to profile: one more request of the baseline, profiled.
+            progress(&format!("profiling one {} request", settings[0].label));
+            gpu.start_profiling();
+            engine.generate(&request(&settings[0].prune), |_| {})?;
+            gpu.finish_profiling()?.expect("profiling was started")
+        }
+    };
     Ok(PruningReport {
         model: model_label.to_string(),
         adapter: gpu.describe(),
-        warmup,
-        repeats,
-        decode_tokens,
+        warmup: plan.warmup,
+        repeats: plan.repeats,
+        decode_tokens: plan.decode_tokens,
         kernel_families: kernel_families(&profile, &ceilings),
         ceilings,
-        settings,
+        settings: summarise_runs(&runs),
     })
 }
 
@@ -396,7 +444,8 @@ impl PruningReport {
                 100.0 * s.realisation
             ));
         }
-        out.push_str("\nkernel families in one unpruned request:\n");
+        let baseline = self.settings.first().map_or("", |s| s.label.as_str());
+        out.push_str(&format!("\nkernel families in one {baseline} request:\n"));
         out.push_str(&format!(
             "{:<12} {:>9} {:>9} {:>8} {:>10} {:>8}\n",
             "family", "time ms", "GFLOP/s", "GB/s", "bound", "% of it"

@@ -375,14 +375,14 @@ fn memory(args: &MemoryArgs) -> Result<()> {
     let mut options = args.device.engine_options(&args.weights);
     options.allocate_only = true;
     options.kv = args.kv.map(Into::into);
+    let formats = [options.weight_format.name(), options.vision_format().name()];
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     let settings = args.settings();
     // The image is never opened: only the prompt, plan and limits size the buffers.
     let mut request = GenerateRequest::new("(not read)", harness::bench::bench_prompt(&engine));
     request.max_new_tokens = args.max_new_tokens;
-    let format = WeightFormat::from(args.weights.weights).name();
-    let report = harness::memory::measure(&engine, &label, format, &settings, &request)?;
+    let report = harness::memory::measure(&engine, &label, formats, &settings, &request)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

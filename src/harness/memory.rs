@@ -23,17 +23,21 @@ pub struct MemoryRow {
 pub struct MemoryReport {
     pub model: String,
     pub adapter: String,
+    /// The language model's linear layers and lm_head.
     pub weights_format: String,
+    /// The vision tower and projector.
+    pub vision_weights_format: String,
     /// The KV cache's element type.
     pub kv_format: String,
     pub rows: Vec<MemoryRow>,
 }
 
-/// Allocate (and free) the buffers of `request` under each setting in turn.
+/// Allocate (and free) the buffers of `request` under each setting in turn; `formats` names the
+/// language model's and the vision tower's weight formats for the report.
 pub fn measure(
     engine: &Engine,
     model_label: &str,
-    weights_format: &str,
+    formats: [&str; 2],
     settings: &[Setting],
     request: &GenerateRequest,
 ) -> Result<MemoryReport> {
@@ -51,7 +55,8 @@ pub fn measure(
     Ok(MemoryReport {
         model: model_label.to_string(),
         adapter: engine.gpu.describe(),
-        weights_format: weights_format.to_string(),
+        weights_format: formats[0].to_string(),
+        vision_weights_format: formats[1].to_string(),
         kv_format: format!("{:?}", engine.kv_dtype).to_lowercase(),
         rows,
     })
@@ -64,9 +69,9 @@ fn mib(bytes: u64) -> f64 {
 impl MemoryReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "model: {} (weights {}, KV cache {})\nadapter: {}\nallocated GPU bytes per kind at the request's peak, MiB \
+            "model: {} (KV cache {})\nadapter: {}\nallocated GPU bytes per kind at the request's peak, MiB \
              (GB = 10^9 bytes in the last column)\n\n",
-            self.model, self.weights_format, self.kv_format, self.adapter
+            self.model, self.kv_format, self.adapter
         );
         out.push_str(&format!(
             "{:<22} {:>13} {:>7} {:>10} {:>8} {:>12} {:>8} {:>10} {:>8}\n",

@@ -198,6 +198,9 @@ pub struct Plan {
     pub decode_tokens: usize,
 }
 
+/// Each setting's label and its timed outputs.
+type SettingRuns = Vec<(String, Vec<GenerateOutput>)>;
+
 /// The timed outputs of every setting, in order, after `plan.warmup` untimed requests each, and
 /// with `profile_warmup` the GPU profile of the baseline's last warm-up request if there is one
 /// (profiling an untimed request spares the kernel-family table a request of its own).
@@ -208,7 +211,7 @@ fn run_settings(
     profile_warmup: bool,
     request: impl Fn(&PruneOptions) -> GenerateRequest,
     progress: &mut dyn FnMut(&str),
-) -> Result<(Vec<(String, Vec<GenerateOutput>)>, Option<ProfileReport>)> {
+) -> Result<(SettingRuns, Option<ProfileReport>)> {
     let (mut runs, mut profile) = (Vec::new(), None);
     let total = plan.warmup + plan.repeats;
     for (index, setting) in settings.iter().enumerate() {
@@ -343,7 +346,7 @@ fn check_plan(settings: &[Setting], plan: Plan) -> Result<()> {
 }
 
 /// Medians per setting, speedups against the first setting's prefill.
-fn summarise_runs(runs: &[(String, Vec<GenerateOutput>)]) -> Vec<SettingResult> {
+fn summarise_runs(runs: &SettingRuns) -> Vec<SettingResult> {
     let baseline_prefill = median_f64(runs[0].1.iter().map(|o| o.timings_ms.prefill).collect());
     runs.iter()
         .map(|(label, outs)| summarise(label, outs, baseline_prefill))
@@ -465,24 +468,32 @@ impl PruningReport {
     }
 }
 
-/// Where `bench` gets its model: a directory or a preset.
+/// Where `bench` gets its model: a directory or a preset, and a label naming it with its weight
+/// formats.
 pub fn load_engine(
     model: Option<&Path>,
     preset: Option<&str>,
     options: EngineOptions,
 ) -> Result<(Engine, String)> {
+    let formats = format!(
+        "language model in {}, vision in {}",
+        options.weight_format.name(),
+        options.vision_format().name()
+    );
     match (model, preset) {
-        (Some(dir), _) => Ok((Engine::load(dir, options)?, dir.display().to_string())),
+        (Some(dir), _) => Ok((
+            Engine::load(dir, options)?,
+            format!("{} ({formats})", dir.display()),
+        )),
         (None, name) => {
             let name = name.unwrap_or("small");
             let depth = match options.text_layers {
                 Some(n) => format!(", first {n} decoder layers"),
                 None => String::new(),
             };
-            let format = options.weight_format.name();
             Ok((
                 Engine::synthetic(name, options)?,
-                format!("preset {name} (random weights, language model in {format}{depth})"),
+                format!("preset {name} (random weights, {formats}{depth})"),
             ))
         }
     }

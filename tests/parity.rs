@@ -142,19 +142,25 @@ fn quantized_reference(name: &str) -> (Vec<usize>, Vec<u8>) {
     (t.shape().to_vec(), t.data().to_vec())
 }
 
-/// Q8_0 and Q4_0 decoder weights (vision and KV cache in f32, as the reference keeps them): the engine must
-/// compute what transformers computes with the dequantized weights.
+/// Q8_0 and Q4_0 decoder weights (vision and KV cache in f32, as the reference keeps them), and
+/// Q4_0 decoder weights with a Q8_0 vision tower and projector (the 7B memory table's smallest
+/// setting; the reference rounds the patch embedding to f16 as the engine stores it): the engine
+/// must compute what transformers computes with the dequantized weights.
 #[test]
 fn quantized_weights_match_transformers_fed_dequantized_weights() {
-    for format in [WeightFormat::Q8_0, WeightFormat::Q4_0] {
+    let variants = [
+        ("q8_0", WeightFormat::Q8_0, WeightFormat::F32),
+        ("q4_0", WeightFormat::Q4_0, WeightFormat::F32),
+        ("q4_0_vision_q8_0", WeightFormat::Q4_0, WeightFormat::Q8_0),
+    ];
+    for (name, format, vision) in variants {
         let options = EngineOptions {
             weight_format: format,
-            vision_weight_format: Some(WeightFormat::F32),
+            vision_weight_format: Some(vision),
             kv: Some(DType::F32),
             ..Default::default()
         };
         let engine = Engine::load(&fixture::model_dir(), options).unwrap();
-        let name = format.name();
         for case in fixture::cases() {
             let out = engine.generate(&request(&case), |_| {}).unwrap();
             let key = format!("case{}.{name}", case.index);

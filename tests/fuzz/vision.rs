@@ -69,6 +69,8 @@ fn damage() -> impl Strategy<Value = Damage> {
 fn apply(bytes: &mut Vec<u8>, d: &Damage) {
     let len = bytes.len().max(1);
     match d {
+        // A file cut to nothing has no byte to set.
+        Damage::Set(_, _) if bytes.is_empty() => {}
         Damage::Set(i, b) => bytes[i % len] = *b,
         Damage::Fill(i, n, b) => {
             let start = i % len;

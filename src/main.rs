@@ -259,8 +259,9 @@ struct BenchArgs {
     /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
     #[arg(long, value_enum)]
     kv: Option<KvArg>,
-    /// Run only the settings whose label contains this text (repeatable; `none`, the baseline
-    /// every speedup is measured against, always runs).
+    /// Run only the settings whose label contains this text, ignoring case (repeatable; `none`,
+    /// the baseline every speedup is measured against, always runs; a text no label contains is
+    /// an error).
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
     /// Print JSON instead of a table.
@@ -724,16 +725,12 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
-    let mut settings = match engine.config.anyres {
+    let settings = match engine.config.anyres {
         // The bench image is tiled into the most crops: 2,880 visual tokens for llava-hf's list.
         Some(_) => harness::bench::next_settings(harness::bench::bench_visual_tokens(&engine)?),
         None => harness::bench::default_settings(engine.config.image_tokens()),
     };
-    if !args.only.is_empty() {
-        settings.retain(|s| {
-            s.label == "none" || args.only.iter().any(|o| s.label.contains(o.as_str()))
-        });
-    }
+    let settings = harness::bench::select_settings(settings, &args.only)?;
     let report = harness::bench::pruning(&engine, &label, &settings, args.plan(), |what| {
         eprintln!("  {what}")
     })?;

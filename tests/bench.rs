@@ -130,6 +130,25 @@ fn zero_repeats_and_no_settings_are_argument_errors() {
         name(bench::kernels(&engine.gpu, 0, |_| {}).map(|_| ())),
         "repeats"
     );
+    // --only: case does not matter, the baseline stays first, and a text no label contains is
+    // refused instead of running the baseline alone.
+    let only = |texts: &[&str]| {
+        let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+        bench::select_settings(settings.clone(), &texts)
+    };
+    let labels: Vec<String> = only(&["STAR N1"])
+        .unwrap()
+        .into_iter()
+        .map(|s| s.label)
+        .collect();
+    assert_eq!(labels.len(), 4, "{labels:?}");
+    assert_eq!(labels[0], "none");
+    assert!(
+        labels[1..].iter().all(|l| l.starts_with("star N1=")),
+        "{labels:?}"
+    );
+    assert_eq!(only(&[]).unwrap().len(), settings.len());
+    assert_eq!(name(only(&["fastv", "STRA"]).map(|_| ())), "only");
     // An unknown section is refused before anything is timed.
     let sections = bench::kernel_sections(&engine.gpu, 1, &["quantized"], |_| {});
     assert_eq!(name(sections.map(|_| ())), "sections");

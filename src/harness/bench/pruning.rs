@@ -60,6 +60,30 @@ pub fn default_settings(n0: usize) -> Vec<Setting> {
     settings
 }
 
+/// The settings whose label contains one of `only` (ignoring case), always with the baseline
+/// `none` first; every text must match a setting, so a typo is an error, not a run of the
+/// baseline alone. An empty `only` keeps everything.
+pub fn select_settings(settings: Vec<Setting>, only: &[String]) -> Result<Vec<Setting>> {
+    if only.is_empty() {
+        return Ok(settings);
+    }
+    let matches = |s: &Setting, text: &str| s.label.to_lowercase().contains(&text.to_lowercase());
+    if let Some(text) = only
+        .iter()
+        .find(|text| !settings.iter().any(|s| matches(s, text)))
+    {
+        let labels: Vec<&str> = settings.iter().map(|s| s.label.as_str()).collect();
+        return Err(Error::argument(
+            "only",
+            format!("'{text}' is in no setting's label; the settings are {labels:?}"),
+        ));
+    }
+    Ok(settings
+        .into_iter()
+        .filter(|s| s.label == "none" || only.iter().any(|text| matches(s, text)))
+        .collect())
+}
+
 /// LLaVA-NeXT's settings (docs/pruning.md, NeXT; the STAR paper's NeXT budgets): none; STAR
 /// (stage 1 keeping 90% of every view) at 1/9 and 1/18 of `n0` (11% and 5.5%: 320 and 160 of
 /// 2,880); FastV K = 2 and VisPruner at 1/9.

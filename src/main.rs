@@ -272,6 +272,14 @@ struct BenchArgs {
 }
 
 impl BenchArgs {
+    /// The engine `bench` loads: the device's, with the bench's weights, depth and KV type.
+    fn engine_options(&self, device: &DeviceArgs) -> EngineOptions {
+        let mut options = device.engine_options(&self.weights);
+        options.text_layers = self.layers;
+        options.kv = self.kv.map(Into::into);
+        options
+    }
+
     fn plan(&self) -> harness::bench::Plan {
         harness::bench::Plan {
             warmup: self.warmup,
@@ -719,9 +727,7 @@ fn write_anyres_overlay(
 }
 
 fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
-    let mut options = device.engine_options(&args.weights);
-    options.text_layers = args.layers;
-    options.kv = args.kv.map(Into::into);
+    let options = args.engine_options(device);
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("benchmarking {label} on {}", engine.gpu.describe());
@@ -793,11 +799,14 @@ fn decode_against_f16(
     report: &harness::bench::PruningReport,
     format: WeightFormat,
 ) -> Result<()> {
-    let mut options = device.engine_options(&args.weights);
+    // The same engine but for the language model's format: same depth (--layers), KV type and
+    // vision weights.
+    let mut options = args.engine_options(device);
     options.vision_weight_format = Some(options.vision_format());
     options.weight_format = WeightFormat::F16;
-    let (engine, _) =
+    let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
+    eprintln!("f16 baseline: {label}");
     let none: Vec<_> = settings
         .iter()
         .filter(|s| s.label == "none")

@@ -246,9 +246,10 @@ struct BenchArgs {
     /// Untimed requests per setting before the timed ones.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Timed requests per setting (medians are reported).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    repeats: u32,
+    /// Timed requests per setting (medians are reported). Default 3, or 1 on a CPU adapter with
+    /// a 7B-class model (decoder width 2048 or more), where a request takes minutes.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeats: Option<u32>,
     /// Tokens generated per request.
     #[arg(long, default_value_t = 16)]
     decode_tokens: usize,
@@ -261,7 +262,8 @@ struct BenchArgs {
     kv: Option<KvArg>,
     /// Run only the settings whose label contains this text, ignoring case (repeatable; `none`,
     /// the baseline every speedup is measured against, always runs; a text no label contains is
-    /// an error).
+    /// an error). Default: every setting, or `none` and the smallest STAR budget on a CPU adapter
+    /// with a 7B-class model.
     #[arg(long, value_name = "TEXT")]
     only: Vec<String>,
     /// Print JSON instead of a table.
@@ -280,10 +282,12 @@ impl BenchArgs {
         options
     }
 
-    fn plan(&self) -> harness::bench::Plan {
+    /// The requests per setting; `short` is [`harness::bench::short_run`].
+    fn plan(&self, short: bool) -> harness::bench::Plan {
+        let default_repeats = if short { 1 } else { 3 };
         harness::bench::Plan {
             warmup: self.warmup,
-            repeats: self.repeats as usize,
+            repeats: self.repeats.map_or(default_repeats, |r| r as usize),
             decode_tokens: self.decode_tokens,
         }
     }
@@ -736,8 +740,22 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
         Some(_) => harness::bench::next_settings(harness::bench::bench_visual_tokens(&engine)?),
         None => harness::bench::default_settings(engine.config.image_tokens()),
     };
-    let settings = harness::bench::select_settings(settings, &args.only)?;
-    let report = harness::bench::pruning(&engine, &label, &settings, args.plan(), |what| {
+    let short = harness::bench::short_run(&engine);
+    let settings = if short && args.only.is_empty() {
+        harness::bench::short_run_settings(settings)
+    } else {
+        harness::bench::select_settings(settings, &args.only)?
+    };
+    let plan = args.plan(short);
+    if short {
+        let labels: Vec<&str> = settings.iter().map(|s| s.label.as_str()).collect();
+        eprintln!(
+            "a CPU adapter and {}-wide decoder layers: a short run by default ({labels:?}, {} \
+             timed request(s) each; --only and --repeats choose more)",
+            engine.config.text.hidden_size, plan.repeats
+        );
+    }
+    let report = harness::bench::pruning(&engine, &label, &settings, plan, |what| {
         eprintln!("  {what}")
     })?;
     if args.json {
@@ -812,7 +830,12 @@ fn decode_against_f16(
         .filter(|s| s.label == "none")
         .cloned()
         .collect();
-    let base = harness::bench::timed_settings(&engine, &none, args.plan(), |what| {
+    let plan = harness::bench::Plan {
+        warmup: report.warmup,
+        repeats: report.repeats,
+        decode_tokens: report.decode_tokens,
+    };
+    let base = harness::bench::timed_settings(&engine, &none, plan, |what| {
         eprintln!("  f16 baseline: {what}")
     })?;
     let tps = |settings: &[harness::bench::SettingResult]| {

@@ -154,6 +154,30 @@ fn zero_repeats_and_no_settings_are_argument_errors() {
     assert_eq!(name(sections.map(|_| ())), "sections");
 }
 
+/// A short run (a CPU adapter with a 7B-class model) keeps the baseline and the smallest STAR
+/// budget, for LLaVA-1.5's settings and LLaVA-NeXT's; the fixture's narrow model on this
+/// machine's CPU adapter does not get one.
+#[test]
+fn a_short_run_keeps_the_baseline_and_the_smallest_star_budget() {
+    let labels = |settings: Vec<bench::Setting>| -> Vec<String> {
+        bench::short_run_settings(settings)
+            .into_iter()
+            .map(|s| s.label)
+            .collect()
+    };
+    assert_eq!(
+        labels(bench::default_settings(576)),
+        ["none", "star N1=518 N2=64"]
+    );
+    assert_eq!(
+        labels(bench::next_settings(2880)),
+        ["none", "star 90%/view N2=160"]
+    );
+    let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
+    assert!(engine.config.text.hidden_size < bench::SHORT_RUN_WIDTH);
+    assert!(!bench::short_run(&engine));
+}
+
 #[test]
 fn presets_describe_llava_shapes_and_load() {
     let seven = presets::config("llava-1.5-7b").unwrap();

@@ -1,13 +1,28 @@
-//! Tiled matmul and gemv against an f64 CPU reference, over f16 and f32 weights, odd shapes,
-//! bias and accumulation, both reduction paths, and the chunked-weight path.
+//! Both matmul layouts (tiled and lanes) and gemv against an f64 CPU reference, over f16, f32,
+//! Q8_0 and Q4_0 weights, odd shapes, bias and accumulation, both reduction paths, and the
+//! chunked-weight path.
 
 mod common;
 
 use common::*;
+use llava_wgpu::gpu::kernels::linear::matmul::MatmulLayout;
 use llava_wgpu::gpu::kernels::linear::{self, gemv, matmul};
 use llava_wgpu::gpu::kernels::ModuleKey;
 use llava_wgpu::gpu::{Gpu, Recorder, Tensor, Weight, WeightFormat};
 use llava_wgpu::quant;
+
+/// Which kernel computes a case: the gemv (one dispatch per row) or a matmul layout.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    Gemv,
+    Matmul(MatmulLayout),
+}
+
+/// Every matmul layout: each is checked on every device, whichever one the device would pick.
+const MATMULS: [Path; 2] = [
+    Path::Matmul(MatmulLayout::Tiled),
+    Path::Matmul(MatmulLayout::Lanes),
+];
 
 struct Case {
     m: usize,
@@ -33,7 +48,7 @@ fn bounds(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
 }
 
 /// Run one case and check it; returns the shader variants its dispatches ran.
-fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) -> Vec<ModuleKey> {
+fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, path: Path) -> Vec<ModuleKey> {
     let Case {
         m,
         n,
@@ -70,14 +85,14 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) -> Vec<
     } else {
         yt.poison(gpu);
     }
-    let mut dispatches = Vec::new();
-    if force_gemv {
-        for row in 0..m {
-            dispatches.extend(gemv::gemv(gpu, &xt, row, &weight, &yt, row, accumulate).unwrap());
+    let dispatches = match path {
+        Path::Gemv => (0..m)
+            .flat_map(|row| gemv::gemv(gpu, &xt, row, &weight, &yt, row, accumulate).unwrap())
+            .collect(),
+        Path::Matmul(layout) => {
+            matmul::matmul_in(gpu, layout, &xt, &weight, &yt, accumulate).unwrap()
         }
-    } else {
-        dispatches = matmul::matmul(gpu, &xt, &weight, &yt, accumulate).unwrap();
-    }
+    };
     let modules = dispatches.iter().map(|d| d.module.clone()).collect();
     let mut rec = Recorder::new(gpu);
     rec.dispatch_all(dispatches);
@@ -93,8 +108,7 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, force_gemv: bool) -> Vec<
         accumulate.then_some(&y0[..]),
     );
     let what = format!(
-        "{} M={m} N={n} K={k} {format:?} bias={bias} acc={accumulate} chunks={}",
-        if force_gemv { "gemv" } else { "matmul" },
+        "{path:?} M={m} N={n} K={k} {format:?} bias={bias} acc={accumulate} chunks={}",
         weight.chunks.len()
     );
     assert_within(&what, rng.seed, &got, &want, &bounds(&x, &w_seen, m, n, k));
@@ -123,9 +137,45 @@ fn matmul_matches_cpu_on_odd_shapes() {
                 bias: i % 2 == 0,
                 accumulate: i % 3 == 1,
             };
-            run_case(&gpu, &mut rng, &case, false);
+            for path in MATMULS {
+                run_case(&gpu, &mut rng, &case, path);
+            }
         }
     }
+}
+
+/// The lanes layout without subgroups (every lane loads its 8 rows of X itself), and the layout
+/// each device picks: lanes only on a CPU adapter with subgroups of at least 8 lanes.
+#[test]
+fn lanes_matmul_without_subgroups_matches_cpu() {
+    let mut rng = TestRng::new();
+    let gpu = gpu_without_features();
+    assert_eq!(MatmulLayout::for_device(&gpu), MatmulLayout::Tiled);
+    let lanes = Path::Matmul(MatmulLayout::Lanes);
+    for (i, &(m, n, k)) in [(9, 65, 37), (3, 130, 96)].iter().enumerate() {
+        for format in [WeightFormat::F16, WeightFormat::F32, WeightFormat::Q4_0] {
+            if format.is_quantized() && k % 32 != 0 {
+                continue;
+            }
+            let case = Case {
+                m,
+                n,
+                k,
+                format,
+                bias: i == 0,
+                accumulate: i == 1,
+            };
+            run_case(&gpu, &mut rng, &case, lanes);
+        }
+    }
+    let default = self::gpu();
+    let eight_lanes = default.caps.subgroup_min_size >= 8;
+    let expected = if default.is_cpu() && adapter_offers_subgroups(&default) && eight_lanes {
+        MatmulLayout::Lanes
+    } else {
+        MatmulLayout::Tiled
+    };
+    assert_eq!(MatmulLayout::for_device(&default), expected);
 }
 
 /// Both reduction paths run where the adapter has subgroups: the default device's dispatches use
@@ -154,7 +204,7 @@ fn gemv_matches_cpu_with_and_without_subgroups() {
                     bias: i % 2 == 1,
                     accumulate: i % 2 == 0,
                 };
-                let modules = run_case(&gpu, &mut rng, &case, true);
+                let modules = run_case(&gpu, &mut rng, &case, Path::Gemv);
                 assert_ran_path("gemv", &modules, subgroups);
             }
         }
@@ -168,7 +218,7 @@ fn chunked_weights_give_the_same_result() {
     let gpu = gpu_with_binding_limit(1024);
     let mut rng = TestRng::new();
     for format in [WeightFormat::F16, WeightFormat::F32] {
-        for (m, force_gemv) in [(5, false), (1, true), (70, false)] {
+        for (m, path) in chunked_cases() {
             let case = Case {
                 m,
                 n: 300,
@@ -177,9 +227,19 @@ fn chunked_weights_give_the_same_result() {
                 bias: true,
                 accumulate: m == 5,
             };
-            run_case(&gpu, &mut rng, &case, force_gemv);
+            run_case(&gpu, &mut rng, &case, path);
         }
     }
+}
+
+/// Chunked cases: a few rows and more than a tile of rows through each matmul layout, and one
+/// row through the gemv.
+fn chunked_cases() -> Vec<(usize, Path)> {
+    let mut cases = vec![(1, Path::Gemv)];
+    for path in MATMULS {
+        cases.extend([(5, path), (70, path)]);
+    }
+    cases
 }
 
 const QUANTIZED: [WeightFormat; 2] = [WeightFormat::Q8_0, WeightFormat::Q4_0];
@@ -197,7 +257,9 @@ fn quantized_matmul_matches_cpu_on_odd_shapes() {
         (64, 129, 1120),
         (3, 1, 32),
     ];
-    run_quantized(&gpu, &mut rng, &shapes, |i| (i % 2 == 0, i % 3 == 1), false);
+    for path in MATMULS {
+        run_quantized(&gpu, &mut rng, &shapes, |i| (i % 2 == 0, i % 3 == 1), path);
+    }
 }
 
 /// Every quantized format at each of `shapes` (m, n, k), with bias and accumulation as
@@ -207,7 +269,7 @@ fn run_quantized(
     rng: &mut TestRng,
     shapes: &[(usize, usize, usize)],
     flags: impl Fn(usize) -> (bool, bool),
-    force_gemv: bool,
+    path: Path,
 ) {
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         let (bias, accumulate) = flags(i);
@@ -220,7 +282,7 @@ fn run_quantized(
                 bias,
                 accumulate,
             };
-            run_case(gpu, rng, &case, force_gemv);
+            run_case(gpu, rng, &case, path);
         }
     }
 }
@@ -236,7 +298,13 @@ fn quantized_gemv_matches_cpu_with_and_without_subgroups() {
             (1, 1001, 160),
             (1, 5, 4128),
         ];
-        run_quantized(&gpu, &mut rng, &shapes, |i| (i % 2 == 1, i % 2 == 0), true);
+        run_quantized(
+            &gpu,
+            &mut rng,
+            &shapes,
+            |i| (i % 2 == 1, i % 2 == 0),
+            Path::Gemv,
+        );
     }
 }
 
@@ -247,7 +315,7 @@ fn quantized_chunked_weights_give_the_same_result() {
     let gpu = gpu_with_binding_limit(1024);
     let mut rng = TestRng::new();
     for format in QUANTIZED {
-        for (m, force_gemv) in [(5, false), (1, true), (70, false)] {
+        for (m, path) in chunked_cases() {
             let case = Case {
                 m,
                 n: 300,
@@ -256,7 +324,7 @@ fn quantized_chunked_weights_give_the_same_result() {
                 bias: true,
                 accumulate: m == 5,
             };
-            run_case(&gpu, &mut rng, &case, force_gemv);
+            run_case(&gpu, &mut rng, &case, path);
         }
     }
 }

@@ -19,6 +19,7 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shader {
     Matmul,
+    MatmulLanes,
     Gemv,
     Attention,
     Topk,
@@ -32,8 +33,9 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 11] = [
+    pub const ALL: [Shader; 12] = [
         Shader::Matmul,
+        Shader::MatmulLanes,
         Shader::Gemv,
         Shader::Attention,
         Shader::Topk,
@@ -50,6 +52,7 @@ impl Shader {
     pub fn name(self) -> &'static str {
         match self {
             Shader::Matmul => "matmul",
+            Shader::MatmulLanes => "matmul_lanes",
             Shader::Gemv => "gemv",
             Shader::Attention => "attention",
             Shader::Topk => "topk",
@@ -67,6 +70,7 @@ impl Shader {
     pub fn source(self) -> &'static str {
         match self {
             Shader::Matmul => include_str!("../../shaders/matmul.wgsl"),
+            Shader::MatmulLanes => include_str!("../../shaders/matmul_lanes.wgsl"),
             Shader::Gemv => include_str!("../../shaders/gemv.wgsl"),
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
             Shader::Topk => include_str!("../../shaders/topk.wgsl"),

@@ -218,6 +218,7 @@ mod tests {
     fn launcher_constants(shader: Shader, caps: &Capabilities) -> Constants {
         match shader {
             Shader::Matmul => matmul::TILING.constants(),
+            Shader::MatmulLanes => matmul::LANES.constants(),
             Shader::Gemv => gemv::GemvShape::for_device(caps).constants(),
             Shader::Attention => attention::TILING.constants(),
             Shader::Topk => topk::SHAPE.constants(),

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{random, time_dispatches, Bound, Ceilings};
 use crate::error::{Error, Result};
+use crate::gpu::kernels::linear::matmul::MatmulLayout;
 use crate::gpu::kernels::linear::{gemv, matmul};
 use crate::gpu::kernels::{attention, Dispatch};
 use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
@@ -29,6 +30,10 @@ pub struct KernelResult {
     /// the same run (below 1 is faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_vs_f16: Option<f64>,
+    /// For the lanes matmul layout: this median time over the tiled layout's at the same shape
+    /// and weights in the same run (below 1 is faster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_vs_tiled: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -41,19 +46,21 @@ pub struct KernelReport {
 }
 
 fn row(r: &KernelResult) -> String {
-    let ratio = r
-        .time_vs_f16
-        .map_or(String::new(), |x| format!(" {x:>9.2}x"));
+    let ratio = |x: Option<f64>| x.map_or(format!(" {:>10}", ""), |x| format!(" {x:>9.2}x"));
     format!(
-        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>10} {:>8.1}%{ratio}",
+        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>10} {:>8.1}%{}{}",
         r.kernel,
         r.shape,
         r.median_ms,
         r.gflops,
         r.gbytes_per_s,
         bound_name(r.bound),
-        100.0 * r.of_ceiling
+        100.0 * r.of_ceiling,
+        ratio(r.time_vs_f16),
+        ratio(r.time_vs_tiled),
     )
+    .trim_end()
+    .to_string()
 }
 
 /// How tables name a bound.
@@ -87,6 +94,7 @@ fn measure(
         bound,
         of_ceiling: ceilings.fraction(bound, gflops, gbs),
         time_vs_f16: None,
+        time_vs_tiled: None,
     }
 }
 
@@ -118,12 +126,15 @@ impl Suite<'_> {
             for m in [1usize, 64, 577] {
                 let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, m as u64), "x")?;
                 let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
-                progress(&format!("matmul M={m} N={n} K={k}"));
-                self.time("matmul_f16", &matmul::matmul(gpu, &x, &w16, &y, false)?)?;
                 if m == 1 {
+                    progress(&format!("matmul M={m} N={n} K={k}"));
+                    let d = matmul::matmul(gpu, &x, &w16, &y, false)?;
+                    self.time(d[0].kernel, &d)?;
                     progress(&format!("gemv N={n} K={k}"));
                     let d = gemv::gemv(gpu, &x, 0, &w16, &y, 0, false)?;
                     self.time(d[0].kernel, &d)?;
+                } else {
+                    self.both_layouts(&x, &w16, &y, progress)?;
                 }
             }
         }
@@ -138,8 +149,28 @@ impl Suite<'_> {
         let w = Weight::from_f32(gpu, "w", n, k, &random(n * k, 5), WeightFormat::F16)?;
         let x = Tensor::from_f32(gpu, &[m, k], &random(m * k, 6), "x")?;
         let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
-        progress(&format!("matmul M={m} N={n} K={k}"));
-        self.time("matmul_f16", &matmul::matmul(gpu, &x, &w, &y, false)?)?;
+        self.both_layouts(&x, &w, &y, progress)
+    }
+
+    /// `x · wᵀ` with the tiled layout, then the lanes layout with its time relative to tiled.
+    fn both_layouts(
+        &mut self,
+        x: &Tensor,
+        w: &Weight,
+        y: &Tensor,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let (m, n, k) = (x.rows_cols().0, w.n, w.k);
+        let mut tiled_ms = None;
+        for layout in [MatmulLayout::Tiled, MatmulLayout::Lanes] {
+            progress(&format!("matmul ({layout:?}) M={m} N={n} K={k}"));
+            let d = matmul::matmul_in(self.gpu, layout, x, w, y, false)?;
+            let r = self.time(d[0].kernel, &d)?;
+            match tiled_ms {
+                None => tiled_ms = Some(r.median_ms),
+                Some(base) => r.time_vs_tiled = Some(r.median_ms / base),
+            }
+        }
         Ok(())
     }
 
@@ -162,12 +193,29 @@ impl Suite<'_> {
     /// each of `rows`: 1 is the decode GEMV, more the prefill matmul (577 rows, a CLIP-L/336
     /// image's worth). Shapes: the attention projections (4096 → 4096), the MLP up
     /// (4096 → 11008) and down (11008 → 4096); each quantized row with its time relative to f16.
+    /// The GEMV also runs at the `small` preset's widths (512 → 512, 512 → 1408, 1408 → 512),
+    /// where a row is only 16 or 44 blocks long.
     fn quantized_linear(&mut self, rows: &[usize], progress: &mut dyn FnMut(&str)) -> Result<()> {
+        const SEVEN_B: [(usize, usize); 3] = [(4096, 4096), (11008, 4096), (4096, 11008)];
+        const SMALL: [(usize, usize); 3] = [(512, 512), (1408, 512), (512, 1408)];
+        if rows.contains(&1) {
+            self.quantized_shapes(&SMALL, &[1], progress)?;
+        }
+        self.quantized_shapes(&SEVEN_B, rows, progress)
+    }
+
+    /// f16, Q8_0 and Q4_0 weights of each (n, k) of `shapes`, times `rows` rows each.
+    fn quantized_shapes(
+        &mut self,
+        shapes: &[(usize, usize)],
+        rows: &[usize],
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
         let gpu = self.gpu;
-        for (n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008)] {
+        for &(n, k) in shapes {
             let values = random(n * k, (3 * n + k) as u64);
             let weights = [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0]
                 .into_iter()
@@ -320,8 +368,16 @@ impl KernelReport {
             self.repeats
         );
         out.push_str(&format!(
-            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>10} {:>9} {:>10}\n",
-            "kernel", "shape", "median ms", "GFLOP/s", "GB/s", "bound", "% of it", "time/f16"
+            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>10} {:>9} {:>10} {:>10}\n",
+            "kernel",
+            "shape",
+            "median ms",
+            "GFLOP/s",
+            "GB/s",
+            "bound",
+            "% of it",
+            "time/f16",
+            "time/tiled"
         ));
         for r in &self.results {
             out.push_str(&row(r));

@@ -17,7 +17,8 @@ pub use ceilings::{Bound, Ceilings};
 pub use kernels::{kernel_sections, kernels, KernelReport, KernelResult};
 pub use pruning::{
     bench_prompt, bench_visual_tokens, default_settings, load_engine, next_settings, pruning,
-    select_settings, timed_settings, FamilyEfficiency, Plan, PruningReport, Setting, SettingResult,
+    select_settings, short_run, short_run_settings, timed_settings, FamilyEfficiency, Plan,
+    PruningReport, Setting, SettingResult, SHORT_RUN_WIDTH,
 };
 pub use soak::{soak, SoakReport};
 

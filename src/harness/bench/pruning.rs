@@ -84,6 +84,31 @@ pub fn select_settings(settings: Vec<Setting>, only: &[String]) -> Result<Vec<Se
         .collect())
 }
 
+/// Decoder width from which a CPU adapter gets [`short_run`]'s defaults: LLaVA-1.5-7B's 4096
+/// (and 13B's 5120) are above it, the narrow presets (512) below.
+pub const SHORT_RUN_WIDTH: usize = 2048;
+
+/// Whether `bench` should default to a short run: a software driver (lavapipe, SwiftShader, WARP)
+/// spends minutes on one request of a 7B-class model, so the full default (six settings, a
+/// warm-up and three timed requests each) would take hours.
+pub fn short_run(engine: &Engine) -> bool {
+    engine.gpu.is_cpu() && engine.config.text.hidden_size >= SHORT_RUN_WIDTH
+}
+
+/// The short run's settings: the baseline and the smallest STAR budget of `settings` (the
+/// headline speedup), or the baseline alone if there is no STAR setting.
+pub fn short_run_settings(settings: Vec<Setting>) -> Vec<Setting> {
+    let last_star = settings
+        .iter()
+        .rposition(|s| s.prune.method == Method::Star);
+    settings
+        .into_iter()
+        .enumerate()
+        .filter(|(i, s)| s.label == "none" || Some(*i) == last_star)
+        .map(|(_, s)| s)
+        .collect()
+}
+
 /// LLaVA-NeXT's settings (docs/pruning.md, NeXT; the STAR paper's NeXT budgets): none; STAR
 /// (stage 1 keeping 90% of every view) at 1/9 and 1/18 of `n0` (11% and 5.5%: 320 and 160 of
 /// 2,880); FastV K = 2 and VisPruner at 1/9.

@@ -1,5 +1,6 @@
-//! `Y = X·Wᵀ (+ bias) (+ Y)`: the launcher for shaders/matmul.wgsl. The CPU reference is
-//! `linear::reference`.
+//! `Y = X·Wᵀ (+ bias) (+ Y)`: the launcher for shaders/matmul.wgsl (tiled, for GPUs) and
+//! shaders/matmul_lanes.wgsl (one column per thread, for drivers that run shaders on a CPU). The
+//! CPU reference is `linear::reference`.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -22,8 +23,8 @@ pub struct MatmulTiling {
     pub threads: u32,
 }
 
-/// The tiling every matmul uses. The shader's per-thread work is unrolled for it: an 8×8 grid
-/// of threads, each owning 8×8 outputs, and tile loads sized for 64 threads (see
+/// The tiling every tiled matmul uses. The shader's per-thread work is unrolled for it: an 8×8
+/// grid of threads, each owning 8×8 outputs, and tile loads sized for 64 threads (see
 /// `shader_structure_matches_the_tiling`).
 pub const TILING: MatmulTiling = MatmulTiling {
     tile_m: 64,
@@ -44,6 +45,91 @@ impl MatmulTiling {
     }
 }
 
+/// How matmul_lanes.wgsl splits the output: each workgroup multiplies `rows` rows of X by
+/// `threads` columns of W, one column per thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LanesShape {
+    /// Rows of X a workgroup shares (the shader holds them in two vec4 accumulators).
+    pub rows: u32,
+    /// Threads (= output columns) per workgroup.
+    pub threads: u32,
+}
+
+/// The shape matmul_lanes.wgsl is written for: its accumulators are two vec4, one per four rows.
+pub const LANES: LanesShape = LanesShape {
+    rows: 8,
+    threads: 64,
+};
+
+impl LanesShape {
+    pub fn constants(&self) -> Constants {
+        Constants::new(&[("ROWS", self.rows), ("THREADS", self.threads)]).with(flag_constants())
+    }
+}
+
+/// Which of the two matmul shaders runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulLayout {
+    /// matmul.wgsl: 64×64 output tiles staged through workgroup memory. For GPUs.
+    Tiled,
+    /// matmul_lanes.wgsl: a column per thread, rows of X shared by the workgroup, no workgroup
+    /// memory. For drivers that run a workgroup on CPU SIMD lanes, where the tiled kernel's
+    /// register blocking spills and its tile reads become gathers.
+    Lanes,
+}
+
+impl MatmulLayout {
+    /// The layout for `gpu`: `Lanes` on a CPU adapter whose subgroups hold a block's rows,
+    /// `Tiled` on anything else. Without subgroups every lane of the lanes layout loads all 8
+    /// rows of X itself, which measured 3× slower than the tiled kernel on lavapipe.
+    pub fn for_device(gpu: &Gpu) -> Self {
+        let caps = &gpu.caps;
+        if gpu.is_cpu() && caps.subgroups && caps.subgroup_min_size >= LANES.rows {
+            MatmulLayout::Lanes
+        } else {
+            MatmulLayout::Tiled
+        }
+    }
+
+    fn entry(self, format: WeightFormat) -> &'static str {
+        match (self, format) {
+            (MatmulLayout::Tiled, WeightFormat::F16) => "matmul_f16",
+            (MatmulLayout::Tiled, WeightFormat::F32) => "matmul_f32",
+            (MatmulLayout::Tiled, WeightFormat::Q8_0) => "matmul_q8_0",
+            (MatmulLayout::Tiled, WeightFormat::Q4_0) => "matmul_q4_0",
+            (MatmulLayout::Lanes, WeightFormat::F16) => "matmul_lanes_f16",
+            (MatmulLayout::Lanes, WeightFormat::F32) => "matmul_lanes_f32",
+            (MatmulLayout::Lanes, WeightFormat::Q8_0) => "matmul_lanes_q8_0",
+            (MatmulLayout::Lanes, WeightFormat::Q4_0) => "matmul_lanes_q4_0",
+        }
+    }
+
+    fn shader(self) -> (Shader, Constants) {
+        match self {
+            MatmulLayout::Tiled => (Shader::Matmul, TILING.constants()),
+            MatmulLayout::Lanes => (Shader::MatmulLanes, LANES.constants()),
+        }
+    }
+
+    /// Workgroups for an `m`-row product with a `cols`-row chunk of W. The tiled grid is
+    /// (column tiles, row tiles); the lanes grid is (row blocks, column blocks), so consecutive
+    /// workgroups share columns of W (see matmul_lanes.wgsl).
+    fn grid(self, m: usize, cols: usize) -> [u32; 3] {
+        match self {
+            MatmulLayout::Tiled => [
+                cols.div_ceil(TILING.tile_n as usize) as u32,
+                m.div_ceil(TILING.tile_m as usize) as u32,
+                1,
+            ],
+            MatmulLayout::Lanes => [
+                m.div_ceil(LANES.rows as usize) as u32,
+                cols.div_ceil(2 * LANES.threads as usize) as u32,
+                1,
+            ],
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
@@ -59,7 +145,8 @@ struct Params {
     _pad: [u32; 3],
 }
 
-/// One dispatch per row-chunk of `w`. `accumulate` adds the product to what `y` holds (a fused
+/// One dispatch per row-chunk of `w`, in the layout this device runs best
+/// ([`MatmulLayout::for_device`]). `accumulate` adds the product to what `y` holds (a fused
 /// residual connection).
 pub fn matmul(
     gpu: &Gpu,
@@ -68,17 +155,24 @@ pub fn matmul(
     y: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
+    matmul_in(gpu, MatmulLayout::for_device(gpu), x, w, y, accumulate)
+}
+
+/// [`matmul`] with the layout chosen by the caller (tests and `bench kernels` run both).
+pub fn matmul_in(
+    gpu: &Gpu,
+    layout: MatmulLayout,
+    x: &Tensor,
+    w: &Weight,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
     let (m, n_total, k) = check_linear("matmul", x, w, y)?;
-    let entry = match w.format {
-        WeightFormat::F16 => "matmul_f16",
-        WeightFormat::F32 => "matmul_f32",
-        WeightFormat::Q8_0 => "matmul_q8_0",
-        WeightFormat::Q4_0 => "matmul_q4_0",
-    };
+    let entry = layout.entry(w.format);
+    let (shader, constants) = layout.shader();
     let flags = flags_for(w, accumulate);
     // Without a bias the bias slot is bound to X (read-only twice is allowed) and never read.
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
-    let m_tiles = m.div_ceil(TILING.tile_m as usize) as u32;
     w.chunks
         .iter()
         .map(|chunk| {
@@ -95,12 +189,11 @@ pub fn matmul(
                 scales,
                 _pad: [0; 3],
             };
-            let n_tiles = chunk.rows.div_ceil(TILING.tile_n as usize) as u32;
             let flops = 2 * (m * chunk.rows * k) as u64;
             let bytes = (m * k * 4 + chunk.rows * w.format.row_bytes(k)) as u64
                 + (m * chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
-            KernelCall::new(gpu, Shader::Matmul, entry)
-                .constants(TILING.constants())
+            KernelCall::new(gpu, shader, entry)
+                .constants(constants.clone())
                 .params(&params)
                 .read(&x.buffer)
                 .read(&chunk.buffer)
@@ -109,7 +202,7 @@ pub fn matmul(
                 .build(
                     entry,
                     format!("M={m} N={} K={k}", chunk.rows),
-                    [n_tiles, m_tiles, 1],
+                    layout.grid(m, chunk.rows),
                     flops,
                     bytes,
                 )
@@ -142,5 +235,11 @@ mod tests {
         assert_eq!((tile_n / 4) * 4, threads);
         // load_w_tile_f32: (row quad, 4-float group) units, two per thread.
         assert_eq!((tile_n / 4) * (tile_k / 4), 2 * threads);
+    }
+
+    /// matmul_lanes.wgsl keeps a thread's rows in two vec4 accumulators.
+    #[test]
+    fn lanes_shape_matches_the_shader() {
+        assert_eq!(LANES.rows, 2 * 4);
     }
 }

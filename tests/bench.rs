@@ -64,6 +64,16 @@ fn pruning_bench_reports_every_setting_on_the_fixture() {
     assert!(c.fma_f32_gflops.is_finite() && c.fma_f32_gflops > 0.0);
     assert!(c.copy_gbytes_per_s.is_finite() && c.copy_gbytes_per_s > 0.0);
     assert_eq!(c.fma_f16_gflops.is_some(), engine.gpu.caps.shader_f16);
+    // The ceilings are measured again after the requests, and the table says whether they held.
+    let after = &report.ceilings_after;
+    assert!(after.fma_f32_gflops > 0.0 && after.copy_gbytes_per_s > 0.0);
+    let drift = c.drift(after);
+    assert!(drift.is_finite() && drift >= 0.0);
+    assert_eq!(
+        report.ceilings_held(),
+        drift <= bench::pruning::MAX_CEILING_DRIFT
+    );
+    assert!(report.table().contains("ceilings after the run"));
     let family = |name: &str| {
         report
             .kernel_families

@@ -94,7 +94,8 @@ fn measured(engine: &Engine, prune: PruneOptions) -> (GenerateOutput, u64, Vec<u
         let shape = e["args"]["shape"].as_str().unwrap();
         let flops = e["args"]["flops"].as_u64().unwrap();
         match name {
-            "matmul_f16" | "matmul_f32" => {
+            // Either matmul layout (tiled, or lanes on a CPU adapter), any weight format.
+            m if m.starts_with("matmul_") => {
                 assert_eq!(flops % 2, 0);
                 macs += flops / 2;
             }

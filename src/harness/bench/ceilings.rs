@@ -112,6 +112,15 @@ impl Ceilings {
         }
     }
 
+    /// The larger relative change of the f32 FMA rate and the copy bandwidth from `self` to
+    /// `later` (0.3 is 30%): how far the device's speed moved between two measurements, for
+    /// instance when other work started or stopped on a shared machine.
+    pub fn drift(&self, later: &Ceilings) -> f64 {
+        let change = |a: f64, b: f64| (b - a).abs() / a;
+        change(self.fma_f32_gflops, later.fma_f32_gflops)
+            .max(change(self.copy_gbytes_per_s, later.copy_gbytes_per_s))
+    }
+
     /// One line for table headers.
     pub fn describe(&self) -> String {
         let f16 = match self.fma_f16_gflops {
@@ -124,5 +133,28 @@ impl Ceilings {
             self.copy_gbytes_per_s,
             self.copy_bytes >> 20
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ceilings(fma: f64, copy: f64) -> Ceilings {
+        Ceilings {
+            fma_f32_gflops: fma,
+            fma_f16_gflops: None,
+            copy_gbytes_per_s: copy,
+            copy_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn drift_is_the_larger_relative_change() {
+        // FMA 10 → 12 is 20%, copy 2 → 1 is 50%.
+        assert!((ceilings(10.0, 2.0).drift(&ceilings(12.0, 1.0)) - 0.5).abs() < 1e-12);
+        // A speed-up counts like a slow-down: 4 → 5 GB/s is 25%.
+        assert!((ceilings(8.0, 4.0).drift(&ceilings(8.0, 5.0)) - 0.25).abs() < 1e-12);
+        assert_eq!(ceilings(3.0, 1.0).drift(&ceilings(3.0, 1.0)), 0.0);
     }
 }

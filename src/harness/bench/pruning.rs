@@ -186,10 +186,18 @@ pub struct PruningReport {
     pub warmup: usize,
     pub repeats: usize,
     pub decode_tokens: usize,
+    /// Measured before the requests; the kernel families are fractions of these.
     pub ceilings: Ceilings,
+    /// Measured again after the last request: if the device's speed moved during the run
+    /// (another job started or stopped), the fractions of the ceilings are not reliable.
+    pub ceilings_after: Ceilings,
     pub settings: Vec<SettingResult>,
     pub kernel_families: Vec<FamilyEfficiency>,
 }
+
+/// How far the ceilings may move during a run before the report says its fractions of them are
+/// unreliable (the run-to-run noise of lavapipe's ceilings is about 10%).
+pub const MAX_CEILING_DRIFT: f64 = 0.25;
 
 /// A deterministic noise-and-gradient test image, written once to the temp directory.
 fn bench_image(size: u32) -> Result<PathBuf> {
@@ -443,6 +451,8 @@ pub fn pruning(
             gpu.finish_profiling()?.expect("profiling was started")
         }
     };
+    progress("ceilings again, after the requests");
+    let ceilings_after = Ceilings::measure(gpu, plan.repeats)?;
     Ok(PruningReport {
         model: model_label.to_string(),
         adapter: gpu.describe(),
@@ -451,11 +461,33 @@ pub fn pruning(
         decode_tokens: plan.decode_tokens,
         kernel_families: kernel_families(&profile, &ceilings),
         ceilings,
+        ceilings_after,
         settings: summarise_runs(&runs),
     })
 }
 
 impl PruningReport {
+    /// Whether the ceilings measured after the run are within [`MAX_CEILING_DRIFT`] of the
+    /// ones before it, so fractions of them mean what they say.
+    pub fn ceilings_held(&self) -> bool {
+        self.ceilings.drift(&self.ceilings_after) <= MAX_CEILING_DRIFT
+    }
+
+    fn ceiling_drift_line(&self) -> String {
+        let after = &self.ceilings_after;
+        let drift = 100.0 * self.ceilings.drift(after);
+        let verdict = if self.ceilings_held() {
+            "the fractions below hold"
+        } else {
+            "the device's speed changed during the run (other work?): the fractions below are \
+             NOT reliable"
+        };
+        format!(
+            "(ceilings after the run: FMA f32 {:.2} GFLOP/s, copy {:.2} GB/s; moved {drift:.0}%: {verdict})\n",
+            after.fma_f32_gflops, after.copy_gbytes_per_s
+        )
+    }
+
     pub fn table(&self) -> String {
         let mut out = format!(
             "model: {}\nadapter: {}\n{} warm-up + {} timed requests per setting (medians), {} decode tokens\n{}\n\n",
@@ -498,6 +530,7 @@ impl PruningReport {
         }
         let baseline = self.settings.first().map_or("", |s| s.label.as_str());
         out.push_str(&format!("\nkernel families in one {baseline} request:\n"));
+        out.push_str(&self.ceiling_drift_line());
         out.push_str(&format!(
             "{:<12} {:>9} {:>9} {:>8} {:>10} {:>8}\n",
             "family", "time ms", "GFLOP/s", "GB/s", "bound", "% of it"

@@ -5,7 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::{check_linear, chunk_layout, flag_constants, flags_for};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
@@ -168,6 +168,17 @@ pub fn matmul_in(
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
     let (m, n_total, k) = check_linear("matmul", x, w, y)?;
+    let caps = &gpu.caps;
+    if layout == MatmulLayout::Lanes && caps.subgroups && caps.subgroup_min_size < LANES.rows {
+        // The shader broadcasts from lanes 0..8 of each subgroup.
+        return Err(Error::argument(
+            "layout",
+            format!(
+                "the lanes matmul needs subgroups of at least {} lanes; this device's can have {}",
+                LANES.rows, caps.subgroup_min_size
+            ),
+        ));
+    }
     let entry = layout.entry(w.format);
     let (shader, constants) = layout.shader();
     let flags = flags_for(w, accumulate);

@@ -2,11 +2,13 @@
 // lm_head on the last row). Memory bound: every weight byte is read exactly once, with aligned
 // vec4 loads, and the small x vector is served from cache.
 //
-// A workgroup of WG threads computes ROWS (= 4, one vec4 of sums) output rows. Every thread
-// walks K in vec4 steps for all ROWS rows at once (so each x value it loads is reused ROWS
-// times), then the workgroup reduces the ROWS partial sums: with subgroup adds when the adapter
-// has subgroups (any subgroup size; MAX_SUBGROUPS = WG / the device's smallest subgroup size
-// bounds how many there are), with a shared-memory tree otherwise.
+// A workgroup of WG threads computes ROWS output rows, a multiple of 4 kept as vec4 sums: 4 on
+// GPUs, 16 on CPU adapters, where each value loaded rather than bandwidth is the cost (gemv.rs
+// `GemvShape`). Every thread walks K in vec4 steps for all ROWS rows at once (so each x value
+// it loads is reused ROWS times), then the workgroup reduces the ROWS partial sums: with
+// subgroup adds when the adapter has subgroups (any subgroup size; MAX_SUBGROUPS = WG / the
+// device's smallest subgroup size bounds how many there are), with a shared-memory tree
+// otherwise.
 //
 // Quantized weights (Q8_0, Q4_0; tensor.rs `WeightFormat::storage_bytes`): a thread takes whole
 // blocks of 32 weights, loads the 32 x values once into registers for its ROWS rows, reads each
@@ -15,6 +17,10 @@
 //
 // Injected by the host (gemv.rs `GemvShape`, linear/mod.rs flag bits):
 //#inject WG ROWS MAX_SUBGROUPS FLAG_BIAS FLAG_ACCUMULATE
+
+// A thread's partial sums of the ROWS rows, four rows per vec4.
+const QUADS: u32 = ROWS / 4u;
+alias Sums = array<vec4<f32>, QUADS>;
 
 struct Params {
     n: u32,            // rows of W in this chunk
@@ -55,12 +61,14 @@ fn x4(k0: u32) -> vec4<f32> {
     return v;
 }
 
-fn finish(sums: vec4<f32>, row0: u32, tid: u32, lane: u32, sg_id: u32, sg_count: u32) {
+fn finish(sums: Sums, row0: u32, tid: u32, lane: u32, sg_id: u32, sg_count: u32) {
 //#if SUBGROUPS
-    let total = subgroupAdd(sums);
-    if (lane == 0u) {
-        for (var r = 0u; r < ROWS; r++) {
-            partial[r * MAX_SUBGROUPS + sg_id] = total[r];
+    for (var q = 0u; q < QUADS; q++) {
+        let total = subgroupAdd(sums[q]);
+        if (lane == 0u) {
+            for (var j = 0u; j < 4u; j++) {
+                partial[(4u * q + j) * MAX_SUBGROUPS + sg_id] = total[j];
+            }
         }
     }
     workgroupBarrier();
@@ -73,7 +81,7 @@ fn finish(sums: vec4<f32>, row0: u32, tid: u32, lane: u32, sg_id: u32, sg_count:
     }
 //#else
     for (var r = 0u; r < ROWS; r++) {
-        partial[r * WG + tid] = sums[r];
+        partial[r * WG + tid] = sums[r / 4u][r % 4u];
     }
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
@@ -125,7 +133,7 @@ fn first_row(inv: Invocation) -> u32 {
 }
 
 // Reduce every thread's `sums` over the workgroup and write the ROWS rows.
-fn reduce_and_write(inv: Invocation, sums: vec4<f32>) {
+fn reduce_and_write(inv: Invocation, sums: Sums) {
 //#if SUBGROUPS
     finish(sums, first_row(inv), inv.tid, inv.lane, inv.sg_id, inv.sg_count);
 //#else
@@ -134,8 +142,8 @@ fn reduce_and_write(inv: Invocation, sums: vec4<f32>) {
 }
 
 // This thread's partial sums of ROWS rows of an f16 weight.
-fn f16_sums(row0: u32, tid: u32) -> vec4<f32> {
-    var sums = vec4<f32>(0.0);
+fn f16_sums(row0: u32, tid: u32) -> Sums {
+    var sums: Sums;
     // One vec4<u32> holds 8 halves; w_stride / 4 of them per row.
     let chunks = p.w_stride / 4u;
     for (var c = tid; c < chunks; c += WG) {
@@ -148,7 +156,7 @@ fn f16_sums(row0: u32, tid: u32) -> vec4<f32> {
                 let q = w[row * chunks + c];
                 let wa = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
                 let wb = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
-                sums[r] += dot(wa, xa) + dot(wb, xb);
+                sums[r / 4u][r % 4u] += dot(wa, xa) + dot(wb, xb);
             }
         }
     }
@@ -156,15 +164,15 @@ fn f16_sums(row0: u32, tid: u32) -> vec4<f32> {
 }
 
 // This thread's partial sums of ROWS rows of an f32 weight.
-fn f32_sums(row0: u32, tid: u32) -> vec4<f32> {
-    var sums = vec4<f32>(0.0);
+fn f32_sums(row0: u32, tid: u32) -> Sums {
+    var sums: Sums;
     let chunks = p.w_stride / 4u;
     for (var c = tid; c < chunks; c += WG) {
         let xa = x4(c * 4u);
         for (var r = 0u; r < ROWS; r++) {
             let row = row0 + r;
             if (row < p.n) {
-                sums[r] += dot(bitcast<vec4<f32>>(w[row * chunks + c]), xa);
+                sums[r / 4u][r % 4u] += dot(bitcast<vec4<f32>>(w[row * chunks + c]), xa);
             }
         }
     }
@@ -212,8 +220,8 @@ fn block_dot(format: u32, blk: u32, xs: array<vec4<f32>, 8>) -> f32 {
 
 // This thread's partial sums of ROWS rows of a weight in ggml blocks (`format` is a constant
 // at every call, so only its dequantization stays in the loop).
-fn quantized_sums(format: u32, row0: u32, tid: u32) -> vec4<f32> {
-    var sums = vec4<f32>(0.0);
+fn quantized_sums(format: u32, row0: u32, tid: u32) -> Sums {
+    var sums: Sums;
     let blocks = p.w_stride;
     for (var b = tid; b < blocks; b += WG) {
         let k0 = b * 32u;
@@ -223,7 +231,7 @@ fn quantized_sums(format: u32, row0: u32, tid: u32) -> vec4<f32> {
             let row = row0 + r;
             if (row < p.n) {
                 let blk = row * blocks + b;
-                sums[r] += block_scale(blk) * block_dot(format, blk, xs);
+                sums[r / 4u][r % 4u] += block_scale(blk) * block_dot(format, blk, xs);
             }
         }
     }

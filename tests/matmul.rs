@@ -178,15 +178,35 @@ fn lanes_matmul_without_subgroups_matches_cpu() {
     assert_eq!(MatmulLayout::for_device(&default), expected);
 }
 
-/// Both reduction paths run where the adapter has subgroups: the default device's dispatches use
-/// the subgroup variant exactly when the adapter offers usable subgroups, the device with the
-/// features disabled never does.
+/// The devices the gemv runs on in these tests, each with whether its dispatches must take the
+/// subgroup path: the default device exactly when the adapter offers usable subgroups, a device
+/// with the features disabled never; each with the adapter's own tuning and a GPU's (on a CPU
+/// adapter, 16 rows per workgroup against 4).
+fn gemv_devices() -> Vec<(Gpu, bool)> {
+    let default = gpu();
+    let subgroups = adapter_offers_subgroups(&default);
+    let tuned_for_gpus = gpu_tuned_for_gpus(true);
+    // Both tunings really run: a CPU adapter's default differs from the GPU one.
+    let rows = |gpu: &Gpu| gemv::GemvShape::for_device(&gpu.caps).rows;
+    if default.is_cpu() {
+        assert_ne!(rows(&default), rows(&tuned_for_gpus));
+        assert_eq!(
+            MatmulLayout::for_device(&tuned_for_gpus),
+            MatmulLayout::Tiled
+        );
+    }
+    vec![
+        (default, subgroups),
+        (gpu_without_features(), false),
+        (tuned_for_gpus, subgroups),
+        (gpu_tuned_for_gpus(false), false),
+    ]
+}
+
 #[test]
 fn gemv_matches_cpu_with_and_without_subgroups() {
     let mut rng = TestRng::new();
-    let default = gpu();
-    let expected = [adapter_offers_subgroups(&default), false];
-    for (gpu, subgroups) in [default, gpu_without_features()].into_iter().zip(expected) {
+    for (gpu, subgroups) in gemv_devices() {
         let shapes = [
             (1, 7, 5),
             (1, 130, 67),
@@ -290,7 +310,7 @@ fn run_quantized(
 #[test]
 fn quantized_gemv_matches_cpu_with_and_without_subgroups() {
     let mut rng = TestRng::new();
-    for gpu in [gpu(), gpu_without_features()] {
+    for (gpu, _) in gemv_devices() {
         let shapes = [
             (1, 7, 32),
             (1, 131, 96),

@@ -23,7 +23,7 @@ pub const ENV_BACKEND: &str = "LLAVA_WGPU_BACKEND";
 pub const ENV_MAX_BINDING: &str = "LLAVA_WGPU_MAX_BINDING_BYTES";
 /// Environment variable listing optional features to ignore even when present
 /// (comma separated: `f16`, `subgroups`, `timestamps`, `timestamps-inside-passes`), to test
-/// the fallback paths.
+/// the fallback paths, and `cpu-tuning` to tune kernels as for a GPU on a CPU adapter.
 pub const ENV_DISABLE: &str = "LLAVA_WGPU_DISABLE";
 
 /// Which graphics API to go through.
@@ -86,6 +86,9 @@ pub struct GpuOptions {
     pub disable_timestamps: bool,
     /// Ignore TIMESTAMP_QUERY_INSIDE_PASSES (profile with one pass per dispatch instead).
     pub disable_timestamps_inside_passes: bool,
+    /// Tune kernels as for a GPU even on a CPU adapter (the matmul layout and the GEMV's rows
+    /// per workgroup; see `Capabilities::cpu`): to compare, and to test the GPU tuning here.
+    pub disable_cpu_tuning: bool,
 }
 
 impl GpuOptions {
@@ -131,10 +134,11 @@ impl GpuOptions {
                     "subgroups" => self.disable_subgroups = true,
                     "timestamps" => self.disable_timestamps = true,
                     "timestamps-inside-passes" => self.disable_timestamps_inside_passes = true,
+                    "cpu-tuning" => self.disable_cpu_tuning = true,
                     other => {
                         return Err(Error::argument(
                             ENV_DISABLE,
-                            format!("unknown feature '{other}' (f16, subgroups, timestamps, timestamps-inside-passes)"),
+                            format!("unknown feature '{other}' (f16, subgroups, timestamps, timestamps-inside-passes, cpu-tuning)"),
                         ))
                     }
                 }
@@ -156,6 +160,9 @@ impl GpuOptions {
 /// The optional capabilities the kernels specialise on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
+    /// The adapter runs shaders on the CPU (lavapipe, SwiftShader, WARP), so kernels are tuned
+    /// for SIMD lanes rather than GPU tiles (false with `GpuOptions::disable_cpu_tuning`).
+    pub cpu: bool,
     /// Native `f16` arithmetic in WGSL (`enable f16;`).
     pub shader_f16: bool,
     /// Subgroup operations (`enable subgroups;`), used for reductions.
@@ -403,6 +410,7 @@ impl Gpu {
             && info.subgroup_min_size >= 4
             && info.subgroup_min_size.is_power_of_two();
         let caps = Capabilities {
+            cpu: info.device_type == wgpu::DeviceType::Cpu && !options.disable_cpu_tuning,
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups,
             subgroup_min_size: info.subgroup_min_size,

@@ -64,6 +64,20 @@ pub fn gpu_without_features() -> Gpu {
     .expect("no GPU adapter")
 }
 
+/// The default device with kernels tuned as for a GPU even on a CPU adapter (the tiled matmul,
+/// 4 GEMV rows per workgroup), with or without the optional features: the GPU tuning is tested
+/// here too.
+pub fn gpu_tuned_for_gpus(features: bool) -> Gpu {
+    session::private_runtime_dir();
+    Gpu::new(GpuOptions {
+        disable_cpu_tuning: true,
+        disable_f16: !features,
+        disable_subgroups: !features,
+        ..GpuOptions::default()
+    })
+    .expect("no GPU adapter")
+}
+
 /// A device that plans with a small storage-binding limit, forcing weights into chunks.
 pub fn gpu_with_binding_limit(bytes: u64) -> Gpu {
     session::private_runtime_dir();

@@ -234,6 +234,7 @@ mod tests {
 
     fn caps(flags: ShaderFlags, subgroup_min_size: u32) -> Capabilities {
         Capabilities {
+            cpu: false,
             shader_f16: flags.f16,
             subgroups: flags.subgroups,
             subgroup_min_size,
@@ -259,13 +260,22 @@ mod tests {
     }
 
     /// Every shader, with the constants its launcher injects, parses and validates for every
-    /// flag combination and every subgroup size a device may report.
+    /// flag combination and every subgroup size a device may report, and with a CPU adapter's
+    /// tuning.
     #[test]
     fn every_shader_variant_compiles() {
         for shader in Shader::ALL {
             for flags in ShaderFlags::ALL {
-                for min_size in [4, 8, 16, 32, 64, 128] {
-                    let constants = launcher_constants(shader, &caps(flags, min_size));
+                for (min_size, cpu) in [4, 8, 16, 32, 64, 128]
+                    .map(|m| (m, false))
+                    .into_iter()
+                    .chain([(8, true)])
+                {
+                    let caps = Capabilities {
+                        cpu,
+                        ..caps(flags, min_size)
+                    };
+                    let constants = launcher_constants(shader, &caps);
                     let mut given: Vec<_> = constants.names().collect();
                     let mut listed = shader.injected_names();
                     given.sort_unstable();

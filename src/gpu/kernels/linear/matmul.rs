@@ -79,12 +79,13 @@ pub enum MatmulLayout {
 }
 
 impl MatmulLayout {
-    /// The layout for `gpu`: `Lanes` on a CPU adapter whose subgroups hold a block's rows,
-    /// `Tiled` on anything else. Without subgroups every lane of the lanes layout loads all 8
-    /// rows of X itself, which measured 3× slower than the tiled kernel on lavapipe.
+    /// The layout for `gpu`: `Lanes` on a CPU adapter (`Capabilities::cpu`) whose subgroups hold
+    /// a block's rows, `Tiled` on anything else. Without subgroups every lane of the lanes
+    /// layout loads all 8 rows of X itself, which measured 3× slower than the tiled kernel on
+    /// lavapipe.
     pub fn for_device(gpu: &Gpu) -> Self {
         let caps = &gpu.caps;
-        if gpu.is_cpu() && caps.subgroups && caps.subgroup_min_size >= LANES.rows {
+        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= LANES.rows {
             MatmulLayout::Lanes
         } else {
             MatmulLayout::Tiled

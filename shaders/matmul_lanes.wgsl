@@ -3,25 +3,29 @@
 // SwiftShader, WARP).
 //
 // Why a second layout: a CPU driver runs a workgroup's invocations a SIMD vector at a time (8
-// lanes on AVX2), each lane with its own copy of every variable in vector registers. The tiled
-// kernel's 8×8 outputs per thread need 64 accumulators (x86 has 16 vector registers, so they
-// spill to memory), and every read of its workgroup tiles is a gather (each lane reads its own
-// address). Here each thread owns one output column and all threads of a workgroup share the
-// same ROWS rows of X, so:
-// - a thread keeps ROWS = 8 accumulators (two vec4);
-// - X is read at addresses that are the same for every lane (the compiler loads them once and
-//   broadcasts them), and each weight a lane loads is used ROWS times;
+// lanes on AVX2), each lane with its own copy of every variable in vector registers, and it pays
+// for every value each lane loads, from a buffer or workgroup memory, even when all lanes load
+// the same address. The tiled kernel's 8×8 outputs per thread need 64 accumulators (x86 has 16
+// vector registers, so they spill to memory), and its inner loop loads a value per two
+// multiply-adds. Here:
+// - each thread owns COLUMNS = 2 output columns of the workgroup's ROWS = 8 rows of X (16
+//   accumulators: four vec4);
+// - per reduction step, each lane loads one X value (row `lane % 8` of the block) and the
+//   subgroup shares the eight by broadcasts from constant lanes (register shuffles), so a lane
+//   loads 1 X value and 2 weights for 16 multiply-adds;
 // - there is no workgroup memory and no barrier.
-// On a GPU the tiled kernel is the right one (every X value is re-read from memory by every
-// thread here); the launcher (matmul.rs `MatmulLayout`) picks by device type.
+// The launcher (matmul.rs `MatmulLayout`) picks this layout only on a CPU adapter whose subgroups
+// have at least 8 lanes. Without subgroups (the `//#else` branches) each lane loads all 8 rows
+// itself: correct anywhere, but slower than the tiled kernel. On a GPU the tiled kernel is the
+// right one.
 //
 // W is stored as in matmul.wgsl: f16 rows padded with zeros to a multiple of 8 halves, f32 rows to
 // 4 floats, Q8_0 / Q4_0 as ggml blocks (quants, then the f16 scales at word `p.scales`).
 // Workgroups are numbered rows-first (x = row block, y = column block), so consecutive
-// workgroups reuse the same THREADS columns of W from the cache.
+// workgroups reuse the same COLUMNS·THREADS columns of W from the cache.
 //
 // Injected by the host (matmul.rs, linear/mod.rs flag bits):
-//#inject ROWS THREADS FLAG_BIAS FLAG_ACCUMULATE
+//#inject ROWS COLUMNS THREADS FLAG_BIAS FLAG_ACCUMULATE
 
 struct Params {
     m: u32,            // rows of X and Y
@@ -233,12 +237,12 @@ const W_F32: u32 = 1u;
 const W_Q8_0: u32 = 2u;
 const W_Q4_0: u32 = 3u;
 
-// A thread's columns are `a` and `a + THREADS` of the workgroup's 2·THREADS. Every lane of a
+// A thread's COLUMNS = 2 columns are `a` and `a + THREADS` of the workgroup's COLUMNS·THREADS. Every lane of a
 // subgroup must take part in the broadcasts, so threads past the last column compute a copy of
 // it and only skip the store.
 fn matmul_columns(format: u32, wg: vec3<u32>, tid: u32, lane: u32) {
     let row0 = wg.x * ROWS;
-    let col_a = wg.y * 2u * THREADS + tid;
+    let col_a = wg.y * COLUMNS * THREADS + tid;
     let col_b = col_a + THREADS;
     let rows = row_starts(row0, lane);
     let a = min(col_a, p.n - 1u);

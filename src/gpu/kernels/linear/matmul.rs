@@ -1,6 +1,6 @@
 //! `Y = X·Wᵀ (+ bias) (+ Y)`: the launcher for shaders/matmul.wgsl (tiled, for GPUs) and
-//! shaders/matmul_lanes.wgsl (one column per thread, for drivers that run shaders on a CPU). The
-//! CPU reference is `linear::reference`.
+//! shaders/matmul_lanes.wgsl (columns per thread, X rows shared by subgroup broadcasts, for
+//! drivers that run shaders on a CPU). The CPU reference is `linear::reference`.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -46,24 +46,33 @@ impl MatmulTiling {
 }
 
 /// How matmul_lanes.wgsl splits the output: each workgroup multiplies `rows` rows of X by
-/// `threads` columns of W, one column per thread.
+/// `columns · threads` rows of W, `columns` per thread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LanesShape {
-    /// Rows of X a workgroup shares (the shader holds them in two vec4 accumulators).
+    /// Rows of X a workgroup shares (a thread holds them as two vec4 per column).
     pub rows: u32,
-    /// Threads (= output columns) per workgroup.
+    /// Output columns per thread.
+    pub columns: u32,
+    /// Threads per workgroup.
     pub threads: u32,
 }
 
-/// The shape matmul_lanes.wgsl is written for: its accumulators are two vec4, one per four rows.
+/// The shape matmul_lanes.wgsl is written for: columns `a` and `b`, each with two vec4
+/// accumulators of four rows (see `lanes_shape_matches_the_shader`).
 pub const LANES: LanesShape = LanesShape {
     rows: 8,
+    columns: 2,
     threads: 64,
 };
 
 impl LanesShape {
     pub fn constants(&self) -> Constants {
-        Constants::new(&[("ROWS", self.rows), ("THREADS", self.threads)]).with(flag_constants())
+        Constants::new(&[
+            ("ROWS", self.rows),
+            ("COLUMNS", self.columns),
+            ("THREADS", self.threads),
+        ])
+        .with(flag_constants())
     }
 }
 
@@ -72,9 +81,9 @@ impl LanesShape {
 pub enum MatmulLayout {
     /// matmul.wgsl: 64×64 output tiles staged through workgroup memory. For GPUs.
     Tiled,
-    /// matmul_lanes.wgsl: a column per thread, rows of X shared by the workgroup, no workgroup
-    /// memory. For drivers that run a workgroup on CPU SIMD lanes, where the tiled kernel's
-    /// register blocking spills and its tile reads become gathers.
+    /// matmul_lanes.wgsl: two columns per thread, the workgroup's rows of X shared by subgroup
+    /// broadcasts, no workgroup memory. For drivers that run a workgroup on CPU SIMD lanes,
+    /// where the tiled kernel's register blocking spills and every value a lane loads costs.
     Lanes,
 }
 
@@ -124,7 +133,7 @@ impl MatmulLayout {
             ],
             MatmulLayout::Lanes => [
                 m.div_ceil(LANES.rows as usize) as u32,
-                cols.div_ceil(2 * LANES.threads as usize) as u32,
+                cols.div_ceil((LANES.columns * LANES.threads) as usize) as u32,
                 1,
             ],
         }
@@ -249,9 +258,11 @@ mod tests {
         assert_eq!((tile_n / 4) * (tile_k / 4), 2 * threads);
     }
 
-    /// matmul_lanes.wgsl keeps a thread's rows in two vec4 accumulators.
+    /// matmul_lanes.wgsl keeps a thread's rows in two vec4 accumulators per column, for the
+    /// two columns `a` and `b`, and broadcasts from lanes 0..ROWS of a subgroup.
     #[test]
     fn lanes_shape_matches_the_shader() {
         assert_eq!(LANES.rows, 2 * 4);
+        assert_eq!(LANES.columns, 2);
     }
 }

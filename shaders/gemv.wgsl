@@ -10,13 +10,16 @@
 // device's smallest subgroup size bounds how many there are), with a shared-memory tree
 // otherwise.
 //
-// Quantized weights (Q8_0, Q4_0; tensor.rs `WeightFormat::storage_bytes`): a thread takes whole
-// blocks of 32 weights, loads the 32 x values once into registers for its ROWS rows, reads each
-// row's block quants with one (Q4_0) or two (Q8_0) aligned vec4<u32> loads, dequantizes in
-// registers and adds d·Σ q·x. Neighbouring threads read neighbouring blocks.
+// Block formats (every ggml type the engine runs; blocks.wgsl): a thread takes whole units of 32
+// weights, loads their 32 x values once into registers (with the sums Σx of each half) for its
+// ROWS rows, reads each row's unit (mostly aligned vec4<u32> loads), and adds
+// d·Σ q·x + m·Σ x per half unit: the integer quants never become weights. Neighbouring threads
+// read neighbouring units.
 //
-// Injected by the host (gemv.rs `GemvShape`, linear/mod.rs flag bits):
-//#inject WG ROWS MAX_SUBGROUPS FLAG_BIAS FLAG_ACCUMULATE
+// Injected by the host (gemv.rs `GemvShape`, the weight's format as its ggml type number,
+// linear/mod.rs flag bits):
+//#inject WG ROWS MAX_SUBGROUPS FORMAT FLAG_BIAS FLAG_ACCUMULATE
+//#include blocks
 
 // A thread's partial sums of the ROWS rows, four rows per vec4.
 const QUADS: u32 = ROWS / 4u;
@@ -25,12 +28,12 @@ alias Sums = array<vec4<f32>, QUADS>;
 struct Params {
     n: u32,            // rows of W in this chunk
     k: u32,
-    w_stride: u32,     // 32-bit words per stored W row (f16/f32); blocks per row (Q8_0/Q4_0)
+    w_stride: u32,     // 32-bit words per stored W row (floats); blocks per row (block formats)
     x_offset: u32,     // index of x[0] in the x buffer (to use one row of a matrix)
     col_offset: u32,   // first output element (= first W row of this chunk)
     flags: u32,        // FLAG_BIAS: add bias, FLAG_ACCUMULATE: accumulate into y
     y_offset: u32,     // index of y[0] in the y buffer
-    scales: u32,       // quantized: word offset of the f16 scales region (0 for f16/f32)
+    scales: u32,       // block formats: word offset of the scales region (0 for floats)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -141,8 +144,8 @@ fn reduce_and_write(inv: Invocation, sums: Sums) {
 //#endif
 }
 
-// This thread's partial sums of ROWS rows of an f16 weight.
-fn f16_sums(row0: u32, tid: u32) -> Sums {
+// This thread's partial sums of ROWS rows of an f16 or bf16 weight.
+fn half_sums(row0: u32, tid: u32) -> Sums {
     var sums: Sums;
     // One vec4<u32> holds 8 halves; w_stride / 4 of them per row.
     let chunks = p.w_stride / 4u;
@@ -154,8 +157,8 @@ fn f16_sums(row0: u32, tid: u32) -> Sums {
             let row = row0 + r;
             if (row < p.n) {
                 let q = w[row * chunks + c];
-                let wa = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
-                let wb = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
+                let wa = vec4<f32>(halves(FORMAT, q.x), halves(FORMAT, q.y));
+                let wb = vec4<f32>(halves(FORMAT, q.z), halves(FORMAT, q.w));
                 sums[r / 4u][r % 4u] += dot(wa, xa) + dot(wb, xb);
             }
         }
@@ -179,59 +182,30 @@ fn f32_sums(row0: u32, tid: u32) -> Sums {
     return sums;
 }
 
-// Scale of block `blk` (row-major over the chunk) of a quantized weight: f16 pairs in u32 words.
-fn block_scale(blk: u32) -> f32 {
-    let word = p.scales + blk / 2u;
-    return unpack2x16float(w[word / 4u][word % 4u])[blk % 2u];
+// Σ q·x over weights 16·half .. 16·half + 16 of a unit.
+fn half_dot(unit: Unit, xs: array<vec4<f32>, 8>, half: u32) -> f32 {
+    let i = 4u * half;
+    return dot(unit.q[i], xs[i]) + dot(unit.q[i + 1u], xs[i + 1u])
+         + dot(unit.q[i + 2u], xs[i + 2u]) + dot(unit.q[i + 3u], xs[i + 3u]);
 }
 
-// 4 signed bytes → 4 floats (Q8_0 quants, element order = byte order).
-fn i8x4(v: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xI8(v));
-}
-
-// Q4_0 word i of a block: its low nibbles are elements 4i.., its high nibbles 16 + 4i...
-fn q4_low(v: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8(v & 0x0f0f0f0fu)) - 8.0;
-}
-
-fn q4_high(v: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((v >> 4u) & 0x0f0f0f0fu)) - 8.0;
-}
-
-const W_Q8_0: u32 = 2u;
-const W_Q4_0: u32 = 3u;
-
-// Σ q·x over block `blk` (without its scale) of a weight stored in `format`; `xs` are the
-// block's 32 x values.
-fn block_dot(format: u32, blk: u32, xs: array<vec4<f32>, 8>) -> f32 {
-    if (format == W_Q8_0) {
-        let qa = w[blk * 2u];
-        let qb = w[blk * 2u + 1u];
-        return dot(i8x4(qa.x), xs[0]) + dot(i8x4(qa.y), xs[1]) + dot(i8x4(qa.z), xs[2])
-             + dot(i8x4(qa.w), xs[3]) + dot(i8x4(qb.x), xs[4]) + dot(i8x4(qb.y), xs[5])
-             + dot(i8x4(qb.z), xs[6]) + dot(i8x4(qb.w), xs[7]);
-    }
-    let q = w[blk];
-    return dot(q4_low(q.x), xs[0]) + dot(q4_low(q.y), xs[1]) + dot(q4_low(q.z), xs[2])
-         + dot(q4_low(q.w), xs[3]) + dot(q4_high(q.x), xs[4]) + dot(q4_high(q.y), xs[5])
-         + dot(q4_high(q.z), xs[6]) + dot(q4_high(q.w), xs[7]);
-}
-
-// This thread's partial sums of ROWS rows of a weight in ggml blocks (`format` is a constant
-// at every call, so only its dequantization stays in the loop).
-fn quantized_sums(format: u32, row0: u32, tid: u32) -> Sums {
+// This thread's partial sums of ROWS rows of a weight in ggml blocks, unit by unit.
+fn block_sums(row0: u32, tid: u32) -> Sums {
     var sums: Sums;
-    let blocks = p.w_stride;
-    for (var b = tid; b < blocks; b += WG) {
-        let k0 = b * 32u;
+    let units = p.k / 32u;
+    for (var u = tid; u < units; u += WG) {
+        let k0 = u * 32u;
         let xs = array<vec4<f32>, 8>(x4(k0), x4(k0 + 4u), x4(k0 + 8u), x4(k0 + 12u),
                                      x4(k0 + 16u), x4(k0 + 20u), x4(k0 + 24u), x4(k0 + 28u));
+        let ones = vec4<f32>(1.0);
+        let x_sums = vec2<f32>(dot(xs[0] + xs[1] + xs[2] + xs[3], ones),
+                               dot(xs[4] + xs[5] + xs[6] + xs[7], ones));
         for (var r = 0u; r < ROWS; r++) {
             let row = row0 + r;
             if (row < p.n) {
-                let blk = row * blocks + b;
-                sums[r / 4u][r % 4u] += block_scale(blk) * block_dot(format, blk, xs);
+                let unit = load_unit(FORMAT, row, u);
+                let qx = vec2<f32>(half_dot(unit, xs, 0u), half_dot(unit, xs, 1u));
+                sums[r / 4u][r % 4u] += dot(unit.d, qx) + dot(unit.m, x_sums);
             }
         }
     }
@@ -239,21 +213,13 @@ fn quantized_sums(format: u32, row0: u32, tid: u32) -> Sums {
 }
 
 @compute @workgroup_size(WG)
-fn gemv_f16(inv: Invocation) {
-    reduce_and_write(inv, f16_sums(first_row(inv), inv.tid));
-}
-
-@compute @workgroup_size(WG)
-fn gemv_f32(inv: Invocation) {
-    reduce_and_write(inv, f32_sums(first_row(inv), inv.tid));
-}
-
-@compute @workgroup_size(WG)
-fn gemv_q8_0(inv: Invocation) {
-    reduce_and_write(inv, quantized_sums(W_Q8_0, first_row(inv), inv.tid));
-}
-
-@compute @workgroup_size(WG)
-fn gemv_q4_0(inv: Invocation) {
-    reduce_and_write(inv, quantized_sums(W_Q4_0, first_row(inv), inv.tid));
+fn gemv(inv: Invocation) {
+    var sums: Sums;
+    let row0 = first_row(inv);
+    switch FORMAT {
+        case W_F32: { sums = f32_sums(row0, inv.tid); }
+        case W_F16, W_BF16: { sums = half_sums(row0, inv.tid); }
+        default: { sums = block_sums(row0, inv.tid); }
+    }
+    reduce_and_write(inv, sums);
 }

@@ -1,7 +1,7 @@
 // Y[M, N] = X[M, K] · W[N, K]ᵀ (+ bias[N]) (+ Y if accumulating), f32 accumulation.
 //
 // W is stored as Hugging Face stores it (output rows, input columns), row-padded with zeros to a
-// multiple of 8 halves (f16, packed two per u32) or 4 floats (f32), so each row is read with
+// multiple of 8 halves (f16 or bf16, packed two per u32) or 4 floats (f32), so each row is read with
 // aligned vec4 loads. One dispatch covers one row-chunk of W (chunks exist when W exceeds the
 // storage-binding limit); it writes the output columns [col_offset, col_offset + n).
 //
@@ -11,24 +11,25 @@
 // them with unit stride. Edge tiles are bounds-checked, so any M, N, K work. The per-thread
 // loops below are written for exactly this tiling (matmul.rs tests the relations).
 //
-// Quantized weights (Q8_0, Q4_0; tensor.rs `WeightFormat::storage_bytes`): TILE_K = 32 is one
-// block, so a K step reads one block of each of the tile's 64 rows (aligned vec4<u32> loads of
-// its quants, one f16 scale) and dequantizes it in registers on the way into w_tile; the
-// multiply is the float one.
+// Block formats (every ggml type the engine runs; blocks.wgsl): TILE_K = 32 is one unit of 32
+// weights, so a K step has each thread dequantize one unit of one of the tile's 64 rows in
+// registers on the way into w_tile; the multiply is the float one.
 //
-// Injected by the host (matmul.rs `MatmulTiling`, linear/mod.rs flag bits):
-//#inject TILE_M TILE_N TILE_K THREADS FLAG_BIAS FLAG_ACCUMULATE
+// Injected by the host (matmul.rs `MatmulTiling`, the weight's format as its ggml type number,
+// linear/mod.rs flag bits):
+//#inject TILE_M TILE_N TILE_K THREADS FORMAT FLAG_BIAS FLAG_ACCUMULATE
+//#include blocks
 
 struct Params {
     m: u32,            // rows of X and Y
     n: u32,            // rows of W in this chunk (= output columns written)
     k: u32,            // reduction length
-    w_stride: u32,     // 32-bit words per stored W row (f16/f32); blocks per row (Q8_0/Q4_0)
+    w_stride: u32,     // 32-bit words per stored W row (floats); blocks per row (block formats)
     x_stride: u32,     // floats per X row (normally k)
     y_stride: u32,     // floats per Y row (the full N)
     col_offset: u32,   // first output column (= first W row of this chunk)
     flags: u32,        // FLAG_BIAS: add bias, FLAG_ACCUMULATE: accumulate into Y
-    scales: u32,       // quantized: word offset of the f16 scales region (0 for f16/f32)
+    scales: u32,       // block formats: word offset of the scales region (0 for floats)
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
@@ -75,9 +76,9 @@ fn w_words(row: u32, word: u32) -> vec4<u32> {
     return vec4<u32>(0u);
 }
 
-// f16 weights: thread = (row-quad, 8-half group): 16 × 4 = 64 units, one per thread. It loads
-// one vec4<u32> (8 halves) from each of 4 rows and writes 8 vec4 columns (one per k).
-fn load_w_tile_f16(n0: u32, k0: u32, tid: u32) {
+// f16 / bf16 weights: thread = (row-quad, 8-half group): 16 × 4 = 64 units, one per thread. It
+// loads one vec4<u32> (8 halves) from each of 4 rows and writes 8 vec4 columns (one per k).
+fn load_w_tile_halves(n0: u32, k0: u32, tid: u32) {
     let quad = tid / 4u;
     let q = tid % 4u;
     let row = n0 + quad * 4u;
@@ -88,10 +89,10 @@ fn load_w_tile_f16(n0: u32, k0: u32, tid: u32) {
     let d = w_words(row + 3u, word);
     let base = q * 8u * 16u + quad;
     for (var j = 0u; j < 4u; j++) {
-        let ha = unpack2x16float(a[j]);
-        let hb = unpack2x16float(b[j]);
-        let hc = unpack2x16float(c[j]);
-        let hd = unpack2x16float(d[j]);
+        let ha = halves(FORMAT, a[j]);
+        let hb = halves(FORMAT, b[j]);
+        let hc = halves(FORMAT, c[j]);
+        let hd = halves(FORMAT, d[j]);
         w_tile[base + (2u * j) * 16u] = vec4<f32>(ha.x, hb.x, hc.x, hd.x);
         w_tile[base + (2u * j + 1u) * 16u] = vec4<f32>(ha.y, hb.y, hc.y, hd.y);
     }
@@ -117,75 +118,19 @@ fn load_w_tile_f32(n0: u32, k0: u32, tid: u32) {
     }
 }
 
-// Eight dequantized weights of one row: elements lo = e0..e0+4 and hi (see the loaders).
-struct Eight {
-    lo: vec4<f32>,
-    hi: vec4<f32>,
-}
-
-// Scale of block `blk` (row-major over the chunk) of a quantized weight: f16 pairs in u32 words.
-fn block_scale(blk: u32) -> f32 {
-    let word = p.scales + blk / 2u;
-    return unpack2x16float(w[word / 4u][word % 4u])[blk % 2u];
-}
-
-// Q8_0 row `row`, block `b`, elements 8q .. 8q + 8 (words 2q and 2q + 1 of its 32 quant bytes).
-fn q8_0_eight(row: u32, b: u32, q: u32) -> Eight {
-    if (row >= p.n) {
-        return Eight(vec4<f32>(0.0), vec4<f32>(0.0));
+// Block formats: thread t dequantizes unit k0 / 32 of tile row t (THREADS = TILE_N) into column
+// t of the 32 k-rows of w_tile. Consecutive threads write consecutive words.
+fn load_w_tile_blocks(n0: u32, k0: u32, tid: u32) {
+    let row = n0 + tid;
+    var unit: Unit;
+    if (row < p.n) {
+        unit = load_unit(FORMAT, row, k0 / TILE_K);
     }
-    let blk = row * p.w_stride + b;
-    let v = w[blk * 2u + q / 2u];
-    let odd = (q % 2u) == 1u;
-    let d = block_scale(blk);
-    return Eight(d * vec4<f32>(unpack4xI8(select(v.x, v.z, odd))),
-                 d * vec4<f32>(unpack4xI8(select(v.y, v.w, odd))));
-}
-
-// Q4_0 row `row`, block `b`, word q of its 16 quant bytes: lo = elements 4q .. 4q + 4 (low
-// nibbles), hi = elements 16 + 4q .. 16 + 4q + 4 (high nibbles).
-fn q4_0_eight(row: u32, b: u32, q: u32) -> Eight {
-    if (row >= p.n) {
-        return Eight(vec4<f32>(0.0), vec4<f32>(0.0));
-    }
-    let blk = row * p.w_stride + b;
-    let v = w[blk][q];
-    let d = block_scale(blk);
-    return Eight(d * (vec4<f32>(unpack4xU8(v & 0x0f0f0f0fu)) - 8.0),
-                 d * (vec4<f32>(unpack4xU8((v >> 4u) & 0x0f0f0f0fu)) - 8.0));
-}
-
-// Q8_0: thread = (row-quad, 8-element group) as for f16, one unit per thread; the 8 columns
-// are k = 8q .. 8q + 8 of the block.
-fn load_w_tile_q8_0(n0: u32, k0: u32, tid: u32) {
-    let quad = tid / 4u;
-    let q = tid % 4u;
-    let row = n0 + quad * 4u;
-    let b = k0 / TILE_K;
-    let a = q8_0_eight(row, b, q);
-    let bb = q8_0_eight(row + 1u, b, q);
-    let c = q8_0_eight(row + 2u, b, q);
-    let d = q8_0_eight(row + 3u, b, q);
-    let base = q * 8u * 16u + quad;
-    for (var e = 0u; e < 4u; e++) {
-        w_tile[base + e * 16u] = vec4<f32>(a.lo[e], bb.lo[e], c.lo[e], d.lo[e]);
-        w_tile[base + (4u + e) * 16u] = vec4<f32>(a.hi[e], bb.hi[e], c.hi[e], d.hi[e]);
-    }
-}
-
-// Q4_0: thread = (row-quad, quant word q): columns 4q .. 4q + 4 and 16 + 4q .. 16 + 4q + 4.
-fn load_w_tile_q4_0(n0: u32, k0: u32, tid: u32) {
-    let quad = tid / 4u;
-    let q = tid % 4u;
-    let row = n0 + quad * 4u;
-    let b = k0 / TILE_K;
-    let a = q4_0_eight(row, b, q);
-    let bb = q4_0_eight(row + 1u, b, q);
-    let c = q4_0_eight(row + 2u, b, q);
-    let d = q4_0_eight(row + 3u, b, q);
-    for (var e = 0u; e < 4u; e++) {
-        w_tile[(4u * q + e) * 16u + quad] = vec4<f32>(a.lo[e], bb.lo[e], c.lo[e], d.lo[e]);
-        w_tile[(16u + 4u * q + e) * 16u + quad] = vec4<f32>(a.hi[e], bb.hi[e], c.hi[e], d.hi[e]);
+    for (var i = 0u; i < 8u; i++) {
+        let v = unit_values(unit, i);
+        for (var j = 0u; j < 4u; j++) {
+            w_tile[(4u * i + j) * 16u + tid / 4u][tid % 4u] = v[j];
+        }
     }
 }
 
@@ -244,24 +189,17 @@ fn multiply_tile(acc: ptr<function, array<vec4<f32>, 16>>, tx: u32, ty: u32) {
     }
 }
 
-// Weight storage formats, each entry point below passes one as a constant, so the compiler
-// keeps only that format's loader in the loop.
-const W_F16: u32 = 0u;
-const W_F32: u32 = 1u;
-const W_Q8_0: u32 = 2u;
-const W_Q4_0: u32 = 3u;
-
-fn load_w_tile(format: u32, n0: u32, k0: u32, tid: u32) {
-    switch format {
+fn load_w_tile(n0: u32, k0: u32, tid: u32) {
+    switch FORMAT {
         case W_F32: { load_w_tile_f32(n0, k0, tid); }
-        case W_Q8_0: { load_w_tile_q8_0(n0, k0, tid); }
-        case W_Q4_0: { load_w_tile_q4_0(n0, k0, tid); }
-        default: { load_w_tile_f16(n0, k0, tid); }
+        case W_F16, W_BF16: { load_w_tile_halves(n0, k0, tid); }
+        default: { load_w_tile_blocks(n0, k0, tid); }
     }
 }
 
-// One workgroup's 64x64 output tile for a weight stored in `format`.
-fn matmul_tile(format: u32, wg: vec3<u32>, tid: u32) {
+// One workgroup's 64x64 output tile.
+@compute @workgroup_size(THREADS)
+fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let n0 = wg.x * TILE_N;
     let row0 = wg.y * TILE_M;
     let tx = tid % 8u;
@@ -269,30 +207,10 @@ fn matmul_tile(format: u32, wg: vec3<u32>, tid: u32) {
     var acc: array<vec4<f32>, 16>;
     for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
         load_x_tile(row0, k0, tid);
-        load_w_tile(format, n0, k0, tid);
+        load_w_tile(n0, k0, tid);
         workgroupBarrier();
         multiply_tile(&acc, tx, ty);
         workgroupBarrier();
     }
     store(&acc, row0, n0, tx, ty);
-}
-
-@compute @workgroup_size(THREADS)
-fn matmul_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    matmul_tile(W_F16, wg, tid);
-}
-
-@compute @workgroup_size(THREADS)
-fn matmul_f32(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    matmul_tile(W_F32, wg, tid);
-}
-
-@compute @workgroup_size(THREADS)
-fn matmul_q8_0(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    matmul_tile(W_Q8_0, wg, tid);
-}
-
-@compute @workgroup_size(THREADS)
-fn matmul_q4_0(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    matmul_tile(W_Q4_0, wg, tid);
 }

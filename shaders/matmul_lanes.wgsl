@@ -19,24 +19,27 @@
 // itself: correct anywhere, but slower than the tiled kernel. On a GPU the tiled kernel is the
 // right one.
 //
-// W is stored as in matmul.wgsl: f16 rows padded with zeros to a multiple of 8 halves, f32 rows to
-// 4 floats, Q8_0 / Q4_0 as ggml blocks (quants, then the f16 scales at word `p.scales`).
+// W is stored as in matmul.wgsl: f16 / bf16 rows padded with zeros to a multiple of 8 halves, f32
+// rows to 4 floats, block formats as blocks.wgsl reads them (a thread dequantizes one unit of 32
+// weights of each of its columns at a time).
 // Workgroups are numbered rows-first (x = row block, y = column block), so consecutive
 // workgroups reuse the same COLUMNS·THREADS columns of W from the cache.
 //
-// Injected by the host (matmul.rs, linear/mod.rs flag bits):
-//#inject ROWS COLUMNS THREADS FLAG_BIAS FLAG_ACCUMULATE
+// Injected by the host (matmul.rs, the weight's format as its ggml type number, linear/mod.rs
+// flag bits):
+//#inject ROWS COLUMNS THREADS FORMAT FLAG_BIAS FLAG_ACCUMULATE
+//#include blocks
 
 struct Params {
     m: u32,            // rows of X and Y
     n: u32,            // rows of W in this chunk (= output columns written)
     k: u32,            // reduction length
-    w_stride: u32,     // 32-bit words per stored W row (f16/f32); blocks per row (Q8_0/Q4_0)
+    w_stride: u32,     // 32-bit words per stored W row (floats); blocks per row (block formats)
     x_stride: u32,     // floats per X row (normally k)
     y_stride: u32,     // floats per Y row (the full N)
     col_offset: u32,   // first output column (= first W row of this chunk)
     flags: u32,        // FLAG_BIAS: add bias, FLAG_ACCUMULATE: accumulate into Y
-    scales: u32,       // quantized: word offset of the f16 scales region (0 for f16/f32)
+    scales: u32,       // block formats: word offset of the scales region (0 for floats)
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
@@ -115,18 +118,17 @@ fn add_four(acc: ptr<function, Acc>, rows: Rows, col: u32, wa: vec4<f32>, wb: ve
     add_one(acc, rows, col + 3u, wa.w, wb.w);
 }
 
-fn f16_at(n: u32, k: u32) -> f32 {
-    let word = n * p.w_stride + k / 2u;
-    return unpack2x16float(w[word / 4u][word % 4u])[k % 2u];
+fn half_at(n: u32, k: u32) -> f32 {
+    return halves(FORMAT, word_at(n * p.w_stride + k / 2u))[k % 2u];
 }
 
-fn halves(v: vec2<u32>) -> vec4<f32> {
-    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+fn four_halves(v: vec2<u32>) -> vec4<f32> {
+    return vec4<f32>(halves(FORMAT, v.x), halves(FORMAT, v.y));
 }
 
-// f16: 8 halves (one vec4<u32>) per step over the whole 8-element steps of K, then the rest one
-// by one so X is never read past its row.
-fn columns_f16(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
+// f16 / bf16: 8 halves (one vec4<u32>) per step over the whole 8-element steps of K, then the
+// rest one by one so X is never read past its row.
+fn columns_halves(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
     let base_a = a * p.w_stride / 4u;
     let base_b = b * p.w_stride / 4u;
     let whole = p.k / 8u;
@@ -134,17 +136,16 @@ fn columns_f16(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
         let va = w[base_a + s];
         let vb = w[base_b + s];
         let k0 = s * 8u;
-        add_four(acc, rows, k0, halves(va.xy), halves(vb.xy));
-        add_four(acc, rows, k0 + 4u, halves(va.zw), halves(vb.zw));
+        add_four(acc, rows, k0, four_halves(va.xy), four_halves(vb.xy));
+        add_four(acc, rows, k0 + 4u, four_halves(va.zw), four_halves(vb.zw));
     }
     for (var k = whole * 8u; k < p.k; k++) {
-        add_one(acc, rows, k, f16_at(a, k), f16_at(b, k));
+        add_one(acc, rows, k, half_at(a, k), half_at(b, k));
     }
 }
 
 fn f32_at(n: u32, k: u32) -> f32 {
-    let word = n * p.w_stride + k;
-    return bitcast<f32>(w[word / 4u][word % 4u]);
+    return bitcast<f32>(word_at(n * p.w_stride + k));
 }
 
 // f32: 4 floats per step, then the rest one by one.
@@ -161,55 +162,14 @@ fn columns_f32(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
     }
 }
 
-// Scale of block `blk` (row-major over the chunk): f16 pairs in u32 words.
-fn block_scale(blk: u32) -> f32 {
-    let word = p.scales + blk / 2u;
-    return unpack2x16float(w[word / 4u][word % 4u])[blk % 2u];
-}
-
-// Q8_0: 32 int8 per block (two vec4<u32>), element 4i + j of the block in byte j of word i.
-fn columns_q8_0(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
-    for (var blk = 0u; blk < p.w_stride; blk++) {
-        let blk_a = a * p.w_stride + blk;
-        let blk_b = b * p.w_stride + blk;
-        let da = block_scale(blk_a);
-        let db = block_scale(blk_b);
-        for (var half = 0u; half < 2u; half++) {
-            let va = w[blk_a * 2u + half];
-            let vb = w[blk_b * 2u + half];
-            let k = blk * 32u + half * 16u;
-            for (var i = 0u; i < 4u; i++) {
-                add_four(acc, rows, k + 4u * i, da * vec4<f32>(unpack4xI8(va[i])),
-                         db * vec4<f32>(unpack4xI8(vb[i])));
-            }
-        }
-    }
-}
-
-// Q4_0 nibbles: byte i of a block holds element i in its low nibble and element 16 + i in its
-// high nibble (ggml's order), both offset by 8.
-fn low_nibbles(d: f32, word: u32) -> vec4<f32> {
-    return d * (vec4<f32>(unpack4xU8(word & 0x0f0f0f0fu)) - 8.0);
-}
-
-fn high_nibbles(d: f32, word: u32) -> vec4<f32> {
-    return d * (vec4<f32>(unpack4xU8((word >> 4u) & 0x0f0f0f0fu)) - 8.0);
-}
-
-// Q4_0: 16 bytes per block (one vec4<u32>); word i covers elements 4i .. 4i + 4 and 16 + 4i ...
-fn columns_q4_0(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
-    for (var blk = 0u; blk < p.w_stride; blk++) {
-        let blk_a = a * p.w_stride + blk;
-        let blk_b = b * p.w_stride + blk;
-        let da = block_scale(blk_a);
-        let db = block_scale(blk_b);
-        let va = w[blk_a];
-        let vb = w[blk_b];
-        let k0 = blk * 32u;
-        for (var i = 0u; i < 4u; i++) {
-            add_four(acc, rows, k0 + 4u * i, low_nibbles(da, va[i]), low_nibbles(db, vb[i]));
-            add_four(acc, rows, k0 + 16u + 4u * i, high_nibbles(da, va[i]),
-                     high_nibbles(db, vb[i]));
+// Block formats: one unit of 32 weights of each column at a time, dequantized in registers.
+fn columns_blocks(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
+    let units = p.k / 32u;
+    for (var u = 0u; u < units; u++) {
+        let ua = load_unit(FORMAT, a, u);
+        let ub = load_unit(FORMAT, b, u);
+        for (var i = 0u; i < 8u; i++) {
+            add_four(acc, rows, u * 32u + 4u * i, unit_values(ua, i), unit_values(ub, i));
         }
     }
 }
@@ -230,17 +190,10 @@ fn store_one(row: u32, col: u32, value: f32) {
     y[at] = v;
 }
 
-// Weight storage formats; each entry point passes one as a constant, so the compiler keeps only
-// that format's loop.
-const W_F16: u32 = 0u;
-const W_F32: u32 = 1u;
-const W_Q8_0: u32 = 2u;
-const W_Q4_0: u32 = 3u;
-
 // A thread's COLUMNS = 2 columns are `a` and `a + THREADS` of the workgroup's COLUMNS·THREADS. Every lane of a
 // subgroup must take part in the broadcasts, so threads past the last column compute a copy of
 // it and only skip the store.
-fn matmul_columns(format: u32, wg: vec3<u32>, tid: u32, lane: u32) {
+fn matmul_columns(wg: vec3<u32>, tid: u32, lane: u32) {
     let row0 = wg.x * ROWS;
     let col_a = wg.y * COLUMNS * THREADS + tid;
     let col_b = col_a + THREADS;
@@ -248,11 +201,10 @@ fn matmul_columns(format: u32, wg: vec3<u32>, tid: u32, lane: u32) {
     let a = min(col_a, p.n - 1u);
     let b = min(col_b, p.n - 1u);
     var acc = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    switch format {
+    switch FORMAT {
         case W_F32: { columns_f32(&acc, rows, a, b); }
-        case W_Q8_0: { columns_q8_0(&acc, rows, a, b); }
-        case W_Q4_0: { columns_q4_0(&acc, rows, a, b); }
-        default: { columns_f16(&acc, rows, a, b); }
+        case W_F16, W_BF16: { columns_halves(&acc, rows, a, b); }
+        default: { columns_blocks(&acc, rows, a, b); }
     }
     store_column(row0, col_a, acc.lo_a, acc.hi_a);
     store_column(row0, col_b, acc.lo_b, acc.hi_b);
@@ -286,21 +238,6 @@ fn lane_of(inv: Invocation) -> u32 {
 }
 
 @compute @workgroup_size(THREADS)
-fn matmul_lanes_f16(inv: Invocation) {
-    matmul_columns(W_F16, inv.wg, inv.tid, lane_of(inv));
-}
-
-@compute @workgroup_size(THREADS)
-fn matmul_lanes_f32(inv: Invocation) {
-    matmul_columns(W_F32, inv.wg, inv.tid, lane_of(inv));
-}
-
-@compute @workgroup_size(THREADS)
-fn matmul_lanes_q8_0(inv: Invocation) {
-    matmul_columns(W_Q8_0, inv.wg, inv.tid, lane_of(inv));
-}
-
-@compute @workgroup_size(THREADS)
-fn matmul_lanes_q4_0(inv: Invocation) {
-    matmul_columns(W_Q4_0, inv.wg, inv.tid, lane_of(inv));
+fn matmul_lanes(inv: Invocation) {
+    matmul_columns(inv.wg, inv.tid, lane_of(inv));
 }

@@ -12,6 +12,7 @@ use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::harness;
 use llava_wgpu::prune::{Method, PruneOptions};
+use llava_wgpu::quant::Mix;
 use llava_wgpu::sample::SamplingParams;
 use llava_wgpu::text::Template;
 use llava_wgpu::vision::load_image;
@@ -20,7 +21,8 @@ use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
 use cli::choices::{
-    BackendArg, KvArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg, WeightsArg,
+    BackendArg, KvArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg, VisionWeightsArg,
+    WeightsArg,
 };
 
 #[derive(Parser)]
@@ -59,7 +61,8 @@ impl DeviceArgs {
     fn engine_options(&self, weights: &WeightArgs) -> EngineOptions {
         EngineOptions {
             gpu: self.options(),
-            weight_format: weights.weights.into(),
+            mmproj: weights.mmproj.clone(),
+            weight_format: weights.weights.map(Into::into),
             vision_weight_format: weights.vision_weights.map(Into::into),
             progress: true,
             allocate_only: false,
@@ -69,24 +72,32 @@ impl DeviceArgs {
     }
 }
 
-/// Weight formats on the GPU, shared by every command that loads a model.
+/// The mmproj of a GGUF model and the weight formats on the GPU, shared by every command that
+/// loads a model.
 #[derive(Args, Clone, Debug)]
 struct WeightArgs {
-    /// Format of the language model's linear layers and lm_head: f16, f32, or ggml's q8_0 /
-    /// q4_0 blocks (quantized at load, or as stored by `quantize`).
-    #[arg(long, value_enum, default_value_t = WeightsArg::F16)]
-    weights: WeightsArg,
+    /// The mmproj GGUF (vision tower and projector, llama.cpp's `mmproj-*.gguf`) that goes
+    /// with a GGUF text model given as --model.
+    #[arg(long, value_name = "MMPROJ.gguf")]
+    mmproj: Option<PathBuf>,
+    /// Format of the language model's linear layers and lm_head for a llava-hf checkpoint
+    /// (quantized at load, or as stored by `quantize`; default f16, or the stored format):
+    /// a float type, one of ggml's block types, or llama-quantize's q4_k_m mix. A GGUF model
+    /// runs in the types its file stores and takes no --weights.
+    #[arg(long, value_enum)]
+    weights: Option<WeightsArg>,
     /// Format of the vision tower and projector (default: f16 when --weights is quantized,
     /// otherwise the same as --weights).
     #[arg(long, value_enum)]
-    vision_weights: Option<WeightsArg>,
+    vision_weights: Option<VisionWeightsArg>,
 }
 
 impl WeightArgs {
-    /// The defaults (f16 everywhere), for commands without weight flags.
+    /// The defaults (f16 everywhere, or as stored), for commands without weight flags.
     fn f16() -> Self {
         Self {
-            weights: WeightsArg::F16,
+            mmproj: None,
+            weights: None,
             vision_weights: None,
         }
     }
@@ -134,9 +145,14 @@ struct RunArgs {
     /// vicuna-v1 or mistral-inst for LLaVA-NeXT by its decoder).
     #[arg(long, value_enum)]
     template: Option<TemplateArg>,
-    /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
-    #[arg(long)]
+    /// Pad the image to a square with the mean colour before resizing (original LLaVA eval;
+    /// the default for GGUF LLaVA-1.5 models, as in llama.cpp).
+    #[arg(long, conflicts_with = "no_pad")]
     pad_to_square: bool,
+    /// Do not pad: the llava-hf processor's resize and centre crop (the default for llava-hf
+    /// checkpoints).
+    #[arg(long)]
+    no_pad: bool,
     #[command(flatten)]
     weights: WeightArgs,
     /// KV-cache element type (default: f16 where the adapter has SHADER_F16, else f32).
@@ -388,14 +404,13 @@ fn memory(args: &MemoryArgs) -> Result<()> {
     let mut options = args.device.engine_options(&args.weights);
     options.allocate_only = true;
     options.kv = args.kv.map(Into::into);
-    let formats = [options.weight_format.name(), options.vision_format().name()];
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     let settings = args.settings();
     // The image is never opened: only the prompt, plan and limits size the buffers.
     let mut request = GenerateRequest::new("(not read)", harness::bench::bench_prompt(&engine));
     request.max_new_tokens = args.max_new_tokens;
-    let report = harness::memory::measure(&engine, &label, formats, &settings, &request)?;
+    let report = harness::memory::measure(&engine, &label, &settings, &request)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -563,9 +578,7 @@ fn run(args: &RunArgs) -> Result<()> {
     options.kv = args.kv.map(Into::into);
     let engine = Engine::load(&model, options)?;
     let mut request = args.request();
-    request.template = args
-        .template
-        .map_or(engine.config.default_template(), Into::into);
+    request.template = args.template.map_or(engine.template, Into::into);
     let json = args.json;
     let profiling = args.profile || args.trace.is_some();
     if profiling {
@@ -620,7 +633,11 @@ impl RunArgs {
                 seed: self.seed,
             },
             logprobs: self.logprobs,
-            pad_to_square: self.pad_to_square,
+            pad_to_square: match (self.pad_to_square, self.no_pad) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
             ignore_eos: self.ignore_eos,
             capture_outputs: false,
             prune: self.budgets.options(self.prune, self.seed),
@@ -698,7 +715,7 @@ fn write_kept_overlay(
         &image,
         &request.image,
         &engine.image_processor,
-        request.pad_to_square,
+        engine.pads_images(&request.settings()),
         patches,
         &stages,
         path,
@@ -763,10 +780,13 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
     } else {
         print!("{}", report.table());
     }
-    let format = engine.llama.lm_head.format;
-    if format != WeightFormat::F16 {
-        drop(engine);
-        decode_against_f16(args, device, &settings, &report, format)?;
+    let format = args.weights.weights.map(Mix::from);
+    match format {
+        Some(mix) if mix != Mix::Uniform(WeightFormat::F16) => {
+            drop(engine);
+            decode_against_f16(args, device, &settings, &report, mix)?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -815,13 +835,13 @@ fn decode_against_f16(
     device: &DeviceArgs,
     settings: &[harness::bench::Setting],
     report: &harness::bench::PruningReport,
-    format: WeightFormat,
+    format: Mix,
 ) -> Result<()> {
     // The same engine but for the language model's format: same depth (--layers), KV type and
     // vision weights.
     let mut options = args.engine_options(device);
-    options.vision_weight_format = Some(options.vision_format());
-    options.weight_format = WeightFormat::F16;
+    options.vision_weight_format = Some(options.vision_format(format));
+    options.weight_format = Some(Mix::Uniform(WeightFormat::F16));
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
     eprintln!("f16 baseline: {label}");

@@ -115,7 +115,7 @@ fn hub_layout(name: &str) -> String {
 
 fn answer(dir: &std::path::Path) -> (Vec<f32>, Vec<u32>) {
     let options = EngineOptions {
-        weight_format: WeightFormat::F16,
+        weight_format: Some(WeightFormat::F16.into()),
         ..Default::default()
     };
     let engine = Engine::load(dir, options).unwrap();

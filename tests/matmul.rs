@@ -1,6 +1,9 @@
-//! Both matmul layouts (tiled and lanes) and gemv against an f64 CPU reference, over f16, f32,
-//! Q8_0 and Q4_0 weights, odd shapes, bias and accumulation, both reduction paths, and the
-//! chunked-weight path.
+//! Both matmul layouts (tiled and lanes) and gemv against an f64 CPU reference, over every
+//! weight format (f16, bf16, f32 and all of ggml's block types the engine runs), odd shapes,
+//! bias and accumulation, both reduction paths, both tunings, and the chunked-weight path.
+//! Block weights are random blocks (every bit pattern) read by the host dequantizer, itself
+//! checked bit for bit against gguf-py's and ggml's in tests/quant.rs; and ggml's own blocks
+//! from tests/fixture/ggml_blocks.safetensors against gguf-py's dequantization directly.
 
 mod common;
 
@@ -61,16 +64,20 @@ fn run_case(gpu: &Gpu, rng: &mut TestRng, case: &Case, path: Path) -> Vec<Module
     let w_values = rng.uniform(n * k, -1.0, 1.0);
     let b = rng.uniform(n, -1.0, 1.0);
     let y0 = rng.uniform(m * n, -1.0, 1.0);
-    // Quantized weights: the kernel must compute with exactly what the blocks stand for, as
-    // the host dequantizer (checked against gguf in tests/quant.rs) reads them.
+    // Block weights: the kernel must compute with exactly what the blocks stand for, as the
+    // host dequantizer (checked against gguf-py and ggml in tests/quant.rs) reads them.
     let (mut weight, w_seen) = if format.is_quantized() {
-        let blocks = quant::quantize(format, &w_values).unwrap();
+        let blocks = rng.blocks(format, n, k);
         let w = Weight::from_blocks(gpu, "w", n, k, format, &blocks).unwrap();
         (w, quant::dequantize(format, &blocks).unwrap())
     } else {
         let w = Weight::from_f32(gpu, "w", n, k, &w_values, format).unwrap();
         let seen = match format {
             WeightFormat::F16 => linear::round_to_f16(&w_values),
+            WeightFormat::BF16 => w_values
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
             _ => w_values.clone(),
         };
         (w, seen)
@@ -128,7 +135,7 @@ fn matmul_matches_cpu_on_odd_shapes() {
         (65, 1, 1),
     ];
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
-        for format in [WeightFormat::F16, WeightFormat::F32] {
+        for format in FLOATS {
             let case = Case {
                 m,
                 n,
@@ -152,9 +159,15 @@ fn lanes_matmul_without_subgroups_matches_cpu() {
     let gpu = gpu_without_features();
     assert_eq!(MatmulLayout::for_device(&gpu), MatmulLayout::Tiled);
     let lanes = Path::Matmul(MatmulLayout::Lanes);
-    for (i, &(m, n, k)) in [(9, 65, 37), (3, 130, 96)].iter().enumerate() {
-        for format in [WeightFormat::F16, WeightFormat::F32, WeightFormat::Q4_0] {
-            if format.is_quantized() && k % 32 != 0 {
+    for (i, &(m, n, k)) in [(9, 65, 37), (3, 130, 96), (10, 3, 256)].iter().enumerate() {
+        for format in [
+            WeightFormat::F16,
+            WeightFormat::BF16,
+            WeightFormat::F32,
+            WeightFormat::Q4_0,
+            WeightFormat::Q4_K,
+        ] {
+            if k % format.block_weights() != 0 {
                 continue;
             }
             let case = Case {
@@ -215,7 +228,7 @@ fn gemv_matches_cpu_with_and_without_subgroups() {
             (1, 5, 4099),
         ];
         for (i, &(m, n, k)) in shapes.iter().enumerate() {
-            for format in [WeightFormat::F16, WeightFormat::F32] {
+            for format in FLOATS {
                 let case = Case {
                     m,
                     n,
@@ -237,7 +250,7 @@ fn chunked_weights_give_the_same_result() {
     // 10 rows; f32 rows of 160 bytes into chunks of 6.
     let gpu = gpu_with_binding_limit(1024);
     let mut rng = TestRng::new();
-    for format in [WeightFormat::F16, WeightFormat::F32] {
+    for format in FLOATS {
         for (m, path) in chunked_cases() {
             let case = Case {
                 m,
@@ -262,10 +275,15 @@ fn chunked_cases() -> Vec<(usize, Path)> {
     cases
 }
 
-const QUANTIZED: [WeightFormat; 2] = [WeightFormat::Q8_0, WeightFormat::Q4_0];
+const FLOATS: [WeightFormat; 3] = [WeightFormat::F16, WeightFormat::BF16, WeightFormat::F32];
 
-/// K a multiple of 32 but not of 128 (odd block counts: 1, 3, 5, 35 blocks), odd N, M = 1, 37
-/// and 577 (a CLIP-L/336 sequence).
+/// Every block format the engine runs.
+fn block_formats() -> impl Iterator<Item = WeightFormat> {
+    WeightFormat::ALL.into_iter().filter(|f| f.is_quantized())
+}
+
+/// K a multiple of 32 but not of 128 (odd block counts: 1, 3, 5, 35 blocks; 1, 3, 5 K-quant
+/// super-blocks), odd N, M = 1, 37 and 577 (a CLIP-L/336 sequence).
 #[test]
 fn quantized_matmul_matches_cpu_on_odd_shapes() {
     let gpu = gpu();
@@ -276,14 +294,17 @@ fn quantized_matmul_matches_cpu_on_odd_shapes() {
         (577, 65, 160),
         (64, 129, 1120),
         (3, 1, 32),
+        (37, 33, 256),
+        (577, 9, 768),
+        (2, 131, 1280),
     ];
     for path in MATMULS {
         run_quantized(&gpu, &mut rng, &shapes, |i| (i % 2 == 0, i % 3 == 1), path);
     }
 }
 
-/// Every quantized format at each of `shapes` (m, n, k), with bias and accumulation as
-/// `flags(i)` says for shape i.
+/// Every block format at each of `shapes` (m, n, k) whose K is whole blocks of it, with bias
+/// and accumulation as `flags(i)` says for shape i.
 fn run_quantized(
     gpu: &Gpu,
     rng: &mut TestRng,
@@ -293,7 +314,7 @@ fn run_quantized(
 ) {
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         let (bias, accumulate) = flags(i);
-        for format in QUANTIZED {
+        for format in block_formats().filter(|f| k % f.block_weights() == 0) {
             let case = Case {
                 m,
                 n,
@@ -317,6 +338,9 @@ fn quantized_gemv_matches_cpu_with_and_without_subgroups() {
             (2, 33, 1120),
             (1, 1001, 160),
             (1, 5, 4128),
+            (1, 9, 256),
+            (2, 65, 768),
+            (1, 1001, 1280),
         ];
         run_quantized(
             &gpu,
@@ -331,15 +355,15 @@ fn quantized_gemv_matches_cpu_with_and_without_subgroups() {
 /// Chunks of a quantized weight each carry their own scales region.
 #[test]
 fn quantized_chunked_weights_give_the_same_result() {
-    // 1 KiB bindings: a [300, 96] Q8_0 row is 102 bytes → 9 rows a chunk; Q4_0 54 → 18.
-    let gpu = gpu_with_binding_limit(1024);
+    // 2 KiB bindings: a [300, 256] Q8_0 row is 272 bytes → 7 rows a chunk; Q4_K 144 → 14.
+    let gpu = gpu_with_binding_limit(2048);
     let mut rng = TestRng::new();
-    for format in QUANTIZED {
+    for format in block_formats() {
         for (m, path) in chunked_cases() {
             let case = Case {
                 m,
                 n: 300,
-                k: 96,
+                k: 256,
                 format,
                 bias: true,
                 accumulate: m == 5,
@@ -355,9 +379,9 @@ fn quantized_chunked_weights_give_the_same_result() {
 fn quantized_upload_keeps_the_blocks() {
     let gpu = gpu();
     let mut rng = TestRng::new();
-    let (n, k) = (13, 96);
-    for format in QUANTIZED {
-        let blocks = quant::quantize(format, &rng.uniform(n * k, -2.0, 2.0)).unwrap();
+    let (n, k) = (13, 256);
+    for format in block_formats() {
+        let blocks = rng.blocks(format, n, k);
         let w = Weight::from_blocks(&gpu, "w", n, k, format, &blocks).unwrap();
         assert_eq!(w.chunks.len(), 1);
         assert_eq!(w.chunks[0].buffer.size(), format.storage_bytes(n, k));
@@ -366,7 +390,7 @@ fn quantized_upload_keeps_the_blocks() {
             .read_words(buffer, 0, buffer.size() as usize / 4)
             .unwrap();
         let bytes: &[u8] = bytemuck::cast_slice(&words);
-        let back = quant::to_ggml_blocks(format, n * k / 32, bytes).unwrap();
+        let back = quant::to_ggml_blocks(format, n * k / format.block_weights(), bytes).unwrap();
         assert_eq!(back, blocks, "{format:?}");
     }
 }
@@ -395,4 +419,55 @@ fn linear_rejects_mismatched_shapes() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("proj"), "{err}");
+}
+
+/// ggml's own blocks (scripts/ggml_reference.sh: 25 rows of 512 quantized by ggml's C code)
+/// through gemv and both matmul layouts, against gguf-py's dequantization of the same blocks in
+/// f64: the kernels read every format byte-exactly as ggml and gguf-py do.
+#[test]
+fn kernels_read_ggmls_blocks_as_gguf_py_dequantizes_them() {
+    let data = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixture/ggml_blocks.safetensors"
+    ))
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&data).unwrap();
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    let (n, k) = (25, 512);
+    for format in WeightFormat::ALL {
+        let name = format.name();
+        let Ok(stored) = st.tensor(name) else {
+            assert_eq!(format, WeightFormat::F32, "{name} missing from the fixture");
+            continue;
+        };
+        let want: Vec<f32> =
+            bytemuck::pod_collect_to_vec(st.tensor(&format!("{name}_gguf")).unwrap().data());
+        let w = Weight::from_stored(&gpu, "w", n, k, format, stored.data()).unwrap();
+        for (m, path) in [(1, Path::Gemv), (9, MATMULS[0]), (9, MATMULS[1])] {
+            let x = rng.uniform(m * k, -1.0, 1.0);
+            let xt = Tensor::from_f32(&gpu, &[m, k], &x, "x").unwrap();
+            let yt = Tensor::empty(&gpu, &[m, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
+            yt.poison(&gpu);
+            let dispatches = match path {
+                Path::Gemv => gemv::gemv(&gpu, &xt, 0, &w, &yt, 0, false).unwrap(),
+                Path::Matmul(layout) => {
+                    matmul::matmul_in(&gpu, layout, &xt, &w, &yt, false).unwrap()
+                }
+            };
+            let mut rec = Recorder::new(&gpu);
+            rec.dispatch_all(dispatches);
+            rec.finish("ggml blocks").unwrap();
+            let got = gpu.read_f32(&yt).unwrap();
+            let reference = linear::reference(&x, m, k, &want, n, None, None);
+            let what = format!("{path:?} {name} (ggml's blocks)");
+            assert_within(
+                &what,
+                rng.seed,
+                &got,
+                &reference,
+                &bounds(&x, &want, m, n, k),
+            );
+        }
+    }
 }

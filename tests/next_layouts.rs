@@ -62,7 +62,7 @@ fn newer_layout(name: &str) -> String {
 
 fn first_logits(dir: &std::path::Path) -> Vec<f32> {
     let options = EngineOptions {
-        weight_format: WeightFormat::F32,
+        weight_format: Some(WeightFormat::F32.into()),
         ..Default::default()
     };
     let engine = Engine::load(dir, options).unwrap();

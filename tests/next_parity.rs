@@ -17,7 +17,7 @@ fn engine(variant: &str, format: WeightFormat) -> Engine {
         _ => DType::F16,
     };
     let options = EngineOptions {
-        weight_format: format,
+        weight_format: Some(format.into()),
         kv: Some(kv),
         ..EngineOptions::default()
     };
@@ -118,7 +118,7 @@ fn square_padding_is_refused_on_next_with_the_field_named() {
     let engine = engine(next_fixture::VICUNA, WeightFormat::F16);
     let case = &next_fixture::cases(next_fixture::VICUNA)[0];
     let mut request = GenerateRequest::new(&case.image, &case.prompt);
-    request.pad_to_square = true;
+    request.pad_to_square = Some(true);
     let e = engine.generate(&request, |_| {}).unwrap_err().to_string();
     assert!(e.contains("pad_to_square"), "{e}");
 }

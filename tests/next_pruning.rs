@@ -23,7 +23,7 @@ const F32_PARITY: f64 = 5e-6;
 
 fn engine() -> Engine {
     let options = EngineOptions {
-        weight_format: llava_wgpu::gpu::WeightFormat::F32,
+        weight_format: Some(llava_wgpu::gpu::WeightFormat::F32.into()),
         kv: Some(DType::F32),
         ..EngineOptions::default()
     };

@@ -19,7 +19,7 @@ fn engine_with_kv(format: WeightFormat, max_binding_bytes: Option<u64>, kv: DTyp
             max_binding_bytes,
             ..GpuOptions::default()
         },
-        weight_format: format,
+        weight_format: Some(format.into()),
         kv: Some(kv),
         ..EngineOptions::default()
     };
@@ -155,7 +155,7 @@ fn quantized_weights_match_transformers_fed_dequantized_weights() {
     ];
     for (name, format, vision) in variants {
         let options = EngineOptions {
-            weight_format: format,
+            weight_format: Some(format.into()),
             vision_weight_format: Some(vision),
             kv: Some(DType::F32),
             ..Default::default()

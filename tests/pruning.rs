@@ -174,7 +174,7 @@ use llava_wgpu::prune::top_k;
 /// f32 weights and an f32 KV cache: the exact path the transformers references are held to.
 fn engine_f32() -> Engine {
     let options = EngineOptions {
-        weight_format: WeightFormat::F32,
+        weight_format: Some(WeightFormat::F32.into()),
         kv: Some(DType::F32),
         ..Default::default()
     };

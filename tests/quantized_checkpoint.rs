@@ -31,7 +31,7 @@ impl Drop for TempDir {
 
 fn load(dir: &Path, format: WeightFormat) -> llava_wgpu::Result<Engine> {
     let options = EngineOptions {
-        weight_format: format,
+        weight_format: Some(format.into()),
         ..Default::default()
     };
     Engine::load(dir, options)

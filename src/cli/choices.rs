@@ -4,6 +4,7 @@
 use llava_wgpu::gpu::device::BackendChoice;
 use llava_wgpu::gpu::{DType, WeightFormat};
 use llava_wgpu::prune::{Method, Stage1Score};
+use llava_wgpu::quant::Mix;
 use llava_wgpu::text::Template;
 
 /// `--prune`: [`Method`].
@@ -99,24 +100,73 @@ impl From<BackendArg> for BackendChoice {
     }
 }
 
-/// `--weights`: [`WeightFormat`].
+/// `--weights`: a [`Mix`] of the formats the engine can convert or quantize float weights to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightsArg {
     F16,
     F32,
+    Bf16,
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q6_k")]
+    Q6K,
+    /// llama-quantize's Q4_K_M: Q4_K, with Q6_K for the output and for attn_v and ffn_down
+    /// in half the layers.
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
-impl From<WeightsArg> for WeightFormat {
+impl From<WeightsArg> for Mix {
     fn from(arg: WeightsArg) -> Self {
-        match arg {
+        Mix::Uniform(match arg {
             WeightsArg::F16 => WeightFormat::F16,
             WeightsArg::F32 => WeightFormat::F32,
+            WeightsArg::Bf16 => WeightFormat::BF16,
             WeightsArg::Q8_0 => WeightFormat::Q8_0,
             WeightsArg::Q4_0 => WeightFormat::Q4_0,
+            WeightsArg::Q5_0 => WeightFormat::Q5_0,
+            WeightsArg::Q4K => WeightFormat::Q4_K,
+            WeightsArg::Q6K => WeightFormat::Q6_K,
+            WeightsArg::Q4KM => return Mix::Q4KM,
+        })
+    }
+}
+
+/// `--vision-weights`: one [`WeightFormat`] for the vision tower and projector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VisionWeightsArg {
+    F16,
+    F32,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q6_k")]
+    Q6K,
+}
+
+impl From<VisionWeightsArg> for WeightFormat {
+    fn from(arg: VisionWeightsArg) -> Self {
+        match arg {
+            VisionWeightsArg::F16 => WeightFormat::F16,
+            VisionWeightsArg::F32 => WeightFormat::F32,
+            VisionWeightsArg::Bf16 => WeightFormat::BF16,
+            VisionWeightsArg::Q8_0 => WeightFormat::Q8_0,
+            VisionWeightsArg::Q4_0 => WeightFormat::Q4_0,
+            VisionWeightsArg::Q5_0 => WeightFormat::Q5_0,
+            VisionWeightsArg::Q4K => WeightFormat::Q4_K,
+            VisionWeightsArg::Q6K => WeightFormat::Q6_K,
         }
     }
 }
@@ -181,9 +231,17 @@ mod tests {
         same_names::<Stage1ScoreArg, Stage1Score>();
         same_names::<TemplateArg, Template>();
         same_names::<BackendArg, BackendChoice>();
-        same_names::<WeightsArg, WeightFormat>();
+        same_names::<VisionWeightsArg, WeightFormat>();
         same_names::<QuantizedArg, WeightFormat>();
-        assert_eq!(WeightsArg::value_variants().len(), WeightFormat::ALL.len());
+        for arg in WeightsArg::value_variants() {
+            let name = arg.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(Mix::from_name(&name), Some((*arg).into()), "{name}");
+        }
+        // Every format a quantizer writes, the floats, and the Q4_K_M mix.
+        assert_eq!(
+            WeightsArg::value_variants().len(),
+            llava_wgpu::quant::QUANTIZERS.len() + 3 + 1
+        );
         assert_eq!(MethodArg::value_variants().len(), Method::ALL.len());
         assert_eq!(
             Stage1ScoreArg::value_variants().len(),

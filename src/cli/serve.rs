@@ -98,7 +98,7 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
     options.progress = false;
     let engine = Engine::load(&model, options)?;
     let settings = TurnSettings {
-        template: engine.config.default_template(),
+        template: engine.template,
         max_new_tokens: args.max_new_tokens,
         prune: PruneOptions {
             method: args.prune.into(),

@@ -53,6 +53,11 @@ pub(super) struct PreparedRequest {
 }
 
 impl Engine {
+    /// Whether a turn with `settings` pads its image to a square.
+    pub fn pads_images(&self, settings: &TurnSettings) -> bool {
+        settings.pad_to_square.unwrap_or(self.pads_by_default)
+    }
+
     /// Prepare a turn of `session`: its first (plan, image, whole prompt) or a follow-up (only
     /// the tokens after the longest prefix the session holds).
     pub(super) fn prepare(
@@ -106,7 +111,7 @@ impl Engine {
             None => format!("{:?}", plan.before_projector),
         };
         let key = session.uses_image_cache().then(|| {
-            let settings = format!("pad_to_square={} {selection}", settings.pad_to_square);
+            let settings = format!("pad_to_square={} {selection}", self.pads_images(settings));
             ImageKey::new(bytes, &settings)
         });
         let cached = key.and_then(|k| self.image_cache.lock().ok()?.get(&k));
@@ -122,7 +127,7 @@ impl Engine {
                     Some(anyres) => processor
                         .anyres_views(&decoded, source, &anyres.layout)?
                         .concat(),
-                    None => processor.preprocess(&decoded, source, settings.pad_to_square)?,
+                    None => processor.preprocess(&decoded, source, self.pads_images(settings))?,
                 };
                 ImageStep::Encode { pixels, key }
             }
@@ -146,7 +151,7 @@ impl Engine {
         image: &DynamicImage,
         settings: &TurnSettings,
     ) -> Result<AnyresLayout> {
-        if settings.pad_to_square {
+        if settings.pad_to_square == Some(true) {
             return Err(Error::argument(
                 "pad_to_square",
                 "LLaVA-NeXT tiles the image at its own aspect ratio; padding to a square is LLaVA-1.5's evaluation setting",

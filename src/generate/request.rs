@@ -20,8 +20,10 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Report the top-N log-probabilities of each generated step.
     pub logprobs: Option<usize>,
-    /// Pad the image to a square with the mean colour before resizing (original LLaVA eval).
-    pub pad_to_square: bool,
+    /// Pad the image to a square with the mean colour before resizing (original LLaVA eval);
+    /// None: the model's default ([`crate::Engine::pads_by_default`]: GGUF LLaVA-1.5 pads, as
+    /// llama.cpp and the original LLaVA do; llava-hf checkpoints crop, as their processor does).
+    pub pad_to_square: Option<bool>,
     /// Keep generating past EOS (benchmarks and parity tests).
     pub ignore_eos: bool,
     /// Visual-token pruning (docs/pruning.md).
@@ -40,7 +42,7 @@ impl GenerateRequest {
             max_new_tokens: 64,
             sampling: SamplingParams::default(),
             logprobs: None,
-            pad_to_square: false,
+            pad_to_square: None,
             ignore_eos: false,
             prune: PruneOptions::default(),
             capture_outputs: false,
@@ -116,7 +118,8 @@ pub struct TurnSettings {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub logprobs: Option<usize>,
-    pub pad_to_square: bool,
+    /// None: the model's default (see [`GenerateRequest::pad_to_square`]).
+    pub pad_to_square: Option<bool>,
     pub ignore_eos: bool,
     pub prune: PruneOptions,
     pub capture_outputs: bool,

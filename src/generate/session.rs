@@ -31,7 +31,7 @@ pub(super) struct SessionState {
     /// Hash of the image's bytes.
     pub image: ImageKey,
     pub template: Template,
-    pub pad_to_square: bool,
+    pub pad_to_square: Option<bool>,
     pub prune: PruneOptions,
     pub plan: Plan,
     /// LLaVA-NeXT: the image's tiling and the packed rows the cache holds (None for 1.5).

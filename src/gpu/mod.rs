@@ -2,7 +2,8 @@
 //!
 //! Imports point one way, each module using only those listed before it:
 //!
-//! 1. `shaders`: the WGSL sources, their variants and the preprocessor (no device);
+//! 1. `shaders`: the WGSL sources, their variants and the preprocessor (no device); `format`:
+//!    the weight formats (float types and ggml's block types) and their layouts;
 //! 2. `pipelines`: the module and pipeline cache (needs only a `wgpu::Device`);
 //! 3. `memory`: the allocation tracker every buffer is created through (takes a `wgpu::Device`);
 //! 4. `profiler`: timing records and reports (takes wgpu handles, not a `Gpu`);
@@ -13,6 +14,7 @@
 //! 8. `recorder`: records dispatches into passes and submits them (timing them if profiling).
 
 pub mod device;
+pub mod format;
 pub mod kernels;
 pub mod memory;
 pub mod pipelines;

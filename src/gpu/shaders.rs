@@ -8,10 +8,13 @@
 //!   workgroup sizes, flag bits). The launcher passes their values as [`Constants`], built from
 //!   the same typed decision it sizes its dispatch with, and the line is replaced by
 //!   `const NAME: u32 = value;` declarations. A shader never declares those names itself.
+//! - `//#include NAME` appends the shared file `shaders/NAME.wgsl` (see [`Library`]) after the
+//!   shader's last line; WGSL's module-scope declarations may come in any order.
 //!
 //! Line numbers are preserved, so compiler messages point at the .wgsl file: dropped lines
-//! become empty lines, the generated constants all sit on the `//#inject` line, and
-//! `enable f16;` is put in front of line 1.
+//! become empty lines, the generated constants all sit on the `//#inject` line, included files
+//! start after the shader's last line (a marker comment names them), and `enable f16;` is put in
+//! front of line 1.
 
 use std::fmt;
 
@@ -101,6 +104,36 @@ impl fmt::Display for Shader {
 }
 
 const INJECT: &str = "//#inject ";
+const INCLUDE: &str = "//#include ";
+
+/// WGSL shared by several shaders, appended where a shader says `//#include NAME`. A library
+/// reads the names its includers declare (their bindings and `Params`) and declares no
+/// bindings or injected constants of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Library {
+    /// Every weight format's layout and dequantization (the linear kernels).
+    Blocks,
+}
+
+impl Library {
+    pub const ALL: [Library; 1] = [Library::Blocks];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Library::Blocks => "blocks",
+        }
+    }
+
+    pub fn source(self) -> &'static str {
+        match self {
+            Library::Blocks => include_str!("../../shaders/blocks.wgsl"),
+        }
+    }
+
+    fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|l| l.name() == name)
+    }
+}
 
 /// Capability flags a shader can be specialised on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -191,19 +224,44 @@ fn inject_line(names: &str, constants: &Constants) -> Result<String, String> {
 }
 
 /// Resolve `//#if FLAG` / `//#else` / `//#endif` blocks (not nested), replace the `//#inject`
-/// line by `constants`, and add the `enable` directives the kept code needs.
+/// line by `constants`, append the `//#include`d libraries, and add the `enable` directives the
+/// kept code needs.
 pub fn preprocess(
     source: &str,
     flags: ShaderFlags,
     constants: &Constants,
 ) -> Result<String, String> {
-    let mut out = String::with_capacity(source.len() + 256);
-    if flags.f16 && source.contains("//#if F16") {
+    let mut includes = Vec::new();
+    let body = expand(source, flags, Some(constants), &mut includes)?;
+    let mut out = String::with_capacity(body.len() + 256);
+    let uses_f16 = std::iter::once(source)
+        .chain(includes.iter().map(|l| l.source()))
+        .any(|text| text.contains("//#if F16"));
+    if flags.f16 && uses_f16 {
         // On line 1 (in front of its text) so that no line number moves.
         out.push_str("enable f16; ");
     }
     // Naga accepts subgroup builtins when the device has SUBGROUP; it rejects the
     // `enable subgroups;` directive itself, so none is added for them.
+    out.push_str(&body);
+    for library in includes {
+        out.push_str(&format!("// ---- included: {}.wgsl ----\n", library.name()));
+        let text = expand(library.source(), flags, None, &mut Vec::new())
+            .map_err(|e| format!("{}.wgsl: {e}", library.name()))?;
+        out.push_str(&text);
+    }
+    Ok(out)
+}
+
+/// One file's lines with its `//#if` blocks resolved, its `//#inject` line replaced (when
+/// `constants` is given: a library may inject nothing) and its `//#include`s collected.
+fn expand(
+    source: &str,
+    flags: ShaderFlags,
+    constants: Option<&Constants>,
+    includes: &mut Vec<Library>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(source.len() + 256);
     // (inside a block?, keeping lines?)
     let mut state: Option<bool> = None;
     let mut injected = false;
@@ -211,11 +269,20 @@ pub fn preprocess(
         let at = |reason: String| format!("line {}: {reason}", number + 1);
         let trimmed = line.trim();
         if let Some(names) = trimmed.strip_prefix(INJECT) {
-            if injected || state.is_some() {
-                return Err(at("//#inject must appear once, outside //#if blocks".into()));
-            }
+            let Some(constants) = constants.filter(|_| !injected && state.is_none()) else {
+                return Err(at(
+                    "//#inject must appear once, outside //#if blocks, in a shader".into(),
+                ));
+            };
             out.push_str(&inject_line(names, constants).map_err(at)?);
             injected = true;
+        } else if let Some(name) = trimmed.strip_prefix(INCLUDE) {
+            let library = Library::named(name.trim())
+                .filter(|_| constants.is_some() && state.is_none())
+                .ok_or_else(|| at(format!("cannot include '{}' here", name.trim())))?;
+            if !includes.contains(&library) {
+                includes.push(library);
+            }
         } else if let Some(flag) = trimmed.strip_prefix("//#if ") {
             if state.is_some() {
                 return Err(at("nested //#if".into()));
@@ -241,10 +308,12 @@ pub fn preprocess(
     if state.is_some() {
         return Err("missing //#endif".into());
     }
-    if !injected && constants.names().next().is_some() {
-        return Err(format!(
-            "the host gives {constants}, but the shader has no //#inject line"
-        ));
+    if let Some(constants) = constants {
+        if !injected && constants.names().next().is_some() {
+            return Err(format!(
+                "the host gives {constants}, but the shader has no //#inject line"
+            ));
+        }
     }
     Ok(out)
 }
@@ -310,6 +379,31 @@ mod tests {
         assert!(preprocess("fn f() {}\n", flags, &missing).is_err());
         let twice = "//#inject WG\n//#inject WG\n";
         assert!(preprocess(twice, flags, &missing).is_err());
+    }
+
+    #[test]
+    fn includes_are_appended_after_the_last_line() {
+        let src = "//#inject WG\n//#include blocks\nfn f() {}\n";
+        let constants = Constants::new(&[("WG", 64)]);
+        let out = preprocess(src, ShaderFlags::default(), &constants).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        // The shader's own lines keep their numbers; the library follows them.
+        assert_eq!(lines[1], "");
+        assert_eq!(lines[2], "fn f() {}");
+        assert_eq!(lines[3], "// ---- included: blocks.wgsl ----");
+        assert!(out.contains("fn load_unit("));
+        assert!(preprocess(
+            "//#include nothing\n",
+            ShaderFlags::default(),
+            &Constants::default()
+        )
+        .is_err());
+        assert!(preprocess(
+            "//#if F16\n//#include blocks\n//#endif\n",
+            ShaderFlags::default(),
+            &Constants::default()
+        )
+        .is_err());
     }
 
     /// No shader declares a constant the host injects: the Rust value is the only one.

@@ -2,8 +2,9 @@
 //!
 //! Activations are plain row-major buffers of f32 (or u32 for ids and indices). Weights are the
 //! `[N, K]` matrices of linear layers, stored exactly as Hugging Face stores them (output rows,
-//! input columns), as f16 packed two per u32 or as f32. Each weight row is padded with zeros to a
-//! multiple of 8 halves / 4 floats so kernels can read it with aligned vec4 loads, and a weight
+//! input columns), as f32, f16 or bf16 (two halves per u32), or as ggml blocks (`format.rs`).
+//! Each float row is padded with zeros to a multiple of 8 halves / 4 floats so kernels can read
+//! it with aligned vec4 loads, and a weight
 //! larger than the storage-binding limit is split by output rows into chunks, each its own buffer
 //! and its own dispatch (LLaVA-7B's embed_tokens and lm_head are 262 MB; many GPUs bind 128 MiB).
 
@@ -32,135 +33,7 @@ impl DType {
     }
 }
 
-/// Storage format of a weight matrix on the GPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WeightFormat {
-    /// IEEE half, two per u32 word (low half = even column), read with `unpack2x16float`.
-    F16,
-    F32,
-    /// ggml's Q8_0: blocks of 32 weights, one f16 scale `d` and 32 int8 `q`; weight = d·q.
-    Q8_0,
-    /// ggml's Q4_0: blocks of 32 weights, one f16 scale `d` and 16 bytes of nibbles (byte j:
-    /// element j in the low nibble, element j + 16 in the high one); weight = d·(q − 8).
-    Q4_0,
-}
-
-/// Weights per block of the block-quantized formats (ggml's QK8_0 = QK4_0 = 32).
-pub const QUANT_BLOCK: usize = 32;
-
-impl WeightFormat {
-    pub const ALL: [WeightFormat; 4] = [
-        WeightFormat::F32,
-        WeightFormat::F16,
-        WeightFormat::Q8_0,
-        WeightFormat::Q4_0,
-    ];
-
-    /// The lower-case name used in checkpoints' metadata and on the command line ("q4_0").
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightFormat::F16 => "f16",
-            WeightFormat::F32 => "f32",
-            WeightFormat::Q8_0 => "q8_0",
-            WeightFormat::Q4_0 => "q4_0",
-        }
-    }
-
-    /// The format called `name` (see [`Self::name`]).
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.name() == name)
-    }
-
-    /// Whether the format stores blocks of [`QUANT_BLOCK`] weights with a shared scale.
-    pub fn is_quantized(self) -> bool {
-        matches!(self, WeightFormat::Q8_0 | WeightFormat::Q4_0)
-    }
-
-    /// Bytes of one ggml block (f16 scale + quants): 34 for Q8_0, 18 for Q4_0; None otherwise.
-    pub fn block_bytes(self) -> Option<usize> {
-        self.quant_bytes_per_block().map(|q| 2 + q)
-    }
-
-    /// Bytes of a block's quants alone (its scale excluded).
-    pub fn quant_bytes_per_block(self) -> Option<usize> {
-        match self {
-            WeightFormat::Q8_0 => Some(QUANT_BLOCK),
-            WeightFormat::Q4_0 => Some(QUANT_BLOCK / 2),
-            WeightFormat::F16 | WeightFormat::F32 => None,
-        }
-    }
-
-    /// Rows of the float formats are padded to this many elements (one vec4 of 32-bit words);
-    /// quantized rows are whole blocks, which are already vec4-aligned (see [`Self::storage_bytes`]).
-    pub fn row_alignment(self) -> usize {
-        match self {
-            WeightFormat::F16 => 8,
-            WeightFormat::F32 => 4,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 => QUANT_BLOCK,
-        }
-    }
-
-    /// Bytes of one weight row as a kernel streams it (no padding; scales included).
-    pub fn row_bytes(self, cols: usize) -> usize {
-        match self {
-            WeightFormat::F16 => cols * 2,
-            WeightFormat::F32 => cols * 4,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
-                cols.div_ceil(QUANT_BLOCK) * self.block_bytes().unwrap_or(0)
-            }
-        }
-    }
-
-    /// Exact bytes of the GPU buffer holding an `[rows, cols]` weight in this format (no bias),
-    /// so buffers can be sized without data. A weight split into row chunks allocates this for
-    /// each chunk's rows; the sum equals `storage_bytes(n, cols)` since chunks hold multiples
-    /// of 64 rows except the last.
-    ///
-    /// Float rows are padded to [`Self::row_alignment`]. Quantized weights hold two regions, so
-    /// every load is an aligned u32/vec4 load (ggml's 34- and 18-byte blocks are not 4-byte
-    /// aligned, and WGSL has no 8- or 16-bit storage): first the quants of every block, row by
-    /// row (32 or 16 bytes a block, so each block starts on 16 bytes), then the f16 scales in
-    /// the same order, padded to 16 bytes. Block `b` of row `r` is scale `r·nb + b` followed by
-    /// quants `r·nb + b`: ggml's block bytes are recovered exactly (`quant::to_ggml_blocks`).
-    pub fn storage_bytes(self, rows: usize, cols: usize) -> u64 {
-        let bytes = match self {
-            WeightFormat::F16 | WeightFormat::F32 => {
-                rows * self.row_bytes(cols.next_multiple_of(self.row_alignment()))
-            }
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
-                let blocks = rows * cols.div_ceil(QUANT_BLOCK);
-                let quants = blocks * self.quant_bytes_per_block().unwrap_or(0);
-                quants + (blocks * 2).next_multiple_of(16)
-            }
-        };
-        bytes as u64
-    }
-
-    /// 32-bit words of one stored row in the float formats (None for quantized ones, whose
-    /// rows are split over two regions).
-    pub fn row_words(self, cols: usize) -> Option<usize> {
-        match self {
-            WeightFormat::F16 | WeightFormat::F32 => {
-                Some(self.row_bytes(cols.next_multiple_of(self.row_alignment())) / 4)
-            }
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 => None,
-        }
-    }
-}
-
-impl std::str::FromStr for WeightFormat {
-    type Err = Error;
-
-    fn from_str(name: &str) -> Result<Self> {
-        Self::from_name(name).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
-            Error::argument(
-                "weight_format",
-                format!("'{name}' is not one of {}", names.join(", ")),
-            )
-        })
-    }
-}
+pub use crate::gpu::format::{WeightFormat, QUANT_BLOCK};
 
 /// COPY_SRC lets a test read a weight's stored layout back (the ggml blocks of a quantized one).
 const WEIGHT_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -394,6 +267,9 @@ pub struct WeightChunk {
     /// First output row of the full matrix that this chunk holds.
     pub first_row: usize,
     pub rows: usize,
+    /// How the chunk's rows are stored. One weight's chunks share a format, except in a stack
+    /// of weights stored in different types ([`Weight::stack`]).
+    pub format: WeightFormat,
 }
 
 /// A linear layer's weight `W[N, K]` (HF layout), optionally with a bias `[N]`.
@@ -404,16 +280,13 @@ pub struct Weight {
     pub n: usize,
     /// Input features (columns).
     pub k: usize,
-    pub format: WeightFormat,
-    /// Elements per stored row (k rounded up to the format's row alignment).
-    pub row_stride: usize,
     pub chunks: Vec<WeightChunk>,
     pub bias: Option<Tensor>,
 }
 
 impl Weight {
-    /// Upload `W[N, K]` given as f32 values, converting to `format` (f16 rounds to nearest even).
-    /// Quantized formats take their blocks from [`Self::from_blocks`] instead.
+    /// Upload `W[N, K]` given as f32 values, converting to the float `format` (f16 and bf16
+    /// round to nearest even). Block formats take their blocks from [`Self::from_blocks`].
     pub fn from_f32(
         gpu: &Gpu,
         name: &str,
@@ -423,8 +296,16 @@ impl Weight {
         format: WeightFormat,
     ) -> Result<Self> {
         check_len(name, n, k, data.len(), "values")?;
-        let row_words = match format.row_words(k) {
-            Some(words) if !format.is_quantized() => words,
+        let bits: Vec<u8> = match format {
+            WeightFormat::F32 => bytemuck::cast_slice(data).to_vec(),
+            WeightFormat::F16 => data
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+            WeightFormat::BF16 => data
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
             _ => {
                 return Err(Error::shape(
                     name,
@@ -432,45 +313,63 @@ impl Weight {
                 ))
             }
         };
-        Self::upload(gpu, name, n, k, format, |first_row, rows, out| {
-            for r in 0..rows {
-                let src = &data[(first_row + r) * k..(first_row + r + 1) * k];
-                let dst = &mut out[r * row_words..(r + 1) * row_words];
-                if format == WeightFormat::F32 {
-                    bytemuck::cast_slice_mut::<u32, f32>(dst)[..k].copy_from_slice(src);
-                } else {
-                    let halves: &mut [u16] = bytemuck::cast_slice_mut(dst);
-                    for (d, s) in halves.iter_mut().zip(src) {
-                        *d = f16::from_f32(*s).to_bits();
-                    }
-                }
-            }
-        })
+        Self::from_elements(gpu, name, n, k, format, &bits)
     }
 
     /// Upload `W[N, K]` given as IEEE halves (what f16 checkpoints hold), kept as f16.
     pub fn from_f16(gpu: &Gpu, name: &str, n: usize, k: usize, data: &[f16]) -> Result<Self> {
-        check_len(name, n, k, data.len(), "values")?;
-        let row_words = WeightFormat::F16.row_words(k).unwrap_or(0);
-        Self::upload(
+        Self::from_elements(
             gpu,
             name,
             n,
             k,
             WeightFormat::F16,
-            |first_row, rows, out| {
-                for r in 0..rows {
-                    let dst: &mut [f16] =
-                        bytemuck::cast_slice_mut(&mut out[r * row_words..(r + 1) * row_words]);
-                    dst[..k].copy_from_slice(&data[(first_row + r) * k..(first_row + r + 1) * k]);
-                }
-            },
+            bytemuck::cast_slice(data),
         )
     }
 
-    /// Upload `W[N, K]` given as ggml blocks (Q8_0 or Q4_0, row-major: row r holds blocks
-    /// `r·K/32 ..`), unchanged except for the split into the quants and scales regions that
-    /// [`WeightFormat::storage_bytes`] describes. K must be a multiple of 32.
+    /// Upload `W[N, K]` given as the little-endian elements of the float `format` (f32, f16 or
+    /// bf16 bits, as a checkpoint file stores them), each row padded to the format's alignment.
+    pub fn from_elements(
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        let (Some(size), Some(row_words)) = (format.element_bytes(), format.row_words(k)) else {
+            return Err(Error::shape(name, format!("{format:?} is a block format")));
+        };
+        check_len(name, n, k * size, bytes.len(), "bytes")?;
+        Self::upload(gpu, name, n, k, format, |first_row, rows, out| {
+            let dst: &mut [u8] = bytemuck::cast_slice_mut(out);
+            for r in 0..rows {
+                let src = &bytes[(first_row + r) * k * size..][..k * size];
+                dst[r * row_words * 4..][..k * size].copy_from_slice(src);
+            }
+        })
+    }
+
+    /// Upload `W[N, K]` given as the bytes of `format`: float elements or ggml blocks.
+    pub fn from_stored(
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+        bytes: &[u8],
+    ) -> Result<Self> {
+        if format.is_quantized() {
+            Self::from_blocks(gpu, name, n, k, format, bytes)
+        } else {
+            Self::from_elements(gpu, name, n, k, format, bytes)
+        }
+    }
+
+    /// Upload `W[N, K]` given as ggml blocks of `format` (row-major: row r holds blocks
+    /// `r·K/B ..`), unchanged except for the split into bodies and scale fields that
+    /// [`WeightFormat::storage_bytes`] describes. K must be a multiple of the block size.
     pub fn from_blocks(
         gpu: &Gpu,
         name: &str,
@@ -479,31 +378,63 @@ impl Weight {
         format: WeightFormat,
         blocks: &[u8],
     ) -> Result<Self> {
-        let (Some(block_bytes), Some(quant_bytes)) =
-            (format.block_bytes(), format.quant_bytes_per_block())
-        else {
+        let Some(layout) = format.blocks() else {
             return Err(Error::shape(
                 name,
                 format!("{format:?} is not a block format"),
             ));
         };
-        if !k.is_multiple_of(QUANT_BLOCK) {
-            return Err(Error::shape(
-                name,
-                format!("rows of {k} values are not whole blocks of {QUANT_BLOCK}"),
-            ));
-        }
-        let per_row = k / QUANT_BLOCK;
-        check_len(name, n, per_row * block_bytes, blocks.len(), "block bytes")?;
+        format.check_row(name, k)?;
+        let per_row = k / layout.weights;
+        check_len(name, n, per_row * layout.bytes, blocks.len(), "block bytes")?;
+        let body_bytes = layout.body_bytes();
         Self::upload(gpu, name, n, k, format, |first_row, rows, out| {
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
             let count = rows * per_row;
-            let (quants, scales) = bytes.split_at_mut(count * quant_bytes);
-            let src = &blocks[first_row * per_row * block_bytes..][..count * block_bytes];
-            for (i, block) in src.chunks_exact(block_bytes).enumerate() {
-                scales[i * 2..i * 2 + 2].copy_from_slice(&block[..2]);
-                quants[i * quant_bytes..(i + 1) * quant_bytes].copy_from_slice(&block[2..]);
+            let (bodies, scales) = bytes.split_at_mut(count * body_bytes);
+            let src = &blocks[first_row * per_row * layout.bytes..][..count * layout.bytes];
+            for (i, block) in src.chunks_exact(layout.bytes).enumerate() {
+                let (body, scale) = layout.split(block);
+                bodies[i * body_bytes..(i + 1) * body_bytes].copy_from_slice(&body);
+                scales[i * scale.len()..(i + 1) * scale.len()].copy_from_slice(scale);
             }
+        })
+    }
+
+    /// The weights `parts`, which share K, stacked by rows into one `[Σn, K]` weight: their
+    /// chunks, renumbered, each in its own format (a GGUF file may store LLaMA's gate and up
+    /// projections in different types). Their biases are not kept.
+    pub fn stack(name: &str, parts: Vec<Weight>) -> Result<Self> {
+        let k = parts.first().map_or(0, |p| p.k);
+        let mut chunks = Vec::new();
+        let mut n = 0;
+        for part in parts {
+            if part.k != k || part.bias.is_some() {
+                return Err(Error::shape(
+                    name,
+                    format!(
+                        "cannot stack {} [{}, {}] under K = {k}",
+                        part.name, part.n, part.k
+                    ),
+                ));
+            }
+            for chunk in part.chunks {
+                chunks.push(WeightChunk {
+                    first_row: n + chunk.first_row,
+                    ..chunk
+                });
+            }
+            n += part.n;
+        }
+        if n == 0 {
+            return Err(Error::shape(name, "a stack of no weights"));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            n,
+            k,
+            chunks,
+            bias: None,
         })
     }
 
@@ -533,6 +464,7 @@ impl Weight {
         k: usize,
         format: WeightFormat,
     ) -> Result<Self> {
+        format.check_row(name, k)?;
         Self::build(gpu, name, n, k, format, |_, rows| {
             let descriptor = wgpu::BufferDescriptor {
                 label: Some(name),
@@ -582,8 +514,7 @@ impl Weight {
         if n == 0 || k == 0 {
             return Err(Error::shape(name, format!("weight [{n}, {k}] is empty")));
         }
-        let row_stride = k.next_multiple_of(format.row_alignment());
-        // A quantized chunk's scales region is padded by up to 14 bytes: keep room for it.
+        // A block format's scales region is padded by up to 14 bytes: keep room for it.
         let (binding, row_bytes) = match format.row_words(k) {
             Some(words) => (gpu.max_binding_bytes, words * 4),
             None => (
@@ -601,6 +532,7 @@ impl Weight {
                 buffer: chunk_buffer(first_row, rows),
                 first_row,
                 rows,
+                format,
             });
             first_row += rows;
         }
@@ -608,8 +540,6 @@ impl Weight {
             name: name.to_string(),
             n,
             k,
-            format,
-            row_stride,
             chunks,
             bias: None,
         })
@@ -632,6 +562,17 @@ impl Weight {
         Ok(self)
     }
 
+    /// The formats of the weight's chunks, each once, in row order.
+    pub fn formats(&self) -> Vec<WeightFormat> {
+        formats_of([self])
+    }
+
+    /// The formats' names joined by `+` ("q4_k", or "q4_k+q6_k" for a mixed stack).
+    pub fn format_label(&self) -> String {
+        let names: Vec<&str> = self.formats().iter().map(|f| f.name()).collect();
+        names.join("+")
+    }
+
     /// Bytes the weight occupies on the GPU (padding included).
     pub fn gpu_bytes(&self) -> u64 {
         let chunks: u64 = self.chunks.iter().map(|c| c.buffer.size()).sum();
@@ -640,7 +581,22 @@ impl Weight {
 
     /// Bytes a kernel streams to read the whole weight once (no padding).
     pub fn stream_bytes(&self) -> u64 {
-        (self.n * self.format.row_bytes(self.k)) as u64
-            + self.bias.as_ref().map_or(0, |b| b.bytes())
+        let rows: usize = self
+            .chunks
+            .iter()
+            .map(|c| c.rows * c.format.row_bytes(self.k))
+            .sum();
+        rows as u64 + self.bias.as_ref().map_or(0, |b| b.bytes())
     }
+}
+
+/// The formats of every chunk of `weights`, each once, in order of appearance.
+pub fn formats_of<'w>(weights: impl IntoIterator<Item = &'w Weight>) -> Vec<WeightFormat> {
+    let mut formats: Vec<WeightFormat> = Vec::new();
+    for chunk in weights.into_iter().flat_map(|w| &w.chunks) {
+        if !formats.contains(&chunk.format) {
+            formats.push(chunk.format);
+        }
+    }
+    formats
 }

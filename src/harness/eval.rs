@@ -245,7 +245,7 @@ fn evaluate(
     for (i, ex) in examples.iter().enumerate() {
         let mut request = GenerateRequest::new(&ex.image, &ex.question);
         request.max_new_tokens = max_new_tokens;
-        request.template = engine.config.default_template();
+        request.template = engine.template;
         // LLaVA-NeXT's visual tokens depend on the image's size; the budget follows them.
         let n0 = engine.visual_tokens_of(&ex.image)?;
         // A different random selection per question, reproducible.

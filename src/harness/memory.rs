@@ -32,12 +32,11 @@ pub struct MemoryReport {
     pub rows: Vec<MemoryRow>,
 }
 
-/// Allocate (and free) the buffers of `request` under each setting in turn; `formats` names the
-/// language model's and the vision tower's weight formats for the report.
+/// Allocate (and free) the buffers of `request` under each setting in turn; the report names
+/// the language model's and the vision tower's weight formats (`Engine::weight_labels`).
 pub fn measure(
     engine: &Engine,
     model_label: &str,
-    formats: [&str; 2],
     settings: &[Setting],
     request: &GenerateRequest,
 ) -> Result<MemoryReport> {
@@ -55,8 +54,8 @@ pub fn measure(
     Ok(MemoryReport {
         model: model_label.to_string(),
         adapter: engine.gpu.describe(),
-        weights_format: formats[0].to_string(),
-        vision_weights_format: formats[1].to_string(),
+        weights_format: engine.weight_labels[0].clone(),
+        vision_weights_format: engine.weight_labels[1].clone(),
         kv_format: format!("{:?}", engine.kv_dtype).to_lowercase(),
         rows,
     })

@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::activation::{self, Activation};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::linear::matmul;
-use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight};
+use crate::gpu::tensor::formats_of;
+use crate::gpu::{DType, Gpu, Recorder, Tensor, Weight, WeightFormat};
 use crate::model::config::VisionConfig;
 use crate::model::loader::Loader;
 use crate::model::norm::LayerNorm;
@@ -93,7 +94,7 @@ impl ClipEmbeddings {
             d,
             channels * p * p,
             &values,
-            loader.float_format(),
+            loader.float_format("patch_embedding")?,
         )?;
         // The class embedding only ever sits at position 0: fold it into that position's row.
         let class = loader.f32("class_embedding", &[d])?;
@@ -221,6 +222,15 @@ impl ClipLayer {
 }
 
 impl ClipVision {
+    /// The formats its matrices are stored in, each once.
+    pub fn formats(&self) -> Vec<WeightFormat> {
+        let layers = self.layers.iter().flat_map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj, &m.fc1, &m.fc2]
+        });
+        formats_of(std::iter::once(&self.embeddings.patch_embedding).chain(layers))
+    }
+
     /// Load the embeddings, `pre_layrnorm` and the first `layers` encoder layers from `loader`
     /// scoped at the vision tower (`vision.*` canonical keys).
     pub fn load(

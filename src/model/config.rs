@@ -180,7 +180,7 @@ impl LlavaConfig {
 
 /// The most crops along one side of a pinpoint: llava-hf's lists use at most 3, the anyres-max
 /// variants 6; more would be a broken file, not a model.
-const MAX_CROPS_PER_SIDE: usize = 16;
+pub const MAX_CROPS_PER_SIDE: usize = 16;
 
 struct Reader {
     path: PathBuf,

@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::rope::{self, RopeTable};
 use crate::gpu::kernels::{activation, kv_store, linear};
-use crate::gpu::{DType, Gpu, MemoryKind, Recorder, Tensor, Weight};
+use crate::gpu::tensor::formats_of;
+use crate::gpu::{DType, Gpu, MemoryKind, Recorder, Tensor, Weight, WeightFormat};
 use crate::model::config::TextConfig;
 use crate::model::loader::Loader;
 use crate::model::norm::RmsNorm;
@@ -388,6 +389,22 @@ impl LlamaLayer {
 }
 
 impl Llama {
+    /// The formats its matrices are stored in, each once.
+    pub fn formats(&self) -> Vec<WeightFormat> {
+        let layers = self.layers.iter().flat_map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_up_proj,
+                &m.down_proj,
+            ]
+        });
+        formats_of(layers.chain(std::iter::once(&self.lm_head)))
+    }
+
     /// Load `LlamaForCausalLM` from the checkpoint's root scope: the decoder from `text.*`
     /// (`LlamaModel`) and the head from `lm_head`.
     pub fn load(root: &Loader, config: &TextConfig, mut progress: impl FnMut()) -> Result<Self> {

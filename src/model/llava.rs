@@ -14,24 +14,30 @@ use crate::gpu::kernels::topk::{self, Segment};
 use crate::gpu::{DType, Gpu, GpuOptions, Recorder, Tensor, WeightFormat};
 use crate::model::clip::ClipVision;
 use crate::model::config::LlavaConfig;
+use crate::model::gguf::{self, GgufPair};
 use crate::model::image_cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
 use crate::model::llama::{KvCache, Llama};
-use crate::model::loader::Loader;
+use crate::model::loader::{Formats, Loader};
 use crate::model::projector::Projector;
 use crate::model::weights::Checkpoint;
-use crate::text::TextTokenizer;
+use crate::quant::Mix;
+use crate::text::{Template, TextTokenizer};
 use crate::vision::ImageProcessorConfig;
 
 /// How to load a model.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EngineOptions {
     pub gpu: GpuOptions,
+    /// The mmproj GGUF (vision tower and projector) of a GGUF text model given as the model.
+    pub mmproj: Option<PathBuf>,
     /// Matrix weights of the language model (decoder linear layers and `lm_head`) on the GPU:
-    /// f16 (default), f32 (exact parity checks), or ggml's Q8_0 / Q4_0 blocks (quantized at
-    /// load from float checkpoints, or read as stored from a `quantize`d one).
-    pub weight_format: WeightFormat,
+    /// one format (f32 for exact parity checks; ggml's block formats quantized at load from
+    /// float checkpoints, or read as stored from a `quantize`d one) or llama-quantize's Q4_K_M
+    /// mix. None: as stored for GGUF files and `quantize`d checkpoints, f16 otherwise. A GGUF
+    /// file always runs as stored: asking for a format is an error.
+    pub weight_format: Option<Mix>,
     /// Matrix weights of the vision tower and projector; `None`: the same as `weight_format`
-    /// when that is f16 or f32, f16 when it is quantized.
+    /// when that is a float format, f16 when it is quantized (as stored for GGUF).
     pub vision_weight_format: Option<WeightFormat>,
     /// Show a progress bar on stderr while weights upload.
     pub progress: bool,
@@ -47,29 +53,21 @@ pub struct EngineOptions {
     pub kv: Option<DType>,
 }
 
-impl Default for EngineOptions {
-    fn default() -> Self {
-        Self {
-            gpu: GpuOptions::default(),
-            weight_format: WeightFormat::F16,
-            vision_weight_format: None,
-            progress: false,
-            allocate_only: false,
-            text_layers: None,
-            kv: None,
-        }
-    }
-}
-
 impl EngineOptions {
+    /// The language model's matrices' formats for a checkpoint of safetensors: as asked, or
+    /// the checkpoint's stored block format (a `quantize`d one), or f16.
+    pub fn text_mix(&self, checkpoint: &Checkpoint) -> Mix {
+        self.weight_format
+            .or_else(|| checkpoint.stored_block_format().map(Mix::Uniform))
+            .unwrap_or(Mix::Uniform(WeightFormat::F16))
+    }
+
     /// The format the vision tower and projector load in (see `vision_weight_format`).
-    pub fn vision_format(&self) -> WeightFormat {
-        self.vision_weight_format
-            .unwrap_or(if self.weight_format.is_quantized() {
-                WeightFormat::F16
-            } else {
-                self.weight_format
-            })
+    pub fn vision_format(&self, text: Mix) -> WeightFormat {
+        self.vision_weight_format.unwrap_or(match text {
+            Mix::Uniform(format) if !format.is_quantized() => format,
+            _ => WeightFormat::F16,
+        })
     }
 }
 
@@ -78,6 +76,17 @@ pub struct Engine {
     pub gpu: Gpu,
     pub model_dir: PathBuf,
     pub config: LlavaConfig,
+    /// The prompt format the model was trained with: the checkpoint kind's (llava-hf
+    /// checkpoints, `LlavaConfig::default_template`) or the one a GGUF file's chat template
+    /// names.
+    pub template: Template,
+    /// Whether images are padded to a square unless a request says otherwise: GGUF LLaVA-1.5
+    /// pairs are, as the original LLaVA and llama.cpp evaluate them; llava-hf checkpoints are
+    /// centre-cropped, as their processor does; LLaVA-NeXT never pads.
+    pub pads_by_default: bool,
+    /// What the language model's and the vision tower's weights are stored in, for labels:
+    /// `q4_k_m`, `f16`, or `as stored (q4_k, q6_k)` for a GGUF file.
+    pub weight_labels: [String; 2],
     pub checkpoint: Checkpoint,
     pub tokenizer: TextTokenizer,
     pub image_processor: ImageProcessorConfig,
@@ -98,11 +107,21 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Load a llava-hf model directory, or a GGUF pair: a text GGUF (with
+    /// `options.mmproj`) or a directory holding a text and an mmproj GGUF.
     pub fn load(model_dir: &Path, options: EngineOptions) -> Result<Self> {
+        if options.mmproj.is_some() || gguf::is_gguf_model(model_dir) {
+            return Self::load_gguf(model_dir, options);
+        }
         if !model_dir.is_dir() {
+            let reason = if model_dir.exists() {
+                "not a model directory (llava-hf layout) nor a GGUF file"
+            } else {
+                "model directory not found"
+            };
             return Err(Error::File {
                 path: model_dir.to_path_buf(),
-                reason: "model directory not found".into(),
+                reason: reason.into(),
             });
         }
         let config = LlavaConfig::load(model_dir)?;
@@ -113,14 +132,51 @@ impl Engine {
         )?;
         let image_processor = ImageProcessorConfig::load(model_dir, config.vision.image_size)?;
         let checkpoint = Checkpoint::open(model_dir)?;
-        Self::from_parts(
-            model_dir,
+        let parts = Parts {
+            template: config.default_template(),
+            pads_by_default: false,
             config,
             tokenizer,
             image_processor,
             checkpoint,
-            options,
-        )
+        };
+        Self::from_parts(model_dir, parts, options)
+    }
+
+    /// A GGUF pair: configuration, tokenizer and image settings from the files' metadata,
+    /// every weight in the type it is stored in.
+    fn load_gguf(model: &Path, options: EngineOptions) -> Result<Self> {
+        if let Some(mix) = options.weight_format {
+            return Err(Error::argument(
+                "weight_format",
+                format!(
+                    "{} was asked for, but a GGUF model runs in the types its files store \
+                     (nothing is requantized): leave the weight format out",
+                    mix.name()
+                ),
+            ));
+        }
+        if let Some(format) = options.vision_weight_format {
+            return Err(Error::argument(
+                "vision_weight_format",
+                format!(
+                    "{} was asked for, but the mmproj file's types are used as stored",
+                    format.name()
+                ),
+            ));
+        }
+        let pair = GgufPair::open(model, options.mmproj.as_deref())?;
+        let config = pair.config()?;
+        let tokenizer = TextTokenizer::from_vocab(pair.vocab()?, config.image_token_index)?;
+        let parts = Parts {
+            image_processor: pair.image_processor(config.vision.image_size)?,
+            template: pair.template()?,
+            pads_by_default: config.anyres.is_none(),
+            config,
+            tokenizer,
+            checkpoint: Checkpoint::from_gguf(model, pair),
+        };
+        Self::from_parts(model, parts, options)
     }
 
     /// A LLaVA-shaped model with random weights from a named preset (see `presets.rs`), built
@@ -131,26 +187,45 @@ impl Engine {
         let image_processor = ImageProcessorConfig::clip_default(config.vision.image_size);
         let checkpoint =
             Checkpoint::synthetic(preset, crate::model::presets::tensor_shapes(&config));
-        Self::from_parts(
-            Path::new(preset),
+        let parts = Parts {
+            template: config.default_template(),
+            pads_by_default: false,
             config,
             tokenizer,
             image_processor,
             checkpoint,
-            options,
-        )
+        };
+        Self::from_parts(Path::new(preset), parts, options)
     }
 
-    fn from_parts(
-        model_dir: &Path,
-        config: LlavaConfig,
-        tokenizer: TextTokenizer,
-        image_processor: ImageProcessorConfig,
-        checkpoint: Checkpoint,
-        options: EngineOptions,
-    ) -> Result<Self> {
+    /// How the language model's and the vision tower's matrices are stored on the GPU.
+    fn formats(checkpoint: &Checkpoint, options: &EngineOptions, layers: usize) -> [Formats; 2] {
+        if checkpoint.gguf().is_some() {
+            return [Formats::AsStored, Formats::AsStored];
+        }
+        let mix = options.text_mix(checkpoint);
+        let vision = Mix::Uniform(options.vision_format(mix));
+        [
+            Formats::Mix { mix, layers },
+            Formats::Mix {
+                mix: vision,
+                layers,
+            },
+        ]
+    }
+
+    fn from_parts(model_dir: &Path, parts: Parts, options: EngineOptions) -> Result<Self> {
         let start = Instant::now();
-        let mut config = config;
+        let Parts {
+            mut config,
+            tokenizer,
+            image_processor,
+            checkpoint,
+            template,
+            pads_by_default,
+        } = parts;
+        let [text_formats, vision_formats] =
+            Self::formats(&checkpoint, &options, config.text.num_hidden_layers);
         if let Some(layers) = options.text_layers {
             let depth = config.text.num_hidden_layers;
             if layers == 0 || layers > depth {
@@ -168,13 +243,8 @@ impl Engine {
         let vision_layers = config.vision_layers_to_run();
         let steps = (vision_layers + 1 + config.text.num_hidden_layers + 2) as u64;
         let bar = upload_progress(options.progress, steps);
-        let root = Loader::new(
-            &gpu,
-            &checkpoint,
-            options.weight_format,
-            options.allocate_only,
-        );
-        let vision_root = root.with_format(options.vision_format());
+        let root = Loader::new(&gpu, &checkpoint, text_formats, options.allocate_only);
+        let vision_root = root.with_formats(vision_formats);
         let vision = ClipVision::load(
             &vision_root.scope("vision"),
             &config.vision,
@@ -195,10 +265,17 @@ impl Engine {
         let weight_bytes = gpu.memory_stats().live.weights;
         bar.finish_and_clear();
         gpu.wait("weight upload")?;
+        let weight_labels = [
+            weight_label(text_formats, &llama.formats()),
+            weight_label(vision_formats, &vision.formats()),
+        ];
         let engine = Self {
             gpu,
             model_dir: model_dir.to_path_buf(),
             config,
+            template,
+            pads_by_default,
+            weight_labels,
             checkpoint,
             tokenizer,
             image_processor,
@@ -337,6 +414,28 @@ impl Engine {
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.checkpoint
             .embedding_rows("text.embed_tokens.weight", ids)
+    }
+}
+
+/// What a model is made of before its weights are on the GPU.
+struct Parts {
+    config: LlavaConfig,
+    tokenizer: TextTokenizer,
+    image_processor: ImageProcessorConfig,
+    checkpoint: Checkpoint,
+    template: Template,
+    pads_by_default: bool,
+}
+
+/// A label for how matrices were stored: the mix asked for (`q4_k_m`, `f16`), or the formats
+/// a GGUF file holds them in (`gguf q4_k+q6_k`).
+fn weight_label(formats: Formats, held: &[WeightFormat]) -> String {
+    match formats {
+        Formats::Mix { mix, .. } => mix.name().to_string(),
+        Formats::AsStored => {
+            let names: Vec<&str> = held.iter().map(|f| f.name()).collect();
+            format!("gguf {}", names.join("+"))
+        }
     }
 }
 

@@ -8,9 +8,18 @@
 use std::fmt::Display;
 
 use crate::error::Result;
-use crate::gpu::tensor::QUANT_BLOCK;
 use crate::gpu::{Gpu, MemoryKind, Tensor, Weight, WeightFormat};
 use crate::model::weights::Checkpoint;
+use crate::quant::{Mix, TensorRole};
+
+/// How the loader chooses each matrix's format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Formats {
+    /// As `mix` chooses for a decoder of `layers` layers (the depth its per-layer rules read).
+    Mix { mix: Mix, layers: usize },
+    /// Each matrix in the format its file stores it in: a GGUF pair runs as stored.
+    AsStored,
+}
 
 /// Reads tensors under one key prefix and uploads them (counted as weights by the device's
 /// allocation tracker).
@@ -18,25 +27,41 @@ use crate::model::weights::Checkpoint;
 pub struct Loader<'a> {
     pub gpu: &'a Gpu,
     pub checkpoint: &'a Checkpoint,
-    /// Format of matrix weights (norm weights, biases and embeddings stay f32).
-    pub format: WeightFormat,
+    /// Formats of matrix weights (norm weights, biases and embeddings stay f32).
+    pub formats: Formats,
     /// Create the matrix weights' buffers without reading or uploading their values (shapes
     /// are still checked): `llava-wgpu memory` measures a model this way.
     pub allocate_only: bool,
     prefix: String,
 }
 
+/// What a decoder matrix is, from its canonical key, for a [`Mix`]'s per-tensor rules.
+fn role(key: &str) -> TensorRole {
+    let layer = |rest: &str| rest.split('.').next().and_then(|i| i.parse().ok());
+    if key == "lm_head" || key == "text.embed_tokens" {
+        return TensorRole::Output;
+    }
+    if let Some(rest) = key.strip_prefix("text.layers.") {
+        match (layer(rest), rest.split_once('.').map(|(_, f)| f)) {
+            (Some(i), Some("self_attn.v_proj")) => return TensorRole::AttentionValue(i),
+            (Some(i), Some("mlp.down_proj")) => return TensorRole::FeedForwardDown(i),
+            _ => {}
+        }
+    }
+    TensorRole::Other
+}
+
 impl<'a> Loader<'a> {
     pub fn new(
         gpu: &'a Gpu,
         checkpoint: &'a Checkpoint,
-        format: WeightFormat,
+        formats: Formats,
         allocate_only: bool,
     ) -> Self {
         Self {
             gpu,
             checkpoint,
-            format,
+            formats,
             allocate_only,
             prefix: String::new(),
         }
@@ -65,7 +90,8 @@ impl<'a> Loader<'a> {
     }
 
     /// Several linear layers with the same input stacked into one [Σn, k] weight (e.g. LLaMA's
-    /// gate and up projections), so one matmul computes them all.
+    /// gate and up projections), so one matmul computes them all. Parts stored in different
+    /// formats (a GGUF file may do that) become chunks of one weight, each in its own format.
     pub fn linear_stack(
         &self,
         names: &[&str],
@@ -75,19 +101,24 @@ impl<'a> Loader<'a> {
     ) -> Result<Weight> {
         let keys: Vec<String> = names.iter().map(|name| self.key(name)).collect();
         let label = keys.join("+");
-        let n = n_each * keys.len();
-        let format = self.format_for(&label, k);
-        let mut weight = if self.allocate_only {
-            for key in &keys {
-                self.checkpoint
-                    .check(&format!("{key}.weight"), &[n_each, k])?;
-            }
-            Weight::allocate(self.gpu, &label, n, k, format)?
+        let formats = keys
+            .iter()
+            .map(|key| self.format_for(key, k))
+            .collect::<Result<Vec<_>>>()?;
+        let mut weight = if formats.iter().all(|&f| f == formats[0]) {
+            self.upload_matrix(&keys, &label, n_each, k, formats[0])?
         } else {
-            self.upload_matrix(&keys, &label, n_each, k, format)?
+            let parts = keys
+                .iter()
+                .zip(&formats)
+                .map(|(key, &format)| {
+                    self.upload_matrix(std::slice::from_ref(key), key, n_each, k, format)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Weight::stack(&label, parts)?
         };
         if bias {
-            let mut values = Vec::with_capacity(n);
+            let mut values = Vec::with_capacity(n_each * keys.len());
             for key in &keys {
                 values.extend(self.checkpoint.f32(&format!("{key}.bias"), &[n_each])?);
             }
@@ -96,42 +127,57 @@ impl<'a> Loader<'a> {
         Ok(weight)
     }
 
-    /// This scope with matrix weights in `format` (the vision tower and projector may differ
-    /// from the language model).
-    pub fn with_format(&self, format: WeightFormat) -> Self {
+    /// This scope with matrix weights chosen by `formats` (the vision tower and projector may
+    /// differ from the language model).
+    pub fn with_formats(&self, formats: Formats) -> Self {
         Self {
-            format,
+            formats,
             ..self.clone()
         }
     }
 
-    /// The format of float-only weights (a convolution's patch embedding): this scope's format,
-    /// or f16 where that is a block format.
-    pub fn float_format(&self) -> WeightFormat {
-        if self.format.is_quantized() {
+    /// The format of the float-only weight `name` (a convolution's patch embedding): as stored
+    /// when that is a float format and the loader keeps stored formats; otherwise a uniform
+    /// float format, or f16.
+    pub fn float_format(&self, name: &str) -> Result<WeightFormat> {
+        let format = match self.formats {
+            Formats::AsStored => self.checkpoint.stored_format(&self.key(name))?,
+            Formats::Mix {
+                mix: Mix::Uniform(format),
+                ..
+            } => format,
+            Formats::Mix { .. } => WeightFormat::F16,
+        };
+        Ok(if format.is_quantized() {
             WeightFormat::F16
         } else {
-            self.format
-        }
+            format
+        })
     }
 
-    /// The format a `[_, k]` weight is stored in: this scope's, except that rows which are not
-    /// whole blocks of 32 stay f16 (as llama.cpp's quantizer leaves such tensors unquantized),
-    /// which the load reports on stderr.
-    fn format_for(&self, label: &str, k: usize) -> WeightFormat {
-        if self.format.is_quantized() && !k.is_multiple_of(QUANT_BLOCK) {
-            eprintln!(
-                "{label}: rows of {k} values are not whole blocks of {QUANT_BLOCK}; kept in f16 \
-                 instead of {:?}",
-                self.format
-            );
-            return WeightFormat::F16;
+    /// The format the `[_, k]` weight `key` is stored in on the GPU.
+    fn format_for(&self, key: &str, k: usize) -> Result<WeightFormat> {
+        let Formats::Mix { mix, layers } = self.formats else {
+            return self.checkpoint.stored_format(&format!("{key}.weight"));
+        };
+        let format = mix.format_for(role(key), layers, k);
+        if let Mix::Uniform(wanted) = mix {
+            if format != wanted {
+                // As llama.cpp's quantizer leaves such tensors, and says so.
+                eprintln!(
+                    "{key}: rows of {k} values are not whole blocks of {}; kept in {} \
+                     instead of {}",
+                    wanted.block_weights(),
+                    format.name(),
+                    wanted.name()
+                );
+            }
         }
-        self.format
+        Ok(format)
     }
 
-    /// The weights `keys` stacked into one [n_each · keys, k] matrix, uploaded in `format`
-    /// (quantized formats from the checkpoint's blocks, or quantized now).
+    /// The weights `keys` stacked into one [n_each · keys, k] matrix in `format` (stored bytes
+    /// as they are, float values converted or quantized now).
     fn upload_matrix(
         &self,
         keys: &[String],
@@ -141,40 +187,24 @@ impl<'a> Loader<'a> {
         format: WeightFormat,
     ) -> Result<Weight> {
         let n = n_each * keys.len();
-        Ok(match format {
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 => {
-                let mut blocks = Vec::new();
-                for key in keys {
-                    let name = format!("{key}.weight");
-                    blocks.extend_from_slice(&self.checkpoint.blocks(
-                        &name,
-                        &[n_each, k],
-                        format,
-                    )?);
-                }
-                Weight::from_blocks(self.gpu, label, n, k, format, &blocks)?
+        if self.allocate_only {
+            for key in keys {
+                self.checkpoint
+                    .check(&format!("{key}.weight"), &[n_each, k])?;
             }
-            WeightFormat::F16 => {
-                let mut values = Vec::with_capacity(n * k);
-                for key in keys {
-                    values.extend(
-                        self.checkpoint
-                            .f16(&format!("{key}.weight"), &[n_each, k])?,
-                    );
-                }
-                Weight::from_f16(self.gpu, label, n, k, &values)?
+            return Weight::allocate(self.gpu, label, n, k, format);
+        }
+        let mut bytes = Vec::new();
+        for key in keys {
+            let part = self
+                .checkpoint
+                .matrix(&format!("{key}.weight"), &[n_each, k], format)?;
+            if keys.len() == 1 {
+                return Weight::from_stored(self.gpu, label, n, k, format, &part);
             }
-            WeightFormat::F32 => {
-                let mut values = Vec::with_capacity(n * k);
-                for key in keys {
-                    values.extend(
-                        self.checkpoint
-                            .f32(&format!("{key}.weight"), &[n_each, k])?,
-                    );
-                }
-                Weight::from_f32(self.gpu, label, n, k, &values, WeightFormat::F32)?
-            }
-        })
+            bytes.extend_from_slice(&part);
+        }
+        Weight::from_stored(self.gpu, label, n, k, format, &bytes)
     }
 
     /// The tensor `name` as f32 values on the host, checked against `shape`.

@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod gguf;
 pub mod image_cache;
 pub mod llama;
 pub mod llava;
@@ -10,6 +11,7 @@ pub mod norm;
 pub mod presets;
 pub mod projector;
 pub mod quantize;
+pub mod stored;
 pub mod weights;
 
 pub use config::LlavaConfig;

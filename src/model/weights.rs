@@ -1,5 +1,6 @@
 //! Checkpoint tensors: `model.safetensors`, or `model.safetensors.index.json` with shards, memory
-//! mapped; f32/f16/bf16 converted with `half`; both llava-hf key layouts.
+//! mapped; f32/f16/bf16 converted with `half`; both llava-hf key layouts; or a GGUF pair
+//! (`gguf/`), whose names map onto the same canonical names.
 //!
 //! Tensors are requested by a canonical name (`vision.encoder.layers.0.mlp.fc1.weight`,
 //! `projector.linear_1.weight`, `text.layers.0.self_attn.q_proj.weight`, `lm_head.weight`) and
@@ -19,6 +20,8 @@ use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
 use crate::gpu::WeightFormat;
+use crate::model::gguf::GgufPair;
+use crate::model::stored::StoredTensor;
 use crate::quant;
 
 /// Safetensors metadata key holding a quantized checkpoint's weight format ("q4_0"), written by
@@ -57,6 +60,8 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
     /// Canonical name → shape, for synthetic checkpoints (empty for files).
     synthetic: HashMap<String, Vec<usize>>,
+    /// A GGUF text + mmproj pair (no shards then).
+    gguf: Option<Box<GgufPair>>,
 }
 
 /// Deterministic values for a synthetic tensor: norm weights 1, biases 0, everything else
@@ -220,7 +225,34 @@ impl Checkpoint {
             shards,
             index,
             synthetic: HashMap::new(),
+            gguf: None,
         })
+    }
+
+    /// The tensors of a GGUF pair, named `label` in messages.
+    pub fn from_gguf(label: &Path, pair: GgufPair) -> Self {
+        Self {
+            dir: label.to_path_buf(),
+            shards: Vec::new(),
+            index: HashMap::new(),
+            synthetic: HashMap::new(),
+            gguf: Some(Box::new(pair)),
+        }
+    }
+
+    /// The block format a `quantize`d checkpoint stores its matrices in (its metadata's
+    /// [`FORMAT_KEY`]), if it is one.
+    pub fn stored_block_format(&self) -> Option<WeightFormat> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.quantized.values())
+            .map(|(format, _)| *format)
+            .next()
+    }
+
+    /// The GGUF pair this checkpoint reads, if it is one.
+    pub fn gguf(&self) -> Option<&GgufPair> {
+        self.gguf.as_deref()
     }
 
     /// A checkpoint whose tensors (canonical names → shapes) are generated on demand.
@@ -230,6 +262,7 @@ impl Checkpoint {
             shards: Vec::new(),
             index: HashMap::new(),
             synthetic: shapes,
+            gguf: None,
         }
     }
 
@@ -260,7 +293,7 @@ impl Checkpoint {
             }
             return Ok(out);
         }
-        self.get(canonical)?.rows_f32(ids)
+        self.tensor(canonical)?.rows_f32(ids)
     }
 
     /// Check that the embedding matrix `canonical` is `[rows, width]`. Its rows are read on the
@@ -270,7 +303,7 @@ impl Checkpoint {
         let (shape, file, name) = match self.synthetic.get(canonical) {
             Some(shape) => (shape.clone(), self.dir.clone(), canonical.to_string()),
             None => {
-                let t = self.get(canonical)?;
+                let t = self.tensor(canonical)?;
                 (t.shape.clone(), t.file.to_path_buf(), t.name.clone())
             }
         };
@@ -291,8 +324,12 @@ impl Checkpoint {
         &self.dir
     }
 
+    /// Whether a tensor is stored under exactly `name` (a synthetic one under its canonical
+    /// name; a GGUF pair's under its canonical name too).
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name) || self.synthetic.contains_key(name)
+        self.index.contains_key(name)
+            || self.synthetic.contains_key(name)
+            || self.gguf.as_ref().is_some_and(|g| g.contains(name))
     }
 
     /// The on-disk names a canonical name may have.
@@ -334,6 +371,9 @@ impl Checkpoint {
 
     /// Whether a tensor exists under any alias of the canonical name `canonical`.
     pub fn contains_canonical(&self, canonical: &str) -> bool {
+        if let Some(gguf) = &self.gguf {
+            return gguf.contains(canonical);
+        }
         Self::aliases(canonical)
             .iter()
             .any(|n| self.index.contains_key(n))
@@ -384,7 +424,26 @@ impl Checkpoint {
         if let Some(check) = self.synthetic_shape(canonical, shape) {
             return check;
         }
-        self.get(canonical)?.check_shape(shape)
+        self.tensor(canonical)?.check_shape(shape)
+    }
+
+    /// The tensor `canonical` as stored, in torch's dimension order: any source, any format
+    /// (a synthetic tensor is generated as f32).
+    pub fn tensor(&self, canonical: &str) -> Result<StoredTensor<'_>> {
+        if let Some(shape) = self.synthetic.get(canonical) {
+            let values = synthetic_values(canonical, shape, 0, shape[0]);
+            return Ok(StoredTensor {
+                name: canonical.to_string(),
+                file: &self.dir,
+                shape: shape.clone(),
+                format: WeightFormat::F32,
+                bytes: bytemuck::cast_slice(&values).to_vec().into(),
+            });
+        }
+        if let Some(gguf) = &self.gguf {
+            return gguf.tensor(canonical);
+        }
+        self.get(canonical)?.stored()
     }
 
     /// A tensor as f32 values, checked against the expected shape.
@@ -393,7 +452,7 @@ impl Checkpoint {
             check?;
             return Ok(synthetic_values(canonical, shape, 0, shape[0]));
         }
-        let t = self.get(canonical)?;
+        let t = self.tensor(canonical)?;
         t.check_shape(shape)?;
         t.to_f32()
     }
@@ -408,172 +467,75 @@ impl Checkpoint {
                 .map(f16::from_f32)
                 .collect());
         }
-        let t = self.get(canonical)?;
+        let t = self.tensor(canonical)?;
         t.check_shape(shape)?;
-        if t.dtype == Dtype::F16 {
-            return Ok(bytemuck::pod_collect_to_vec(t.bytes));
-        }
-        let values = t.to_f32()?;
-        let mut out = Vec::with_capacity(values.len());
-        for v in values {
-            let h = f16::from_f32(v);
-            if h.is_infinite() && v.is_finite() {
-                return Err(file_error(
-                    t.file,
-                    format!(
-                        "tensor '{}' holds {v}, outside the f16 range; load with f32 weights",
-                        t.name
-                    ),
-                ));
-            }
-            out.push(h);
-        }
-        Ok(out)
+        t.to_f16()
     }
 }
 
 impl Checkpoint {
-    /// The weight `canonical` of logical shape `[rows, cols]` as ggml blocks of `format`: the
-    /// stored blocks of a quantized checkpoint, borrowed from the mapped file (never
-    /// requantized), or float values quantized now.
-    pub fn blocks(
+    /// The matrix `canonical` of shape `[rows, cols]` as the bytes of `format` (float elements,
+    /// or ggml blocks): the stored bytes when they are in `format` already (a GGUF or quantized
+    /// checkpoint's blocks are never requantized), float values converted or quantized
+    /// otherwise. Blocks stored in another format than `format` are an error naming both.
+    pub fn matrix(
         &self,
         canonical: &str,
         shape: &[usize],
         format: WeightFormat,
     ) -> Result<std::borrow::Cow<'_, [u8]>> {
-        if self.synthetic.contains_key(canonical) {
-            let values = self.f32(canonical, shape)?;
-            return Ok(quant::quantize(format, &values)?.into());
+        let t = self.tensor(canonical)?;
+        t.check_shape(shape)?;
+        if t.format == format {
+            return Ok(t.bytes);
         }
-        let t = self.get(canonical)?;
-        let Some((stored, logical)) = &t.quantized else {
-            t.check_shape(shape)?;
-            let blocks = quant::quantize(format, &t.to_f32()?)
-                .map_err(|e| file_error(t.file, format!("tensor '{}': {e}", t.name)))?;
-            return Ok(blocks.into());
-        };
-        if *stored != format {
-            return Err(t.stored_as_blocks().expect("the tensor is quantized"));
-        }
-        if logical[..] != *shape {
+        if t.format.is_quantized() {
             return Err(file_error(
                 t.file,
                 format!(
-                    "tensor '{}' has shape {logical:?}, expected {shape:?}",
-                    t.name
-                ),
-            ));
-        }
-        let block_bytes = format.block_bytes().unwrap_or(0);
-        let blocks = shape.iter().product::<usize>() / quant::BLOCK;
-        if !shape[1].is_multiple_of(quant::BLOCK)
-            || t.dtype != Dtype::U8
-            || t.bytes.len() != blocks * block_bytes
-        {
-            return Err(file_error(
-                t.file,
-                format!(
-                    "tensor '{}' ({} bytes of {:?}) does not hold the {blocks} {} blocks of \
-                     {block_bytes} bytes its shape {shape:?} needs",
+                    "tensor '{}' is stored as {} blocks; load the checkpoint with \
+                     weight_format = {} (or a GGUF file as it is stored)",
                     t.name,
-                    t.bytes.len(),
-                    t.dtype,
-                    format.name()
+                    t.format.name(),
+                    t.format.name()
                 ),
             ));
         }
-        Ok(t.bytes.into())
+        let values = t.to_f32()?;
+        let bytes = match format {
+            WeightFormat::F32 => bytemuck::cast_slice(&values).to_vec(),
+            WeightFormat::F16 => bytemuck::cast_slice(&t.to_f16()?).to_vec(),
+            WeightFormat::BF16 => values
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            block => quant::quantize(block, &values)
+                .map_err(|e| file_error(t.file, format!("tensor '{}': {e}", t.name)))?,
+        };
+        Ok(bytes.into())
+    }
+
+    /// The format `canonical` is stored in, read without its values (synthetic tensors are
+    /// f32).
+    pub fn stored_format(&self, canonical: &str) -> Result<WeightFormat> {
+        if self.synthetic.contains_key(canonical) {
+            return Ok(WeightFormat::F32);
+        }
+        Ok(self.tensor(canonical)?.format)
     }
 }
 
-impl RawTensor<'_> {
-    /// Rows `ids` of a 2-D tensor as f32, converted one row at a time (an embedding lookup
-    /// straight from the mapped file).
-    pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let [rows, width] = self.shape[..] else {
-            return Err(file_error(
-                self.file,
-                format!("tensor '{}' is not a matrix", self.name),
-            ));
-        };
-        let size = match self.dtype {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::BF16 => 2,
-            other => {
-                return Err(file_error(
-                    self.file,
-                    format!("tensor '{}' has unsupported dtype {other:?}", self.name),
-                ))
-            }
-        };
-        let mut out = Vec::with_capacity(ids.len() * width);
-        for &id in ids {
-            let id = id as usize;
-            if id >= rows {
-                return Err(file_error(
-                    self.file,
-                    format!("token id {id} is outside '{}' ({rows} rows)", self.name),
-                ));
-            }
-            let row = RawTensor {
-                name: self.name.clone(),
-                file: self.file,
-                dtype: self.dtype,
-                shape: vec![width],
-                bytes: &self.bytes[id * width * size..(id + 1) * width * size],
-                quantized: None,
-            };
-            out.extend(row.to_f32()?);
-        }
-        Ok(out)
-    }
-
-    pub fn check_shape(&self, shape: &[usize]) -> Result<()> {
-        if let Some(e) = self.stored_as_blocks() {
-            return Err(e);
-        }
-        if self.shape != shape {
-            return Err(file_error(
-                self.file,
-                format!(
-                    "tensor '{}' has shape {:?}, expected {:?}",
-                    self.name, self.shape, shape
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The error for reading a tensor stored as blocks in another format than requested.
-    fn stored_as_blocks(&self) -> Option<Error> {
-        let (format, _) = self.quantized.as_ref()?;
-        Some(file_error(
-            self.file,
-            format!(
-                "tensor '{}' is stored as {} blocks; load the checkpoint with weight_format = {}",
-                self.name,
-                format.name(),
-                format.name()
-            ),
-        ))
-    }
-
-    pub fn to_f32(&self) -> Result<Vec<f32>> {
-        if let Some(e) = self.stored_as_blocks() {
-            return Err(e);
-        }
-        Ok(match self.dtype {
-            Dtype::F32 => bytemuck::pod_collect_to_vec(self.bytes),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(self.bytes)
-                .iter()
-                .map(|h| h.to_f32())
-                .collect(),
-            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(self.bytes)
-                .iter()
-                .map(|h| h.to_f32())
-                .collect(),
-            other => {
+impl<'a> RawTensor<'a> {
+    /// The tensor as [`StoredTensor`]: f32, f16 and bf16 as they are; ggml blocks (a
+    /// `quantize`d checkpoint's U8 tensors) with their logical shape, checked against their
+    /// byte count.
+    pub fn stored(self) -> Result<StoredTensor<'a>> {
+        let (format, shape) = match (&self.quantized, self.dtype) {
+            (Some((format, logical)), _) => (*format, logical.clone()),
+            (None, Dtype::F32) => (WeightFormat::F32, self.shape.clone()),
+            (None, Dtype::F16) => (WeightFormat::F16, self.shape.clone()),
+            (None, Dtype::BF16) => (WeightFormat::BF16, self.shape.clone()),
+            (None, other) => {
                 return Err(file_error(
                     self.file,
                     format!(
@@ -582,6 +544,57 @@ impl RawTensor<'_> {
                     ),
                 ))
             }
+        };
+        if let Some(block_bytes) = format.block_bytes() {
+            let block = format.block_weights();
+            let count = shape.iter().product::<usize>() / block;
+            let cols = shape.last().copied().unwrap_or(0);
+            if !cols.is_multiple_of(block)
+                || self.dtype != Dtype::U8
+                || self.bytes.len() != count * block_bytes
+            {
+                return Err(file_error(
+                    self.file,
+                    format!(
+                        "tensor '{}' ({} bytes of {:?}) does not hold the {count} {} blocks of \
+                         {block_bytes} bytes its shape {shape:?} needs",
+                        self.name,
+                        self.bytes.len(),
+                        self.dtype,
+                        format.name()
+                    ),
+                ));
+            }
+        }
+        Ok(StoredTensor {
+            name: self.name,
+            file: self.file,
+            shape,
+            format,
+            bytes: self.bytes.into(),
         })
+    }
+
+    /// The tensor's values as f32 (float dtypes only).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        if let Some((format, _)) = &self.quantized {
+            return Err(file_error(
+                self.file,
+                format!(
+                    "tensor '{}' is stored as {} blocks",
+                    self.name,
+                    format.name()
+                ),
+            ));
+        }
+        let stored = RawTensor {
+            name: self.name.clone(),
+            file: self.file,
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            bytes: self.bytes,
+            quantized: None,
+        };
+        stored.stored()?.to_f32()
     }
 }

@@ -1,78 +1,97 @@
-//! Block quantization of weight rows into ggml's Q8_0 and Q4_0 formats, on the host.
+//! ggml's block formats on the host: the reference quantizers the engine writes blocks with, and
+//! the dequantization of every block format it runs (the CPU reference of the GPU kernels).
 //!
 //! The rounding follows ggml's reference quantizers (`quantize_row_q8_0_ref`,
-//! `quantize_row_q4_0_ref` in ggml-quants.c) step for step in f32, so the bytes match ggml and
-//! `gguf.quants` exactly (`tests/quant.rs` compares against bytes recorded from `gguf.quants`
-//! by scripts/quant_fixture.py). The block layouts are ggml's, so a GGUF file's blocks and these
-//! are interchangeable: see [`WeightFormat`] for the bytes and for how the GPU stores them.
+//! `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`, `quantize_row_q4_K_ref`,
+//! `quantize_row_q6_K_ref` in ggml-quants.c) step for step in f32, so the bytes match ggml's
+//! exactly (`tests/quant.rs` compares against bytes recorded from `gguf.quants` and from ggml's
+//! own C code). The block layouts are ggml's, so a GGUF file's blocks and these are
+//! interchangeable: see [`WeightFormat`] for the bytes and for how the GPU stores them. [`Mix`]
+//! is llama-quantize's choice of types per tensor for Q4_K_M.
+
+mod dequant;
+mod kquants;
+mod mix;
 
 use half::f16;
 
+pub use mix::{Mix, TensorRole};
+
 use crate::error::{Error, Result};
-/// Weights per block (ggml's QK8_0 = QK4_0).
+/// Weights per block of the 32-weight formats (ggml's QK8_0 = QK4_0).
 pub use crate::gpu::tensor::QUANT_BLOCK as BLOCK;
 use crate::gpu::WeightFormat;
 
-/// Quantize `values` (whole rows, their length a multiple of 32) into ggml blocks of `format`.
-pub fn quantize(format: WeightFormat, values: &[f32]) -> Result<Vec<u8>> {
-    check_blocks(format, values.len())?;
-    let mut out = Vec::with_capacity(values.len() / BLOCK * block_bytes(format)?);
-    for block in values.chunks_exact(BLOCK) {
-        match format {
-            WeightFormat::Q8_0 => quantize_block_q8_0(block, &mut out),
-            _ => quantize_block_q4_0(block, &mut out),
-        }
-    }
-    Ok(out)
-}
+/// The block formats [`quantize`] writes.
+pub const QUANTIZERS: [WeightFormat; 5] = [
+    WeightFormat::Q8_0,
+    WeightFormat::Q4_0,
+    WeightFormat::Q5_0,
+    WeightFormat::Q4_K,
+    WeightFormat::Q6_K,
+];
 
-/// The f32 values ggml blocks of `format` stand for (ggml's `dequantize_row_*`: d·q, computed
-/// in f32).
-pub fn dequantize(format: WeightFormat, blocks: &[u8]) -> Result<Vec<f32>> {
-    let size = block_bytes(format)?;
-    if !blocks.len().is_multiple_of(size) {
+/// Quantize `values` (whole rows, their length a multiple of the block size) into ggml blocks
+/// of `format`, one of [`QUANTIZERS`].
+pub fn quantize(format: WeightFormat, values: &[f32]) -> Result<Vec<u8>> {
+    let layout = layout_of(format)?;
+    if !QUANTIZERS.contains(&format) {
         return Err(Error::shape(
-            "quantized blocks",
+            "quantize",
+            format!("no quantizer writes {}", format.name()),
+        ));
+    }
+    if !values.len().is_multiple_of(layout.weights) {
+        return Err(Error::shape(
+            "quantize",
             format!(
-                "{} bytes are not whole {format:?} blocks of {size}",
-                blocks.len()
+                "{} values are not whole blocks of {}",
+                values.len(),
+                layout.weights
             ),
         ));
     }
-    let mut out = Vec::with_capacity(blocks.len() / size * BLOCK);
-    for block in blocks.chunks_exact(size) {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        let quants = &block[2..];
+    let mut out = Vec::with_capacity(values.len() / layout.weights * layout.bytes);
+    for block in values.chunks_exact(layout.weights) {
         match format {
-            WeightFormat::Q8_0 => out.extend(quants.iter().map(|&q| d * q as i8 as f32)),
-            _ => {
-                let low = quants.iter().map(|&q| (q & 0x0f) as i32 - 8);
-                let high = quants.iter().map(|&q| (q >> 4) as i32 - 8);
-                out.extend(low.chain(high).map(|q| d * q as f32));
-            }
+            WeightFormat::Q8_0 => quantize_block_q8_0(block, &mut out),
+            WeightFormat::Q4_0 => quantize_block_q4_0(block, &mut out),
+            WeightFormat::Q5_0 => quantize_block_q5_0(block, &mut out),
+            WeightFormat::Q4_K => kquants::block_q4_k(block, &mut out),
+            _ => kquants::block_q6_k(block, &mut out),
         }
     }
     Ok(out)
 }
 
-fn block_bytes(format: WeightFormat) -> Result<usize> {
-    format.block_bytes().ok_or_else(|| {
-        Error::shape(
-            "quantize",
-            format!("{format:?} is not a block-quantized format"),
-        )
-    })
-}
-
-fn check_blocks(format: WeightFormat, len: usize) -> Result<()> {
-    block_bytes(format)?;
-    if !len.is_multiple_of(BLOCK) {
+/// The f32 values ggml blocks of `format` stand for (ggml's `dequantize_row_*`, bit for bit).
+pub fn dequantize(format: WeightFormat, blocks: &[u8]) -> Result<Vec<f32>> {
+    let layout = layout_of(format)?;
+    if !blocks.len().is_multiple_of(layout.bytes) {
         return Err(Error::shape(
-            "quantize",
-            format!("{len} values are not whole blocks of {BLOCK}"),
+            "quantized blocks",
+            format!(
+                "{} bytes are not whole {} blocks of {}",
+                blocks.len(),
+                format.name(),
+                layout.bytes
+            ),
         ));
     }
-    Ok(())
+    let mut out = Vec::with_capacity(blocks.len() / layout.bytes * layout.weights);
+    for block in blocks.chunks_exact(layout.bytes) {
+        dequant::block(format, block, &mut out);
+    }
+    Ok(out)
+}
+
+fn layout_of(format: WeightFormat) -> Result<crate::gpu::format::BlockLayout> {
+    format.blocks().ok_or_else(|| {
+        Error::shape(
+            "quantize",
+            format!("{} is not a block-quantized format", format.name()),
+        )
+    })
 }
 
 /// Q8_0: d = amax / 127, q = round(x · (1/d)) with halves away from zero (C's `roundf`); the
@@ -106,25 +125,57 @@ fn quantize_block_q4_0(x: &[f32], out: &mut Vec<u8>) {
     out.extend((0..half).map(|j| q(x[j]) | (q(x[j + half]) << 4)));
 }
 
-/// ggml blocks from the GPU layout of one weight chunk (quants of every block, then the f16
-/// scales; see [`WeightFormat::storage_bytes`]): the inverse of the split the upload makes.
+/// Q5_0: as Q4_0 with d = max / −16 and q = min(31, trunc(x · (1/d) + 16.5)); the fifth bits go
+/// to `qh` (bit j for element j).
+fn quantize_block_q5_0(x: &[f32], out: &mut Vec<u8>) {
+    let mut amax = 0f32;
+    let mut max = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+    // C's `(int8_t)` truncates toward zero; these values are non-negative.
+    let q = |v: f32| ((v * id + 16.5) as i8 as u8).min(31);
+    let half = BLOCK / 2;
+    let mut qh = 0u32;
+    let mut qs = [0u8; 16];
+    for j in 0..half {
+        let (lo, hi) = (q(x[j]), q(x[j + half]));
+        qs[j] = (lo & 0xf) | ((hi & 0xf) << 4);
+        qh |= ((lo as u32 & 0x10) >> 4) << j;
+        qh |= ((hi as u32 & 0x10) >> 4) << (j + half);
+    }
+    out.extend_from_slice(&qh.to_le_bytes());
+    out.extend_from_slice(&qs);
+}
+
+/// ggml blocks from the GPU layout of one weight chunk of `blocks` blocks (every block's body,
+/// then the scale fields; see [`WeightFormat::storage_bytes`]): the inverse of the split the
+/// upload makes.
 pub fn to_ggml_blocks(format: WeightFormat, blocks: usize, gpu_bytes: &[u8]) -> Result<Vec<u8>> {
-    let size = block_bytes(format)?;
-    let quant = size - 2;
-    if (gpu_bytes.len() as u64) < format.storage_bytes(blocks, BLOCK) {
+    let layout = layout_of(format)?;
+    let needed = format.storage_bytes(blocks, layout.weights);
+    if (gpu_bytes.len() as u64) < needed {
         return Err(Error::shape(
             "quantized weight",
             format!(
-                "{} bytes cannot hold {blocks} {format:?} blocks",
-                gpu_bytes.len()
+                "{} bytes cannot hold {blocks} {} blocks",
+                gpu_bytes.len(),
+                format.name()
             ),
         ));
     }
-    let (quants, scales) = gpu_bytes.split_at(blocks * quant);
-    let mut out = Vec::with_capacity(blocks * size);
+    let body = layout.body_bytes();
+    let (bodies, scales) = gpu_bytes.split_at(blocks * body);
+    let mut out = Vec::with_capacity(blocks * layout.bytes);
     for b in 0..blocks {
-        out.extend_from_slice(&scales[b * 2..b * 2 + 2]);
-        out.extend_from_slice(&quants[b * quant..(b + 1) * quant]);
+        let scale = &scales[b * layout.scale_bytes..(b + 1) * layout.scale_bytes];
+        layout.join(&bodies[b * body..(b + 1) * body], scale, &mut out);
     }
     Ok(out)
 }

@@ -100,7 +100,7 @@ pub struct Policy {
     /// Read `image_url`s that are local paths (or `file://` URLs).
     pub allow_local_images: bool,
     pub default_max_tokens: usize,
-    /// The model's prompt format (`LlavaConfig::default_template`).
+    /// The model's prompt format (`Engine::template`).
     pub template: Template,
 }
 

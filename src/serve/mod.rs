@@ -73,7 +73,7 @@ pub struct Server {
 impl Server {
     /// Bind, start the worker and the HTTP runtime, and return once connections are accepted.
     pub fn start(engine: Engine, options: ServeOptions) -> Result<Self> {
-        let model = (model_name(&engine), engine.config.default_template());
+        let model = (model_name(&engine), engine.template);
         let stats = Arc::new(Stats::default());
         let (jobs, queue) = sync_channel(options.queue);
         let worker = worker::Worker::new(engine, options.max_sessions, stats.clone());

@@ -42,6 +42,24 @@ impl Template {
         }
     }
 
+    /// The format a Jinja chat template (a GGUF file's `tokenizer.chat_template`) renders,
+    /// recognised by the text it writes, the way llama.cpp recognises templates without running
+    /// them: `[INST]` is Mistral's instruct format; a role written in capitals before a colon
+    /// (`USER: `, or llava-hf's `message['role'].upper() + ': '`) with `ASSISTANT` is LLaVA's
+    /// format, with the vicuna system sentence if the template holds it. Anything else falls
+    /// back to LLaVA-1.5's llava-hf format.
+    pub fn recognise(jinja: &str) -> Self {
+        let lavalike =
+            jinja.contains("ASSISTANT") && (jinja.contains("USER") || jinja.contains(".upper()"));
+        if jinja.contains("[INST]") {
+            Template::MistralInst
+        } else if lavalike && jinja.contains("A chat between a curious") {
+            Template::VicunaV1
+        } else {
+            Template::LlavaHf
+        }
+    }
+
     /// The full prompt text with one `<image>` placeholder.
     pub fn render(self, prompt: &str, image_token: &str) -> String {
         match self {
@@ -185,6 +203,28 @@ impl fmt::Display for Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chat templates the shipped llava-hf fixtures carry, as a GGUF converter copies them.
+    #[test]
+    fn chat_templates_are_recognised() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/");
+        let read = |dir: &str| {
+            std::fs::read_to_string(format!("{root}{dir}/chat_template.jinja")).unwrap()
+        };
+        assert_eq!(
+            Template::recognise(&read("tiny-random-llava")),
+            Template::LlavaHf
+        );
+        assert_eq!(
+            Template::recognise(&read("tiny-random-llava-next-mistral")),
+            Template::MistralInst
+        );
+        assert_eq!(
+            Template::recognise(&read("tiny-random-llava-next")),
+            Template::VicunaV1
+        );
+        assert_eq!(Template::recognise("{{ messages }}"), Template::LlavaHf);
+    }
 
     #[test]
     fn templates_place_the_image_before_the_question() {

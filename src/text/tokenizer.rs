@@ -1,14 +1,28 @@
-//! `tokenizer.json` through the `tokenizers` crate, BOS handled as transformers handles it, and
-//! the `<image>` placeholder expanded to one id per visual token.
+//! `tokenizer.json` through the `tokenizers` crate, BOS handled as transformers handles it, or a
+//! GGUF file's vocabulary tokenized as llama.cpp does (`vocab.rs`, `bpe.rs`); and the `<image>`
+//! placeholder expanded to one id per visual token.
 
 use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::text::bpe;
+use crate::text::vocab::{Spm, Vocab, VocabKind};
+
+/// Which implementation tokenizes.
+enum Backend {
+    /// transformers' tokenizer.json: BOS added unless its post-processor already did.
+    Hf(Tokenizer),
+    /// A GGUF BPE vocabulary, as a tokenizers tokenizer: BOS always added when the vocabulary
+    /// asks for it, as llama.cpp does (even before a BOS written in the text).
+    Bpe(Tokenizer),
+    /// A GGUF SentencePiece vocabulary, as llama.cpp tokenizes it.
+    Spm(Box<Spm>),
+}
 
 pub struct TextTokenizer {
-    tokenizer: Tokenizer,
+    backend: Backend,
     path: PathBuf,
     pub bos_id: Option<u32>,
     /// Whether the checkpoint wants BOS (tokenizer_config.json `add_bos_token`, default true for
@@ -59,11 +73,32 @@ impl TextTokenizer {
                 ),
             })?;
         Ok(Self {
-            tokenizer,
+            backend: Backend::Hf(tokenizer),
             path,
             bos_id,
             add_bos,
             image_token,
+            image_token_id,
+        })
+    }
+
+    /// The tokenizer of a GGUF vocabulary, tokenizing as llama.cpp does. `image_token_id` is
+    /// the `<image>` token's id, or an id past the vocabulary when it has none: the placeholder
+    /// is then split out of the prompt like a special token.
+    pub fn from_vocab(vocab: Vocab, image_token_id: u32) -> Result<Self> {
+        let image = ("<image>", image_token_id);
+        let path = vocab.source.clone();
+        let (bos_id, add_bos) = (vocab.bos, vocab.add_bos);
+        let backend = match vocab.kind {
+            VocabKind::Spm => Backend::Spm(Box::new(Spm::new(vocab, &[image]))),
+            VocabKind::Bpe { .. } => Backend::Bpe(bpe::tokenizer(&vocab, &[image])?),
+        };
+        Ok(Self {
+            backend,
+            path,
+            bos_id,
+            add_bos,
+            image_token: image.0.into(),
             image_token_id,
         })
     }
@@ -100,7 +135,7 @@ impl TextTokenizer {
             reason: format!("cannot build: {e}"),
         })?;
         Ok(Self {
-            tokenizer,
+            backend: Backend::Hf(tokenizer),
             path,
             bos_id: Some(1),
             add_bos: true,
@@ -110,24 +145,42 @@ impl TextTokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        match &self.backend {
+            Backend::Hf(t) | Backend::Bpe(t) => t.get_vocab_size(true),
+            Backend::Spm(spm) => spm.vocab().tokens.len(),
+        }
+    }
+
+    /// The ids of `text`; with `add_special`, with BOS where the checkpoint wants it (added
+    /// only if the tokenizer's own post-processor has not). Special tokens written in the text
+    /// are parsed.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let (tokenizer, always_bos) = match &self.backend {
+            Backend::Spm(spm) => return Ok(spm.encode(text, add_special)),
+            Backend::Hf(tokenizer) => (tokenizer, false),
+            Backend::Bpe(tokenizer) => (tokenizer, true),
+        };
+        let encoding = tokenizer
+            .encode(text, add_special)
+            .map_err(|e| Error::File {
+                path: self.path.clone(),
+                reason: format!("cannot tokenize the prompt: {e}"),
+            })?;
+        let mut ids: Vec<u32> = encoding.get_ids().to_vec();
+        if self.add_bos && add_special {
+            if let Some(bos) = self.bos_id {
+                if always_bos || ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// Tokenize `text` (which must contain exactly one image placeholder) and expand the
     /// placeholder to `image_tokens` ids.
     pub fn encode_with_image(&self, text: &str, image_tokens: usize) -> Result<EncodedPrompt> {
-        let encoding = self.tokenizer.encode(text, true).map_err(|e| Error::File {
-            path: self.path.clone(),
-            reason: format!("cannot tokenize the prompt: {e}"),
-        })?;
-        let mut raw: Vec<u32> = encoding.get_ids().to_vec();
-        if self.add_bos {
-            if let Some(bos) = self.bos_id {
-                if raw.first() != Some(&bos) {
-                    raw.insert(0, bos);
-                }
-            }
-        }
+        let raw = self.encode(text, true)?;
         let positions: Vec<usize> = raw
             .iter()
             .enumerate()
@@ -157,14 +210,22 @@ impl TextTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| Error::File {
-            path: self.path.clone(),
-            reason: format!("cannot decode ids: {e}"),
-        })
+        match &self.backend {
+            Backend::Spm(spm) => Ok(spm.decode(ids)),
+            Backend::Hf(tokenizer) | Backend::Bpe(tokenizer) => {
+                tokenizer.decode(ids, true).map_err(|e| Error::File {
+                    path: self.path.clone(),
+                    reason: format!("cannot decode ids: {e}"),
+                })
+            }
+        }
     }
 
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.tokenizer.id_to_token(id)
+        match &self.backend {
+            Backend::Spm(spm) => spm.vocab().tokens.get(id as usize).cloned(),
+            Backend::Hf(tokenizer) | Backend::Bpe(tokenizer) => tokenizer.id_to_token(id),
+        }
     }
 }
 

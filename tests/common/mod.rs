@@ -4,7 +4,7 @@
 #[path = "../session/mod.rs"]
 mod session;
 
-use llava_wgpu::gpu::{Gpu, GpuOptions};
+use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -43,6 +43,35 @@ impl TestRng {
 
     pub fn index(&mut self, n: usize) -> usize {
         self.rng.random_range(0..n)
+    }
+
+    /// `rows` rows of `cols` weights of a block `format` as random ggml blocks: every quant
+    /// and packed-scale byte random (so every bit pattern occurs), the f16 scale fields small
+    /// finite values (`d` of either sign, `dmin` non-negative as ggml's quantizers write it).
+    pub fn blocks(&mut self, format: WeightFormat, rows: usize, cols: usize) -> Vec<u8> {
+        let layout = format.blocks().expect("a block format");
+        let count = rows * cols / layout.weights;
+        let mut out = vec![0u8; count * layout.bytes];
+        self.rng.fill(&mut out[..]);
+        // (offset of d, offset of a second f16 field and whether it is non-negative)
+        let (d_at, second): (usize, Option<(usize, bool)>) = match format {
+            WeightFormat::Q4_1 | WeightFormat::Q5_1 => (0, Some((2, false))),
+            WeightFormat::Q4_K | WeightFormat::Q5_K => (0, Some((2, true))),
+            WeightFormat::Q2_K => (80, Some((82, true))),
+            WeightFormat::Q3_K => (108, None),
+            WeightFormat::Q6_K => (208, None),
+            _ => (0, None),
+        };
+        for block in out.chunks_exact_mut(layout.bytes) {
+            let d = half::f16::from_f32(self.rng.random_range(-0.02f32..0.02));
+            block[d_at..d_at + 2].copy_from_slice(&d.to_le_bytes());
+            if let Some((at, non_negative)) = second {
+                let lo = if non_negative { 0.0 } else { -0.3 };
+                let v = half::f16::from_f32(self.rng.random_range(lo..0.3f32));
+                block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
     }
 }
 

@@ -203,6 +203,7 @@ mod tests {
     use super::linear::{gemv, matmul};
     use super::*;
     use crate::gpu::device::Capabilities;
+    use crate::gpu::WeightFormat;
     use wgpu::naga;
 
     #[test]
@@ -214,12 +215,24 @@ mod tests {
         }
     }
 
-    /// The constants each launcher passes to its shader on a device with `caps`.
-    fn launcher_constants(shader: Shader, caps: &Capabilities) -> Constants {
-        match shader {
-            Shader::Matmul => matmul::TILING.constants(),
-            Shader::MatmulLanes => matmul::LANES.constants(),
-            Shader::Gemv => gemv::GemvShape::for_device(caps).constants(),
+    /// The constants each launcher passes to its shader on a device with `caps`: one set per
+    /// weight format for the linear kernels.
+    fn launcher_constants(shader: Shader, caps: &Capabilities) -> Vec<Constants> {
+        let per_format = |base: Constants| {
+            WeightFormat::ALL
+                .into_iter()
+                .map(|f| base.clone().with(linear::format_constant(f)))
+                .collect()
+        };
+        let one = match shader {
+            Shader::Matmul => return per_format(matmul::TILING.constants()),
+            Shader::MatmulLanes => return per_format(matmul::LANES.constants()),
+            Shader::Gemv => {
+                return WeightFormat::ALL
+                    .into_iter()
+                    .map(|f| gemv::GemvShape::for_device(caps).constants(f))
+                    .collect()
+            }
             Shader::Attention => attention::TILING.constants(),
             Shader::Topk => topk::SHAPE.constants(),
             Shader::Norm => norm::WORKGROUP.constants(),
@@ -229,7 +242,8 @@ mod tests {
             Shader::Fma => fma::WORKGROUP.constants(),
             Shader::Copy => copy::WORKGROUP.constants(),
             Shader::KvStore => kv_store::WORKGROUP.constants(),
-        }
+        };
+        vec![one]
     }
 
     fn caps(flags: ShaderFlags, subgroup_min_size: u32) -> Capabilities {
@@ -259,9 +273,9 @@ mod tests {
         module
     }
 
-    /// Every shader, with the constants its launcher injects, parses and validates for every
-    /// flag combination and every subgroup size a device may report, and with a CPU adapter's
-    /// tuning.
+    /// Every shader, with the constants its launcher injects (the linear kernels for every
+    /// weight format), parses and validates for every flag combination and every subgroup size
+    /// a device may report, and with a CPU adapter's tuning.
     #[test]
     fn every_shader_variant_compiles() {
         for shader in Shader::ALL {
@@ -275,13 +289,14 @@ mod tests {
                         cpu,
                         ..caps(flags, min_size)
                     };
-                    let constants = launcher_constants(shader, &caps);
-                    let mut given: Vec<_> = constants.names().collect();
-                    let mut listed = shader.injected_names();
-                    given.sort_unstable();
-                    listed.sort_unstable();
-                    assert_eq!(given, listed, "{shader}: launcher vs //#inject line");
-                    compile(shader, flags, &constants);
+                    for constants in launcher_constants(shader, &caps) {
+                        let mut given: Vec<_> = constants.names().collect();
+                        let mut listed = shader.injected_names();
+                        given.sort_unstable();
+                        listed.sort_unstable();
+                        assert_eq!(given, listed, "{shader}: launcher vs //#inject line");
+                        compile(shader, flags, &constants);
+                    }
                 }
             }
         }
@@ -297,7 +312,7 @@ mod tests {
         };
         for min_size in [4u32, 8, 16, 32, 64, 128] {
             let shape = gemv::GemvShape::for_device(&caps(flags, min_size));
-            let module = compile(Shader::Gemv, flags, &shape.constants());
+            let module = compile(Shader::Gemv, flags, &shape.constants(WeightFormat::Q4_K));
             let (_, partial) = module
                 .global_variables
                 .iter()

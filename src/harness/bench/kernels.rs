@@ -226,7 +226,7 @@ impl Suite<'_> {
                 let y = Tensor::empty(gpu, &[m, n], DType::F32, "y")?;
                 let mut f16_ms = None;
                 for w in &weights {
-                    let format = w.format.name();
+                    let format = w.format_label();
                     let d = if m == 1 {
                         progress(&format!("gemv {format} N={n} K={k}"));
                         gemv::gemv(gpu, &x, 0, w, &y, 0, false)?

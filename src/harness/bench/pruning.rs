@@ -557,26 +557,28 @@ pub fn load_engine(
     preset: Option<&str>,
     options: EngineOptions,
 ) -> Result<(Engine, String)> {
-    let formats = format!(
-        "language model in {}, vision in {}",
-        options.weight_format.name(),
-        options.vision_format().name()
-    );
+    let formats = |engine: &Engine| {
+        let [text, vision] = &engine.weight_labels;
+        format!("language model in {text}, vision in {vision}")
+    };
     match (model, preset) {
-        (Some(dir), _) => Ok((
-            Engine::load(dir, options)?,
-            format!("{} ({formats})", dir.display()),
-        )),
+        (Some(dir), _) => {
+            let engine = Engine::load(dir, options)?;
+            let label = format!("{} ({})", dir.display(), formats(&engine));
+            Ok((engine, label))
+        }
         (None, name) => {
             let name = name.unwrap_or("small");
             let depth = match options.text_layers {
                 Some(n) => format!(", first {n} decoder layers"),
                 None => String::new(),
             };
-            Ok((
-                Engine::synthetic(name, options)?,
-                format!("preset {name} (random weights, {formats}{depth})"),
-            ))
+            let engine = Engine::synthetic(name, options)?;
+            let label = format!(
+                "preset {name} (random weights, {}{depth})",
+                formats(&engine)
+            );
+            Ok((engine, label))
         }
     }
 }

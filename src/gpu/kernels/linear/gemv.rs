@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{chunk_layout, flag_constants, flags_for};
+use super::{chunk_layout, flag_constants, flags_for, format_constant, kernel_name};
 use crate::error::{Error, Result};
 use crate::gpu::device::{Capabilities, Gpu};
 use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
@@ -46,12 +46,14 @@ impl GemvShape {
         }
     }
 
-    pub fn constants(&self) -> Constants {
+    /// The shader's constants for a weight chunk stored in `format`.
+    pub fn constants(&self, format: WeightFormat) -> Constants {
         Constants::new(&[
             ("WG", self.workgroup),
             ("ROWS", self.rows),
             ("MAX_SUBGROUPS", self.max_subgroups),
         ])
+        .with(format_constant(format))
         .with(flag_constants())
     }
 }
@@ -92,24 +94,14 @@ pub fn gemv(
         ));
     }
     // The profiler's name tells the subgroup variant (the same entry compiled with SUBGROUPS).
-    let (entry, subgroup_kernel) = match w.format {
-        WeightFormat::F16 => ("gemv_f16", "gemv_f16_subgroup"),
-        WeightFormat::F32 => ("gemv_f32", "gemv_f32_subgroup"),
-        WeightFormat::Q8_0 => ("gemv_q8_0", "gemv_q8_0_subgroup"),
-        WeightFormat::Q4_0 => ("gemv_q4_0", "gemv_q4_0_subgroup"),
-    };
-    let kernel = if gpu.caps.subgroups {
-        subgroup_kernel
-    } else {
-        entry
-    };
+    let suffix = if gpu.caps.subgroups { "_subgroup" } else { "" };
     let flags = flags_for(w, accumulate);
     let shape = GemvShape::for_device(&gpu.caps);
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
     w.chunks
         .iter()
         .map(|chunk| {
-            let (w_stride, scales) = chunk_layout(w, chunk.rows);
+            let (w_stride, scales) = chunk_layout(chunk, k);
             let params = Params {
                 n: chunk.rows as u32,
                 k: k as u32,
@@ -121,17 +113,17 @@ pub fn gemv(
                 scales,
             };
             let groups = chunk.rows.div_ceil(shape.rows as usize) as u32;
-            let bytes = (k * 4 + chunk.rows * w.format.row_bytes(k)) as u64
+            let bytes = (k * 4 + chunk.rows * chunk.format.row_bytes(k)) as u64
                 + (chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
-            KernelCall::new(gpu, Shader::Gemv, entry)
-                .constants(shape.constants())
+            KernelCall::new(gpu, Shader::Gemv, "gemv")
+                .constants(shape.constants(chunk.format))
                 .params(&params)
                 .read(&x.buffer)
                 .read(&chunk.buffer)
                 .read(bias)
                 .read_write(&y.buffer)
                 .build(
-                    kernel,
+                    kernel_name("gemv", chunk.format, suffix),
                     format!("N={} K={k}", chunk.rows),
                     grid(groups, gpu.limits.max_compute_workgroups_per_dimension),
                     2 * (chunk.rows * k) as u64,

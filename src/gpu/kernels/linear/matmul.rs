@@ -4,7 +4,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_linear, chunk_layout, flag_constants, flags_for};
+use super::{check_linear, chunk_layout, flag_constants, flags_for, format_constant, kernel_name};
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Constants, Dispatch, KernelCall, Shader};
@@ -34,6 +34,7 @@ pub const TILING: MatmulTiling = MatmulTiling {
 };
 
 impl MatmulTiling {
+    /// The constants of matmul.wgsl but the weight's `FORMAT` (see `MatmulLayout::shader`).
     pub fn constants(&self) -> Constants {
         Constants::new(&[
             ("TILE_M", self.tile_m),
@@ -66,6 +67,7 @@ pub const LANES: LanesShape = LanesShape {
 };
 
 impl LanesShape {
+    /// The constants of matmul_lanes.wgsl but the weight's `FORMAT`.
     pub fn constants(&self) -> Constants {
         Constants::new(&[
             ("ROWS", self.rows),
@@ -101,24 +103,13 @@ impl MatmulLayout {
         }
     }
 
-    fn entry(self, format: WeightFormat) -> &'static str {
-        match (self, format) {
-            (MatmulLayout::Tiled, WeightFormat::F16) => "matmul_f16",
-            (MatmulLayout::Tiled, WeightFormat::F32) => "matmul_f32",
-            (MatmulLayout::Tiled, WeightFormat::Q8_0) => "matmul_q8_0",
-            (MatmulLayout::Tiled, WeightFormat::Q4_0) => "matmul_q4_0",
-            (MatmulLayout::Lanes, WeightFormat::F16) => "matmul_lanes_f16",
-            (MatmulLayout::Lanes, WeightFormat::F32) => "matmul_lanes_f32",
-            (MatmulLayout::Lanes, WeightFormat::Q8_0) => "matmul_lanes_q8_0",
-            (MatmulLayout::Lanes, WeightFormat::Q4_0) => "matmul_lanes_q4_0",
-        }
-    }
-
-    fn shader(self) -> (Shader, Constants) {
-        match self {
-            MatmulLayout::Tiled => (Shader::Matmul, TILING.constants()),
-            MatmulLayout::Lanes => (Shader::MatmulLanes, LANES.constants()),
-        }
+    /// The shader, its entry point, and its constants for a weight chunk in `format`.
+    fn shader(self, format: WeightFormat) -> (Shader, &'static str, Constants) {
+        let (shader, entry, constants) = match self {
+            MatmulLayout::Tiled => (Shader::Matmul, "matmul", TILING.constants()),
+            MatmulLayout::Lanes => (Shader::MatmulLanes, "matmul_lanes", LANES.constants()),
+        };
+        (shader, entry, constants.with(format_constant(format)))
     }
 
     /// Workgroups for an `m`-row product with a `cols`-row chunk of W. The tiled grid is
@@ -189,15 +180,14 @@ pub fn matmul_in(
             ),
         ));
     }
-    let entry = layout.entry(w.format);
-    let (shader, constants) = layout.shader();
     let flags = flags_for(w, accumulate);
     // Without a bias the bias slot is bound to X (read-only twice is allowed) and never read.
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
     w.chunks
         .iter()
         .map(|chunk| {
-            let (w_stride, scales) = chunk_layout(w, chunk.rows);
+            let (shader, entry, constants) = layout.shader(chunk.format);
+            let (w_stride, scales) = chunk_layout(chunk, k);
             let params = Params {
                 m: m as u32,
                 n: chunk.rows as u32,
@@ -211,17 +201,17 @@ pub fn matmul_in(
                 _pad: [0; 3],
             };
             let flops = 2 * (m * chunk.rows * k) as u64;
-            let bytes = (m * k * 4 + chunk.rows * w.format.row_bytes(k)) as u64
+            let bytes = (m * k * 4 + chunk.rows * chunk.format.row_bytes(k)) as u64
                 + (m * chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
             KernelCall::new(gpu, shader, entry)
-                .constants(constants.clone())
+                .constants(constants)
                 .params(&params)
                 .read(&x.buffer)
                 .read(&chunk.buffer)
                 .read(bias)
                 .read_write(&y.buffer)
                 .build(
-                    entry,
+                    kernel_name(entry, chunk.format, ""),
                     format!("M={m} N={} K={k}", chunk.rows),
                     layout.grid(m, chunk.rows),
                     flops,

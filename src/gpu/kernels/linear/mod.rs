@@ -8,10 +8,13 @@
 pub mod gemv;
 pub mod matmul;
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Constants, Dispatch};
-use crate::gpu::tensor::{Tensor, Weight, QUANT_BLOCK};
+use crate::gpu::tensor::{Tensor, Weight, WeightChunk, WeightFormat};
 
 /// Bit of `Params::flags` that adds the bias (FLAG_BIAS in the shaders).
 pub(crate) const FLAG_BIAS: u32 = 1;
@@ -35,18 +38,44 @@ pub(crate) fn flags_for(w: &Weight, accumulate: bool) -> u32 {
     flags
 }
 
-/// How a shader finds a chunk of `rows` rows of `w`: `(w_stride, scales)` as both shaders'
-/// `Params` name them. Float formats: 32-bit words per stored row, no scales region.
-/// Quantized formats: blocks per row, and the word offset where the f16 scales follow the quants.
-pub(crate) fn chunk_layout(w: &Weight, rows: usize) -> (u32, u32) {
-    match (w.format.row_words(w.k), w.format.quant_bytes_per_block()) {
+/// The `FORMAT` constant the linear shaders are compiled for: the ggml type number of the
+/// chunk's format (blocks.wgsl names formats by these numbers).
+pub(crate) fn format_constant(format: WeightFormat) -> Constants {
+    Constants::new(&[("FORMAT", format.ggml_type())])
+}
+
+/// How a shader finds a chunk of `w` with K = `k`: `(w_stride, scales)` as the shaders'
+/// `Params` name them. Float formats: 32-bit words per stored row, no scales region. Block
+/// formats: blocks per row, and the word where the scale fields follow the bodies.
+pub(crate) fn chunk_layout(chunk: &WeightChunk, k: usize) -> (u32, u32) {
+    match (chunk.format.row_words(k), chunk.format.blocks()) {
         (Some(words), _) => (words as u32, 0),
-        (None, Some(quant_bytes)) => {
-            let blocks = w.k / QUANT_BLOCK;
-            (blocks as u32, (rows * blocks * quant_bytes / 4) as u32)
+        (None, Some(layout)) => {
+            let blocks = k / layout.weights;
+            (
+                blocks as u32,
+                (chunk.rows * blocks * layout.body_bytes() / 4) as u32,
+            )
         }
-        (None, None) => unreachable!("every format is either float or block-quantized"),
+        (None, None) => unreachable!("every format is either float or blocks"),
     }
+}
+
+/// The profiler's name of a linear kernel for one format: `{kernel}_{format}`, e.g.
+/// `gemv_q4_k_subgroup`. Interned: there are at most a few dozen such names.
+pub(crate) fn kernel_name(kernel: &str, format: WeightFormat, suffix: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let name = format!("{kernel}_{}{suffix}", format.name());
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(&known) = names.get(name.as_str()) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(leaked);
+    leaked
 }
 
 /// Check `x [M, K]`, `w [N, K]`, `y [M, N]` and return (M, N, K).
@@ -70,7 +99,7 @@ pub(crate) fn check_linear(
     Ok((m, w.n, k))
 }
 
-/// `Y = X·Wᵀ` choosing the kernel by shape: gemv for a single row, tiled matmul otherwise.
+/// `Y = X·Wᵀ` choosing the kernel by shape: gemv for a single row, matmul otherwise.
 pub fn linear(
     gpu: &Gpu,
     x: &Tensor,

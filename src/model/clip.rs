@@ -94,7 +94,7 @@ impl ClipEmbeddings {
             d,
             channels * p * p,
             &values,
-            loader.float_format("patch_embedding")?,
+            loader.float_format("patch_embedding.weight")?,
         )?;
         // The class embedding only ever sits at position 0: fold it into that position's row.
         let class = loader.f32("class_embedding", &[d])?;

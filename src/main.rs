@@ -11,6 +11,7 @@ use llava_wgpu::generate::KeptPerView;
 use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::harness;
+use llava_wgpu::model::gguf;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::quant::Mix;
 use llava_wgpu::sample::SamplingParams;
@@ -21,8 +22,8 @@ use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
 use cli::choices::{
-    BackendArg, KvArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg, VisionWeightsArg,
-    WeightsArg,
+    BackendArg, FileFormatArg, KvArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg,
+    VisionWeightsArg, WeightsArg,
 };
 
 #[derive(Parser)]
@@ -175,19 +176,26 @@ struct RunArgs {
 enum Command {
     /// Accuracy of every pruning method at 100/50/25/11/5% of the visual tokens on a held-out set.
     Eval(Box<EvalArgs>),
-    /// Write a copy of a checkpoint with the language model's linear layers and lm_head stored
-    /// as ggml Q8_0 / Q4_0 blocks (safetensors plus the original config, tokenizer and processor
-    /// files); it loads with --weights of the same format, memory-mapped, without requantizing.
+    /// Write a checkpoint's quantized copy: as a llama.cpp GGUF pair (--format gguf: a text
+    /// model and an mmproj, as llama.cpp's converters and llama-quantize write them), or as
+    /// safetensors with the language model's linear layers and lm_head stored as ggml Q8_0 /
+    /// Q4_0 blocks (loaded memory-mapped, without requantizing).
     Quantize {
         /// Model directory (llava-hf layout) with f32, f16 or bf16 weights.
-        #[arg(long)]
+        #[arg(long, short = 'm')]
         model: PathBuf,
-        /// Directory to write (created; must not hold a model.safetensors yet).
+        /// Directory to write (created; must not hold a checkpoint yet).
         #[arg(long)]
         out: PathBuf,
-        /// Block format.
+        /// File format.
+        #[arg(long, value_enum, default_value_t = FileFormatArg::Safetensors)]
+        format: FileFormatArg,
+        /// Types of the language model's matrices.
         #[arg(long, value_enum)]
         weights: QuantizedArg,
+        /// GGUF: the mmproj's linear layers in f16 (default) or q8_0.
+        #[arg(long, value_enum)]
+        vision_weights: Option<VisionWeightsArg>,
     },
     /// Answer a question about an image.
     Run(Box<RunArgs>),
@@ -914,9 +922,36 @@ fn eval(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn quantize(model: &Path, out: &Path, format: WeightFormat) -> Result<()> {
-    let report = llava_wgpu::model::quantize::write_checkpoint(model, out, format)?;
-    eprintln!("{report}");
+fn quantize(
+    model: &Path,
+    out: &Path,
+    format: FileFormatArg,
+    weights: QuantizedArg,
+    vision: Option<VisionWeightsArg>,
+) -> Result<()> {
+    match (format, weights) {
+        (FileFormatArg::Gguf, weights) => {
+            let vision = vision.map_or(WeightFormat::F16, Into::into);
+            let report = gguf::writer::write_pair(model, out, weights.into(), vision)?;
+            eprintln!("{report}");
+        }
+        (FileFormatArg::Safetensors, QuantizedArg::Q8_0 | QuantizedArg::Q4_0) => {
+            if vision.is_some() {
+                anyhow::bail!("invalid argument --vision-weights: only a GGUF mmproj takes it");
+            }
+            let block = match weights {
+                QuantizedArg::Q8_0 => WeightFormat::Q8_0,
+                _ => WeightFormat::Q4_0,
+            };
+            let report = llava_wgpu::model::quantize::write_checkpoint(model, out, block)?;
+            eprintln!("{report}");
+        }
+        (FileFormatArg::Safetensors, other) => anyhow::bail!(
+            "invalid argument --weights: {} is written as GGUF only (--format gguf); \
+             safetensors takes q8_0 or q4_0",
+            llava_wgpu::model::gguf::writer::TextTypes::from(other).name()
+        ),
+    }
     Ok(())
 }
 
@@ -933,8 +968,10 @@ fn main() -> ExitCode {
         Command::Quantize {
             model,
             out,
+            format,
             weights,
-        } => quantize(model, out, (*weights).into()),
+            vision_weights,
+        } => quantize(model, out, *format, *weights, *vision_weights),
         Command::Bench {
             what:
                 Some(BenchCommand::Kernels {

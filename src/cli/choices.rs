@@ -3,6 +3,7 @@
 
 use llava_wgpu::gpu::device::BackendChoice;
 use llava_wgpu::gpu::{DType, WeightFormat};
+use llava_wgpu::model::gguf::writer::TextTypes;
 use llava_wgpu::prune::{Method, Stage1Score};
 use llava_wgpu::quant::Mix;
 use llava_wgpu::text::Template;
@@ -114,6 +115,8 @@ pub enum WeightsArg {
     Q5_0,
     #[value(name = "q4_k")]
     Q4K,
+    #[value(name = "q5_k")]
+    Q5K,
     #[value(name = "q6_k")]
     Q6K,
     /// llama-quantize's Q4_K_M: Q4_K, with Q6_K for the output and for attn_v and ffn_down
@@ -132,6 +135,7 @@ impl From<WeightsArg> for Mix {
             WeightsArg::Q4_0 => WeightFormat::Q4_0,
             WeightsArg::Q5_0 => WeightFormat::Q5_0,
             WeightsArg::Q4K => WeightFormat::Q4_K,
+            WeightsArg::Q5K => WeightFormat::Q5_K,
             WeightsArg::Q6K => WeightFormat::Q6_K,
             WeightsArg::Q4KM => return Mix::Q4KM,
         })
@@ -152,6 +156,8 @@ pub enum VisionWeightsArg {
     Q5_0,
     #[value(name = "q4_k")]
     Q4K,
+    #[value(name = "q5_k")]
+    Q5K,
     #[value(name = "q6_k")]
     Q6K,
 }
@@ -166,27 +172,45 @@ impl From<VisionWeightsArg> for WeightFormat {
             VisionWeightsArg::Q4_0 => WeightFormat::Q4_0,
             VisionWeightsArg::Q5_0 => WeightFormat::Q5_0,
             VisionWeightsArg::Q4K => WeightFormat::Q4_K,
+            VisionWeightsArg::Q5K => WeightFormat::Q5_K,
             VisionWeightsArg::Q6K => WeightFormat::Q6_K,
         }
     }
 }
 
-/// `quantize --weights`: the block formats a checkpoint can be written in.
+/// `quantize --weights`: the types a checkpoint can be written in ([`TextTypes`]; a safetensors
+/// checkpoint takes the block formats q8_0 and q4_0 only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuantizedArg {
+    /// GGUF only: f16 matrices (convert_hf_to_gguf.py --outtype f16).
+    F16,
     #[value(name = "q8_0")]
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
+    /// GGUF only: llama-quantize's Q4_K_M.
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
-impl From<QuantizedArg> for WeightFormat {
+impl From<QuantizedArg> for TextTypes {
     fn from(arg: QuantizedArg) -> Self {
         match arg {
-            QuantizedArg::Q8_0 => WeightFormat::Q8_0,
-            QuantizedArg::Q4_0 => WeightFormat::Q4_0,
+            QuantizedArg::F16 => TextTypes::F16,
+            QuantizedArg::Q8_0 => TextTypes::Q8_0,
+            QuantizedArg::Q4_0 => TextTypes::Q4_0,
+            QuantizedArg::Q4KM => TextTypes::Q4KM,
         }
     }
+}
+
+/// `quantize --format`: what file to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FileFormatArg {
+    /// A llava-hf directory with the language model's matrices as ggml blocks in safetensors.
+    Safetensors,
+    /// A llama.cpp GGUF pair: a text model and an mmproj.
+    Gguf,
 }
 
 /// `--kv`: the KV cache's element type ([`DType`]).
@@ -232,7 +256,10 @@ mod tests {
         same_names::<TemplateArg, Template>();
         same_names::<BackendArg, BackendChoice>();
         same_names::<VisionWeightsArg, WeightFormat>();
-        same_names::<QuantizedArg, WeightFormat>();
+        for arg in QuantizedArg::value_variants() {
+            let name = arg.to_possible_value().unwrap().get_name().to_string();
+            assert_eq!(TextTypes::from(*arg).name(), name);
+        }
         for arg in WeightsArg::value_variants() {
             let name = arg.to_possible_value().unwrap().get_name().to_string();
             assert_eq!(Mix::from_name(&name), Some((*arg).into()), "{name}");

@@ -1,5 +1,6 @@
-//! ggml's reference K-quant quantizers, `quantize_row_q4_K_ref` and `quantize_row_q6_K_ref`
-//! (ggml-quants.c; what llama-quantize runs without an importance matrix), ported step for step
+//! ggml's reference K-quant quantizers, `quantize_row_q4_K_ref`, `quantize_row_q5_K_ref` and
+//! `quantize_row_q6_K_ref` (ggml-quants.c; what llama-quantize runs without an importance
+//! matrix), ported step for step
 //! in f32 with the same order of operations, so the bytes match ggml's (`tests/quant.rs`
 //! compares them with blocks recorded from ggml's own C code by scripts/ggml_reference.sh).
 
@@ -117,13 +118,25 @@ impl CompareLikeC for f32 {
     }
 }
 
-/// One Q4_K block (144 bytes) of 256 weights: `quantize_row_q4_K_ref`.
-pub(super) fn block_q4_k(x: &[f32], out: &mut Vec<u8>) {
-    let search = Qkx2 {
-        nmax: 15,
-        rmin: -1.0,
-        rdelta: 0.1,
-        nstep: 20,
+/// One Q4_K block (144 bytes) of 256 weights: `quantize_row_q4_K_ref`; or with `fifth_bit`
+/// one Q5_K block (176 bytes): `quantize_row_q5_K_ref`, the same with 5-bit quants, a narrower
+/// scale search, and the fifth bits in `qh` (bit 2c or 2c + 1 of byte l for sub-block 2c or
+/// 2c + 1).
+pub(super) fn block_q45_k(x: &[f32], fifth_bit: bool, out: &mut Vec<u8>) {
+    let search = if fifth_bit {
+        Qkx2 {
+            nmax: 31,
+            rmin: -0.5,
+            rdelta: 0.1,
+            nstep: 15,
+        }
+    } else {
+        Qkx2 {
+            nmax: 15,
+            rmin: -1.0,
+            rdelta: 0.1,
+            nstep: 20,
+        }
     };
     let mut levels = [0u8; 256];
     let mut scales = [0f32; 8];
@@ -177,14 +190,24 @@ pub(super) fn block_q4_k(x: &[f32], out: &mut Vec<u8>) {
         }
         let dm = dmin.to_f32() * m as f32;
         for i in 0..32 {
-            levels[32 * j + i] = nearest_int((x[32 * j + i] + dm) / dj).clamp(0, 15) as u8;
+            levels[32 * j + i] = nearest_int((x[32 * j + i] + dm) / dj).clamp(0, search.nmax) as u8;
         }
     }
     out.extend_from_slice(&d.to_le_bytes());
     out.extend_from_slice(&dmin.to_le_bytes());
     out.extend_from_slice(&packed);
+    if fifth_bit {
+        let mut qh = [0u8; 32];
+        for (c, n) in (0..256).step_by(64).enumerate() {
+            for (l, bits) in qh.iter_mut().enumerate() {
+                *bits |= (levels[n + l] >> 4) << (2 * c);
+                *bits |= (levels[n + l + 32] >> 4) << (2 * c + 1);
+            }
+        }
+        out.extend_from_slice(&qh);
+    }
     for j in (0..256).step_by(64) {
-        out.extend((0..32).map(|l| levels[j + l] | (levels[j + l + 32] << 4)));
+        out.extend((0..32).map(|l| (levels[j + l] & 0xf) | ((levels[j + l + 32] & 0xf) << 4)));
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! The rounding follows ggml's reference quantizers (`quantize_row_q8_0_ref`,
 //! `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`, `quantize_row_q4_K_ref`,
-//! `quantize_row_q6_K_ref` in ggml-quants.c) step for step in f32, so the bytes match ggml's
+//! `quantize_row_q5_K_ref`, `quantize_row_q6_K_ref` in ggml-quants.c) step for step in f32, so the bytes match ggml's
 //! exactly (`tests/quant.rs` compares against bytes recorded from `gguf.quants` and from ggml's
 //! own C code). The block layouts are ggml's, so a GGUF file's blocks and these are
 //! interchangeable: see [`WeightFormat`] for the bytes and for how the GPU stores them. [`Mix`]
@@ -23,11 +23,12 @@ pub use crate::gpu::tensor::QUANT_BLOCK as BLOCK;
 use crate::gpu::WeightFormat;
 
 /// The block formats [`quantize`] writes.
-pub const QUANTIZERS: [WeightFormat; 5] = [
+pub const QUANTIZERS: [WeightFormat; 6] = [
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q5_0,
     WeightFormat::Q4_K,
+    WeightFormat::Q5_K,
     WeightFormat::Q6_K,
 ];
 
@@ -57,7 +58,8 @@ pub fn quantize(format: WeightFormat, values: &[f32]) -> Result<Vec<u8>> {
             WeightFormat::Q8_0 => quantize_block_q8_0(block, &mut out),
             WeightFormat::Q4_0 => quantize_block_q4_0(block, &mut out),
             WeightFormat::Q5_0 => quantize_block_q5_0(block, &mut out),
-            WeightFormat::Q4_K => kquants::block_q4_k(block, &mut out),
+            WeightFormat::Q4_K => kquants::block_q45_k(block, false, &mut out),
+            WeightFormat::Q5_K => kquants::block_q45_k(block, true, &mut out),
             _ => kquants::block_q6_k(block, &mut out),
         }
     }

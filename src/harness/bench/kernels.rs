@@ -189,7 +189,7 @@ impl Suite<'_> {
         Ok(())
     }
 
-    /// The 7B model's linear layers with f16, Q8_0 and Q4_0 weights of the same values, for
+    /// The 7B model's linear layers with f16 and each of [`BENCH_FORMATS`]' block formats of the same values, for
     /// each of `rows`: 1 is the decode GEMV, more the prefill matmul (577 rows, a CLIP-L/336
     /// image's worth). Shapes: the attention projections (4096 → 4096), the MLP up
     /// (4096 → 11008) and down (11008 → 4096); each quantized row with its time relative to f16.
@@ -204,7 +204,7 @@ impl Suite<'_> {
         self.quantized_shapes(&SEVEN_B, rows, progress)
     }
 
-    /// f16, Q8_0 and Q4_0 weights of each (n, k) of `shapes`, times `rows` rows each.
+    /// Weights of each (n, k) of `shapes` in every [`BENCH_FORMATS`] format, times `rows` rows each.
     fn quantized_shapes(
         &mut self,
         shapes: &[(usize, usize)],
@@ -217,8 +217,9 @@ impl Suite<'_> {
         let gpu = self.gpu;
         for &(n, k) in shapes {
             let values = random(n * k, (3 * n + k) as u64);
-            let weights = [WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0]
+            let weights = BENCH_FORMATS
                 .into_iter()
+                .filter(|f| k.is_multiple_of(f.block_weights()))
                 .map(|format| bench_weight(gpu, n, k, &values, format))
                 .collect::<Result<Vec<_>>>()?;
             for &m in rows {
@@ -386,6 +387,17 @@ impl KernelReport {
         out
     }
 }
+
+/// The formats the quantized rows compare with f16 (the first): the engine's own Q8_0 and
+/// Q4_0, and the K-quants of llama.cpp's Q4_K_M and Q5_K_M files.
+const BENCH_FORMATS: [WeightFormat; 6] = [
+    WeightFormat::F16,
+    WeightFormat::Q8_0,
+    WeightFormat::Q4_0,
+    WeightFormat::Q4_K,
+    WeightFormat::Q5_K,
+    WeightFormat::Q6_K,
+];
 
 /// A benchmark weight in `format` (quantized formats go through the host quantizer).
 fn bench_weight(

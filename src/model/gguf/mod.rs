@@ -5,11 +5,15 @@
 //! - `file`: the container (header, metadata, tensor infos), checked and memory mapped;
 //! - `names`: canonical tensor names → GGUF names, with the row-order fix-ups;
 //! - `metadata`: `LlavaConfig`, the image processor and the vocabulary from the metadata;
-//! - `writer`: writing a pair (`llava-wgpu quantize --format gguf`).
+//! - `writer` (with `writer_text`, `writer_vision`): writing a pair (`llava-wgpu quantize
+//!   --format gguf`).
 
 pub mod file;
 pub mod metadata;
 pub mod names;
+pub mod writer;
+mod writer_text;
+mod writer_vision;
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,5 @@
 //! Property-based fuzzing of the input path (issue #12): every input a user can hand the engine
-//! (config.json, safetensors shards and their index, prompts, images, preprocessor settings,
+//! (config.json, safetensors shards and their index, GGUF files, prompts, images, preprocessor settings,
 //! eval question sets, the shape checks of the kernels, with and without a device) ends in `Ok` or a
 //! named library `Error`, never in a panic or an unbounded allocation.
 //!
@@ -16,6 +16,7 @@
 
 mod checkpoint;
 mod config;
+mod gguf;
 mod jsonl;
 mod launchers;
 mod shapes;

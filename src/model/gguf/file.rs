@@ -248,7 +248,8 @@ impl<'a> Reader<'a> {
         let most = (self.left() / min_item.max(1)) as u64;
         if n > most {
             return Err(format!(
-                "{what} is {n}, but the {} bytes left hold at most {most}",
+                "{what} is {n}, but the {} bytes left hold at most {most}: the file is \
+                 truncated, or its header is wrong",
                 self.left()
             ));
         }

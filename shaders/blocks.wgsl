@@ -26,9 +26,17 @@ const W_Q5_K: u32 = 13u;
 const W_Q6_K: u32 = 14u;
 const W_BF16: u32 = 30u;
 
-// One unit of 32 weights: weight 4i + j is d[i / 4]·q[i][j] + m[i / 4].
+// One unit of 32 weights as loaded: the raw words its quants are in (up to four vec4, no
+// arrays, so that every value stays in registers on drivers that would spill arrays to memory)
+// and the scale and offset of its two halves. `quads(format, unit, i)` turns the raw words into
+// the integer quants of weights 4i .. 4i + 4; weight 4i + j = d[i / 4]·q + m[i / 4].
 struct Unit {
-    q: array<vec4<f32>, 8>,
+    a: vec4<u32>,
+    b: vec4<u32>,
+    c: vec4<u32>,
+    e: vec4<u32>,
+    // A shift or bit index within the raw words (which part of a shared byte is this unit's).
+    w: u32,
     d: vec2<f32>,
     m: vec2<f32>,
 }
@@ -82,81 +90,44 @@ fn u8x4(v: u32) -> vec4<f32> {
     return vec4<f32>(unpack4xU8(v));
 }
 
-// Bit `bit` of each byte of `v`, as 0 or 1.
-fn bit_of_bytes(v: u32, bit: u32) -> vec4<f32> {
-    return u8x4((v >> bit) & 0x01010101u);
+// ---- loading a unit ---------------------------------------------------------------------
+
+fn zero_unit() -> Unit {
+    return Unit(vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), vec4<u32>(0u), 0u, vec2<f32>(0.0),
+                vec2<f32>(0.0));
 }
 
-// ---- the 32-weight formats ------------------------------------------------------------------
-
-// Q4_0 / Q4_1 / Q5_0 / Q5_1 nibbles: byte j of the 16 holds weight j (low) and j + 16 (high).
-fn nibbles(unit: ptr<function, Unit>, qs: vec4<u32>) {
-    for (var i = 0u; i < 4u; i++) {
-        (*unit).q[i] = u8x4(qs[i] & 0x0f0f0f0fu);
-        (*unit).q[i + 4u] = u8x4((qs[i] >> 4u) & 0x0f0f0f0fu);
+// Q4_0 / Q4_1 bodies: 16 bytes of nibbles (byte j: weight j low, j + 16 high), one vec4.
+// Q5_0 / Q5_1 bodies: `qh` (bit e: the fifth bit of weight e), then the nibbles: 5 words.
+// Q8_0 bodies: 32 int8, two vec4. Scale fields: `d` (Q4_0 m = −8d, Q5_0 m = −16d, Q8_0 m = 0),
+// or `d`, `m` (Q4_1, Q5_1).
+fn unit_legacy(format: u32, blk: u32) -> Unit {
+    var u = zero_unit();
+    switch format {
+        case W_Q4_0, W_Q4_1: { u.a = w[blk]; }
+        case W_Q8_0: {
+            u.a = w[blk * 2u];
+            u.b = w[blk * 2u + 1u];
+        }
+        default: {
+            let base = blk * 5u;
+            u.w = word_at(base);
+            u.a = vec4<u32>(word_at(base + 1u), word_at(base + 2u), word_at(base + 3u),
+                            word_at(base + 4u));
+        }
     }
-}
-
-// The fifth bits of Q5_0 / Q5_1: bit e of `qh` belongs to weight e.
-fn fifth_bits(unit: ptr<function, Unit>, qh: u32) {
-    for (var i = 0u; i < 8u; i++) {
-        let bits = (qh >> (4u * i)) & 0xfu;
-        (*unit).q[i] += 16.0 * vec4<f32>(f32(bits & 1u), f32((bits >> 1u) & 1u),
-                                         f32((bits >> 2u) & 1u), f32(bits >> 3u));
-    }
-}
-
-fn same_halves(unit: ptr<function, Unit>, d: f32, m: f32) {
-    (*unit).d = vec2<f32>(d);
-    (*unit).m = vec2<f32>(m);
-}
-
-fn unit_q4_0(blk: u32) -> Unit {
-    var unit: Unit;
-    nibbles(&unit, w[blk]);
-    let d = scale16(blk);
-    same_halves(&unit, d, -8.0 * d);
-    return unit;
-}
-
-fn unit_q4_1(blk: u32) -> Unit {
-    var unit: Unit;
-    nibbles(&unit, w[blk]);
-    let dm = scale32(blk);
-    same_halves(&unit, dm.x, dm.y);
-    return unit;
-}
-
-// Q5_0 / Q5_1 bodies: `qh` (one word), then the nibbles (four words), 5 words a block.
-fn unit_q5(format: u32, blk: u32) -> Unit {
-    var unit: Unit;
-    let base = blk * 5u;
-    nibbles(&unit, vec4<u32>(word_at(base + 1u), word_at(base + 2u), word_at(base + 3u),
-                             word_at(base + 4u)));
-    fifth_bits(&unit, word_at(base));
-    if (format == W_Q5_0) {
-        let d = scale16(blk);
-        same_halves(&unit, d, -16.0 * d);
-    } else {
+    if (format == W_Q4_1 || format == W_Q5_1) {
         let dm = scale32(blk);
-        same_halves(&unit, dm.x, dm.y);
+        u.d = vec2<f32>(dm.x);
+        u.m = vec2<f32>(dm.y);
+    } else {
+        let d = scale16(blk);
+        u.d = vec2<f32>(d);
+        let offset = select(select(0.0, -16.0, format == W_Q5_0), -8.0, format == W_Q4_0);
+        u.m = vec2<f32>(offset * d);
     }
-    return unit;
+    return u;
 }
-
-fn unit_q8_0(blk: u32) -> Unit {
-    var unit: Unit;
-    let a = w[blk * 2u];
-    let b = w[blk * 2u + 1u];
-    for (var i = 0u; i < 4u; i++) {
-        unit.q[i] = vec4<f32>(unpack4xI8(a[i]));
-        unit.q[i + 4u] = vec4<f32>(unpack4xI8(b[i]));
-    }
-    same_halves(&unit, scale16(blk), 0.0);
-    return unit;
-}
-
-// ---- K-quants: unit `sub` (0..8) of super-block `blk` -----------------------------------------
 
 // Byte `i` of four words.
 fn byte_of(v: vec4<u32>, i: u32) -> u32 {
@@ -164,25 +135,21 @@ fn byte_of(v: vec4<u32>, i: u32) -> u32 {
 }
 
 // Q2_K body: 16 scale bytes (low nibble scale, high nibble min; one per 16 weights), then 64
-// bytes of 2-bit quants. Unit `sub` = 32·sub.. takes bits 2·(sub % 4) of quant bytes
+// bytes of 2-bit quants. Unit `sub` = weights 32·sub .. takes bits 2·(sub % 4) of quant bytes
 // 32·(sub / 4) .. + 32, and scale bytes 2·sub and 2·sub + 1. Scale field: `d`, `dmin`.
 fn unit_q2_k(blk: u32, sub: u32) -> Unit {
-    var unit: Unit;
+    var u = zero_unit();
     let base = blk * 5u;                       // 20 words = 5 vec4
     let scales = w[base];
-    let shift = 2u * (sub % 4u);
-    let qa = w[base + 1u + 2u * (sub / 4u)];
-    let qb = w[base + 2u + 2u * (sub / 4u)];
-    for (var i = 0u; i < 4u; i++) {
-        unit.q[i] = u8x4((qa[i] >> shift) & 0x03030303u);
-        unit.q[i + 4u] = u8x4((qb[i] >> shift) & 0x03030303u);
-    }
+    u.a = w[base + 1u + 2u * (sub / 4u)];
+    u.b = w[base + 2u + 2u * (sub / 4u)];
+    u.w = 2u * (sub % 4u);
     let dm = scale32(blk);
     let lo = byte_of(scales, 2u * sub);
     let hi = byte_of(scales, 2u * sub + 1u);
-    unit.d = dm.x * vec2<f32>(f32(lo & 0xfu), f32(hi & 0xfu));
-    unit.m = -dm.y * vec2<f32>(f32(lo >> 4u), f32(hi >> 4u));
-    return unit;
+    u.d = dm.x * vec2<f32>(f32(lo & 0xfu), f32(hi & 0xfu));
+    u.m = -dm.y * vec2<f32>(f32(lo >> 4u), f32(hi >> 4u));
+    return u;
 }
 
 // Q3_K body (27 words, not vec4-aligned): 32 bytes of high bits (bit `sub` of byte e belongs to
@@ -190,14 +157,15 @@ fn unit_q2_k(blk: u32, sub: u32) -> Unit {
 // 6-bit scales (ggml's kmask unpacking: scale word k = low nibbles of word k % 2 shifted by
 // 4·(k / 2), high bits from word 2 shifted by 2k). Weight = d·(scale − 32)·(low + 4·high − 4).
 fn unit_q3_k(blk: u32, sub: u32) -> Unit {
-    var unit: Unit;
+    var u = zero_unit();
     let base = blk * 27u;
-    let shift = 2u * (sub % 4u);
-    for (var i = 0u; i < 8u; i++) {
-        let low = (word_at(base + 8u + 8u * (sub / 4u) + i) >> shift) & 0x03030303u;
-        let high = (word_at(base + i) >> sub) & 0x01010101u;
-        unit.q[i] = u8x4(low + 4u * high);
-    }
+    let low = base + 8u + 8u * (sub / 4u);
+    u.a = vec4<u32>(word_at(low), word_at(low + 1u), word_at(low + 2u), word_at(low + 3u));
+    u.b = vec4<u32>(word_at(low + 4u), word_at(low + 5u), word_at(low + 6u), word_at(low + 7u));
+    u.c = vec4<u32>(word_at(base), word_at(base + 1u), word_at(base + 2u), word_at(base + 3u));
+    u.e = vec4<u32>(word_at(base + 4u), word_at(base + 5u), word_at(base + 6u),
+                    word_at(base + 7u));
+    u.w = sub;
     let k = sub / 2u;
     let packed = word_at(base + 24u + k % 2u);
     let high_bits = word_at(base + 26u);
@@ -205,9 +173,9 @@ fn unit_q3_k(blk: u32, sub: u32) -> Unit {
     let byte = 2u * (sub % 2u);
     let scales = vec2<f32>(f32((word >> (8u * byte)) & 0x3fu),
                            f32((word >> (8u * byte + 8u)) & 0x3fu)) - 32.0;
-    unit.d = scale16(blk) * scales;
-    unit.m = -4.0 * unit.d;
-    return unit;
+    u.d = scale16(blk) * scales;
+    u.m = -4.0 * u.d;
+    return u;
 }
 
 // Q4_K / Q5_K 6-bit scale and min of sub-block j from the 12 scale bytes (ggml's
@@ -226,59 +194,49 @@ fn scale_min_k4(s: vec4<u32>, j: u32) -> vec2<f32> {
 // 32·(sub / 2) .. + 32. Q5_K (11 vec4) has 32 bytes of fifth bits after the scales: bit `sub` of
 // byte e belongs to weight e of unit `sub`.
 fn unit_q45_k(format: u32, blk: u32, sub: u32) -> Unit {
-    var unit: Unit;
+    var u = zero_unit();
     let five = format == W_Q5_K;
     let base = blk * select(9u, 11u, five);
     let head = w[base];
     let qs = base + select(1u, 3u, five) + 2u * (sub / 2u);
-    let qa = w[qs];
-    let qb = w[qs + 1u];
-    let shift = 4u * (sub % 2u);
-    for (var i = 0u; i < 4u; i++) {
-        unit.q[i] = u8x4((qa[i] >> shift) & 0x0f0f0f0fu);
-        unit.q[i + 4u] = u8x4((qb[i] >> shift) & 0x0f0f0f0fu);
-    }
+    u.a = w[qs];
+    u.b = w[qs + 1u];
     if (five) {
-        let ha = w[base + 1u];
-        let hb = w[base + 2u];
-        for (var i = 0u; i < 4u; i++) {
-            unit.q[i] += 16.0 * bit_of_bytes(ha[i], sub);
-            unit.q[i + 4u] += 16.0 * bit_of_bytes(hb[i], sub);
-        }
+        u.c = w[base + 1u];
+        u.e = w[base + 2u];
+        u.w = sub;
+    } else {
+        u.w = 4u * (sub % 2u);
     }
     let dm = unpack2x16float(head.x);
     let sm = scale_min_k4(vec4<u32>(head.y, head.z, head.w, 0u), sub);
-    same_halves(&unit, dm.x * sm.x, -dm.y * sm.y);
-    return unit;
+    u.d = vec2<f32>(dm.x * sm.x);
+    u.m = vec2<f32>(-dm.y * sm.y);
+    return u;
 }
 
 // Q6_K body (13 vec4): 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales (one
-// per 16 weights). Unit `sub` = 128·n + 32·t (n = sub / 4, t = sub % 4) takes nibble t / 2 of
-// low bytes 64·n + 32·(t % 2) .., bits 2t of high bytes 32·n .., and scales 8n + 2t, 8n + 2t + 1.
-// Weight = d·scale·(q − 32).
+// per 16 weights). Unit `sub` = weights 128·n + 32·t .. (n = sub / 4, t = sub % 4) takes nibble
+// t / 2 of low bytes 64·n + 32·(t % 2) .., bits 2t of high bytes 32·n .., and scales 8n + 2t,
+// 8n + 2t + 1. Weight = d·scale·(q − 32).
 fn unit_q6_k(blk: u32, sub: u32) -> Unit {
-    var unit: Unit;
+    var u = zero_unit();
     let base = blk * 13u;
     let n = sub / 4u;
     let t = sub % 4u;
     let low = base + 4u * n + 2u * (t % 2u);
-    let high = base + 8u + 2u * n;
-    for (var h = 0u; h < 2u; h++) {
-        let ql = w[low + h];
-        let qh = w[high + h];
-        for (var i = 0u; i < 4u; i++) {
-            let lo = (ql[i] >> (4u * (t / 2u))) & 0x0f0f0f0fu;
-            let hi = ((qh[i] >> (2u * t)) & 0x03030303u) << 4u;
-            unit.q[4u * h + i] = u8x4(lo | hi);
-        }
-    }
+    u.a = w[low];
+    u.b = w[low + 1u];
+    u.c = w[base + 8u + 2u * n];
+    u.e = w[base + 9u + 2u * n];
+    u.w = t;
     let scales = w[base + 12u];
     let s = 8u * n + 2u * t;
     let sc = vec2<f32>(f32(extractBits(i32(byte_of(scales, s)), 0u, 8u)),
                        f32(extractBits(i32(byte_of(scales, s + 1u)), 0u, 8u)));
-    unit.d = scale16(blk) * sc;
-    unit.m = -32.0 * unit.d;
-    return unit;
+    u.d = scale16(blk) * sc;
+    u.m = -32.0 * u.d;
+    return u;
 }
 
 // Unit `unit` (weights 32·unit .. + 32) of row `row` of the chunk, for a block `format`.
@@ -293,17 +251,51 @@ fn load_unit(format: u32, row: u32, unit: u32) -> Unit {
             default: { return unit_q45_k(format, blk, sub); }
         }
     }
-    let blk = row * p.w_stride + unit;
+    return unit_legacy(format, row * p.w_stride + unit);
+}
+
+// Bits `bit`.. of four consecutive weights' flags, one per byte: bits e + 0..4 of `flags` as
+// bit 0 of bytes 0..4.
+fn spread4(flags: u32, bit: u32) -> u32 {
+    let f = flags >> bit;
+    return (f & 1u) | ((f & 2u) << 7u) | ((f & 4u) << 14u) | ((f & 8u) << 21u);
+}
+
+// The integer quants of weights 4i .. 4i + 4 of a unit, as four floats.
+fn quads(format: u32, u: Unit, i: u32) -> vec4<f32> {
+    // Word i of the unit's first 8 raw words (a, b), and of the second 8 (c, e).
+    let first = select(u.b[i % 4u], u.a[i % 4u], i < 4u);
+    let second = select(u.e[i % 4u], u.c[i % 4u], i < 4u);
     switch format {
-        case W_Q4_0: { return unit_q4_0(blk); }
-        case W_Q4_1: { return unit_q4_1(blk); }
-        case W_Q8_0: { return unit_q8_0(blk); }
-        default: { return unit_q5(format, blk); }
+        case W_Q8_0: { return vec4<f32>(unpack4xI8(first)); }
+        case W_Q4_0, W_Q4_1: {
+            return u8x4((u.a[i % 4u] >> (4u * (i / 4u))) & 0x0f0f0f0fu);
+        }
+        case W_Q5_0, W_Q5_1: {
+            let nibbles = (u.a[i % 4u] >> (4u * (i / 4u))) & 0x0f0f0f0fu;
+            return u8x4(nibbles | (spread4(u.w, 4u * i) << 4u));
+        }
+        case W_Q2_K: { return u8x4((first >> u.w) & 0x03030303u); }
+        case W_Q3_K: {
+            let low = (first >> (2u * (u.w % 4u))) & 0x03030303u;
+            return u8x4(low + 4u * ((second >> u.w) & 0x01010101u));
+        }
+        case W_Q4_K: { return u8x4((first >> u.w) & 0x0f0f0f0fu); }
+        case W_Q5_K: {
+            let fifth = (second >> u.w) & 0x01010101u;
+            return u8x4(((first >> (4u * (u.w % 2u))) & 0x0f0f0f0fu) | (fifth << 4u));
+        }
+        default: {
+            // Q6_K: nibble t / 2 of the low bytes, bits 2t of the high bytes.
+            let lo = (first >> (4u * (u.w / 2u))) & 0x0f0f0f0fu;
+            return u8x4(lo | (((second >> (2u * u.w)) & 0x03030303u) << 4u));
+        }
     }
 }
 
 // Weights 4i .. 4i + 4 of a unit.
-fn unit_values(unit: Unit, i: u32) -> vec4<f32> {
-    let h = i / 4u;
-    return unit.d[h] * unit.q[i] + unit.m[h];
+fn unit_values(format: u32, unit: Unit, i: u32) -> vec4<f32> {
+    let second = i >= 4u;
+    return select(unit.d.x, unit.d.y, second) * quads(format, unit, i)
+         + select(unit.m.x, unit.m.y, second);
 }

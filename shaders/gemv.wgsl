@@ -182,11 +182,12 @@ fn f32_sums(row0: u32, tid: u32) -> Sums {
     return sums;
 }
 
-// Σ q·x over weights 16·half .. 16·half + 16 of a unit.
+// Σ q·x over weights 16·half .. 16·half + 16 of a unit (`half` a constant at each call).
 fn half_dot(unit: Unit, xs: array<vec4<f32>, 8>, half: u32) -> f32 {
     let i = 4u * half;
-    return dot(unit.q[i], xs[i]) + dot(unit.q[i + 1u], xs[i + 1u])
-         + dot(unit.q[i + 2u], xs[i + 2u]) + dot(unit.q[i + 3u], xs[i + 3u]);
+    return dot(quads(FORMAT, unit, i), xs[i]) + dot(quads(FORMAT, unit, i + 1u), xs[i + 1u])
+         + dot(quads(FORMAT, unit, i + 2u), xs[i + 2u])
+         + dot(quads(FORMAT, unit, i + 3u), xs[i + 3u]);
 }
 
 // This thread's partial sums of ROWS rows of a weight in ggml blocks, unit by unit.

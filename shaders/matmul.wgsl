@@ -122,12 +122,12 @@ fn load_w_tile_f32(n0: u32, k0: u32, tid: u32) {
 // t of the 32 k-rows of w_tile. Consecutive threads write consecutive words.
 fn load_w_tile_blocks(n0: u32, k0: u32, tid: u32) {
     let row = n0 + tid;
-    var unit: Unit;
+    var unit = zero_unit();
     if (row < p.n) {
         unit = load_unit(FORMAT, row, k0 / TILE_K);
     }
     for (var i = 0u; i < 8u; i++) {
-        let v = unit_values(unit, i);
+        let v = unit_values(FORMAT, unit, i);
         for (var j = 0u; j < 4u; j++) {
             w_tile[(4u * i + j) * 16u + tid / 4u][tid % 4u] = v[j];
         }

@@ -169,7 +169,8 @@ fn columns_blocks(acc: ptr<function, Acc>, rows: Rows, a: u32, b: u32) {
         let ua = load_unit(FORMAT, a, u);
         let ub = load_unit(FORMAT, b, u);
         for (var i = 0u; i < 8u; i++) {
-            add_four(acc, rows, u * 32u + 4u * i, unit_values(ua, i), unit_values(ub, i));
+            add_four(acc, rows, u * 32u + 4u * i, unit_values(FORMAT, ua, i),
+                     unit_values(FORMAT, ub, i));
         }
     }
 }

@@ -23,7 +23,7 @@ use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 mod cli;
 use cli::choices::{
     BackendArg, FileFormatArg, KvArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg,
-    VisionWeightsArg, WeightsArg,
+    WeightsArg,
 };
 
 #[derive(Parser)]
@@ -88,9 +88,9 @@ struct WeightArgs {
     #[arg(long, value_enum)]
     weights: Option<WeightsArg>,
     /// Format of the vision tower and projector (default: f16 when --weights is quantized,
-    /// otherwise the same as --weights).
+    /// otherwise the same as --weights); one format, not a mix.
     #[arg(long, value_enum)]
-    vision_weights: Option<VisionWeightsArg>,
+    vision_weights: Option<WeightsArg>,
 }
 
 impl WeightArgs {
@@ -195,7 +195,7 @@ enum Command {
         weights: QuantizedArg,
         /// GGUF: the mmproj's linear layers in f16 (default) or q8_0.
         #[arg(long, value_enum)]
-        vision_weights: Option<VisionWeightsArg>,
+        vision_weights: Option<WeightsArg>,
     },
     /// Answer a question about an image.
     Run(Box<RunArgs>),
@@ -848,7 +848,7 @@ fn decode_against_f16(
     // The same engine but for the language model's format: same depth (--layers), KV type and
     // vision weights.
     let mut options = args.engine_options(device);
-    options.vision_weight_format = Some(options.vision_format(format));
+    options.vision_weight_format = Some(options.vision_format(format)?.into());
     options.weight_format = Some(Mix::Uniform(WeightFormat::F16));
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;
@@ -927,11 +927,18 @@ fn quantize(
     out: &Path,
     format: FileFormatArg,
     weights: QuantizedArg,
-    vision: Option<VisionWeightsArg>,
+    vision: Option<WeightsArg>,
 ) -> Result<()> {
     match (format, weights) {
         (FileFormatArg::Gguf, weights) => {
-            let vision = vision.map_or(WeightFormat::F16, Into::into);
+            let vision = match vision.map(Mix::from) {
+                None => WeightFormat::F16,
+                Some(Mix::Uniform(format)) => format,
+                Some(mix) => anyhow::bail!(
+                    "invalid argument --vision-weights: {} is a mix for the language model",
+                    mix.name()
+                ),
+            };
             let report = gguf::writer::write_pair(model, out, weights.into(), vision)?;
             eprintln!("{report}");
         }

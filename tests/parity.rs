@@ -156,7 +156,7 @@ fn quantized_weights_match_transformers_fed_dequantized_weights() {
     for (name, format, vision) in variants {
         let options = EngineOptions {
             weight_format: Some(format.into()),
-            vision_weight_format: Some(vision),
+            vision_weight_format: Some(vision.into()),
             kv: Some(DType::F32),
             ..Default::default()
         };

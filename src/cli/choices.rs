@@ -101,7 +101,8 @@ impl From<BackendArg> for BackendChoice {
     }
 }
 
-/// `--weights`: a [`Mix`] of the formats the engine can convert or quantize float weights to.
+/// `--weights` and `--vision-weights`: a [`Mix`] of the formats the engine can convert or
+/// quantize float weights to (the vision tower takes a single format, not the mix).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightsArg {
     F16,
@@ -139,42 +140,6 @@ impl From<WeightsArg> for Mix {
             WeightsArg::Q6K => WeightFormat::Q6_K,
             WeightsArg::Q4KM => return Mix::Q4KM,
         })
-    }
-}
-
-/// `--vision-weights`: one [`WeightFormat`] for the vision tower and projector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum VisionWeightsArg {
-    F16,
-    F32,
-    Bf16,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q5_0")]
-    Q5_0,
-    #[value(name = "q4_k")]
-    Q4K,
-    #[value(name = "q5_k")]
-    Q5K,
-    #[value(name = "q6_k")]
-    Q6K,
-}
-
-impl From<VisionWeightsArg> for WeightFormat {
-    fn from(arg: VisionWeightsArg) -> Self {
-        match arg {
-            VisionWeightsArg::F16 => WeightFormat::F16,
-            VisionWeightsArg::F32 => WeightFormat::F32,
-            VisionWeightsArg::Bf16 => WeightFormat::BF16,
-            VisionWeightsArg::Q8_0 => WeightFormat::Q8_0,
-            VisionWeightsArg::Q4_0 => WeightFormat::Q4_0,
-            VisionWeightsArg::Q5_0 => WeightFormat::Q5_0,
-            VisionWeightsArg::Q4K => WeightFormat::Q4_K,
-            VisionWeightsArg::Q5K => WeightFormat::Q5_K,
-            VisionWeightsArg::Q6K => WeightFormat::Q6_K,
-        }
     }
 }
 
@@ -255,7 +220,6 @@ mod tests {
         same_names::<Stage1ScoreArg, Stage1Score>();
         same_names::<TemplateArg, Template>();
         same_names::<BackendArg, BackendChoice>();
-        same_names::<VisionWeightsArg, WeightFormat>();
         for arg in QuantizedArg::value_variants() {
             let name = arg.to_possible_value().unwrap().get_name().to_string();
             assert_eq!(TextTypes::from(*arg).name(), name);

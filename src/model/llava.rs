@@ -36,9 +36,10 @@ pub struct EngineOptions {
     /// mix. None: as stored for GGUF files and `quantize`d checkpoints, f16 otherwise. A GGUF
     /// file always runs as stored: asking for a format is an error.
     pub weight_format: Option<Mix>,
-    /// Matrix weights of the vision tower and projector; `None`: the same as `weight_format`
-    /// when that is a float format, f16 when it is quantized (as stored for GGUF).
-    pub vision_weight_format: Option<WeightFormat>,
+    /// Matrix weights of the vision tower and projector, one format (a mix is refused);
+    /// `None`: the same as `weight_format` when that is a float format, f16 when it is
+    /// quantized (as stored for GGUF).
+    pub vision_weight_format: Option<Mix>,
     /// Show a progress bar on stderr while weights upload.
     pub progress: bool,
     /// Create every weight buffer without uploading data (and compile no pipelines): the
@@ -63,11 +64,21 @@ impl EngineOptions {
     }
 
     /// The format the vision tower and projector load in (see `vision_weight_format`).
-    pub fn vision_format(&self, text: Mix) -> WeightFormat {
-        self.vision_weight_format.unwrap_or(match text {
-            Mix::Uniform(format) if !format.is_quantized() => format,
-            _ => WeightFormat::F16,
-        })
+    pub fn vision_format(&self, text: Mix) -> Result<WeightFormat> {
+        match self.vision_weight_format {
+            Some(Mix::Uniform(format)) => Ok(format),
+            Some(mix) => Err(Error::argument(
+                "vision_weight_format",
+                format!(
+                    "{} chooses types per decoder tensor; the vision tower takes one format",
+                    mix.name()
+                ),
+            )),
+            None => Ok(match text {
+                Mix::Uniform(format) if !format.is_quantized() => format,
+                _ => WeightFormat::F16,
+            }),
+        }
     }
 }
 
@@ -156,12 +167,12 @@ impl Engine {
                 ),
             ));
         }
-        if let Some(format) = options.vision_weight_format {
+        if let Some(mix) = options.vision_weight_format {
             return Err(Error::argument(
                 "vision_weight_format",
                 format!(
                     "{} was asked for, but the mmproj file's types are used as stored",
-                    format.name()
+                    mix.name()
                 ),
             ));
         }
@@ -199,19 +210,23 @@ impl Engine {
     }
 
     /// How the language model's and the vision tower's matrices are stored on the GPU.
-    fn formats(checkpoint: &Checkpoint, options: &EngineOptions, layers: usize) -> [Formats; 2] {
+    fn formats(
+        checkpoint: &Checkpoint,
+        options: &EngineOptions,
+        layers: usize,
+    ) -> Result<[Formats; 2]> {
         if checkpoint.gguf().is_some() {
-            return [Formats::AsStored, Formats::AsStored];
+            return Ok([Formats::AsStored, Formats::AsStored]);
         }
         let mix = options.text_mix(checkpoint);
-        let vision = Mix::Uniform(options.vision_format(mix));
-        [
+        let vision = Mix::Uniform(options.vision_format(mix)?);
+        Ok([
             Formats::Mix { mix, layers },
             Formats::Mix {
                 mix: vision,
                 layers,
             },
-        ]
+        ])
     }
 
     fn from_parts(model_dir: &Path, parts: Parts, options: EngineOptions) -> Result<Self> {
@@ -225,7 +240,7 @@ impl Engine {
             pads_by_default,
         } = parts;
         let [text_formats, vision_formats] =
-            Self::formats(&checkpoint, &options, config.text.num_hidden_layers);
+            Self::formats(&checkpoint, &options, config.text.num_hidden_layers)?;
         if let Some(layers) = options.text_layers {
             let depth = config.text.num_hidden_layers;
             if layers == 0 || layers > depth {

@@ -214,15 +214,8 @@ pub(super) fn block_q45_k(x: &[f32], fifth_bit: bool, out: &mut Vec<u8>) {
 /// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (what Q6_K uses):
 /// signed quants `l + nmax` and the scale, searching 18 scales around `−nmax / max`.
 fn make_qx_quants(x: &[f32], nmax: i32, levels: &mut [i8]) -> f32 {
-    let mut max = 0f32;
-    let mut amax = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax < GROUP_MAX_EPS {
+    let max = super::signed_max(x);
+    if max.abs() < GROUP_MAX_EPS {
         levels.fill(0);
         return 0.0;
     }

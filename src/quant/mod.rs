@@ -96,6 +96,20 @@ fn layout_of(format: WeightFormat) -> Result<crate::gpu::format::BlockLayout> {
     })
 }
 
+/// The value of largest magnitude, with its sign; the first of equal magnitudes (ggml's
+/// `if (amax < fabsf(v))` scan).
+pub(crate) fn signed_max(x: &[f32]) -> f32 {
+    let mut amax = 0f32;
+    let mut max = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
 /// Q8_0: d = amax / 127, q = round(x · (1/d)) with halves away from zero (C's `roundf`); the
 /// quants use the f32 scale, the block stores it rounded to f16 (nearest even).
 fn quantize_block_q8_0(x: &[f32], out: &mut Vec<u8>) {
@@ -110,15 +124,7 @@ fn quantize_block_q8_0(x: &[f32], out: &mut Vec<u8>) {
 /// so it maps to q = 0; q = min(15, trunc(x · (1/d) + 8.5)). Byte j holds element j in its low
 /// nibble and element j + 16 in its high nibble.
 fn quantize_block_q4_0(x: &[f32], out: &mut Vec<u8>) {
-    let mut amax = 0f32;
-    let mut max = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    let d = max / -8.0;
+    let d = signed_max(x) / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
     // `as u8` truncates toward zero like C's `(int8_t)` cast for these non-negative values.
@@ -130,15 +136,7 @@ fn quantize_block_q4_0(x: &[f32], out: &mut Vec<u8>) {
 /// Q5_0: as Q4_0 with d = max / −16 and q = min(31, trunc(x · (1/d) + 16.5)); the fifth bits go
 /// to `qh` (bit j for element j).
 fn quantize_block_q5_0(x: &[f32], out: &mut Vec<u8>) {
-    let mut amax = 0f32;
-    let mut max = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    let d = max / -16.0;
+    let d = signed_max(x) / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
     // C's `(int8_t)` truncates toward zero; these values are non-negative.

@@ -8,6 +8,7 @@
 //! - `writer` (with `writer_text`, `writer_vision`): writing a pair (`llava-wgpu quantize
 //!   --format gguf`).
 
+mod encode;
 pub mod file;
 pub mod metadata;
 pub mod names;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::writer::{tensor_bytes, GgufWriter, Meta, TextTypes};
+use super::encode::{tensor_bytes, GgufWriter, Meta, TextTypes};
 use crate::error::{Error, Result};
 use crate::gpu::WeightFormat;
 use crate::model::config::LlavaConfig;

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::writer::{tensor_bytes, GgufWriter, Meta};
+use super::encode::{tensor_bytes, GgufWriter, Meta};
 use crate::error::Result;
 use crate::gpu::WeightFormat;
 use crate::model::config::LlavaConfig;

@@ -29,7 +29,10 @@ const W_BF16: u32 = 30u;
 // One unit of 32 weights as loaded: the raw words its quants are in (up to four vec4, no
 // arrays, so that every value stays in registers on drivers that would spill arrays to memory)
 // and the scale and offset of its two halves. `quads(format, unit, i)` turns the raw words into
-// the integer quants of weights 4i .. 4i + 4; weight 4i + j = d[i / 4]·q + m[i / 4].
+// the integer quants of weights 4i .. 4i + 4; weight 4i + j = d[i / 4]·q + m[i / 4]. The
+// formats with a fixed offset (Q4_0's −8, Q5_0's −16, Q3_K's −4, Q6_K's −32) give centred
+// quants and m = 0, so a sum never cancels d·Σq·x against m·Σx; Q4_1, Q5_1, Q2_K, Q4_K and
+// Q5_K store a minimum per group, and m is it.
 struct Unit {
     a: vec4<u32>,
     b: vec4<u32>,
@@ -121,10 +124,7 @@ fn unit_legacy(format: u32, blk: u32) -> Unit {
         u.d = vec2<f32>(dm.x);
         u.m = vec2<f32>(dm.y);
     } else {
-        let d = scale16(blk);
-        u.d = vec2<f32>(d);
-        let offset = select(select(0.0, -16.0, format == W_Q5_0), -8.0, format == W_Q4_0);
-        u.m = vec2<f32>(offset * d);
+        u.d = vec2<f32>(scale16(blk));
     }
     return u;
 }
@@ -174,7 +174,6 @@ fn unit_q3_k(blk: u32, sub: u32) -> Unit {
     let scales = vec2<f32>(f32((word >> (8u * byte)) & 0x3fu),
                            f32((word >> (8u * byte + 8u)) & 0x3fu)) - 32.0;
     u.d = scale16(blk) * scales;
-    u.m = -4.0 * u.d;
     return u;
 }
 
@@ -235,7 +234,6 @@ fn unit_q6_k(blk: u32, sub: u32) -> Unit {
     let sc = vec2<f32>(f32(extractBits(i32(byte_of(scales, s)), 0u, 8u)),
                        f32(extractBits(i32(byte_of(scales, s + 1u)), 0u, 8u)));
     u.d = scale16(blk) * sc;
-    u.m = -32.0 * u.d;
     return u;
 }
 
@@ -269,16 +267,18 @@ fn quads(format: u32, u: Unit, i: u32) -> vec4<f32> {
     switch format {
         case W_Q8_0: { return vec4<f32>(unpack4xI8(first)); }
         case W_Q4_0, W_Q4_1: {
-            return u8x4((u.a[i % 4u] >> (4u * (i / 4u))) & 0x0f0f0f0fu);
+            let q = u8x4((u.a[i % 4u] >> (4u * (i / 4u))) & 0x0f0f0f0fu);
+            return select(q, q - 8.0, format == W_Q4_0);
         }
         case W_Q5_0, W_Q5_1: {
             let nibbles = (u.a[i % 4u] >> (4u * (i / 4u))) & 0x0f0f0f0fu;
-            return u8x4(nibbles | (spread4(u.w, 4u * i) << 4u));
+            let q = u8x4(nibbles | (spread4(u.w, 4u * i) << 4u));
+            return select(q, q - 16.0, format == W_Q5_0);
         }
         case W_Q2_K: { return u8x4((first >> u.w) & 0x03030303u); }
         case W_Q3_K: {
             let low = (first >> (2u * (u.w % 4u))) & 0x03030303u;
-            return u8x4(low + 4u * ((second >> u.w) & 0x01010101u));
+            return u8x4(low + 4u * ((second >> u.w) & 0x01010101u)) - 4.0;
         }
         case W_Q4_K: { return u8x4((first >> u.w) & 0x0f0f0f0fu); }
         case W_Q5_K: {
@@ -288,7 +288,7 @@ fn quads(format: u32, u: Unit, i: u32) -> vec4<f32> {
         default: {
             // Q6_K: nibble t / 2 of the low bytes, bits 2t of the high bytes.
             let lo = (first >> (4u * (u.w / 2u))) & 0x0f0f0f0fu;
-            return u8x4(lo | (((second >> (2u * u.w)) & 0x03030303u) << 4u));
+            return u8x4(lo | (((second >> (2u * u.w)) & 0x03030303u) << 4u)) - 32.0;
         }
     }
 }

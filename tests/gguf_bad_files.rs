@@ -236,3 +236,63 @@ fn the_command_line_names_the_problem_and_fails() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--weights"), "{stderr}");
 }
+
+/// Good files of other shapes: version 2 (GGUF v2 and v3 are the same bytes on little-endian
+/// machines but for the version number) and a non-default `general.alignment`, both loading to
+/// the same logits as the fixture.
+#[test]
+fn version_2_and_other_alignments_load() {
+    use llava_wgpu::model::gguf::file::{Array, GgufFile, Value};
+    use llava_wgpu::model::gguf::writer::{GgufWriter, Meta};
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gguf-good-shapes");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The fixture's text file rewritten with 128-byte alignment.
+    let file = GgufFile::open(&tiny(TEXT)).unwrap();
+    let mut out = GgufWriter::default();
+    out.meta("general.alignment", Meta::U32(128));
+    for key in &file.keys {
+        let meta = match file.get(key).unwrap() {
+            Value::U32(v) => Meta::U32(*v),
+            Value::F32(v) => Meta::F32(*v),
+            Value::Bool(v) => Meta::Bool(*v),
+            Value::String(v) => Meta::Str(v.clone()),
+            Value::Array(Array::String(v)) => Meta::Strs(v.clone()),
+            Value::Array(Array::Float(v)) => Meta::F32s(v.iter().map(|&x| x as f32).collect()),
+            Value::Array(Array::Int { values, .. }) => {
+                Meta::I32s(values.iter().map(|&x| x as i32).collect())
+            }
+            other => panic!("{key}: {other:?}"),
+        };
+        out.meta(key, meta);
+    }
+    for t in &file.tensors {
+        out.tensor(&t.name, &t.shape(), t.format, file.bytes(t).to_vec());
+    }
+    let aligned = dir.join("aligned.gguf");
+    out.write(&aligned).unwrap();
+    let reread = GgufFile::open(&aligned).unwrap();
+    assert_eq!(reread.alignment, 128);
+    assert!(reread.tensors.iter().all(|t| t.start % 128 == 0));
+    // The fixture's text file as version 2.
+    let mut bytes = std::fs::read(tiny(TEXT)).unwrap();
+    bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let v2 = dir.join("v2.gguf");
+    std::fs::write(&v2, bytes).unwrap();
+    assert_eq!(GgufFile::open(&v2).unwrap().version, 2);
+    // All three answer alike.
+    let logits = |text: &Path| {
+        let options = EngineOptions {
+            mmproj: Some(tiny(MMPROJ)),
+            ..EngineOptions::default()
+        };
+        let engine = Engine::load(text, options).unwrap();
+        let image = weights().join("tiny-random-llava/reference/case0_square84.png");
+        let mut request = llava_wgpu::GenerateRequest::new(image, "What is this?");
+        request.capture_outputs = true;
+        request.max_new_tokens = 1;
+        engine.generate(&request, |_| {}).unwrap().first_logits
+    };
+    let want = logits(&tiny(TEXT));
+    assert_eq!(logits(&aligned), want);
+    assert_eq!(logits(&v2), want);
+}

@@ -33,6 +33,7 @@ pub struct GgufWriter {
     tensors: Vec<(String, Vec<usize>, WeightFormat, Vec<u8>)>,
 }
 
+/// ggml's GGUF_DEFAULT_ALIGNMENT, what gguf-py's converters write with.
 const ALIGNMENT: usize = 32;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -45,6 +46,18 @@ impl GgufWriter {
         self.metadata.push((key.to_string(), value));
     }
 
+    /// The alignment of the data section and of every tensor: `general.alignment` if the
+    /// metadata has it (a power of two), else 32.
+    fn alignment(&self) -> usize {
+        self.metadata
+            .iter()
+            .find_map(|(key, value)| match (key.as_str(), value) {
+                ("general.alignment", Meta::U32(a)) if a.is_power_of_two() => Some(*a as usize),
+                _ => None,
+            })
+            .unwrap_or(ALIGNMENT)
+    }
+
     /// A tensor of torch-order `shape` holding `bytes` of `format`.
     pub fn tensor(&mut self, name: &str, shape: &[usize], format: WeightFormat, bytes: Vec<u8>) {
         self.tensors
@@ -52,8 +65,10 @@ impl GgufWriter {
     }
 
     /// The file's bytes: header, metadata, tensor infos (dimensions reversed into ggml's
-    /// order, offsets each aligned), padding, data.
+    /// order, offsets each aligned), padding, data. Version 3 (byte-identical to version 2 for
+    /// little-endian files but for the number).
     pub fn bytes(&self) -> Vec<u8> {
+        let alignment = self.alignment();
         let mut out = Vec::new();
         out.extend(b"GGUF");
         out.extend(3u32.to_le_bytes());
@@ -72,12 +87,12 @@ impl GgufWriter {
             }
             out.extend(format.ggml_type().to_le_bytes());
             out.extend((offset as u64).to_le_bytes());
-            offset += bytes.len().next_multiple_of(ALIGNMENT);
+            offset += bytes.len().next_multiple_of(alignment);
         }
-        out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
+        out.resize(out.len().next_multiple_of(alignment), 0);
         for (_, _, _, bytes) in &self.tensors {
             out.extend(bytes);
-            out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
+            out.resize(out.len().next_multiple_of(alignment), 0);
         }
         out
     }

@@ -241,16 +241,7 @@ impl Engine {
         } = parts;
         let [text_formats, vision_formats] =
             Self::formats(&checkpoint, &options, config.text.num_hidden_layers)?;
-        if let Some(layers) = options.text_layers {
-            let depth = config.text.num_hidden_layers;
-            if layers == 0 || layers > depth {
-                return Err(Error::argument(
-                    "text_layers",
-                    format!("{layers} is not between 1 and the model's {depth} decoder layers"),
-                ));
-            }
-            config.text.num_hidden_layers = layers;
-        }
+        truncate_depth(&mut config, options.text_layers)?;
         // The one weight no kernel launcher sees: its rows are gathered on the host.
         checkpoint.check_embedding_width("text.embed_tokens.weight", config.text.hidden_size)?;
         let gpu = Gpu::new(options.gpu.clone())?;
@@ -440,6 +431,22 @@ struct Parts {
     checkpoint: Checkpoint,
     template: Template,
     pads_by_default: bool,
+}
+
+/// Keep only the first `layers` decoder layers (`EngineOptions::text_layers`).
+fn truncate_depth(config: &mut LlavaConfig, layers: Option<usize>) -> Result<()> {
+    let Some(layers) = layers else {
+        return Ok(());
+    };
+    let depth = config.text.num_hidden_layers;
+    if layers == 0 || layers > depth {
+        return Err(Error::argument(
+            "text_layers",
+            format!("{layers} is not between 1 and the model's {depth} decoder layers"),
+        ));
+    }
+    config.text.num_hidden_layers = layers;
+    Ok(())
 }
 
 /// A label for how matrices were stored: the mix asked for (`q4_k_m`, `f16`), or the formats

@@ -160,26 +160,7 @@ pub(super) fn block_q45_k(x: &[f32], fifth_bit: bool, out: &mut Vec<u8>) {
             max_min = min;
         }
     }
-    let inv_scale = if max_scale > 0.0 {
-        63.0 / max_scale
-    } else {
-        0.0
-    };
-    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-    let mut packed = [0u8; 12];
-    for j in 0..8 {
-        // C stores nearest_int's int into a uint8_t (modulo 256), then clamps to 63.
-        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
-        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
-        if j < 4 {
-            packed[j] = ls;
-            packed[j + 4] = lm;
-        } else {
-            packed[j + 4] = (ls & 0xf) | ((lm & 0xf) << 4);
-            packed[j - 4] |= (ls >> 4) << 6;
-            packed[j] |= (lm >> 4) << 6;
-        }
-    }
+    let packed = pack_scales_mins(&scales, &mins, max_scale, max_min);
     let d = f16::from_f32(max_scale / 63.0);
     let dmin = f16::from_f32(max_min / 63.0);
     for j in 0..8 {
@@ -209,6 +190,32 @@ pub(super) fn block_q45_k(x: &[f32], fifth_bit: bool, out: &mut Vec<u8>) {
     for j in (0..256).step_by(64) {
         out.extend((0..32).map(|l| (levels[j + l] & 0xf) | ((levels[j + l + 32] & 0xf) << 4)));
     }
+}
+
+/// The 8 scales and mins of a Q4_K / Q5_K block as 6-bit values relative to the largest, packed
+/// into 12 bytes as `get_scale_min_k4` reads them.
+fn pack_scales_mins(scales: &[f32; 8], mins: &[f32; 8], max_scale: f32, max_min: f32) -> [u8; 12] {
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut packed = [0u8; 12];
+    for j in 0..8 {
+        // C stores nearest_int's int into a uint8_t (modulo 256), then clamps to 63.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xf) | ((lm & 0xf) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+    packed
 }
 
 /// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights (what Q6_K uses):

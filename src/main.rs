@@ -603,12 +603,40 @@ fn run(args: &RunArgs) -> Result<()> {
         write_kept_overlay(&engine, &request, &output, path)?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&output)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&run_json(&engine, &request, &output)?)?
+        );
     } else {
         println!();
         eprintln!("{}", summary(&output));
     }
     Ok(())
+}
+
+/// `run --json`: the request's output with what ran it (DESIGN.md's JSON contract): the model,
+/// the adapter, the weight and KV formats, the template, padding and pruning settings.
+fn run_json(
+    engine: &Engine,
+    request: &GenerateRequest,
+    output: &GenerateOutput,
+) -> Result<serde_json::Value> {
+    let mut json = serde_json::to_value(output)?;
+    let [weights, vision_weights] = &engine.weight_labels;
+    let settings = serde_json::json!({
+        "model": engine.model_dir.display().to_string(),
+        "adapter": engine.gpu.describe(),
+        "weights_format": weights,
+        "vision_weights_format": vision_weights,
+        "kv_format": format!("{:?}", engine.kv_dtype).to_lowercase(),
+        "template": request.template.name(),
+        "pad_to_square": engine.pads_images(&request.settings()),
+        "prune": format!("{:?}", request.prune.method).to_lowercase(),
+    });
+    if let (Some(out), serde_json::Value::Object(extra)) = (json.as_object_mut(), settings) {
+        out.extend(extra);
+    }
+    Ok(json)
 }
 
 impl RunArgs {

@@ -2,7 +2,7 @@
 //! truncated file, tensor data past the end, misaligned and overlapping offsets, a type the
 //! engine does not run, a wrong architecture, an mmproj given as the model, a missing mmproj,
 //! a pair whose projector width is not the text model's, metadata of the wrong value type; and
-//! the command line exits non-zero with the message.
+//! the command line exits non-zero with the message (and runs a good pair, naming its types).
 
 #[path = "session/mod.rs"]
 mod session;
@@ -295,4 +295,29 @@ fn version_2_and_other_alignments_load() {
     let want = logits(&tiny(TEXT));
     assert_eq!(logits(&aligned), want);
     assert_eq!(logits(&v2), want);
+}
+
+/// And a good pair through the binary: `run --json` names the types it ran and that it padded.
+#[test]
+fn the_command_line_runs_a_pair_and_reports_its_types() {
+    let pair = weights().join("tiny-llava-shapes/gguf/q4_k_m");
+    let out = Command::new(env!("CARGO_BIN_EXE_llava-wgpu"))
+        .args(["run", "--json", "--model"])
+        .arg(&pair)
+        .arg("--image")
+        .arg(weights().join("tiny-llava-shapes/example1.png"))
+        .args(["--prompt", "Which color does the cross have?"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["text"], "white");
+    assert_eq!(json["weights_format"], "gguf q4_k+q5_0+q6_k+q8_0");
+    assert_eq!(json["vision_weights_format"], "gguf f16");
+    assert_eq!(json["pad_to_square"], true);
+    assert_eq!(json["template"], "llava-hf");
 }

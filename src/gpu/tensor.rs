@@ -316,18 +316,6 @@ impl Weight {
         Self::from_elements(gpu, name, n, k, format, &bits)
     }
 
-    /// Upload `W[N, K]` given as IEEE halves (what f16 checkpoints hold), kept as f16.
-    pub fn from_f16(gpu: &Gpu, name: &str, n: usize, k: usize, data: &[f16]) -> Result<Self> {
-        Self::from_elements(
-            gpu,
-            name,
-            n,
-            k,
-            WeightFormat::F16,
-            bytemuck::cast_slice(data),
-        )
-    }
-
     /// Upload `W[N, K]` given as the little-endian elements of the float `format` (f32, f16 or
     /// bf16 bits, as a checkpoint file stores them), each row padded to the format's alignment.
     pub fn from_elements(

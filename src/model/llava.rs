@@ -177,8 +177,9 @@ impl Engine {
             ));
         }
         let pair = GgufPair::open(model, options.mmproj.as_deref())?;
-        let config = pair.config()?;
-        let tokenizer = TextTokenizer::from_vocab(pair.vocab()?, config.image_token_index)?;
+        let vocab = pair.vocab()?;
+        let config = pair.config(&vocab)?;
+        let tokenizer = TextTokenizer::from_vocab(vocab, config.image_token_index)?;
         let parts = Parts {
             image_processor: pair.image_processor(config.vision.image_size)?,
             template: pair.template()?,

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
+use half::bf16;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
@@ -455,21 +455,6 @@ impl Checkpoint {
         let t = self.tensor(canonical)?;
         t.check_shape(shape)?;
         t.to_f32()
-    }
-
-    /// A tensor as IEEE halves (f32 and bf16 are converted; values outside f16's range are an
-    /// error rather than a silent infinity).
-    pub fn f16(&self, canonical: &str, shape: &[usize]) -> Result<Vec<f16>> {
-        if let Some(check) = self.synthetic_shape(canonical, shape) {
-            check?;
-            return Ok(synthetic_values(canonical, shape, 0, shape[0])
-                .into_iter()
-                .map(f16::from_f32)
-                .collect());
-        }
-        let t = self.tensor(canonical)?;
-        t.check_shape(shape)?;
-        t.to_f16()
     }
 }
 

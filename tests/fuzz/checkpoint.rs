@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use llava_wgpu::gpu::WeightFormat;
 use llava_wgpu::model::Checkpoint;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -153,7 +154,7 @@ fn open_and_read(dir: &Path) -> Result<(), TestCaseError> {
             t.to_f32().map(drop),
             rows.map(drop),
             checkpoint.f32(name, &shape).map(drop),
-            checkpoint.f16(name, &shape).map(drop),
+            checkpoint.matrix(name, &shape, WeightFormat::F16).map(drop),
             checkpoint.f32(name, &[5, 7]).map(drop),
         ];
         for r in reads {

@@ -384,8 +384,7 @@ proptest! {
         let dir = scratch.path();
         let result = (|| -> llava_wgpu::Result<()> {
             let pair = GgufPair::open(&t, Some(&m))?;
-            pair.config()?;
-            pair.vocab()?;
+            pair.config(&pair.vocab()?)?;
             for name in ["text.layers.0.self_attn.q_proj.weight", "vision.encoder.layers.0.mlp.fc1.weight", "lm_head.weight"] {
                 pair.tensor(name)?.to_f32()?;
             }

@@ -45,14 +45,15 @@ pub(super) fn vision_width(mmproj: &GgufFile) -> Result<usize> {
 }
 
 impl GgufPair {
-    /// The model's configuration.
-    pub fn config(&self) -> Result<LlavaConfig> {
-        let text = self.text_config()?;
+    /// The model's configuration; `vocab` is the pair's vocabulary ([`GgufPair::vocab`], read
+    /// once by the caller, which also tokenizes with it).
+    pub fn config(&self, vocab: &Vocab) -> Result<LlavaConfig> {
+        let text = self.text_config(vocab)?;
         let vision = self.vision_config()?;
         let vision_feature_layer = self.feature_layer(&vision)?;
         let anyres = self.anyres(&vision)?;
         self.check_projector(&text)?;
-        let image_token_index = match self.vocab()?.tokens.iter().position(|t| t == "<image>") {
+        let image_token_index = match vocab.tokens.iter().position(|t| t == "<image>") {
             Some(id) => id as u32,
             // Converted from the original LLaVA checkpoints: no `<image>` token. The prompt is
             // split at the placeholder instead (`TextTokenizer`); this id is beyond the
@@ -72,7 +73,7 @@ impl GgufPair {
         })
     }
 
-    fn text_config(&self) -> Result<TextConfig> {
+    fn text_config(&self, vocab: &Vocab) -> Result<TextConfig> {
         let t = &self.text;
         let heads = text_heads(t)?;
         let hidden_size = positive(t, "llama.embedding_length")?;
@@ -97,7 +98,6 @@ impl GgufPair {
                 ));
             }
         }
-        let vocab = self.vocab()?;
         let (bos, eos) = (vocab.bos, vocab.eos);
         let tie_word_embeddings = t.tensor("output.weight").is_none();
         Ok(TextConfig {

@@ -85,7 +85,7 @@ fn text_tensors(
     let t = &config.text;
     let layers = t.num_hidden_layers;
     let mut add = |name: &str, canonical: &str, role: Option<TensorRole>, heads: Option<usize>| {
-        let (shape, _) = (checkpoint.tensor(canonical)?.shape, ());
+        let shape = checkpoint.tensor(canonical)?.shape;
         let format = match (role, &shape[..]) {
             (Some(role), &[_, cols]) => types.format(role, layers, cols),
             _ => WeightFormat::F32,

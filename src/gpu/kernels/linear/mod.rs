@@ -8,7 +8,7 @@
 pub mod gemv;
 pub mod matmul;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
@@ -61,21 +61,23 @@ pub(crate) fn chunk_layout(chunk: &WeightChunk, k: usize) -> (u32, u32) {
     }
 }
 
-/// The profiler's name of a linear kernel for one format: `{kernel}_{format}`, e.g.
-/// `gemv_q4_k_subgroup`. Interned: there are at most a few dozen such names.
-pub(crate) fn kernel_name(kernel: &str, format: WeightFormat, suffix: &str) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let name = format!("{kernel}_{}{suffix}", format.name());
+/// The profiler's name of a linear kernel for one format: `{kernel}_{format}{suffix}`, e.g.
+/// `gemv_q4_k_subgroup`. Interned, and looked up without building the string: dispatches are
+/// built every decode step, and there are at most a few dozen such names.
+pub(crate) fn kernel_name(
+    kernel: &'static str,
+    format: WeightFormat,
+    suffix: &'static str,
+) -> &'static str {
+    type Names = HashMap<(&'static str, WeightFormat, &'static str), &'static str>;
+    static NAMES: OnceLock<Mutex<Names>> = OnceLock::new();
     let mut names = NAMES
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(&known) = names.get(name.as_str()) {
-        return known;
-    }
-    let leaked: &'static str = Box::leak(name.into_boxed_str());
-    names.insert(leaked);
-    leaked
+    names.entry((kernel, format, suffix)).or_insert_with(|| {
+        Box::leak(format!("{kernel}_{}{suffix}", format.name()).into_boxed_str())
+    })
 }
 
 /// Check `x [M, K]`, `w [N, K]`, `y [M, N]` and return (M, N, K).

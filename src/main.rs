@@ -128,7 +128,7 @@ struct RunArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Visual-token pruning method (default STAR: the README's accuracy table shows why).
+    /// Visual-token pruning method (default STAR: docs/accuracy.md shows why).
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
     prune: MethodArg,
     #[command(flatten)]

@@ -11,7 +11,7 @@ use proptest::string::{string_regex, RegexGeneratorStrategy};
 use proptest::test_runner::Config;
 use serde_json::{Number, Value};
 
-/// `default` cases, or `PROPTEST_CASES` if set (the long runs in the README).
+/// `default` cases, or `PROPTEST_CASES` if set (the long runs in docs/tests.md).
 pub fn cases(default: u32) -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()

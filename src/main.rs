@@ -108,26 +108,26 @@ impl WeightArgs {
 struct RunArgs {
     /// Model directory in the llava-hf layout (config.json, safetensors, tokenizer.json);
     /// default: the trained demo model in weights/tiny-llava-shapes.
-    #[arg(long)]
+    #[arg(long, short = 'm')]
     model: Option<PathBuf>,
-    /// Image file (png, jpeg, bmp, gif, webp, tiff).
-    #[arg(long)]
-    image: PathBuf,
-    /// The question about the image.
-    #[arg(long)]
+    /// Image file (png, jpeg, bmp, gif, webp, tiff); repeat for several images (their
+    /// placeholders open the question in this order); none for a text-only question.
+    #[arg(long, short = 'i')]
+    image: Vec<PathBuf>,
+    /// The question.
+    #[arg(long, short = 'p')]
     prompt: String,
+    /// A system message before the question.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// The most images a request may hold.
+    #[arg(long, value_name = "N", default_value_t = llava_wgpu::generate::DEFAULT_MAX_IMAGES)]
+    max_images: usize,
     /// Maximum number of tokens to generate.
     #[arg(short = 'n', long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Nucleus sampling mass in (0, 1].
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Random seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Visual-token pruning method (default STAR: docs/accuracy.md shows why).
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
     prune: MethodArg,
@@ -318,8 +318,50 @@ impl BenchArgs {
 }
 
 /// A pruning method's budgets (`run`, `memory`).
+/// How tokens are picked (`run` and `chat`).
 #[derive(Args)]
-struct BudgetArgs {
+pub(crate) struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed for sampling (and the random pruning baseline).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    /// Settings the library would accept but that make no sense, refused up front.
+    pub(crate) fn check(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!(
+                "invalid argument --temperature: {} must be a finite number ≥ 0",
+                self.temperature
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("invalid argument --top-p: {} must be in (0, 1]", self.top_p);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub(crate) fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct BudgetArgs {
     /// STAR stage 1: visual tokens kept in the vision encoder (N1).
     #[arg(long, value_name = "N1", conflicts_with = "stage1_ratio")]
     stage1_keep: Option<usize>,
@@ -341,7 +383,7 @@ struct BudgetArgs {
 }
 
 impl BudgetArgs {
-    fn options(&self, method: MethodArg, seed: u64) -> PruneOptions {
+    pub(crate) fn options(&self, method: MethodArg, seed: u64) -> PruneOptions {
         PruneOptions {
             method: method.into(),
             stage1_keep: self.stage1_keep,
@@ -642,32 +684,57 @@ fn run_json(
 impl RunArgs {
     /// Sampling settings the library would accept but that make no sense, refused up front.
     fn check_sampling(&self) -> Result<()> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            anyhow::bail!(
-                "invalid argument --temperature: {} must be a finite number ≥ 0",
-                self.temperature
-            );
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            anyhow::bail!("invalid argument --top-p: {} must be in (0, 1]", self.top_p);
-        }
+        self.sampling.check()?;
         if self.logprobs == Some(0) {
             anyhow::bail!("invalid argument --logprobs: must be at least 1");
+        }
+        if self.logprobs.is_some() && !self.json {
+            anyhow::bail!(
+                "invalid argument --logprobs: it is printed in the --json output; add --json"
+            );
+        }
+        self.check_overlay()
+    }
+
+    /// `--kept-overlay` is checked before the model loads: it needs pruning, one image and a
+    /// file it can create.
+    fn check_overlay(&self) -> Result<()> {
+        let Some(path) = &self.kept_overlay else {
+            return Ok(());
+        };
+        if self.prune == MethodArg::None {
+            anyhow::bail!("invalid argument --kept-overlay: it shows pruned patches, and --prune none drops none");
+        }
+        if self.image.len() != 1 {
+            anyhow::bail!(
+                "invalid argument --kept-overlay: it draws one image's patches, and the request has {} images",
+                self.image.len()
+            );
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let writable =
+            std::fs::metadata(dir).is_ok_and(|m| m.is_dir() && !m.permissions().readonly());
+        if !writable || path.is_dir() {
+            anyhow::bail!(
+                "invalid argument --kept-overlay: cannot write {} (its directory must exist and be writable)",
+                path.display()
+            );
         }
         Ok(())
     }
 
     fn request(&self) -> GenerateRequest {
         GenerateRequest {
-            image: self.image.clone(),
+            images: self.image.clone(),
             prompt: self.prompt.clone(),
+            system: self.system.clone(),
+            max_images: self.max_images,
             template: Template::default(),
             max_new_tokens: self.max_new_tokens,
-            sampling: SamplingParams {
-                temperature: self.temperature,
-                top_p: self.top_p,
-                seed: self.seed,
-            },
+            sampling: self.sampling.params(),
             logprobs: self.logprobs,
             pad_to_square: match (self.pad_to_square, self.no_pad) {
                 (true, _) => Some(true),
@@ -676,7 +743,7 @@ impl RunArgs {
             },
             ignore_eos: self.ignore_eos,
             capture_outputs: false,
-            prune: self.budgets.options(self.prune, self.seed),
+            prune: self.budgets.options(self.prune, self.sampling.seed),
         }
     }
 }
@@ -735,7 +802,8 @@ fn write_kept_overlay(
             "invalid argument --kept-overlay: needs a pruning method (--prune ...): nothing was dropped"
         )
     })?;
-    let image = load_image(&request.image)?;
+    let source = &request.images[0];
+    let image = load_image(source)?;
     if let Some(per_view) = &kept.per_view {
         return write_anyres_overlay(engine, request, &image, per_view, path);
     }
@@ -749,7 +817,7 @@ fn write_kept_overlay(
     };
     overlay::write(
         &image,
-        &request.image,
+        source,
         &engine.image_processor,
         engine.pads_images(&request.settings()),
         patches,
@@ -773,7 +841,7 @@ fn write_anyres_overlay(
     let vision = &engine.config.vision;
     let rgb = engine
         .image_processor
-        .anyres_rgb8(image, &request.image, &layout)?;
+        .anyres_rgb8(image, &request.images[0], &layout)?;
     let stages: Vec<Vec<(usize, usize)>> = [&per_view.stage1, &per_view.stage2]
         .into_iter()
         .flatten()

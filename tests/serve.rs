@@ -197,7 +197,7 @@ fn a_follow_up_reuses_the_session_and_equals_a_run_of_the_whole_conversation() {
     });
     let (status, a1) = post(server, &first.to_string());
     assert_eq!(status, 200, "{a1}");
-    assert_eq!(a1["llava"]["image"], "encoder");
+    assert_eq!(a1["llava"]["images"], json!(["encoder"]));
     let follow = json!({
         "messages": [
             user_with_image("example2.png", "Which shape is green?"),
@@ -209,7 +209,7 @@ fn a_follow_up_reuses_the_session_and_equals_a_run_of_the_whole_conversation() {
     });
     let (status, a2) = post(server, &follow.to_string());
     assert_eq!(status, 200, "{a2}");
-    assert_eq!(a2["llava"]["image"], "session");
+    assert_eq!(a2["llava"]["images"], json!(["session"]));
     assert!(
         a2["llava"]["reused_tokens"].as_u64().unwrap()
             >= a1["usage"]["prompt_tokens"].as_u64().unwrap()
@@ -217,9 +217,10 @@ fn a_follow_up_reuses_the_session_and_equals_a_run_of_the_whole_conversation() {
     let whole = Template::LlavaHf
         .render_conversation(
             &[
-                llava_wgpu::text::Message::new(
+                llava_wgpu::text::Message::with_images(
                     llava_wgpu::text::Role::User,
                     "Which shape is green?",
+                    1,
                 ),
                 llava_wgpu::text::Message::new(llava_wgpu::text::Role::Assistant, content(&a1)),
                 llava_wgpu::text::Message::new(
@@ -227,7 +228,6 @@ fn a_follow_up_reuses_the_session_and_equals_a_run_of_the_whole_conversation() {
                     "How many objects are in the image?",
                 ),
             ],
-            0,
             "<image>",
         )
         .unwrap();
@@ -241,8 +241,40 @@ fn a_follow_up_reuses_the_session_and_equals_a_run_of_the_whole_conversation() {
     // A new conversation about the same image: the projector output comes from the cache.
     let (status, a3) = post(server, &first.to_string());
     assert_eq!(status, 200);
-    assert_eq!(a3["llava"]["image"], "image_cache");
+    assert_eq!(a3["llava"]["images"], json!(["image_cache"]));
     assert_eq!(content(&a3), content(&a1));
+}
+
+/// A question with no image is answered by the language model alone; two images in one
+/// message each get their rows; both equal a one-shot run with the same images.
+#[test]
+fn text_only_and_two_image_requests_equal_one_shot_runs() {
+    let server = server();
+    let question = "Which color does the cross have?";
+    for images in [vec![], vec!["example1.png", "example3.png"]] {
+        let mut parts: Vec<Value> = images
+            .iter()
+            .map(|i| json!({"type": "image_url", "image_url": {"url": data_url(i)}}))
+            .collect();
+        parts.push(json!({"type": "text", "text": question}));
+        let body = json!({
+            "messages": [{"role": "user", "content": parts}],
+            "max_tokens": 6,
+            "prune": {"method": "none"},
+        });
+        let (status, answer) = post(server, &body.to_string());
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["llava"]["images"],
+            json!(vec!["encoder"; images.len()])
+        );
+        let paths = images.iter().map(|i| demo_dir().join(i)).collect();
+        let mut request = GenerateRequest::with_images(paths, question);
+        request.max_new_tokens = 6;
+        let run = reference().generate(&request, |_| {}).unwrap();
+        assert_eq!(content(&answer), run.text, "{} images", images.len());
+        assert_eq!(answer["usage"]["prompt_tokens"], run.prompt_tokens);
+    }
 }
 
 /// (name, body, status, param it must name)
@@ -294,12 +326,23 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
         (
             "not an image",
             part(json!({"type": "image_url", "image_url": {"url": not_image}})),
-            422,
+            400,
             Some("messages[0].content[0].image_url"),
         ),
         (
-            "no image",
-            json!({"messages": [{"role": "user", "content": "hi"}]}).to_string(),
+            "an image in an assistant message",
+            json!({"messages": [
+                {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url("example1.png")}}]},
+                {"role": "user", "content": "hi"},
+            ]})
+            .to_string(),
+            400,
+            Some("messages[0].content"),
+        ),
+        (
+            "more images than --max-images",
+            json!({"messages": [{"role": "user", "content": vec![json!({"type": "image_url", "image_url": {"url": data_url("example1.png")}}); 9]}]})
+                .to_string(),
             400,
             Some("messages"),
         ),

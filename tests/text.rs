@@ -24,7 +24,10 @@ fn prompt_ids_match_the_hf_processor() {
         assert_eq!(text, case.json["templated_prompt"].as_str().unwrap());
         let encoded = tok.encode_with_image(&text, config.image_tokens()).unwrap();
         assert_eq!(encoded.ids, case.input_ids, "case {}", case.index);
-        assert_eq!(encoded.ids[encoded.image_start], config.image_token_index);
+        assert_eq!(
+            encoded.ids[encoded.images[0].start],
+            config.image_token_index
+        );
         assert_eq!(encoded.ids[0], 1, "BOS first");
     }
 }
@@ -48,12 +51,43 @@ fn streaming_decode_reproduces_the_greedy_text() {
 }
 
 #[test]
-fn a_prompt_without_or_with_two_placeholders_is_refused() {
+fn placeholders_must_match_the_images() {
     let (_, tok) = tokenizer();
-    assert!(tok.encode_with_image("no image here", 36).is_err());
+    let e = tok
+        .encode_with_image("no image here", 36)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds 0 image placeholder(s)"), "{e}");
     let e = tok
         .encode_with_image("<image> and <image>", 36)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("exactly one"), "{e}");
+    assert!(e.contains("holds 2 image placeholder(s)"), "{e}");
+}
+
+/// Two placeholders expand to their own images' rows, in order, with the text between kept.
+#[test]
+fn several_placeholders_expand_in_order() {
+    let (config, tok) = tokenizer();
+    let image = config.image_token_index;
+    let one = tok.encode_with_images("USER: <image>\nQ", &[3]).unwrap();
+    let two = tok
+        .encode_with_images("USER: <image>\n<image>\nQ", &[3, 5])
+        .unwrap();
+    let [a, b] = [two.images[0], two.images[1]];
+    assert_eq!((a.len, b.len), (3, 5));
+    assert!(two.ids[a.start..a.end()].iter().all(|&id| id == image));
+    assert!(two.ids[b.start..b.end()].iter().all(|&id| id == image));
+    // Between them: exactly the ids of the text between the placeholders, as in the one-image
+    // prompt after its image.
+    let between = &two.ids[a.end()..b.start];
+    assert!(!between.is_empty() && between.iter().all(|&id| id != image));
+    assert_eq!(between, &one.ids[one.images[0].end()..][..between.len()]);
+    assert_eq!(two.text_tokens(), two.ids.len() - 8);
+    assert_eq!(two.text_after_images(), two.ids.len() - b.end());
+    assert!(tok
+        .encode_with_images("text only", &[])
+        .unwrap()
+        .images
+        .is_empty());
 }

@@ -1,28 +1,43 @@
-//! `llava-wgpu chat`: a conversation in the terminal. Answers stream as they are decoded; each
-//! turn reuses the session's KV cache. Commands: `/image FILE` (a new conversation about another
-//! image), `/reset`, `/prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K]` (a new
-//! conversation: the pruned set is fixed per conversation), `/stats`, `/help`, `/quit`. Ctrl-D
-//! leaves; Ctrl-C stops an answer, or leaves at the prompt.
+//! `llava-wgpu chat`: a conversation in the terminal, with line editing and history (rustyline:
+//! Up recalls the previous line). Answers stream as they are decoded; each turn reuses the
+//! session's KV cache. A question may come with no image, or with the images `--image` and
+//! `/image FILE` attached to it. Commands: `/image FILE`, `/reset`, `/prune METHOD [keep=N]
+//! [stage1_keep=N] [stage2_layer=K]` (a new conversation: each image is pruned once, when it
+//! is first prefilled), `/stats`, `/help`, `/quit`. Ctrl-D leaves; Ctrl-C stops an answer, or
+//! leaves at the prompt. Errors go to stderr, after the answer's line has ended.
 
-use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
+use rustyline::error::ReadlineError;
 
 use llava_wgpu::generate::{Conversation, ImageInput, Session, TurnSettings};
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::text::{Message, Role};
 use llava_wgpu::{Engine, GenerateOutput};
 
-const HELP: &str = "commands: /image FILE, /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K], /stats, /help, /quit (Ctrl-D)";
+use super::flags::in_flags;
+
+const HELP: &str = "commands: /image FILE (attach to the next question), /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K], /stats, /help, /quit (Ctrl-D)";
+
+/// What the chat starts with: images for the first question and a system message.
+pub struct Start {
+    pub images: Vec<PathBuf>,
+    pub system: Option<String>,
+}
 
 struct Chat {
     engine: Engine,
     session: Session,
+    system: Option<String>,
     messages: Vec<Message>,
-    image: Option<PathBuf>,
+    /// The conversation's images so far, in order.
+    images: Vec<ImageInput>,
+    /// Images the next question carries.
+    pending: Vec<PathBuf>,
     settings: TurnSettings,
     last: Option<GenerateOutput>,
     /// Set by Ctrl-C while an answer streams.
@@ -30,48 +45,70 @@ struct Chat {
     generating: Arc<AtomicBool>,
 }
 
-/// Run the chat on stdin/stdout until end of input or `/quit`.
-pub fn run(engine: Engine, image: Option<PathBuf>, settings: TurnSettings) -> Result<()> {
+/// That `path` is an image the engine can decode (checked when it is given, not at the next
+/// question).
+pub fn check_image(path: &Path) -> llava_wgpu::Result<()> {
+    llava_wgpu::vision::load_image(path).map(|_| ())
+}
+
+/// Run the chat on the terminal (or piped stdin) until end of input or `/quit`.
+pub fn run(engine: Engine, start: Start, settings: TurnSettings) -> Result<()> {
     let mut chat = Chat {
         engine,
         session: Session::new(),
+        system: start.system,
         messages: Vec::new(),
-        image,
+        images: Vec::new(),
+        pending: start.images,
         settings,
         last: None,
         cancel: Arc::new(AtomicBool::new(false)),
         generating: Arc::new(AtomicBool::new(false)),
     };
     chat.watch_interrupts();
-    println!("llava-wgpu chat: ask about the image; {HELP}");
-    if chat.image.is_none() {
-        println!("no image yet: /image FILE");
-    }
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    println!("llava-wgpu chat: ask anything, with or without an image; {HELP}");
+    let mut editor = rustyline::DefaultEditor::new()?;
+    // rustyline prints no prompt when stdin is a pipe; a transcript keeps it.
+    let piped = !std::io::stdin().is_terminal();
     loop {
-        print!("> ");
-        std::io::stdout().flush()?;
-        let Some(line) = lines.next() else {
-            println!();
-            return Ok(());
+        let prompt = chat.prompt();
+        if piped {
+            print!("{prompt}");
+            std::io::stdout().flush()?;
+        }
+        let line = match editor.readline(&prompt) {
+            Ok(line) => line,
+            Err(ReadlineError::Eof | ReadlineError::Interrupted) => {
+                println!();
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
         };
-        let line = line?;
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
+        let _ = editor.add_history_entry(line);
         if let Some(command) = line.strip_prefix('/') {
             if !chat.command(command) {
                 return Ok(());
             }
         } else if let Err(e) = chat.ask(line) {
-            println!("error: {e}");
+            eprintln!("error: {e}");
         }
     }
 }
 
 impl Chat {
+    /// `> `, or `[2 images] > ` when images wait for the next question.
+    fn prompt(&self) -> String {
+        match self.pending.len() {
+            0 => "> ".to_string(),
+            1 => "[1 image] > ".to_string(),
+            n => format!("[{n} images] > "),
+        }
+    }
+
     /// Ctrl-C stops the answer being generated, or ends the chat at the prompt.
     fn watch_interrupts(&self) {
         let (cancel, generating) = (self.cancel.clone(), self.generating.clone());
@@ -97,64 +134,93 @@ impl Chat {
 
     /// Handle `/command`; false ends the chat.
     fn command(&mut self, command: &str) -> bool {
-        let mut words = command.split_whitespace();
-        match words.next().unwrap_or("") {
+        let (name, rest) = command.split_once(' ').unwrap_or((command, ""));
+        match name {
             "quit" | "exit" => return false,
             "help" => println!("{HELP}"),
             "reset" => {
                 self.new_conversation();
                 println!("(new conversation)");
             }
-            "image" => {
-                let path: Vec<&str> = words.collect();
-                if path.is_empty() {
-                    println!("usage: /image FILE");
-                } else {
-                    let path = PathBuf::from(path.join(" "));
-                    if path.is_file() {
-                        self.image = Some(path);
-                        self.new_conversation();
-                        println!(
-                            "(new conversation about {})",
-                            self.image.as_ref().unwrap().display()
-                        );
-                    } else {
-                        println!("error: {} is not a file", path.display());
-                    }
-                }
-            }
-            "prune" => match parse_prune(words) {
+            "image" => self.attach(rest.trim()),
+            "prune" => match parse_prune(rest.split_whitespace()).and_then(|prune| {
+                self.engine
+                    .check_prune(&prune)
+                    .map_err(|e| anyhow::anyhow!(in_flags(&e)))?;
+                Ok(prune)
+            }) {
                 Ok(prune) => {
                     self.settings.prune = prune;
                     self.new_conversation();
-                    println!("(new conversation with pruning {:?})", self.settings.prune);
+                    println!(
+                        "(new conversation, pruning: {})",
+                        describe_prune(&self.settings.prune)
+                    );
                 }
-                Err(e) => println!("error: {e}"),
+                Err(e) => eprintln!("error: {e}"),
             },
             "stats" => self.stats(),
-            other => println!("unknown command /{other}; {HELP}"),
+            other => eprintln!("error: unknown command /{other}; {HELP}"),
         }
         true
+    }
+
+    /// `/image FILE`: checked now, attached to the next question.
+    fn attach(&mut self, path: &str) {
+        if path.is_empty() {
+            eprintln!("error: usage: /image FILE");
+            return;
+        }
+        let path = PathBuf::from(path);
+        if self.images.len() + self.pending.len() >= self.settings.max_images {
+            eprintln!(
+                "error: the conversation already holds {} images, --max-images allows {} (/reset starts a new one)",
+                self.images.len() + self.pending.len(),
+                self.settings.max_images
+            );
+            return;
+        }
+        match check_image(&path) {
+            Ok(()) => {
+                println!("({} attached to your next question)", path.display());
+                self.pending.push(path);
+            }
+            Err(e) => eprintln!("error: /image: {e}"),
+        }
     }
 
     fn new_conversation(&mut self) {
         self.session.reset();
         self.messages.clear();
+        self.images.clear();
+        self.pending.clear();
         self.last = None;
     }
 
+    /// The conversation so far with `question` (and the pending images) as its last message.
+    fn conversation_with(&self, question: &str) -> Conversation {
+        let mut messages = Vec::with_capacity(self.messages.len() + 2);
+        if let Some(system) = &self.system {
+            messages.push(Message::new(Role::System, system));
+        }
+        messages.extend(self.messages.iter().cloned());
+        messages.push(Message::with_images(
+            Role::User,
+            question,
+            self.pending.len(),
+        ));
+        let pending = self.pending.iter().cloned().map(ImageInput::File);
+        Conversation {
+            messages,
+            images: self.images.iter().cloned().chain(pending).collect(),
+        }
+    }
+
     fn ask(&mut self, question: &str) -> Result<()> {
-        let Some(image) = self.image.clone() else {
-            anyhow::bail!("no image: use /image FILE first");
-        };
-        self.messages.push(Message::new(Role::User, question));
-        let conversation = Conversation {
-            messages: self.messages.clone(),
-            image: ImageInput::File(image),
-            image_in: 0,
-        };
+        let conversation = self.conversation_with(question);
         self.cancel.store(false, Ordering::Relaxed);
         self.generating.store(true, Ordering::Relaxed);
+        let mut printed = false;
         let result = self.engine.turn(
             &mut self.session,
             &conversation,
@@ -162,23 +228,23 @@ impl Chat {
             Some(&self.cancel),
             |piece| {
                 print!("{piece}");
+                printed = true;
                 let _ = std::io::stdout().flush();
             },
         );
         self.generating.store(false, Ordering::Relaxed);
-        println!();
-        match result {
-            Ok(output) => {
-                self.messages
-                    .push(Message::new(Role::Assistant, output.text.trim()));
-                self.last = Some(output);
-                Ok(())
-            }
-            Err(e) => {
-                self.messages.pop();
-                Err(e.into())
-            }
+        if printed || result.is_ok() {
+            println!();
         }
+        let output = result.map_err(|e| anyhow::anyhow!(in_flags(&e)))?;
+        let question = conversation.messages.last().expect("the question").clone();
+        self.messages.push(question);
+        self.messages
+            .push(Message::new(Role::Assistant, output.text.trim()));
+        self.images = conversation.images;
+        self.pending.clear();
+        self.last = Some(output);
+        Ok(())
     }
 
     fn stats(&self) {
@@ -189,7 +255,7 @@ impl Chat {
         let v = &out.visual_tokens;
         let t = &out.timings_ms;
         println!(
-            "tokens: prompt {} (reused {}), generated {}; visual tokens: encoder {}, after stage 1 {}, after stage 2 {}; time to first token {:.1} ms; decode {:.1} tokens/s; conversation {} messages",
+            "tokens: prompt {} (reused {}), generated {}; visual tokens: encoder {}, after stage 1 {}, after stage 2 {}; time to first token {:.1} ms; decode {:.1} tokens/s; conversation {} messages, {} images",
             out.prompt_tokens,
             out.turn.reused_tokens,
             out.generated_ids.len(),
@@ -199,6 +265,7 @@ impl Chat {
             t.preprocess + t.vision + t.prefill,
             out.decode_tokens_per_second,
             self.messages.len(),
+            self.images.len(),
         );
     }
 }
@@ -210,7 +277,8 @@ fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOpti
         .ok_or_else(|| {
             anyhow::anyhow!("usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K]")
         })?
-        .parse()?;
+        .parse()
+        .map_err(|e| anyhow::anyhow!(in_flags(&e)))?;
     let mut prune = PruneOptions {
         method,
         ..PruneOptions::default()
@@ -230,4 +298,20 @@ fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOpti
         }
     }
     Ok(prune)
+}
+
+/// The pruning settings as the user would type them: `star keep=16 stage2_layer=2`.
+fn describe_prune(prune: &PruneOptions) -> String {
+    let settings = [
+        ("keep", prune.keep),
+        ("stage1_keep", prune.stage1_keep),
+        ("stage2_layer", prune.stage2_layer),
+    ];
+    let mut words = vec![prune.method.name().to_string()];
+    words.extend(
+        settings
+            .iter()
+            .filter_map(|(name, value)| Some(format!("{name}={}", (*value)?))),
+    );
+    words.join(" ")
 }

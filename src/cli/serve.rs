@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use llava_wgpu::generate::TurnSettings;
+use llava_wgpu::generate::{TurnSettings, DEFAULT_MAX_IMAGES};
 use llava_wgpu::harness::bench::serve::ServeReport;
-use llava_wgpu::prune::PruneOptions;
 use llava_wgpu::serve::{ServeOptions, Server};
 use llava_wgpu::Engine;
 
-use super::choices::MethodArg;
-use crate::{default_model, DeviceArgs, WeightArgs};
+use super::choices::{MethodArg, TemplateArg};
+use crate::{default_model, BudgetArgs, DeviceArgs, SamplingArgs, WeightArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -36,6 +35,9 @@ pub struct ServeArgs {
     /// Largest request body accepted (bytes); larger ones get 413.
     #[arg(long, default_value_t = 20 << 20)]
     max_body_bytes: usize,
+    /// The most images a conversation may hold; more get 400 too_many_images.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_IMAGES)]
+    max_images: usize,
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
@@ -44,18 +46,33 @@ pub struct ServeArgs {
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
-    #[arg(long)]
+    /// Model directory (llava-hf layout) or GGUF; default: the demo model in
+    /// weights/tiny-llava-shapes.
+    #[arg(long, short = 'm')]
     model: Option<PathBuf>,
-    /// The image to talk about (or `/image FILE` in the chat).
-    #[arg(long)]
-    image: Option<PathBuf>,
+    /// An image the first question is about (repeat for several); `/image FILE` in the chat
+    /// adds one to the next question.
+    #[arg(long, short = 'i')]
+    image: Vec<PathBuf>,
+    /// A system message that opens every conversation.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
     /// Maximum number of tokens per answer.
     #[arg(short = 'n', long, default_value_t = 256)]
     max_new_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Visual-token pruning for each conversation (`/prune` changes it).
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
     prune: MethodArg,
+    #[command(flatten)]
+    budgets: BudgetArgs,
+    /// Prompt format (default: the one the model ships).
+    #[arg(long, value_enum)]
+    template: Option<TemplateArg>,
+    /// The most images a conversation may hold.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_IMAGES)]
+    max_images: usize,
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
@@ -75,6 +92,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         queue: args.queue,
         max_body_bytes: args.max_body_bytes,
         max_sessions: args.max_sessions,
+        max_images: args.max_images,
         handle_signals: true,
         ..ServeOptions::default()
     };
@@ -90,6 +108,18 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
 }
 
 pub fn chat(args: &ChatArgs) -> Result<()> {
+    args.sampling.check()?;
+    for image in &args.image {
+        super::chat::check_image(image)
+            .map_err(|e| anyhow::anyhow!("invalid argument --image: {e}"))?;
+    }
+    if args.image.len() > args.max_images {
+        anyhow::bail!(
+            "invalid argument --image: {} images given, --max-images allows {}",
+            args.image.len(),
+            args.max_images
+        );
+    }
     let model = match &args.model {
         Some(dir) => dir.clone(),
         None => default_model()?,
@@ -98,15 +128,21 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
     options.progress = false;
     let engine = Engine::load(&model, options)?;
     let settings = TurnSettings {
-        template: engine.template,
+        template: args.template.map_or(engine.template, Into::into),
         max_new_tokens: args.max_new_tokens,
-        prune: PruneOptions {
-            method: args.prune.into(),
-            ..PruneOptions::default()
-        },
+        sampling: args.sampling.params(),
+        prune: args.budgets.options(args.prune, args.sampling.seed()),
+        max_images: args.max_images,
         ..TurnSettings::default()
     };
-    super::chat::run(engine, args.image.clone(), settings)
+    engine
+        .check_prune(&settings.prune)
+        .map_err(|e| anyhow::anyhow!(super::flags::in_flags(&e)))?;
+    let start = super::chat::Start {
+        images: args.image.clone(),
+        system: args.system.clone(),
+    };
+    super::chat::run(engine, start, settings)
 }
 
 #[derive(Args)]

@@ -15,7 +15,7 @@ use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score, VISPRUNER_IMPO
 
 use crate::vision::anyres::PackedToken;
 
-use super::prepare::{ImageStep, PreparedRequest};
+use super::prepare::{ImageStep, PreparedRequest, TurnImage};
 
 /// The image side of a request after the vision tower, selection and the projector.
 pub(super) struct EncodedImage {
@@ -50,30 +50,33 @@ pub(super) struct Stage1Buffers {
 }
 
 impl Engine {
-    /// The turn's image rows: encoded (and stored in the image cache when the session uses it),
-    /// taken from the cache, or None on a follow-up turn (the session's KV cache holds them).
-    pub(super) fn image_step(&self, input: &PreparedRequest) -> Result<Option<EncodedImage>> {
-        match &input.image {
-            ImageStep::InSession => Ok(None),
-            ImageStep::Cached(projected) => Ok(Some(EncodedImage {
+    /// The rows of each image the turn prefills: encoded (and stored in the image cache when
+    /// the session uses it) or taken from the cache.
+    pub(super) fn image_steps(&self, input: &PreparedRequest) -> Result<Vec<EncodedImage>> {
+        input.images.iter().map(|i| self.image_step(i)).collect()
+    }
+
+    fn image_step(&self, image: &TurnImage) -> Result<EncodedImage> {
+        match &image.step {
+            ImageStep::Cached(projected) => Ok(EncodedImage {
                 embeddings: projected.embeddings.clone(),
                 kept: projected.kept.clone(),
                 packed: projected.packed.clone(),
-            })),
+            }),
             ImageStep::Encode { pixels, key } => {
-                let image = match &input.anyres {
+                let encoded = match &image.anyres {
                     Some(anyres) => self.encode_anyres_image(pixels, anyres)?,
-                    None => self.encode_image(pixels, &input.plan)?,
+                    None => self.encode_image(pixels, &image.plan)?,
                 };
                 if let (Some(key), Ok(mut cache)) = (key, self.image_cache.lock()) {
                     let projected = ProjectedImage {
-                        embeddings: image.embeddings.clone(),
-                        kept: image.kept.clone(),
-                        packed: image.packed.clone(),
+                        embeddings: encoded.embeddings.clone(),
+                        kept: encoded.kept.clone(),
+                        packed: encoded.packed.clone(),
                     };
                     cache.insert(*key, projected);
                 }
-                Ok(Some(image))
+                Ok(encoded)
             }
         }
     }

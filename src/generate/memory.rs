@@ -10,6 +10,7 @@ use crate::model::llava::Engine;
 use crate::sample::Sampler;
 
 use super::output::VisualTokens;
+use super::prefill::TurnStage2;
 use super::request::GenerateRequest;
 
 /// What [`Engine::allocate_request`] measured.
@@ -30,23 +31,24 @@ impl Engine {
     /// pruning plan and the sampling settings decide the sizes.
     pub fn allocate_request(&self, request: &GenerateRequest) -> Result<RequestMemory> {
         let input = self.plan_prompt(request)?;
-        let plan = &input.plan;
         self.gpu.memory.reset_peaks();
-        // 2. The image pass: tower, selection scores and row list, projector; only the
+        // 2. Each image's pass: tower, selection scores and row list, projector; only the
         // projector output outlives it.
-        let embeddings = {
-            let image = self.image_buffers(plan.n1())?;
+        let mut embeddings = Vec::with_capacity(input.images.len());
+        for image in &input.images {
+            let plan = &image.plan;
+            let buffers = self.image_buffers(plan.n1())?;
             let _stage1 = match plan.before_projector {
                 Some(_) => Some(self.stage1_buffers(plan.n1())?),
                 None => None,
             };
-            image.embeddings
-        };
+            embeddings.push(buffers.embeddings);
+        }
         // 3. Prefill: activations for the prompt, the KV cache per layer, stage 2's buffers
         // while its layers run (its kept-row list stays).
         let mut state = self.prefill_state(&input, self.new_kv_cache(&input)?)?;
-        if let Some(stage2) = plan.stage2 {
-            state.stage2_rows = Some(self.stage2_buffers(&input, stage2.keep)?.into_rows());
+        if let Some(stage2) = TurnStage2::of(&input) {
+            state.stage2_rows = Some(self.stage2_buffers(&input, &stage2)?.into_rows());
         }
         // 4. Decode: the host reads the logits row when it samples, else the argmax id.
         let host_samples =
@@ -61,7 +63,14 @@ impl Engine {
         Ok(RequestMemory {
             prompt_tokens: input.prompt.ids.len(),
             max_new_tokens: input.max_new,
-            visual_tokens: VisualTokens::of(plan),
+            visual_tokens: VisualTokens::sum(
+                input
+                    .images
+                    .iter()
+                    .map(|i| VisualTokens::of(&i.plan))
+                    .collect::<Vec<_>>()
+                    .iter(),
+            ),
             kv_cache_bytes: state.cache.allocated_bytes(),
             stats,
         })

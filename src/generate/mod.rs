@@ -29,22 +29,22 @@ use crate::gpu::Tensor;
 use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
 use crate::prune::cost::prefill_macs;
-use crate::text::EncodedPrompt;
 use crate::vision::anyres::PackedToken;
 
 use anyres_plan::AnyresRequest;
 use decode::{Decoded, TokenPicker};
+use image::EncodedImage;
 pub use memory::RequestMemory;
 use output::ms;
 pub use output::{
-    Flops, GenerateOutput, ImageFrom, KeptIndices, KeptPerView, MemoryReport, Timings,
+    Flops, GenerateOutput, ImageFrom, ImageReport, KeptIndices, KeptPerView, MemoryReport, Timings,
     TokenLogprob, TurnReport, ViewPatch, VisualTokens,
 };
 use prefill::Prefilled;
-use prepare::PreparedRequest;
-pub use request::{Conversation, GenerateRequest, ImageInput, TurnSettings};
+use prepare::{PreparedRequest, TurnImage};
+pub use request::{Conversation, GenerateRequest, ImageInput, TurnSettings, DEFAULT_MAX_IMAGES};
 pub use session::Session;
-use session::SessionState;
+use session::{HeldImage, SessionState};
 
 impl Engine {
     /// Answer `request`, calling `on_text` with each new piece of text as it is decoded: a
@@ -65,10 +65,10 @@ impl Engine {
         )
     }
 
-    /// Answer the last message of `conversation` in `session`: prepare (tokenize, plan, find
-    /// the image), image (encode + stage 1 + projector, unless cached or already in the
-    /// session), prefill (stage 2 on a first turn), decode, output. `cancel`, once set, stops
-    /// the answer before its next token.
+    /// Answer the last message of `conversation` in `session`: prepare (tokenize, find what
+    /// the session holds, plan and find each new image), images (encode + stage 1 + projector
+    /// per new image, unless cached), prefill (stage 2 over the turn's images), decode, output.
+    /// `cancel`, once set, stops the answer before its next token.
     pub fn turn(
         &self,
         session: &mut Session,
@@ -86,27 +86,24 @@ impl Engine {
         self.gpu.profile_host_stage("preprocess", preprocess_ms);
 
         let t1 = Instant::now();
-        let image = self.image_step(&input)?;
-        let packed = image.as_ref().and_then(|i| i.packed.as_deref());
-        self.fit_image(&mut input, packed, settings);
+        let images = self.image_steps(&input)?;
+        let packed: Vec<_> = images.iter().map(|i| i.packed.as_deref()).collect();
+        self.fit_images(&mut input, &packed, settings);
         let vision_ms = ms(t1);
 
         let prefill_start = Instant::now();
         let mut picker = TokenPicker::new(settings, &mut on_text, cancel);
         let first_prompt_len = session.first_prompt_len();
-        let (cache, kept_before) = self.turn_cache(session, &input)?;
-        let mut state = self.prefill(&input, image.as_ref(), cache, !picker.host_samples)?;
+        let cache = self.turn_cache(session, &input)?;
+        let mut state = self.prefill(&input, &images, cache, !picker.host_samples)?;
         // The logits row is read back only when the host samples or a caller asked for it.
         let wanted = picker.host_samples || settings.capture_outputs;
         let first_logits = self.read_if(wanted, &state.buffers.logits)?;
-        let image_features = match &image {
-            Some(image) => self.read_if(settings.capture_outputs, &image.embeddings)?,
-            None => Vec::new(),
-        };
-        let kept_visual_indices = match kept_before {
-            Some(kept) => kept,
-            None => self.kept_indices(&input, image.and_then(|i| i.kept), &state)?,
-        };
+        let mut image_features = Vec::new();
+        for image in &images {
+            image_features.extend(self.read_if(settings.capture_outputs, &image.embeddings)?);
+        }
+        let kept = self.kept_indices(&input, images, &state)?;
         let first = first_logits.clone();
         let decoded = self.decode(
             settings,
@@ -120,50 +117,48 @@ impl Engine {
         let kv_cache_bytes = state.cache.allocated_bytes();
         let memory = MemoryReport::of(&self.gpu.memory_stats());
         let decoded_steps = decoded.ids.len().saturating_sub(1);
-        let turn = turn_report(&input);
         let timings_ms = timings(self.load_ms, (preprocess_ms, vision_ms), &decoded, total);
-        session.store(session_state(
+        let reports = image_reports(&input, &kept);
+        let new_state = session_state(
             &input,
-            settings,
-            first_prompt_len,
-            &decoded.ids[..decoded.fed],
+            (settings, first_prompt_len),
+            &decoded,
             state.cache,
-            kept_visual_indices.clone(),
-        ));
+            &kept,
+        );
+        let flops = self.prefill_flops(&input, &new_state.images);
+        session.store(new_state);
         Ok(GenerateOutput {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,
             prompt_tokens: input.prompt.ids.len(),
-            visual_tokens: visual_tokens(&input),
-            kept_visual_indices,
+            visual_tokens: VisualTokens::sum(reports.iter().map(|r| &r.visual_tokens)),
+            kept_visual_indices: match reports.as_slice() {
+                [only] => only.kept_visual_indices.clone(),
+                _ => None,
+            },
+            images: reports,
             kv_cache_bytes,
             timings_ms,
             decode_tokens_per_second: per_second(decoded_steps, decoded.decode_ms),
-            flops: self.prefill_flops(&input),
+            flops,
             stop_reason: decoded.stop_reason,
             logprobs: decoded.logprobs,
             memory,
             first_logits,
             image_features,
-            turn,
+            turn: turn_report(&input),
         })
     }
 
-    /// The KV cache for `input`'s turn and, on a follow-up, the first turn's kept visual
-    /// indices. A follow-up grows the session's cache by this turn's new rows and answer; a
-    /// first turn gets a cache sized per layer for its prompt and answer.
-    fn turn_cache(
-        &self,
-        session: &mut Session,
-        input: &PreparedRequest,
-    ) -> Result<(KvCache, Option<Option<KeptIndices>>)> {
-        let turn_rows = input.prompt.ids.len() - input.reused + input.max_new.saturating_sub(1);
-        Ok(
-            match session.take_cache(&self.gpu, input.reused, turn_rows)? {
-                Some((cache, kept)) => (cache, Some(kept)),
-                None => (self.new_kv_cache(input)?, None),
-            },
-        )
+    /// The KV cache for `input`'s turn: the session's, cut back to what the turn reuses and
+    /// grown by the turn's new rows and answer, or one sized for them.
+    fn turn_cache(&self, session: &mut Session, input: &PreparedRequest) -> Result<KvCache> {
+        let turn_rows = prefill::turn_rows_per_layer(input, self.llama.layers.len());
+        match session.take_cache(&self.gpu, input.reuse, &turn_rows)? {
+            Some(cache) => Ok(cache),
+            None => self.new_kv_cache(input),
+        }
     }
 
     /// Visual tokens the vision side gives `image`: fixed for LLaVA-1.5; on LLaVA-NeXT the
@@ -177,22 +172,6 @@ impl Engine {
         Ok(layout.visual_tokens())
     }
 
-    /// The conversation's ids with `image_tokens` image tokens, as a turn would tokenize them
-    /// (to match a conversation against sessions by prefix).
-    pub fn tokenize_conversation(
-        &self,
-        conversation: &Conversation,
-        settings: &TurnSettings,
-        image_tokens: usize,
-    ) -> Result<EncodedPrompt> {
-        let text = settings.template.render_conversation(
-            &conversation.messages,
-            conversation.image_in,
-            &self.tokenizer.image_token,
-        )?;
-        self.tokenizer.encode_with_image(&text, image_tokens)
-    }
-
     /// The f32 contents of `tensor` when `wanted` (an empty vector otherwise): readbacks that
     /// only some requests need stay off the others' path.
     fn read_if(&self, wanted: bool, tensor: &Tensor) -> Result<Vec<f32>> {
@@ -203,99 +182,162 @@ impl Engine {
         }
     }
 
-    /// Kept visual tokens per stage as indices into the original patch grid (None when no
-    /// pruning ran). `stage1` comes from the image pass; stage 2's kept prompt rows are read
-    /// back and mapped through stage 1's selection.
+    /// What each new image kept: its indices into the original patch grid per stage (None
+    /// when no pruning ran) and its rows in the layers after stage 2. `images[i]` is the image
+    /// pass of `input.images[i]`; stage 2's kept rows are read back and split per image.
     fn kept_indices(
         &self,
         input: &PreparedRequest,
-        stage1: Option<Vec<usize>>,
+        images: Vec<EncodedImage>,
         state: &Prefilled,
-    ) -> Result<Option<KeptIndices>> {
-        let plan = &input.plan;
-        if plan.before_projector.is_none() && plan.stage2.is_none() {
-            return Ok(None);
-        }
-        let image_rows = input.prompt.image_start..input.prompt.image_start + plan.n1();
-        // Stage 2's kept rows, as positions among the image rows.
-        let stage2_local = match &state.stage2_rows {
-            Some(rows) => Some(
-                self.gpu
-                    .read_u32(rows)?
-                    .iter()
-                    .map(|&r| r as usize)
-                    .filter(|r| image_rows.contains(r))
-                    .map(|r| r - image_rows.start)
-                    .collect::<Vec<_>>(),
-            ),
+    ) -> Result<Vec<ImageKept>> {
+        // Stage 2's kept rows, as local prompt rows.
+        let stage2_rows = match &state.stage2_rows {
+            Some(rows) => Some(self.gpu.read_u32(rows)?),
             None => None,
         };
-        if let Some(anyres) = &input.anyres {
-            return Ok(Some(kept_per_view(anyres, stage2_local)));
+        let mut kept = Vec::with_capacity(images.len());
+        for (image, encoded) in input.images.iter().zip(images) {
+            let span = input.span(image);
+            let local = (span.start - input.reused)..(span.end() - input.reused);
+            // Stage 2's kept rows of this image, as positions among its rows.
+            let stage2_local: Option<Vec<usize>> = stage2_rows.as_ref().map(|rows| {
+                let mine = rows
+                    .iter()
+                    .map(|&r| r as usize)
+                    .filter(|r| local.contains(r));
+                mine.map(|r| r - local.start).collect()
+            });
+            let rows = stage2_local.as_ref().map_or(span.len, Vec::len);
+            let plan = &image.plan;
+            let indices = if plan.before_projector.is_none() && plan.stage2.is_none() {
+                None
+            } else if let Some(anyres) = &image.anyres {
+                Some(kept_per_view(anyres, stage2_local))
+            } else {
+                let stage1 = encoded.kept;
+                let stage2 = stage2_local.map(|local| {
+                    let original = |l: usize| stage1.as_ref().map_or(l, |s| s[l]);
+                    local.into_iter().map(original).collect()
+                });
+                Some(KeptIndices {
+                    stage1,
+                    stage2,
+                    per_view: None,
+                })
+            };
+            kept.push(ImageKept { indices, rows });
         }
-        let stage2 = stage2_local.map(|local| {
-            let original = |l: usize| stage1.as_ref().map_or(l, |s| s[l]);
-            local.into_iter().map(original).collect()
-        });
-        Ok(Some(KeptIndices {
-            stage1,
-            stage2,
-            per_view: None,
-        }))
+        Ok(kept)
     }
 
     /// Theoretical prefill multiply-adds of the decoder, as run and without pruning, for the
-    /// conversation's whole prompt as one prefill (a follow-up turn computes fewer).
-    fn prefill_flops(&self, input: &PreparedRequest) -> Flops {
+    /// conversation's whole prompt as one prefill (a follow-up turn computes fewer); `images`
+    /// are every image of the conversation as the cache now holds it.
+    fn prefill_flops(&self, input: &PreparedRequest, images: &[HeldImage]) -> Flops {
         let text = &self.config.text;
         let (widths, layers) = (text.layer_widths(), text.num_hidden_layers);
-        let plan = &input.plan;
-        let text_tokens = input.prompt.ids.len() - plan.n1();
+        let text_tokens = input.prompt.text_tokens();
+        let per_layer: Vec<usize> = (0..layers)
+            .map(|l| text_tokens + images.iter().map(|i| i.rows_in_layer(l)).sum::<usize>())
+            .collect();
+        let unpruned = text_tokens + images.iter().map(|i| i.n0).sum::<usize>();
         Flops {
-            prefill: prefill_macs(&plan.tokens_per_layer(text_tokens, layers), &widths),
-            prefill_unpruned: prefill_macs(&vec![text_tokens + plan.n0; layers], &widths),
+            prefill: prefill_macs(&per_layer, &widths),
+            prefill_unpruned: prefill_macs(&vec![unpruned; layers], &widths),
         }
     }
 }
 
+/// What one new image kept (see [`Engine::kept_indices`]).
+struct ImageKept {
+    indices: Option<KeptIndices>,
+    /// Its rows in the layers after stage 2 (all of its rows when stage 2 did not run).
+    rows: usize,
+}
+
 /// What the session keeps after a turn: the settings its cache was built with, the ids the
-/// cache now holds (the prompt and the generated ids `fed` back through the decoder) and the
-/// cache itself.
+/// cache now holds (the prompt and the generated ids fed back through the decoder), the images
+/// among them, and the cache itself.
 fn session_state(
     input: &PreparedRequest,
-    settings: &TurnSettings,
-    first_prompt_len: Option<usize>,
-    fed: &[u32],
+    (settings, first_prompt_len): (&TurnSettings, Option<usize>),
+    decoded: &Decoded,
     cache: KvCache,
-    kept: Option<KeptIndices>,
+    kept: &[ImageKept],
 ) -> SessionState {
-    let mut tokens = input.prompt.ids.clone();
-    tokens.extend_from_slice(fed);
+    let mut raw = input.raw.ids.clone();
+    raw.extend_from_slice(&decoded.ids[..decoded.fed]);
+    let mut images = input.held.clone();
+    for (image, kept) in input.images.iter().zip(kept) {
+        let stage2 = image.plan.stage2;
+        images.push(HeldImage {
+            id: input.keys[image.index],
+            placeholder: input.raw.placeholders[image.index],
+            n0: image.plan.n0,
+            rows: input.span(image).len,
+            kept: kept.rows,
+            pruned_from: stage2.map_or(usize::MAX, |s| s.layer),
+            scored_until: stage2.map(|_| input.raw.ids.len()),
+        });
+    }
+    // A turn that reuses nothing starts the conversation over.
+    let first_prompt_len = match (first_prompt_len, input.reuse.raw) {
+        (Some(len), reused) if reused > 0 => len,
+        _ => input.raw.ids.len(),
+    };
     SessionState {
-        image: input.image_id,
+        first_prompt_len,
         template: settings.template,
         pad_to_square: settings.pad_to_square,
         prune: settings.prune.clone(),
-        plan: input.plan,
-        anyres: input.anyres.clone(),
-        image_start: input.prompt.image_start,
-        first_prompt_len: first_prompt_len.unwrap_or(input.prompt.ids.len()),
-        tokens,
+        raw,
+        images,
         cache,
-        kept,
     }
 }
 
-/// How the turn reused earlier work: its shared prefix and where its image rows came from.
+/// How the turn reused earlier work: its shared prefix and where each image's rows came from.
 fn turn_report(input: &PreparedRequest) -> TurnReport {
+    let held = input.held.iter().map(|_| ImageFrom::Session);
+    let new = input.images.iter().map(|image| match &image.step {
+        prepare::ImageStep::Cached(_) => ImageFrom::Cache,
+        prepare::ImageStep::Encode { .. } => ImageFrom::Encoder,
+    });
     TurnReport {
         reused_tokens: input.reused,
-        image: match &input.image {
-            prepare::ImageStep::InSession => ImageFrom::Session,
-            prepare::ImageStep::Cached(_) => ImageFrom::Cache,
-            prepare::ImageStep::Encode { .. } => ImageFrom::Encoder,
-        },
+        images: held.chain(new).collect(),
     }
+}
+
+/// Per new image: its index in the conversation, its visual tokens per stage and its kept
+/// patches.
+fn image_reports(input: &PreparedRequest, kept: &[ImageKept]) -> Vec<ImageReport> {
+    input
+        .images
+        .iter()
+        .zip(kept)
+        .map(|(image, kept)| {
+            let mut visual_tokens = visual_tokens(image);
+            // Stage 2 ranks a turn's images together: what each kept is counted, not its share.
+            if let Some(indices) = &kept.indices {
+                let per_view = indices.per_view.as_ref().and_then(|p| p.stage2.as_ref());
+                if let Some(n) = indices
+                    .stage2
+                    .as_ref()
+                    .map(Vec::len)
+                    .or(per_view.map(Vec::len))
+                {
+                    visual_tokens.after_stage2 = n;
+                }
+            }
+            ImageReport {
+                index: image.index,
+                visual_tokens,
+                kept_visual_indices: kept.indices.clone(),
+            }
+        })
+        .collect()
 }
 
 /// LLaVA-NeXT's kept patches: after the image pass (when it selected), the packed patch rows;
@@ -321,10 +363,10 @@ fn kept_per_view(anyres: &AnyresRequest, stage2_local: Option<Vec<usize>>) -> Ke
     }
 }
 
-/// Visual tokens per stage. On LLaVA-NeXT, patch tokens that reach the language model:
-/// `image_newline` rows are no visual tokens (docs/pruning.md).
-fn visual_tokens(input: &PreparedRequest) -> VisualTokens {
-    match &input.anyres {
+/// An image's visual tokens per stage. On LLaVA-NeXT, patch tokens that reach the language
+/// model: `image_newline` rows are no visual tokens (docs/pruning.md).
+fn visual_tokens(image: &TurnImage) -> VisualTokens {
+    match &image.anyres {
         Some(anyres) => {
             let after_stage1 = anyres.patch_tokens();
             VisualTokens {
@@ -335,7 +377,7 @@ fn visual_tokens(input: &PreparedRequest) -> VisualTokens {
                     .map_or(after_stage1, |keep| keep.min(after_stage1)),
             }
         }
-        None => VisualTokens::of(&input.plan),
+        None => VisualTokens::of(&image.plan),
     }
 }
 

@@ -25,6 +25,26 @@ impl VisualTokens {
             after_stage2: plan.n2(),
         }
     }
+
+    /// The counts of several images together.
+    pub fn sum<'a>(each: impl Iterator<Item = &'a VisualTokens>) -> Self {
+        each.fold(Self::default(), |total, v| Self {
+            encoder: total.encoder + v.encoder,
+            after_stage1: total.after_stage1 + v.after_stage1,
+            after_stage2: total.after_stage2 + v.after_stage2,
+        })
+    }
+}
+
+/// One image a turn prefilled: its place among the conversation's images, its visual tokens per
+/// stage and the patches it kept.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImageReport {
+    /// Index among the conversation's images (0 = the first image of the conversation).
+    pub index: usize,
+    pub visual_tokens: VisualTokens,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_visual_indices: Option<KeptIndices>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -109,9 +129,14 @@ pub struct GenerateOutput {
     pub text: String,
     pub generated_ids: Vec<u32>,
     pub prompt_tokens: usize,
+    /// Visual tokens per stage of the images this turn prefilled, together (zero for a
+    /// text-only turn and for a follow-up whose images the session already held).
     pub visual_tokens: VisualTokens,
+    /// The kept patches when the turn prefilled exactly one image (`images` has every image's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_visual_indices: Option<KeptIndices>,
+    /// Each image this turn prefilled, in prompt order.
+    pub images: Vec<ImageReport>,
     /// Bytes of the KV-cache buffers this request allocated (every layer's K and V, each sized
     /// for the rows that layer holds: pruned layers are smaller).
     pub kv_cache_bytes: u64,
@@ -134,7 +159,7 @@ pub struct GenerateOutput {
     pub turn: TurnReport,
 }
 
-/// Where a turn's image rows came from.
+/// Where an image's rows came from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ImageFrom {
     /// The vision tower, stage 1 and the projector ran.
@@ -142,7 +167,7 @@ pub enum ImageFrom {
     Encoder,
     /// The engine's image cache held the projector output.
     Cache,
-    /// A follow-up turn: the session's KV cache holds the image rows.
+    /// An earlier turn prefilled it: the session's KV cache holds its rows.
     Session,
 }
 
@@ -150,7 +175,8 @@ pub enum ImageFrom {
 pub struct TurnReport {
     /// Prompt ids whose keys and values came from the session's cache.
     pub reused_tokens: usize,
-    pub image: ImageFrom,
+    /// Where each image of the conversation came from, in order.
+    pub images: Vec<ImageFrom>,
 }
 
 /// Milliseconds since `since`.

@@ -27,17 +27,84 @@ pub(super) struct Prefilled {
     pub stage2_rows: Option<Tensor>,
 }
 
-/// Rows each decoder layer's cache will hold: its prompt rows (all of them before stage 2's
-/// layer K, the kept ones from K on) and every generated token but the last, which is never
+/// Rows the turn adds to each decoder layer's cache: its new prompt rows (from stage 2's layer K
+/// on, without the image rows it drops) and every generated token but the last, which is never
 /// fed back.
-fn kv_capacities(input: &PreparedRequest, layers: usize) -> Vec<usize> {
-    let plan = &input.plan;
-    let text_rows = input.prompt.ids.len() - plan.n1();
+pub(super) fn turn_rows_per_layer(input: &PreparedRequest, layers: usize) -> Vec<usize> {
+    let new_rows = input.prompt.ids.len() - input.reused;
     let generated = input.max_new.saturating_sub(1);
-    plan.tokens_per_layer(text_rows, layers)
-        .into_iter()
-        .map(|rows| rows + generated)
+    (0..layers)
+        .map(|layer| {
+            let dropped: usize = input
+                .images
+                .iter()
+                .filter_map(|image| {
+                    let stage2 = image.plan.stage2.filter(|s| layer >= s.layer)?;
+                    Some(image.plan.n1() - stage2.keep)
+                })
+                .sum();
+            new_rows - dropped + generated
+        })
         .collect()
+}
+
+/// Stage 2 of a turn (docs/pruning.md, "Conversations"): the image rows of the images the turn
+/// prefills, ranked together by the turn's text after its last image (or its last row, FastV);
+/// the rows between them are kept.
+pub(super) struct TurnStage2 {
+    /// Its layer K and scoring rows.
+    pub stage2: Stage2,
+    /// The turn's rows (local: 0 is the first new row), from its first image's first row to its
+    /// last image's last row.
+    pub segment: Segment,
+    /// Rows of `segment` listed as kept whatever their scores (infinite scores): text between
+    /// the images and LLaVA-NeXT's newline rows. Local.
+    pub always_kept: Vec<usize>,
+    /// Rows of `segment` kept: every image's budget and `always_kept`.
+    pub keep: usize,
+    /// First local query row whose attention scores the keys.
+    pub q_start: usize,
+    /// Key index (the cache row in layer K−1) of the segment's first row.
+    pub score_offset: usize,
+}
+
+impl TurnStage2 {
+    /// The turn's stage 2, when its plan has one and the turn prefills an image.
+    pub fn of(input: &PreparedRequest) -> Option<Self> {
+        let (first, last) = (input.images.first()?, input.images.last()?);
+        let stage2 = first.plan.stage2?;
+        let reused = input.reused;
+        let (start, end) = (input.span(first).start, input.span(last).end());
+        let mut always_kept: Vec<usize> = (start..end).collect();
+        let mut keep = 0;
+        for image in &input.images {
+            let span = input.span(image);
+            always_kept.retain(|r| !(span.start..span.end()).contains(r));
+            keep += image.plan.stage2.map_or(span.len, |s| s.keep);
+            if let Some(anyres) = &image.anyres {
+                // Newline rows are never scored or dropped; the row plan's keep counts them.
+                always_kept.extend(anyres.newline_rows().map(|r| span.start + r));
+                keep -= anyres.newline_rows().count();
+            }
+        }
+        keep += always_kept.len();
+        let rows = input.prompt.ids.len() - reused;
+        Some(Self {
+            stage2,
+            segment: Segment {
+                total: rows,
+                start: start - reused,
+                len: end - start,
+            },
+            always_kept: always_kept.into_iter().map(|r| r - reused).collect(),
+            keep,
+            q_start: match stage2.rows {
+                Stage2Rows::TextAfterImage => end - reused,
+                Stage2Rows::LastRow => rows - 1,
+            },
+            score_offset: start,
+        })
+    }
 }
 
 /// Stage 2's buffers: layer K−1's attention scores and the compaction's row list and gathers.
@@ -45,21 +112,12 @@ pub(super) struct Stage2Buffers {
     partials: Tensor,
     /// (prompt rows,) per-key scores.
     scores: Tensor,
-    /// (kept rows,) u32: the prompt rows kept.
+    /// (kept rows,) u32: the new rows kept (local).
     rows: Tensor,
     /// (kept rows, d): the kept hidden rows, before they are copied to the front.
     hidden: Tensor,
     /// (kept rows,) u32: their position ids.
     positions: Tensor,
-}
-
-/// The image rows of the prompt.
-fn image_segment(input: &PreparedRequest) -> Segment {
-    Segment {
-        total: input.prompt.ids.len(),
-        start: input.prompt.image_start,
-        len: input.prompt.image_tokens,
-    }
 }
 
 impl Stage2Buffers {
@@ -70,9 +128,9 @@ impl Stage2Buffers {
 }
 
 impl Engine {
-    /// A KV cache sized per layer for a first turn of `input` (see [`kv_capacities`]).
+    /// A KV cache sized per layer for the rows a turn of `input` adds to an empty cache.
     pub(super) fn new_kv_cache(&self, input: &PreparedRequest) -> Result<KvCache> {
-        let capacities = kv_capacities(input, self.llama.layers.len());
+        let capacities = turn_rows_per_layer(input, self.llama.layers.len());
         KvCache::new(&self.gpu, &self.config.text, &capacities, self.kv_dtype)
     }
 
@@ -94,24 +152,23 @@ impl Engine {
         })
     }
 
-    /// The buffers stage 2 needs to score the prompt and keep `keep` visual rows.
+    /// The buffers `stage2` needs to score the prompt's keys and keep its rows.
     pub(super) fn stage2_buffers(
         &self,
         input: &PreparedRequest,
-        keep: usize,
+        stage2: &TurnStage2,
     ) -> Result<Stage2Buffers> {
         let (gpu, text) = (&self.gpu, &self.config.text);
-        let prompt_len = input.prompt.ids.len();
         let shape = AttentionShape {
-            q_rows: prompt_len,
-            kv_rows: prompt_len,
+            q_rows: stage2.segment.total,
+            kv_rows: input.prompt.ids.len(),
             heads: text.num_attention_heads,
             kv_heads: text.num_key_value_heads,
             head_dim: text.head_dim,
             causal: true,
         };
         let (partials, scores) = attention::score_buffers(gpu, &shape)?;
-        let kept_rows = image_segment(input).kept_rows(keep);
+        let kept_rows = stage2.segment.kept_rows(stage2.keep);
         let dt = text.hidden_size;
         Ok(Stage2Buffers {
             partials,
@@ -124,11 +181,12 @@ impl Engine {
 
     /// Run the prompt's new rows (after the `input.reused` ones `cache` holds) through the
     /// decoder and leave the first token's logits in `buffers.logits` (and, with `gpu_argmax`,
-    /// its greedy id in `next_token`). `image` is the projector output on a first turn.
+    /// its greedy id in `next_token`). `images` are the projector outputs of the images the turn
+    /// prefills, in the order of `input.images`.
     pub(super) fn prefill(
         &self,
         input: &PreparedRequest,
-        image: Option<&EncodedImage>,
+        images: &[EncodedImage],
         cache: KvCache,
         gpu_argmax: bool,
     ) -> Result<Prefilled> {
@@ -144,23 +202,21 @@ impl Engine {
             .write_u32(gpu, &(reused as u32..prompt_len as u32).collect::<Vec<_>>())?;
         let mut rec = Recorder::new(gpu);
         rec.set_stage("prefill");
-        if let Some(image) = image {
+        let row_bytes = (self.config.text.hidden_size * 4) as u64;
+        for (image, encoded) in input.images.iter().zip(images) {
             // The projector output replaces the image placeholders' rows.
-            let row_bytes = (self.config.text.hidden_size * 4) as u64;
+            let span = input.span(image);
             rec.copy(
-                &image.embeddings.buffer,
+                &encoded.embeddings.buffer,
                 0,
                 &state.buffers.hidden.buffer,
-                (input.prompt.image_start - reused) as u64 * row_bytes,
-                input.prompt.image_tokens as u64 * row_bytes,
+                (span.start - reused) as u64 * row_bytes,
+                span.len as u64 * row_bytes,
             );
         }
-        match input.plan.stage2 {
-            // Stage 2 runs once, on the first prompt; follow-up rows pass every layer.
-            Some(stage2) if reused == 0 => {
-                self.prefill_with_stage2(&mut rec, &mut state, input, stage2)?
-            }
-            _ => self.run_layers(&mut rec, &mut state, 0..self.llama.layers.len(), None)?,
+        match TurnStage2::of(input) {
+            Some(stage2) => self.prefill_with_stage2(&mut rec, &mut state, input, &stage2)?,
+            None => self.run_layers(&mut rec, &mut state, 0..self.llama.layers.len(), None)?,
         }
         rec.set_stage("first token");
         self.llama
@@ -190,48 +246,43 @@ impl Engine {
             .forward_layers(rec, b, t, &mut state.cache, layers, scores)
     }
 
-    /// Layers 0..K with layer K−1 scoring the visual rows, compaction of the hidden state and
-    /// position ids to the kept rows, then layers K..L on the rows left.
+    /// Layers 0..K with layer K−1 scoring the turn's image rows, compaction of the hidden
+    /// state and position ids to the kept rows, then layers K..L on the rows left.
     fn prefill_with_stage2(
         &self,
         rec: &mut Recorder,
         state: &mut Prefilled,
         input: &PreparedRequest,
-        stage2: Stage2,
+        stage2: &TurnStage2,
     ) -> Result<()> {
-        let prompt = &input.prompt;
-        let prompt_len = prompt.ids.len();
-        let s2 = self.stage2_buffers(input, stage2.keep)?;
-        let q_start = match stage2.rows {
-            Stage2Rows::TextAfterImage => prompt.image_start + prompt.image_tokens,
-            Stage2Rows::LastRow => prompt_len - 1,
-        };
+        let s2 = self.stage2_buffers(input, stage2)?;
         let out = ScoreOutput {
-            q_start,
-            q_end: prompt_len,
+            q_start: stage2.q_start,
+            q_end: stage2.segment.total,
             partials: &s2.partials,
             scores: &s2.scores,
         };
-        self.run_layers(rec, state, 0..stage2.layer, Some(out))?;
-        if let Some(anyres) = &input.anyres {
-            // LLaVA-NeXT's newline rows are never scored or dropped (docs/pruning.md): they
-            // enter the top-k with an infinite score, and the budget counts them besides N2.
+        self.run_layers(rec, state, 0..stage2.stage2.layer, Some(out))?;
+        if !stage2.always_kept.is_empty() {
+            // Rows that are no image patch enter the top-k with an infinite score, and the
+            // budget counts them besides the images' (docs/pruning.md).
             rec.submit();
-            for row in anyres.newline_rows() {
-                let at = prompt.image_start + row;
-                s2.scores.write_f32_at(&self.gpu, at, &[f32::INFINITY])?;
+            let first_key = stage2.score_offset - stage2.segment.start;
+            for &row in &stage2.always_kept {
+                s2.scores
+                    .write_f32_at(&self.gpu, first_key + row, &[f32::INFINITY])?;
             }
         }
-        let segment = image_segment(input);
         rec.set_stage("stage 2");
-        self.compact_prompt(rec, &state.buffers, &s2, segment, stage2.keep)?;
-        state.rows = segment.kept_rows(stage2.keep);
+        self.compact_prompt(rec, &state.buffers, &s2, stage2)?;
+        state.rows = stage2.segment.kept_rows(stage2.keep);
         state.stage2_rows = Some(s2.rows);
         rec.set_stage("prefill");
-        self.run_layers(rec, state, stage2.layer..self.llama.layers.len(), None)
+        let layers = stage2.stage2.layer..self.llama.layers.len();
+        self.run_layers(rec, state, layers, None)
     }
 
-    /// Keep the text rows and the `keep` top-scored rows of the image `segment`: gather the
+    /// Keep the rows outside `stage2`'s segment and its `keep` top-scored rows: gather the
     /// hidden state and position ids of the kept rows to the front of `b`'s buffers (the kept
     /// rows' indices land in `s2.rows`).
     fn compact_prompt(
@@ -239,17 +290,17 @@ impl Engine {
         rec: &mut Recorder,
         b: &LlamaBuffers,
         s2: &Stage2Buffers,
-        segment: Segment,
-        keep: usize,
+        stage2: &TurnStage2,
     ) -> Result<()> {
         let gpu = &self.gpu;
         let dt = self.config.text.hidden_size;
+        let (segment, keep) = (stage2.segment, stage2.keep);
         let kept_rows = segment.kept_rows(keep);
         let (scores, rows, hidden, positions) = (&s2.scores, &s2.rows, &s2.hidden, &s2.positions);
         rec.dispatch(topk::select(
             gpu,
             scores,
-            segment.start,
+            stage2.score_offset,
             segment,
             keep,
             rows,

@@ -1,9 +1,9 @@
-//! Step 1 of a turn, on the host: render and tokenize the conversation, turn the pruning options
-//! into a plan (first turn), find the image's projector output in the cache or preprocess the
-//! image, work out which tokens the session's KV cache already holds, and gather the embeddings
-//! of the rest.
+//! Step 1 of a turn, on the host: render and tokenize the conversation, find what the session's
+//! KV cache already holds, plan each new image's pruning, find its projector output in the cache
+//! or preprocess it, and gather the embeddings of the new ids.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use image::DynamicImage;
 
@@ -16,10 +16,10 @@ use crate::vision::anyres::{AnyresLayout, PackedToken};
 use crate::vision::decode_image;
 
 use super::anyres_plan::AnyresRequest;
-use super::request::{Conversation, GenerateRequest, TurnSettings};
-use super::session::{Session, SessionState};
+use super::request::{Conversation, GenerateRequest, ImageInput, TurnSettings};
+use super::session::{HeldImage, Reuse, Session};
 
-/// Where the turn's image rows come from.
+/// Where a new image's rows come from.
 pub(super) enum ImageStep {
     /// Run the vision tower on these preprocessed pixels ([3, S, S]; LLaVA-NeXT: every view,
     /// [views, 3, S, S]); store the output under the key when the session uses the image cache.
@@ -29,21 +29,40 @@ pub(super) enum ImageStep {
     },
     /// The projector output of an identical image seen before.
     Cached(ProjectedImage),
-    /// A follow-up turn: the image rows are in the session's KV cache already.
-    InSession,
+}
+
+/// An image the turn prefills (one the session's cache does not hold yet).
+pub(super) struct TurnImage {
+    /// Its index among the conversation's images (and the prompt's image spans).
+    pub index: usize,
+    pub step: ImageStep,
+    /// Its pruning plan over its prompt rows (LLaVA-NeXT: restated once its pass has run).
+    pub plan: Plan,
+    /// LLaVA-NeXT: how it is tiled, selected per view and packed (None for LLaVA-1.5).
+    pub anyres: Option<AnyresRequest>,
+}
+
+/// A conversation's ids before each image placeholder becomes its image's rows.
+pub(super) struct RawPrompt {
+    pub ids: Vec<u32>,
+    /// Index of each image's placeholder in `ids`.
+    pub placeholders: Vec<usize>,
 }
 
 /// A turn checked, tokenized and planned: what the GPU passes need.
 pub(super) struct PreparedRequest {
-    pub image: ImageStep,
-    /// The image's identity: a hash of its bytes alone (a session holds one image).
-    pub image_id: ImageKey,
-    /// LLaVA-NeXT: how the image is tiled, selected per view and packed (None for LLaVA-1.5).
-    pub anyres: Option<AnyresRequest>,
-    pub plan: Plan,
-    /// The whole conversation's ids with the N1 image tokens the language model receives.
+    /// The images this turn prefills, in prompt order (the conversation's last ones).
+    pub images: Vec<TurnImage>,
+    /// The images whose rows the session's cache holds (the conversation's first ones).
+    pub held: Vec<HeldImage>,
+    /// Every image's identity: a hash of its bytes alone.
+    pub keys: Vec<ImageKey>,
+    pub raw: RawPrompt,
+    /// The whole conversation's ids, each image expanded to the rows the language model gets.
     pub prompt: EncodedPrompt,
-    /// Leading ids of `prompt` whose keys and values the session's cache already holds.
+    /// What the session's cache serves.
+    pub reuse: Reuse,
+    /// Leading ids of `prompt` whose keys and values the session's cache holds.
     pub reused: usize,
     /// Token embeddings of `prompt[reused..]` [rows, d]; image rows stay zero until the
     /// projector output is copied over them on the GPU.
@@ -52,58 +71,158 @@ pub(super) struct PreparedRequest {
     pub max_new: usize,
 }
 
+impl PreparedRequest {
+    /// Where image `image` of this turn sits in the prompt.
+    pub fn span(&self, image: &TurnImage) -> crate::text::ImageSpan {
+        self.prompt.images[image.index]
+    }
+}
+
 impl Engine {
     /// Whether a turn with `settings` pads its image to a square.
     pub fn pads_images(&self, settings: &TurnSettings) -> bool {
         settings.pad_to_square.unwrap_or(self.pads_by_default)
     }
 
-    /// Prepare a turn of `session`: its first (plan, image, whole prompt) or a follow-up (only
-    /// the tokens after the longest prefix the session holds).
+    /// Check pruning options against the model before any request (a chat's `/prune`): the
+    /// budgets must fit an image of LLaVA-1.5's fixed size, or LLaVA-NeXT's base view.
+    pub fn check_prune(&self, prune: &crate::prune::PruneOptions) -> Result<()> {
+        let layers = self.config.text.num_hidden_layers;
+        prune
+            .plan(self.config.image_tokens(), layers, 1)
+            .map(|_| ())
+    }
+
+    /// The conversation rendered with its template and tokenized, one placeholder id per image.
+    pub(super) fn raw_conversation(
+        &self,
+        conversation: &Conversation,
+        settings: &TurnSettings,
+    ) -> Result<RawPrompt> {
+        let images = conversation.images.len();
+        if images > settings.max_images {
+            return Err(Error::argument(
+                "max_images",
+                format!(
+                    "the conversation holds {images} images; at most {} are allowed",
+                    settings.max_images
+                ),
+            ));
+        }
+        let text = settings
+            .template
+            .render_conversation(&conversation.messages, &self.tokenizer.image_token)?;
+        let ids = self.tokenizer.encode(&text, true)?;
+        let image_id = self.tokenizer.image_token_id;
+        let placeholders: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == image_id).collect();
+        if placeholders.len() != images {
+            return Err(Error::argument(
+                "messages",
+                format!(
+                    "the conversation's messages hold {} image placeholder(s) {} after templating, for {images} image(s)",
+                    placeholders.len(),
+                    self.tokenizer.image_token,
+                ),
+            ));
+        }
+        Ok(RawPrompt { ids, placeholders })
+    }
+
+    /// Prepare a turn of `session`: the ids after the longest prefix its cache holds, and every
+    /// image after the ones it holds planned and found (image cache) or preprocessed.
     pub(super) fn prepare(
         &self,
         session: &Session,
         conversation: &Conversation,
         settings: &TurnSettings,
     ) -> Result<PreparedRequest> {
-        let bytes = conversation.image.bytes()?;
-        let image_id = ImageKey::new(&bytes, "");
-        let text = settings.template.render_conversation(
-            &conversation.messages,
-            conversation.image_in,
-            &self.tokenizer.image_token,
-        )?;
-        match session.state() {
-            Some(state) => self.prepare_follow_up(state, image_id, &text, settings),
-            None => {
-                let source = conversation.image.source();
-                self.prepare_first(session, (&bytes, image_id), source, &text, settings)
+        let raw = self.raw_conversation(conversation, settings)?;
+        let bytes = conversation
+            .images
+            .iter()
+            .map(ImageInput::bytes)
+            .collect::<Result<Vec<_>>>()?;
+        let keys: Vec<ImageKey> = bytes.iter().map(|b| ImageKey::new(b, "")).collect();
+        let (reuse, held) = match session.state() {
+            Some(state) => {
+                state.check_same_settings(settings)?;
+                let reuse = state.reuse(&raw.ids, &keys);
+                (reuse, state.images[..reuse.images].to_vec())
             }
+            None => (Reuse { raw: 0, images: 0 }, Vec::new()),
+        };
+        let text_after_images = raw.ids.len() - raw.placeholders.last().map_or(0, |&p| p + 1);
+        if bytes.len() == held.len() && self.config.anyres.is_none() {
+            // No image to prune: the options are still checked, so a bad flag never passes
+            // silently on a text-only turn.
+            self.plan_pruning(settings, self.config.image_tokens(), text_after_images)?;
         }
+        let images = (held.len()..bytes.len())
+            .map(|j| {
+                let source = conversation.images[j].source();
+                self.plan_image(session, (j, &bytes[j]), source, settings, text_after_images)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.finish_prepare(raw, (reuse, held), images, keys, settings)
     }
 
-    fn prepare_first(
+    /// The prompt with every image's rows, what of it is reused, and the new ids' embeddings.
+    fn finish_prepare(
         &self,
-        session: &Session,
-        (bytes, image_id): (&[u8], ImageKey),
-        source: &Path,
-        text: &str,
+        raw: RawPrompt,
+        (reuse, held): (Reuse, Vec<HeldImage>),
+        images: Vec<TurnImage>,
+        keys: Vec<ImageKey>,
         settings: &TurnSettings,
     ) -> Result<PreparedRequest> {
+        let rows: Vec<usize> = held
+            .iter()
+            .map(|h| h.rows)
+            .chain(images.iter().map(|i| i.plan.n1()))
+            .collect();
+        let prompt = self.tokenizer.expand_images(&raw.ids, &rows)?;
+        self.check_context(&prompt)?;
+        // The raw prefix holds one placeholder per held image, the prompt its rows.
+        let reused = reuse.raw - held.len() + held.iter().map(|h| h.rows).sum::<usize>();
+        let embeddings = self.prompt_embeddings(&prompt, reused)?;
+        Ok(PreparedRequest {
+            max_new: self.max_new(settings, &prompt),
+            images,
+            held,
+            keys,
+            raw,
+            prompt,
+            reuse,
+            reused,
+            embeddings,
+        })
+    }
+
+    /// Image `index` of the conversation, new to the session: its pruning plan (the prompt
+    /// has `text_after_images` ids after the last image) and its rows from the image cache or
+    /// its preprocessed pixels.
+    fn plan_image(
+        &self,
+        session: &Session,
+        (index, bytes): (usize, &Arc<[u8]>),
+        source: &Path,
+        settings: &TurnSettings,
+        text_after_images: usize,
+    ) -> Result<TurnImage> {
         // LLaVA-NeXT's token count depends on the image's size, so its image is decoded first.
         let decoded = match self.config.anyres {
             Some(_) => Some(decode_image(bytes, source)?),
             None => None,
         };
-        let (plan, prompt, anyres) = match &decoded {
+        let (plan, anyres) = match &decoded {
             Some(image) => {
                 let layout = self.checked_layout(image, settings)?;
-                let (plan, prompt, anyres) = self.plan_first_anyres(text, settings, layout)?;
-                (plan, prompt, Some(anyres))
+                let (plan, anyres) = self.plan_anyres(settings, layout, text_after_images)?;
+                (plan, Some(anyres))
             }
             None => {
-                let (plan, prompt) = self.plan_first(text, settings, self.config.image_tokens())?;
-                (plan, prompt, None)
+                let n0 = self.config.image_tokens();
+                (self.plan_pruning(settings, n0, text_after_images)?, None)
             }
         };
         let selection = match &anyres {
@@ -115,7 +234,7 @@ impl Engine {
             ImageKey::new(bytes, &settings)
         });
         let cached = key.and_then(|k| self.image_cache.lock().ok()?.get(&k));
-        let image = match cached {
+        let step = match cached {
             Some(projected) => ImageStep::Cached(projected),
             None => {
                 let decoded = match decoded {
@@ -132,16 +251,11 @@ impl Engine {
                 ImageStep::Encode { pixels, key }
             }
         };
-        let embeddings = self.prompt_embeddings(&prompt, 0)?;
-        Ok(PreparedRequest {
-            image,
-            image_id,
-            anyres,
+        Ok(TurnImage {
+            index,
+            step,
             plan,
-            max_new: self.max_new(settings, &prompt),
-            prompt,
-            reused: 0,
-            embeddings,
+            anyres,
         })
     }
 
@@ -173,147 +287,102 @@ impl Engine {
         ))
     }
 
-    /// A LLaVA-NeXT first turn: the plan over the image's patch tokens split per view, and the
-    /// prompt tokenized with every packed row (the image pass may keep fewer, see
-    /// [`PreparedRequest::fit_image`]); the plan returned is over prompt rows.
-    fn plan_first_anyres(
+    /// A LLaVA-NeXT image's plan over its patch tokens split per view, restated over its
+    /// packed rows (every one until its pass has run, see [`Engine::fit_images`]).
+    fn plan_anyres(
         &self,
-        text: &str,
         settings: &TurnSettings,
         layout: AnyresLayout,
-    ) -> Result<(Plan, EncodedPrompt, AnyresRequest)> {
-        let rows = layout.image_tokens();
-        let prompt = self.tokenizer.encode_with_image(text, rows)?;
-        self.check_context(&prompt, rows)?;
-        let text_after_image = prompt.ids.len() - prompt.image_start - rows;
+        text_after_images: usize,
+    ) -> Result<(Plan, AnyresRequest)> {
         let layers = self.config.text.num_hidden_layers;
         let patches = settings
             .prune
-            .plan(layout.visual_tokens(), layers, text_after_image)?;
+            .plan(layout.visual_tokens(), layers, text_after_images)?;
         let anyres = AnyresRequest::new(layout, &patches, &settings.prune)?;
-        Ok((anyres.row_plan(&patches), prompt, anyres))
+        Ok((anyres.row_plan(&patches), anyres))
     }
 
-    /// A first turn's pruning plan for `n0` visual tokens and its prompt tokenized with N1 image
-    /// tokens.
-    fn plan_first(
-        &self,
-        text: &str,
-        settings: &TurnSettings,
-        n0: usize,
-    ) -> Result<(Plan, EncodedPrompt)> {
-        // The plan needs the text after the image, which tokenizing with N0 tokens tells.
-        let probe = self.tokenizer.encode_with_image(text, n0)?;
-        let text_after_image = probe.ids.len() - probe.image_start - n0;
+    /// The pruning plan of a LLaVA-1.5 image of `n0` visual tokens.
+    fn plan_pruning(&self, settings: &TurnSettings, n0: usize, text_after: usize) -> Result<Plan> {
         let layers = self.config.text.num_hidden_layers;
-        let plan = settings.prune.plan(n0, layers, text_after_image)?;
-        let prompt = self.tokenizer.encode_with_image(text, plan.n1())?;
-        self.check_context(&prompt, plan.n1())?;
-        Ok((plan, prompt))
+        settings.prune.plan(n0, layers, text_after)
     }
 
     /// The prompt's side of a one-shot `request` for [`Engine::allocate_request`]: template,
-    /// tokens and pruning plan, with no image read and no embeddings gathered.
+    /// tokens and every image's pruning plan, with no image read and no embeddings gathered.
     pub(super) fn plan_prompt(&self, request: &GenerateRequest) -> Result<PreparedRequest> {
         let (conversation, settings) = (request.conversation(), request.settings());
-        let text = settings.template.render_conversation(
-            &conversation.messages,
-            conversation.image_in,
-            &self.tokenizer.image_token,
-        )?;
-        if self.config.anyres.is_some() {
+        if self.config.anyres.is_some() && !conversation.images.is_empty() {
             return Err(Error::argument(
                 "model",
                 "planning a LLaVA-NeXT request's memory without its image is not built: its visual tokens depend on the image's size",
             ));
         }
-        let (plan, prompt) = self.plan_first(&text, &settings, self.config.image_tokens())?;
-        Ok(PreparedRequest {
-            image: ImageStep::Encode {
-                pixels: Vec::new(),
-                key: None,
-            },
-            image_id: ImageKey::new(&[], ""),
-            anyres: None,
-            plan,
-            max_new: self.max_new(&settings, &prompt),
-            prompt,
-            reused: 0,
-            embeddings: Vec::new(),
-        })
+        let raw = self.raw_conversation(&conversation, &settings)?;
+        let text_after_images = raw.ids.len() - raw.placeholders.last().map_or(0, |&p| p + 1);
+        let n0 = self.config.image_tokens();
+        let plan = self.plan_pruning(&settings, n0, text_after_images)?;
+        let images = (0..conversation.images.len())
+            .map(|index| TurnImage {
+                index,
+                step: ImageStep::Encode {
+                    pixels: Vec::new(),
+                    key: None,
+                },
+                plan,
+                anyres: None,
+            })
+            .collect();
+        let keys = vec![ImageKey::new(&[], ""); conversation.images.len()];
+        let mut input = self.finish_prepare(
+            raw,
+            (Reuse { raw: 0, images: 0 }, Vec::new()),
+            images,
+            keys,
+            &settings,
+        )?;
+        input.embeddings = Vec::new();
+        Ok(input)
     }
 
-    /// A follow-up: same image and settings as the session's first turn, a conversation that
-    /// starts with the session's first prompt; only the ids after the common prefix are new.
-    fn prepare_follow_up(
-        &self,
-        state: &SessionState,
-        image_id: ImageKey,
-        text: &str,
-        settings: &TurnSettings,
-    ) -> Result<PreparedRequest> {
-        state.check_same_settings(settings)?;
-        if image_id != state.image {
-            return Err(Error::argument(
-                "messages",
-                "a session holds one image: this conversation's image differs from the one its first turn saw (start a new session for another image)",
-            ));
-        }
-        let n1 = state.plan.n1();
-        let prompt = self.tokenizer.encode_with_image(text, n1)?;
-        self.check_context(&prompt, n1)?;
-        let reused = state.reusable_prefix(&prompt).ok_or_else(|| {
-            Error::argument(
-                "messages",
-                "the conversation does not continue this session's first prompt (same image, first question, then at least one new token)",
-            )
-        })?;
-        let embeddings = self.prompt_embeddings(&prompt, reused)?;
-        Ok(PreparedRequest {
-            image: ImageStep::InSession,
-            image_id,
-            anyres: state.anyres.clone(),
-            plan: state.plan,
-            max_new: self.max_new(settings, &prompt),
-            prompt,
-            reused,
-            embeddings,
-        })
-    }
-
-    fn check_context(&self, prompt: &EncodedPrompt, n1: usize) -> Result<()> {
+    fn check_context(&self, prompt: &EncodedPrompt) -> Result<()> {
         let prompt_len = prompt.ids.len();
+        let visual = prompt_len - prompt.text_tokens();
         let context = self.config.text.max_position_embeddings;
         if prompt_len >= context {
             return Err(Error::argument(
                 "prompt",
-                format!("the prompt takes {prompt_len} tokens ({n1} of them visual), the model's context is {context}"),
+                format!("the prompt takes {prompt_len} tokens ({visual} of them visual), the model's context is {context}"),
             ));
         }
         Ok(())
     }
 
-    /// LLaVA-NeXT, after the image pass: the prompt was tokenized with every packed row; keep
-    /// the rows of the tokens the pass kept (`packed`) and restate the plan over them.
-    pub(super) fn fit_image(
+    /// LLaVA-NeXT, after the image passes: the prompt was tokenized with every packed row of
+    /// each new image; keep the rows of the tokens each pass kept (`packed[i]` for the turn's
+    /// image `i`) and restate its plan over them.
+    pub(super) fn fit_images(
         &self,
         input: &mut PreparedRequest,
-        packed: Option<&[PackedToken]>,
+        packed: &[Option<&[PackedToken]>],
         settings: &TurnSettings,
     ) {
-        let (Some(anyres), Some(packed)) = (input.anyres.as_mut(), packed) else {
-            return;
-        };
-        let dropped = anyres.packed.len() - packed.len();
-        anyres.packed = packed.to_vec();
-        input.plan = anyres.row_plan(&input.plan);
-        let prompt = &mut input.prompt;
-        let end = prompt.image_start + prompt.image_tokens;
-        prompt.ids.drain(end - dropped..end);
-        prompt.image_tokens -= dropped;
-        // A first turn's embeddings start at row 0; image rows are zero until the GPU fills them.
         let dt = self.config.text.hidden_size;
-        input.embeddings.drain((end - dropped) * dt..end * dt);
+        for (image, packed) in input.images.iter_mut().zip(packed) {
+            let (Some(anyres), Some(packed)) = (image.anyres.as_mut(), packed) else {
+                continue;
+            };
+            let span = input.prompt.images[image.index];
+            let dropped = anyres.packed.len() - packed.len();
+            anyres.packed = packed.to_vec();
+            image.plan = anyres.row_plan(&image.plan);
+            input.prompt.shrink_image(image.index, span.len - dropped);
+            // Embeddings start at the first new row; image rows are zero until the GPU fills
+            // them.
+            let end = span.end() - input.reused;
+            input.embeddings.drain((end - dropped) * dt..end * dt);
+        }
         input.max_new = self.max_new(settings, &input.prompt);
     }
 
@@ -333,7 +402,7 @@ impl Engine {
             .map(|&id| if id == image_id { 0 } else { id })
             .collect();
         let mut embeddings = self.embed(&ids)?;
-        let image_rows = prompt.image_start..prompt.image_start + prompt.image_tokens;
+        let image_rows = prompt.images.iter().flat_map(|span| span.start..span.end());
         for row in image_rows.filter(|&r| r >= from) {
             embeddings[(row - from) * dt..(row - from + 1) * dt].fill(0.0);
         }

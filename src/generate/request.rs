@@ -1,5 +1,6 @@
-//! What a caller asks for: one question about one image ([`GenerateRequest`]), or one turn of a
-//! conversation ([`Conversation`] and [`TurnSettings`]), with decoding and pruning settings.
+//! What a caller asks for: one question about some images, or none ([`GenerateRequest`]), or one
+//! turn of a conversation ([`Conversation`] and [`TurnSettings`]), with decoding and pruning
+//! settings.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,10 +11,14 @@ use crate::sample::SamplingParams;
 use crate::text::{Message, Role, Template};
 use crate::vision::read_image_file;
 
-/// One question about one image.
+/// The most images a conversation may hold unless a request says otherwise.
+pub const DEFAULT_MAX_IMAGES: usize = 8;
+
+/// One question about the images in `images` (any number, none for a text-only question).
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
-    pub image: PathBuf,
+    /// Image files, in the order their placeholders open the question.
+    pub images: Vec<PathBuf>,
     pub prompt: String,
     pub template: Template,
     pub max_new_tokens: usize,
@@ -31,12 +36,22 @@ pub struct GenerateRequest {
     /// Copy the projector output and the first logits row back into the output (parity
     /// checks). Off by default: for 7B the projector output alone is a 9 MB readback.
     pub capture_outputs: bool,
+    /// The most images the conversation may hold.
+    pub max_images: usize,
+    /// A system message before the question.
+    pub system: Option<String>,
 }
 
 impl GenerateRequest {
+    /// A question about one image.
     pub fn new(image: impl Into<PathBuf>, prompt: impl Into<String>) -> Self {
+        Self::with_images(vec![image.into()], prompt)
+    }
+
+    /// A question about `images` (none: answered by the language model alone).
+    pub fn with_images(images: Vec<PathBuf>, prompt: impl Into<String>) -> Self {
         Self {
-            image: image.into(),
+            images,
             prompt: prompt.into(),
             template: Template::LlavaHf,
             max_new_tokens: 64,
@@ -46,15 +61,18 @@ impl GenerateRequest {
             ignore_eos: false,
             prune: PruneOptions::default(),
             capture_outputs: false,
+            max_images: DEFAULT_MAX_IMAGES,
+            system: None,
         }
     }
 
     /// The request as the first turn of a conversation.
     pub fn conversation(&self) -> Conversation {
+        let question = Message::with_images(Role::User, self.prompt.clone(), self.images.len());
+        let system = self.system.iter().map(|s| Message::new(Role::System, s));
         Conversation {
-            messages: vec![Message::new(Role::User, self.prompt.clone())],
-            image: ImageInput::File(self.image.clone()),
-            image_in: 0,
+            messages: system.chain(std::iter::once(question)).collect(),
+            images: self.images.iter().cloned().map(ImageInput::File).collect(),
         }
     }
 
@@ -68,6 +86,7 @@ impl GenerateRequest {
             ignore_eos: self.ignore_eos,
             prune: self.prune.clone(),
             capture_outputs: self.capture_outputs,
+            max_images: self.max_images,
         }
     }
 }
@@ -101,13 +120,22 @@ impl ImageInput {
     }
 }
 
-/// A conversation about one image: every message so far, the last one the user's.
+/// A conversation: every message so far, the last one the user's, and its images in the order
+/// their placeholders appear (each message's `images` count says how many open it).
 #[derive(Clone, Debug)]
 pub struct Conversation {
     pub messages: Vec<Message>,
-    pub image: ImageInput,
-    /// Index of the message the image belongs to (its placeholder opens that message).
-    pub image_in: usize,
+    pub images: Vec<ImageInput>,
+}
+
+impl Conversation {
+    /// A conversation with no image.
+    pub fn text_only(messages: Vec<Message>) -> Self {
+        Self {
+            messages,
+            images: Vec::new(),
+        }
+    }
 }
 
 /// How one turn is answered: everything a request sets besides the conversation. A session's
@@ -123,10 +151,12 @@ pub struct TurnSettings {
     pub ignore_eos: bool,
     pub prune: PruneOptions,
     pub capture_outputs: bool,
+    /// The most images the conversation may hold (a clear error past it, before any work).
+    pub max_images: usize,
 }
 
 impl Default for TurnSettings {
     fn default() -> Self {
-        GenerateRequest::new("", "").settings()
+        GenerateRequest::with_images(Vec::new(), "").settings()
     }
 }

@@ -1,23 +1,21 @@
 //! A conversation's state between turns: its tokens, the KV cache that holds them and the
-//! pruning decisions of its first turn.
+//! images whose rows it holds.
 //!
-//! A follow-up turn renders the whole conversation, keeps the longest prefix of ids the session
-//! already holds (at least its whole first prompt) and prefills only the rest, at the positions
-//! after it, through every layer. The visual tokens stage 1 and stage 2 kept for the first
-//! question stay the conversation's visual tokens: layers ≥ K hold only the N2 survivors for
-//! every later turn too. A session holds one image; a conversation about another image needs a
-//! new session.
+//! A turn renders the whole conversation and keeps the longest prefix the session already holds:
+//! the common prefix of ids, cut before the first image that differs (another image gives the
+//! same placeholder ids) and before any image whose stage-2 selection was scored by text the new
+//! conversation changed. Only the rest is prefilled, at the positions after it. Each image is
+//! pruned in the turn that first prefills it (docs/pruning.md, "Conversations"); its kept rows
+//! then stay as they are for every later turn.
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::model::image_cache::ImageKey;
 use crate::model::llama::KvCache;
 use crate::model::llava::Engine;
-use crate::prune::{Plan, PruneOptions};
-use crate::text::{EncodedPrompt, Template};
+use crate::prune::PruneOptions;
+use crate::text::Template;
 
-use super::anyres_plan::AnyresRequest;
-use super::output::KeptIndices;
 use super::request::{Conversation, TurnSettings};
 
 /// One conversation with an [`Engine`]; answer its turns with [`Engine::turn`].
@@ -26,24 +24,63 @@ pub struct Session {
     state: Option<SessionState>,
 }
 
-/// What the first turn leaves: the ids the cache holds and the settings they were made with.
+/// What a turn leaves: the ids the cache holds, the images among them and the settings they
+/// were made with.
 pub(super) struct SessionState {
-    /// Hash of the image's bytes.
-    pub image: ImageKey,
     pub template: Template,
     pub pad_to_square: Option<bool>,
     pub prune: PruneOptions,
-    pub plan: Plan,
-    /// LLaVA-NeXT: the image's tiling and the packed rows the cache holds (None for 1.5).
-    pub anyres: Option<AnyresRequest>,
-    pub image_start: usize,
-    /// Length of the first prompt, whose text after the image scored stage 2.
+    /// The ids the cache holds with one placeholder id per image (as the template and the
+    /// tokenizer give them, before each placeholder becomes its image's rows), generated ids
+    /// fed back through the decoder included. Conversations are matched in this form.
+    pub raw: Vec<u32>,
+    /// The images whose rows the cache holds, in prompt order.
+    pub images: Vec<HeldImage>,
+    /// Raw length of the session's first prompt: a conversation that keeps it continues this
+    /// one (see [`Session::continues`]).
     pub first_prompt_len: usize,
-    /// Every id whose keys and values the cache holds, in order (prompt ids and generated ids
-    /// that went through the decoder).
-    pub tokens: Vec<u32>,
     pub cache: KvCache,
-    pub kept: Option<KeptIndices>,
+}
+
+/// An image of the conversation as the language model holds it.
+#[derive(Clone, Debug)]
+pub(super) struct HeldImage {
+    /// Hash of the image's bytes.
+    pub id: ImageKey,
+    /// Index of its placeholder in [`SessionState::raw`].
+    pub placeholder: usize,
+    /// Rows the unpruned image would take (N0; LLaVA-NeXT: every packed row).
+    pub n0: usize,
+    /// Rows the prompt gives it (N1, after any selection before the projector).
+    pub rows: usize,
+    /// Rows stage 2 kept in layers from `pruned_from` on (`rows` when it did not run).
+    pub kept: usize,
+    /// 0-based decoder layer from which only `kept` rows are held (usize::MAX: every layer holds
+    /// `rows`).
+    pub pruned_from: usize,
+    /// Raw length of the prompt of the turn that pruned it at stage 2: its selection was scored
+    /// by that text, so a later turn reuses the image only when it keeps all of it. None when
+    /// stage 2 did not run on it.
+    pub scored_until: Option<usize>,
+}
+
+impl HeldImage {
+    /// Rows it holds in decoder layer `layer`.
+    pub fn rows_in_layer(&self, layer: usize) -> usize {
+        if layer >= self.pruned_from {
+            self.kept
+        } else {
+            self.rows
+        }
+    }
+}
+
+/// How much of a conversation a session's cache serves: `raw` leading ids in the placeholder
+/// form, holding the first `images` images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Reuse {
+    pub raw: usize,
+    pub images: usize,
 }
 
 impl Default for Session {
@@ -79,9 +116,20 @@ impl Session {
         self.image_cache
     }
 
-    /// Ids whose keys and values the session holds (empty before its first turn).
+    /// Whether the session holds nothing (before its first turn, or after a failed one).
+    pub fn is_empty(&self) -> bool {
+        self.state.is_none()
+    }
+
+    /// Ids the session's cache holds, each image as one placeholder id (empty before its first
+    /// turn).
     pub fn tokens(&self) -> &[u32] {
-        self.state.as_ref().map_or(&[], |s| &s.tokens)
+        self.state.as_ref().map_or(&[], |s| &s.raw)
+    }
+
+    /// Images whose rows the session's cache holds.
+    pub fn images(&self) -> usize {
+        self.state.as_ref().map_or(0, |s| s.images.len())
     }
 
     /// Forget the conversation (the next turn is a first turn).
@@ -89,9 +137,11 @@ impl Session {
         self.state = None;
     }
 
-    /// How many leading ids of `conversation` this session would reuse for a turn with
-    /// `settings`, or None when it cannot continue it (another image or settings, or a
-    /// conversation that does not extend its first prompt).
+    /// How many leading ids (in the placeholder form) of `conversation` this session would
+    /// reuse for a turn with `settings`, or None when the conversation does not continue it
+    /// (other settings, or its first prompt not kept whole). A server picks sessions by this:
+    /// another conversation that only shares a beginning with this one gets its own session
+    /// (and the image cache), rather than taking this one's cache away from it.
     pub fn continues(
         &self,
         engine: &Engine,
@@ -100,52 +150,50 @@ impl Session {
     ) -> Option<usize> {
         let state = self.state.as_ref()?;
         state.check_same_settings(settings).ok()?;
-        let bytes = conversation.image.bytes().ok()?;
-        if ImageKey::new(&bytes, "") != state.image {
-            return None;
-        }
-        let prompt = engine
-            .tokenize_conversation(conversation, settings, state.plan.n1())
+        let raw = engine.raw_conversation(conversation, settings).ok()?;
+        let keys = conversation
+            .images
+            .iter()
+            .map(|image| Ok(ImageKey::new(&image.bytes()?, "")))
+            .collect::<Result<Vec<_>>>()
             .ok()?;
-        state.reusable_prefix(&prompt)
+        let reuse = state.reuse(&raw.ids, &keys);
+        (reuse.raw >= state.first_prompt_len).then_some(reuse.raw)
     }
 
-    /// The pruning plan of the first turn (None before it).
-    pub fn plan(&self) -> Option<&Plan> {
-        self.state.as_ref().map(|s| &s.plan)
-    }
-
-    /// A follow-up's KV cache and the first turn's kept visual indices: the session's cache cut
-    /// back to the `reused` ids the turn shares, each layer grown (by a GPU copy) to hold
-    /// `turn_rows` more (the turn's new prompt rows and its answer). None before a first turn.
-    /// The session holds neither while the GPU works, so a turn that fails leaves it empty and
-    /// its next turn starts over.
+    /// The session's cache cut back to the `reuse` it serves, each layer grown (by a GPU copy)
+    /// to hold `turn_rows[layer]` more. None when the session holds nothing the turn reuses. The session holds neither while the GPU works, so a turn that fails leaves
+    /// it empty and its next turn starts over.
     pub(super) fn take_cache(
         &mut self,
         gpu: &Gpu,
-        reused: usize,
-        turn_rows: usize,
-    ) -> Result<Option<(KvCache, Option<KeptIndices>)>> {
+        reuse: Reuse,
+        turn_rows: &[usize],
+    ) -> Result<Option<KvCache>> {
         let Some(mut state) = self.state.take() else {
             return Ok(None);
         };
-        state.truncate(reused);
-        for layer in 0..state.cache.layers.len() {
-            let needed = state.cache.layers[layer].len + turn_rows;
+        if reuse.raw == 0 {
+            return Ok(None);
+        }
+        state.truncate(reuse);
+        for (layer, &rows) in turn_rows.iter().enumerate() {
+            let needed = state.cache.layers[layer].len + rows;
             if needed > state.cache.layers[layer].capacity() {
                 state.cache.grow_layer(gpu, layer, needed)?;
             }
         }
-        Ok(Some((state.cache, state.kept)))
+        Ok(Some(state.cache))
     }
 
-    /// Keep what a turn left (its `tokens` are what its `cache` now holds).
-    pub(super) fn store(&mut self, state: SessionState) {
-        self.state = Some(state);
-    }
-
+    /// Raw length of the session's first prompt (None before its first turn).
     pub(super) fn first_prompt_len(&self) -> Option<usize> {
         self.state.as_ref().map(|s| s.first_prompt_len)
+    }
+
+    /// Keep what a turn left (its `raw` ids are what its `cache` now holds).
+    pub(super) fn store(&mut self, state: SessionState) {
+        self.state = Some(state);
     }
 }
 
@@ -171,34 +219,49 @@ impl SessionState {
         Ok(())
     }
 
-    /// Leading ids of `prompt` to reuse: the common prefix with what the cache holds, leaving at
-    /// least one new id (its logits start the answer), and covering the whole first prompt.
-    pub fn reusable_prefix(&self, prompt: &EncodedPrompt) -> Option<usize> {
-        if prompt.image_start != self.image_start || prompt.image_tokens != self.plan.n1() {
-            return None;
-        }
-        let common = prompt
-            .ids
+    /// What the cache serves of a conversation whose placeholder-form ids are `raw` and whose
+    /// images hash to `keys`: the common prefix, cut before the first held image that is not the
+    /// conversation's image at its place, or whose stage-2 scoring text the conversation does
+    /// not keep whole, and leaving at least one new id (its logits start the answer).
+    pub fn reuse(&self, raw: &[u32], keys: &[ImageKey]) -> Reuse {
+        let common = raw
             .iter()
-            .zip(&self.tokens)
+            .zip(&self.raw)
             .take_while(|(a, b)| a == b)
             .count();
-        let reused = common.min(prompt.ids.len().saturating_sub(1));
-        (reused >= self.first_prompt_len).then_some(reused)
+        let mut prefix = common.min(raw.len().saturating_sub(1));
+        let mut images = 0;
+        for (j, image) in self.images.iter().enumerate() {
+            if image.placeholder >= prefix {
+                break;
+            }
+            let same = keys.get(j) == Some(&image.id);
+            let scored_text_kept = image.scored_until.is_none_or(|end| end <= prefix);
+            if !same || !scored_text_kept {
+                prefix = image.placeholder;
+                break;
+            }
+            images = j + 1;
+        }
+        Reuse {
+            raw: prefix,
+            images,
+        }
     }
 
-    /// Drop the cached rows of every id after the first `len`. Layers ≥ K hold N1 − N2 fewer
-    /// rows than the others (the visual rows stage 2 dropped), all of them in the first prompt.
-    fn truncate(&mut self, len: usize) {
-        let dropped = self.plan.n1() - self.plan.n2();
-        let first_pruned = self.plan.stage2.map_or(usize::MAX, |s| s.layer);
-        for (i, layer) in self.cache.layers.iter_mut().enumerate() {
-            layer.len = if i >= first_pruned {
-                len - dropped
-            } else {
-                len
-            };
+    /// Keep the cached rows of the `reuse.raw` leading ids only: each layer holds the text ids
+    /// and, per held image, the rows it keeps in that layer.
+    fn truncate(&mut self, reuse: Reuse) {
+        self.images.truncate(reuse.images);
+        let text = reuse.raw - reuse.images;
+        for (l, layer) in self.cache.layers.iter_mut().enumerate() {
+            layer.len = text
+                + self
+                    .images
+                    .iter()
+                    .map(|i| i.rows_in_layer(l))
+                    .sum::<usize>();
         }
-        self.tokens.truncate(len);
+        self.raw.truncate(reuse.raw);
     }
 }

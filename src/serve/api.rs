@@ -58,9 +58,9 @@ impl ApiError {
             Error::Argument { name, .. } => Self::bad_request(name.clone(), message)
                 .with_status(422)
                 .with_code("unprocessable"),
+            // OpenAI's status and code for an image it cannot read.
             Error::File { path, .. } => Self::bad_request(path.display().to_string(), message)
-                .with_status(422)
-                .with_code("invalid_image"),
+                .with_code("invalid_image_format"),
             _ => Self {
                 status: 500,
                 message,
@@ -102,6 +102,8 @@ pub struct Policy {
     pub default_max_tokens: usize,
     /// The model's prompt format (`Engine::template`).
     pub template: Template,
+    /// The most images a conversation may hold.
+    pub max_images: usize,
 }
 
 type Checked<T> = std::result::Result<T, ApiError>;
@@ -153,6 +155,7 @@ pub fn parse(body: &[u8], policy: Policy) -> Checked<ChatRequest> {
         prune: parse_prune(obj.get("prune"))?,
         // Extension (as llama.cpp's server): keep generating past the end-of-sequence token.
         ignore_eos: bool_field(obj, "ignore_eos")?.unwrap_or(false),
+        max_images: policy.max_images,
         ..TurnSettings::default()
     };
     let stream_usage = obj
@@ -306,7 +309,8 @@ fn prefix(mut e: ApiError, p: &str) -> ApiError {
     e
 }
 
-/// The messages as a conversation about one image, and the template they are rendered with.
+/// The messages as a conversation (any number of images, in the order their messages and
+/// content parts give them), and the template they are rendered with.
 fn parse_messages(v: Option<&Value>, policy: Policy) -> Checked<(Conversation, Template)> {
     let list = v.and_then(Value::as_array).ok_or_else(|| {
         ApiError::bad_request(
@@ -315,7 +319,7 @@ fn parse_messages(v: Option<&Value>, policy: Policy) -> Checked<(Conversation, T
         )
     })?;
     let mut messages = Vec::new();
-    let mut image: Option<(usize, ImageInput)> = None;
+    let mut images = Vec::new();
     for (i, m) in list.iter().enumerate() {
         let at = format!("messages[{i}]");
         let role = match m.get("role").and_then(Value::as_str) {
@@ -323,24 +327,22 @@ fn parse_messages(v: Option<&Value>, policy: Policy) -> Checked<(Conversation, T
             Some("user") => Role::User,
             Some("assistant") => Role::Assistant,
             other => {
+                let got = other.map_or("nothing".to_string(), |r| format!("\"{r}\""));
                 return Err(ApiError::bad_request(
                     format!("{at}.role"),
-                    format!("{at}.role must be system, user or assistant, got {other:?}"),
-                ))
+                    format!("{at}.role must be system, user or assistant, got {got}"),
+                ));
             }
         };
         let (text, found) = parse_content(m.get("content"), &at, policy)?;
-        if let Some(input) = found {
-            if image.is_some() {
-                return Err(ApiError::bad_request(
-                    format!("{at}.content"),
-                    "a conversation holds one image; this is the second (start a new conversation for another image)",
-                )
-                .with_code("too_many_images"));
-            }
-            image = Some((messages.len(), input));
+        if !found.is_empty() && role != Role::User {
+            return Err(ApiError::bad_request(
+                format!("{at}.content"),
+                "only user messages may hold images",
+            ));
         }
-        messages.push(Message::new(role, text));
+        messages.push(Message::with_images(role, text, found.len()));
+        images.extend(found);
     }
     if messages.last().map(|m| m.role) != Some(Role::User) {
         return Err(ApiError::bad_request(
@@ -348,29 +350,28 @@ fn parse_messages(v: Option<&Value>, policy: Policy) -> Checked<(Conversation, T
             "messages must end with a user message",
         ));
     }
-    let (image_in, image) = image.ok_or_else(|| {
-        ApiError::bad_request(
+    if images.len() > policy.max_images {
+        return Err(ApiError::bad_request(
             "messages".to_string(),
-            "the conversation has no image: add an image_url content part (a data URL)",
+            format!(
+                "the conversation holds {} images; this server takes at most {} (its --max-images)",
+                images.len(),
+                policy.max_images
+            ),
         )
-        .with_code("missing_image")
-    })?;
-    let conversation = Conversation {
-        messages,
-        image,
-        image_in,
-    };
-    Ok((conversation, policy.template))
+        .with_code("too_many_images"));
+    }
+    Ok((Conversation { messages, images }, policy.template))
 }
 
-/// A message's text (its text parts joined by spaces) and its image, if it has one.
+/// A message's text (its text parts joined by spaces) and its images, in order.
 fn parse_content(
     v: Option<&Value>,
     at: &str,
     policy: Policy,
-) -> Checked<(String, Option<ImageInput>)> {
+) -> Checked<(String, Vec<ImageInput>)> {
     let parts = match v {
-        Some(Value::String(s)) => return Ok((s.clone(), None)),
+        Some(Value::String(s)) => return Ok((s.clone(), Vec::new())),
         Some(Value::Array(parts)) => parts,
         _ => {
             return Err(ApiError::bad_request(
@@ -380,7 +381,7 @@ fn parse_content(
         }
     };
     let mut texts = Vec::new();
-    let mut image = None;
+    let mut images = Vec::new();
     for (j, part) in parts.iter().enumerate() {
         let at = format!("{at}.content[{j}]");
         match part.get("type").and_then(Value::as_str) {
@@ -394,13 +395,6 @@ fn parse_content(
                 }
             },
             Some("image_url") => {
-                if image.is_some() {
-                    return Err(ApiError::bad_request(
-                        at.clone(),
-                        "a conversation holds one image; this is the second",
-                    )
-                    .with_code("too_many_images"));
-                }
                 let url = part
                     .get("image_url")
                     .and_then(|u| u.get("url").or(Some(u)))
@@ -411,18 +405,19 @@ fn parse_content(
                             format!("{at}.image_url.url must be a string"),
                         )
                     })?;
-                image = Some(parse_image_url(url, &format!("{at}.image_url"), policy)?);
+                images.push(parse_image_url(url, &format!("{at}.image_url"), policy)?);
             }
             other => {
+                let got = other.map_or("no type".to_string(), |t| format!("\"{t}\""));
                 return Err(ApiError::bad_request(
                     format!("{at}.type"),
-                    format!("unknown content part type {other:?}: this server reads \"text\" and \"image_url\""),
+                    format!("unknown content part type {got}: this server reads \"text\" and \"image_url\""),
                 )
-                .with_code("unknown_content_part"))
+                .with_code("unknown_content_part"));
             }
         }
     }
-    Ok((texts.join(" "), image))
+    Ok((texts.join(" "), images))
 }
 
 /// Data URLs (png, jpeg, webp) always; local paths only when the server allows them; http(s)

@@ -194,6 +194,7 @@ async fn chat(State(app): State<Shared>, request: Request) -> Response {
         allow_local_images: app.options.allow_local_images,
         default_max_tokens: app.options.default_max_tokens,
         template: app.template,
+        max_images: app.options.max_images,
     };
     let parsed = match read_body(request, app.options.max_body_bytes).await {
         Ok(body) => api::parse(&body, policy),
@@ -332,16 +333,17 @@ fn usage(f: &Finished) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// The server's own report on a turn: where the image rows came from and how much of the
+/// The server's own report on a turn: where each image's rows came from and how much of the
 /// conversation's KV cache was reused.
 fn extension(f: &Finished) -> Value {
-    let image = match f.output.turn.image {
+    let from = |image: &ImageFrom| match image {
         ImageFrom::Encoder => "encoder",
         ImageFrom::Cache => "image_cache",
         ImageFrom::Session => "session",
     };
+    let images: Vec<&str> = f.output.turn.images.iter().map(from).collect();
     json!({
-        "image": image,
+        "images": images,
         "reused_tokens": f.output.turn.reused_tokens,
         "timings_ms": f.output.timings_ms,
     })

@@ -44,6 +44,8 @@ pub struct ServeOptions {
     pub default_max_tokens: usize,
     /// Stop on SIGINT/SIGTERM (the command line; tests stop the server themselves).
     pub handle_signals: bool,
+    /// The most images a conversation may hold.
+    pub max_images: usize,
 }
 
 impl Default for ServeOptions {
@@ -57,6 +59,7 @@ impl Default for ServeOptions {
             max_sessions: 16,
             default_max_tokens: 256,
             handle_signals: false,
+            max_images: crate::generate::DEFAULT_MAX_IMAGES,
         }
     }
 }

@@ -7,4 +7,4 @@ pub mod tokenizer;
 pub mod vocab;
 
 pub use template::{Message, Role, Template};
-pub use tokenizer::{EncodedPrompt, StreamDecoder, TextTokenizer};
+pub use tokenizer::{EncodedPrompt, ImageSpan, StreamDecoder, TextTokenizer};

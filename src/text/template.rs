@@ -81,42 +81,54 @@ pub enum Role {
     Assistant,
 }
 
-/// One message of a conversation.
+/// One message of a conversation: its text and how many images open it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
     pub role: Role,
     pub text: String,
+    /// Images attached to the message: one placeholder each, before the text (as llava-hf's
+    /// chat template renders them). The raw template ignores it (its text holds placeholders).
+    pub images: usize,
 }
 
 impl Message {
+    /// A message with no image.
     pub fn new(role: Role, text: impl Into<String>) -> Self {
+        Self::with_images(role, text, 0)
+    }
+
+    /// A message that opens with `images` images.
+    pub fn with_images(role: Role, text: impl Into<String>, images: usize) -> Self {
         Self {
             role,
             text: text.into(),
+            images,
         }
+    }
+
+    /// `image_token` followed by a newline once per image, as the message's text starts.
+    fn placeholders(&self, image_token: &str) -> String {
+        format!("{image_token}\n").repeat(self.images)
     }
 }
 
 impl Template {
-    /// A whole conversation with the image placeholder at the start of message `image_in`, and
-    /// the assistant prefix the next answer follows. For one user message this is exactly
-    /// [`Template::render`]. The llava-hf form follows the checkpoints' `chat_template.jinja`
-    /// (`ROLE: ` before every non-system message, images first, a space after every text);
-    /// vicuna-v1 ends an assistant answer with `</s>` as the original LLaVA conversations do.
-    /// `raw` takes one user message holding `<image>` itself. mistral-inst wraps each user
-    /// message in `[INST] … [/INST]` and ends each answer with `</s>` (Mistral's instruct
-    /// format; system messages are not part of it and are dropped).
-    pub fn render_conversation(
-        self,
-        messages: &[Message],
-        image_in: usize,
-        image_token: &str,
-    ) -> Result<String> {
+    /// A whole conversation, each message's image placeholders at its start, and the assistant
+    /// prefix the next answer follows. For one user message with one image this is exactly
+    /// [`Template::render`]; a message with no image has no placeholder (a text-only turn). The
+    /// llava-hf form follows the checkpoints' `chat_template.jinja` (`ROLE: ` before every
+    /// non-system message, `<image>\n` per image first, a space after every text); vicuna-v1
+    /// ends an assistant answer with `</s>` as the original LLaVA conversations do. `raw` takes
+    /// one user message holding its placeholders itself. mistral-inst wraps each user message
+    /// in `[INST] … [/INST]` and ends each answer with `</s>` (Mistral's instruct format; system
+    /// messages are not part of it and are dropped).
+    pub fn render_conversation(self, messages: &[Message], image_token: &str) -> Result<String> {
         if self == Template::Raw {
             return match messages {
                 [Message {
                     role: Role::User,
                     text,
+                    ..
                 }] => Ok(text.clone()),
                 _ => Err(Error::argument(
                     "template",
@@ -125,23 +137,20 @@ impl Template {
             };
         }
         if self == Template::MistralInst {
-            return Ok(mistral_conversation(messages, image_in, image_token));
+            return Ok(mistral_conversation(messages, image_token));
         }
         let mut out = String::new();
         if self == Template::VicunaV1 {
             out.push_str(VICUNA_SYSTEM);
             out.push(' ');
         }
-        for (i, message) in messages.iter().enumerate() {
+        for message in messages {
             match message.role {
                 Role::System => {}
                 Role::User => out.push_str("USER: "),
                 Role::Assistant => out.push_str("ASSISTANT: "),
             }
-            if i == image_in {
-                out.push_str(image_token);
-                out.push('\n');
-            }
+            out.push_str(&message.placeholders(image_token));
             out.push_str(&message.text);
             if message.role == Role::Assistant && self == Template::VicunaV1 {
                 out.push_str("</s>");
@@ -154,18 +163,15 @@ impl Template {
     }
 }
 
-/// Mistral instruct: `[INST] {image}\n{question} [/INST] {answer}</s>[INST] …`.
-fn mistral_conversation(messages: &[Message], image_in: usize, image_token: &str) -> String {
+/// Mistral instruct: `[INST] {images}{question} [/INST] {answer}</s>[INST] …`.
+fn mistral_conversation(messages: &[Message], image_token: &str) -> String {
     let mut out = String::new();
-    for (i, message) in messages.iter().enumerate() {
+    for message in messages {
         match message.role {
             Role::System => {}
             Role::User => {
                 out.push_str("[INST] ");
-                if i == image_in {
-                    out.push_str(image_token);
-                    out.push('\n');
-                }
+                out.push_str(&message.placeholders(image_token));
                 out.push_str(&message.text);
                 out.push_str(" [/INST]");
             }
@@ -248,11 +254,9 @@ mod tests {
             } else {
                 "Q"
             };
-            let messages = [Message::new(Role::User, prompt)];
+            let messages = [Message::with_images(Role::User, prompt, 1)];
             assert_eq!(
-                template
-                    .render_conversation(&messages, 0, "<image>")
-                    .unwrap(),
+                template.render_conversation(&messages, "<image>").unwrap(),
                 template.render(prompt, "<image>")
             );
         }
@@ -261,24 +265,48 @@ mod tests {
     #[test]
     fn follow_up_turns_extend_the_first_prompt() {
         let messages = [
-            Message::new(Role::User, "Q1"),
+            Message::with_images(Role::User, "Q1", 1),
             Message::new(Role::Assistant, "A1"),
             Message::new(Role::User, "Q2"),
         ];
         let text = Template::LlavaHf
-            .render_conversation(&messages, 0, "<image>")
+            .render_conversation(&messages, "<image>")
             .unwrap();
         // As transformers renders chat_template.jinja for the same messages.
         assert_eq!(text, "USER: <image>\nQ1 ASSISTANT: A1 USER: Q2 ASSISTANT:");
         let mistral = Template::MistralInst
-            .render_conversation(&messages, 0, "<image>")
+            .render_conversation(&messages, "<image>")
             .unwrap();
         assert_eq!(
             mistral,
             "[INST] <image>\nQ1 [/INST] A1</s>[INST] Q2 [/INST]"
         );
         assert!(Template::Raw
-            .render_conversation(&messages, 0, "<image>")
+            .render_conversation(&messages, "<image>")
             .is_err());
+    }
+
+    #[test]
+    fn text_only_and_multi_image_turns_place_one_placeholder_per_image() {
+        let messages = [
+            Message::new(Role::User, "Hi"),
+            Message::new(Role::Assistant, "Hello"),
+            Message::with_images(Role::User, "Compare", 2),
+        ];
+        let text = Template::LlavaHf
+            .render_conversation(&messages, "<image>")
+            .unwrap();
+        // As transformers renders llava-hf's chat_template.jinja for the same content list.
+        assert_eq!(
+            text,
+            "USER: Hi ASSISTANT: Hello USER: <image>\n<image>\nCompare ASSISTANT:"
+        );
+        let mistral = Template::MistralInst
+            .render_conversation(&messages, "<image>")
+            .unwrap();
+        assert_eq!(
+            mistral,
+            "[INST] Hi [/INST] Hello</s>[INST] <image>\n<image>\nCompare [/INST]"
+        );
     }
 }

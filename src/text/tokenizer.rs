@@ -32,14 +32,52 @@ pub struct TextTokenizer {
     pub image_token_id: u32,
 }
 
-/// A prompt as ids, with where the image placeholder sits.
+/// A prompt as ids, with where each image's rows sit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncodedPrompt {
-    /// Ids with the placeholder expanded to `image_tokens` copies of the image token id.
+    /// Ids with each placeholder expanded to its image's rows of the image token id.
     pub ids: Vec<u32>,
-    /// Index of the first image token in `ids`.
-    pub image_start: usize,
-    pub image_tokens: usize,
+    /// The images' rows in `ids`, in order.
+    pub images: Vec<ImageSpan>,
+}
+
+/// The rows one image takes in a prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageSpan {
+    /// Index of its first row.
+    pub start: usize,
+    pub len: usize,
+}
+
+impl ImageSpan {
+    /// One past its last row.
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+}
+
+impl EncodedPrompt {
+    /// Ids after the last image (all of them when there is none): the text that scores stage 2.
+    pub fn text_after_images(&self) -> usize {
+        self.ids.len() - self.images.last().map_or(0, ImageSpan::end)
+    }
+
+    /// Ids that are not image rows.
+    pub fn text_tokens(&self) -> usize {
+        self.ids.len() - self.images.iter().map(|s| s.len).sum::<usize>()
+    }
+
+    /// Shorten image `index` to its first `len` rows (dropping its last ones), moving the
+    /// images after it up.
+    pub fn shrink_image(&mut self, index: usize, len: usize) {
+        let span = self.images[index];
+        let dropped = span.len - len;
+        self.ids.drain(span.end() - dropped..span.end());
+        self.images[index].len = len;
+        for later in &mut self.images[index + 1..] {
+            later.start -= dropped;
+        }
+    }
 }
 
 impl TextTokenizer {
@@ -177,36 +215,48 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Tokenize `text` (which must contain exactly one image placeholder) and expand the
-    /// placeholder to `image_tokens` ids.
-    pub fn encode_with_image(&self, text: &str, image_tokens: usize) -> Result<EncodedPrompt> {
-        let raw = self.encode(text, true)?;
-        let positions: Vec<usize> = raw
-            .iter()
-            .enumerate()
-            .filter(|(_, &id)| id == self.image_token_id)
-            .map(|(i, _)| i)
-            .collect();
-        if positions.len() != 1 {
+    /// Tokenize `text` and expand its image placeholders, in order, to `image_rows[i]` ids
+    /// each. The placeholders must be as many as the images.
+    pub fn encode_with_images(&self, text: &str, image_rows: &[usize]) -> Result<EncodedPrompt> {
+        self.expand_images(&self.encode(text, true)?, image_rows)
+    }
+
+    /// `raw` ids (one placeholder id per image) with placeholder `i` expanded to `image_rows[i]`
+    /// ids. The placeholders must be as many as the images.
+    pub fn expand_images(&self, raw: &[u32], image_rows: &[usize]) -> Result<EncodedPrompt> {
+        let placeholders = raw.iter().filter(|&&id| id == self.image_token_id).count();
+        if placeholders != image_rows.len() {
             return Err(Error::argument(
                 "prompt",
                 format!(
-                    "the prompt must contain exactly one image placeholder {} after templating, found {}",
+                    "the prompt holds {placeholders} image placeholder(s) {} after templating, for {} image(s)",
                     self.image_token,
-                    positions.len()
+                    image_rows.len()
                 ),
             ));
         }
-        let image_start = positions[0];
-        let mut ids = Vec::with_capacity(raw.len() + image_tokens);
-        ids.extend_from_slice(&raw[..image_start]);
-        ids.extend(std::iter::repeat_n(self.image_token_id, image_tokens));
-        ids.extend_from_slice(&raw[image_start + 1..]);
-        Ok(EncodedPrompt {
-            ids,
-            image_start,
-            image_tokens,
-        })
+        let total_rows: usize = image_rows.iter().sum();
+        let mut ids = Vec::with_capacity(raw.len() + total_rows);
+        let mut images = Vec::with_capacity(image_rows.len());
+        let mut rows = image_rows.iter();
+        for &id in raw {
+            if id != self.image_token_id {
+                ids.push(id);
+                continue;
+            }
+            let len = *rows.next().expect("counted above");
+            images.push(ImageSpan {
+                start: ids.len(),
+                len,
+            });
+            ids.extend(std::iter::repeat_n(self.image_token_id, len));
+        }
+        Ok(EncodedPrompt { ids, images })
+    }
+
+    /// [`encode_with_images`](Self::encode_with_images) for a prompt with exactly one image.
+    pub fn encode_with_image(&self, text: &str, image_tokens: usize) -> Result<EncodedPrompt> {
+        self.encode_with_images(text, &[image_tokens])
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -1,7 +1,7 @@
 //! Templates and the fixture's tokenizer.json on arbitrary unicode prompts: empty, very long,
-//! with any number of `<image>` markers and other special tokens. `encode_with_image` succeeds
-//! exactly when the rendered text holds one `<image>`, and then expands it in place; decoding
-//! arbitrary ids never panics.
+//! with any number of `<image>` markers and other special tokens. `encode_with_images` succeeds
+//! exactly when the rendered text holds one `<image>` per image, and then expands each in place;
+//! decoding arbitrary ids never panics.
 
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -47,29 +47,35 @@ proptest! {
     #![proptest_config(cases(3000))]
 
     #[test]
-    fn prompts_encode_with_one_image_or_are_refused(
-        prompt in prompt(), template in template(), image_tokens in 0usize..700,
+    fn prompts_encode_with_their_images_or_are_refused(
+        prompt in prompt(), template in template(),
+        rows in prop::collection::vec(0usize..700, 0..4),
     ) {
         let text = template.render(&prompt, "<image>");
         let markers = text.matches("<image>").count();
-        match tokenizer().encode_with_image(&text, image_tokens) {
+        match tokenizer().encode_with_images(&text, &rows) {
             Ok(p) => {
-                prop_assert_eq!(markers, 1, "accepted {:?}", text);
-                prop_assert_eq!(p.image_tokens, image_tokens);
+                prop_assert_eq!(markers, rows.len(), "accepted {:?}", text);
+                let spans: Vec<usize> = p.images.iter().map(|s| s.len).collect();
+                prop_assert_eq!(&spans, &rows);
                 let images = p.ids.iter().filter(|&&id| id == IMAGE_ID).count();
-                prop_assert_eq!(images, image_tokens);
-                prop_assert!(p.ids[p.image_start..p.image_start + image_tokens]
-                    .iter().all(|&id| id == IMAGE_ID));
+                prop_assert_eq!(images, rows.iter().sum::<usize>());
+                for (span, next) in p.images.iter().zip(p.images.iter().skip(1)) {
+                    prop_assert!(span.end() <= next.start);
+                }
+                for span in &p.images {
+                    prop_assert!(p.ids[span.start..span.end()].iter().all(|&id| id == IMAGE_ID));
+                }
                 prop_assert_eq!(p.ids.first(), Some(&BOS));
                 // (`vocab_size` builds the whole vocabulary map: call it once.)
                 let vocab = tokenizer().vocab_size();
                 prop_assert!(p.ids.iter().all(|&id| (id as usize) < vocab));
             }
             Err(e) => {
-                prop_assert_ne!(markers, 1, "refused {:?}: {}", text, e);
+                prop_assert_ne!(markers, rows.len(), "refused {:?}: {}", text, e);
                 let e = e.to_string();
                 prop_assert!(e.starts_with("invalid argument prompt"), "{e}");
-                prop_assert!(e.contains(&format!("found {markers}")), "{e}");
+                prop_assert!(e.contains(&format!("holds {markers} image placeholder")), "{e}");
             }
         }
     }

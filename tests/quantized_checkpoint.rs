@@ -86,11 +86,84 @@ fn quantized_checkpoint_loads_as_stored_and_matches_load_time_quantization() {
     assert_eq!(stored.1, at_load.1);
     assert_eq!(stored.0, at_load.0, "first logits differ bit for bit");
 
-    // Asking for another format names the tensor and the format it needs.
-    let err = load(&out.0, WeightFormat::F16).err().unwrap().to_string();
-    assert!(err.contains("q_proj") && err.contains("q8_0"), "{err}");
-    let err = load(&out.0, WeightFormat::Q4_0).err().unwrap().to_string();
-    assert!(err.contains("q_proj") && err.contains("q8_0"), "{err}");
+    // The checkpoint says what it holds: it loads without a weight format, as stored.
+    let described = first_case(&Engine::load(&out.0, EngineOptions::default()).unwrap());
+    assert_eq!(described.0, at_load.0);
+    // Asking for another format is refused before anything loads, saying what the file holds.
+    for other in [WeightFormat::F16, WeightFormat::Q4_0] {
+        let err = load(&out.0, other).err().unwrap().to_string();
+        assert!(
+            err.starts_with("invalid argument weight_format")
+                && err.contains(&format!("{} was asked for", other.name()))
+                && err.contains("as q8_0 blocks"),
+            "{err}"
+        );
+    }
+}
+
+/// `llava-wgpu memory` on every checkpoint `quantize` writes (safetensors q8_0 / q4_0, GGUF
+/// f16 / q8_0 / q4_0 / q4_k_m): it measures without `--weights` and with the stored format, and
+/// refuses another format naming what the file holds. Quantized weights take fewer bytes than
+/// the f16 checkpoint's.
+#[test]
+fn memory_measures_every_format_quantize_writes() {
+    let binary = env!("CARGO_BIN_EXE_llava-wgpu");
+    let weights_bytes = |args: &[&str]| -> u64 {
+        let out = std::process::Command::new(binary)
+            .arg("memory")
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "memory {args:?}: {stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["rows"][0]["stats"]["live"]["weights"]
+            .as_u64()
+            .unwrap()
+    };
+    let model = fixture::model_dir();
+    let f16 = weights_bytes(&["--model", model.to_str().unwrap()]);
+    let cases = [
+        ("safetensors", "q8_0"),
+        ("safetensors", "q4_0"),
+        ("gguf", "f16"),
+        ("gguf", "q8_0"),
+        ("gguf", "q4_0"),
+        ("gguf", "q4_k_m"),
+    ];
+    for (file_format, weights) in cases {
+        let out = TempDir::new(&format!("memory-{file_format}-{weights}"));
+        let status = std::process::Command::new(binary)
+            .args(["quantize", "--model", model.to_str().unwrap(), "--out"])
+            .arg(&out.0)
+            .args(["--format", file_format, "--weights", weights])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{status:?}");
+        let dir = out.0.to_str().unwrap();
+        let bytes = weights_bytes(&["--model", dir]);
+        if weights != "f16" {
+            assert!(bytes < f16, "{file_format} {weights}: {bytes} >= {f16}");
+        }
+        if file_format == "safetensors" {
+            assert_eq!(
+                weights_bytes(&["--model", dir, "--weights", weights]),
+                bytes
+            );
+            let refused = std::process::Command::new(binary)
+                .args(["memory", "--model", dir, "--weights", "f16"])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&refused.stderr);
+            assert!(!refused.status.success());
+            assert!(
+                stderr.contains("invalid argument --weights")
+                    && stderr.contains(&format!("as {weights} blocks")),
+                "{stderr}"
+            );
+        }
+    }
 }
 
 /// Rewrite a quantized checkpoint with one tensor's bytes cut short (its recorded shape kept).

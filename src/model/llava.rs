@@ -219,6 +219,25 @@ impl Engine {
         if checkpoint.gguf().is_some() {
             return Ok([Formats::AsStored, Formats::AsStored]);
         }
+        if let (Some(asked), Some(stored)) =
+            (options.weight_format, checkpoint.stored_block_format())
+        {
+            // A quantized checkpoint says what it holds; its blocks are never requantized.
+            if asked != Mix::Uniform(stored) {
+                return Err(Error::argument(
+                    "weight_format",
+                    format!(
+                        "{} was asked for, but {} stores its language model's matrices as {} blocks \
+                         (written by `llava-wgpu quantize`; nothing is requantized): leave \
+                         weight_format out, or give weight_format = {}",
+                        asked.name(),
+                        checkpoint.dir().display(),
+                        stored.name(),
+                        stored.name()
+                    ),
+                ));
+            }
+        }
         let mix = options.text_mix(checkpoint);
         let vision = Mix::Uniform(options.vision_format(mix)?);
         Ok([

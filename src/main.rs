@@ -619,7 +619,7 @@ fn default_model() -> Result<PathBuf> {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
-    args.check_sampling()?;
+    args.check_arguments()?;
     let model = match &args.model {
         Some(dir) => dir.clone(),
         None => default_model()?,
@@ -634,12 +634,19 @@ fn run(args: &RunArgs) -> Result<()> {
     if profiling {
         engine.gpu.start_profiling();
     }
+    let mut printed = false;
     let output = engine.generate(&request, |piece| {
         if !json {
             print!("{piece}");
+            printed = true;
             let _ = std::io::stdout().flush();
         }
-    })?;
+    });
+    // An answer on stdout ends its line before an error goes to stderr.
+    if printed && output.is_err() {
+        println!();
+    }
+    let output = output?;
     report_profile(&engine, args, &output)?;
     if let Some(path) = &args.kept_overlay {
         write_kept_overlay(&engine, &request, &output, path)?;
@@ -670,10 +677,9 @@ fn run_json(
         "adapter": engine.gpu.describe(),
         "weights_format": weights,
         "vision_weights_format": vision_weights,
-        "kv_format": format!("{:?}", engine.kv_dtype).to_lowercase(),
+        "kv_format": engine.kv_dtype.name(),
         "template": request.template.name(),
         "pad_to_square": engine.pads_images(&request.settings()),
-        "prune": format!("{:?}", request.prune.method).to_lowercase(),
     });
     if let (Some(out), serde_json::Value::Object(extra)) = (json.as_object_mut(), settings) {
         out.extend(extra);
@@ -682,9 +688,15 @@ fn run_json(
 }
 
 impl RunArgs {
-    /// Sampling settings the library would accept but that make no sense, refused up front.
-    fn check_sampling(&self) -> Result<()> {
+    /// Arguments that cannot work, refused before the model loads: sampling settings, images
+    /// that cannot be read, `--logprobs` without `--json`, a `--kept-overlay` with nothing to
+    /// draw or nowhere to write.
+    fn check_arguments(&self) -> Result<()> {
         self.sampling.check()?;
+        for image in &self.image {
+            cli::chat::check_image(image)
+                .map_err(|e| anyhow::anyhow!("invalid argument --image: {e}"))?;
+        }
         if self.logprobs == Some(0) {
             anyhow::bail!("invalid argument --logprobs: must be at least 1");
         }

@@ -310,3 +310,71 @@ fn the_cli_reports_errors_with_a_non_zero_exit() {
         assert!(stderr.contains(culprit), "{args:?}: {stderr}");
     }
 }
+
+/// Arguments that cannot work fail at once, naming their flag, before the model loads: every
+/// case points `--model` at a directory that does not exist, so an error about the model would
+/// mean the argument was checked too late.
+#[test]
+fn arguments_are_checked_before_any_work() {
+    let bin = env!("CARGO_BIN_EXE_llava-wgpu");
+    let image = fixture::cases()[0].image.display().to_string();
+    let not_an_image = fixture::model_dir()
+        .join("config.json")
+        .display()
+        .to_string();
+    let run = |extra: &[&str]| -> Vec<String> {
+        let base = ["run", "--model", "/nonexistent/model", "-p", "hi"];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let chat = |extra: &[&str]| -> Vec<String> {
+        let base = ["chat", "--model", "/nonexistent/model"];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            run(&["-i", &image, "--kept-overlay", "/nonexistent-dir/kept.png"]),
+            "invalid argument --kept-overlay: cannot write",
+        ),
+        (
+            run(&[
+                "-i",
+                &image,
+                "--kept-overlay",
+                "kept.png",
+                "--prune",
+                "none",
+            ]),
+            "invalid argument --kept-overlay",
+        ),
+        (
+            run(&["--kept-overlay", "kept.png"]),
+            "invalid argument --kept-overlay",
+        ),
+        (
+            run(&["-i", &image, "--logprobs", "3"]),
+            "invalid argument --logprobs",
+        ),
+        (
+            run(&["-i", "/no/such.png"]),
+            "invalid argument --image: /no/such.png",
+        ),
+        (run(&["-i", &not_an_image]), "not a recognised image format"),
+        (run(&["-i", "/dev/null"]), "not a regular file"),
+        (
+            chat(&["--image", "/no/such.png"]),
+            "invalid argument --image",
+        ),
+        (chat(&["-i", &not_an_image]), "invalid argument --image"),
+        (chat(&["--top-p", "2"]), "invalid argument --top-p"),
+    ];
+    for (args, culprit) in cases {
+        let out = Command::new(bin).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(culprit), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("/nonexistent/model"),
+            "{args:?} loaded first: {stderr}"
+        );
+    }
+}

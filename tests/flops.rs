@@ -112,7 +112,7 @@ fn measured(engine: &Engine, prune: PruneOptions) -> (GenerateOutput, u64, Vec<u
 
 fn value(out: &GenerateOutput, key: &str) -> u64 {
     let json: Value = serde_json::to_value(out).unwrap();
-    json["flops"][key].as_u64().unwrap()
+    json["prefill_macs"][key].as_u64().unwrap()
 }
 
 #[test]

@@ -104,4 +104,22 @@ fn run_without_a_model_uses_the_demo_model_and_answers() {
         (Some(196), Some(176), Some(22)),
         "{json}"
     );
+    // The JSON says what ran: the pruning with its resolved budgets (K = 2 of the demo's 4
+    // layers, docs/pruning.md), multiply-adds by their name, the KV bytes once, timings to the
+    // microsecond and whether the total holds the load.
+    assert_eq!(
+        json["prune"],
+        serde_json::json!({"method": "star", "stage1_keep": 176, "stage1_score": "attention", "keep": 22, "stage2_layer": 2})
+    );
+    let macs = &json["prefill_macs"];
+    assert!(macs["prefill"].as_u64().unwrap() < macs["prefill_unpruned"].as_u64().unwrap());
+    assert!(json.get("flops").is_none() && json["memory"].get("kv_cache_bytes").is_none());
+    assert!(json["kv_cache_bytes"].as_u64().unwrap() > 0);
+    let timings = json["timings_ms"].as_object().unwrap();
+    assert_eq!(timings["total_includes_load"], false);
+    for (name, ms) in timings.iter().filter(|(_, v)| v.is_f64()) {
+        let micro = ms.as_f64().unwrap() * 1e3;
+        assert!((micro - micro.round()).abs() < 1e-6, "{name} = {ms} ms");
+    }
+    assert!(json["images"].as_array().unwrap().len() == 1);
 }

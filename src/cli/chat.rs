@@ -45,10 +45,10 @@ struct Chat {
     generating: Arc<AtomicBool>,
 }
 
-/// That `path` is an image the engine can decode (checked when it is given, not at the next
+/// That `path` is an image the engine can read (checked when it is given, not at the next
 /// question).
 pub fn check_image(path: &Path) -> llava_wgpu::Result<()> {
-    llava_wgpu::vision::load_image(path).map(|_| ())
+    llava_wgpu::vision::probe_image(path).map(|_| ())
 }
 
 /// Run the chat on the terminal (or piped stdin) until end of input or `/quit`.

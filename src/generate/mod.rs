@@ -37,8 +37,8 @@ use image::EncodedImage;
 pub use memory::RequestMemory;
 use output::ms;
 pub use output::{
-    Flops, GenerateOutput, ImageFrom, ImageReport, KeptIndices, KeptPerView, MemoryReport, Timings,
-    TokenLogprob, TurnReport, ViewPatch, VisualTokens,
+    GenerateOutput, ImageFrom, ImageReport, KeptIndices, KeptPerView, MemoryReport, PrefillMacs,
+    PruneReport, Timings, TokenLogprob, TurnReport, ViewPatch, VisualTokens,
 };
 use prefill::Prefilled;
 use prepare::{PreparedRequest, TurnImage};
@@ -126,7 +126,7 @@ impl Engine {
             state.cache,
             &kept,
         );
-        let flops = self.prefill_flops(&input, &new_state.images);
+        let macs = self.prefill_macs(&input, &new_state.images);
         session.store(new_state);
         Ok(GenerateOutput {
             text: self.tokenizer.decode(&decoded.ids)?,
@@ -141,7 +141,8 @@ impl Engine {
             kv_cache_bytes,
             timings_ms,
             decode_tokens_per_second: per_second(decoded_steps, decoded.decode_ms),
-            flops,
+            prefill_macs: macs,
+            prune: PruneReport::of(settings.prune.method, input.images.first().map(|i| &i.plan)),
             stop_reason: decoded.stop_reason,
             logprobs: decoded.logprobs,
             memory,
@@ -234,7 +235,7 @@ impl Engine {
     /// Theoretical prefill multiply-adds of the decoder, as run and without pruning, for the
     /// conversation's whole prompt as one prefill (a follow-up turn computes fewer); `images`
     /// are every image of the conversation as the cache now holds it.
-    fn prefill_flops(&self, input: &PreparedRequest, images: &[HeldImage]) -> Flops {
+    fn prefill_macs(&self, input: &PreparedRequest, images: &[HeldImage]) -> PrefillMacs {
         let text = &self.config.text;
         let (widths, layers) = (text.layer_widths(), text.num_hidden_layers);
         let text_tokens = input.prompt.text_tokens();
@@ -242,7 +243,7 @@ impl Engine {
             .map(|l| text_tokens + images.iter().map(|i| i.rows_in_layer(l)).sum::<usize>())
             .collect();
         let unpruned = text_tokens + images.iter().map(|i| i.n0).sum::<usize>();
-        Flops {
+        PrefillMacs {
             prefill: prefill_macs(&per_layer, &widths),
             prefill_unpruned: prefill_macs(&vec![unpruned; layers], &widths),
         }
@@ -396,6 +397,7 @@ fn timings(
         prefill: decoded.prefill_ms,
         decode: decoded.decode_ms,
         total: ms(start),
+        total_includes_load: false,
     }
 }
 

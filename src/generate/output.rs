@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::gpu::MemoryStats;
-use crate::prune::Plan;
+use crate::prune::{BeforeProjector, Method, Plan, Stage1Score};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VisualTokens {
@@ -72,14 +72,30 @@ pub struct ViewPatch {
     pub index: usize,
 }
 
+/// Milliseconds per step of a request, printed to the microsecond.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Timings {
+    /// Loading the model (once per engine; not part of `total`).
+    #[serde(serialize_with = "microseconds")]
     pub load: f64,
+    #[serde(serialize_with = "microseconds")]
     pub preprocess: f64,
+    #[serde(serialize_with = "microseconds")]
     pub vision: f64,
+    #[serde(serialize_with = "microseconds")]
     pub prefill: f64,
+    #[serde(serialize_with = "microseconds")]
     pub decode: f64,
+    /// The request from its start to its last token, without `load`.
+    #[serde(serialize_with = "microseconds")]
     pub total: f64,
+    /// Always false: says in the JSON that `total` leaves `load` out.
+    pub total_includes_load: bool,
+}
+
+/// Milliseconds rounded to the microsecond (a timer's digits beyond it are noise).
+fn microseconds<S: serde::Serializer>(ms: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64((ms * 1e3).round() / 1e3)
 }
 
 /// GPU bytes allocated, read from the device's allocation tracker (`gpu/memory.rs`): the sizes
@@ -88,7 +104,9 @@ pub struct Timings {
 pub struct MemoryReport {
     /// Weights alive at the end of the request (the loaded model).
     pub weights_bytes: u64,
-    /// The most KV-cache bytes alive at once during the request.
+    /// The most KV-cache bytes alive at once during the request (not serialised: the output's
+    /// `kv_cache_bytes` is the request's cache).
+    #[serde(skip)]
     pub kv_cache_bytes: u64,
     /// The most activation bytes alive at once during the request.
     pub activation_bytes: u64,
@@ -113,9 +131,51 @@ impl MemoryReport {
 
 /// Theoretical prefill multiply-adds of the decoder (the cost model of docs/pruning.md).
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Flops {
+pub struct PrefillMacs {
     pub prefill: u64,
     pub prefill_unpruned: u64,
+}
+
+/// The pruning a turn ran, as resolved for its images: N1 (`stage1_keep`, STAR's stage 1), N2
+/// (`keep`: what stage 2 or a before-projector method keeps per image) and K. Budgets are absent
+/// when the method has no such stage, or when the turn prefilled no image.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PruneReport {
+    pub method: Method,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage1_keep: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage1_score: Option<Stage1Score>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage2_layer: Option<usize>,
+}
+
+impl PruneReport {
+    /// `method` as `plan` (an image's plan, when the turn had one) resolved it.
+    pub fn of(method: Method, plan: Option<&Plan>) -> Self {
+        let mut report = Self {
+            method,
+            ..Self::default()
+        };
+        let Some(plan) = plan else {
+            return report;
+        };
+        match (plan.before_projector, plan.stage2) {
+            (Some(BeforeProjector::TopK { score, keep }), Some(_)) => {
+                report.stage1_keep = Some(keep);
+                report.stage1_score = Some(score);
+            }
+            (Some(_), None) => report.keep = Some(plan.n1()),
+            _ => {}
+        }
+        if let Some(stage2) = plan.stage2 {
+            report.keep = Some(stage2.keep);
+            report.stage2_layer = Some(stage2.layer);
+        }
+        report
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -142,7 +202,9 @@ pub struct GenerateOutput {
     pub kv_cache_bytes: u64,
     pub timings_ms: Timings,
     pub decode_tokens_per_second: f64,
-    pub flops: Flops,
+    pub prefill_macs: PrefillMacs,
+    /// The pruning that ran, with its budgets resolved.
+    pub prune: PruneReport,
     pub stop_reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<Vec<TokenLogprob>>>,

@@ -25,6 +25,15 @@ pub enum DType {
 }
 
 impl DType {
+    /// The lower-case name outputs print (`f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::U32 => "u32",
+            DType::F16 => "f16",
+        }
+    }
+
     pub fn bytes(self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,

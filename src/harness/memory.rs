@@ -56,7 +56,7 @@ pub fn measure(
         adapter: engine.gpu.describe(),
         weights_format: engine.weight_labels[0].clone(),
         vision_weights_format: engine.weight_labels[1].clone(),
-        kv_format: format!("{:?}", engine.kv_dtype).to_lowercase(),
+        kv_format: engine.kv_dtype.name().to_string(),
         rows,
     })
 }

@@ -178,7 +178,7 @@ pub fn write_checkpoint(
         ),
     ]);
     safetensors::serialize_to_file(tensors.iter(), Some(metadata), &file)
-        .map_err(|e| file_error(&file, format!("could not write: {e:?}")))?;
+        .map_err(|e| file_error(&file, format!("could not write: {e}")))?;
     Ok(report)
 }
 

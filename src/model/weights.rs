@@ -118,7 +118,7 @@ fn open_shard(path: &Path) -> Result<Shard> {
     let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
         file_error(
             path,
-            format!("not a valid safetensors file (truncated, or its header disagrees with its size): {e:?}"),
+            format!("not a valid safetensors file (truncated, or its header disagrees with its size): {e}"),
         )
     })?;
     let quantized = quantized_tensors(path, &metadata)?;

@@ -5,4 +5,6 @@ pub mod overlay;
 pub mod preprocess;
 pub mod resample;
 
-pub use preprocess::{decode_image, load_image, read_image_file, ImageProcessorConfig};
+pub use preprocess::{
+    decode_image, load_image, probe_image, read_image_file, ImageProcessorConfig,
+};

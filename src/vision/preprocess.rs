@@ -380,12 +380,17 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
 /// Encoded image files larger than this are refused before they are read into memory.
 pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 
-/// The bytes of an image file, refusing a file over [`MAX_IMAGE_FILE_BYTES`].
+/// The bytes of an image file: a regular file (a FIFO or a device would block or never end, so
+/// they are refused before they are opened) of at most [`MAX_IMAGE_FILE_BYTES`].
 pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
     let fail = |reason: String| Error::File {
         path: path.to_path_buf(),
         reason,
     };
+    let metadata = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    if !metadata.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
     let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let size = file.metadata().map_err(|e| fail(e.to_string()))?.len();
     if size > MAX_IMAGE_FILE_BYTES {
@@ -402,19 +407,35 @@ pub fn read_image_file(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Check that an image file can be read and its header decoded, without decoding its pixels
+/// (a command line checks its images before loading a model). Returns (width, height).
+pub fn probe_image(path: &Path) -> Result<(u32, u32)> {
+    image_header(&read_image_file(path)?, path)
+}
+
 /// Decode an image held in memory (an upload, a data URL), refusing corrupt, unknown or absurdly
 /// large ones with an error that names `source`.
 pub fn decode_image(bytes: &[u8], source: &Path) -> Result<DynamicImage> {
+    image_header(bytes, source)?;
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .and_then(|r| r.decode().map_err(std::io::Error::other))
+        .map_err(|e| Error::File {
+            path: source.to_path_buf(),
+            reason: format!("corrupt or unsupported image: {e}"),
+        })
+}
+
+/// The (width, height) an encoded image's header gives, refusing unknown formats and empty or
+/// absurdly large images.
+fn image_header(bytes: &[u8], source: &Path) -> Result<(u32, u32)> {
     let fail = |reason: String| Error::File {
         path: source.to_path_buf(),
         reason,
     };
-    let reader = || {
-        image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| fail(e.to_string()))
-    };
-    let probe = reader()?;
+    let probe = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?;
     if probe.format().is_none() {
         return Err(fail(
             "not a recognised image format (png, jpeg, bmp, gif, webp, tiff)".into(),
@@ -428,9 +449,7 @@ pub fn decode_image(bytes: &[u8], source: &Path) -> Result<DynamicImage> {
             "{w}x{h} pixels is empty or larger than the {MAX_IMAGE_PIXELS}-pixel limit"
         )));
     }
-    reader()?
-        .decode()
-        .map_err(|e| fail(format!("corrupt or unsupported image: {e}")))
+    Ok((w, h))
 }
 
 #[cfg(test)]

@@ -297,7 +297,8 @@ fn summarise(label: &str, outs: &[GenerateOutput], baseline_prefill: f64) -> Set
     let first = &outs[0];
     let median = |f: fn(&GenerateOutput) -> f64| median_f64(outs.iter().map(f).collect());
     let prefill = median(|o| o.timings_ms.prefill);
-    let theoretical = first.flops.prefill_unpruned as f64 / first.flops.prefill as f64;
+    let theoretical =
+        first.prefill_macs.prefill_unpruned as f64 / first.prefill_macs.prefill as f64;
     let measured = baseline_prefill / prefill;
     SettingResult {
         label: label.to_string(),
@@ -314,7 +315,7 @@ fn summarise(label: &str, outs: &[GenerateOutput], baseline_prefill: f64) -> Set
         median_prefill_ms: prefill,
         median_decode_tokens_per_second: median(|o| o.decode_tokens_per_second),
         kv_cache_bytes: first.kv_cache_bytes,
-        prefill_macs: first.flops.prefill,
+        prefill_macs: first.prefill_macs.prefill,
         theoretical_speedup: theoretical,
         measured_speedup: measured,
         realisation: measured / theoretical,

@@ -32,6 +32,7 @@ fn load() -> Engine {
 }
 
 const BODY_LIMIT: usize = 1 << 20;
+const CORS_ORIGIN: &str = "http://localhost:3000";
 
 /// One server for the tests that share it (ephemeral port, loopback only).
 fn server() -> &'static Server {
@@ -40,6 +41,7 @@ fn server() -> &'static Server {
         let options = ServeOptions {
             port: 0,
             max_body_bytes: BODY_LIMIT,
+            cors: Some(CORS_ORIGIN.into()),
             ..ServeOptions::default()
         };
         Server::start(load(), options).expect("server starts")
@@ -353,6 +355,18 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
             Some("prune.keep"),
         ),
         (
+            "tools",
+            with(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            400,
+            Some("tools"),
+        ),
+        (
+            "JSON mode",
+            with(json!({"response_format": {"type": "json_object"}})),
+            400,
+            Some("response_format"),
+        ),
+        (
             "unknown prune field",
             with(json!({"prune": {"kep": 3}})),
             400,
@@ -514,4 +528,157 @@ fn a_full_queue_answers_503_with_retry_after_and_shutdown_is_graceful() {
         TcpStream::connect(addr).is_err(),
         "still listening after shutdown"
     );
+}
+
+/// OpenAI's routes and conventions beyond the chat endpoint: a model by id, JSON errors for
+/// unknown paths and methods, CORS for the configured origin, logprob tokens as decoded text
+/// with their bytes, and `response_format: text` accepted.
+#[test]
+fn models_errors_cors_and_logprobs_follow_openai() {
+    let server = server();
+    let get = |path: &str| {
+        let mut r = agent().get(&url(server, path)).call().unwrap();
+        let status = r.status().as_u16();
+        let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        (status, body)
+    };
+    let (status, model) = get("/v1/models/tiny-llava-shapes");
+    assert_eq!(
+        (status, model["id"].as_str()),
+        (200, Some("tiny-llava-shapes"))
+    );
+    let (status, missing) = get("/v1/models/gpt-4o");
+    assert_eq!(status, 404);
+    assert_eq!(missing["error"]["code"], "model_not_found");
+    let (status, nowhere) = get("/v2/nothing");
+    assert_eq!(status, 404);
+    assert_eq!(nowhere["error"]["code"], "not_found");
+    let (status, wrong) = get("/v1/chat/completions");
+    assert_eq!(status, 405);
+    assert_eq!(wrong["error"]["code"], "method_not_allowed");
+
+    // A browser's preflight from the allowed origin, and a request from another one.
+    let preflight = agent()
+        .options(&url(server, "/v1/chat/completions"))
+        .header("Origin", CORS_ORIGIN)
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type")
+        .call()
+        .unwrap();
+    let allowed = preflight.headers().get("access-control-allow-origin");
+    assert_eq!(allowed.and_then(|v| v.to_str().ok()), Some(CORS_ORIGIN));
+    let other = agent()
+        .get(&url(server, "/v1/models"))
+        .header("Origin", "http://evil.example")
+        .call()
+        .unwrap();
+    let header = other.headers().get("access-control-allow-origin");
+    assert!(header.is_none_or(|v| v != "http://evil.example"));
+
+    let body = json!({
+        "messages": [user_with_image("example1.png", "Which color does the cross have?")],
+        "max_tokens": 4,
+        "logprobs": true,
+        "top_logprobs": 3,
+        "response_format": {"type": "text"},
+    });
+    let (status, answer) = post(server, &body.to_string());
+    assert_eq!(status, 200, "{answer}");
+    let steps = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    let mut all_bytes = Vec::new();
+    for step in steps {
+        let bytes: Vec<u8> = step["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(
+            step["token"].as_str().unwrap(),
+            String::from_utf8_lossy(&bytes)
+        );
+        assert!(
+            !step["token"].as_str().unwrap().contains('\u{2581}'),
+            "{step}"
+        );
+        for top in step["top_logprobs"].as_array().unwrap() {
+            assert!(top["bytes"].is_array(), "{top}");
+        }
+        all_bytes.extend(bytes);
+    }
+    // The tokens' bytes spell the answer (SentencePiece drops the first token's space).
+    let spelled = String::from_utf8(all_bytes).unwrap();
+    assert_eq!(spelled.trim_start(), content(&answer).trim_start());
+}
+
+/// The port is bound before the model loads: /health says `loading` (503) and chat requests get
+/// 503 until the engine is ready; then the server answers.
+#[test]
+fn the_server_listens_while_the_model_loads() {
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let options = ServeOptions {
+        port: 0,
+        ..ServeOptions::default()
+    };
+    let server = Server::start_loading("tiny-llava-shapes".into(), options, move || {
+        wait.recv_timeout(Duration::from_secs(120)).ok();
+        Ok(load())
+    })
+    .unwrap();
+    let mut r = agent().get(&url(&server, "/health")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(body["status"], "loading");
+    let question = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1});
+    let (status, refused) = post(&server, &question.to_string());
+    assert_eq!(status, 503);
+    assert_eq!(refused["error"]["code"], "model_loading");
+    release.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while health_status(&server) != 200 {
+        assert!(Instant::now() < deadline, "the model never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(health(&server)["status"], "ok");
+    let (status, answer) = post(&server, &question.to_string());
+    assert_eq!(status, 200, "{answer}");
+    server.shutdown().unwrap();
+}
+
+fn health_status(server: &Server) -> u16 {
+    let r = agent().get(&url(server, "/health")).call().unwrap();
+    r.status().as_u16()
+}
+
+/// A host that does not resolve, or is no address of this machine, is reported as the host;
+/// the model is never loaded.
+#[test]
+fn a_bad_host_is_named_before_loading() {
+    for host in ["no-such-host.invalid", "203.0.113.7"] {
+        let options = ServeOptions {
+            host: host.into(),
+            port: 0,
+            ..ServeOptions::default()
+        };
+        let err = Server::start_loading("x".into(), options, || panic!("loaded before binding"))
+            .err()
+            .unwrap();
+        let text = err.to_string();
+        assert!(text.starts_with("invalid argument host"), "{host}: {text}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llava-wgpu"))
+        .args([
+            "serve",
+            "--host",
+            "no-such-host.invalid",
+            "--model",
+            "/nonexistent/model",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid argument --host"), "{stderr}");
 }

@@ -4,7 +4,10 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 20] = [
+const FLAGS: [(&str, &str); 23] = [
+    ("host", "--host"),
+    ("port", "--port"),
+    ("cors", "--cors"),
     ("max_images", "--max-images"),
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),

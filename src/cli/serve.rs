@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// The most images a conversation may hold; more get 400 too_many_images.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_IMAGES)]
     max_images: usize,
+    /// Let pages from this origin call the server from a browser (CORS), e.g.
+    /// http://localhost:3000.
+    #[arg(long, value_name = "ORIGIN")]
+    cors: Option<String>,
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
@@ -84,7 +88,6 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => default_model()?,
     };
-    let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
     let options = ServeOptions {
         host: args.host.clone(),
         port: args.port,
@@ -93,14 +96,22 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         max_sessions: args.max_sessions,
         max_images: args.max_images,
+        cors: args.cors.clone(),
         handle_signals: true,
         ..ServeOptions::default()
     };
-    let server = Server::start(engine, options)?;
+    let engine_options = args.device.engine_options(&args.weights);
+    let name = llava_wgpu::serve::model_name(&model);
+    // The port is bound before the model loads: a taken port fails at once, and clients see
+    // `loading` on /health meanwhile.
+    let loading = model.clone();
+    let server = Server::start_loading(name, options, move || {
+        Engine::load(&loading, engine_options)
+    })?;
     eprintln!(
-        "serving {} on http://{} (POST /v1/chat/completions, GET /v1/models, GET /health); Ctrl-C stops",
-        model.display(),
-        server.addr
+        "listening on http://{} (POST /v1/chat/completions, GET /v1/models, GET /health); loading {}; Ctrl-C stops",
+        server.addr,
+        model.display()
     );
     server.join()?;
     eprintln!("stopped");

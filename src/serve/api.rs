@@ -108,6 +108,34 @@ pub struct Policy {
 
 type Checked<T> = std::result::Result<T, ApiError>;
 
+/// Fields of OpenAI's API this server cannot honour: refused by name rather than ignored, so a
+/// client never takes a plain answer for a tool call or a JSON-mode one.
+fn refuse_unsupported(obj: &serde_json::Map<String, Value>) -> Checked<()> {
+    let given = |field: &str| obj.get(field).is_some_and(|v| !v.is_null());
+    for field in ["tools", "tool_choice", "functions", "function_call"] {
+        if given(field) {
+            return Err(ApiError::bad_request(
+                field.to_string(),
+                format!("{field} is not supported: this server has no tool calling"),
+            )
+            .with_code("unsupported_parameter"));
+        }
+    }
+    let text_format = obj
+        .get("response_format")
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str)
+        == Some("text");
+    if given("response_format") && !text_format {
+        return Err(ApiError::bad_request(
+            "response_format".to_string(),
+            "response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+        )
+        .with_code("unsupported_parameter"));
+    }
+    Ok(())
+}
+
 /// Parse a request body.
 pub fn parse(body: &[u8], policy: Policy) -> Checked<ChatRequest> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
@@ -117,6 +145,7 @@ pub fn parse(body: &[u8], policy: Policy) -> Checked<ChatRequest> {
     let obj = v
         .as_object()
         .ok_or_else(|| ApiError::bad_request(None, "the body must be a JSON object"))?;
+    refuse_unsupported(obj)?;
     if let Some(n) = obj.get("n") {
         if n.as_u64() != Some(1) {
             return Err(ApiError::bad_request(

@@ -6,20 +6,21 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 use tokio_stream::Stream;
+use tower_http::cors::CorsLayer;
 
 use crate::error::{Error, Result};
 use crate::generate::ImageFrom;
@@ -31,7 +32,8 @@ use super::ServeOptions;
 
 pub struct App {
     model: String,
-    template: Template,
+    /// The model's prompt format, set once the GPU worker has loaded the engine.
+    ready: Arc<OnceLock<Template>>,
     options: ServeOptions,
     jobs: SyncSender<Job>,
     stats: Arc<Stats>,
@@ -40,14 +42,14 @@ pub struct App {
 
 impl App {
     pub fn new(
-        (model, template): (String, Template),
+        (model, ready): (String, Arc<OnceLock<Template>>),
         options: ServeOptions,
         jobs: SyncSender<Job>,
         stats: Arc<Stats>,
     ) -> Self {
         Self {
             model,
-            template,
+            ready,
             options,
             jobs,
             stats,
@@ -58,33 +60,79 @@ impl App {
 
 type Shared = Arc<App>;
 
-/// Serve until `stop` fires (or a signal, with `options.handle_signals`), then let open
+/// Serve until `stop` is notified (or a signal, with `options.handle_signals`), then let open
 /// connections finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: App,
-    stop: oneshot::Receiver<()>,
+    stop: Arc<Notify>,
     options: ServeOptions,
 ) -> Result<()> {
-    let router = Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/models", get(models))
-        .route("/health", get(health))
+    let mut router = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(chat).fallback(method_not_allowed),
+        )
+        .route("/v1/models", get(models).fallback(method_not_allowed))
+        .route("/v1/models/{id}", get(model).fallback(method_not_allowed))
+        .route("/health", get(health).fallback(method_not_allowed))
+        .fallback(not_found)
         .with_state(Arc::new(app));
+    if let Some(origin) = &options.cors {
+        router = router.layer(cors(origin)?);
+    }
     let shutdown = async move {
         if options.handle_signals {
             tokio::select! {
-                _ = stop => {}
+                _ = stop.notified() => {}
                 _ = signal() => eprintln!("shutting down: finishing the answers in flight"),
             }
         } else {
-            let _ = stop.await;
+            stop.notified().await;
         }
     };
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::argument("serve", format!("the server stopped: {e}")))
+}
+
+/// CORS for one origin: the methods and headers an OpenAI client in a browser sends.
+fn cors(origin: &str) -> Result<CorsLayer> {
+    let origin = header::HeaderValue::from_str(origin).map_err(|_| {
+        Error::argument(
+            "cors",
+            format!("'{origin}' is not a valid origin header value"),
+        )
+    })?;
+    Ok(CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]))
+}
+
+async fn not_found(request: Request) -> Response {
+    error_response(&ApiError {
+        status: 404,
+        message: format!("no route for {} {}", request.method(), request.uri().path()),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_found"),
+    })
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    error_response(&ApiError {
+        status: 405,
+        message: format!(
+            "{} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("method_not_allowed"),
+    })
 }
 
 /// SIGINT or SIGTERM.
@@ -122,16 +170,38 @@ fn error_response(e: &ApiError) -> Response {
     response
 }
 
-async fn models(State(app): State<Shared>) -> Response {
-    axum::Json(json!({"object": "list", "data": [
-        {"id": app.model, "object": "model", "created": 0, "owned_by": "llava-wgpu"}
-    ]}))
-    .into_response()
+fn model_object(app: &App) -> Value {
+    json!({"id": app.model, "object": "model", "created": 0, "owned_by": "llava-wgpu"})
 }
 
+async fn models(State(app): State<Shared>) -> Response {
+    axum::Json(json!({"object": "list", "data": [model_object(&app)]})).into_response()
+}
+
+async fn model(State(app): State<Shared>, Path(id): Path<String>) -> Response {
+    if id != app.model {
+        return error_response(&ApiError {
+            status: 404,
+            message: format!(
+                "the model '{id}' does not exist: this server serves '{}'",
+                app.model
+            ),
+            kind: "invalid_request_error",
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+        });
+    }
+    axum::Json(model_object(&app)).into_response()
+}
+
+/// `ok` once the model is loaded; until then `loading`, with status 503.
 async fn health(State(app): State<Shared>) -> Response {
     let s = &app.stats;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    if app.ready.get().is_none() {
+        let body = json!({"status": "loading", "model": app.model});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
     axum::Json(json!({
         "status": "ok",
         "model": app.model,
@@ -190,10 +260,19 @@ impl Drop for CancelOnDrop {
 }
 
 async fn chat(State(app): State<Shared>, request: Request) -> Response {
+    let Some(&template) = app.ready.get() else {
+        return error_response(&ApiError {
+            status: 503,
+            message: "the model is still loading; retry shortly".into(),
+            kind: "server_error",
+            param: None,
+            code: Some("model_loading"),
+        });
+    };
     let policy = Policy {
         allow_local_images: app.options.allow_local_images,
         default_max_tokens: app.options.default_max_tokens,
-        template: app.template,
+        template,
         max_images: app.options.max_images,
     };
     let parsed = match read_body(request, app.options.max_body_bytes).await {

@@ -2,7 +2,10 @@
 //!
 //! - `POST /v1/chat/completions` (`api.rs` checks the body; streaming answers are server-sent
 //!   events in OpenAI's chunk format ending with `data: [DONE]`);
-//! - `GET /v1/models`, `GET /health` (status and counters).
+//! - `GET /v1/models`, `GET /v1/models/{id}`, `GET /health` (status and counters; `loading`
+//!   while the model loads, after the port is bound);
+//! - every other path or method: a JSON error body (404, 405); `--cors ORIGIN` adds CORS
+//!   headers for one origin.
 //!
 //! One GPU worker thread owns the engine (`worker.rs`); handlers hand it jobs through a bounded
 //! queue and answer 503 with `Retry-After` when it is full. A client that goes away sets its
@@ -16,10 +19,10 @@ pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::mpsc::sync_channel;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
 use crate::model::llava::Engine;
@@ -46,6 +49,8 @@ pub struct ServeOptions {
     pub handle_signals: bool,
     /// The most images a conversation may hold.
     pub max_images: usize,
+    /// The origin browsers may call the server from (CORS), if any.
+    pub cors: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -60,6 +65,7 @@ impl Default for ServeOptions {
             default_max_tokens: 256,
             handle_signals: false,
             max_images: crate::generate::DEFAULT_MAX_IMAGES,
+            cors: None,
         }
     }
 }
@@ -68,73 +74,112 @@ impl Default for ServeOptions {
 pub struct Server {
     pub addr: SocketAddr,
     pub stats: Arc<Stats>,
-    shutdown: Option<oneshot::Sender<()>>,
+    stop: Arc<Notify>,
     http: JoinHandle<Result<()>>,
-    worker: JoinHandle<()>,
+    worker: JoinHandle<Result<()>>,
 }
 
 impl Server {
     /// Bind, start the worker and the HTTP runtime, and return once connections are accepted.
     pub fn start(engine: Engine, options: ServeOptions) -> Result<Self> {
-        let model = (model_name(&engine), engine.template);
+        Self::start_loading(model_name(&engine.model_dir), options, move || Ok(engine))
+    }
+
+    /// Bind first, then load the model with `load` on the GPU worker's thread: the port is
+    /// taken (or its error reported) at once, and `/health` says `loading` (chat requests get
+    /// 503) until the engine is ready. A failed load stops the server; [`Server::join`] returns
+    /// its error.
+    pub fn start_loading(
+        model: String,
+        options: ServeOptions,
+        load: impl FnOnce() -> Result<Engine> + Send + 'static,
+    ) -> Result<Self> {
         let stats = Arc::new(Stats::default());
         let (jobs, queue) = sync_channel(options.queue);
-        let worker = worker::Worker::new(engine, options.max_sessions, stats.clone());
-        let worker = std::thread::Builder::new()
-            .name("gpu-worker".into())
-            .spawn(move || worker.run(queue))
-            .map_err(|e| Error::gpu("starting the GPU worker", e))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(|e| Error::argument("serve", format!("cannot start tokio: {e}")))?;
-        let address = format!("{}:{}", options.host, options.port);
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(&address))
-            .map_err(|e| Error::argument("port", format!("cannot listen on {address}: {e}")))?;
+        let listener = runtime.block_on(bind(&options.host, options.port))?;
         let addr = listener
             .local_addr()
             .map_err(|e| Error::argument("port", e.to_string()))?;
-        let (shutdown, stop) = oneshot::channel();
-        let app = http::App::new(model, options.clone(), jobs, stats.clone());
-        let http = std::thread::Builder::new()
-            .name("http".into())
-            .spawn(move || runtime.block_on(http::serve(listener, app, stop, options)))
-            .map_err(|e| Error::gpu("starting the HTTP thread", e))?;
+        let stop = Arc::new(Notify::new());
+        let ready = Arc::new(OnceLock::new());
+        let worker = {
+            let (stats, ready, stop) = (stats.clone(), ready.clone(), stop.clone());
+            let max_sessions = options.max_sessions;
+            std::thread::Builder::new()
+                .name("gpu-worker".into())
+                .spawn(move || {
+                    let engine = load().inspect_err(|_| stop.notify_one())?;
+                    let _ = ready.set(engine.template);
+                    worker::Worker::new(engine, max_sessions, stats).run(queue);
+                    Ok(())
+                })
+                .map_err(|e| Error::gpu("starting the GPU worker", e))?
+        };
+        let app = http::App::new((model, ready), options.clone(), jobs, stats.clone());
+        let http = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("http".into())
+                .spawn(move || runtime.block_on(http::serve(listener, app, stop, options)))
+                .map_err(|e| Error::gpu("starting the HTTP thread", e))?
+        };
         Ok(Self {
             addr,
             stats,
-            shutdown: Some(shutdown),
+            stop,
             http,
             worker,
         })
     }
 
     /// Stop gracefully: no new connections, answers in flight finish, the worker stops.
-    pub fn shutdown(mut self) -> Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    pub fn shutdown(self) -> Result<()> {
+        self.stop.notify_one();
         self.join()
     }
 
-    /// Wait until the server stops (by a signal, with `handle_signals`).
+    /// Wait until the server stops (by a signal, with `handle_signals`, or a failed load).
     pub fn join(self) -> Result<()> {
         let result = self
             .http
             .join()
             .unwrap_or_else(|_| Err(Error::gpu("serve", "the HTTP thread panicked")));
         // The queue's sender went with the HTTP app: the worker ends after its last job.
-        let _ = self.worker.join();
-        result
+        let loaded = self
+            .worker
+            .join()
+            .unwrap_or_else(|_| Err(Error::gpu("serve", "the GPU worker panicked")));
+        loaded.and(result)
     }
 }
 
-/// The model's name in responses: its directory's name.
-fn model_name(engine: &Engine) -> String {
-    engine
-        .model_dir
+/// Listen on `host`:`port`. An error names the argument at fault: the host when it does not
+/// resolve or is no address of this machine, the port when it is taken or not allowed.
+async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpListener> {
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Error::argument("host", format!("cannot resolve '{host}': {e}")))?
+        .collect();
+    let Some(&address) = addresses.first() else {
+        return Err(Error::argument("host", format!("'{host}' has no address")));
+    };
+    tokio::net::TcpListener::bind(address).await.map_err(|e| {
+        let field = match e.kind() {
+            std::io::ErrorKind::AddrNotAvailable => "host",
+            _ => "port",
+        };
+        Error::argument(field, format!("cannot listen on {address}: {e}"))
+    })
+}
+
+/// The model's name in responses: its directory's (or file's) name.
+pub fn model_name(model: &std::path::Path) -> String {
+    model
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "llava".into())

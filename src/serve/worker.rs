@@ -153,7 +153,12 @@ impl Worker {
     /// when sampling chose a token outside the top ones the engine reported) and the `top`
     /// most likely tokens.
     fn logprobs(&self, output: &GenerateOutput, top: usize) -> Value {
-        let text = |id: u32| self.engine.tokenizer.token_text(id).unwrap_or_default();
+        // A token as decoded text and its bytes (a byte-fallback token may be part of a
+        // character: its text is then a replacement character, its bytes exact).
+        let token = |id: u32| {
+            let bytes = self.engine.tokenizer.token_bytes(id);
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
         let steps = output.logprobs.as_deref().unwrap_or(&[]);
         let content: Vec<Value> = output
             .generated_ids
@@ -164,9 +169,13 @@ impl Worker {
                 let tops: Vec<Value> = step
                     .iter()
                     .take(top)
-                    .map(|t| json!({"token": text(t.id), "logprob": t.logprob}))
+                    .map(|t| {
+                        let (text, bytes) = token(t.id);
+                        json!({"token": text, "bytes": bytes, "logprob": t.logprob})
+                    })
                     .collect();
-                json!({"token": text(id), "logprob": chosen, "top_logprobs": tops})
+                let (text, bytes) = token(id);
+                json!({"token": text, "bytes": bytes, "logprob": chosen, "top_logprobs": tops})
             })
             .collect();
         json!({ "content": content })

@@ -277,6 +277,57 @@ impl TextTokenizer {
             Backend::Hf(tokenizer) | Backend::Bpe(tokenizer) => tokenizer.id_to_token(id),
         }
     }
+
+    /// The bytes token `id` stands for in decoded text, whatever the vocabulary writes: a
+    /// SentencePiece "▁" is a space, a byte-fallback token `<0xE2>` its byte, a byte-level BPE
+    /// piece the bytes GPT-2's alphabet maps it back to. Special tokens are their own text.
+    /// (OpenAI's logprob `token` and `bytes`.) Empty past the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let (tokenizer, byte_level) = match &self.backend {
+            Backend::Spm(spm) => return spm.piece_bytes(id).unwrap_or_default(),
+            Backend::Bpe(tokenizer) => (tokenizer, true),
+            Backend::Hf(tokenizer) => (
+                tokenizer,
+                matches!(
+                    tokenizer.get_decoder(),
+                    Some(tokenizers::DecoderWrapper::ByteLevel(_))
+                ),
+            ),
+        };
+        let Some(piece) = tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(byte) = crate::text::vocab::byte_of(&piece) {
+            return vec![byte];
+        }
+        if byte_level {
+            return piece.chars().map(byte_level_byte).collect();
+        }
+        piece.replace('\u{2581}', " ").into_bytes()
+    }
+}
+
+/// The byte GPT-2's byte-level alphabet writes as `c`: printable bytes stand for themselves,
+/// the others were moved to U+0100 onwards in byte order. A char outside the alphabet (an
+/// added token's text) keeps its UTF-8 bytes' first.
+fn byte_level_byte(c: char) -> u8 {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 && printable(code) {
+        return code as u8;
+    }
+    // The n-th non-printable byte (in byte order) became U+0100 + n.
+    let mut n = 256;
+    for b in 0..=255u32 {
+        if !printable(b) {
+            if n == code {
+                return b as u8;
+            }
+            n += 1;
+        }
+    }
+    c.to_string().as_bytes()[0]
 }
 
 /// Turns a growing list of generated ids into text increments: decodes the whole tail each step

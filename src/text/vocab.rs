@@ -315,6 +315,18 @@ impl Spm {
     /// "▁" as spaces, byte tokens as bytes, control, unknown and unused tokens dropped, and the
     /// space prefix removed from the first token's piece, unless the ids start with BOS (which
     /// is dropped then, and the space kept).
+    /// The bytes token `id` stands for in text ("▁" is a space, a byte token its byte, a
+    /// control token nothing); None past the vocabulary.
+    pub fn piece_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let token = self.vocab.tokens.get(id as usize)?;
+        Some(match self.vocab.types[id as usize] {
+            TokenType::Normal => token.replace('\u{2581}', " ").into_bytes(),
+            TokenType::UserDefined => token.clone().into_bytes(),
+            TokenType::Byte => byte_of(token).map(|b| vec![b]).unwrap_or_default(),
+            TokenType::Control | TokenType::Unknown | TokenType::Unused => Vec::new(),
+        })
+    }
+
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut bytes = Vec::new();
         let mut first = self.vocab.add_space_prefix;
@@ -325,14 +337,8 @@ impl Spm {
             first = false;
         }
         for &id in ids {
-            let Some(token) = self.vocab.tokens.get(id as usize) else {
+            let Some(piece) = self.piece_bytes(id) else {
                 continue;
-            };
-            let piece: Vec<u8> = match self.vocab.types[id as usize] {
-                TokenType::Normal => token.replace('\u{2581}', " ").into_bytes(),
-                TokenType::UserDefined => token.clone().into_bytes(),
-                TokenType::Byte => byte_of(token).map(|b| vec![b]).unwrap_or_default(),
-                TokenType::Control | TokenType::Unknown | TokenType::Unused => Vec::new(),
             };
             let piece = if first {
                 piece.strip_prefix(b" ").unwrap_or(&piece).to_vec()
@@ -347,7 +353,7 @@ impl Spm {
 }
 
 /// The byte a `<0xXX>` token stands for.
-fn byte_of(token: &str) -> Option<u8> {
+pub(crate) fn byte_of(token: &str) -> Option<u8> {
     let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
     u8::from_str_radix(hex, 16).ok()
 }

@@ -11,6 +11,7 @@ mod fixture;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -681,4 +682,108 @@ fn a_bad_host_is_named_before_loading() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("invalid argument --host"), "{stderr}");
+}
+
+/// `--allow-local-images DIR` reads only regular files under DIR, checks their size before
+/// reading, reads them before the queue (a FIFO once blocked the server until it was killed),
+/// and names the JSON field in its errors, not the path.
+#[test]
+fn local_images_are_regular_files_under_the_allowed_directory() {
+    let root = std::env::temp_dir().join(format!("llava-wgpu-local-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let allowed = root.join("allowed");
+    std::fs::create_dir_all(allowed.join("sub")).unwrap();
+    std::fs::copy(demo_dir().join("example1.png"), allowed.join("cross.png")).unwrap();
+    std::fs::copy(demo_dir().join("example1.png"), root.join("outside.png")).unwrap();
+    std::os::unix::fs::symlink(root.join("outside.png"), allowed.join("link.png")).unwrap();
+    let fifo = allowed.join("fifo.png");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let huge = std::fs::File::create(allowed.join("huge.png")).unwrap();
+    huge.set_len(llava_wgpu::vision::preprocess::MAX_IMAGE_FILE_BYTES + 1)
+        .unwrap();
+
+    let missing = ServeOptions {
+        port: 0,
+        allow_local_images: Some(root.join("no-such-dir")),
+        ..ServeOptions::default()
+    };
+    let err = Server::start_loading("x".into(), missing, || panic!("never loads")).err();
+    assert!(err.unwrap().to_string().contains("allow_local_images"));
+
+    let options = ServeOptions {
+        port: 0,
+        allow_local_images: Some(allowed.clone()),
+        ..ServeOptions::default()
+    };
+    let server = Server::start(load(), options).unwrap();
+    let ask = |url: &str| {
+        let body = json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Which color does the cross have?"},
+        ]}], "max_tokens": 2});
+        post(&server, &body.to_string())
+    };
+    let absolute = allowed.join("cross.png").display().to_string();
+    for good in [
+        absolute.clone(),
+        format!("file://{absolute}"),
+        "cross.png".into(),
+    ] {
+        let (status, answer) = ask(&good);
+        assert_eq!(status, 200, "{good}: {answer}");
+    }
+    let param = "messages[0].content[0].image_url.url";
+    let refused = [
+        ("sub/../cross.png", "'..'"),
+        ("link.png", "outside the directory"),
+        (
+            &root.join("outside.png").display().to_string(),
+            "outside the directory",
+        ),
+        ("fifo.png", "not a regular file"),
+        ("sub", "not a regular file"),
+        ("huge.png", "byte limit"),
+        ("nothing.png", "cannot open"),
+    ];
+    for (url, why) in refused {
+        let (status, answer) = ask(url);
+        assert_eq!(status, 400, "{url}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{url}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{url}: {message}");
+    }
+    // The FIFO was never opened: the server still answers.
+    assert_eq!(ask(&absolute).0, 200);
+    server.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// At most `max_connections` connections are open: a third client waits in the backlog until
+/// one of two idle connections closes, then is answered.
+#[test]
+fn open_connections_are_bounded() {
+    let options = ServeOptions {
+        port: 0,
+        max_connections: 2,
+        ..ServeOptions::default()
+    };
+    let server = Server::start(load(), options).unwrap();
+    let first = TcpStream::connect(server.addr).unwrap();
+    let _second = TcpStream::connect(server.addr).unwrap();
+    let waiting = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_millis(1500)))
+        .build();
+    let waiting: ureq::Agent = waiting.into();
+    assert!(
+        waiting.get(&url(&server, "/health")).call().is_err(),
+        "a third connection was served while two were open"
+    );
+    drop(first);
+    assert_eq!(health_status(&server), 200);
+    server.shutdown().unwrap();
 }

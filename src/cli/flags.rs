@@ -4,7 +4,8 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 23] = [
+const FLAGS: [(&str, &str); 24] = [
+    ("allow_local_images", "--allow-local-images"),
     ("host", "--host"),
     ("port", "--port"),
     ("cors", "--cors"),

@@ -23,9 +23,10 @@ pub struct ServeArgs {
     host: String,
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Accept `image_url`s that are paths on this machine (otherwise only data URLs).
-    #[arg(long)]
-    allow_local_images: bool,
+    /// Accept `image_url`s that are paths of regular files under this directory (otherwise
+    /// only data URLs).
+    #[arg(long, value_name = "DIR")]
+    allow_local_images: Option<PathBuf>,
     /// Requests that may wait for the GPU worker; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     queue: usize,
@@ -38,6 +39,9 @@ pub struct ServeArgs {
     /// The most images a conversation may hold; more get 400 too_many_images.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_IMAGES)]
     max_images: usize,
+    /// Connections open at once at most; more wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_connections: usize,
     /// Let pages from this origin call the server from a browser (CORS), e.g.
     /// http://localhost:3000.
     #[arg(long, value_name = "ORIGIN")]
@@ -91,12 +95,13 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     let options = ServeOptions {
         host: args.host.clone(),
         port: args.port,
-        allow_local_images: args.allow_local_images,
+        allow_local_images: args.allow_local_images.clone(),
         queue: args.queue,
         max_body_bytes: args.max_body_bytes,
         max_sessions: args.max_sessions,
         max_images: args.max_images,
         cors: args.cors.clone(),
+        max_connections: args.max_connections,
         handle_signals: true,
         ..ServeOptions::default()
     };

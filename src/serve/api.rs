@@ -7,7 +7,7 @@
 //! for a well-formed request the model cannot answer (an image that does not decode, an
 //! impossible pruning budget, a prompt longer than the context); 503 when the queue is full.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -18,6 +18,7 @@ use crate::generate::{Conversation, ImageInput, TurnSettings};
 use crate::prune::{Method, PruneOptions, Stage1Score};
 use crate::sample::SamplingParams;
 use crate::text::{Message, Role, Template};
+use crate::vision::preprocess::MAX_IMAGE_FILE_BYTES;
 
 /// An error answered to the client.
 #[derive(Clone, Debug)]
@@ -95,10 +96,11 @@ pub struct ChatRequest {
 }
 
 /// What the server allows beyond the API itself.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Policy {
-    /// Read `image_url`s that are local paths (or `file://` URLs).
-    pub allow_local_images: bool,
+    /// Read `image_url`s that are paths of regular files under this directory (canonical), or
+    /// `file://` URLs of them.
+    pub allow_local_images: Option<PathBuf>,
     pub default_max_tokens: usize,
     /// The model's prompt format (`Engine::template`).
     pub template: Template,
@@ -137,7 +139,7 @@ fn refuse_unsupported(obj: &serde_json::Map<String, Value>) -> Checked<()> {
 }
 
 /// Parse a request body.
-pub fn parse(body: &[u8], policy: Policy) -> Checked<ChatRequest> {
+pub fn parse(body: &[u8], policy: &Policy) -> Checked<ChatRequest> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(None, format!("the body is not valid JSON: {e}"))
             .with_code("invalid_json")
@@ -340,7 +342,7 @@ fn prefix(mut e: ApiError, p: &str) -> ApiError {
 
 /// The messages as a conversation (any number of images, in the order their messages and
 /// content parts give them), and the template they are rendered with.
-fn parse_messages(v: Option<&Value>, policy: Policy) -> Checked<(Conversation, Template)> {
+fn parse_messages(v: Option<&Value>, policy: &Policy) -> Checked<(Conversation, Template)> {
     let list = v.and_then(Value::as_array).ok_or_else(|| {
         ApiError::bad_request(
             "messages".to_string(),
@@ -397,7 +399,7 @@ fn parse_messages(v: Option<&Value>, policy: Policy) -> Checked<(Conversation, T
 fn parse_content(
     v: Option<&Value>,
     at: &str,
-    policy: Policy,
+    policy: &Policy,
 ) -> Checked<(String, Vec<ImageInput>)> {
     let parts = match v {
         Some(Value::String(s)) => return Ok((s.clone(), Vec::new())),
@@ -451,7 +453,7 @@ fn parse_content(
 
 /// Data URLs (png, jpeg, webp) always; local paths only when the server allows them; http(s)
 /// never (the server fetches nothing).
-fn parse_image_url(url: &str, at: &str, policy: Policy) -> Checked<ImageInput> {
+fn parse_image_url(url: &str, at: &str, policy: &Policy) -> Checked<ImageInput> {
     let param = format!("{at}.url");
     if let Some(rest) = url.strip_prefix("data:") {
         let (header, data) = rest.split_once(',').ok_or_else(|| {
@@ -491,12 +493,52 @@ fn parse_image_url(url: &str, at: &str, policy: Policy) -> Checked<ImageInput> {
         .with_code("image_url_not_supported"));
     }
     let path = url.strip_prefix("file://").unwrap_or(url);
-    if !policy.allow_local_images {
+    let Some(root) = &policy.allow_local_images else {
         return Err(ApiError::bad_request(
             param,
-            "local image paths are read only when the server runs with --allow-local-images; send a data URL",
+            "local image paths are read only when the server runs with --allow-local-images DIR; send a data URL",
         )
         .with_code("local_images_disabled"));
+    };
+    let bytes = read_local_image(Path::new(path), root)
+        .map_err(|reason| ApiError::bad_request(param, reason).with_code("local_image_refused"))?;
+    // Read now, before the request is queued: errors about it name the JSON field.
+    Ok(ImageInput::Bytes {
+        bytes: Arc::from(bytes),
+        source: PathBuf::from(at),
+    })
+}
+
+/// The bytes of the local image `path` (relative to `root`, or absolute), read only when it is a
+/// regular file under `root` (symbolic links resolved) no larger than an image file may be:
+/// never a FIFO or a device, which could block or never end, and never outside `root`.
+fn read_local_image(path: &Path, root: &Path) -> std::result::Result<Vec<u8>, String> {
+    use std::path::Component;
+    let shown = path.display();
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("'{shown}': paths with '..' are refused"));
     }
-    Ok(ImageInput::File(PathBuf::from(path)))
+    let full = root.join(path);
+    let real = full
+        .canonicalize()
+        .map_err(|e| format!("cannot open '{shown}': {e}"))?;
+    if !real.starts_with(root) {
+        return Err(format!(
+            "'{shown}' is outside the directory --allow-local-images allows"
+        ));
+    }
+    let metadata = std::fs::metadata(&real).map_err(|e| format!("cannot open '{shown}': {e}"))?;
+    if !metadata.is_file() {
+        return Err(format!("'{shown}' is not a regular file"));
+    }
+    if metadata.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(format!(
+            "'{shown}' has {} bytes, more than the {MAX_IMAGE_FILE_BYTES}-byte limit for an image",
+            metadata.len()
+        ));
+    }
+    crate::vision::read_image_file(&real).map_err(|e| match e {
+        Error::File { reason, .. } => format!("cannot read '{shown}': {reason}"),
+        other => other.to_string(),
+    })
 }

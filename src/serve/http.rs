@@ -27,6 +27,7 @@ use crate::generate::ImageFrom;
 use crate::text::Template;
 
 use super::api::{self, ApiError, ChatRequest, Policy};
+use super::connections::LimitedListener;
 use super::worker::{Event, Finished, Job, Stats};
 use super::ServeOptions;
 
@@ -91,6 +92,7 @@ pub async fn serve(
             stop.notified().await;
         }
     };
+    let listener = LimitedListener::new(listener, options.max_connections);
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
@@ -270,13 +272,17 @@ async fn chat(State(app): State<Shared>, request: Request) -> Response {
         });
     };
     let policy = Policy {
-        allow_local_images: app.options.allow_local_images,
+        allow_local_images: app.options.allow_local_images.clone(),
         default_max_tokens: app.options.default_max_tokens,
         template,
         max_images: app.options.max_images,
     };
     let parsed = match read_body(request, app.options.max_body_bytes).await {
-        Ok(body) => api::parse(&body, policy),
+        // Parsing reads local images (with --allow-local-images): off the async threads, and
+        // before the queue, so a slow file never holds up the GPU worker.
+        Ok(body) => tokio::task::spawn_blocking(move || api::parse(&body, &policy))
+            .await
+            .unwrap_or_else(|_| Err(worker_gone())),
         Err(e) => Err(e),
     };
     let request = match parsed {

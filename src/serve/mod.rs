@@ -14,10 +14,12 @@
 //! let the answers in flight finish, and stop the worker.
 
 pub mod api;
+mod connections;
 mod http;
 pub mod worker;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -35,8 +37,8 @@ pub struct ServeOptions {
     pub host: String,
     /// 0 picks a free port (tests).
     pub port: u16,
-    /// Read `image_url`s that are local paths.
-    pub allow_local_images: bool,
+    /// Read `image_url`s that are paths of regular files under this directory.
+    pub allow_local_images: Option<PathBuf>,
     /// Requests waiting for the worker at most (beyond the one it answers); more get 503.
     pub queue: usize,
     /// Request bodies larger than this get 413.
@@ -51,6 +53,8 @@ pub struct ServeOptions {
     pub max_images: usize,
     /// The origin browsers may call the server from (CORS), if any.
     pub cors: Option<String>,
+    /// Connections open at once at most; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 impl Default for ServeOptions {
@@ -58,7 +62,7 @@ impl Default for ServeOptions {
         Self {
             host: "127.0.0.1".into(),
             port: 8080,
-            allow_local_images: false,
+            allow_local_images: None,
             queue: 64,
             max_body_bytes: 20 << 20,
             max_sessions: 16,
@@ -66,6 +70,7 @@ impl Default for ServeOptions {
             handle_signals: false,
             max_images: crate::generate::DEFAULT_MAX_IMAGES,
             cors: None,
+            max_connections: 256,
         }
     }
 }
@@ -91,9 +96,12 @@ impl Server {
     /// its error.
     pub fn start_loading(
         model: String,
-        options: ServeOptions,
+        mut options: ServeOptions,
         load: impl FnOnce() -> Result<Engine> + Send + 'static,
     ) -> Result<Self> {
+        if let Some(dir) = &options.allow_local_images {
+            options.allow_local_images = Some(image_directory(dir)?);
+        }
         let stats = Arc::new(Stats::default());
         let (jobs, queue) = sync_channel(options.queue);
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -156,6 +164,19 @@ impl Server {
             .unwrap_or_else(|_| Err(Error::gpu("serve", "the GPU worker panicked")));
         loaded.and(result)
     }
+}
+
+/// The canonical form of `--allow-local-images`' directory (image paths are checked to lie
+/// under it once their links are resolved).
+fn image_directory(dir: &std::path::Path) -> Result<PathBuf> {
+    let fail = |reason: String| {
+        Error::argument("allow_local_images", format!("{}: {reason}", dir.display()))
+    };
+    let real = dir.canonicalize().map_err(|e| fail(e.to_string()))?;
+    if !real.is_dir() {
+        return Err(fail("not a directory".into()));
+    }
+    Ok(real)
 }
 
 /// Listen on `host`:`port`. An error names the argument at fault: the host when it does not

@@ -128,7 +128,7 @@ struct RunArgs {
     max_new_tokens: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Visual-token pruning method (default STAR: docs/accuracy.md shows why).
+    /// Visual-token pruning method (default STAR: docs/evaluation.md shows why).
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
     prune: MethodArg,
     #[command(flatten)]
@@ -518,8 +518,16 @@ fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
              (Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
         );
     }
+    if !adapters.iter().any(|a| a.chosen) {
+        eprintln!("no adapter matches the --adapter given: a run with it would fail");
+    }
     for a in &adapters {
-        println!("[{}] {}", a.index, a.name);
+        let mark = if a.chosen {
+            "   <- runs use this one"
+        } else {
+            ""
+        };
+        println!("[{}] {}{mark}", a.index, a.name);
         println!(
             "    backend {}, type {}{}",
             a.backend,

@@ -378,3 +378,31 @@ fn arguments_are_checked_before_any_work() {
         );
     }
 }
+
+/// `devices` marks the adapter a run would open: the best one, or the one `--adapter` names.
+#[test]
+fn devices_marks_the_adapter_a_run_picks() {
+    let bin = env!("CARGO_BIN_EXE_llava-wgpu");
+    let chosen = |extra: &[&str]| -> Vec<bool> {
+        let out = Command::new(bin)
+            .args(["devices", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let list = list.as_array().unwrap().clone();
+        list.iter()
+            .map(|a| a["chosen"].as_bool().unwrap())
+            .collect()
+    };
+    let best = chosen(&[]);
+    assert_eq!(best.iter().filter(|&&c| c).count(), 1);
+    assert!(best[0], "the best adapter is listed first and chosen");
+    let last = (best.len() - 1).to_string();
+    let by_index = chosen(&["--adapter", &last]);
+    assert!(by_index[best.len() - 1] && by_index.iter().filter(|&&c| c).count() == 1);
+    assert!(chosen(&["--adapter", "no-such-adapter"])
+        .iter()
+        .all(|&c| !c));
+}

@@ -232,7 +232,7 @@ fn check_serve_report(r: &ServeReport) -> Result<()> {
 }
 
 /// Growth of resident memory or GPU bytes over the soak that counts as a leak, in percent.
-const MAX_SOAK_GROWTH: f64 = 2.0;
+const MAX_SOAK_GROWTH: f64 = 1.0;
 
 fn print_serve_report(r: &ServeReport, args: &BenchServeArgs) {
     println!(
@@ -261,7 +261,8 @@ fn print_serve_report(r: &ServeReport, args: &BenchServeArgs) {
         r.lost
     );
     println!(
-        "resident memory over {} requests: {} -> {} bytes ({:+.2}%); GPU bytes alive: {} -> {} ({})",
+        "resident memory from request {} to {}: {} -> {} bytes ({:+.2}%); GPU bytes alive: {} -> {} ({})",
+        r.soak_first_reading_at,
         r.soak_requests,
         r.resident_bytes_start,
         r.resident_bytes_end,

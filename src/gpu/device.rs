@@ -199,6 +199,8 @@ pub struct AdapterSummary {
     pub timestamp_query: bool,
     pub timestamp_query_inside_passes: bool,
     pub is_cpu: bool,
+    /// The adapter a run with the same options would open.
+    pub chosen: bool,
 }
 
 fn summarize(index: usize, adapter: &wgpu::Adapter) -> AdapterSummary {
@@ -228,6 +230,7 @@ fn summarize(index: usize, adapter: &wgpu::Adapter) -> AdapterSummary {
         timestamp_query_inside_passes: features
             .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
         is_cpu: info.device_type == wgpu::DeviceType::Cpu,
+        chosen: false,
     }
 }
 
@@ -259,10 +262,14 @@ fn new_instance(options: &GpuOptions) -> wgpu::Instance {
 pub fn list_adapters(options: &GpuOptions) -> Vec<AdapterSummary> {
     let instance = new_instance(options);
     let adapters = sorted_adapters(&instance, options);
+    let chosen = chosen_position(&adapters, options.adapter.as_deref()).ok();
     adapters
         .iter()
         .enumerate()
-        .map(|(i, a)| summarize(i, a))
+        .map(|(i, a)| AdapterSummary {
+            chosen: chosen == Some(i),
+            ..summarize(i, a)
+        })
         .collect()
 }
 
@@ -280,6 +287,13 @@ fn sorted_adapters(instance: &wgpu::Instance, options: &GpuOptions) -> Vec<wgpu:
 }
 
 fn choose_adapter(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<wgpu::Adapter> {
+    let position = chosen_position(&adapters, wanted)?;
+    Ok(adapters.into_iter().nth(position).expect("index in range"))
+}
+
+/// Which of `adapters` (best first) a run opens: the first, or the one `wanted` names (`cpu`,
+/// `gpu`, an index, or part of a name).
+fn chosen_position(adapters: &[wgpu::Adapter], wanted: Option<&str>) -> Result<usize> {
     let names = || {
         adapters
             .iter()
@@ -296,7 +310,7 @@ fn choose_adapter(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<
         ));
     }
     let Some(wanted) = wanted.map(str::trim) else {
-        return Ok(adapters.into_iter().next().expect("checked non-empty"));
+        return Ok(0);
     };
     let is_cpu = |a: &wgpu::Adapter| a.get_info().device_type == wgpu::DeviceType::Cpu;
     let position = match wanted.to_ascii_lowercase().as_str() {
@@ -309,13 +323,12 @@ fn choose_adapter(adapters: Vec<wgpu::Adapter>, wanted: Option<&str>) -> Result<
                 .position(|a| a.get_info().name.to_ascii_lowercase().contains(text)),
         },
     };
-    match position {
-        Some(i) => Ok(adapters.into_iter().nth(i).expect("index in range")),
-        None => Err(Error::argument(
+    position.ok_or_else(|| {
+        Error::argument(
             "gpu.adapter",
             format!("no adapter matches '{wanted}'; available: {}", names()),
-        )),
-    }
+        )
+    })
 }
 
 /// An open device with everything the kernels need to know about it.

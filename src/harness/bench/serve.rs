@@ -46,6 +46,8 @@ pub struct ServeReport {
     pub refused_503: usize,
     pub lost: usize,
     pub soak_requests: usize,
+    /// The request before which the first memory reading was taken (the second is at the end).
+    pub soak_first_reading_at: usize,
     pub resident_bytes_start: u64,
     pub resident_bytes_end: u64,
     pub resident_growth_percent: f64,
@@ -61,7 +63,9 @@ pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport>
     })?;
     let server_options = ServeOptions {
         port: 0,
-        queue: options.clients * options.per_client,
+        // Half the clients may wait: when they all send at once, the rest are refused, so the
+        // 503 path runs (each refused request must carry Retry-After and nothing may be lost).
+        queue: (options.clients / 2).max(1),
         ..ServeOptions::default()
     };
     let server = Server::start(engine, server_options)?;
@@ -109,7 +113,8 @@ pub fn serve(engine: Engine, options: &ServeBenchOptions) -> Result<ServeReport>
         answered: load.0,
         refused_503: load.1,
         lost: load.2,
-        soak_requests: options.soak,
+        soak_requests: soak_plan(options.soak).0,
+        soak_first_reading_at: soak_plan(options.soak).1,
         resident_bytes_start: start.resident,
         resident_bytes_end: end.resident,
         resident_growth_percent: (end.resident as f64 / start.resident as f64 - 1.0) * 100.0,
@@ -282,6 +287,8 @@ fn concurrent(client: &Client, image: &str, options: &ServeBenchOptions) -> (usi
 const SOAK_IMAGES: u32 = 4;
 /// Turns per soak conversation: a first question, then follow-ups in the same session.
 const SOAK_TURNS: usize = 4;
+/// Requests until the soak's conversations repeat their pattern: one per image.
+const SOAK_CYCLE: usize = SOAK_TURNS * SOAK_IMAGES as usize;
 
 /// What `/health` reports about memory at one point of the soak.
 #[derive(Clone, Copy)]
@@ -290,23 +297,26 @@ struct Memory {
     gpu: Option<u64>,
 }
 
-/// Memory after a tenth of `soak` requests (warm-up) and after all of them. The requests are
-/// conversations of [`SOAK_TURNS`] turns (a first question, then follow-ups that reuse its
-/// session) about [`SOAK_IMAGES`] images in turn, so sessions, KV growth and the image cache
-/// fill and evict as in use. Answers are one token, so the soak measures memory, not decoding.
+/// Memory after about a tenth of `soak` requests (warm-up) and at the end, both read at the
+/// start of a cycle of the soak (every image's conversation done, [`SOAK_CYCLE`] requests), so
+/// the two readings hold the same sessions at the same turns. The requests are conversations of
+/// [`SOAK_TURNS`] turns (a first question, then follow-ups that reuse its session) about
+/// [`SOAK_IMAGES`] images in turn, so sessions, KV growth and the image cache fill and evict as
+/// in use. Answers are one token, so the soak measures memory, not decoding.
 fn soak(
     client: &Client,
     images: &[String],
     options: &ServeBenchOptions,
 ) -> Result<(Memory, Memory)> {
-    let warm = (options.soak / 10).max(1);
+    let (requests, warm) = soak_plan(options.soak);
     let mut start = None;
     let mut conversation = Value::Null;
-    for i in 0..options.soak {
+    for i in 0..requests {
         if i == warm {
             start = Some(client.memory()?);
         }
-        let question = format!("Question {i}: what is in the image?");
+        // Distinct questions (as a server sees), of one length: the readings hold equal token counts.
+        let question = format!("Question {i:07}: what is in the image?");
         if i % SOAK_TURNS == 0 {
             let image = &images[(i / SOAK_TURNS) % images.len()];
             conversation = first_turn(image, &question, 1);
@@ -322,6 +332,13 @@ fn soak(
     }
     let end = client.memory()?;
     Ok((start.unwrap_or(end), end))
+}
+
+/// The soak's length (`soak` rounded down to whole cycles, at least two) and the request before
+/// which memory is first read (about a tenth of the way, at a cycle's start).
+fn soak_plan(soak: usize) -> (usize, usize) {
+    let cycles = (soak / SOAK_CYCLE).max(2);
+    (cycles * SOAK_CYCLE, (cycles / 10).max(1) * SOAK_CYCLE)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

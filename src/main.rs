@@ -229,7 +229,7 @@ enum Command {
 #[derive(Args)]
 struct EvalArgs {
     /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
-    #[arg(long)]
+    #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// Held-out questions: JSONL lines {"image", "question", "answer"[, "type"]} (image paths
     /// relative to the file); default: weights/shapes-heldout/heldout.jsonl.
@@ -260,7 +260,7 @@ struct EvalArgs {
 #[derive(Args)]
 struct BenchArgs {
     /// Model directory (llava-hf layout); without it a synthetic model from --preset is built.
-    #[arg(long, conflicts_with = "preset")]
+    #[arg(long, short = 'm', conflicts_with = "preset")]
     model: Option<PathBuf>,
     /// Synthetic model with random weights (stored as --weights says): small (576 visual
     /// tokens, narrow layers), next-small (LLaVA-NeXT's 2,880, narrow layers), llava-1.5-7b,
@@ -400,7 +400,12 @@ impl BudgetArgs {
 #[derive(Args)]
 struct MemoryArgs {
     /// Model directory (llava-hf layout): its weights' buffers are created, not uploaded.
-    #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+    #[arg(
+        long,
+        short = 'm',
+        conflicts_with = "preset",
+        required_unless_present = "preset"
+    )]
     model: Option<PathBuf>,
     /// A model shape without a checkpoint: llava-1.5-7b, llava-1.5-13b, small.
     #[arg(long)]
@@ -494,7 +499,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         requests: u32,
         /// Model directory (default: the demo model).
-        #[arg(long)]
+        #[arg(long, short = 'm')]
         model: Option<PathBuf>,
         /// Question set cycled through (default: weights/shapes-heldout/heldout.jsonl).
         #[arg(long)]
@@ -1139,5 +1144,16 @@ fn main() -> ExitCode {
             eprintln!("error: {}", cli::flags::describe(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the whole command line: no two flags share a name or short form
+    /// (`-m`, `-p`, `-i`, `-n`), every default parses.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

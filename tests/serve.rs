@@ -787,3 +787,29 @@ fn open_connections_are_bounded() {
     assert_eq!(health_status(&server), 200);
     server.shutdown().unwrap();
 }
+
+/// A body is limited as it streams in: a chunked upload that never ends, past the limit, gets
+/// 413 without the server waiting for its end.
+#[test]
+fn an_endless_chunked_body_is_refused_as_it_arrives() {
+    let server = server();
+    let mut socket = TcpStream::connect(server.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    socket.write_all(head.as_bytes()).unwrap();
+    let chunk = "x".repeat(64 << 10);
+    // Twice the limit, and no terminating chunk: only a server that counts as it reads answers.
+    for _ in 0..(2 * BODY_LIMIT / chunk.len()) {
+        let framed = format!("{:x}\r\n{chunk}\r\n", chunk.len());
+        if socket.write_all(framed.as_bytes()).is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+}

@@ -16,7 +16,7 @@ use crate::{default_model, BudgetArgs, DeviceArgs, SamplingArgs, WeightArgs};
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model directory (llava-hf layout); default: the demo model in weights/tiny-llava-shapes.
-    #[arg(long)]
+    #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// Address to listen on (loopback by default: the server has no authentication).
     #[arg(long, default_value = "127.0.0.1")]
@@ -164,7 +164,7 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
 #[derive(Args)]
 pub struct BenchServeArgs {
     /// Model directory; default: the demo model in weights/tiny-llava-shapes.
-    #[arg(long)]
+    #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// The image asked about; default: the demo model's example1.png.
     #[arg(long)]

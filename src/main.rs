@@ -22,8 +22,8 @@ use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 mod cli;
 use cli::choices::{
-    BackendArg, FileFormatArg, KvArg, MethodArg, QuantizedArg, Stage1ScoreArg, TemplateArg,
-    WeightsArg,
+    BackendArg, FileFormatArg, KvArg, MethodArg, PositionsArg, QuantizedArg, Stage1ScoreArg,
+    TemplateArg, WeightsArg,
 };
 
 #[derive(Parser)]
@@ -251,6 +251,9 @@ struct EvalArgs {
     /// default 1, 0.5, 0.25, 0.11, 0.05).
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<f64>,
+    /// RoPE positions of the tokens a selection before the projector keeps.
+    #[arg(long, value_enum, default_value_t = PositionsArg::Contiguous)]
+    positions: PositionsArg,
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
@@ -380,6 +383,10 @@ pub(crate) struct BudgetArgs {
     /// What STAR stage 1 scores patches by.
     #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
     stage1_score: Stage1ScoreArg,
+    /// RoPE positions of the image tokens a selection before the projector keeps: their
+    /// patches' own (the text after continues as unpruned), or renumbered one after another.
+    #[arg(long, value_enum, default_value_t = PositionsArg::Contiguous)]
+    positions: PositionsArg,
 }
 
 impl BudgetArgs {
@@ -393,6 +400,7 @@ impl BudgetArgs {
             stage2_layer: self.stage2_layer,
             stage1_score: self.stage1_score.into(),
             seed,
+            positions: self.positions.into(),
         }
     }
 }
@@ -1026,12 +1034,16 @@ fn eval(args: &EvalArgs) -> Result<()> {
     } else {
         args.budgets.clone()
     };
+    let sweep = harness::eval::Sweep {
+        methods,
+        budgets,
+        positions: args.positions.into(),
+    };
     let report = harness::eval::run_methods(
         &engine,
         &model.display().to_string(),
         &examples,
-        &methods,
-        &budgets,
+        &sweep,
         args.max_new_tokens,
         |line| eprintln!("  {line}"),
     )?;

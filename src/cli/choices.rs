@@ -4,7 +4,7 @@
 use llava_wgpu::gpu::device::BackendChoice;
 use llava_wgpu::gpu::{DType, WeightFormat};
 use llava_wgpu::model::gguf::writer::TextTypes;
-use llava_wgpu::prune::{Method, Stage1Score};
+use llava_wgpu::prune::{Method, Positions, Stage1Score};
 use llava_wgpu::quant::Mix;
 use llava_wgpu::text::Template;
 
@@ -34,6 +34,24 @@ impl From<MethodArg> for Method {
             MethodArg::Fastervlm => Method::Fastervlm,
             MethodArg::Vispruner => Method::Vispruner,
             MethodArg::Random => Method::Random,
+        }
+    }
+}
+
+/// `--positions`: [`Positions`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PositionsArg {
+    /// Kept image tokens keep their patch's RoPE position; the text after continues unpruned.
+    Original,
+    /// Kept image tokens are renumbered one after another.
+    Contiguous,
+}
+
+impl From<PositionsArg> for Positions {
+    fn from(arg: PositionsArg) -> Self {
+        match arg {
+            PositionsArg::Original => Positions::Original,
+            PositionsArg::Contiguous => Positions::Contiguous,
         }
     }
 }
@@ -218,6 +236,7 @@ mod tests {
     fn every_cli_value_names_its_library_value() {
         same_names::<MethodArg, Method>();
         same_names::<Stage1ScoreArg, Stage1Score>();
+        same_names::<PositionsArg, Positions>();
         same_names::<TemplateArg, Template>();
         same_names::<BackendArg, BackendChoice>();
         for arg in QuantizedArg::value_variants() {

@@ -75,7 +75,7 @@ impl Engine {
         first_logits: Vec<f32>,
         prefill_start: Instant,
     ) -> Result<Decoded> {
-        let (prompt_len, max_new) = (input.prompt.ids.len(), input.max_new);
+        let (first_position, max_new) = (input.next_position, input.max_new);
         let mut out = Decoded {
             ids: Vec::new(),
             fed: 0,
@@ -115,7 +115,7 @@ impl Engine {
             }
             // The new token sits at the position after the prompt as it entered the language
             // model (before stage 2), as if nothing had been dropped.
-            self.decode_step(state, next, prompt_len + step, !picker.host_samples)?;
+            self.decode_step(state, next, first_position + step, !picker.host_samples)?;
             out.fed += 1;
         }
         if max_new == 0 {

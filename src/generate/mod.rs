@@ -16,6 +16,7 @@ mod decode;
 mod image;
 mod memory;
 mod output;
+mod positions;
 mod prefill;
 mod prepare;
 mod request;
@@ -40,6 +41,7 @@ pub use output::{
     GenerateOutput, ImageFrom, ImageReport, KeptIndices, KeptPerView, MemoryReport, PrefillMacs,
     PruneReport, Timings, TokenLogprob, TurnReport, ViewPatch, VisualTokens,
 };
+use positions::image_positions;
 use prefill::Prefilled;
 use prepare::{PreparedRequest, TurnImage};
 pub use request::{Conversation, GenerateRequest, ImageInput, TurnSettings, DEFAULT_MAX_IMAGES};
@@ -88,14 +90,22 @@ impl Engine {
         let t1 = Instant::now();
         let images = self.image_steps(&input)?;
         let packed: Vec<_> = images.iter().map(|i| i.packed.as_deref()).collect();
-        self.fit_images(&mut input, &packed, settings);
+        self.fit_images(&mut input, &packed, settings)?;
+        let positions = self.row_positions(&input, &images, settings.prune.positions);
+        debug_assert_eq!(positions.next, input.next_position);
         let vision_ms = ms(t1);
 
         let prefill_start = Instant::now();
         let mut picker = TokenPicker::new(settings, &mut on_text, cancel);
         let first_prompt_len = session.first_prompt_len();
         let cache = self.turn_cache(session, &input)?;
-        let mut state = self.prefill(&input, &images, cache, !picker.host_samples)?;
+        let mut state = self.prefill(
+            &input,
+            &images,
+            &positions.rows,
+            cache,
+            !picker.host_samples,
+        )?;
         // The logits row is read back only when the host samples or a caller asked for it.
         let wanted = picker.host_samples || settings.capture_outputs;
         let first_logits = self.read_if(wanted, &state.buffers.logits)?;
@@ -103,6 +113,15 @@ impl Engine {
         for image in &images {
             image_features.extend(self.read_if(settings.capture_outputs, &image.embeddings)?);
         }
+        let spans: Vec<usize> = input
+            .images
+            .iter()
+            .zip(&images)
+            .map(|(image, encoded)| {
+                let rows = input.span(image).len;
+                image_positions(image, encoded, rows, settings.prune.positions).span
+            })
+            .collect();
         let kept = self.kept_indices(&input, images, &state)?;
         let first = first_logits.clone();
         let decoded = self.decode(
@@ -124,7 +143,7 @@ impl Engine {
             (settings, first_prompt_len),
             &decoded,
             state.cache,
-            &kept,
+            (&kept, &spans),
         );
         let macs = self.prefill_macs(&input, &new_state.images);
         session.store(new_state);
@@ -142,7 +161,11 @@ impl Engine {
             timings_ms,
             decode_tokens_per_second: per_second(decoded_steps, decoded.decode_ms),
             prefill_macs: macs,
-            prune: PruneReport::of(settings.prune.method, input.images.first().map(|i| &i.plan)),
+            prune: PruneReport::of(
+                settings.prune.method,
+                input.images.first().map(|i| &i.plan),
+                settings.prune.positions,
+            ),
             stop_reason: decoded.stop_reason,
             logprobs: decoded.logprobs,
             memory,
@@ -265,18 +288,19 @@ fn session_state(
     (settings, first_prompt_len): (&TurnSettings, Option<usize>),
     decoded: &Decoded,
     cache: KvCache,
-    kept: &[ImageKept],
+    (kept, position_spans): (&[ImageKept], &[usize]),
 ) -> SessionState {
     let mut raw = input.raw.ids.clone();
     raw.extend_from_slice(&decoded.ids[..decoded.fed]);
     let mut images = input.held.clone();
-    for (image, kept) in input.images.iter().zip(kept) {
+    for ((image, kept), &position_span) in input.images.iter().zip(kept).zip(position_spans) {
         let stage2 = image.plan.stage2;
         images.push(HeldImage {
             id: input.keys[image.index],
             placeholder: input.raw.placeholders[image.index],
             n0: image.plan.n0,
             rows: input.span(image).len,
+            position_span,
             kept: kept.rows,
             pruned_from: stage2.map_or(usize::MAX, |s| s.layer),
             scored_until: stage2.map(|_| input.raw.ids.len()),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::gpu::MemoryStats;
-use crate::prune::{BeforeProjector, Method, Plan, Stage1Score};
+use crate::prune::{BeforeProjector, Method, Plan, Positions, Stage1Score};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct VisualTokens {
@@ -150,11 +150,15 @@ pub struct PruneReport {
     pub keep: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage2_layer: Option<usize>,
+    /// Where the tokens kept before the projector sit (absent without such a selection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub positions: Option<Positions>,
 }
 
 impl PruneReport {
-    /// `method` as `plan` (an image's plan, when the turn had one) resolved it.
-    pub fn of(method: Method, plan: Option<&Plan>) -> Self {
+    /// `method` as `plan` (an image's plan, when the turn had one) resolved it, its kept
+    /// tokens at `positions`.
+    pub fn of(method: Method, plan: Option<&Plan>, positions: Positions) -> Self {
         let mut report = Self {
             method,
             ..Self::default()
@@ -173,6 +177,9 @@ impl PruneReport {
         if let Some(stage2) = plan.stage2 {
             report.keep = Some(stage2.keep);
             report.stage2_layer = Some(stage2.layer);
+        }
+        if plan.before_projector.is_some() {
+            report.positions = Some(positions);
         }
         report
     }

@@ -182,24 +182,22 @@ impl Engine {
     /// Run the prompt's new rows (after the `input.reused` ones `cache` holds) through the
     /// decoder and leave the first token's logits in `buffers.logits` (and, with `gpu_argmax`,
     /// its greedy id in `next_token`). `images` are the projector outputs of the images the turn
-    /// prefills, in the order of `input.images`.
+    /// prefills, in the order of `input.images`; `positions` the new rows' RoPE positions.
     pub(super) fn prefill(
         &self,
         input: &PreparedRequest,
         images: &[EncodedImage],
+        positions: &[u32],
         cache: KvCache,
         gpu_argmax: bool,
     ) -> Result<Prefilled> {
         let gpu = &self.gpu;
-        let (prompt_len, reused) = (input.prompt.ids.len(), input.reused);
+        let reused = input.reused;
         let mut state = self.prefill_state(input, cache)?;
         let buffers = &state.buffers;
         buffers.hidden.write_f32(gpu, &input.embeddings)?;
-        // New rows sit at the positions after the reused ones (STAR's rule: stage 2 never
-        // shifts a position).
-        buffers
-            .positions
-            .write_u32(gpu, &(reused as u32..prompt_len as u32).collect::<Vec<_>>())?;
+        // The new rows' positions (`positions.rs`); stage 2 never shifts a position.
+        buffers.positions.write_u32(gpu, positions)?;
         let mut rec = Recorder::new(gpu);
         rec.set_stage("prefill");
         let row_bytes = (self.config.text.hidden_size * 4) as u64;

@@ -10,7 +10,7 @@ use image::DynamicImage;
 use crate::error::{Error, Result};
 use crate::model::image_cache::{ImageKey, ProjectedImage};
 use crate::model::llava::Engine;
-use crate::prune::Plan;
+use crate::prune::{Plan, Positions};
 use crate::text::EncodedPrompt;
 use crate::vision::anyres::{AnyresLayout, PackedToken};
 use crate::vision::decode_image;
@@ -69,6 +69,9 @@ pub(super) struct PreparedRequest {
     pub embeddings: Vec<f32>,
     /// Tokens to generate at most: the request's limit, capped by the context.
     pub max_new: usize,
+    /// The position after the prompt's last row: the first generated token's (more than the
+    /// prompt's length when kept image tokens keep their original positions).
+    pub next_position: usize,
 }
 
 impl PreparedRequest {
@@ -181,12 +184,12 @@ impl Engine {
             .chain(images.iter().map(|i| i.plan.n1()))
             .collect();
         let prompt = self.tokenizer.expand_images(&raw.ids, &rows)?;
-        self.check_context(&prompt)?;
         // The raw prefix holds one placeholder per held image, the prompt its rows.
         let reused = reuse.raw - held.len() + held.iter().map(|h| h.rows).sum::<usize>();
         let embeddings = self.prompt_embeddings(&prompt, reused)?;
-        Ok(PreparedRequest {
-            max_new: self.max_new(settings, &prompt),
+        let mut input = PreparedRequest {
+            max_new: 0,
+            next_position: 0,
             images,
             held,
             keys,
@@ -195,7 +198,9 @@ impl Engine {
             reuse,
             reused,
             embeddings,
-        })
+        };
+        self.set_limits(&mut input, settings)?;
+        Ok(input)
     }
 
     /// Image `index` of the conversation, new to the session: its pruning plan (the prompt
@@ -346,16 +351,30 @@ impl Engine {
         Ok(input)
     }
 
-    fn check_context(&self, prompt: &EncodedPrompt) -> Result<()> {
-        let prompt_len = prompt.ids.len();
-        let visual = prompt_len - prompt.text_tokens();
+    /// The position after the prompt and the answer's token limit, checked against the context:
+    /// the prompt takes its rows' positions, and, where kept image tokens keep their original
+    /// positions, those of the rows their selection dropped too.
+    fn set_limits(&self, input: &mut PreparedRequest, settings: &TurnSettings) -> Result<()> {
+        let prompt = &input.prompt;
+        let held: usize = input.held.iter().map(|h| h.position_span - h.rows).sum();
+        let original = settings.prune.positions == Positions::Original;
+        let dropped: usize = input
+            .images
+            .iter()
+            .filter(|image| original && image.plan.before_projector.is_some())
+            .map(|image| image.plan.n0 - prompt.images[image.index].len)
+            .sum();
+        let positions = prompt.ids.len() + held + dropped;
+        let visual = prompt.ids.len() - prompt.text_tokens();
         let context = self.config.text.max_position_embeddings;
-        if prompt_len >= context {
+        if positions >= context {
             return Err(Error::argument(
                 "prompt",
-                format!("the prompt takes {prompt_len} tokens ({visual} of them visual), the model's context is {context}"),
+                format!("the prompt takes {positions} positions ({} tokens, {visual} of them visual), the model's context is {context}", prompt.ids.len()),
             ));
         }
+        input.next_position = positions;
+        input.max_new = settings.max_new_tokens.min(context - positions);
         Ok(())
     }
 
@@ -367,7 +386,7 @@ impl Engine {
         input: &mut PreparedRequest,
         packed: &[Option<&[PackedToken]>],
         settings: &TurnSettings,
-    ) {
+    ) -> Result<()> {
         let dt = self.config.text.hidden_size;
         for (image, packed) in input.images.iter_mut().zip(packed) {
             let (Some(anyres), Some(packed)) = (image.anyres.as_mut(), packed) else {
@@ -383,13 +402,7 @@ impl Engine {
             let end = span.end() - input.reused;
             input.embeddings.drain((end - dropped) * dt..end * dt);
         }
-        input.max_new = self.max_new(settings, &input.prompt);
-    }
-
-    /// The request's token limit, capped by the room the context leaves after `prompt`.
-    fn max_new(&self, settings: &TurnSettings, prompt: &EncodedPrompt) -> usize {
-        let context = self.config.text.max_position_embeddings;
-        settings.max_new_tokens.min(context - prompt.ids.len())
+        self.set_limits(input, settings)
     }
 
     /// Token embeddings of `prompt.ids[from..]`, with zero rows where the image goes.

@@ -53,6 +53,8 @@ pub(super) struct HeldImage {
     pub n0: usize,
     /// Rows the prompt gives it (N1, after any selection before the projector).
     pub rows: usize,
+    /// Positions it takes: N0 when its kept rows keep their original positions, else `rows`.
+    pub position_span: usize,
     /// Rows stage 2 kept in layers from `pruned_from` on (`rows` when it did not run).
     pub kept: usize,
     /// 0-based decoder layer from which only `kept` rows are held (usize::MAX: every layer holds

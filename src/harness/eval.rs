@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::generate::GenerateRequest;
 use crate::model::llava::Engine;
-use crate::prune::{Method, PruneOptions};
+use crate::prune::{Method, Positions, PruneOptions};
 
 use super::stats::{wilson, Interval, McNemar, Z95};
 
@@ -146,7 +146,29 @@ pub struct TypeScore {
 pub struct EvalReport {
     pub model: String,
     pub questions: usize,
+    /// Where the tokens kept before the projector sat (docs/pruning.md, "Positions").
+    pub positions: Positions,
     pub rows: Vec<EvalRow>,
+}
+
+/// The settings an evaluation sweeps: each method at each budget, with one rule for positions.
+#[derive(Clone, Debug)]
+pub struct Sweep {
+    pub methods: Vec<Method>,
+    /// Final budgets as fractions of the visual tokens.
+    pub budgets: Vec<f64>,
+    pub positions: Positions,
+}
+
+impl Default for Sweep {
+    /// Every method at every budget of [`BUDGETS`], contiguous positions.
+    fn default() -> Self {
+        Self {
+            methods: METHODS.to_vec(),
+            budgets: BUDGETS.to_vec(),
+            positions: Positions::default(),
+        }
+    }
 }
 
 pub const METHODS: [Method; 5] = [
@@ -165,28 +187,21 @@ pub fn run(
     max_new_tokens: usize,
     progress: impl FnMut(&str),
 ) -> Result<EvalReport> {
-    run_methods(
-        engine,
-        label,
-        examples,
-        &METHODS,
-        &BUDGETS,
-        max_new_tokens,
-        progress,
-    )
+    let sweep = Sweep::default();
+    run_methods(engine, label, examples, &sweep, max_new_tokens, progress)
 }
 
-/// Evaluate the unpruned model, then each of `methods` at each of `budgets` (a shorter run,
-/// e.g. STAR at 11% alone to compare weight formats).
+/// Evaluate the unpruned model, then each of the sweep's methods at each of its budgets (a
+/// shorter run, e.g. STAR at 11% alone to compare weight formats).
 pub fn run_methods(
     engine: &Engine,
     label: &str,
     examples: &[Example],
-    methods: &[Method],
-    budgets: &[f64],
+    sweep: &Sweep,
     max_new_tokens: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<EvalReport> {
+    let (methods, budgets) = (&sweep.methods, &sweep.budgets);
     if let Some(bad) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
         return Err(crate::error::Error::argument(
             "budgets",
@@ -201,7 +216,8 @@ pub fn run_methods(
     }
     let mut rows: Vec<EvalRow> = Vec::new();
     for (method, budget) in plan {
-        let row = evaluate(engine, examples, method, budget, max_new_tokens)?;
+        let setting = (method, budget, sweep.positions);
+        let row = evaluate(engine, examples, setting, max_new_tokens)?;
         progress(&format!(
             "{} {:.0}%: {:.1}% correct (95% CI {:.1}–{:.1}%)",
             row.method,
@@ -224,6 +240,7 @@ pub fn run_methods(
     Ok(EvalReport {
         model: label.to_string(),
         questions: examples.len(),
+        positions: sweep.positions,
         rows,
     })
 }
@@ -233,8 +250,7 @@ pub fn run_methods(
 fn evaluate(
     engine: &Engine,
     examples: &[Example],
-    method: Method,
-    budget: f64,
+    (method, budget, positions): (Method, f64, Positions),
     max_new_tokens: usize,
 ) -> Result<EvalRow> {
     let per_view = engine.config.anyres.is_some();
@@ -250,6 +266,7 @@ fn evaluate(
         let n0 = engine.visual_tokens_of(&ex.image)?;
         // A different random selection per question, reproducible.
         request.prune = setting(method, budget, n0, i as u64, per_view);
+        request.prune.positions = positions;
         let out = engine.generate(&request, |_| {})?;
         visual = out.visual_tokens.after_stage2;
         let good = normalise(&out.text) == normalise(&ex.answer);
@@ -318,9 +335,12 @@ fn ci_cell(ci: &Interval) -> String {
 impl EvalReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "model: {}\n{} held-out questions; 95% CI: Wilson score interval; vs STAR: questions \
-             only this row / only STAR at the same budget answered correctly, exact McNemar p\n\n",
-            self.model, self.questions
+            "model: {}\n{} held-out questions; tokens kept before the projector at {} positions; \
+             95% CI: Wilson score interval; vs STAR: questions only this row / only STAR at the \
+             same budget answered correctly, exact McNemar p\n\n",
+            self.model,
+            self.questions,
+            self.positions.name()
         );
         out.push_str(&format!(
             "{:<10} {:>7} {:>8} {:>9} {:>11} {:>10} {:>20} {:>12}\n",
@@ -448,9 +468,11 @@ mod tests {
         let table = EvalReport {
             model: "m".into(),
             questions: 20,
+            positions: Positions::Original,
             rows,
         }
         .table();
         assert!(table.contains("+3 -10 p=0.092"), "{table}");
+        assert!(table.contains("at original positions"), "{table}");
     }
 }

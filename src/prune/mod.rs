@@ -138,6 +138,39 @@ pub struct PruneOptions {
     pub stage1_score: Stage1Score,
     /// Seed of the random baseline.
     pub seed: u64,
+    /// The RoPE positions of the image tokens a selection before the projector keeps.
+    pub positions: Positions,
+}
+
+/// Where the image tokens kept before the projector sit in RoPE's positions
+/// (docs/pruning.md, "Positions").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// Each kept token keeps its patch's position, and the text after the image continues where
+    /// it would unpruned (as stage 2 always does).
+    Original,
+    /// The kept tokens are renumbered one after another (the prompt is just shorter).
+    #[default]
+    Contiguous,
+}
+
+impl Positions {
+    pub const ALL: [Positions; 2] = [Positions::Original, Positions::Contiguous];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Positions::Original => "original",
+            Positions::Contiguous => "contiguous",
+        }
+    }
+}
+
+impl FromStr for Positions {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        parse_name(text, &Self::ALL, Self::name, "prune.positions")
+    }
 }
 
 /// Default stage-1 reduction ratio (STAR: 576 → 518).

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::error::Error;
 use crate::generate::{Conversation, ImageInput, TurnSettings};
-use crate::prune::{Method, PruneOptions, Stage1Score};
+use crate::prune::{Method, Positions, PruneOptions, Stage1Score};
 use crate::sample::SamplingParams;
 use crate::text::{Message, Role, Template};
 use crate::vision::preprocess::MAX_IMAGE_FILE_BYTES;
@@ -285,7 +285,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
             ))
         }
     };
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 9] = [
         "method",
         "keep",
         "keep_ratio",
@@ -293,6 +293,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
         "stage1_ratio",
         "stage2_layer",
         "stage1_score",
+        "positions",
         "seed",
     ];
     if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
@@ -319,6 +320,9 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     let mut options = default_prune();
     if let Some(method) = text("method")? {
         options.method = method.parse::<Method>().map_err(library)?;
+    }
+    if let Some(positions) = text("positions")? {
+        options.positions = positions.parse::<Positions>().map_err(library)?;
     }
     if let Some(score) = text("stage1_score")? {
         options.stage1_score = score.parse::<Stage1Score>().map_err(library)?;

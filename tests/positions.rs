@@ -1,0 +1,131 @@
+//! Selections before the projector with the kept image tokens at their patches' own RoPE
+//! positions (`Positions::Original`), against a PyTorch reference with explicit position ids
+//! (`scripts/positions_reference.py`, `weights/tiny-random-llava/reference/positions.json`):
+//! FasterVLM keeping 10 of 36 patches both ways (the two differ), and STAR with original
+//! positions, whose stage 2 then scores differently. f32 weights and KV cache, so every greedy
+//! token must match and the first logits to f32 precision.
+
+mod fixture;
+
+use serde_json::Value;
+
+use llava_wgpu::gpu::{DType, WeightFormat};
+use llava_wgpu::prune::{Method, Positions, PruneOptions};
+use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+
+fn reference() -> Value {
+    let path = fixture::reference_dir().join("positions.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn usizes(v: &Value) -> Vec<usize> {
+    let list = v.as_array().unwrap().iter();
+    list.map(|x| x.as_u64().unwrap() as usize).collect()
+}
+
+fn logits(case: usize, method: &str) -> Vec<f32> {
+    let file = fixture::reference_dir().join("positions_logits.safetensors");
+    let bytes = std::fs::read(file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = tensors
+        .tensor(&format!("case{case}.{method}.first_logits"))
+        .unwrap();
+    bytemuck::pod_collect_to_vec(view.data())
+}
+
+fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.capture_outputs = true;
+    request.max_new_tokens = 8;
+    request.ignore_eos = true;
+    request.prune = prune;
+    engine.generate(&request, |_| {}).unwrap()
+}
+
+/// The engine's answer against one recorded method: generated ids, first logits. The reference
+/// masks EOS, so the ids are compared up to the engine's first EOS (it keeps going past it).
+fn check(engine: &Engine, out: &GenerateOutput, recorded: &Value, case: usize, method: &str) {
+    let ids: Vec<u32> = usizes(&recorded["generated_ids"])
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let eos = &engine.config.text.eos_token_id;
+    let before_eos = out
+        .generated_ids
+        .iter()
+        .position(|id| eos.contains(id))
+        .unwrap_or(ids.len());
+    assert!(
+        before_eos >= 4,
+        "case {case} {method}: EOS at step {before_eos}"
+    );
+    assert_eq!(
+        out.generated_ids[..before_eos],
+        ids[..before_eos],
+        "case {case} {method}"
+    );
+    let err = fixture::rel_l2(&out.first_logits, &logits(case, method));
+    eprintln!("case {case} {method}: first logits rel. L2 {err:.2e}");
+    assert!(
+        err < 1e-4,
+        "case {case} {method}: first logits rel. L2 {err}"
+    );
+}
+
+#[test]
+fn kept_tokens_at_their_original_positions_match_the_pytorch_reference() {
+    let reference = reference();
+    let budgets = &reference["budgets"];
+    let budget = |name: &str| Some(budgets[name].as_u64().unwrap() as usize);
+    let options = EngineOptions {
+        weight_format: Some(WeightFormat::F32.into()),
+        kv: Some(DType::F32),
+        ..Default::default()
+    };
+    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    let cases = fixture::cases();
+    let mut differ = 0usize;
+    for recorded in reference["cases"].as_array().unwrap() {
+        let i = recorded["index"].as_u64().unwrap() as usize;
+        let case = &cases[i];
+        let methods = &recorded["methods"];
+        for (method, positions) in [
+            ("fastervlm_original", Positions::Original),
+            ("fastervlm_contiguous", Positions::Contiguous),
+        ] {
+            let prune = PruneOptions {
+                method: Method::Fastervlm,
+                keep: budget("fastervlm_keep"),
+                positions,
+                ..PruneOptions::default()
+            };
+            let out = run(&engine, case, prune);
+            let kept = out.kept_visual_indices.as_ref().unwrap().stage1.clone();
+            assert_eq!(kept.unwrap(), usizes(&methods[method]["kept"]), "case {i}");
+            check(&engine, &out, &methods[method], i, method);
+        }
+        let star = PruneOptions {
+            method: Method::Star,
+            stage1_keep: budget("N1"),
+            keep: budget("N2"),
+            stage2_layer: budget("K"),
+            positions: Positions::Original,
+            ..PruneOptions::default()
+        };
+        let out = run(&engine, case, star);
+        let kept = out.kept_visual_indices.as_ref().unwrap();
+        let recorded_star = &methods["star_original"];
+        assert_eq!(
+            kept.stage1.clone().unwrap(),
+            usizes(&recorded_star["stage1_kept"])
+        );
+        assert_eq!(
+            kept.stage2.clone().unwrap(),
+            usizes(&recorded_star["stage2_kept"])
+        );
+        check(&engine, &out, recorded_star, i, "star_original");
+        differ += usize::from(recorded["original_vs_contiguous_generated_ids_differ"] == true);
+    }
+    // The reference shows the two numberings answer differently (4 of its 5 cases).
+    assert!(differ >= 1);
+}

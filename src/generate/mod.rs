@@ -113,15 +113,7 @@ impl Engine {
         for image in &images {
             image_features.extend(self.read_if(settings.capture_outputs, &image.embeddings)?);
         }
-        let spans: Vec<usize> = input
-            .images
-            .iter()
-            .zip(&images)
-            .map(|(image, encoded)| {
-                let rows = input.span(image).len;
-                image_positions(image, encoded, rows, settings.prune.positions).span
-            })
-            .collect();
+        let spans = position_spans(&input, &images, settings);
         let kept = self.kept_indices(&input, images, &state)?;
         let first = first_logits.clone();
         let decoded = self.decode(
@@ -133,10 +125,13 @@ impl Engine {
             prefill_start,
         )?;
 
-        let kv_cache_bytes = state.cache.allocated_bytes();
-        let memory = MemoryReport::of(&self.gpu.memory_stats());
-        let decoded_steps = decoded.ids.len().saturating_sub(1);
-        let timings_ms = timings(self.load_ms, (preprocess_ms, vision_ms), &decoded, total);
+        let measured = Measured {
+            kv_cache_bytes: state.cache.allocated_bytes(),
+            memory: MemoryReport::of(&self.gpu.memory_stats()),
+            timings_ms: timings(self.load_ms, (preprocess_ms, vision_ms), &decoded, total),
+            first_logits,
+            image_features,
+        };
         let reports = image_reports(&input, &kept);
         let new_state = session_state(
             &input,
@@ -147,6 +142,19 @@ impl Engine {
         );
         let macs = self.prefill_macs(&input, &new_state.images);
         session.store(new_state);
+        self.turn_output(&input, settings, decoded, (reports, macs), measured)
+    }
+
+    /// What a turn returns, from its parts.
+    fn turn_output(
+        &self,
+        input: &PreparedRequest,
+        settings: &TurnSettings,
+        decoded: Decoded,
+        (reports, prefill_macs): (Vec<ImageReport>, PrefillMacs),
+        measured: Measured,
+    ) -> Result<GenerateOutput> {
+        let decoded_steps = decoded.ids.len().saturating_sub(1);
         Ok(GenerateOutput {
             text: self.tokenizer.decode(&decoded.ids)?,
             generated_ids: decoded.ids,
@@ -157,10 +165,10 @@ impl Engine {
                 _ => None,
             },
             images: reports,
-            kv_cache_bytes,
-            timings_ms,
+            kv_cache_bytes: measured.kv_cache_bytes,
+            timings_ms: measured.timings_ms,
             decode_tokens_per_second: per_second(decoded_steps, decoded.decode_ms),
-            prefill_macs: macs,
+            prefill_macs,
             prune: PruneReport::of(
                 settings.prune.method,
                 input.images.first().map(|i| &i.plan),
@@ -168,10 +176,10 @@ impl Engine {
             ),
             stop_reason: decoded.stop_reason,
             logprobs: decoded.logprobs,
-            memory,
-            first_logits,
-            image_features,
-            turn: turn_report(&input),
+            memory: measured.memory,
+            first_logits: measured.first_logits,
+            image_features: measured.image_features,
+            turn: turn_report(input),
         })
     }
 
@@ -271,6 +279,30 @@ impl Engine {
             prefill_unpruned: prefill_macs(&vec![unpruned; layers], &widths),
         }
     }
+}
+
+/// What a turn measured about itself, for its output.
+struct Measured {
+    kv_cache_bytes: u64,
+    memory: MemoryReport,
+    timings_ms: Timings,
+    first_logits: Vec<f32>,
+    image_features: Vec<f32>,
+}
+
+/// The positions each new image takes (see `positions.rs`), for the session.
+fn position_spans(
+    input: &PreparedRequest,
+    images: &[EncodedImage],
+    settings: &TurnSettings,
+) -> Vec<usize> {
+    let spans = input.images.iter().zip(images);
+    spans
+        .map(|(image, encoded)| {
+            let rows = input.span(image).len;
+            image_positions(image, encoded, rows, settings.prune.positions).span
+        })
+        .collect()
 }
 
 /// What one new image kept (see [`Engine::kept_indices`]).

@@ -289,34 +289,9 @@ async fn chat(State(app): State<Shared>, request: Request) -> Response {
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
-    let (events, mut rx) = unbounded_channel();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let job = Job {
-        conversation: request.conversation.clone(),
-        settings: request.settings.clone(),
-        stop: request.stop.clone(),
-        top_logprobs: request.logprobs.unwrap_or(0),
-        cancel: cancel.clone(),
-        events,
-    };
-    app.stats.queued.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = app.jobs.try_send(job) {
-        app.stats.queued.fetch_sub(1, Ordering::Relaxed);
-        let message = match e {
-            TrySendError::Full(_) => "the server is busy: the queue is full, retry shortly",
-            TrySendError::Disconnected(_) => "the server is shutting down",
-        };
-        return error_response(&ApiError {
-            status: 503,
-            message: message.into(),
-            kind: "server_error",
-            param: None,
-            code: Some("overloaded"),
-        });
-    }
-    let mut guard = CancelOnDrop {
-        cancel,
-        armed: true,
+    let (mut rx, mut guard) = match enqueue(&app, &request) {
+        Ok(queued) => queued,
+        Err(e) => return error_response(&e),
     };
     let meta = Meta::new(&app, &request);
     // Wait for the first event so that a request the model refuses gets its status code.
@@ -349,6 +324,44 @@ async fn chat(State(app): State<Shared>, request: Request) -> Response {
             None => return error_response(&worker_gone()),
         };
     }
+}
+
+/// Hand `request` to the GPU worker's queue: the receiver of its events and the guard that
+/// cancels it if the client goes away, or 503 when the queue is full.
+fn enqueue(
+    app: &App,
+    request: &ChatRequest,
+) -> std::result::Result<(UnboundedReceiver<Event>, CancelOnDrop), ApiError> {
+    let (events, rx) = unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let job = Job {
+        conversation: request.conversation.clone(),
+        settings: request.settings.clone(),
+        stop: request.stop.clone(),
+        top_logprobs: request.logprobs.unwrap_or(0),
+        cancel: cancel.clone(),
+        events,
+    };
+    app.stats.queued.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = app.jobs.try_send(job) {
+        app.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        let message = match e {
+            TrySendError::Full(_) => "the server is busy: the queue is full, retry shortly",
+            TrySendError::Disconnected(_) => "the server is shutting down",
+        };
+        return Err(ApiError {
+            status: 503,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("overloaded"),
+        });
+    }
+    let guard = CancelOnDrop {
+        cancel,
+        armed: true,
+    };
+    Ok((rx, guard))
 }
 
 fn worker_gone() -> ApiError {

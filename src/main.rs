@@ -252,7 +252,7 @@ struct EvalArgs {
     #[arg(long, value_delimiter = ',')]
     budgets: Vec<f64>,
     /// RoPE positions of the tokens a selection before the projector keeps.
-    #[arg(long, value_enum, default_value_t = PositionsArg::Contiguous)]
+    #[arg(long, value_enum, default_value_t = PositionsArg::Original)]
     positions: PositionsArg,
     #[command(flatten)]
     weights: WeightArgs,
@@ -385,7 +385,7 @@ pub(crate) struct BudgetArgs {
     stage1_score: Stage1ScoreArg,
     /// RoPE positions of the image tokens a selection before the projector keeps: their
     /// patches' own (the text after continues as unpruned), or renumbered one after another.
-    #[arg(long, value_enum, default_value_t = PositionsArg::Contiguous)]
+    #[arg(long, value_enum, default_value_t = PositionsArg::Original)]
     positions: PositionsArg,
 }
 

@@ -10,11 +10,20 @@ mod next_fixture;
 
 use llava_wgpu::generate::ViewPatch;
 use llava_wgpu::gpu::DType;
-use llava_wgpu::prune::{Method, PruneOptions};
+use llava_wgpu::prune::{Method, Positions, PruneOptions};
 use llava_wgpu::text::Template;
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 use next_fixture::{Case, VICUNA};
+
+/// The references were recorded with the kept tokens renumbered one after another (transformers
+/// fed fewer image tokens), so these runs ask for contiguous positions.
+fn contiguous() -> PruneOptions {
+    PruneOptions {
+        positions: Positions::Contiguous,
+        ..PruneOptions::default()
+    }
+}
 
 /// Stage 2's layer in these tests (1-based: scores of layer K−1, rows dropped entering K).
 const K: usize = 2;
@@ -113,13 +122,13 @@ fn keeping_every_token_is_bit_identical_to_no_pruning() {
             stage1_ratio: Some(0.0),
             keep: Some(all),
             stage2_layer: Some(K),
-            ..Default::default()
+            ..contiguous()
         };
         let fastv = PruneOptions {
             method: Method::Fastv,
             keep: Some(all),
             stage2_layer: Some(K),
-            ..Default::default()
+            ..contiguous()
         };
         for prune in [star, fastv] {
             let out = run(&engine, case, prune.clone(), 4);
@@ -145,7 +154,7 @@ fn stage_1_selects_per_view_and_matches_transformers() {
             stage1_keep: Some(per_view_keep * views),
             keep: Some(per_view_keep * views),
             stage2_layer: Some(K),
-            ..Default::default()
+            ..contiguous()
         };
         let out = run(&engine, &case, star, 8);
         let rows = packed(&case, |v, index| reference[v].contains(&index));
@@ -216,7 +225,7 @@ fn stage_2_and_fastv_outputs_match_the_pytorch_drop_reference() {
                 stage1_keep: (method == Method::Star).then_some(per_view_keep * views),
                 keep: Some(n2),
                 stage2_layer: Some(k),
-                ..Default::default()
+                ..contiguous()
             };
             let out = run(&engine, &case, prune, 8);
             let label = format!("case {i} {method}");
@@ -273,7 +282,7 @@ fn stage_2_and_fastv_keep_the_top_patches_over_all_views_and_every_newline() {
                 stage1_ratio: (method == Method::Star).then_some(0.0),
                 keep: Some(n2),
                 stage2_layer: Some(K),
-                ..Default::default()
+                ..contiguous()
             };
             let out = run(&engine, &case, prune, 1);
             let want = patches(&rows, &top_patches(&scores, &rows, n2));
@@ -298,7 +307,7 @@ fn before_projector_baselines_split_their_budget_across_views() {
         let prune = PruneOptions {
             method: Method::Fastervlm,
             keep: Some(n2),
-            ..Default::default()
+            ..contiguous()
         };
         let out = run(&engine, &case, prune, 1);
         // Per view: top-k of the CLS row's attention to that view's patches (key 0 is CLS).
@@ -331,7 +340,7 @@ fn a_budget_below_the_view_count_goes_to_the_first_views() {
     let prune = PruneOptions {
         method: Method::Fastervlm,
         keep: Some(2),
-        ..Default::default()
+        ..contiguous()
     };
     let out = run(&engine, case, prune, 1);
     let views: Vec<usize> = per_view(&out)
@@ -349,7 +358,7 @@ fn a_budget_below_the_view_count_goes_to_the_first_views() {
         method: Method::Star,
         stage1_keep: Some(17 * case.int("num_views")),
         keep: Some(4),
-        ..Default::default()
+        ..contiguous()
     };
     let mut request = GenerateRequest::new(&case.image, &case.prompt);
     request.prune = too_many;

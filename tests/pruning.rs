@@ -4,7 +4,7 @@
 mod fixture;
 
 use llava_wgpu::gpu::DType;
-use llava_wgpu::prune::{Method, PruneOptions};
+use llava_wgpu::prune::{Method, Positions, PruneOptions};
 use llava_wgpu::text::Template;
 use llava_wgpu::vision::overlay::{self, PatchGrid};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
@@ -42,7 +42,7 @@ fn star(n1: usize, n2: usize, k: usize) -> PruneOptions {
         stage1_keep: Some(n1),
         keep: Some(n2),
         stage2_layer: Some(k),
-        ..Default::default()
+        ..contiguous()
     }
 }
 
@@ -70,7 +70,7 @@ fn keeping_every_token_is_bit_identical_to_no_pruning() {
             PruneOptions {
                 method: Method::Fastv,
                 keep: Some(36),
-                ..Default::default()
+                ..contiguous()
             },
             6,
         );
@@ -131,7 +131,7 @@ fn every_baseline_keeps_its_budget() {
             PruneOptions {
                 method,
                 keep: Some(9),
-                ..Default::default()
+                ..contiguous()
             },
             3,
         );
@@ -170,6 +170,15 @@ fn impossible_settings_are_refused() {
 
 use llava_wgpu::gpu::WeightFormat;
 use llava_wgpu::prune::top_k;
+
+/// The references were recorded with the kept tokens renumbered one after another (transformers
+/// fed fewer image tokens), so these runs ask for contiguous positions.
+fn contiguous() -> PruneOptions {
+    PruneOptions {
+        positions: Positions::Contiguous,
+        ..PruneOptions::default()
+    }
+}
 
 /// f32 weights and an f32 KV cache: the exact path the transformers references are held to.
 fn engine_f32() -> Engine {
@@ -231,7 +240,7 @@ fn kept_indices_equal_a_cpu_top_k_over_the_scores_transformers_computed() {
                 method: Method::Fastv,
                 keep: Some(n2),
                 stage2_layer: Some(k),
-                ..Default::default()
+                ..contiguous()
             },
             1,
         );
@@ -248,7 +257,7 @@ fn kept_indices_equal_a_cpu_top_k_over_the_scores_transformers_computed() {
             PruneOptions {
                 method: Method::Fastervlm,
                 keep: Some(n2),
-                ..Default::default()
+                ..contiguous()
             },
             1,
         );
@@ -331,7 +340,7 @@ fn stage_2_output_matches_the_pytorch_drop_reference() {
                 method: Method::Fastv,
                 keep: Some(n2),
                 stage2_layer: Some(k),
-                ..Default::default()
+                ..contiguous()
             },
             1,
         );

@@ -109,7 +109,7 @@ fn run_without_a_model_uses_the_demo_model_and_answers() {
     // microsecond and whether the total holds the load.
     assert_eq!(
         json["prune"],
-        serde_json::json!({"method": "star", "stage1_keep": 176, "stage1_score": "attention", "keep": 22, "stage2_layer": 2, "positions": "contiguous"})
+        serde_json::json!({"method": "star", "stage1_keep": 176, "stage1_score": "attention", "keep": 22, "stage2_layer": 2, "positions": "original"})
     );
     let macs = &json["prefill_macs"];
     assert!(macs["prefill"].as_u64().unwrap() < macs["prefill_unpruned"].as_u64().unwrap());

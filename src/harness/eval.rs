@@ -161,7 +161,7 @@ pub struct Sweep {
 }
 
 impl Default for Sweep {
-    /// Every method at every budget of [`BUDGETS`], contiguous positions.
+    /// Every method at every budget of [`BUDGETS`], the default positions.
     fn default() -> Self {
         Self {
             methods: METHODS.to_vec(),

@@ -148,10 +148,12 @@ pub struct PruneOptions {
 #[serde(rename_all = "lowercase")]
 pub enum Positions {
     /// Each kept token keeps its patch's position, and the text after the image continues where
-    /// it would unpruned (as stage 2 always does).
-    Original,
-    /// The kept tokens are renumbered one after another (the prompt is just shorter).
+    /// it would unpruned (as stage 2 always does). The default: on the held-out questions it
+    /// keeps more accuracy for every before-projector method (docs/evaluation.md, "Positions").
     #[default]
+    Original,
+    /// The kept tokens are renumbered one after another (the prompt is just shorter), as
+    /// feeding a model fewer image tokens does.
     Contiguous,
 }
 

@@ -46,7 +46,7 @@ Run:  python scripts/conversation_reference.py      (CPU, float32, a few seconds
 from __future__ import annotations
 
 # first: sets the offline environment before transformers loads
-from llava_hf_common import versions
+from llava_hf_common import load_fixture, versions
 
 import copy
 import json
@@ -59,7 +59,7 @@ import jinja2.sandbox
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
 
 import make_tiny_llava as v15  # clip_layer_scores, topk_keep, boundary_gap, LayerKV, splice_embeds, lm_*, pick
 
@@ -402,14 +402,7 @@ def one_pass(model, ctx: dict, turn: dict, budgets: Budgets):
 
 def main() -> int:
     t0 = time.time()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # bit-reproducible CPU reductions (as make_tiny_llava.py)
-    torch.use_deterministic_algorithms(True)
-
-    model = LlavaForConditionalGeneration.from_pretrained(FIXTURE, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(FIXTURE)
-    tok = AutoTokenizer.from_pretrained(FIXTURE)
+    model, processor, tok = load_fixture(FIXTURE)
     cfg = model.config
     vc, tc = cfg.vision_config, cfg.text_config
     n0 = (vc.image_size // vc.patch_size) ** 2

@@ -189,3 +189,18 @@ def save_processor_files(out: Path, processor: LlavaProcessor, raw_tok: Tokenize
     if not (out / "chat_template.jinja").exists():
         (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return written_by_transformers
+
+
+def load_fixture(directory: Path):
+    """A llava-hf checkpoint for a reference script, reproducibly: f32, eager attention (its
+    probabilities are read), one thread and deterministic kernels (bit-reproducible CPU
+    reductions, as make_tiny_llava.py). Returns (model, processor, tokenizer)."""
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    return model, AutoProcessor.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)

@@ -56,7 +56,7 @@ Run:  cd /work/main && python3 scripts/positions_reference.py      (CPU, float32
 from __future__ import annotations
 
 # first: sets the offline environment before transformers loads
-from llava_hf_common import versions
+from llava_hf_common import load_fixture, versions
 
 import copy
 import json
@@ -68,7 +68,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import make_tiny_llava as v15  # clip_layer_scores, topk_keep, boundary_gap, LayerKV, splice_embeds, lm_*, pick
@@ -288,14 +288,7 @@ def run_methods(model, cases: list[Case], n1: int, n2: int, eos_id: int, image_i
 @torch.no_grad()
 def main() -> int:
     t0 = time.time()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # bit-reproducible CPU reductions (as make_tiny_llava.py)
-    torch.use_deterministic_algorithms(True)
-
-    model = LlavaForConditionalGeneration.from_pretrained(FIXTURE, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(FIXTURE)
-    tok = AutoTokenizer.from_pretrained(FIXTURE)
+    model, processor, tok = load_fixture(FIXTURE)
     cfg = model.config
     vc, tc = cfg.vision_config, cfg.text_config
     n0 = (vc.image_size // vc.patch_size) ** 2

@@ -60,7 +60,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-
 import make_tiny_llava as v15  # clip_layer_scores, topk_keep, boundary_gap, LayerKV, splice_embeds, lm_*, pick
 
 REPO = Path(__file__).resolve().parent.parent

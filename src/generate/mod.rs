@@ -338,9 +338,9 @@ fn session_state(
             scored_until: stage2.map(|_| input.raw.ids.len()),
         });
     }
-    // A turn that reuses nothing starts the conversation over.
+    // A turn that does not keep the first prompt whole starts the conversation over.
     let first_prompt_len = match (first_prompt_len, input.reuse.raw) {
-        (Some(len), reused) if reused > 0 => len,
+        (Some(len), reused) if reused >= len => len,
         _ => input.raw.ids.len(),
     };
     SessionState {

@@ -199,7 +199,13 @@ impl Engine {
             reused,
             embeddings,
         };
-        self.set_limits(&mut input, settings)?;
+        // LLaVA-NeXT images with a selection are tokenized with every packed row and shrink after
+        // their passes: the context is checked then (`fit_images`), not against rows they drop.
+        let shrinks = input
+            .images
+            .iter()
+            .any(|i| i.anyres.as_ref().is_some_and(|a| a.per_view.is_some()));
+        self.set_limits(&mut input, settings, !shrinks)?;
         Ok(input)
     }
 
@@ -354,7 +360,13 @@ impl Engine {
     /// The position after the prompt and the answer's token limit, checked against the context:
     /// the prompt takes its rows' positions, and, where kept image tokens keep their original
     /// positions, those of the rows their selection dropped too.
-    fn set_limits(&self, input: &mut PreparedRequest, settings: &TurnSettings) -> Result<()> {
+    /// With `enforce` false the limits are only estimated (the prompt will shrink).
+    fn set_limits(
+        &self,
+        input: &mut PreparedRequest,
+        settings: &TurnSettings,
+        enforce: bool,
+    ) -> Result<()> {
         let prompt = &input.prompt;
         let held: usize = input.held.iter().map(|h| h.position_span - h.rows).sum();
         let original = settings.prune.positions == Positions::Original;
@@ -367,14 +379,16 @@ impl Engine {
         let positions = prompt.ids.len() + held + dropped;
         let visual = prompt.ids.len() - prompt.text_tokens();
         let context = self.config.text.max_position_embeddings;
-        if positions >= context {
+        if positions >= context && enforce {
             return Err(Error::argument(
                 "prompt",
                 format!("the prompt takes {positions} positions ({} tokens, {visual} of them visual), the model's context is {context}", prompt.ids.len()),
             ));
         }
         input.next_position = positions;
-        input.max_new = settings.max_new_tokens.min(context - positions);
+        input.max_new = settings
+            .max_new_tokens
+            .min(context.saturating_sub(positions));
         Ok(())
     }
 
@@ -402,7 +416,7 @@ impl Engine {
             let end = span.end() - input.reused;
             input.embeddings.drain((end - dropped) * dt..end * dt);
         }
-        self.set_limits(input, settings)
+        self.set_limits(input, settings, true)
     }
 
     /// Token embeddings of `prompt.ids[from..]`, with zero rows where the image goes.

@@ -226,29 +226,7 @@ impl SessionState {
     /// conversation's image at its place, or whose stage-2 scoring text the conversation does
     /// not keep whole, and leaving at least one new id (its logits start the answer).
     pub fn reuse(&self, raw: &[u32], keys: &[ImageKey]) -> Reuse {
-        let common = raw
-            .iter()
-            .zip(&self.raw)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let mut prefix = common.min(raw.len().saturating_sub(1));
-        let mut images = 0;
-        for (j, image) in self.images.iter().enumerate() {
-            if image.placeholder >= prefix {
-                break;
-            }
-            let same = keys.get(j) == Some(&image.id);
-            let scored_text_kept = image.scored_until.is_none_or(|end| end <= prefix);
-            if !same || !scored_text_kept {
-                prefix = image.placeholder;
-                break;
-            }
-            images = j + 1;
-        }
-        Reuse {
-            raw: prefix,
-            images,
-        }
+        reusable_prefix((&self.raw, &self.images), raw, keys)
     }
 
     /// Keep the cached rows of the `reuse.raw` leading ids only: each layer holds the text ids
@@ -265,5 +243,94 @@ impl SessionState {
                     .sum::<usize>();
         }
         self.raw.truncate(reuse.raw);
+    }
+}
+
+/// [`SessionState::reuse`] over what the session holds (`held_raw` ids, `held` images): the
+/// common prefix, cut before the first image that differs or whose stage-2 scoring text is not
+/// kept whole. A cut can strand an image accepted before it whose scoring text reached past the
+/// cut (two images pruned together in one turn, the second replaced): such images are dropped
+/// too, back to the first whose text the prefix still keeps.
+fn reusable_prefix(
+    (held_raw, held): (&[u32], &[HeldImage]),
+    raw: &[u32],
+    keys: &[ImageKey],
+) -> Reuse {
+    let common = raw.iter().zip(held_raw).take_while(|(a, b)| a == b).count();
+    let mut prefix = common.min(raw.len().saturating_sub(1));
+    let mut images = 0;
+    for (j, image) in held.iter().enumerate() {
+        if image.placeholder >= prefix {
+            break;
+        }
+        let same = keys.get(j) == Some(&image.id);
+        let scored_text_kept = image.scored_until.is_none_or(|end| end <= prefix);
+        if !same || !scored_text_kept {
+            prefix = image.placeholder;
+            while images > 0
+                && held[images - 1]
+                    .scored_until
+                    .is_some_and(|end| end > prefix)
+            {
+                images -= 1;
+                prefix = held[images].placeholder;
+            }
+            break;
+        }
+        images = j + 1;
+    }
+    Reuse {
+        raw: prefix,
+        images,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image at raw index `placeholder`, pruned at stage 2 by text up to `scored_until`.
+    fn image(key: u8, placeholder: usize, scored_until: Option<usize>) -> HeldImage {
+        HeldImage {
+            id: ImageKey([key; 32]),
+            placeholder,
+            n0: 4,
+            rows: 3,
+            position_span: 3,
+            kept: 2,
+            pruned_from: 1,
+            scored_until,
+        }
+    }
+
+    #[test]
+    fn reuse_stops_before_an_image_that_changed_and_its_turn_partners() {
+        // Raw ids: text 0..=1, image A at 2, text 3, image B at 4, text 5..=9 (A and B pruned
+        // together by the turn that ended at 8), then a fed answer.
+        let held_raw: Vec<u32> = (0..12).collect();
+        let held = [image(1, 2, Some(8)), image(2, 4, Some(8))];
+        let keys = |b: u8| [ImageKey([1; 32]), ImageKey([b; 32])];
+        let same = reusable_prefix((&held_raw, &held), &(0..15).collect::<Vec<_>>(), &keys(2));
+        assert_eq!(same, Reuse { raw: 12, images: 2 });
+        // B replaced: both go (A's kept rows were ranked with B), back to A's placeholder.
+        let replaced = reusable_prefix((&held_raw, &held), &(0..15).collect::<Vec<_>>(), &keys(9));
+        assert_eq!(replaced, Reuse { raw: 2, images: 0 });
+        // The scoring text edited (ids differ from 6 on): both images go as well.
+        let mut edited: Vec<u32> = (0..15).collect();
+        edited[6] = 99;
+        assert_eq!(
+            reusable_prefix((&held_raw, &held), &edited, &keys(2)),
+            Reuse { raw: 2, images: 0 }
+        );
+        // An unpruned image stays when later text changes; at least one new id is left.
+        let unpruned = [image(1, 2, None)];
+        assert_eq!(
+            reusable_prefix((&held_raw, &unpruned), &edited, &keys(2)),
+            Reuse { raw: 6, images: 1 }
+        );
+        assert_eq!(
+            reusable_prefix((&held_raw, &unpruned), &held_raw[..5], &keys(2)),
+            Reuse { raw: 4, images: 1 }
+        );
     }
 }

@@ -646,6 +646,15 @@ fn the_server_listens_while_the_model_loads() {
     let (status, answer) = post(&server, &question.to_string());
     assert_eq!(status, 200, "{answer}");
     server.shutdown().unwrap();
+    // A server started with a loaded engine is ready before its first connection (it once
+    // answered 503 to a request that beat the worker thread).
+    let options = ServeOptions {
+        port: 0,
+        ..ServeOptions::default()
+    };
+    let ready = Server::start(load(), options).unwrap();
+    assert_eq!(health_status(&ready), 200);
+    ready.shutdown().unwrap();
 }
 
 fn health_status(server: &Server) -> u16 {

@@ -87,7 +87,10 @@ pub struct Server {
 impl Server {
     /// Bind, start the worker and the HTTP runtime, and return once connections are accepted.
     pub fn start(engine: Engine, options: ServeOptions) -> Result<Self> {
-        Self::start_loading(model_name(&engine.model_dir), options, move || Ok(engine))
+        // Ready before the first connection: the engine is loaded already.
+        let ready = Arc::new(OnceLock::from(engine.template));
+        let name = model_name(&engine.model_dir);
+        Self::launch(name, options, ready, move || Ok(engine))
     }
 
     /// Bind first, then load the model with `load` on the GPU worker's thread: the port is
@@ -96,7 +99,18 @@ impl Server {
     /// its error.
     pub fn start_loading(
         model: String,
+        options: ServeOptions,
+        load: impl FnOnce() -> Result<Engine> + Send + 'static,
+    ) -> Result<Self> {
+        Self::launch(model, options, Arc::new(OnceLock::new()), load)
+    }
+
+    /// Bind, then start the GPU worker (which runs `load` and sets `ready` to the model's
+    /// prompt format once it has the engine) and the HTTP runtime.
+    fn launch(
+        model: String,
         mut options: ServeOptions,
+        ready: Arc<OnceLock<crate::text::Template>>,
         load: impl FnOnce() -> Result<Engine> + Send + 'static,
     ) -> Result<Self> {
         if let Some(dir) = &options.allow_local_images {
@@ -114,7 +128,6 @@ impl Server {
             .local_addr()
             .map_err(|e| Error::argument("port", e.to_string()))?;
         let stop = Arc::new(Notify::new());
-        let ready = Arc::new(OnceLock::new());
         let worker = {
             let (stats, ready, stop) = (stats.clone(), ready.clone(), stop.clone());
             let max_sessions = options.max_sessions;

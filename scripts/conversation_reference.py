@@ -46,7 +46,7 @@ Run:  python scripts/conversation_reference.py      (CPU, float32, a few seconds
 from __future__ import annotations
 
 # first: sets the offline environment before transformers loads
-from llava_hf_common import load_fixture, versions
+from llava_hf_common import load_fixture, versions, write_reference
 
 import copy
 import json
@@ -58,7 +58,7 @@ from pathlib import Path
 import jinja2.sandbox
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import make_tiny_llava as v15  # clip_layer_scores, topk_keep, boundary_gap, LayerKV, splice_embeds, lm_*, pick
 
@@ -581,8 +581,7 @@ def main() -> int:
         "turns": turns_json,
         "checks": checks,
     }
-    OUT_JSON.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    save_file(dict(sorted(logits_out.items())), str(OUT_LOGITS), metadata={"format": "pt"})
+    write_reference(doc, logits_out, OUT_JSON, OUT_LOGITS)
 
     log(f"budgets: N1 {n1}, N2 {n2}, K {K}")
     for t, tj in enumerate(turns_json):

@@ -204,3 +204,14 @@ def load_fixture(directory: Path):
         directory, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     return model, AutoProcessor.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+
+
+def write_reference(doc: dict, tensors: dict, json_path: Path, tensors_path: Path) -> None:
+    """A reference script's outputs: `doc` as indented JSON, `tensors` as safetensors (sorted
+    by name, so a rerun writes the same bytes), both readable by everyone (mode 644)."""
+    from safetensors.torch import save_file
+
+    json_path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    save_file(dict(sorted(tensors.items())), str(tensors_path), metadata={"format": "pt"})
+    for path in (json_path, tensors_path):
+        os.chmod(path, 0o644)

@@ -56,7 +56,7 @@ Run:  cd /work/main && python3 scripts/positions_reference.py      (CPU, float32
 from __future__ import annotations
 
 # first: sets the offline environment before transformers loads
-from llava_hf_common import load_fixture, versions
+from llava_hf_common import load_fixture, versions, write_reference
 
 import copy
 import json
@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -539,10 +539,7 @@ def main() -> int:
         "cases": cases_json,
         "checks": checks,
     }
-    OUT_JSON.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    save_file(dict(sorted(tensors.items())), str(OUT_LOGITS), metadata={"format": "pt"})
-    for p in (OUT_JSON, OUT_LOGITS):
-        os.chmod(p, 0o644)
+    write_reference(doc, tensors, OUT_JSON, OUT_LOGITS)
 
     log(f"budgets: N1 {n1}, N2 {n2}, K {K}")
     for cj in cases_json:

@@ -281,7 +281,17 @@ fn text_only_and_two_image_requests_equal_one_shot_runs() {
 }
 
 /// (name, body, status, param it must name)
-fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
+type BadRequest = (&'static str, String, u16, Option<&'static str>);
+
+/// Every bad request the server must refuse: bodies and settings, then content and images.
+fn bad_requests() -> Vec<BadRequest> {
+    let mut all = bad_settings();
+    all.extend(bad_content());
+    all
+}
+
+/// Bodies that are not the API, and settings it refuses.
+fn bad_settings() -> Vec<BadRequest> {
     let image = user_with_image("example1.png", "Which shape is green?");
     let with = |extra: Value| {
         let mut body = json!({"messages": [image.clone()], "max_tokens": 2});
@@ -290,6 +300,45 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
         }
         body.to_string()
     };
+    vec![
+        ("malformed JSON", "{\"messages\": [".to_string(), 400, None),
+        ("not a JSON object", "[1, 2]".to_string(), 400, None),
+        ("n > 1", with(json!({"n": 2})), 400, Some("n")),
+        (
+            "impossible budget",
+            with(json!({"prune": {"method": "star", "keep": 5000}})),
+            422,
+            Some("prune.keep"),
+        ),
+        (
+            "tools",
+            with(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            400,
+            Some("tools"),
+        ),
+        (
+            "JSON mode",
+            with(json!({"response_format": {"type": "json_object"}})),
+            400,
+            Some("response_format"),
+        ),
+        (
+            "unknown prune field",
+            with(json!({"prune": {"kep": 3}})),
+            400,
+            Some("prune.kep"),
+        ),
+        (
+            "temperature out of range",
+            with(json!({"temperature": 7})),
+            400,
+            Some("temperature"),
+        ),
+    ]
+}
+
+/// Content parts and images the server refuses.
+fn bad_content() -> Vec<BadRequest> {
     let not_image = format!(
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(b"this is not a picture at all")
@@ -299,9 +348,6 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
             .to_string()
     };
     vec![
-        ("malformed JSON", "{\"messages\": [".to_string(), 400, None),
-        ("not a JSON object", "[1, 2]".to_string(), 400, None),
-        ("n > 1", with(json!({"n": 2})), 400, Some("n")),
         (
             "unknown content part",
             part(json!({"type": "input_audio", "input_audio": {}})),
@@ -348,36 +394,6 @@ fn bad_requests() -> Vec<(&'static str, String, u16, Option<&'static str>)> {
                 .to_string(),
             400,
             Some("messages"),
-        ),
-        (
-            "impossible budget",
-            with(json!({"prune": {"method": "star", "keep": 5000}})),
-            422,
-            Some("prune.keep"),
-        ),
-        (
-            "tools",
-            with(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
-            400,
-            Some("tools"),
-        ),
-        (
-            "JSON mode",
-            with(json!({"response_format": {"type": "json_object"}})),
-            400,
-            Some("response_format"),
-        ),
-        (
-            "unknown prune field",
-            with(json!({"prune": {"kep": 3}})),
-            400,
-            Some("prune.kep"),
-        ),
-        (
-            "temperature out of range",
-            with(json!({"temperature": 7})),
-            400,
-            Some("temperature"),
         ),
     ]
 }

@@ -23,6 +23,11 @@ pub enum MethodArg {
     Vispruner,
     /// Before the projector, uniformly at random with a seed.
     Random,
+    /// At decoder layer K (default 2): pivots by key norm, then the tokens least similar to
+    /// them.
+    Dart,
+    /// Before the first decoder layer: max-min diversity of the projected image features.
+    Divprune,
 }
 
 impl From<MethodArg> for Method {
@@ -34,6 +39,8 @@ impl From<MethodArg> for Method {
             MethodArg::Fastervlm => Method::Fastervlm,
             MethodArg::Vispruner => Method::Vispruner,
             MethodArg::Random => Method::Random,
+            MethodArg::Dart => Method::Dart,
+            MethodArg::Divprune => Method::Divprune,
         }
     }
 }

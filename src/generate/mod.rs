@@ -13,6 +13,7 @@
 mod anyres;
 mod anyres_plan;
 mod decode;
+mod host_stage2;
 mod image;
 mod memory;
 mod output;

@@ -9,7 +9,7 @@ use crate::gpu::kernels::topk::{self, Segment};
 use crate::gpu::{DType, Recorder, Tensor};
 use crate::model::llama::{KvCache, LlamaBuffers};
 use crate::model::llava::Engine;
-use crate::prune::{Stage2, Stage2Rows};
+use crate::prune::{Stage2, Stage2Select};
 
 use super::image::EncodedImage;
 use super::prepare::PreparedRequest;
@@ -62,7 +62,8 @@ pub(super) struct TurnStage2 {
     pub always_kept: Vec<usize>,
     /// Rows of `segment` kept: every image's budget and `always_kept`.
     pub keep: usize,
-    /// First local query row whose attention scores the keys.
+    /// First local query row whose attention scores the keys (DART: the first row text pivots
+    /// may come from).
     pub q_start: usize,
     /// Key index (the cache row in layer K−1) of the segment's first row.
     pub score_offset: usize,
@@ -98,9 +99,9 @@ impl TurnStage2 {
             },
             always_kept: always_kept.into_iter().map(|r| r - reused).collect(),
             keep,
-            q_start: match stage2.rows {
-                Stage2Rows::TextAfterImage => end - reused,
-                Stage2Rows::LastRow => rows - 1,
+            q_start: match stage2.select {
+                Stage2Select::LastRowAttention => rows - 1,
+                _ => end - reused,
             },
             score_offset: start,
         })
@@ -244,8 +245,9 @@ impl Engine {
             .forward_layers(rec, b, t, &mut state.cache, layers, scores)
     }
 
-    /// Layers 0..K with layer K−1 scoring the turn's image rows, compaction of the hidden
-    /// state and position ids to the kept rows, then layers K..L on the rows left.
+    /// Layers 0..K (layer K−1 scoring the turn's image rows, when attention selects),
+    /// compaction of the hidden state and position ids to the kept rows, then layers K..L on
+    /// the rows left.
     fn prefill_with_stage2(
         &self,
         rec: &mut Recorder,
@@ -254,16 +256,40 @@ impl Engine {
         stage2: &TurnStage2,
     ) -> Result<()> {
         let s2 = self.stage2_buffers(input, stage2)?;
-        let out = ScoreOutput {
-            q_start: stage2.q_start,
-            q_end: stage2.segment.total,
-            partials: &s2.partials,
-            scores: &s2.scores,
-        };
-        self.run_layers(rec, state, 0..stage2.stage2.layer, Some(out))?;
+        let layer = stage2.stage2.layer;
+        if stage2.stage2.select.by_attention() {
+            let out = ScoreOutput {
+                q_start: stage2.q_start,
+                q_end: stage2.segment.total,
+                partials: &s2.partials,
+                scores: &s2.scores,
+            };
+            self.run_layers(rec, state, 0..layer, Some(out))?;
+            rec.set_stage("stage 2");
+            self.select_by_scores(rec, &s2, stage2)?;
+        } else {
+            self.run_layers(rec, state, 0..layer, None)?;
+            rec.set_stage("stage 2");
+            let kept = self.host_stage2_rows(rec, &state.buffers, stage2)?;
+            s2.rows.write_u32(&self.gpu, &kept)?;
+        }
+        self.compact_prompt(rec, &state.buffers, &s2, stage2)?;
+        state.rows = stage2.segment.kept_rows(stage2.keep);
+        state.stage2_rows = Some(s2.rows);
+        rec.set_stage("prefill");
+        let layers = layer..self.llama.layers.len();
+        self.run_layers(rec, state, layers, None)
+    }
+
+    /// Top-k of layer K−1's scores into `s2.rows`. Rows that are no image patch enter it with
+    /// an infinite score, and the budget counts them besides the images' (docs/pruning.md).
+    fn select_by_scores(
+        &self,
+        rec: &mut Recorder,
+        s2: &Stage2Buffers,
+        stage2: &TurnStage2,
+    ) -> Result<()> {
         if !stage2.always_kept.is_empty() {
-            // Rows that are no image patch enter the top-k with an infinite score, and the
-            // budget counts them besides the images' (docs/pruning.md).
             rec.submit();
             let first_key = stage2.score_offset - stage2.segment.start;
             for &row in &stage2.always_kept {
@@ -271,18 +297,19 @@ impl Engine {
                     .write_f32_at(&self.gpu, first_key + row, &[f32::INFINITY])?;
             }
         }
-        rec.set_stage("stage 2");
-        self.compact_prompt(rec, &state.buffers, &s2, stage2)?;
-        state.rows = stage2.segment.kept_rows(stage2.keep);
-        state.stage2_rows = Some(s2.rows);
-        rec.set_stage("prefill");
-        let layers = stage2.stage2.layer..self.llama.layers.len();
-        self.run_layers(rec, state, layers, None)
+        rec.dispatch(topk::select(
+            &self.gpu,
+            &s2.scores,
+            stage2.score_offset,
+            stage2.segment,
+            stage2.keep,
+            &s2.rows,
+        )?);
+        Ok(())
     }
 
-    /// Keep the rows outside `stage2`'s segment and its `keep` top-scored rows: gather the
-    /// hidden state and position ids of the kept rows to the front of `b`'s buffers (the kept
-    /// rows' indices land in `s2.rows`).
+    /// Gather the hidden state and position ids of the rows `s2.rows` lists to the front of
+    /// `b`'s buffers.
     fn compact_prompt(
         &self,
         rec: &mut Recorder,
@@ -292,17 +319,8 @@ impl Engine {
     ) -> Result<()> {
         let gpu = &self.gpu;
         let dt = self.config.text.hidden_size;
-        let (segment, keep) = (stage2.segment, stage2.keep);
-        let kept_rows = segment.kept_rows(keep);
-        let (scores, rows, hidden, positions) = (&s2.scores, &s2.rows, &s2.hidden, &s2.positions);
-        rec.dispatch(topk::select(
-            gpu,
-            scores,
-            stage2.score_offset,
-            segment,
-            keep,
-            rows,
-        )?);
+        let kept_rows = stage2.segment.kept_rows(stage2.keep);
+        let (rows, hidden, positions) = (&s2.rows, &s2.hidden, &s2.positions);
         rec.dispatch(topk::gather_rows(
             gpu, &b.hidden, rows, 0, kept_rows, hidden,
         )?);

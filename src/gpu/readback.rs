@@ -82,14 +82,19 @@ impl Gpu {
 
     /// One row of a matrix-shaped tensor (e.g. the last logits row).
     pub fn read_row_f32(&self, tensor: &Tensor, row: usize) -> Result<Vec<f32>> {
-        let (rows, cols) = tensor.rows_cols();
-        if row >= rows {
+        self.read_rows_f32(tensor, row..row + 1)
+    }
+
+    /// Rows `[start, end)` of a matrix-shaped f32 tensor, one after another.
+    pub fn read_rows_f32(&self, tensor: &Tensor, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let (total, cols) = tensor.rows_cols();
+        if rows.end > total || rows.start > rows.end {
             return Err(Error::shape(
                 "readback",
-                format!("row {row} of a {rows}-row tensor"),
+                format!("rows {rows:?} of a {total}-row tensor"),
             ));
         }
-        let words = self.read_words(&tensor.buffer, row * cols, cols)?;
+        let words = self.read_words(&tensor.buffer, rows.start * cols, rows.len() * cols)?;
         Ok(words.into_iter().map(f32::from_bits).collect())
     }
 }

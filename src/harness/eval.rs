@@ -171,11 +171,13 @@ impl Default for Sweep {
     }
 }
 
-pub const METHODS: [Method; 5] = [
+pub const METHODS: [Method; 7] = [
     Method::Star,
     Method::Fastv,
     Method::Fastervlm,
     Method::Vispruner,
+    Method::Dart,
+    Method::Divprune,
     Method::Random,
 ];
 

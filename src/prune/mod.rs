@@ -1,12 +1,16 @@
 //! Visual-token pruning, exactly as docs/pruning.md specifies: STAR's two stages and, for
-//! comparison in the same engine, FastV, FasterVLM, VisPruner and a random baseline.
+//! comparison in the same engine, FastV, FasterVLM, VisPruner, DART, DivPrune and a random
+//! baseline.
 //!
 //! This module turns the user's method and budgets into a [`Plan`] (what each stage keeps and
-//! where it runs) and holds the host-side selection rules (VisPruner's diversity step, random).
+//! where it runs) and holds the host-side selection rules (VisPruner's diversity step, DART's
+//! duplication, DivPrune's max-min diversity, random).
 //! The GPU work (score accumulation inside attention, top-k, compaction) is scheduled by
 //! `generate.rs`.
 
 pub mod cost;
+pub mod dart;
+pub mod divprune;
 pub mod vispruner;
 
 use std::fmt;
@@ -30,6 +34,11 @@ pub enum Method {
     Vispruner,
     /// Before the projector, uniformly at random with a seed.
     Random,
+    /// At decoder layer K (default 2): pivot tokens by key norm, then the tokens least similar
+    /// to each pivot (no attention scores).
+    Dart,
+    /// Before decoder layer 0: max-min diversity over the projected image features.
+    Divprune,
 }
 
 /// What stage 1 (or a before-projector method) scores patches by.
@@ -44,13 +53,15 @@ pub enum Stage1Score {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [
+    pub const ALL: [Method; 8] = [
         Method::None,
         Method::Star,
         Method::Fastv,
         Method::Fastervlm,
         Method::Vispruner,
         Method::Random,
+        Method::Dart,
+        Method::Divprune,
     ];
 
     /// The lower-case name, as in JSON output and on the command line.
@@ -62,6 +73,8 @@ impl Method {
             Method::Fastervlm => "fastervlm",
             Method::Vispruner => "vispruner",
             Method::Random => "random",
+            Method::Dart => "dart",
+            Method::Divprune => "divprune",
         }
     }
 }
@@ -200,21 +213,36 @@ pub enum BeforeProjector {
     },
 }
 
-/// Which prompt rows score the visual tokens at layer K.
+/// How the image rows that survive layer K are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stage2Rows {
-    /// Every prompt row after the image (STAR).
-    TextAfterImage,
-    /// The last prompt row (FastV).
-    LastRow,
+pub enum Stage2Select {
+    /// Top-k by the attention of every prompt row after the image (STAR).
+    TextAttention,
+    /// Top-k by the attention of the last prompt row (FastV).
+    LastRowAttention,
+    /// DART's duplication rule on layer K−1's keys and the normed hidden state
+    /// ([`dart::select`]).
+    Dart,
+    /// DivPrune's max-min diversity on the rows entering the decoder ([`divprune::select`];
+    /// K = 0).
+    DivPrune,
+}
+
+impl Stage2Select {
+    /// Whether layer K−1's attention scores the rows (otherwise the host selects from states
+    /// it reads back).
+    pub fn by_attention(self) -> bool {
+        matches!(self, Self::TextAttention | Self::LastRowAttention)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stage2 {
-    /// 1-based K.
+    /// 1-based K: the drop applies to the rows entering 0-based layer K (0 for DivPrune, which
+    /// drops before the first layer).
     pub layer: usize,
     pub keep: usize,
-    pub rows: Stage2Rows,
+    pub select: Stage2Select,
 }
 
 /// A resolved pruning schedule.
@@ -345,7 +373,7 @@ fn check_stage2_layer(k: usize, layers: usize, text_after_image: usize) -> Resul
         return Err(Error::argument(
             "prune.stage2_layer",
             "stage 2 scores visual tokens by the text after the image, and this prompt has none \
-             (put the question after the image, or use prune.method = fastervlm|vispruner|none)",
+             (put the question after the image, or use prune.method = fastervlm|vispruner|divprune|none)",
         ));
     }
     Ok(k)
@@ -389,6 +417,17 @@ impl PruneOptions {
                 keep: n2,
                 seed: self.seed,
             }),
+            Method::Dart => self.dart(n0, n2, layers, text_after_image)?,
+            Method::Divprune => Plan {
+                method: self.method,
+                n0,
+                before_projector: None,
+                stage2: Some(Stage2 {
+                    layer: 0,
+                    keep: n2,
+                    select: Stage2Select::DivPrune,
+                }),
+            },
         };
         if plan.n2() > n0 {
             return Err(Error::argument(
@@ -414,12 +453,23 @@ impl PruneOptions {
             Method::None if stage1 || stage2 || budget => {
                 refuse("prune.method", "pruning budgets have no effect")
             }
-            Method::Fastv | Method::Fastervlm | Method::Vispruner | Method::Random if stage1 => {
+            Method::Fastv
+            | Method::Fastervlm
+            | Method::Vispruner
+            | Method::Random
+            | Method::Dart
+            | Method::Divprune
+                if stage1 =>
+            {
                 refuse("prune.stage1_keep", "there is no separate stage 1")
             }
             Method::Fastervlm | Method::Vispruner | Method::Random if stage2 => {
                 refuse("prune.stage2_layer", "there is no stage 2")
             }
+            Method::Divprune if stage2 => refuse(
+                "prune.stage2_layer",
+                "the selection runs before the first decoder layer",
+            ),
             _ => Ok(()),
         }
     }
@@ -446,13 +496,35 @@ impl PruneOptions {
             stage2: Some(Stage2 {
                 layer: check_stage2_layer(k, layers, text_after_image)?,
                 keep: n2,
-                rows: Stage2Rows::TextAfterImage,
+                select: Stage2Select::TextAttention,
             }),
         })
     }
 
     /// FastV: every visual token up to decoder layer K, then N2 by the last prompt row.
     fn fastv(&self, n0: usize, n2: usize, layers: usize, text_after_image: usize) -> Result<Plan> {
+        self.at_layer(
+            n0,
+            n2,
+            (layers, text_after_image),
+            Stage2Select::LastRowAttention,
+        )
+    }
+
+    /// DART: every visual token up to decoder layer K (FastV's default 2), then N2 by
+    /// duplication with pivots, text pivots among the rows after the image.
+    fn dart(&self, n0: usize, n2: usize, layers: usize, text_after_image: usize) -> Result<Plan> {
+        self.at_layer(n0, n2, (layers, text_after_image), Stage2Select::Dart)
+    }
+
+    /// A one-stage method that drops at decoder layer K (default 2, or `prune.stage2_layer`).
+    fn at_layer(
+        &self,
+        n0: usize,
+        n2: usize,
+        (layers, text_after_image): (usize, usize),
+        select: Stage2Select,
+    ) -> Result<Plan> {
         let k = self.stage2_layer.unwrap_or(default_fastv_layer(layers));
         Ok(Plan {
             method: self.method,
@@ -461,7 +533,7 @@ impl PruneOptions {
             stage2: Some(Stage2 {
                 layer: check_stage2_layer(k, layers, text_after_image)?,
                 keep: n2,
-                rows: Stage2Rows::LastRow,
+                select,
             }),
         })
     }

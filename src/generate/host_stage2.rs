@@ -1,0 +1,155 @@
+//! Stage-2 selections the host computes from states it reads back, instead of from attention
+//! scores (docs/pruning.md, "DART" and "DivPrune"): DART after decoder layer K−1, DivPrune on
+//! the rows entering the decoder. Both write the same kept-row list the GPU top-k writes, so the
+//! compaction after them is stage 2's.
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::linear;
+use crate::gpu::tensor::WeightChunk;
+use crate::gpu::{DType, Recorder, Tensor, Weight, WeightFormat};
+use crate::model::llama::LlamaBuffers;
+use crate::model::llava::Engine;
+use crate::prune::dart::{self, DartRows};
+use crate::prune::{divprune, Stage2Select};
+
+use super::prefill::TurnStage2;
+
+impl Engine {
+    /// The turn's kept rows (local, ascending, as `topk::select` lists them: every row outside
+    /// the segment, the always-kept rows, and the image rows the method keeps), chosen on the
+    /// host from `b` after the layers before K have run.
+    pub(super) fn host_stage2_rows(
+        &self,
+        rec: &mut Recorder,
+        b: &LlamaBuffers,
+        stage2: &TurnStage2,
+    ) -> Result<Vec<u32>> {
+        let segment = stage2.segment;
+        // Image rows, relative to the segment's first row: the candidates.
+        let images: Vec<usize> = (0..segment.len)
+            .filter(|r| !stage2.always_kept.contains(&(segment.start + r)))
+            .collect();
+        let keep = stage2.keep - stage2.always_kept.len();
+        let kept = match stage2.stage2.select {
+            Stage2Select::Dart => self.dart_rows(rec, b, stage2, &images, keep)?,
+            Stage2Select::DivPrune => self.divprune_rows(rec, b, stage2, &images, keep)?,
+            attention => unreachable!("{attention:?} is selected on the GPU"),
+        };
+        let in_segment = (0..segment.len).filter(|r| {
+            kept.binary_search(r).is_ok() || stage2.always_kept.contains(&(segment.start + r))
+        });
+        let rows = (0..segment.start)
+            .chain(in_segment.map(|r| segment.start + r))
+            .chain(segment.start + segment.len..segment.total);
+        Ok(rows.map(|r| r as u32).collect())
+    }
+
+    /// DART: key L1 norms of layer K−1 (in `b.k`, rotated) and the hidden state through the
+    /// final norm, for the rows from the first image row to the end of the prompt.
+    fn dart_rows(
+        &self,
+        rec: &mut Recorder,
+        b: &LlamaBuffers,
+        stage2: &TurnStage2,
+        images: &[usize],
+        keep: usize,
+    ) -> Result<Vec<usize>> {
+        let gpu = &self.gpu;
+        let segment = stage2.segment;
+        let window = segment.start..segment.total;
+        self.llama.norm.forward(rec, &b.hidden, &b.normed)?;
+        rec.submit();
+        let normed = gpu.read_rows_f32(&b.normed, window.clone())?;
+        let keys = gpu.read_rows_f32(&b.k, window)?;
+        let key_width = b.k.rows_cols().1;
+        let key_l1: Vec<f64> = keys
+            .chunks_exact(key_width)
+            .map(|key| key.iter().map(|x| x.abs() as f64).sum())
+            .collect();
+        let rows = DartRows {
+            normed: &normed,
+            width: self.config.text.hidden_size,
+            key_l1: &key_l1,
+            image_rows: images,
+            text_rows: stage2.q_start - segment.start..segment.total - segment.start,
+        };
+        Ok(dart::select(&rows, keep).kept)
+    }
+
+    /// DivPrune: the Gram matrix of the segment's rows as they enter the decoder (one matmul,
+    /// the rows as both operands), then the greedy max-min choice on the host.
+    fn divprune_rows(
+        &self,
+        rec: &mut Recorder,
+        b: &LlamaBuffers,
+        stage2: &TurnStage2,
+        images: &[usize],
+        keep: usize,
+    ) -> Result<Vec<usize>> {
+        let gpu = &self.gpu;
+        let n = stage2.segment.len;
+        let gram_bytes = (n * n * 4) as u64;
+        if gram_bytes > gpu.adapter_binding_bytes {
+            return Err(Error::argument(
+                "prune.method",
+                format!(
+                    "DivPrune over the turn's {n} image rows needs an {n}×{n} distance matrix of \
+                     {gram_bytes} bytes, more than the {} bytes one GPU binding holds here: \
+                     prefill fewer images per turn",
+                    gpu.adapter_binding_bytes
+                ),
+            ));
+        }
+        let rows = self.segment_rows(rec, b, stage2)?;
+        let weight = Weight {
+            name: "divprune.rows".into(),
+            n,
+            k: rows.shape[1],
+            chunks: vec![WeightChunk {
+                buffer: rows.buffer.clone(),
+                first_row: 0,
+                rows: n,
+                format: WeightFormat::F32,
+            }],
+            bias: None,
+        };
+        let gram = Tensor::empty(gpu, &[n, n], DType::F32, "divprune.gram")?;
+        rec.dispatch_all(linear::linear(gpu, &rows, &weight, &gram, false)?);
+        rec.submit();
+        Ok(divprune::select(&gpu.read_f32(&gram)?, n, images, keep))
+    }
+
+    /// The segment's hidden rows copied into their own tensor, each row padded with zeros to
+    /// the width an f32 weight row has (zeros change no dot product).
+    fn segment_rows(
+        &self,
+        rec: &mut Recorder,
+        b: &LlamaBuffers,
+        stage2: &TurnStage2,
+    ) -> Result<Tensor> {
+        let (segment, d) = (stage2.segment, self.config.text.hidden_size);
+        let width = d.next_multiple_of(WeightFormat::F32.row_alignment());
+        let rows = Tensor::empty(
+            &self.gpu,
+            &[segment.len, width],
+            DType::F32,
+            "divprune.rows",
+        )?;
+        let first = (segment.start * d * 4) as u64;
+        if width == d {
+            rec.copy(
+                &b.hidden.buffer,
+                first,
+                &rows.buffer,
+                0,
+                (segment.len * d * 4) as u64,
+            );
+        } else {
+            for r in 0..segment.len {
+                let (from, to) = (first + (r * d * 4) as u64, (r * width * 4) as u64);
+                rec.copy(&b.hidden.buffer, from, &rows.buffer, to, (d * 4) as u64);
+            }
+        }
+        Ok(rows)
+    }
+}

@@ -1,0 +1,146 @@
+//! DART and DivPrune (docs/pruning.md, "DART and DivPrune") against the PyTorch reference of
+//! `scripts/dart_divprune_reference.py` (`weights/tiny-random-llava/reference/dart_divprune.json`):
+//! transformers' decoder layers on the tiny fixture with the rows dropped before layer K (DART)
+//! or before layer 0 (DivPrune), the selections computed in NumPy (f64). The engine runs with
+//! f32 weights and KV cache, so kept sets and greedy tokens must match exactly and the first
+//! logits to f32 precision. The reference chose its budget (N2 = 8, K = 2) so that no greedy
+//! decision of either selection is closer than 5e-4 (relative), far above f32 rounding.
+
+mod fixture;
+
+use serde_json::Value;
+
+use llava_wgpu::gpu::{DType, WeightFormat};
+use llava_wgpu::prune::{divprune, Method, PruneOptions};
+use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+
+fn reference() -> Value {
+    let path = fixture::reference_dir().join("dart_divprune.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn usizes(v: &Value) -> Vec<usize> {
+    let list = v.as_array().unwrap().iter();
+    list.map(|x| x.as_u64().unwrap() as usize).collect()
+}
+
+fn recorded_tensor(name: &str) -> Vec<f32> {
+    let file = fixture::reference_dir().join("dart_divprune_logits.safetensors");
+    let bytes = std::fs::read(file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    bytemuck::pod_collect_to_vec(tensors.tensor(name).unwrap().data())
+}
+
+fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.capture_outputs = true;
+    request.max_new_tokens = 8;
+    request.ignore_eos = true;
+    request.prune = prune;
+    engine.generate(&request, |_| {}).unwrap()
+}
+
+/// Kept patches, greedy ids (up to the engine's first EOS: the reference masks EOS) and first
+/// logits of one method on one case.
+fn check(engine: &Engine, out: &GenerateOutput, recorded: &Value, what: &str) {
+    let kept = out.kept_visual_indices.as_ref().unwrap();
+    assert_eq!(
+        kept.stage1, None,
+        "{what}: no selection before the projector"
+    );
+    assert_eq!(
+        kept.stage2.clone().unwrap(),
+        usizes(&recorded["kept"]),
+        "{what}"
+    );
+    let ids: Vec<u32> = usizes(&recorded["generated_ids"])
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let eos = &engine.config.text.eos_token_id;
+    let before_eos = out
+        .generated_ids
+        .iter()
+        .position(|id| eos.contains(id))
+        .unwrap_or(ids.len());
+    assert!(before_eos >= 4, "{what}: EOS at step {before_eos}");
+    assert_eq!(out.generated_ids[..before_eos], ids[..before_eos], "{what}");
+    let (case, method) = what.split_once(' ').unwrap();
+    let reference = recorded_tensor(&format!("{case}.{method}.first_logits"));
+    let err = fixture::rel_l2(&out.first_logits, &reference);
+    eprintln!("{what}: first logits rel. L2 {err:.2e}");
+    assert!(err < 1e-4, "{what}: first logits rel. L2 {err}");
+}
+
+#[test]
+fn dart_and_divprune_match_the_pytorch_reference() {
+    let reference = reference();
+    let keep = reference["budgets"]["keep"].as_u64().map(|k| k as usize);
+    let layer = reference["budgets"]["dart_layer"]
+        .as_u64()
+        .map(|k| k as usize);
+    let options = EngineOptions {
+        weight_format: Some(WeightFormat::F32.into()),
+        kv: Some(DType::F32),
+        ..Default::default()
+    };
+    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    let cases = fixture::cases();
+    for recorded in reference["cases"].as_array().unwrap() {
+        let i = recorded["index"].as_u64().unwrap() as usize;
+        let methods = &recorded["methods"];
+        let dart = PruneOptions {
+            method: Method::Dart,
+            keep,
+            stage2_layer: layer,
+            ..PruneOptions::default()
+        };
+        let out = run(&engine, &cases[i], dart);
+        check(&engine, &out, &methods["dart"], &format!("case{i} dart"));
+        let divprune = PruneOptions {
+            method: Method::Divprune,
+            keep,
+            ..PruneOptions::default()
+        };
+        let out = run(&engine, &cases[i], divprune);
+        check(
+            &engine,
+            &out,
+            &methods["divprune"],
+            &format!("case{i} divprune"),
+        );
+    }
+}
+
+/// The host half of DivPrune alone, on the reference's own features with an f64 Gram matrix:
+/// a mismatch here points at the greedy rule rather than at the GPU's Gram matrix.
+#[test]
+fn divprune_greedy_rule_matches_numpy_on_the_recorded_features() {
+    let reference = reference();
+    let keep = reference["budgets"]["keep"].as_u64().unwrap() as usize;
+    for recorded in reference["cases"].as_array().unwrap() {
+        let i = recorded["index"].as_u64().unwrap() as usize;
+        let features = recorded_tensor(&format!("case{i}.divprune.features"));
+        let n = recorded["n0"].as_u64().unwrap() as usize;
+        let dim = features.len() / n;
+        let row = |r: usize| &features[r * dim..(r + 1) * dim];
+        let mut gram = vec![0f32; n * n];
+        for a in 0..n {
+            for b in 0..n {
+                let dot: f64 = row(a)
+                    .iter()
+                    .zip(row(b))
+                    .map(|(x, y)| *x as f64 * *y as f64)
+                    .sum();
+                gram[a * n + b] = dot as f32;
+            }
+        }
+        let all: Vec<usize> = (0..n).collect();
+        let kept = divprune::select(&gram, n, &all, keep);
+        assert_eq!(
+            kept,
+            usizes(&recorded["methods"]["divprune"]["kept"]),
+            "case {i}"
+        );
+    }
+}

@@ -41,7 +41,7 @@ def main() -> None:
         wins = sum(x == "1" and y == "0" for x, y in zip(a["outcomes"], b["outcomes"]))
         losses = sum(x == "0" and y == "1" for x, y in zip(a["outcomes"], b["outcomes"]))
         ci = lambda r: f"{r['accuracy'] * 100:.1f}% ({r['accuracy_ci95']['low'] * 100:.1f}–{r['accuracy_ci95']['high'] * 100:.1f})"
-        print(f"| {key[0]} | {a['visual_tokens']} ({key[1] * 100:.0f}%) | {ci(a)} | {ci(b)} | "
+        print(f"| {key[0]} | {a['mean_visual_tokens']:.0f} ({key[1] * 100:.0f}%) | {ci(a)} | {ci(b)} | "
               f"{wins} / {losses}, p = {mcnemar(wins, losses):.2g} |")
 
 

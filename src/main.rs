@@ -254,6 +254,14 @@ struct EvalArgs {
     /// RoPE positions of the tokens a selection before the projector keeps.
     #[arg(long, value_enum, default_value_t = PositionsArg::Original)]
     positions: PositionsArg,
+    /// The method every other row is compared with, question by question (exact McNemar test
+    /// at the same budget); it must be among the methods evaluated.
+    #[arg(long, value_enum, default_value_t = MethodArg::Star)]
+    paired_with: MethodArg,
+    /// Also draw accuracy against visual tokens kept, one line per method with its 95%
+    /// intervals, into this PNG file.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
@@ -744,19 +752,7 @@ impl RunArgs {
                 self.image.len()
             );
         }
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let writable =
-            std::fs::metadata(dir).is_ok_and(|m| m.is_dir() && !m.permissions().readonly());
-        if !writable || path.is_dir() {
-            anyhow::bail!(
-                "invalid argument --kept-overlay: cannot write {} (its directory must exist and be writable)",
-                path.display()
-            );
-        }
-        Ok(())
+        check_output_file("--kept-overlay", path)
     }
 
     fn request(&self) -> GenerateRequest {
@@ -1010,6 +1006,55 @@ fn decode_against_f16(
     Ok(())
 }
 
+/// An output file `flag` names can be written: its directory exists and is writable, and it
+/// is not a directory. Checked before any work, so a long run never fails at its end.
+fn check_output_file(flag: &str, path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let writable = std::fs::metadata(dir).is_ok_and(|m| m.is_dir() && !m.permissions().readonly());
+    if !writable || path.is_dir() {
+        anyhow::bail!(
+            "invalid argument {flag}: cannot write {} (its directory must exist and be writable)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+impl EvalArgs {
+    /// The methods, budgets and pairing asked for, checked before the model loads.
+    fn sweep(&self) -> Result<harness::eval::Sweep> {
+        let methods: Vec<Method> = if self.methods.is_empty() {
+            harness::eval::METHODS.to_vec()
+        } else {
+            self.methods.iter().map(|&m| m.into()).collect()
+        };
+        let paired_with: Method = self.paired_with.into();
+        if !methods.contains(&paired_with) {
+            anyhow::bail!(
+                "invalid argument --paired-with: {paired_with} is not among the methods evaluated \
+                 (add it to --methods)"
+            );
+        }
+        if let Some(path) = &self.plot {
+            check_output_file("--plot", path)?;
+        }
+        let budgets = if self.budgets.is_empty() {
+            harness::eval::BUDGETS.to_vec()
+        } else {
+            self.budgets.clone()
+        };
+        Ok(harness::eval::Sweep {
+            methods,
+            budgets,
+            positions: self.positions.into(),
+            paired_with,
+        })
+    }
+}
+
 fn eval(args: &EvalArgs) -> Result<()> {
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -1023,22 +1068,8 @@ fn eval(args: &EvalArgs) -> Result<()> {
     if let Some(n) = args.limit {
         examples.truncate(n.max(1));
     }
+    let sweep = args.sweep()?;
     let engine = Engine::load(&model, args.device.engine_options(&args.weights))?;
-    let methods: Vec<Method> = if args.methods.is_empty() {
-        harness::eval::METHODS.to_vec()
-    } else {
-        args.methods.iter().map(|&m| m.into()).collect()
-    };
-    let budgets = if args.budgets.is_empty() {
-        harness::eval::BUDGETS.to_vec()
-    } else {
-        args.budgets.clone()
-    };
-    let sweep = harness::eval::Sweep {
-        methods,
-        budgets,
-        positions: args.positions.into(),
-    };
     let report = harness::eval::run_methods(
         &engine,
         &model.display().to_string(),
@@ -1051,6 +1082,14 @@ fn eval(args: &EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    if let Some(path) = &args.plot {
+        harness::plot::draw_accuracy_plot(&report.plot(), path)?;
+        eprintln!("plot: {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        harness::plot::draw_accuracy_plot(&report.plot(), path)?;
+        eprintln!("plot: {}", path.display());
     }
     Ok(())
 }

@@ -330,7 +330,19 @@ fn arguments_are_checked_before_any_work() {
         let base = ["chat", "--model", "/nonexistent/model"];
         base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
+    let eval = |extra: &[&str]| -> Vec<String> {
+        let base = ["eval", "--model", "/nonexistent/model"];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
     let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            eval(&["--plot", "/nonexistent-dir/accuracy.png"]),
+            "invalid argument --plot: cannot write",
+        ),
+        (
+            eval(&["--methods", "star,dart", "--paired-with", "fastv"]),
+            "invalid argument --paired-with: fastv is not among the methods",
+        ),
         (
             run(&["-i", &image, "--kept-overlay", "/nonexistent-dir/kept.png"]),
             "invalid argument --kept-overlay: cannot write",

@@ -70,7 +70,7 @@ fn check_intervals_and_pairing(report: &eval::EvalReport) {
         );
         assert_eq!(row.outcomes.len(), 4);
         if row.method == "star" {
-            assert!(row.vs_star.is_none());
+            assert!(row.paired.is_none());
             continue;
         }
         let star = report
@@ -78,7 +78,7 @@ fn check_intervals_and_pairing(report: &eval::EvalReport) {
             .iter()
             .find(|r| r.method == "star" && r.budget == row.budget)
             .unwrap();
-        let m = row.vs_star.expect("paired with STAR");
+        let m = row.paired.expect("paired with STAR");
         let pairs = || row.outcomes.chars().zip(star.outcomes.chars());
         assert_eq!(
             m.only_this_correct,
@@ -94,11 +94,8 @@ fn check_intervals_and_pairing(report: &eval::EvalReport) {
     }
     let json = serde_json::to_value(report).unwrap();
     assert!(json["rows"][1]["accuracy_ci95"]["low"].is_number());
-    assert!(
-        json["rows"][1]["vs_star"].is_null(),
-        "STAR is the reference"
-    );
-    assert!(json["rows"][1 + BUDGETS.len()]["vs_star"]["p_value"].is_number());
+    assert!(json["rows"][1]["paired"].is_null(), "STAR is the reference");
+    assert!(json["rows"][1 + BUDGETS.len()]["paired"]["p_value"].is_number());
 }
 
 /// Bad lines are named by file and line.

@@ -13,6 +13,7 @@ use crate::generate::GenerateRequest;
 use crate::model::llava::Engine;
 use crate::prune::{Method, Positions, PruneOptions};
 
+use super::plot::{AccuracyPlot, PlotPoint, PlotSeries};
 use super::stats::{wilson, Interval, McNemar, Z95};
 
 #[derive(Clone, Debug)]
@@ -112,7 +113,9 @@ pub fn setting(
 pub struct EvalRow {
     pub method: String,
     pub budget: f64,
-    pub visual_tokens: usize,
+    /// Visual tokens that reached the layers after every drop, averaged over the questions
+    /// (LLaVA-NeXT's count depends on the image).
+    pub mean_visual_tokens: f64,
     pub correct: usize,
     pub total: usize,
     pub accuracy: f64,
@@ -120,10 +123,10 @@ pub struct EvalRow {
     pub accuracy_ci95: Interval,
     /// Accuracy relative to the unpruned model.
     pub retention: f64,
-    /// Exact McNemar test against STAR at the same budget on the same questions ("reference" is
-    /// STAR); absent on STAR's own rows.
+    /// Exact McNemar test against the report's `paired_with` method at the same budget on the
+    /// same questions ("reference" is that method); absent on its own rows.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub vs_star: Option<McNemar>,
+    pub paired: Option<McNemar>,
     pub total_ms: f64,
     pub ms_per_question: f64,
     /// One character per question in the set's order: `1` answered correctly, `0` not.
@@ -148,6 +151,8 @@ pub struct EvalReport {
     pub questions: usize,
     /// Where the tokens kept before the projector sat (docs/pruning.md, "Positions").
     pub positions: Positions,
+    /// The method every other row is paired with at its budget (McNemar).
+    pub paired_with: Method,
     pub rows: Vec<EvalRow>,
 }
 
@@ -158,15 +163,18 @@ pub struct Sweep {
     /// Final budgets as fractions of the visual tokens.
     pub budgets: Vec<f64>,
     pub positions: Positions,
+    /// The method each row is compared with, question by question (default STAR).
+    pub paired_with: Method,
 }
 
 impl Default for Sweep {
-    /// Every method at every budget of [`BUDGETS`], the default positions.
+    /// Every method at every budget of [`BUDGETS`], the default positions, paired with STAR.
     fn default() -> Self {
         Self {
             methods: METHODS.to_vec(),
             budgets: BUDGETS.to_vec(),
             positions: Positions::default(),
+            paired_with: Method::Star,
         }
     }
 }
@@ -238,11 +246,12 @@ pub fn run_methods(
             0.0
         };
     }
-    compare_with_star(&mut rows);
+    pair_rows(&mut rows, sweep.paired_with);
     Ok(EvalReport {
         model: label.to_string(),
         questions: examples.len(),
         positions: sweep.positions,
+        paired_with: sweep.paired_with,
         rows,
     })
 }
@@ -270,7 +279,7 @@ fn evaluate(
         request.prune = setting(method, budget, n0, i as u64, per_view);
         request.prune.positions = positions;
         let out = engine.generate(&request, |_| {})?;
-        visual = out.visual_tokens.after_stage2;
+        visual += out.visual_tokens.after_stage2;
         let good = normalise(&out.text) == normalise(&ex.answer);
         outcomes.push(if good { '1' } else { '0' });
         if let Some(kind) = &ex.kind {
@@ -286,15 +295,15 @@ fn evaluate(
     }
     let correct = outcomes.chars().filter(|&c| c == '1').count();
     Ok(EvalRow {
-        method: format!("{method:?}").to_lowercase(),
+        method: method.name().to_string(),
         budget,
-        visual_tokens: visual,
+        mean_visual_tokens: visual as f64 / examples.len() as f64,
         correct,
         total: examples.len(),
         accuracy: correct as f64 / examples.len() as f64,
         accuracy_ci95: wilson(correct, examples.len(), Z95),
         retention: 0.0,
-        vs_star: None,
+        paired: None,
         total_ms,
         ms_per_question: total_ms / examples.len() as f64,
         outcomes,
@@ -302,25 +311,26 @@ fn evaluate(
     })
 }
 
-/// Pair every row that is not STAR's with STAR's row at the same budget (the unpruned row with
-/// STAR keeping everything) and test the difference with the exact McNemar test.
-fn compare_with_star(rows: &mut [EvalRow]) {
+/// Pair every row that is not `with`'s with `with`'s row at the same budget (the unpruned row
+/// with `with` keeping everything) and test the difference with the exact McNemar test.
+fn pair_rows(rows: &mut [EvalRow], with: Method) {
     let correct = |r: &EvalRow| r.outcomes.chars().map(|c| c == '1').collect::<Vec<_>>();
-    let star: Vec<(f64, Vec<bool>)> = rows
+    let reference: Vec<(f64, Vec<bool>)> = rows
         .iter()
-        .filter(|r| r.method == "star")
+        .filter(|r| r.method == with.name())
         .map(|r| (r.budget, correct(r)))
         .collect();
-    for row in rows.iter_mut().filter(|r| r.method != "star") {
-        if let Some((_, reference)) = star.iter().find(|(b, _)| *b == row.budget) {
-            row.vs_star = Some(McNemar::of(&correct(row), reference));
+    for row in rows.iter_mut().filter(|r| r.method != with.name()) {
+        if let Some((_, reference)) = reference.iter().find(|(b, _)| *b == row.budget) {
+            row.paired = Some(McNemar::of(&correct(row), reference));
         }
     }
 }
 
-/// `+3 -10 p=0.092`: questions only this method got right, only STAR got right, the p-value.
-fn star_cell(r: &EvalRow) -> String {
-    match &r.vs_star {
+/// `+3 -10 p=0.092`: questions only this method got right, only the paired method got right,
+/// the p-value.
+fn paired_cell(r: &EvalRow) -> String {
+    match &r.paired {
         Some(m) => format!(
             "+{} -{} p={:.3}",
             m.only_this_correct, m.only_reference_correct, m.p_value
@@ -335,11 +345,46 @@ fn ci_cell(ci: &Interval) -> String {
 }
 
 impl EvalReport {
+    /// Accuracy against the visual tokens kept, one series per method (its rows in budget
+    /// order) with the 95% intervals, and the unpruned accuracy as the reference line.
+    pub fn plot(&self) -> AccuracyPlot {
+        let mut series: Vec<PlotSeries> = Vec::new();
+        for row in self.rows.iter().filter(|r| r.method != Method::None.name()) {
+            let point = PlotPoint {
+                visual_tokens: row.mean_visual_tokens,
+                accuracy: row.accuracy,
+                low: row.accuracy_ci95.low,
+                high: row.accuracy_ci95.high,
+            };
+            match series.iter_mut().find(|s| s.name == row.method) {
+                Some(s) => s.points.push(point),
+                None => series.push(PlotSeries {
+                    name: row.method.clone(),
+                    points: vec![point],
+                }),
+            }
+        }
+        let unpruned = self.rows.iter().find(|r| r.method == Method::None.name());
+        AccuracyPlot {
+            title: format!(
+                "{}: {} held-out questions, {} positions",
+                self.model,
+                self.questions,
+                self.positions.name()
+            ),
+            x_label: "visual tokens kept per question (mean)".into(),
+            series,
+            reference: unpruned.map(|r| ("unpruned".to_string(), r.accuracy)),
+        }
+    }
+
     pub fn table(&self) -> String {
+        let paired = self.paired_with.name();
         let mut out = format!(
             "model: {}\n{} held-out questions; tokens kept before the projector at {} positions; \
-             95% CI: Wilson score interval; vs STAR: questions only this row / only STAR at the \
-             same budget answered correctly, exact McNemar p\n\n",
+             visual: tokens kept per question (mean); 95% CI: Wilson score interval; vs {paired}: \
+             questions only this row / only {paired} at the same budget answered correctly, \
+             exact McNemar p\n\n",
             self.model,
             self.questions,
             self.positions.name()
@@ -352,19 +397,19 @@ impl EvalReport {
             "accuracy",
             "95% CI",
             "retention",
-            "vs STAR",
+            format!("vs {paired}"),
             "ms/question"
         ));
         for r in &self.rows {
             out.push_str(&format!(
-                "{:<10} {:>6.0}% {:>8} {:>8.1}% {:>11} {:>9.1}% {:>20} {:>12.1}\n",
+                "{:<10} {:>6.0}% {:>8.1} {:>8.1}% {:>11} {:>9.1}% {:>20} {:>12.1}\n",
                 r.method,
                 r.budget * 100.0,
-                r.visual_tokens,
+                r.mean_visual_tokens,
                 r.accuracy * 100.0,
                 ci_cell(&r.accuracy_ci95),
                 r.retention * 100.0,
-                star_cell(r),
+                paired_cell(r),
                 r.ms_per_question
             ));
         }
@@ -428,13 +473,13 @@ mod tests {
         EvalRow {
             method: method.into(),
             budget,
-            visual_tokens: 0,
+            mean_visual_tokens: 0.0,
             correct,
             total: outcomes.len(),
             accuracy: correct as f64 / outcomes.len() as f64,
             accuracy_ci95: wilson(correct, outcomes.len(), Z95),
             retention: 1.0,
-            vs_star: None,
+            paired: None,
             total_ms: 0.0,
             ms_per_question: 0.0,
             outcomes: outcomes.into(),
@@ -456,13 +501,13 @@ mod tests {
             row("fastv", 0.11, &fastv_11),
             row("fastv", 0.05, "01"),
         ];
-        compare_with_star(&mut rows);
-        assert!(rows[0].vs_star.is_none(), "no STAR row at 100%");
-        assert!(rows[1].vs_star.is_none() && rows[2].vs_star.is_none());
-        let m = rows[3].vs_star.unwrap();
+        pair_rows(&mut rows, Method::Star);
+        assert!(rows[0].paired.is_none(), "no STAR row at 100%");
+        assert!(rows[1].paired.is_none() && rows[2].paired.is_none());
+        let m = rows[3].paired.unwrap();
         assert_eq!((m.only_this_correct, m.only_reference_correct), (3, 10));
         assert!((m.p_value - 0.092_285_156_25).abs() < 1e-12);
-        let m = rows[4].vs_star.unwrap();
+        let m = rows[4].paired.unwrap();
         assert_eq!(
             (m.only_this_correct, m.only_reference_correct, m.p_value),
             (1, 1, 1.0)
@@ -471,10 +516,26 @@ mod tests {
             model: "m".into(),
             questions: 20,
             positions: Positions::Original,
+            paired_with: Method::Star,
             rows,
         }
         .table();
         assert!(table.contains("+3 -10 p=0.092"), "{table}");
+        assert!(table.contains("vs star"), "{table}");
         assert!(table.contains("at original positions"), "{table}");
+    }
+
+    /// Pairing with another method: its rows are the reference and carry no test themselves.
+    #[test]
+    fn rows_can_be_paired_with_any_method() {
+        let mut rows = vec![
+            row("none", 1.0, "11"),
+            row("star", 0.11, "1100"),
+            row("fastv", 0.11, "0011"),
+        ];
+        pair_rows(&mut rows, Method::Fastv);
+        assert!(rows[2].paired.is_none() && rows[0].paired.is_none());
+        let m = rows[1].paired.unwrap();
+        assert_eq!((m.only_this_correct, m.only_reference_correct), (2, 2));
     }
 }

@@ -254,6 +254,11 @@ struct EvalArgs {
     /// RoPE positions of the tokens a selection before the projector keeps.
     #[arg(long, value_enum, default_value_t = PositionsArg::Original)]
     positions: PositionsArg,
+    /// Also evaluate STAR and FastV (when among the methods) with an adaptive stage 2 keeping
+    /// these shares of each image's attention mass (comma-separated, each in (0, 1]); each
+    /// such row is compared with its method's fixed budget of the nearest mean token count.
+    #[arg(long, value_delimiter = ',', value_name = "P")]
+    keep_mass: Vec<f64>,
     /// The method every other row is compared with, question by question (exact McNemar test
     /// at the same budget); it must be among the methods evaluated.
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
@@ -388,6 +393,13 @@ pub(crate) struct BudgetArgs {
     /// Decoder layer K (1-based) of stage 2 / FastV (default: 14 of 32 scaled to the depth; FastV 2).
     #[arg(long, value_name = "K")]
     stage2_layer: Option<usize>,
+    /// Adaptive stage 2 (STAR, FastV): keep, per image, the fewest visual tokens whose share of
+    /// the image's attention at layer K reaches P (0 < P ≤ 1); --keep is then the cap.
+    #[arg(long, value_name = "P")]
+    keep_mass: Option<f64>,
+    /// The fewest visual tokens an adaptive stage 2 keeps per image (default 1).
+    #[arg(long, value_name = "N", requires = "keep_mass")]
+    keep_floor: Option<usize>,
     /// What STAR stage 1 scores patches by.
     #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
     stage1_score: Stage1ScoreArg,
@@ -409,6 +421,8 @@ impl BudgetArgs {
             stage1_score: self.stage1_score.into(),
             seed,
             positions: self.positions.into(),
+            keep_mass: self.keep_mass,
+            keep_floor: self.keep_floor,
         }
     }
 }
@@ -1051,6 +1065,7 @@ impl EvalArgs {
             budgets,
             positions: self.positions.into(),
             paired_with,
+            masses: self.keep_mass.clone(),
         })
     }
 }

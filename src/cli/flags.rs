@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 24] = [
+const FLAGS: [(&str, &str); 26] = [
     ("allow_local_images", "--allow-local-images"),
     ("host", "--host"),
     ("port", "--port"),
@@ -13,6 +13,8 @@ const FLAGS: [(&str, &str); 24] = [
     ("prune.method", "--prune"),
     ("prune.keep", "--keep"),
     ("prune.keep_ratio", "--keep-ratio"),
+    ("prune.keep_mass", "--keep-mass"),
+    ("prune.keep_floor", "--keep-floor"),
     ("prune.stage1_keep", "--stage1-keep"),
     ("prune.stage1_ratio", "--stage1-ratio"),
     ("prune.stage1_score", "--stage1-score"),

@@ -10,7 +10,7 @@ use crate::gpu::{DType, Recorder, Tensor, Weight, WeightFormat};
 use crate::model::llama::LlamaBuffers;
 use crate::model::llava::Engine;
 use crate::prune::dart::{self, DartRows};
-use crate::prune::{divprune, Stage2Select};
+use crate::prune::{divprune, smallest_mass_set, KeepMass, Stage2Select};
 
 use super::prefill::TurnStage2;
 
@@ -35,13 +35,37 @@ impl Engine {
             Stage2Select::DivPrune => self.divprune_rows(rec, b, stage2, &images, keep)?,
             attention => unreachable!("{attention:?} is selected on the GPU"),
         };
-        let in_segment = (0..segment.len).filter(|r| {
-            kept.binary_search(r).is_ok() || stage2.always_kept.contains(&(segment.start + r))
-        });
-        let rows = (0..segment.start)
-            .chain(in_segment.map(|r| segment.start + r))
-            .chain(segment.start + segment.len..segment.total);
-        Ok(rows.map(|r| r as u32).collect())
+        Ok(kept_row_list(stage2, &kept))
+    }
+
+    /// An adaptive stage 2 ([`KeepMass`]): per image, the smallest set of its rows whose
+    /// layer-(K−1) scores reach the share of the image's total, within the floor and the
+    /// image's cap. Reads the scores back.
+    pub(super) fn adaptive_stage2_rows(
+        &self,
+        rec: &mut Recorder,
+        scores: &Tensor,
+        stage2: &TurnStage2,
+        adaptive: KeepMass,
+    ) -> Result<Vec<u32>> {
+        rec.submit();
+        let scores = self.gpu.read_f32(scores)?;
+        let segment = stage2.segment;
+        // The score of turn-local row r: its key is the cache row of the segment's first row
+        // plus its offset.
+        let score = |r: usize| scores[stage2.score_offset + r - segment.start];
+        let mut kept = Vec::new();
+        for (range, cap) in &stage2.image_rows {
+            let rows: Vec<usize> = range
+                .clone()
+                .filter(|r| !stage2.always_kept.contains(r))
+                .collect();
+            let values: Vec<f32> = rows.iter().map(|&r| score(r)).collect();
+            let chosen = smallest_mass_set(&values, adaptive.mass, adaptive.floor, *cap);
+            kept.extend(chosen.into_iter().map(|i| rows[i] - segment.start));
+        }
+        kept.sort_unstable();
+        Ok(kept_row_list(stage2, &kept))
     }
 
     /// DART: key L1 norms of layer K−1 (in `b.k`, rotated) and the hidden state through the
@@ -152,4 +176,17 @@ impl Engine {
         }
         Ok(rows)
     }
+}
+
+/// The turn's kept rows as `topk::select` lists them (local, ascending): every row before and
+/// after the segment, its always-kept rows, and `kept` (rows relative to the segment's first).
+fn kept_row_list(stage2: &TurnStage2, kept: &[usize]) -> Vec<u32> {
+    let segment = stage2.segment;
+    let in_segment = (0..segment.len).filter(|r| {
+        kept.binary_search(r).is_ok() || stage2.always_kept.contains(&(segment.start + r))
+    });
+    let rows = (0..segment.start)
+        .chain(in_segment.map(|r| segment.start + r))
+        .chain(segment.start + segment.len..segment.total);
+    rows.map(|r| r as u32).collect()
 }

@@ -150,6 +150,12 @@ pub struct PruneReport {
     pub keep: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage2_layer: Option<usize>,
+    /// An adaptive stage 2's share of attention mass (`keep` is then its cap per image, and
+    /// `visual_tokens` counts what it kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_mass: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_floor: Option<usize>,
     /// Where the tokens kept before the projector sit (absent without such a selection).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub positions: Option<Positions>,
@@ -177,6 +183,8 @@ impl PruneReport {
         if let Some(stage2) = plan.stage2 {
             report.keep = Some(stage2.keep);
             report.stage2_layer = Some(stage2.layer);
+            report.keep_mass = stage2.adaptive.map(|a| a.mass);
+            report.keep_floor = stage2.adaptive.map(|a| a.floor);
         }
         if plan.before_projector.is_some() {
             report.positions = Some(positions);

@@ -2,6 +2,8 @@
 //! projector) through every decoder layer, with STAR stage 2 / FastV at layer K, and the
 //! first token's logits.
 
+use std::ops::Range;
+
 use crate::error::Result;
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::sample as gpu_sample;
@@ -67,6 +69,9 @@ pub(super) struct TurnStage2 {
     pub q_start: usize,
     /// Key index (the cache row in layer K−1) of the segment's first row.
     pub score_offset: usize,
+    /// Each new image's rows (local, newline rows included) and the most of its patch rows
+    /// stage 2 keeps (N2): what an adaptive stage 2 selects from, image by image.
+    pub image_rows: Vec<(Range<usize>, usize)>,
 }
 
 impl TurnStage2 {
@@ -78,15 +83,18 @@ impl TurnStage2 {
         let (start, end) = (input.span(first).start, input.span(last).end());
         let mut always_kept: Vec<usize> = (start..end).collect();
         let mut keep = 0;
+        let mut image_rows = Vec::with_capacity(input.images.len());
         for image in &input.images {
             let span = input.span(image);
             always_kept.retain(|r| !(span.start..span.end()).contains(r));
-            keep += image.plan.stage2.map_or(span.len, |s| s.keep);
+            let mut image_keep = image.plan.stage2.map_or(span.len, |s| s.keep);
             if let Some(anyres) = &image.anyres {
                 // Newline rows are never scored or dropped; the row plan's keep counts them.
                 always_kept.extend(anyres.newline_rows().map(|r| span.start + r));
-                keep -= anyres.newline_rows().count();
+                image_keep -= anyres.newline_rows().count();
             }
+            keep += image_keep;
+            image_rows.push((span.start - reused..span.end() - reused, image_keep));
         }
         keep += always_kept.len();
         let rows = input.prompt.ids.len() - reused;
@@ -104,6 +112,7 @@ impl TurnStage2 {
                 _ => end - reused,
             },
             score_offset: start,
+            image_rows,
         })
     }
 }
@@ -257,7 +266,7 @@ impl Engine {
     ) -> Result<()> {
         let s2 = self.stage2_buffers(input, stage2)?;
         let layer = stage2.stage2.layer;
-        if stage2.stage2.select.by_attention() {
+        let kept_rows = if stage2.stage2.select.by_attention() {
             let out = ScoreOutput {
                 q_start: stage2.q_start,
                 q_end: stage2.segment.total,
@@ -266,16 +275,28 @@ impl Engine {
             };
             self.run_layers(rec, state, 0..layer, Some(out))?;
             rec.set_stage("stage 2");
-            self.select_by_scores(rec, &s2, stage2)?;
+            match stage2.stage2.adaptive {
+                Some(adaptive) => {
+                    let kept = self.adaptive_stage2_rows(rec, &s2.scores, stage2, adaptive)?;
+                    s2.rows.write_u32(&self.gpu, &kept)?;
+                    kept.len()
+                }
+                None => {
+                    self.select_by_scores(rec, &s2, stage2)?;
+                    stage2.segment.kept_rows(stage2.keep)
+                }
+            }
         } else {
             self.run_layers(rec, state, 0..layer, None)?;
             rec.set_stage("stage 2");
             let kept = self.host_stage2_rows(rec, &state.buffers, stage2)?;
             s2.rows.write_u32(&self.gpu, &kept)?;
-        }
-        self.compact_prompt(rec, &state.buffers, &s2, stage2)?;
-        state.rows = stage2.segment.kept_rows(stage2.keep);
-        state.stage2_rows = Some(s2.rows);
+            kept.len()
+        };
+        self.compact_prompt(rec, &state.buffers, &s2, kept_rows)?;
+        state.rows = kept_rows;
+        // An adaptive stage 2 keeps fewer rows than its buffers hold: the list is that long.
+        state.stage2_rows = Some(s2.rows.view(&[kept_rows])?);
         rec.set_stage("prefill");
         let layers = layer..self.llama.layers.len();
         self.run_layers(rec, state, layers, None)
@@ -308,18 +329,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Gather the hidden state and position ids of the rows `s2.rows` lists to the front of
-    /// `b`'s buffers.
+    /// Gather the hidden state and position ids of the `kept_rows` rows `s2.rows` lists to the
+    /// front of `b`'s buffers.
     fn compact_prompt(
         &self,
         rec: &mut Recorder,
         b: &LlamaBuffers,
         s2: &Stage2Buffers,
-        stage2: &TurnStage2,
+        kept_rows: usize,
     ) -> Result<()> {
         let gpu = &self.gpu;
         let dt = self.config.text.hidden_size;
-        let kept_rows = stage2.segment.kept_rows(stage2.keep);
         let (rows, hidden, positions) = (&s2.rows, &s2.hidden, &s2.positions);
         rec.dispatch(topk::gather_rows(
             gpu, &b.hidden, rows, 0, kept_rows, hidden,

@@ -109,10 +109,68 @@ pub fn setting(
     }
 }
 
+/// The pruning request for an adaptive stage 2 keeping `mass` of each image's attention
+/// (`--keep-mass`), uncapped; STAR's stage 1 keeps 90% as at a fixed budget.
+pub fn adaptive_setting(method: Method, mass: f64, n0: usize, per_view: bool) -> PruneOptions {
+    let mut options = setting(method, 0.5, n0, 0, per_view);
+    options.keep = None;
+    options.keep_mass = Some(mass);
+    options
+}
+
+impl EvalRow {
+    fn setting(&self) -> Setting {
+        Setting {
+            method: self.method.parse().unwrap_or_default(),
+            budget: self.budget,
+            keep_mass: self.keep_mass,
+        }
+    }
+}
+
+/// One row of a sweep: a method at a fixed budget (a fraction of the visual tokens), or with
+/// an adaptive stage 2 (`keep_mass`; `budget` is then 1, no cap).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Setting {
+    pub method: Method,
+    pub budget: f64,
+    pub keep_mass: Option<f64>,
+}
+
+impl Setting {
+    fn fixed(method: Method, budget: f64) -> Self {
+        Self {
+            method,
+            budget,
+            keep_mass: None,
+        }
+    }
+
+    /// `11%`, or `P=0.60` for an adaptive row.
+    fn label(&self) -> String {
+        match self.keep_mass {
+            Some(mass) => format!("P={mass:.2}"),
+            None => format!("{:.0}%", self.budget * 100.0),
+        }
+    }
+}
+
+/// An adaptive row against the same method's fixed budget with the nearest mean token count.
+#[derive(Clone, Debug, Serialize)]
+pub struct FixedPair {
+    pub budget: f64,
+    pub mean_visual_tokens: f64,
+    /// "reference" is the fixed-budget row.
+    pub test: McNemar,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalRow {
     pub method: String,
     pub budget: f64,
+    /// An adaptive stage 2's share of attention mass (`--keep-mass`); absent for fixed budgets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_mass: Option<f64>,
     /// Visual tokens that reached the layers after every drop, averaged over the questions
     /// (LLaVA-NeXT's count depends on the image).
     pub mean_visual_tokens: f64,
@@ -127,6 +185,9 @@ pub struct EvalRow {
     /// same questions ("reference" is that method); absent on its own rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paired: Option<McNemar>,
+    /// Adaptive rows: the test against the same method's fixed budget of the nearest mean cost.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_fixed: Option<FixedPair>,
     pub total_ms: f64,
     pub ms_per_question: f64,
     /// One character per question in the set's order: `1` answered correctly, `0` not.
@@ -165,6 +226,8 @@ pub struct Sweep {
     pub positions: Positions,
     /// The method each row is compared with, question by question (default STAR).
     pub paired_with: Method,
+    /// Shares of attention mass for adaptive rows of STAR and FastV (`--keep-mass`).
+    pub masses: Vec<f64>,
 }
 
 impl Default for Sweep {
@@ -175,7 +238,40 @@ impl Default for Sweep {
             budgets: BUDGETS.to_vec(),
             positions: Positions::default(),
             paired_with: Method::Star,
+            masses: Vec::new(),
         }
+    }
+}
+
+impl Sweep {
+    /// The rows to evaluate, in order: unpruned, each method at each budget, then the
+    /// adaptive rows (STAR and FastV, when swept, at each share).
+    pub fn settings(&self) -> Result<Vec<Setting>> {
+        if let Some(bad) = self.budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
+            return Err(Error::argument(
+                "budgets",
+                format!("{bad} is not a fraction of the visual tokens in (0, 1]"),
+            ));
+        }
+        if let Some(bad) = self.masses.iter().find(|m| !(**m > 0.0 && **m <= 1.0)) {
+            return Err(Error::argument(
+                "prune.keep_mass",
+                format!("{bad} is not a share of the attention mass in (0, 1]"),
+            ));
+        }
+        let methods = self.methods.iter().filter(|&&m| m != Method::None);
+        let mut settings = vec![Setting::fixed(Method::None, 1.0)];
+        for &method in methods.clone() {
+            settings.extend(self.budgets.iter().map(|&b| Setting::fixed(method, b)));
+        }
+        for &method in methods.filter(|&&m| matches!(m, Method::Star | Method::Fastv)) {
+            settings.extend(self.masses.iter().map(|&mass| Setting {
+                method,
+                budget: 1.0,
+                keep_mass: Some(mass),
+            }));
+        }
+        Ok(settings)
     }
 }
 
@@ -211,30 +307,17 @@ pub fn run_methods(
     max_new_tokens: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<EvalReport> {
-    let (methods, budgets) = (&sweep.methods, &sweep.budgets);
-    if let Some(bad) = budgets.iter().find(|b| !(**b > 0.0 && **b <= 1.0)) {
-        return Err(crate::error::Error::argument(
-            "budgets",
-            format!("{bad} is not a fraction of the visual tokens in (0, 1]"),
-        ));
-    }
-    let mut plan: Vec<(Method, f64)> = vec![(Method::None, 1.0)];
-    for &method in methods.iter().filter(|&&m| m != Method::None) {
-        for &budget in budgets {
-            plan.push((method, budget));
-        }
-    }
     let mut rows: Vec<EvalRow> = Vec::new();
-    for (method, budget) in plan {
-        let setting = (method, budget, sweep.positions);
-        let row = evaluate(engine, examples, setting, max_new_tokens)?;
+    for setting in sweep.settings()? {
+        let row = evaluate(engine, examples, (setting, sweep.positions), max_new_tokens)?;
         progress(&format!(
-            "{} {:.0}%: {:.1}% correct (95% CI {:.1}–{:.1}%)",
+            "{} {}: {:.1}% correct (95% CI {:.1}–{:.1}%), {:.1} visual tokens",
             row.method,
-            budget * 100.0,
+            setting.label(),
             row.accuracy * 100.0,
             row.accuracy_ci95.low * 100.0,
-            row.accuracy_ci95.high * 100.0
+            row.accuracy_ci95.high * 100.0,
+            row.mean_visual_tokens
         ));
         rows.push(row);
     }
@@ -247,6 +330,7 @@ pub fn run_methods(
         };
     }
     pair_rows(&mut rows, sweep.paired_with);
+    pair_adaptive_with_fixed(&mut rows);
     Ok(EvalReport {
         model: label.to_string(),
         questions: examples.len(),
@@ -261,7 +345,7 @@ pub fn run_methods(
 fn evaluate(
     engine: &Engine,
     examples: &[Example],
-    (method, budget, positions): (Method, f64, Positions),
+    (setting, positions): (Setting, Positions),
     max_new_tokens: usize,
 ) -> Result<EvalRow> {
     let per_view = engine.config.anyres.is_some();
@@ -276,7 +360,10 @@ fn evaluate(
         // LLaVA-NeXT's visual tokens depend on the image's size; the budget follows them.
         let n0 = engine.visual_tokens_of(&ex.image)?;
         // A different random selection per question, reproducible.
-        request.prune = setting(method, budget, n0, i as u64, per_view);
+        request.prune = match setting.keep_mass {
+            Some(mass) => adaptive_setting(setting.method, mass, n0, per_view),
+            None => self::setting(setting.method, setting.budget, n0, i as u64, per_view),
+        };
         request.prune.positions = positions;
         let out = engine.generate(&request, |_| {})?;
         visual += out.visual_tokens.after_stage2;
@@ -295,8 +382,9 @@ fn evaluate(
     }
     let correct = outcomes.chars().filter(|&c| c == '1').count();
     Ok(EvalRow {
-        method: method.name().to_string(),
-        budget,
+        method: setting.method.name().to_string(),
+        budget: setting.budget,
+        keep_mass: setting.keep_mass,
         mean_visual_tokens: visual as f64 / examples.len() as f64,
         correct,
         total: examples.len(),
@@ -304,6 +392,7 @@ fn evaluate(
         accuracy_ci95: wilson(correct, examples.len(), Z95),
         retention: 0.0,
         paired: None,
+        vs_fixed: None,
         total_ms,
         ms_per_question: total_ms / examples.len() as f64,
         outcomes,
@@ -315,14 +404,42 @@ fn evaluate(
 /// with `with` keeping everything) and test the difference with the exact McNemar test.
 fn pair_rows(rows: &mut [EvalRow], with: Method) {
     let correct = |r: &EvalRow| r.outcomes.chars().map(|c| c == '1').collect::<Vec<_>>();
-    let reference: Vec<(f64, Vec<bool>)> = rows
+    // Rows meet at the same fixed budget, or the same adaptive share.
+    type Key = (f64, Option<f64>);
+    let reference: Vec<(Key, Vec<bool>)> = rows
         .iter()
         .filter(|r| r.method == with.name())
-        .map(|r| (r.budget, correct(r)))
+        .map(|r| ((r.budget, r.keep_mass), correct(r)))
         .collect();
     for row in rows.iter_mut().filter(|r| r.method != with.name()) {
-        if let Some((_, reference)) = reference.iter().find(|(b, _)| *b == row.budget) {
+        let key = (row.budget, row.keep_mass);
+        if let Some((_, reference)) = reference.iter().find(|(k, _)| *k == key) {
             row.paired = Some(McNemar::of(&correct(row), reference));
+        }
+    }
+}
+
+/// Pair every adaptive row with its method's fixed-budget row of the nearest mean visual
+/// tokens: the comparison at equal cost an adaptive budget has to win.
+fn pair_adaptive_with_fixed(rows: &mut [EvalRow]) {
+    let correct = |r: &EvalRow| r.outcomes.chars().map(|c| c == '1').collect::<Vec<_>>();
+    let fixed: Vec<(String, f64, f64, Vec<bool>)> = rows
+        .iter()
+        .filter(|r| r.keep_mass.is_none())
+        .map(|r| (r.method.clone(), r.budget, r.mean_visual_tokens, correct(r)))
+        .collect();
+    for row in rows.iter_mut().filter(|r| r.keep_mass.is_some()) {
+        let gap = |tokens: f64| (tokens - row.mean_visual_tokens).abs();
+        let nearest = fixed
+            .iter()
+            .filter(|(method, ..)| *method == row.method)
+            .min_by(|a, b| gap(a.2).total_cmp(&gap(b.2)));
+        if let Some((_, budget, tokens, reference)) = nearest {
+            row.vs_fixed = Some(FixedPair {
+                budget: *budget,
+                mean_visual_tokens: *tokens,
+                test: McNemar::of(&correct(row), reference),
+            });
         }
     }
 }
@@ -356,10 +473,14 @@ impl EvalReport {
                 low: row.accuracy_ci95.low,
                 high: row.accuracy_ci95.high,
             };
-            match series.iter_mut().find(|s| s.name == row.method) {
+            let name = match row.keep_mass {
+                Some(_) => format!("{} adaptive", row.method),
+                None => row.method.clone(),
+            };
+            match series.iter_mut().find(|s| s.name == name) {
                 Some(s) => s.points.push(point),
                 None => series.push(PlotSeries {
-                    name: row.method.clone(),
+                    name,
                     points: vec![point],
                 }),
             }
@@ -402,9 +523,9 @@ impl EvalReport {
         ));
         for r in &self.rows {
             out.push_str(&format!(
-                "{:<10} {:>6.0}% {:>8.1} {:>8.1}% {:>11} {:>9.1}% {:>20} {:>12.1}\n",
+                "{:<10} {:>7} {:>8.1} {:>8.1}% {:>11} {:>9.1}% {:>20} {:>12.1}\n",
                 r.method,
-                r.budget * 100.0,
+                r.setting().label(),
                 r.mean_visual_tokens,
                 r.accuracy * 100.0,
                 ci_cell(&r.accuracy_ci95),
@@ -413,7 +534,35 @@ impl EvalReport {
                 r.ms_per_question
             ));
         }
+        out.push_str(&self.adaptive_table());
         out.push_str(&self.type_table());
+        out
+    }
+
+    /// Each adaptive row against its method's fixed budget of the nearest mean token count
+    /// (empty without adaptive rows).
+    fn adaptive_table(&self) -> String {
+        let mut out = String::new();
+        for r in &self.rows {
+            let Some(pair) = &r.vs_fixed else { continue };
+            if out.is_empty() {
+                out.push_str("\nadaptive against fixed budgets at the nearest mean cost\n");
+            }
+            let m = &pair.test;
+            out.push_str(&format!(
+                "{} {} ({:.1} tokens, {:.1}%) vs {} {:.0}% ({:.1} tokens): +{} -{} p={:.3}\n",
+                r.method,
+                r.setting().label(),
+                r.mean_visual_tokens,
+                r.accuracy * 100.0,
+                r.method,
+                pair.budget * 100.0,
+                pair.mean_visual_tokens,
+                m.only_this_correct,
+                m.only_reference_correct,
+                m.p_value
+            ));
+        }
         out
     }
 
@@ -435,7 +584,7 @@ impl EvalReport {
         }
         out.push('\n');
         for r in &self.rows {
-            out.push_str(&format!("{:<10} {:>6.0}%", r.method, r.budget * 100.0));
+            out.push_str(&format!("{:<10} {:>7}", r.method, r.setting().label()));
             for k in &kinds {
                 let cell = r.by_type.get(*k).map_or("-".to_string(), |s| {
                     format!("{:.1} [{}]", s.accuracy * 100.0, ci_cell(&s.accuracy_ci95))
@@ -479,7 +628,9 @@ mod tests {
             accuracy: correct as f64 / outcomes.len() as f64,
             accuracy_ci95: wilson(correct, outcomes.len(), Z95),
             retention: 1.0,
+            keep_mass: None,
             paired: None,
+            vs_fixed: None,
             total_ms: 0.0,
             ms_per_question: 0.0,
             outcomes: outcomes.into(),
@@ -523,6 +674,46 @@ mod tests {
         assert!(table.contains("+3 -10 p=0.092"), "{table}");
         assert!(table.contains("vs star"), "{table}");
         assert!(table.contains("at original positions"), "{table}");
+    }
+
+    /// An adaptive row is paired with its method's fixed row of the nearest mean token count,
+    /// never with another method's, and the table says so.
+    #[test]
+    fn adaptive_rows_meet_the_fixed_budget_of_equal_cost() {
+        let with_tokens = |mut r: EvalRow, tokens: f64, mass: Option<f64>| {
+            r.mean_visual_tokens = tokens;
+            r.keep_mass = mass;
+            r
+        };
+        let mut rows = vec![
+            with_tokens(row("star", 0.25, "1100"), 49.0, None),
+            with_tokens(row("star", 0.11, "1000"), 22.0, None),
+            with_tokens(row("fastv", 0.11, "1111"), 21.0, None),
+            with_tokens(row("star", 1.0, "0111"), 20.0, Some(0.6)),
+        ];
+        pair_adaptive_with_fixed(&mut rows);
+        assert!(rows[..3].iter().all(|r| r.vs_fixed.is_none()));
+        let pair = rows[3].vs_fixed.clone().unwrap();
+        assert_eq!((pair.budget, pair.mean_visual_tokens), (0.11, 22.0));
+        assert_eq!(
+            (
+                pair.test.only_this_correct,
+                pair.test.only_reference_correct
+            ),
+            (3, 1)
+        );
+        let table = EvalReport {
+            model: "m".into(),
+            questions: 4,
+            positions: Positions::Original,
+            paired_with: Method::Star,
+            rows,
+        }
+        .table();
+        assert!(
+            table.contains("star P=0.60 (20.0 tokens, 75.0%) vs star 11% (22.0 tokens): +3 -1"),
+            "{table}"
+        );
     }
 
     /// Pairing with another method: its rows are the reference and carry no test themselves.

@@ -153,6 +153,12 @@ pub struct PruneOptions {
     pub seed: u64,
     /// The RoPE positions of the image tokens a selection before the projector keeps.
     pub positions: Positions,
+    /// Adaptive stage 2 (STAR, FastV): keep, per image, the smallest set of visual tokens whose
+    /// share of the image's attention mass at layer K reaches this (0, 1]; `keep` is then the
+    /// cap (default: every token stage 2 receives).
+    pub keep_mass: Option<f64>,
+    /// The fewest tokens an adaptive stage 2 keeps per image (default 1).
+    pub keep_floor: Option<usize>,
 }
 
 /// Where the image tokens kept before the projector sit in RoPE's positions
@@ -236,17 +242,28 @@ impl Stage2Select {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stage2 {
     /// 1-based K: the drop applies to the rows entering 0-based layer K (0 for DivPrune, which
     /// drops before the first layer).
     pub layer: usize,
+    /// N2 per image; with `adaptive`, the most an image keeps.
     pub keep: usize,
     pub select: Stage2Select,
+    /// Keep each image's smallest set reaching a share of its attention mass (at most `keep`).
+    pub adaptive: Option<KeepMass>,
+}
+
+/// An adaptive budget: per image, the fewest top-scored tokens whose scores sum to `mass` of
+/// the image's total, and never fewer than `floor` ([`smallest_mass_set`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeepMass {
+    pub mass: f64,
+    pub floor: usize,
 }
 
 /// A resolved pruning schedule.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Plan {
     pub method: Method,
     /// Visual tokens out of the encoder.
@@ -397,7 +414,13 @@ impl PruneOptions {
         if self.method == Method::None {
             return Ok(Plan::unpruned(n0));
         }
-        let n2 = final_budget(n0, self.keep, self.keep_ratio)?;
+        let adaptive = self.adaptive()?;
+        // An adaptive stage 2 without a budget is capped only by the tokens it receives.
+        let uncapped = adaptive.is_some() && self.keep.is_none() && self.keep_ratio.is_none();
+        let n2 = match uncapped {
+            true => n0,
+            false => final_budget(n0, self.keep, self.keep_ratio)?,
+        };
         let before_projector = |selection| Plan {
             method: self.method,
             n0,
@@ -406,7 +429,7 @@ impl PruneOptions {
         };
         let plan = match self.method {
             Method::None => unreachable!("returned above"),
-            Method::Star => self.star(n0, n2, layers, text_after_image)?,
+            Method::Star => self.star(n0, n2, uncapped, (layers, text_after_image))?,
             Method::Fastv => self.fastv(n0, n2, layers, text_after_image)?,
             Method::Fastervlm => before_projector(BeforeProjector::TopK {
                 score: Stage1Score::Cls,
@@ -426,6 +449,7 @@ impl PruneOptions {
                     layer: 0,
                     keep: n2,
                     select: Stage2Select::DivPrune,
+                    adaptive: None,
                 }),
             },
         };
@@ -435,7 +459,45 @@ impl PruneOptions {
                 format!("N2 = {} exceeds the {n0} visual tokens", plan.n2()),
             ));
         }
-        Ok(plan)
+        with_adaptive(plan, adaptive)
+    }
+
+    /// `prune.keep_mass` and `prune.keep_floor`, checked: only the attention-ranked stage 2
+    /// (STAR, FastV) can keep a share of its attention mass.
+    fn adaptive(&self) -> Result<Option<KeepMass>> {
+        let Some(mass) = self.keep_mass else {
+            if self.keep_floor.is_some() {
+                return Err(Error::argument(
+                    "prune.keep_floor",
+                    "a floor applies to an adaptive budget: give prune.keep_mass too",
+                ));
+            }
+            return Ok(None);
+        };
+        if !matches!(self.method, Method::Star | Method::Fastv) {
+            return Err(Error::argument(
+                "prune.keep_mass",
+                format!(
+                    "an adaptive budget keeps a share of the attention at layer K, which \
+                     prune.method = {} does not rank by (use star or fastv)",
+                    self.method
+                ),
+            ));
+        }
+        if !(mass > 0.0 && mass <= 1.0) {
+            return Err(Error::argument(
+                "prune.keep_mass",
+                format!("{mass} must be in (0, 1]"),
+            ));
+        }
+        let floor = self.keep_floor.unwrap_or(1);
+        if floor == 0 {
+            return Err(Error::argument(
+                "prune.keep_floor",
+                "an adaptive budget must keep at least one visual token",
+            ));
+        }
+        Ok(Some(KeepMass { mass, floor }))
     }
 
     /// A budget for a stage the method does not have is refused rather than silently ignored.
@@ -474,9 +536,17 @@ impl PruneOptions {
         }
     }
 
-    /// STAR: top-k in the vision encoder down to N1, then down to N2 at decoder layer K.
-    fn star(&self, n0: usize, n2: usize, layers: usize, text_after_image: usize) -> Result<Plan> {
+    /// STAR: top-k in the vision encoder down to N1, then down to N2 at decoder layer K
+    /// (`uncapped`: an adaptive stage 2 may keep up to all N1).
+    fn star(
+        &self,
+        n0: usize,
+        n2: usize,
+        uncapped: bool,
+        (layers, text_after_image): (usize, usize),
+    ) -> Result<Plan> {
         let n1 = stage1_budget(n0, self.stage1_keep, self.stage1_ratio)?;
+        let n2 = if uncapped { n1 } else { n2 };
         if n2 > n1 {
             return Err(Error::argument(
                 "prune.keep",
@@ -497,6 +567,7 @@ impl PruneOptions {
                 layer: check_stage2_layer(k, layers, text_after_image)?,
                 keep: n2,
                 select: Stage2Select::TextAttention,
+                adaptive: None,
             }),
         })
     }
@@ -534,9 +605,52 @@ impl PruneOptions {
                 layer: check_stage2_layer(k, layers, text_after_image)?,
                 keep: n2,
                 select,
+                adaptive: None,
             }),
         })
     }
+}
+
+/// `plan` with an adaptive stage 2, whose floor must fit under its cap.
+fn with_adaptive(mut plan: Plan, adaptive: Option<KeepMass>) -> Result<Plan> {
+    let (Some(adaptive), Some(stage2)) = (adaptive, plan.stage2.as_mut()) else {
+        return Ok(plan);
+    };
+    if adaptive.floor > stage2.keep {
+        return Err(Error::argument(
+            "prune.keep_floor",
+            format!(
+                "the floor {} exceeds the cap N2 = {} (prune.keep)",
+                adaptive.floor, stage2.keep
+            ),
+        ));
+    }
+    stage2.adaptive = Some(adaptive);
+    Ok(plan)
+}
+
+/// An adaptive selection ([`KeepMass`]): the fewest top-scored of `scores` whose sum reaches
+/// `mass` of their total, at least `floor` and at most `cap`, as ascending positions. Ranked
+/// by the top-k rule (ties to the lower index, NaN last and counted as 0).
+pub fn smallest_mass_set(scores: &[f32], mass: f64, floor: usize, cap: usize) -> Vec<usize> {
+    let value = |s: f32| if s.is_nan() { 0.0 } else { s.max(0.0) as f64 };
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| {
+        value(scores[b])
+            .total_cmp(&value(scores[a]))
+            .then(a.cmp(&b))
+    });
+    let total: f64 = scores.iter().map(|&s| value(s)).sum();
+    let mut sum = 0.0;
+    let mut count = scores.len();
+    for (i, &position) in order.iter().enumerate() {
+        sum += value(scores[position]);
+        if sum >= mass * total {
+            count = i + 1;
+            break;
+        }
+    }
+    top_k(scores, count.clamp(floor, cap.max(floor)))
 }
 
 /// `k` of `n` indices chosen uniformly with `seed`, ascending.
@@ -687,6 +801,55 @@ mod tests {
         let t = p.tokens_per_layer(60, 32);
         assert_eq!(t[13], 578);
         assert_eq!(t[14], 124);
+    }
+
+    /// Scores 1/2, 1/8, 1/4, 1/8 (total 1, exact in binary): 50% is reached by one token, 75%
+    /// by two, 80% by three (1/2 + 1/4 + 1/8, the tie going to the lower index), all by four.
+    #[test]
+    fn the_smallest_set_reaching_a_share_of_the_mass() {
+        let scores = [0.5, 0.125, 0.25, 0.125];
+        assert_eq!(smallest_mass_set(&scores, 0.5, 1, 4), vec![0]);
+        assert_eq!(smallest_mass_set(&scores, 0.75, 1, 4), vec![0, 2]);
+        assert_eq!(smallest_mass_set(&scores, 0.8, 1, 4), vec![0, 1, 2]);
+        assert_eq!(smallest_mass_set(&scores, 1.0, 1, 4), vec![0, 1, 2, 3]);
+        // Floor and cap.
+        assert_eq!(smallest_mass_set(&scores, 0.5, 2, 4), vec![0, 2]);
+        assert_eq!(smallest_mass_set(&scores, 1.0, 1, 2), vec![0, 2]);
+        // No mass at all: the floor.
+        assert_eq!(smallest_mass_set(&[0.0, f32::NAN, 0.0], 0.9, 1, 3), vec![0]);
+    }
+
+    #[test]
+    fn adaptive_budgets_are_checked() {
+        let adaptive = |method, mass, floor, keep| PruneOptions {
+            keep_mass: Some(mass),
+            keep_floor: floor,
+            keep,
+            ..opts(method)
+        };
+        let star = adaptive(Method::Star, 0.6, None, None)
+            .plan(576, 32, 40)
+            .unwrap();
+        let stage2 = star.stage2.unwrap();
+        assert_eq!((stage2.keep, star.n1()), (518, 518), "capped by N1 only");
+        assert_eq!(
+            stage2.adaptive,
+            Some(KeepMass {
+                mass: 0.6,
+                floor: 1
+            })
+        );
+        let fastv = adaptive(Method::Fastv, 0.6, Some(8), Some(64));
+        assert_eq!(fastv.plan(576, 32, 40).unwrap().stage2.unwrap().keep, 64);
+        let e = |o: PruneOptions| o.plan(576, 32, 40).unwrap_err().to_string();
+        assert!(e(adaptive(Method::Vispruner, 0.6, None, None)).contains("prune.keep_mass"));
+        assert!(e(adaptive(Method::Star, 1.5, None, None)).contains("prune.keep_mass"));
+        assert!(e(adaptive(Method::Star, 0.6, Some(100), Some(64))).contains("prune.keep_floor"));
+        let floor_alone = PruneOptions {
+            keep_floor: Some(4),
+            ..opts(Method::Star)
+        };
+        assert!(e(floor_alone).contains("prune.keep_floor"));
     }
 
     #[test]

@@ -273,7 +273,8 @@ fn default_prune() -> PruneOptions {
 }
 
 /// The `prune` extension: `{"method", "keep", "stage1_keep", "stage2_layer"}` (and the ratio
-/// forms and `stage1_score`); what is left out takes `run`'s defaults (STAR).
+/// forms, `stage1_score`, `positions`, `seed` and the adaptive `keep_mass` / `keep_floor`);
+/// what is left out takes `run`'s defaults (STAR).
 fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     let obj = match v {
         None | Some(Value::Null) => return Ok(default_prune()),
@@ -285,10 +286,12 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
             ))
         }
     };
-    const KNOWN: [&str; 9] = [
+    const KNOWN: [&str; 11] = [
         "method",
         "keep",
         "keep_ratio",
+        "keep_mass",
+        "keep_floor",
         "stage1_keep",
         "stage1_ratio",
         "stage2_layer",
@@ -332,9 +335,11 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     options.stage1_keep = prefixed("stage1_keep")?;
     options.stage2_layer = prefixed("stage2_layer")?;
     options.seed = prefixed("seed")?.unwrap_or(0) as u64;
+    options.keep_floor = prefixed("keep_floor")?;
     let ratio = |field: &str| number_field(obj, field, 0.0, 1.0).map_err(|e| prefix(e, "prune."));
     options.keep_ratio = ratio("keep_ratio")?;
     options.stage1_ratio = ratio("stage1_ratio")?;
+    options.keep_mass = ratio("keep_mass")?;
     Ok(options)
 }
 

@@ -1,0 +1,146 @@
+//! Adaptive stage 2 (`--keep-mass P`, docs/pruning.md "Adaptive budgets"): per image, the
+//! fewest visual tokens whose layer-(K−1) scores reach a share P of the image's total.
+//!
+//! Against transformers: `scripts/positions_reference.py` recorded STAR's stage-2 scores
+//! (original positions, N1 = 32, K = 2) and its top-10 kept set, chosen with no near-tie at
+//! the 10th score. Here P is set halfway between the cumulative shares of the 9 and the 10
+//! best recorded scores, so the rule must keep exactly that top 10; and an adaptive run must
+//! equal the fixed run of the same count bit for bit (the same rows dropped the same way).
+
+mod fixture;
+
+use serde_json::Value;
+
+use llava_wgpu::gpu::{DType, WeightFormat};
+use llava_wgpu::prune::{Method, Positions, PruneOptions};
+use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+
+fn reference() -> Value {
+    let path = fixture::reference_dir().join("positions.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn recorded_scores(case: usize) -> Vec<f64> {
+    let file = fixture::reference_dir().join("positions_logits.safetensors");
+    let bytes = std::fs::read(file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = tensors
+        .tensor(&format!("case{case}.star_original.stage2_scores"))
+        .unwrap();
+    let scores: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
+    scores.into_iter().map(f64::from).collect()
+}
+
+/// The share of the total that the `count` largest scores hold.
+fn share_of_largest(scores: &[f64], count: usize) -> f64 {
+    let mut sorted = scores.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    sorted[..count].iter().sum::<f64>() / scores.iter().sum::<f64>()
+}
+
+fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {
+    let mut request = GenerateRequest::new(&case.image, &case.prompt);
+    request.capture_outputs = true;
+    request.max_new_tokens = 6;
+    request.ignore_eos = true;
+    request.prune = prune;
+    engine.generate(&request, |_| {}).unwrap()
+}
+
+fn star(n1: usize, k: usize) -> PruneOptions {
+    PruneOptions {
+        method: Method::Star,
+        stage1_keep: Some(n1),
+        stage2_layer: Some(k),
+        positions: Positions::Original,
+        ..PruneOptions::default()
+    }
+}
+
+fn kept(out: &GenerateOutput) -> Vec<usize> {
+    out.kept_visual_indices.clone().unwrap().stage2.unwrap()
+}
+
+#[test]
+fn adaptive_stage2_keeps_the_smallest_set_reaching_the_share() {
+    let reference = reference();
+    let budget = |name: &str| reference["budgets"][name].as_u64().unwrap() as usize;
+    let (n1, n2, k) = (budget("N1"), budget("N2"), budget("K"));
+    let options = EngineOptions {
+        weight_format: Some(WeightFormat::F32.into()),
+        kv: Some(DType::F32),
+        ..Default::default()
+    };
+    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    let cases = fixture::cases();
+    for recorded in reference["cases"].as_array().unwrap() {
+        let i = recorded["index"].as_u64().unwrap() as usize;
+        let scores = recorded_scores(i);
+        let mass = (share_of_largest(&scores, n2 - 1) + share_of_largest(&scores, n2)) / 2.0;
+        let adaptive = run(
+            &engine,
+            &cases[i],
+            PruneOptions {
+                keep_mass: Some(mass),
+                ..star(n1, k)
+            },
+        );
+        let want: Vec<usize> = recorded["methods"]["star_original"]["stage2_kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(kept(&adaptive), want, "case {i}: share {mass:.4}");
+        assert_eq!(adaptive.visual_tokens.after_stage2, n2);
+        let fixed = run(
+            &engine,
+            &cases[i],
+            PruneOptions {
+                keep: Some(n2),
+                ..star(n1, k)
+            },
+        );
+        assert_eq!(adaptive.generated_ids, fixed.generated_ids, "case {i}");
+        assert_eq!(adaptive.first_logits, fixed.first_logits, "case {i}");
+        assert_eq!(adaptive.prefill_macs.prefill, fixed.prefill_macs.prefill);
+    }
+}
+
+/// The floor and the cap bound what the share asks for; every image of a turn is measured
+/// against its own total.
+#[test]
+fn floor_cap_and_several_images() {
+    let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
+    let cases = fixture::cases();
+    let with = |mass: f64, floor: Option<usize>, keep: Option<usize>| PruneOptions {
+        keep_mass: Some(mass),
+        keep_floor: floor,
+        keep,
+        ..star(32, 2)
+    };
+    let everything = run(&engine, &cases[0], with(1.0, None, None));
+    assert_eq!(
+        everything.visual_tokens.after_stage2, 32,
+        "P = 1 keeps all N1"
+    );
+    let capped = run(&engine, &cases[0], with(1.0, None, Some(7)));
+    assert_eq!(capped.visual_tokens.after_stage2, 7);
+    let floored = run(&engine, &cases[0], with(1e-6, Some(5), None));
+    assert_eq!(floored.visual_tokens.after_stage2, 5);
+    // Two images in one message: each keeps its own smallest set; the counts add up.
+    let mut request = GenerateRequest::with_images(
+        vec![cases[0].image.clone(), cases[1].image.clone()],
+        &cases[0].prompt,
+    );
+    request.max_new_tokens = 2;
+    request.prune = with(0.5, None, None);
+    let out = engine.generate(&request, |_| {}).unwrap();
+    let each: Vec<usize> = out
+        .images
+        .iter()
+        .map(|i| i.visual_tokens.after_stage2)
+        .collect();
+    assert!(each.iter().all(|&n| (1..32).contains(&n)), "{each:?}");
+    assert_eq!(out.visual_tokens.after_stage2, each.iter().sum::<usize>());
+}

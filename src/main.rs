@@ -397,8 +397,12 @@ pub(crate) struct BudgetArgs {
     /// the image's attention at layer K reaches P (0 < P ≤ 1); --keep is then the cap.
     #[arg(long, value_name = "P")]
     keep_mass: Option<f64>,
-    /// The fewest visual tokens an adaptive stage 2 keeps per image (default 1).
-    #[arg(long, value_name = "N", requires = "keep_mass")]
+    /// Adaptive STAR stage 1 (LLaVA-1.5): keep, per image, the fewest patches whose share of
+    /// the stage-1 attention reaches P (0 < P ≤ 1); --stage1-keep is then the cap.
+    #[arg(long, value_name = "P")]
+    stage1_keep_mass: Option<f64>,
+    /// The fewest visual tokens an adaptive stage keeps per image (default 1).
+    #[arg(long, value_name = "N")]
     keep_floor: Option<usize>,
     /// What STAR stage 1 scores patches by.
     #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
@@ -422,6 +426,7 @@ impl BudgetArgs {
             seed,
             positions: self.positions.into(),
             keep_mass: self.keep_mass,
+            stage1_keep_mass: self.stage1_keep_mass,
             keep_floor: self.keep_floor,
         }
     }

@@ -1,5 +1,6 @@
-//! Adaptive stage 2 (`--keep-mass P`, docs/pruning.md "Adaptive budgets"): per image, the
-//! fewest visual tokens whose layer-(K−1) scores reach a share P of the image's total.
+//! Adaptive budgets (docs/pruning.md "Adaptive budgets"): per image, the fewest visual tokens
+//! whose scores reach a share P of the image's total, in stage 2 (`--keep-mass`) and in STAR's
+//! stage 1 (`--stage1-keep-mass`).
 //!
 //! Against transformers: `scripts/positions_reference.py` recorded STAR's stage-2 scores
 //! (original positions, N1 = 32, K = 2) and its top-10 kept set, chosen with no near-tie at
@@ -143,4 +144,115 @@ fn floor_cap_and_several_images() {
         .collect();
     assert!(each.iter().all(|&n| (1..32).contains(&n)), "{each:?}");
     assert_eq!(out.visual_tokens.after_stage2, each.iter().sum::<usize>());
+}
+
+/// Adaptive stage 1 against transformers: `make_tiny_llava.py` recorded CLIP's stage-1 scores
+/// (`case{i}.clip_attention_scores`, CLS first) and the top-32 patches (`stage1_kept`, no
+/// near-tie at the 32nd). With P halfway between the shares of the 31 and the 32 best patch
+/// scores, the image pass must keep exactly those 32, and the run must equal the fixed
+/// `stage1_keep = 32` run bit for bit (the prompt shrinks to the rows kept).
+#[test]
+fn adaptive_stage1_keeps_the_smallest_set_reaching_the_share() {
+    let options = EngineOptions {
+        weight_format: Some(WeightFormat::F32.into()),
+        kv: Some(DType::F32),
+        ..Default::default()
+    };
+    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    for case in fixture::cases() {
+        let want = case.ints("stage1_kept");
+        let n1 = want.len();
+        let scores = fixture::tensor(&format!("case{}.clip_attention_scores", case.index));
+        let patches: Vec<f64> = scores[1..].iter().map(|&s| f64::from(s)).collect();
+        let mass = (share_of_largest(&patches, n1 - 1) + share_of_largest(&patches, n1)) / 2.0;
+        let stage2 = PruneOptions {
+            method: Method::Star,
+            keep: Some(7),
+            stage2_layer: Some(2),
+            ..PruneOptions::default()
+        };
+        let adaptive = run(
+            &engine,
+            &case,
+            PruneOptions {
+                stage1_keep_mass: Some(mass),
+                ..stage2.clone()
+            },
+        );
+        let kept = adaptive
+            .kept_visual_indices
+            .clone()
+            .unwrap()
+            .stage1
+            .unwrap();
+        assert_eq!(kept, want, "case {}: share {mass:.4}", case.index);
+        assert_eq!(adaptive.visual_tokens.after_stage1, n1);
+        let fixed = run(
+            &engine,
+            &case,
+            PruneOptions {
+                stage1_keep: Some(n1),
+                ..stage2
+            },
+        );
+        assert_eq!(adaptive.prompt_tokens, fixed.prompt_tokens);
+        assert_eq!(adaptive.generated_ids, fixed.generated_ids);
+        assert_eq!(adaptive.first_logits, fixed.first_logits);
+        assert_eq!(
+            adaptive.kept_visual_indices.unwrap().stage2,
+            fixed.kept_visual_indices.unwrap().stage2
+        );
+    }
+}
+
+/// A follow-up turn keeps what the adaptive stages of the first turn kept: its cache holds the
+/// conversation's rows with N1 − N2 fewer in layers ≥ K, N1 and N2 being the counts the first
+/// turn reported (not the caps).
+#[test]
+fn a_follow_up_keeps_the_adaptive_counts_of_the_first_turn() {
+    use llava_wgpu::generate::{Conversation, ImageFrom, ImageInput, Session, TurnSettings};
+    use llava_wgpu::text::{Message, Role};
+    let engine = Engine::load(&fixture::model_dir(), EngineOptions::default()).unwrap();
+    let case = &fixture::cases()[0];
+    let k = 2;
+    let settings = TurnSettings {
+        max_new_tokens: 4,
+        ignore_eos: true,
+        prune: PruneOptions {
+            stage1_keep_mass: Some(0.8),
+            keep_mass: Some(0.5),
+            ..star(36, k)
+        },
+        ..TurnSettings::default()
+    };
+    let mut messages = vec![Message::with_images(Role::User, &case.prompt, 1)];
+    let images = vec![ImageInput::File(case.image.clone())];
+    let mut session = Session::new();
+    let conv = |messages: &[Message]| Conversation {
+        messages: messages.to_vec(),
+        images: images.clone(),
+    };
+    let first = engine
+        .turn(&mut session, &conv(&messages), &settings, None, |_| {})
+        .unwrap();
+    let (n1, n2) = (
+        first.visual_tokens.after_stage1,
+        first.visual_tokens.after_stage2,
+    );
+    assert!(n2 < n1 && n1 < 36, "both stages adapted: {n1} > {n2}");
+    messages.push(Message::new(Role::Assistant, first.text.trim()));
+    messages.push(Message::new(Role::User, "And then?"));
+    let second = engine
+        .turn(&mut session, &conv(&messages), &settings, None, |_| {})
+        .unwrap();
+    assert_eq!(second.turn.images, [ImageFrom::Session]);
+    let text = &engine.config.text;
+    let width = text.num_key_value_heads * text.head_dim;
+    let held = second.prompt_tokens + second.generated_ids.len() - 1;
+    let rows = k * held + (text.num_hidden_layers - k) * (held - (n1 - n2));
+    let element_bytes = if engine.kv_dtype == DType::F16 { 2 } else { 4 };
+    assert_eq!(
+        second.kv_cache_bytes,
+        (rows * width * 2 * element_bytes) as u64
+    );
 }

@@ -92,6 +92,7 @@ impl AnyresRequest {
             before_projector: self.per_view.as_ref().map(|_| BeforeProjector::TopK {
                 score: Stage1Score::Attention,
                 keep: rows,
+                adaptive: None,
             }),
             stage2: plan.stage2.map(|mut s| {
                 let patches = self.stage2_keep.unwrap_or(s.keep);
@@ -105,7 +106,13 @@ impl AnyresRequest {
 /// `selection` with view `v`'s budget `keep` (random draws get a seed per view).
 fn for_view(selection: BeforeProjector, keep: usize, v: usize) -> BeforeProjector {
     match selection {
-        BeforeProjector::TopK { score, .. } => BeforeProjector::TopK { score, keep },
+        BeforeProjector::TopK {
+            score, adaptive, ..
+        } => BeforeProjector::TopK {
+            score,
+            keep,
+            adaptive,
+        },
         BeforeProjector::VisPruner { .. } => BeforeProjector::VisPruner { keep },
         BeforeProjector::Random { seed, .. } => BeforeProjector::Random {
             keep,

@@ -141,12 +141,20 @@ impl Engine {
                 Some(kept)
             }
         };
+        // An adaptive stage 1 may keep fewer rows than the buffers hold: project only those.
+        let n1 = kept.as_ref().map_or(plan.n1(), Vec::len);
+        let rows = |t: &Tensor| t.view(&[n1, t.shape[1]]);
+        let embeddings = rows(&b.embeddings)?;
         rec.set_stage("projector");
-        self.projector
-            .forward(&mut rec, &b.features, &b.scratch, &b.embeddings)?;
+        self.projector.forward(
+            &mut rec,
+            &rows(&b.features)?,
+            &rows(&b.scratch)?,
+            &embeddings,
+        )?;
         rec.finish("vision")?;
         Ok(EncodedImage {
-            embeddings: b.embeddings,
+            embeddings,
             kept,
             packed: None,
         })
@@ -230,12 +238,21 @@ impl Engine {
     ) -> Result<Vec<usize>> {
         let gpu = &self.gpu;
         let dv = self.config.vision.hidden_size;
-        let n1 = features.shape[0];
         // Row list into the encoder output: [CLS, 1 + kept...]; the gather skips CLS.
         let segment = self.patch_segment();
         let (scores, rows) = (&s1.scores, &s1.rows);
         let hidden = &tower.hidden;
         let kept = match selection {
+            BeforeProjector::TopK {
+                keep,
+                adaptive: Some(adaptive),
+                ..
+            } => {
+                // The share is known once the scores are: read them back and choose here.
+                rec.submit();
+                let patch_scores = &gpu.read_f32(scores)?[1..=n0];
+                crate::prune::smallest_mass_set(patch_scores, adaptive.mass, adaptive.floor, keep)
+            }
             BeforeProjector::TopK { keep, .. } => {
                 rec.dispatch(topk::select(gpu, scores, 1, segment, keep, rows)?);
                 rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, features)?);
@@ -263,7 +280,14 @@ impl Engine {
             .chain(kept.iter().map(|&i| i as u32 + 1))
             .collect();
         rows.write_u32(gpu, &list)?;
-        rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, n1, features)?);
+        rec.dispatch(topk::gather_rows(
+            gpu,
+            hidden,
+            rows,
+            1,
+            kept.len(),
+            features,
+        )?);
         Ok(kept)
     }
 }

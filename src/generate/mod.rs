@@ -90,8 +90,7 @@ impl Engine {
 
         let t1 = Instant::now();
         let images = self.image_steps(&input)?;
-        let packed: Vec<_> = images.iter().map(|i| i.packed.as_deref()).collect();
-        self.fit_images(&mut input, &packed, settings)?;
+        self.fit_images(&mut input, &images, settings)?;
         let positions = self.row_positions(&input, &images, settings.prune.positions);
         debug_assert_eq!(positions.next, input.next_position);
         let vision_ms = ms(t1);

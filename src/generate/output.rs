@@ -146,6 +146,10 @@ pub struct PruneReport {
     pub stage1_keep: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage1_score: Option<Stage1Score>,
+    /// An adaptive stage 1's share of attention mass (`stage1_keep` is then what the first
+    /// image kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage1_keep_mass: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,9 +177,17 @@ impl PruneReport {
             return report;
         };
         match (plan.before_projector, plan.stage2) {
-            (Some(BeforeProjector::TopK { score, keep }), Some(_)) => {
+            (
+                Some(BeforeProjector::TopK {
+                    score,
+                    keep,
+                    adaptive,
+                }),
+                Some(_),
+            ) => {
                 report.stage1_keep = Some(keep);
                 report.stage1_score = Some(score);
+                report.stage1_keep_mass = adaptive.map(|a| a.mass);
             }
             (Some(_), None) => report.keep = Some(plan.n1()),
             _ => {}
@@ -185,6 +197,12 @@ impl PruneReport {
             report.stage2_layer = Some(stage2.layer);
             report.keep_mass = stage2.adaptive.map(|a| a.mass);
             report.keep_floor = stage2.adaptive.map(|a| a.floor);
+        }
+        if let Some(BeforeProjector::TopK {
+            adaptive: Some(a), ..
+        }) = plan.before_projector
+        {
+            report.keep_floor = Some(a.floor);
         }
         if plan.before_projector.is_some() {
             report.positions = Some(positions);

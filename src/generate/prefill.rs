@@ -279,6 +279,7 @@ impl Engine {
                 Some(adaptive) => {
                     let kept = self.adaptive_stage2_rows(rec, &s2.scores, stage2, adaptive)?;
                     s2.rows.write_u32(&self.gpu, &kept)?;
+                    self.fit_cache_after_stage2(state, input, stage2, kept.len())?;
                     kept.len()
                 }
                 None => {
@@ -300,6 +301,26 @@ impl Engine {
         rec.set_stage("prefill");
         let layers = layer..self.llama.layers.len();
         self.run_layers(rec, state, layers, None)
+    }
+
+    /// An adaptive stage 2 kept `kept_rows` of the turn's rows, fewer than the cap the layers
+    /// from K on were sized for: size them for what they will hold (nothing is in them yet from
+    /// this turn; earlier turns' rows are copied).
+    fn fit_cache_after_stage2(
+        &self,
+        state: &mut Prefilled,
+        input: &PreparedRequest,
+        stage2: &TurnStage2,
+        kept_rows: usize,
+    ) -> Result<()> {
+        let generated = input.max_new.saturating_sub(1);
+        for layer in stage2.stage2.layer..self.llama.layers.len() {
+            let held = state.cache.layers[layer].len;
+            state
+                .cache
+                .grow_layer(&self.gpu, layer, held + kept_rows + generated)?;
+        }
+        Ok(())
     }
 
     /// Top-k of layer K−1's scores into `s2.rows`. Rows that are no image patch enter it with

@@ -12,7 +12,9 @@ use crate::model::image_cache::{ImageKey, ProjectedImage};
 use crate::model::llava::Engine;
 use crate::prune::{Plan, Positions};
 use crate::text::EncodedPrompt;
-use crate::vision::anyres::{AnyresLayout, PackedToken};
+use crate::vision::anyres::AnyresLayout;
+
+use super::image::EncodedImage;
 use crate::vision::decode_image;
 
 use super::anyres_plan::AnyresRequest;
@@ -307,6 +309,13 @@ impl Engine {
         text_after_images: usize,
     ) -> Result<(Plan, AnyresRequest)> {
         let layers = self.config.text.num_hidden_layers;
+        if settings.prune.stage1_keep_mass.is_some() {
+            return Err(Error::argument(
+                "prune.stage1_keep_mass",
+                "an adaptive stage 1 runs on LLaVA-1.5 only: LLaVA-NeXT selects per view \
+                 (use prune.keep_mass, the adaptive stage 2)",
+            ));
+        }
         let patches = settings
             .prune
             .plan(layout.visual_tokens(), layers, text_after_images)?;
@@ -392,25 +401,33 @@ impl Engine {
         Ok(())
     }
 
-    /// LLaVA-NeXT, after the image passes: the prompt was tokenized with every packed row of
-    /// each new image; keep the rows of the tokens each pass kept (`packed[i]` for the turn's
-    /// image `i`) and restate its plan over them.
+    /// After the image passes, the prompt keeps only the rows each new image filled: a
+    /// LLaVA-NeXT prompt was tokenized with every packed row (`images[i].packed` holds the
+    /// rows the pass kept), a LLaVA-1.5 prompt with an adaptive stage 1's cap (`images[i].kept`
+    /// holds what it kept). Each image's plan is restated over its rows.
     pub(super) fn fit_images(
         &self,
         input: &mut PreparedRequest,
-        packed: &[Option<&[PackedToken]>],
+        images: &[EncodedImage],
         settings: &TurnSettings,
     ) -> Result<()> {
         let dt = self.config.text.hidden_size;
-        for (image, packed) in input.images.iter_mut().zip(packed) {
-            let (Some(anyres), Some(packed)) = (image.anyres.as_mut(), packed) else {
-                continue;
-            };
+        for (image, encoded) in input.images.iter_mut().zip(images) {
             let span = input.prompt.images[image.index];
-            let dropped = anyres.packed.len() - packed.len();
-            anyres.packed = packed.to_vec();
-            image.plan = anyres.row_plan(&image.plan);
-            input.prompt.shrink_image(image.index, span.len - dropped);
+            let rows = match (image.anyres.as_mut(), &encoded.packed, &encoded.kept) {
+                (Some(anyres), Some(packed), _) => {
+                    anyres.packed = packed.clone();
+                    image.plan = anyres.row_plan(&image.plan);
+                    packed.len()
+                }
+                (None, None, Some(kept)) if kept.len() < span.len => {
+                    image.plan = image.plan.with_stage1_kept(kept.len());
+                    kept.len()
+                }
+                _ => continue,
+            };
+            let dropped = span.len - rows;
+            input.prompt.shrink_image(image.index, rows);
             // Embeddings start at the first new row; image rows are zero until the GPU fills
             // them.
             let end = span.end() - input.reused;

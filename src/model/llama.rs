@@ -120,10 +120,10 @@ impl KvCache {
             .sum()
     }
 
-    /// Give layer `layer` room for `capacity` rows, keeping its filled rows: new buffers, a GPU
-    /// copy of rows [0, len), and the old buffers released (a follow-up turn of a conversation
-    /// needs more rows than its first request planned for). A capacity below the rows held is
-    /// refused.
+    /// Give layer `layer` room for exactly `capacity` rows, keeping its filled rows: new
+    /// buffers, a GPU copy of rows [0, len), and the old buffers released (a follow-up turn of a
+    /// conversation needs more rows than its first request planned for; an adaptive stage 2
+    /// needs fewer than its cap). A capacity below the rows held is refused.
     pub fn grow_layer(&mut self, gpu: &Gpu, layer: usize, capacity: usize) -> Result<()> {
         let Some(kv) = self.layers.get_mut(layer) else {
             return Err(Error::argument(

@@ -153,11 +153,15 @@ pub struct PruneOptions {
     pub seed: u64,
     /// The RoPE positions of the image tokens a selection before the projector keeps.
     pub positions: Positions,
+    /// Adaptive stage 1 (STAR): keep, per image, the smallest set of patches whose share of
+    /// the stage-1 attention mass reaches this (0, 1]; `stage1_keep` / `stage1_ratio` is then
+    /// the cap (default: all N0). LLaVA-1.5 only.
+    pub stage1_keep_mass: Option<f64>,
     /// Adaptive stage 2 (STAR, FastV): keep, per image, the smallest set of visual tokens whose
     /// share of the image's attention mass at layer K reaches this (0, 1]; `keep` is then the
     /// cap (default: every token stage 2 receives).
     pub keep_mass: Option<f64>,
-    /// The fewest tokens an adaptive stage 2 keeps per image (default 1).
+    /// The fewest tokens an adaptive stage keeps per image (default 1; both stages).
     pub keep_floor: Option<usize>,
 }
 
@@ -203,12 +207,15 @@ pub const DEFAULT_KEEP_RATIO: f64 = 8.0 / 9.0;
 pub const VISPRUNER_IMPORTANT_RATIO: f64 = 0.5;
 
 /// How the visual tokens are selected before the projector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum BeforeProjector {
     /// Top-k by scores from the last encoder layer's attention (STAR stage 1, FasterVLM).
+    /// With `adaptive` (STAR's `stage1_keep_mass`), `keep` is the cap and the image pass
+    /// keeps the smallest set reaching the share.
     TopK {
         score: Stage1Score,
         keep: usize,
+        adaptive: Option<KeepMass>,
     },
     VisPruner {
         keep: usize,
@@ -290,6 +297,18 @@ impl Plan {
             | Some(BeforeProjector::Random { keep, .. }) => keep,
             None => self.n0,
         }
+    }
+
+    /// The plan once an adaptive stage 1 has kept `n1` patches (at most its cap): stage 1 keeps
+    /// `n1`, and stage 2 at most that.
+    pub fn with_stage1_kept(mut self, n1: usize) -> Self {
+        if let Some(BeforeProjector::TopK { keep, .. }) = &mut self.before_projector {
+            *keep = n1;
+        }
+        if let Some(stage2) = &mut self.stage2 {
+            stage2.keep = stage2.keep.min(n1);
+        }
+        self
     }
 
     /// Visual tokens after stage 2 (N2).
@@ -434,6 +453,7 @@ impl PruneOptions {
             Method::Fastervlm => before_projector(BeforeProjector::TopK {
                 score: Stage1Score::Cls,
                 keep: n2,
+                adaptive: None,
             }),
             Method::Vispruner => before_projector(BeforeProjector::VisPruner { keep: n2 }),
             Method::Random => before_projector(BeforeProjector::Random {
@@ -466,7 +486,7 @@ impl PruneOptions {
     /// (STAR, FastV) can keep a share of its attention mass.
     fn adaptive(&self) -> Result<Option<KeepMass>> {
         let Some(mass) = self.keep_mass else {
-            if self.keep_floor.is_some() {
+            if self.keep_floor.is_some() && self.stage1_keep_mass.is_none() {
                 return Err(Error::argument(
                     "prune.keep_floor",
                     "a floor applies to an adaptive budget: give prune.keep_mass too",
@@ -484,11 +504,13 @@ impl PruneOptions {
                 ),
             ));
         }
+        self.keep_mass("prune.keep_mass", mass).map(Some)
+    }
+
+    /// `mass` (set as `field`) with the floor, checked.
+    fn keep_mass(&self, field: &str, mass: f64) -> Result<KeepMass> {
         if !(mass > 0.0 && mass <= 1.0) {
-            return Err(Error::argument(
-                "prune.keep_mass",
-                format!("{mass} must be in (0, 1]"),
-            ));
+            return Err(Error::argument(field, format!("{mass} must be in (0, 1]")));
         }
         let floor = self.keep_floor.unwrap_or(1);
         if floor == 0 {
@@ -497,12 +519,31 @@ impl PruneOptions {
                 "an adaptive budget must keep at least one visual token",
             ));
         }
-        Ok(Some(KeepMass { mass, floor }))
+        Ok(KeepMass { mass, floor })
+    }
+
+    /// STAR's adaptive stage 1 (`prune.stage1_keep_mass`), checked.
+    fn stage1_adaptive(&self) -> Result<Option<KeepMass>> {
+        let Some(mass) = self.stage1_keep_mass else {
+            return Ok(None);
+        };
+        if self.method != Method::Star {
+            return Err(Error::argument(
+                "prune.stage1_keep_mass",
+                format!(
+                    "only STAR has a stage 1, not prune.method = {}",
+                    self.method
+                ),
+            ));
+        }
+        self.keep_mass("prune.stage1_keep_mass", mass).map(Some)
     }
 
     /// A budget for a stage the method does not have is refused rather than silently ignored.
     fn refuse_settings_the_method_ignores(&self) -> Result<()> {
-        let stage1 = self.stage1_keep.is_some() || self.stage1_ratio.is_some();
+        let stage1 = self.stage1_keep.is_some()
+            || self.stage1_ratio.is_some()
+            || self.stage1_keep_mass.is_some();
         let stage2 = self.stage2_layer.is_some();
         let budget = self.keep.is_some() || self.keep_ratio.is_some();
         let refuse = |field: &str, why: &str| {
@@ -545,8 +586,19 @@ impl PruneOptions {
         uncapped: bool,
         (layers, text_after_image): (usize, usize),
     ) -> Result<Plan> {
-        let n1 = stage1_budget(n0, self.stage1_keep, self.stage1_ratio)?;
+        let stage1 = self.stage1_adaptive()?;
+        // An adaptive stage 1 without a budget may keep every patch.
+        let n1 = match stage1 {
+            Some(_) if self.stage1_keep.is_none() && self.stage1_ratio.is_none() => n0,
+            _ => stage1_budget(n0, self.stage1_keep, self.stage1_ratio)?,
+        };
         let n2 = if uncapped { n1 } else { n2 };
+        if let Some(floor) = stage1.map(|a| a.floor).filter(|&f| f > n1) {
+            return Err(Error::argument(
+                "prune.keep_floor",
+                format!("the floor {floor} exceeds the stage-1 cap N1 = {n1}"),
+            ));
+        }
         if n2 > n1 {
             return Err(Error::argument(
                 "prune.keep",
@@ -562,6 +614,7 @@ impl PruneOptions {
             before_projector: Some(BeforeProjector::TopK {
                 score: self.stage1_score,
                 keep: n1,
+                adaptive: stage1,
             }),
             stage2: Some(Stage2 {
                 layer: check_stage2_layer(k, layers, text_after_image)?,

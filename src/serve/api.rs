@@ -273,7 +273,8 @@ fn default_prune() -> PruneOptions {
 }
 
 /// The `prune` extension: `{"method", "keep", "stage1_keep", "stage2_layer"}` (and the ratio
-/// forms, `stage1_score`, `positions`, `seed` and the adaptive `keep_mass` / `keep_floor`);
+/// forms, `stage1_score`, `positions`, `seed` and the adaptive `keep_mass`, `stage1_keep_mass`,
+/// `keep_floor`);
 /// what is left out takes `run`'s defaults (STAR).
 fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     let obj = match v {
@@ -286,11 +287,12 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
             ))
         }
     };
-    const KNOWN: [&str; 11] = [
+    const KNOWN: [&str; 12] = [
         "method",
         "keep",
         "keep_ratio",
         "keep_mass",
+        "stage1_keep_mass",
         "keep_floor",
         "stage1_keep",
         "stage1_ratio",
@@ -340,6 +342,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     options.keep_ratio = ratio("keep_ratio")?;
     options.stage1_ratio = ratio("stage1_ratio")?;
     options.keep_mass = ratio("keep_mass")?;
+    options.stage1_keep_mass = ratio("stage1_keep_mass")?;
     Ok(options)
 }
 

@@ -2,7 +2,7 @@
 //! Up recalls the previous line). Answers stream as they are decoded; each turn reuses the
 //! session's KV cache. A question may come with no image, or with the images `--image` and
 //! `/image FILE` attached to it. Commands: `/image FILE`, `/reset`, `/prune METHOD [keep=N]
-//! [stage1_keep=N] [stage2_layer=K]` (a new conversation: each image is pruned once, when it
+//! [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N]` (a new conversation: each image is pruned once, when it
 //! is first prefilled), `/stats`, `/help`, `/quit`. Ctrl-D leaves; Ctrl-C stops an answer, or
 //! leaves at the prompt. Errors go to stderr, after the answer's line has ended.
 
@@ -21,7 +21,7 @@ use llava_wgpu::{Engine, GenerateOutput};
 
 use super::flags::in_flags;
 
-const HELP: &str = "commands: /image FILE (attach to the next question), /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K], /stats, /help, /quit (Ctrl-D)";
+const HELP: &str = "commands: /image FILE (attach to the next question), /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N], /stats, /help, /quit (Ctrl-D)";
 
 /// What the chat starts with: images for the first question and a system message.
 pub struct Start {
@@ -270,13 +270,13 @@ impl Chat {
     }
 }
 
-/// `/prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K]`.
+/// `/prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N]`.
 fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOptions> {
+    const USAGE: &str =
+        "usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N]";
     let method: Method = words
         .next()
-        .ok_or_else(|| {
-            anyhow::anyhow!("usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K]")
-        })?
+        .ok_or_else(|| anyhow::anyhow!(USAGE))?
         .parse()
         .map_err(|e| anyhow::anyhow!(in_flags(&e)))?;
     let mut prune = PruneOptions {
@@ -287,14 +287,26 @@ fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOpti
         let (key, value) = word
             .split_once('=')
             .ok_or_else(|| anyhow::anyhow!("'{word}' is not key=value"))?;
-        let n: usize = value
-            .parse()
-            .map_err(|_| anyhow::anyhow!("{key}: '{value}' is not a number"))?;
+        let count = || -> Result<Option<usize>> {
+            let n = value.parse();
+            Ok(Some(n.map_err(|_| {
+                anyhow::anyhow!("{key}: '{value}' is not a count")
+            })?))
+        };
         match key {
-            "keep" => prune.keep = Some(n),
-            "stage1_keep" => prune.stage1_keep = Some(n),
-            "stage2_layer" => prune.stage2_layer = Some(n),
-            _ => anyhow::bail!("unknown /prune setting '{key}' (keep, stage1_keep, stage2_layer)"),
+            "keep" => prune.keep = count()?,
+            "stage1_keep" => prune.stage1_keep = count()?,
+            "stage2_layer" => prune.stage2_layer = count()?,
+            "keep_floor" => prune.keep_floor = count()?,
+            "keep_mass" => {
+                let p = value.parse();
+                prune.keep_mass =
+                    Some(p.map_err(|_| anyhow::anyhow!("keep_mass: '{value}' is not a number"))?)
+            }
+            _ => anyhow::bail!(
+                "unknown /prune setting '{key}' (keep, stage1_keep, stage2_layer, keep_mass, \
+                 keep_floor)"
+            ),
         }
     }
     Ok(prune)
@@ -313,5 +325,30 @@ fn describe_prune(prune: &PruneOptions) -> String {
             .iter()
             .filter_map(|(name, value)| Some(format!("{name}={}", (*value)?))),
     );
+    words.extend(prune.keep_mass.map(|p| format!("keep_mass={p}")));
+    words.extend(prune.keep_floor.map(|n| format!("keep_floor={n}")));
     words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_settings_read_back_as_typed() {
+        let typed = "star keep=16 stage2_layer=2 keep_mass=0.6 keep_floor=4";
+        let prune = parse_prune(typed.split_whitespace()).unwrap();
+        assert_eq!(prune.method, Method::Star);
+        assert_eq!((prune.keep, prune.stage2_layer), (Some(16), Some(2)));
+        assert_eq!((prune.keep_mass, prune.keep_floor), (Some(0.6), Some(4)));
+        assert_eq!(describe_prune(&prune), typed);
+        let bad = |text: &str| {
+            parse_prune(text.split_whitespace())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad("star keep_mass=lots").contains("keep_mass"));
+        assert!(bad("star keep=-1").contains("keep"));
+        assert!(bad("star colour=red").contains("unknown /prune setting 'colour'"));
+    }
 }

@@ -259,6 +259,10 @@ struct EvalArgs {
     /// such row is compared with its method's fixed budget of the nearest mean token count.
     #[arg(long, value_delimiter = ',', value_name = "P")]
     keep_mass: Vec<f64>,
+    /// What ranks patches in STAR's stage 1 and VisPruner's important half (default: each
+    /// method's own, attention and cls).
+    #[arg(long, value_enum)]
+    stage1_score: Option<Stage1ScoreArg>,
     /// The method every other row is compared with, question by question (exact McNemar test
     /// at the same budget); it must be among the methods evaluated.
     #[arg(long, value_enum, default_value_t = MethodArg::Star)]
@@ -404,9 +408,10 @@ pub(crate) struct BudgetArgs {
     /// The fewest visual tokens an adaptive stage keeps per image (default 1).
     #[arg(long, value_name = "N")]
     keep_floor: Option<usize>,
-    /// What STAR stage 1 scores patches by.
-    #[arg(long, value_enum, default_value_t = Stage1ScoreArg::Attention)]
-    stage1_score: Stage1ScoreArg,
+    /// What ranks patches before the projector: STAR's stage 1 (default attention, each
+    /// patch's received attention) or VisPruner's important half (default cls).
+    #[arg(long, value_enum)]
+    stage1_score: Option<Stage1ScoreArg>,
     /// RoPE positions of the image tokens a selection before the projector keeps: their
     /// patches' own (the text after continues as unpruned), or renumbered one after another.
     #[arg(long, value_enum, default_value_t = PositionsArg::Original)]
@@ -422,7 +427,7 @@ impl BudgetArgs {
             keep: self.keep,
             keep_ratio: self.keep_ratio,
             stage2_layer: self.stage2_layer,
-            stage1_score: self.stage1_score.into(),
+            stage1_score: self.stage1_score.map(Into::into),
             seed,
             positions: self.positions.into(),
             keep_mass: self.keep_mass,
@@ -1071,6 +1076,7 @@ impl EvalArgs {
             positions: self.positions.into(),
             paired_with,
             masses: self.keep_mass.clone(),
+            stage1_score: self.stage1_score.map(Into::into),
         })
     }
 }

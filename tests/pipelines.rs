@@ -41,7 +41,7 @@ fn requests() -> Vec<(&'static str, GenerateRequest)> {
         (
             "star cls",
             base(PruneOptions {
-                stage1_score: Stage1Score::Cls,
+                stage1_score: Some(Stage1Score::Cls),
                 ..method(Method::Star, 7)
             }),
         ),

@@ -421,3 +421,42 @@ fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
     assert!(!out.status.success() && !path.exists(), "{e}");
     assert!(e.contains("--kept-overlay"), "{e}");
 }
+
+/// VisPruner's kept patches with either ranking of its important half equal its host rule
+/// (`prune::vispruner::select`, itself unit-tested by hand) applied to what transformers
+/// recorded: CLS's attention (`clip_cls_scores`, the paper's) or every query's
+/// (`clip_attention_scores`, STAR's stage-1 score), with the layer −2 features. So the engine
+/// reads the right scores and rows for each.
+#[test]
+fn vispruner_ranks_its_important_half_by_the_score_asked_for() {
+    use llava_wgpu::prune::{vispruner, Stage1Score, VISPRUNER_IMPORTANT_RATIO};
+    let engine = engine_f32();
+    let keep = 10;
+    for case in fixture::cases() {
+        let features = fixture::tensor(&format!("case{}.vision_layer_features", case.index));
+        let dim = features.len() / 37;
+        for (score, recorded) in [
+            (Stage1Score::Cls, "clip_cls_scores"),
+            (Stage1Score::Attention, "clip_attention_scores"),
+        ] {
+            let scores = fixture::tensor(&format!("case{}.{recorded}", case.index));
+            let want = vispruner::select(
+                &scores[1..],
+                &features[dim..],
+                dim,
+                keep,
+                VISPRUNER_IMPORTANT_RATIO,
+            );
+            let prune = PruneOptions {
+                method: Method::Vispruner,
+                keep: Some(keep),
+                stage1_score: Some(score),
+                ..PruneOptions::default()
+            };
+            let out = run(&engine, &case, prune, 1);
+            let kept = out.kept_visual_indices.unwrap().stage1.unwrap();
+            assert_eq!(kept, want, "case {} {score:?}", case.index);
+            assert_eq!(out.prune.stage1_score, Some(score));
+        }
+    }
+}

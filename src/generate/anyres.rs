@@ -171,7 +171,7 @@ impl Engine {
 fn selection_keep(selection: BeforeProjector) -> usize {
     match selection {
         BeforeProjector::TopK { keep, .. }
-        | BeforeProjector::VisPruner { keep }
+        | BeforeProjector::VisPruner { keep, .. }
         | BeforeProjector::Random { keep, .. } => keep,
     }
 }

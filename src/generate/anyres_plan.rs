@@ -113,7 +113,7 @@ fn for_view(selection: BeforeProjector, keep: usize, v: usize) -> BeforeProjecto
             keep,
             adaptive,
         },
-        BeforeProjector::VisPruner { .. } => BeforeProjector::VisPruner { keep },
+        BeforeProjector::VisPruner { score, .. } => BeforeProjector::VisPruner { keep, score },
         BeforeProjector::Random { seed, .. } => BeforeProjector::Random {
             keep,
             seed: seed.wrapping_add(v as u64),

@@ -205,10 +205,14 @@ impl Engine {
         }
         let tokens = self.vision.tokens();
         let s1 = self.stage1_buffers(features.shape[0])?;
-        // Which query rows score the patches: all of them (STAR), or the CLS row only.
+        // Which query rows score the patches: all of them (STAR's default), or the CLS row
+        // only (FasterVLM, VisPruner's default).
         let all_queries = matches!(
             selection,
             BeforeProjector::TopK {
+                score: Stage1Score::Attention,
+                ..
+            } | BeforeProjector::VisPruner {
                 score: Stage1Score::Attention,
                 ..
             }
@@ -260,8 +264,9 @@ impl Engine {
                 let list = gpu.read_u32(rows)?;
                 return Ok(list[1..].iter().map(|&r| r as usize - 1).collect());
             }
-            BeforeProjector::VisPruner { keep } => {
+            BeforeProjector::VisPruner { keep, .. } => {
                 rec.submit();
+                // The important half's ranking: CLS's attention, or every query's.
                 let cls = gpu.read_f32(scores)?;
                 let hidden = gpu.read_f32(hidden)?;
                 vispruner::select(

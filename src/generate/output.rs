@@ -189,6 +189,10 @@ impl PruneReport {
                 report.stage1_score = Some(score);
                 report.stage1_keep_mass = adaptive.map(|a| a.mass);
             }
+            (Some(BeforeProjector::VisPruner { keep, score }), None) => {
+                report.keep = Some(keep);
+                report.stage1_score = Some(score);
+            }
             (Some(_), None) => report.keep = Some(plan.n1()),
             _ => {}
         }

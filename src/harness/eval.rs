@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::generate::GenerateRequest;
 use crate::model::llava::Engine;
-use crate::prune::{Method, Positions, PruneOptions};
+use crate::prune::{Method, Positions, PruneOptions, Stage1Score};
 
 use super::plot::{AccuracyPlot, PlotPoint, PlotSeries};
 use super::stats::{wilson, Interval, McNemar, Z95};
@@ -228,6 +228,9 @@ pub struct Sweep {
     pub paired_with: Method,
     /// Shares of attention mass for adaptive rows of STAR and FastV (`--keep-mass`).
     pub masses: Vec<f64>,
+    /// The patch ranking of STAR's stage 1 and VisPruner's important half (None: each
+    /// method's default).
+    pub stage1_score: Option<Stage1Score>,
 }
 
 impl Default for Sweep {
@@ -239,6 +242,7 @@ impl Default for Sweep {
             positions: Positions::default(),
             paired_with: Method::Star,
             masses: Vec::new(),
+            stage1_score: None,
         }
     }
 }
@@ -309,7 +313,7 @@ pub fn run_methods(
 ) -> Result<EvalReport> {
     let mut rows: Vec<EvalRow> = Vec::new();
     for setting in sweep.settings()? {
-        let row = evaluate(engine, examples, (setting, sweep.positions), max_new_tokens)?;
+        let row = evaluate(engine, examples, (setting, sweep), max_new_tokens)?;
         progress(&format!(
             "{} {}: {:.1}% correct (95% CI {:.1}–{:.1}%), {:.1} visual tokens",
             row.method,
@@ -345,7 +349,7 @@ pub fn run_methods(
 fn evaluate(
     engine: &Engine,
     examples: &[Example],
-    (setting, positions): (Setting, Positions),
+    (setting, sweep): (Setting, &Sweep),
     max_new_tokens: usize,
 ) -> Result<EvalRow> {
     let per_view = engine.config.anyres.is_some();
@@ -364,7 +368,10 @@ fn evaluate(
             Some(mass) => adaptive_setting(setting.method, mass, n0, per_view),
             None => self::setting(setting.method, setting.budget, n0, i as u64, per_view),
         };
-        request.prune.positions = positions;
+        request.prune.positions = sweep.positions;
+        if matches!(setting.method, Method::Star | Method::Vispruner) {
+            request.prune.stage1_score = sweep.stage1_score;
+        }
         let out = engine.generate(&request, |_| {})?;
         visual += out.visual_tokens.after_stage2;
         let good = normalise(&out.text) == normalise(&ex.answer);

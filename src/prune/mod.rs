@@ -148,7 +148,10 @@ pub struct PruneOptions {
     pub keep_ratio: Option<f64>,
     /// K, 1-based: scores from 0-based layer K−1, drop before 0-based layer K.
     pub stage2_layer: Option<usize>,
-    pub stage1_score: Stage1Score,
+    /// What the before-projector scores rank patches by: STAR's stage 1 (default: the
+    /// attention each patch receives) and VisPruner's important half (default: CLS, as the
+    /// paper). Refused for methods with no such ranking.
+    pub stage1_score: Option<Stage1Score>,
     /// Seed of the random baseline.
     pub seed: u64,
     /// The RoPE positions of the image tokens a selection before the projector keeps.
@@ -219,6 +222,8 @@ pub enum BeforeProjector {
     },
     VisPruner {
         keep: usize,
+        /// What ranks the important half.
+        score: Stage1Score,
     },
     Random {
         keep: usize,
@@ -293,7 +298,7 @@ impl Plan {
     pub fn n1(&self) -> usize {
         match self.before_projector {
             Some(BeforeProjector::TopK { keep, .. })
-            | Some(BeforeProjector::VisPruner { keep })
+            | Some(BeforeProjector::VisPruner { keep, .. })
             | Some(BeforeProjector::Random { keep, .. }) => keep,
             None => self.n0,
         }
@@ -455,7 +460,10 @@ impl PruneOptions {
                 keep: n2,
                 adaptive: None,
             }),
-            Method::Vispruner => before_projector(BeforeProjector::VisPruner { keep: n2 }),
+            Method::Vispruner => before_projector(BeforeProjector::VisPruner {
+                keep: n2,
+                score: self.stage1_score.unwrap_or(Stage1Score::Cls),
+            }),
             Method::Random => before_projector(BeforeProjector::Random {
                 keep: n2,
                 seed: self.seed,
@@ -573,6 +581,11 @@ impl PruneOptions {
                 "prune.stage2_layer",
                 "the selection runs before the first decoder layer",
             ),
+            Method::Star | Method::Vispruner => Ok(()),
+            _ if self.stage1_score.is_some() => refuse(
+                "prune.stage1_score",
+                "no patch ranking can be chosen (only star and vispruner take one)",
+            ),
             _ => Ok(()),
         }
     }
@@ -612,7 +625,7 @@ impl PruneOptions {
             method: self.method,
             n0,
             before_projector: Some(BeforeProjector::TopK {
-                score: self.stage1_score,
+                score: self.stage1_score.unwrap_or_default(),
                 keep: n1,
                 adaptive: stage1,
             }),
@@ -898,6 +911,20 @@ mod tests {
         assert!(e(adaptive(Method::Vispruner, 0.6, None, None)).contains("prune.keep_mass"));
         assert!(e(adaptive(Method::Star, 1.5, None, None)).contains("prune.keep_mass"));
         assert!(e(adaptive(Method::Star, 0.6, Some(100), Some(64))).contains("prune.keep_floor"));
+        let ranked = |method| PruneOptions {
+            stage1_score: Some(Stage1Score::Attention),
+            keep: Some(64),
+            ..opts(method)
+        };
+        assert!(e(ranked(Method::Fastv)).contains("prune.stage1_score"));
+        let vispruner = ranked(Method::Vispruner).plan(576, 32, 40).unwrap();
+        assert_eq!(
+            vispruner.before_projector,
+            Some(BeforeProjector::VisPruner {
+                keep: 64,
+                score: Stage1Score::Attention
+            })
+        );
         let floor_alone = PruneOptions {
             keep_floor: Some(4),
             ..opts(Method::Star)

@@ -330,7 +330,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
         options.positions = positions.parse::<Positions>().map_err(library)?;
     }
     if let Some(score) = text("stage1_score")? {
-        options.stage1_score = score.parse::<Stage1Score>().map_err(library)?;
+        options.stage1_score = Some(score.parse::<Stage1Score>().map_err(library)?);
     }
     let prefixed = |field: &str| uint_field(obj, field).map_err(|e| prefix(e, "prune."));
     options.keep = prefixed("keep")?;

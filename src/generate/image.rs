@@ -16,6 +16,7 @@ use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score, VISPRUNER_IMPO
 use crate::vision::anyres::PackedToken;
 
 use super::prepare::{ImageStep, PreparedRequest, TurnImage};
+use super::request::TurnSettings;
 
 /// The image side of a request after the vision tower, selection and the projector.
 pub(super) struct EncodedImage {
@@ -294,5 +295,42 @@ impl Engine {
             features,
         )?);
         Ok(kept)
+    }
+}
+
+impl Engine {
+    /// After the image passes, the prompt keeps only the rows each new image filled: a
+    /// LLaVA-NeXT prompt was tokenized with every packed row (`images[i].packed` holds the
+    /// rows the pass kept), a LLaVA-1.5 prompt with an adaptive stage 1's cap (`images[i].kept`
+    /// holds what it kept). Each image's plan is restated over its rows.
+    pub(super) fn fit_images(
+        &self,
+        input: &mut PreparedRequest,
+        images: &[EncodedImage],
+        settings: &TurnSettings,
+    ) -> Result<()> {
+        let dt = self.config.text.hidden_size;
+        for (image, encoded) in input.images.iter_mut().zip(images) {
+            let span = input.prompt.images[image.index];
+            let rows = match (image.anyres.as_mut(), &encoded.packed, &encoded.kept) {
+                (Some(anyres), Some(packed), _) => {
+                    anyres.packed = packed.clone();
+                    image.plan = anyres.row_plan(&image.plan);
+                    packed.len()
+                }
+                (None, None, Some(kept)) if kept.len() < span.len => {
+                    image.plan = image.plan.with_stage1_kept(kept.len());
+                    kept.len()
+                }
+                _ => continue,
+            };
+            let dropped = span.len - rows;
+            input.prompt.shrink_image(image.index, rows);
+            // Embeddings start at the first new row; image rows are zero until the GPU fills
+            // them.
+            let end = span.end() - input.reused;
+            input.embeddings.drain((end - dropped) * dt..end * dt);
+        }
+        self.set_limits(input, settings, true)
     }
 }

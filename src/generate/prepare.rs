@@ -13,8 +13,6 @@ use crate::model::llava::Engine;
 use crate::prune::{Plan, Positions};
 use crate::text::EncodedPrompt;
 use crate::vision::anyres::AnyresLayout;
-
-use super::image::EncodedImage;
 use crate::vision::decode_image;
 
 use super::anyres_plan::AnyresRequest;
@@ -370,7 +368,7 @@ impl Engine {
     /// the prompt takes its rows' positions, and, where kept image tokens keep their original
     /// positions, those of the rows their selection dropped too.
     /// With `enforce` false the limits are only estimated (the prompt will shrink).
-    fn set_limits(
+    pub(super) fn set_limits(
         &self,
         input: &mut PreparedRequest,
         settings: &TurnSettings,
@@ -399,41 +397,6 @@ impl Engine {
             .max_new_tokens
             .min(context.saturating_sub(positions));
         Ok(())
-    }
-
-    /// After the image passes, the prompt keeps only the rows each new image filled: a
-    /// LLaVA-NeXT prompt was tokenized with every packed row (`images[i].packed` holds the
-    /// rows the pass kept), a LLaVA-1.5 prompt with an adaptive stage 1's cap (`images[i].kept`
-    /// holds what it kept). Each image's plan is restated over its rows.
-    pub(super) fn fit_images(
-        &self,
-        input: &mut PreparedRequest,
-        images: &[EncodedImage],
-        settings: &TurnSettings,
-    ) -> Result<()> {
-        let dt = self.config.text.hidden_size;
-        for (image, encoded) in input.images.iter_mut().zip(images) {
-            let span = input.prompt.images[image.index];
-            let rows = match (image.anyres.as_mut(), &encoded.packed, &encoded.kept) {
-                (Some(anyres), Some(packed), _) => {
-                    anyres.packed = packed.clone();
-                    image.plan = anyres.row_plan(&image.plan);
-                    packed.len()
-                }
-                (None, None, Some(kept)) if kept.len() < span.len => {
-                    image.plan = image.plan.with_stage1_kept(kept.len());
-                    kept.len()
-                }
-                _ => continue,
-            };
-            let dropped = span.len - rows;
-            input.prompt.shrink_image(image.index, rows);
-            // Embeddings start at the first new row; image rows are zero until the GPU fills
-            // them.
-            let end = span.end() - input.reused;
-            input.embeddings.drain((end - dropped) * dt..end * dt);
-        }
-        self.set_limits(input, settings, true)
     }
 
     /// Token embeddings of `prompt.ids[from..]`, with zero rows where the image goes.

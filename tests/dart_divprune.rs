@@ -122,19 +122,7 @@ fn divprune_greedy_rule_matches_numpy_on_the_recorded_features() {
         let i = recorded["index"].as_u64().unwrap() as usize;
         let features = recorded_tensor(&format!("case{i}.divprune.features"));
         let n = recorded["n0"].as_u64().unwrap() as usize;
-        let dim = features.len() / n;
-        let row = |r: usize| &features[r * dim..(r + 1) * dim];
-        let mut gram = vec![0f32; n * n];
-        for a in 0..n {
-            for b in 0..n {
-                let dot: f64 = row(a)
-                    .iter()
-                    .zip(row(b))
-                    .map(|(x, y)| *x as f64 * *y as f64)
-                    .sum();
-                gram[a * n + b] = dot as f32;
-            }
-        }
+        let gram = llava_wgpu::prune::gram_of(&features, features.len() / n);
         let all: Vec<usize> = (0..n).collect();
         let kept = divprune::select(&gram, n, &all, keep);
         assert_eq!(

@@ -506,3 +506,28 @@ fn read_ggmls_blocks(st: &safetensors::SafeTensors, gpu: &Gpu, rng: &mut TestRng
         }
     }
 }
+
+/// `linear::gram` (VisPruner's and DivPrune's similarities): `X·Xᵀ` of random rows, odd row
+/// counts, against the f64 reference with X as both operands; the output is poisoned first. A
+/// width that is not a whole f32 weight row is refused.
+#[test]
+fn gram_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    for (n, k) in [(1, 8), (37, 12), (196, 64), (5, 260)] {
+        let x = rng.normal(n * k, 1.0);
+        let rows = Tensor::from_f32(&gpu, &[n, k], &x, "x").unwrap();
+        let gram = Tensor::empty(&gpu, &[n, n], llava_wgpu::gpu::DType::F32, "gram").unwrap();
+        gram.poison(&gpu);
+        let mut rec = Recorder::new(&gpu);
+        rec.dispatch_all(linear::gram(&gpu, &rows, &gram).unwrap());
+        rec.finish("gram").unwrap();
+        let got = gpu.read_f32(&gram).unwrap();
+        let want = linear::reference(&x, n, k, &x, n, None, None);
+        assert_within("gram", rng.seed, &got, &want, &bounds(&x, &x, n, n, k));
+    }
+    let odd = Tensor::from_f32(&gpu, &[2, 3], &[0.0; 6], "x").unwrap();
+    let out = Tensor::from_f32(&gpu, &[2, 2], &[0.0; 4], "gram").unwrap();
+    let e = linear::gram(&gpu, &odd, &out).unwrap_err().to_string();
+    assert!(e.contains("pad"), "{e}");
+}

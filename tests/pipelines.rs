@@ -48,6 +48,23 @@ fn requests() -> Vec<(&'static str, GenerateRequest)> {
         ("fastervlm", base(method(Method::Fastervlm, 9))),
         ("vispruner", base(method(Method::Vispruner, 9))),
         ("random", base(method(Method::Random, 9))),
+        ("dart", base(method(Method::Dart, 9))),
+        ("divprune", base(method(Method::Divprune, 9))),
+        (
+            "adaptive",
+            base(PruneOptions {
+                keep_mass: Some(0.5),
+                stage1_keep_mass: Some(0.9),
+                ..method(Method::Star, 9)
+            }),
+        ),
+        (
+            "vispruner attention",
+            base(PruneOptions {
+                stage1_score: Some(Stage1Score::Attention),
+                ..method(Method::Vispruner, 9)
+            }),
+        ),
         ("none", base(PruneOptions::default())),
         ("host sampling", sampled),
     ]

@@ -440,13 +440,8 @@ fn vispruner_ranks_its_important_half_by_the_score_asked_for() {
             (Stage1Score::Attention, "clip_attention_scores"),
         ] {
             let scores = fixture::tensor(&format!("case{}.{recorded}", case.index));
-            let want = vispruner::select(
-                &scores[1..],
-                &features[dim..],
-                dim,
-                keep,
-                VISPRUNER_IMPORTANT_RATIO,
-            );
+            let gram = llava_wgpu::prune::gram_of(&features[dim..], dim);
+            let want = vispruner::select(&scores[1..], &gram, keep, VISPRUNER_IMPORTANT_RATIO);
             let prune = PruneOptions {
                 method: Method::Vispruner,
                 keep: Some(keep),

@@ -5,8 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::linear;
-use crate::gpu::tensor::WeightChunk;
-use crate::gpu::{DType, Recorder, Tensor, Weight, WeightFormat};
+use crate::gpu::{DType, Recorder, Tensor, WeightFormat};
 use crate::model::llama::LlamaBuffers;
 use crate::model::llava::Engine;
 use crate::prune::dart::{self, DartRows};
@@ -100,8 +99,8 @@ impl Engine {
         Ok(dart::select(&rows, keep).kept)
     }
 
-    /// DivPrune: the Gram matrix of the segment's rows as they enter the decoder (one matmul,
-    /// the rows as both operands), then the greedy max-min choice on the host.
+    /// DivPrune: the Gram matrix of the segment's rows as they enter the decoder, then the
+    /// greedy max-min choice on the host.
     fn divprune_rows(
         &self,
         rec: &mut Recorder,
@@ -110,68 +109,62 @@ impl Engine {
         images: &[usize],
         keep: usize,
     ) -> Result<Vec<usize>> {
-        let gpu = &self.gpu;
         let n = stage2.segment.len;
+        let gram = self.gram(rec, &b.hidden, stage2.segment.start, n, "DivPrune")?;
+        Ok(divprune::select(&gram, n, images, keep))
+    }
+
+    /// The Gram matrix `X·Xᵀ` of rows `[first, first + n)` of the f32 matrix `x`, read back
+    /// (n × n, row-major): the rows are copied into their own tensor, zero-padded to an f32
+    /// weight row (zeros change no dot product), and multiplied by themselves with the matmul
+    /// kernel. `method` names who asked, in the error when n × n floats exceed a GPU binding.
+    pub(super) fn gram(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        first: usize,
+        n: usize,
+        method: &str,
+    ) -> Result<Vec<f32>> {
+        let gpu = &self.gpu;
         let gram_bytes = (n * n * 4) as u64;
         if gram_bytes > gpu.adapter_binding_bytes {
             return Err(Error::argument(
                 "prune.method",
                 format!(
-                    "DivPrune over the turn's {n} image rows needs an {n}×{n} distance matrix of \
+                    "{method} over {n} image rows needs an {n}×{n} similarity matrix of \
                      {gram_bytes} bytes, more than the {} bytes one GPU binding holds here: \
                      prefill fewer images per turn",
                     gpu.adapter_binding_bytes
                 ),
             ));
         }
-        let rows = self.segment_rows(rec, b, stage2)?;
-        let weight = Weight {
-            name: "divprune.rows".into(),
-            n,
-            k: rows.shape[1],
-            chunks: vec![WeightChunk {
-                buffer: rows.buffer.clone(),
-                first_row: 0,
-                rows: n,
-                format: WeightFormat::F32,
-            }],
-            bias: None,
-        };
-        let gram = Tensor::empty(gpu, &[n, n], DType::F32, "divprune.gram")?;
-        rec.dispatch_all(linear::linear(gpu, &rows, &weight, &gram, false)?);
+        let rows = self.padded_rows(rec, x, first, n)?;
+        let gram = Tensor::empty(gpu, &[n, n], DType::F32, "gram")?;
+        rec.dispatch_all(linear::gram(gpu, &rows, &gram)?);
         rec.submit();
-        Ok(divprune::select(&gpu.read_f32(&gram)?, n, images, keep))
+        gpu.read_f32(&gram)
     }
 
-    /// The segment's hidden rows copied into their own tensor, each row padded with zeros to
-    /// the width an f32 weight row has (zeros change no dot product).
-    fn segment_rows(
+    /// Rows `[first, first + n)` of `x` copied into their own tensor, each padded with zeros to
+    /// the width an f32 weight row has.
+    fn padded_rows(
         &self,
         rec: &mut Recorder,
-        b: &LlamaBuffers,
-        stage2: &TurnStage2,
+        x: &Tensor,
+        first: usize,
+        n: usize,
     ) -> Result<Tensor> {
-        let (segment, d) = (stage2.segment, self.config.text.hidden_size);
+        let d = x.rows_cols().1;
         let width = d.next_multiple_of(WeightFormat::F32.row_alignment());
-        let rows = Tensor::empty(
-            &self.gpu,
-            &[segment.len, width],
-            DType::F32,
-            "divprune.rows",
-        )?;
-        let first = (segment.start * d * 4) as u64;
+        let rows = Tensor::empty(&self.gpu, &[n, width], DType::F32, "gram.rows")?;
+        let start = (first * d * 4) as u64;
         if width == d {
-            rec.copy(
-                &b.hidden.buffer,
-                first,
-                &rows.buffer,
-                0,
-                (segment.len * d * 4) as u64,
-            );
+            rec.copy(&x.buffer, start, &rows.buffer, 0, (n * d * 4) as u64);
         } else {
-            for r in 0..segment.len {
-                let (from, to) = (first + (r * d * 4) as u64, (r * width * 4) as u64);
-                rec.copy(&b.hidden.buffer, from, &rows.buffer, to, (d * 4) as u64);
+            for r in 0..n {
+                let (from, to) = (start + (r * d * 4) as u64, (r * width * 4) as u64);
+                rec.copy(&x.buffer, from, &rows.buffer, to, (d * 4) as u64);
             }
         }
         Ok(rows)

@@ -242,7 +242,6 @@ impl Engine {
         selection: BeforeProjector,
     ) -> Result<Vec<usize>> {
         let gpu = &self.gpu;
-        let dv = self.config.vision.hidden_size;
         // Row list into the encoder output: [CLS, 1 + kept...]; the gather skips CLS.
         let segment = self.patch_segment();
         let (scores, rows) = (&s1.scores, &s1.rows);
@@ -266,17 +265,11 @@ impl Engine {
                 return Ok(list[1..].iter().map(|&r| r as usize - 1).collect());
             }
             BeforeProjector::VisPruner { keep, .. } => {
-                rec.submit();
-                // The important half's ranking: CLS's attention, or every query's.
-                let cls = gpu.read_f32(scores)?;
-                let hidden = gpu.read_f32(hidden)?;
-                vispruner::select(
-                    &cls[1..],
-                    &hidden[dv..],
-                    dv,
-                    keep,
-                    VISPRUNER_IMPORTANT_RATIO,
-                )
+                // The important half's ranking (CLS's attention, or every query's) and the
+                // patch rows' similarities, computed on the GPU.
+                let gram = self.gram(rec, hidden, 1, n0, "VisPruner")?;
+                let ranking = gpu.read_f32(scores)?;
+                vispruner::select(&ranking[1..=n0], &gram, keep, VISPRUNER_IMPORTANT_RATIO)
             }
             BeforeProjector::Random { keep, seed } => {
                 crate::prune::random_selection(n0, keep, seed)

@@ -9,8 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
-use crate::gpu::kernels::sample;
 use crate::gpu::kernels::topk::{self, Segment};
+use crate::gpu::kernels::{linear, sample};
 use crate::gpu::{DType, Gpu, GpuOptions, Recorder, Tensor, WeightFormat};
 use crate::model::clip::ClipVision;
 use crate::model::config::LlavaConfig;
@@ -375,7 +375,20 @@ impl Engine {
         )?);
         let scratch = Projector::scratch(gpu, 2, dt)?;
         let out = Projector::scratch(gpu, 2, dt)?;
-        self.projector.forward(rec, &features, &scratch, &out)
+        self.projector.forward(rec, &features, &scratch, &out)?;
+        self.compile_gram_pipelines(rec)
+    }
+
+    /// The Gram matrices VisPruner and DivPrune compare rows by (f32 rows as an f32 weight):
+    /// the matmul for many rows and the gemv for one.
+    fn compile_gram_pipelines(&self, rec: &mut Recorder) -> Result<()> {
+        let gpu = &self.gpu;
+        for n in [2, 1] {
+            let rows = Tensor::empty(gpu, &[n, 4], DType::F32, "warmup")?;
+            let gram = Tensor::empty(gpu, &[n, n], DType::F32, "warmup")?;
+            rec.dispatch_all(linear::gram(gpu, &rows, &gram)?);
+        }
+        Ok(())
     }
 
     /// The decoder at prefill (matmul) and decode (gemv) shapes, the scored attention of stage 2

@@ -6,14 +6,11 @@
 //! The engine computes the Gram matrix of the rows on the GPU and runs the greedy part here: it
 //! reads n² numbers once and does O(n · keep) work.
 
-/// Cosine distance `1 − cos(a, b)` from a Gram matrix of `n` rows: `1 − G_ab / √(G_aa G_bb)`,
-/// with cos = 0 when a row is zero.
+use crate::prune::gram_cosine;
+
+/// Cosine distance `1 − cos(a, b)` from a Gram matrix of `n` rows (cos = 0 when a row is zero).
 fn distance(gram: &[f32], n: usize, a: usize, b: usize) -> f64 {
-    let norms = gram[a * n + a] as f64 * gram[b * n + b] as f64;
-    if norms <= 0.0 {
-        return 1.0;
-    }
-    1.0 - gram[a * n + b] as f64 / norms.sqrt()
+    1.0 - gram_cosine(gram, n, a, b)
 }
 
 /// Index in `values` of the largest value, the first one on ties.
@@ -72,16 +69,9 @@ pub fn select(gram: &[f32], n: usize, candidates: &[usize], keep: usize) -> Vec<
 mod tests {
     use super::*;
 
-    /// The Gram matrix of `rows` (each `dim` wide), in f32 as the GPU gives it.
+    /// The Gram matrix of `rows`, in f32 as the GPU gives it.
     fn gram(rows: &[Vec<f32>]) -> Vec<f32> {
-        let n = rows.len();
-        let mut g = vec![0f32; n * n];
-        for a in 0..n {
-            for b in 0..n {
-                g[a * n + b] = rows[a].iter().zip(&rows[b]).map(|(x, y)| x * y).sum();
-            }
-        }
-        g
+        crate::prune::gram_of(&rows.concat(), rows[0].len())
     }
 
     /// Hand-worked: rows 0 and 1 point the same way, 2 is at 90° to them, 3 at 180° to 0.

@@ -719,6 +719,35 @@ pub fn smallest_mass_set(scores: &[f32], mass: f64, floor: usize, cap: usize) ->
     top_k(scores, count.clamp(floor, cap.max(floor)))
 }
 
+/// Cosine similarity of rows `a` and `b` from the Gram matrix of `n` rows (`G_ab / √(G_aa G_bb)`,
+/// 0 when a row is zero), in f64: what VisPruner and DivPrune compare rows by.
+pub fn gram_cosine(gram: &[f32], n: usize, a: usize, b: usize) -> f64 {
+    let norms = gram[a * n + a] as f64 * gram[b * n + b] as f64;
+    if norms <= 0.0 {
+        return 0.0;
+    }
+    gram[a * n + b] as f64 / norms.sqrt()
+}
+
+/// The Gram matrix of `n` rows of `dim` values, in f32 as the GPU returns it (for tests and
+/// references that start from features).
+pub fn gram_of(features: &[f32], dim: usize) -> Vec<f32> {
+    let n = features.len() / dim;
+    let row = |i: usize| &features[i * dim..(i + 1) * dim];
+    let mut gram = vec![0f32; n * n];
+    for a in 0..n {
+        for b in 0..n {
+            let dot: f64 = row(a)
+                .iter()
+                .zip(row(b))
+                .map(|(x, y)| *x as f64 * *y as f64)
+                .sum();
+            gram[a * n + b] = dot as f32;
+        }
+    }
+    gram
+}
+
 /// `k` of `n` indices chosen uniformly with `seed`, ascending.
 pub fn random_selection(n: usize, k: usize, seed: u64) -> Vec<usize> {
     use rand::SeedableRng;

@@ -1,48 +1,28 @@
 //! VisPruner's selection (docs/pruning.md, "Baselines"): important tokens by the CLS attention, then
 //! diverse tokens by repeatedly dropping the members of one half that are most similar to the
-//! other half. Runs on the host: it reads N0 scores and N0 feature rows once per image.
+//! other half. Runs on the host from N0 scores and the Gram matrix of the N0 feature rows, which
+//! the GPU computes: each similarity is then a lookup, not a dot product over the features.
 
-use crate::prune::top_k;
+use crate::prune::{gram_cosine, top_k};
 
-/// Cosine similarity of two feature rows.
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-    }
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        dot / (na.sqrt() * nb.sqrt())
-    }
-}
-
-/// Keep `keep` of the `cls_scores.len()` patches; `features` holds one row of `dim` values per
-/// patch (the layer −2 features). Returns ascending patch indices.
-pub fn select(
-    cls_scores: &[f32],
-    features: &[f32],
-    dim: usize,
-    keep: usize,
-    important_ratio: f64,
-) -> Vec<usize> {
-    let n = cls_scores.len();
+/// Keep `keep` of the `scores.len()` patches; `gram` is the Gram matrix of their feature rows
+/// (the layer −2 features, n × n). Returns ascending patch indices.
+pub fn select(scores: &[f32], gram: &[f32], keep: usize, important_ratio: f64) -> Vec<usize> {
+    let n = scores.len();
+    assert_eq!(gram.len(), n * n, "the Gram matrix is n × n");
     let keep = keep.min(n);
     let important_count = (keep as f64 * important_ratio).floor() as usize;
-    let important = top_k(cls_scores, important_count);
+    let important = top_k(scores, important_count);
     let needed = keep - important.len();
     // The rest in descending score order (ties: lower index first).
     let mut list: Vec<usize> = (0..n)
         .filter(|i| important.binary_search(i).is_err())
         .collect();
-    list.sort_by(|&a, &b| cls_scores[b].total_cmp(&cls_scores[a]).then(a.cmp(&b)));
+    list.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     if needed == 0 {
         list.clear();
     }
-    let row = |i: usize| &features[i * dim..(i + 1) * dim];
+    let cosine = |a: usize, b: usize| gram_cosine(gram, n, a, b);
     while list.len() > needed {
         // A: even positions (ceil(len/2) of them), B: odd positions.
         let a: Vec<usize> = list.iter().step_by(2).copied().collect();
@@ -50,12 +30,8 @@ pub fn select(
         let mut scored: Vec<(usize, f64)> = a
             .iter()
             .map(|&i| {
-                (
-                    i,
-                    b.iter()
-                        .map(|&j| cosine(row(i), row(j)))
-                        .fold(f64::NEG_INFINITY, f64::max),
-                )
+                let most_similar = b.iter().map(|&j| cosine(i, j));
+                (i, most_similar.fold(f64::NEG_INFINITY, f64::max))
             })
             .collect();
         // Most similar first; a stable sort keeps the list order among equal similarities.
@@ -71,6 +47,7 @@ pub fn select(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prune::gram_of;
 
     #[test]
     fn keeps_the_budget_and_the_most_important_tokens() {
@@ -79,7 +56,7 @@ mod tests {
         let scores: Vec<f32> = (0..n).map(|i| ((i * 7) % 40) as f32).collect();
         let features: Vec<f32> = (0..n * dim).map(|i| ((i * 13) % 17) as f32 - 8.0).collect();
         for keep in [1, 2, 5, 10, 39, 40] {
-            let kept = select(&scores, &features, dim, keep, 0.5);
+            let kept = select(&scores, &gram_of(&features, dim), keep, 0.5);
             assert_eq!(kept.len(), keep);
             assert!(kept.windows(2).all(|w| w[0] < w[1]));
             for i in top_k(&scores, keep / 2) {
@@ -101,6 +78,7 @@ mod tests {
             features[i * dim + i] = 1.0;
         }
         let scores: Vec<f32> = (0..6).map(|i| 10.0 - i as f32).collect();
-        assert_eq!(select(&scores, &features, dim, 5, 0.0), vec![1, 2, 3, 4, 5]);
+        let gram = gram_of(&features, dim);
+        assert_eq!(select(&scores, &gram, 5, 0.0), vec![1, 2, 3, 4, 5]);
     }
 }

@@ -117,6 +117,32 @@ pub fn linear(
     }
 }
 
+/// The Gram matrix `Y = X·Xᵀ` of an f32 `x [n, k]` (its rows as both operands: the linear
+/// kernels read `x` as an f32 weight), into `y [n, n]`. `k` must be a whole f32 weight row
+/// (a multiple of [`WeightFormat::row_alignment`]); pad the rows with zeros otherwise.
+pub fn gram(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Vec<Dispatch>> {
+    let (n, k) = x.rows_cols();
+    if WeightFormat::F32.row_words(k) != Some(k) {
+        return Err(Error::shape(
+            "gram",
+            format!("rows of {k} f32 values are not whole weight rows: pad them"),
+        ));
+    }
+    let weight = Weight {
+        name: "gram".into(),
+        n,
+        k,
+        chunks: vec![WeightChunk {
+            buffer: x.buffer.clone(),
+            first_row: 0,
+            rows: n,
+            format: WeightFormat::F32,
+        }],
+        bias: None,
+    };
+    linear(gpu, x, &weight, y, false)
+}
+
 /// CPU reference in f64: `y[m][n] = Σ_k x[m][k]·w[n][k] + bias[n] + y_in[m][n]`.
 /// `w` must hold the values the GPU sees (round through f16 first for f16 weights).
 pub fn reference(

@@ -271,6 +271,9 @@ struct EvalArgs {
     /// intervals, into this PNG file.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
+    /// Evaluate nothing: draw --plot from the report an earlier `eval --json` printed.
+    #[arg(long, value_name = "REPORT.json", requires = "plot")]
+    from_json: Option<PathBuf>,
     #[command(flatten)]
     weights: WeightArgs,
     #[command(flatten)]
@@ -1081,7 +1084,30 @@ impl EvalArgs {
     }
 }
 
+/// `eval --from-json REPORT.json --plot FILE.png`: the plot of an earlier run's report.
+fn replot(report: &Path, plot: &Path) -> Result<()> {
+    check_output_file("--plot", plot)?;
+    let text = std::fs::read_to_string(report).with_context(|| {
+        format!(
+            "invalid argument --from-json: cannot read {}",
+            report.display()
+        )
+    })?;
+    let report: harness::eval::EvalReport = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "invalid argument --from-json: {} is not an `eval --json` report",
+            report.display()
+        )
+    })?;
+    harness::plot::draw_accuracy_plot(&report.plot(), plot)?;
+    eprintln!("plot: {}", plot.display());
+    Ok(())
+}
+
 fn eval(args: &EvalArgs) -> Result<()> {
+    if let (Some(report), Some(plot)) = (&args.from_json, &args.plot) {
+        return replot(report, plot);
+    }
     let model = match &args.model {
         Some(m) => m.clone(),
         None => default_model()?,

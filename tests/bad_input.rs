@@ -340,6 +340,15 @@ fn arguments_are_checked_before_any_work() {
             "invalid argument --plot: cannot write",
         ),
         (
+            eval(&[
+                "--from-json",
+                "Cargo.toml",
+                "--plot",
+                "/tmp/never-drawn.png",
+            ]),
+            "invalid argument --from-json: Cargo.toml is not an `eval --json` report",
+        ),
+        (
             eval(&["--methods", "star,dart", "--paired-with", "fastv"]),
             "invalid argument --paired-with: fastv is not among the methods",
         ),

@@ -96,6 +96,10 @@ fn check_intervals_and_pairing(report: &eval::EvalReport) {
     assert!(json["rows"][1]["accuracy_ci95"]["low"].is_number());
     assert!(json["rows"][1]["paired"].is_null(), "STAR is the reference");
     assert!(json["rows"][1 + BUDGETS.len()]["paired"]["p_value"].is_number());
+    // `eval --from-json` reads the report back: the same rows, the same plot.
+    let back: eval::EvalReport = serde_json::from_value(json).unwrap();
+    assert_eq!(back.rows.len(), report.rows.len());
+    assert_eq!(back.plot(), report.plot());
 }
 
 /// Bad lines are named by file and line.

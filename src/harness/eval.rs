@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::generate::GenerateRequest;
@@ -156,7 +156,7 @@ impl Setting {
 }
 
 /// An adaptive row against the same method's fixed budget with the nearest mean token count.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FixedPair {
     pub budget: f64,
     pub mean_visual_tokens: f64,
@@ -164,12 +164,12 @@ pub struct FixedPair {
     pub test: McNemar,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalRow {
     pub method: String,
     pub budget: f64,
     /// An adaptive stage 2's share of attention mass (`--keep-mass`); absent for fixed budgets.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_mass: Option<f64>,
     /// Visual tokens that reached the layers after every drop, averaged over the questions
     /// (LLaVA-NeXT's count depends on the image).
@@ -183,21 +183,21 @@ pub struct EvalRow {
     pub retention: f64,
     /// Exact McNemar test against the report's `paired_with` method at the same budget on the
     /// same questions ("reference" is that method); absent on its own rows.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paired: Option<McNemar>,
     /// Adaptive rows: the test against the same method's fixed budget of the nearest mean cost.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_fixed: Option<FixedPair>,
     pub total_ms: f64,
     pub ms_per_question: f64,
     /// One character per question in the set's order: `1` answered correctly, `0` not.
     pub outcomes: String,
     /// Per question type (only when the set's lines have a `type`).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub by_type: BTreeMap<String, TypeScore>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TypeScore {
     pub correct: usize,
     pub total: usize,
@@ -206,7 +206,7 @@ pub struct TypeScore {
     pub accuracy_ci95: Interval,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EvalReport {
     pub model: String,
     pub questions: usize,

@@ -60,9 +60,10 @@ pub const FONT_ENV: &str = "LLAVA_WGPU_FONT";
 /// and legends, so every text element finds it without naming a font.
 const FAMILY: &str = "sans-serif";
 
-/// Series colours (matplotlib's tab10, which reads well on white and to most colour-blind
-/// readers); the eighth series onwards wraps around, with a different marker.
-const COLOURS: [RGBColor; 7] = [
+/// Series colours (matplotlib's tab10 without its grey, which the reference line uses; it reads
+/// well on white and to most colour-blind readers); the tenth series onwards wraps around, with
+/// a different marker. Nine: every method and the adaptive rows of `eval` apart.
+const COLOURS: [RGBColor; 9] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -70,6 +71,8 @@ const COLOURS: [RGBColor; 7] = [
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// The reference line's grey, far from every series colour.

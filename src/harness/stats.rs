@@ -1,13 +1,13 @@
 //! The statistics `eval` reports with each accuracy: a Wilson score interval for a proportion
 //! and the exact McNemar test for two methods answering the same questions.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The standard normal quantile for a two-sided 95% interval, Φ⁻¹(0.975).
 pub const Z95: f64 = 1.959_963_984_540_054;
 
 /// A confidence interval for a proportion, as fractions in [0, 1].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
     pub low: f64,
     pub high: f64,
@@ -37,7 +37,7 @@ pub fn wilson(successes: usize, trials: usize, z: f64) -> Interval {
 }
 
 /// The paired comparison of a method with a reference on the same questions.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct McNemar {
     /// Questions this method answers correctly and the reference does not.
     pub only_this_correct: usize,

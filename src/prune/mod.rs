@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Every visual token reaches the language model.
@@ -170,7 +170,7 @@ pub struct PruneOptions {
 
 /// Where the image tokens kept before the projector sit in RoPE's positions
 /// (docs/pruning.md, "Positions").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Positions {
     /// Each kept token keeps its patch's position, and the text after the image continues where

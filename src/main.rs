@@ -264,9 +264,10 @@ struct EvalArgs {
     #[arg(long, value_enum)]
     stage1_score: Option<Stage1ScoreArg>,
     /// The method every other row is compared with, question by question (exact McNemar test
-    /// at the same budget); it must be among the methods evaluated.
-    #[arg(long, value_enum, default_value_t = MethodArg::Star)]
-    paired_with: MethodArg,
+    /// at the same budget); it must be among the methods evaluated (default: star, or the first
+    /// method when star is not evaluated).
+    #[arg(long, value_enum)]
+    paired_with: Option<MethodArg>,
     /// Also draw accuracy against visual tokens kept, one line per method with its 95%
     /// intervals, into this PNG file.
     #[arg(long, value_name = "FILE.png")]
@@ -1058,7 +1059,11 @@ impl EvalArgs {
         } else {
             self.methods.iter().map(|&m| m.into()).collect()
         };
-        let paired_with: Method = self.paired_with.into();
+        let paired_with: Method = match self.paired_with {
+            Some(method) => method.into(),
+            None if methods.contains(&Method::Star) => Method::Star,
+            None => methods.first().copied().unwrap_or(Method::Star),
+        };
         if !methods.contains(&paired_with) {
             anyhow::bail!(
                 "invalid argument --paired-with: {paired_with} is not among the methods evaluated \

@@ -12,7 +12,7 @@ mod fixture;
 
 use serde_json::Value;
 
-use llava_wgpu::gpu::{DType, WeightFormat};
+use llava_wgpu::gpu::DType;
 use llava_wgpu::prune::{Method, Positions, PruneOptions};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
@@ -40,12 +40,7 @@ fn share_of_largest(scores: &[f64], count: usize) -> f64 {
 }
 
 fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {
-    let mut request = GenerateRequest::new(&case.image, &case.prompt);
-    request.capture_outputs = true;
-    request.max_new_tokens = 6;
-    request.ignore_eos = true;
-    request.prune = prune;
-    engine.generate(&request, |_| {}).unwrap()
+    fixture::run_pruned(engine, case, prune, 6)
 }
 
 fn star(n1: usize, k: usize) -> PruneOptions {
@@ -67,12 +62,7 @@ fn adaptive_stage2_keeps_the_smallest_set_reaching_the_share() {
     let reference = reference();
     let budget = |name: &str| reference["budgets"][name].as_u64().unwrap() as usize;
     let (n1, n2, k) = (budget("N1"), budget("N2"), budget("K"));
-    let options = EngineOptions {
-        weight_format: Some(WeightFormat::F32.into()),
-        kv: Some(DType::F32),
-        ..Default::default()
-    };
-    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    let engine = fixture::engine_f32();
     let cases = fixture::cases();
     for recorded in reference["cases"].as_array().unwrap() {
         let i = recorded["index"].as_u64().unwrap() as usize;
@@ -153,12 +143,7 @@ fn floor_cap_and_several_images() {
 /// `stage1_keep = 32` run bit for bit (the prompt shrinks to the rows kept).
 #[test]
 fn adaptive_stage1_keeps_the_smallest_set_reaching_the_share() {
-    let options = EngineOptions {
-        weight_format: Some(WeightFormat::F32.into()),
-        kv: Some(DType::F32),
-        ..Default::default()
-    };
-    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    let engine = fixture::engine_f32();
     for case in fixture::cases() {
         let want = case.ints("stage1_kept");
         let n1 = want.len();

@@ -316,7 +316,6 @@ fn the_cli_reports_errors_with_a_non_zero_exit() {
 /// mean the argument was checked too late.
 #[test]
 fn arguments_are_checked_before_any_work() {
-    let bin = env!("CARGO_BIN_EXE_llava-wgpu");
     let image = fixture::cases()[0].image.display().to_string();
     let not_an_image = fixture::model_dir()
         .join("config.json")
@@ -330,28 +329,7 @@ fn arguments_are_checked_before_any_work() {
         let base = ["chat", "--model", "/nonexistent/model"];
         base.iter().chain(extra).map(|s| s.to_string()).collect()
     };
-    let eval = |extra: &[&str]| -> Vec<String> {
-        let base = ["eval", "--model", "/nonexistent/model"];
-        base.iter().chain(extra).map(|s| s.to_string()).collect()
-    };
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (
-            eval(&["--plot", "/nonexistent-dir/accuracy.png"]),
-            "invalid argument --plot: cannot write",
-        ),
-        (
-            eval(&[
-                "--from-json",
-                "Cargo.toml",
-                "--plot",
-                "/tmp/never-drawn.png",
-            ]),
-            "invalid argument --from-json: Cargo.toml is not an `eval --json` report",
-        ),
-        (
-            eval(&["--methods", "star,dart", "--paired-with", "fastv"]),
-            "invalid argument --paired-with: fastv is not among the methods",
-        ),
         (
             run(&["-i", &image, "--kept-overlay", "/nonexistent-dir/kept.png"]),
             "invalid argument --kept-overlay: cannot write",
@@ -388,8 +366,15 @@ fn arguments_are_checked_before_any_work() {
         (chat(&["-i", &not_an_image]), "invalid argument --image"),
         (chat(&["--top-p", "2"]), "invalid argument --top-p"),
     ];
+    refused_before_loading(&cases);
+}
+
+/// Each command fails, naming its culprit, without touching its model (`/nonexistent/model`,
+/// which a late check would name instead).
+fn refused_before_loading(cases: &[(Vec<String>, &str)]) {
+    let bin = env!("CARGO_BIN_EXE_llava-wgpu");
     for (args, culprit) in cases {
-        let out = Command::new(bin).args(&args).output().unwrap();
+        let out = Command::new(bin).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(stderr.contains(culprit), "{args:?}: {stderr}");
@@ -398,6 +383,35 @@ fn arguments_are_checked_before_any_work() {
             "{args:?} loaded first: {stderr}"
         );
     }
+}
+
+/// `eval`'s plot path, report and pairing are checked before its model loads: a long
+/// evaluation never fails at its end.
+#[test]
+fn eval_arguments_are_checked_before_any_work() {
+    let eval = |extra: &[&str]| -> Vec<String> {
+        let base = ["eval", "--model", "/nonexistent/model"];
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    refused_before_loading(&[
+        (
+            eval(&["--plot", "/nonexistent-dir/accuracy.png"]),
+            "invalid argument --plot: cannot write",
+        ),
+        (
+            eval(&[
+                "--from-json",
+                "Cargo.toml",
+                "--plot",
+                "/tmp/never-drawn.png",
+            ]),
+            "invalid argument --from-json: Cargo.toml is not an `eval --json` report",
+        ),
+        (
+            eval(&["--methods", "star,dart", "--paired-with", "fastv"]),
+            "invalid argument --paired-with: fastv is not among the methods",
+        ),
+    ]);
 }
 
 /// `devices` marks the adapter a run would open: the best one, or the one `--adapter` names.

@@ -10,9 +10,8 @@ mod fixture;
 
 use serde_json::Value;
 
-use llava_wgpu::gpu::{DType, WeightFormat};
 use llava_wgpu::prune::{divprune, Method, PruneOptions};
-use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+use llava_wgpu::{Engine, GenerateOutput};
 
 fn reference() -> Value {
     let path = fixture::reference_dir().join("dart_divprune.json");
@@ -32,12 +31,7 @@ fn recorded_tensor(name: &str) -> Vec<f32> {
 }
 
 fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {
-    let mut request = GenerateRequest::new(&case.image, &case.prompt);
-    request.capture_outputs = true;
-    request.max_new_tokens = 8;
-    request.ignore_eos = true;
-    request.prune = prune;
-    engine.generate(&request, |_| {}).unwrap()
+    fixture::run_pruned(engine, case, prune, 8)
 }
 
 /// Kept patches, greedy ids (up to the engine's first EOS: the reference masks EOS) and first
@@ -57,14 +51,7 @@ fn check(engine: &Engine, out: &GenerateOutput, recorded: &Value, what: &str) {
         .into_iter()
         .map(|i| i as u32)
         .collect();
-    let eos = &engine.config.text.eos_token_id;
-    let before_eos = out
-        .generated_ids
-        .iter()
-        .position(|id| eos.contains(id))
-        .unwrap_or(ids.len());
-    assert!(before_eos >= 4, "{what}: EOS at step {before_eos}");
-    assert_eq!(out.generated_ids[..before_eos], ids[..before_eos], "{what}");
+    fixture::assert_ids_until_eos(engine, &out.generated_ids, &ids, what);
     let (case, method) = what.split_once(' ').unwrap();
     let reference = recorded_tensor(&format!("{case}.{method}.first_logits"));
     let err = fixture::rel_l2(&out.first_logits, &reference);
@@ -79,12 +66,7 @@ fn dart_and_divprune_match_the_pytorch_reference() {
     let layer = reference["budgets"]["dart_layer"]
         .as_u64()
         .map(|k| k as usize);
-    let options = EngineOptions {
-        weight_format: Some(WeightFormat::F32.into()),
-        kv: Some(DType::F32),
-        ..Default::default()
-    };
-    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    let engine = fixture::engine_f32();
     let cases = fixture::cases();
     for recorded in reference["cases"].as_array().unwrap() {
         let i = recorded["index"].as_u64().unwrap() as usize;

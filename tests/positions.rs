@@ -9,9 +9,8 @@ mod fixture;
 
 use serde_json::Value;
 
-use llava_wgpu::gpu::{DType, WeightFormat};
 use llava_wgpu::prune::{Method, Positions, PruneOptions};
-use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
+use llava_wgpu::{Engine, GenerateOutput};
 
 fn reference() -> Value {
     let path = fixture::reference_dir().join("positions.json");
@@ -34,12 +33,7 @@ fn logits(case: usize, method: &str) -> Vec<f32> {
 }
 
 fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {
-    let mut request = GenerateRequest::new(&case.image, &case.prompt);
-    request.capture_outputs = true;
-    request.max_new_tokens = 8;
-    request.ignore_eos = true;
-    request.prune = prune;
-    engine.generate(&request, |_| {}).unwrap()
+    fixture::run_pruned(engine, case, prune, 8)
 }
 
 /// The engine's answer against one recorded method: generated ids, first logits. The reference
@@ -49,21 +43,8 @@ fn check(engine: &Engine, out: &GenerateOutput, recorded: &Value, case: usize, m
         .into_iter()
         .map(|i| i as u32)
         .collect();
-    let eos = &engine.config.text.eos_token_id;
-    let before_eos = out
-        .generated_ids
-        .iter()
-        .position(|id| eos.contains(id))
-        .unwrap_or(ids.len());
-    assert!(
-        before_eos >= 4,
-        "case {case} {method}: EOS at step {before_eos}"
-    );
-    assert_eq!(
-        out.generated_ids[..before_eos],
-        ids[..before_eos],
-        "case {case} {method}"
-    );
+    let what = format!("case {case} {method}");
+    fixture::assert_ids_until_eos(engine, &out.generated_ids, &ids, &what);
     let err = fixture::rel_l2(&out.first_logits, &logits(case, method));
     eprintln!("case {case} {method}: first logits rel. L2 {err:.2e}");
     assert!(
@@ -77,12 +58,7 @@ fn kept_tokens_at_their_original_positions_match_the_pytorch_reference() {
     let reference = reference();
     let budgets = &reference["budgets"];
     let budget = |name: &str| Some(budgets[name].as_u64().unwrap() as usize);
-    let options = EngineOptions {
-        weight_format: Some(WeightFormat::F32.into()),
-        kv: Some(DType::F32),
-        ..Default::default()
-    };
-    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    let engine = fixture::engine_f32();
     let cases = fixture::cases();
     let mut differ = 0usize;
     for recorded in reference["cases"].as_array().unwrap() {

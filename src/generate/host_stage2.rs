@@ -1,7 +1,9 @@
-//! Stage-2 selections the host computes from states it reads back, instead of from attention
-//! scores (docs/pruning.md, "DART" and "DivPrune"): DART after decoder layer K−1, DivPrune on
-//! the rows entering the decoder. Both write the same kept-row list the GPU top-k writes, so the
-//! compaction after them is stage 2's.
+//! Stage-2 selections the host computes from what it reads back (docs/pruning.md, "DART and
+//! DivPrune", "Adaptive budgets"): DART after decoder layer K−1 and DivPrune on the rows entering
+//! the decoder, from states instead of attention scores; an adaptive stage 2 from layer K−1's
+//! scores, whose count is only known once they are. Each writes the same kept-row list the GPU
+//! top-k writes, so the compaction after them is stage 2's. Also the Gram matrix VisPruner and
+//! DivPrune compare rows by.
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::linear;

@@ -119,12 +119,17 @@ pub fn adaptive_setting(method: Method, mass: f64, n0: usize, per_view: bool) ->
 }
 
 impl EvalRow {
-    fn setting(&self) -> Setting {
-        Setting {
-            method: self.method.parse().unwrap_or_default(),
-            budget: self.budget,
-            keep_mass: self.keep_mass,
-        }
+    /// The row's budget as the table prints it.
+    fn label(&self) -> String {
+        budget_label(self.budget, self.keep_mass)
+    }
+}
+
+/// `11%`, or `P=0.60` for an adaptive row.
+fn budget_label(budget: f64, keep_mass: Option<f64>) -> String {
+    match keep_mass {
+        Some(mass) => format!("P={mass:.2}"),
+        None => format!("{:.0}%", budget * 100.0),
     }
 }
 
@@ -146,12 +151,8 @@ impl Setting {
         }
     }
 
-    /// `11%`, or `P=0.60` for an adaptive row.
     fn label(&self) -> String {
-        match self.keep_mass {
-            Some(mass) => format!("P={mass:.2}"),
-            None => format!("{:.0}%", self.budget * 100.0),
-        }
+        budget_label(self.budget, self.keep_mass)
     }
 }
 
@@ -532,7 +533,7 @@ impl EvalReport {
             out.push_str(&format!(
                 "{:<10} {:>7} {:>8.1} {:>8.1}% {:>11} {:>9.1}% {:>20} {:>12.1}\n",
                 r.method,
-                r.setting().label(),
+                r.label(),
                 r.mean_visual_tokens,
                 r.accuracy * 100.0,
                 ci_cell(&r.accuracy_ci95),
@@ -559,7 +560,7 @@ impl EvalReport {
             out.push_str(&format!(
                 "{} {} ({:.1} tokens, {:.1}%) vs {} {:.0}% ({:.1} tokens): +{} -{} p={:.3}\n",
                 r.method,
-                r.setting().label(),
+                r.label(),
                 r.mean_visual_tokens,
                 r.accuracy * 100.0,
                 r.method,
@@ -591,7 +592,7 @@ impl EvalReport {
         }
         out.push('\n');
         for r in &self.rows {
-            out.push_str(&format!("{:<10} {:>7}", r.method, r.setting().label()));
+            out.push_str(&format!("{:<10} {:>7}", r.method, r.label()));
             for k in &kinds {
                 let cell = r.by_type.get(*k).map_or("-".to_string(), |s| {
                     format!("{:.1} [{}]", s.accuracy * 100.0, ci_cell(&s.accuracy_ci95))

@@ -127,8 +127,8 @@ mod tests {
         (normed, key_l1)
     }
 
-    #[test]
-    fn pivots_take_the_rows_least_similar_to_them_in_row_order() {
+    /// DART on `rows()` with image rows 0..6 and `text_rows` as the text pivots' candidates.
+    fn select_rows(text_rows: Range<usize>, keep: usize) -> DartChoice {
         let (normed, key_l1) = rows();
         let image_rows: Vec<usize> = (0..6).collect();
         let input = DartRows {
@@ -136,39 +136,35 @@ mod tests {
             width: 2,
             key_l1: &key_l1,
             image_rows: &image_rows,
-            text_rows: 6..7,
+            text_rows,
         };
+        select(&input, keep)
+    }
+
+    #[test]
+    fn pivots_take_the_rows_least_similar_to_them_in_row_order() {
         // keep 5: image pivots 0, 5, 4, 3 (the four largest image keys); text pivot 6. R = 1
         // over P = 5 pivots: the first in row order, 0, takes the open row least similar to it:
         // 2 (cos 0), not 1 (cos 0.99).
-        let choice = select(&input, 5);
+        let choice = select_rows(6..7, 5);
         assert_eq!(choice.image_pivots, vec![0, 3, 4, 5]);
         assert_eq!(choice.text_pivots, vec![6]);
         assert_eq!(choice.kept, vec![0, 2, 3, 4, 5]);
         // keep 2: pivots 0 and 5, text pivot 6; R = 0.
-        assert_eq!(select(&input, 2).kept, vec![0, 5]);
+        assert_eq!(select_rows(6..7, 2).kept, vec![0, 5]);
     }
 
     #[test]
     fn the_budget_is_kept_exactly_and_split_with_the_remainder_first() {
-        let (normed, key_l1) = rows();
-        let image_rows: Vec<usize> = (0..6).collect();
-        let input = DartRows {
-            normed: &normed,
-            width: 2,
-            key_l1: &key_l1,
-            image_rows: &image_rows,
-            text_rows: 6..8,
-        };
         for keep in 1..=6 {
-            let choice = select(&input, keep);
+            let choice = select_rows(6..8, keep);
             assert_eq!(choice.kept.len(), keep, "keep {keep}");
             assert!(choice.kept.windows(2).all(|w| w[0] < w[1]));
             assert!(choice.image_pivots.iter().all(|p| choice.kept.contains(p)));
         }
         // keep 6: 4 image pivots (0, 5, 4, 3 by key norm), text pivots 6 and 7; R = 2 over six
         // pivots: the first two in row order (0 and 3) take one row each.
-        let choice = select(&input, 6);
+        let choice = select_rows(6..8, 6);
         assert_eq!(choice.image_pivots, vec![0, 3, 4, 5]);
         assert_eq!(choice.text_pivots, vec![6, 7]);
         assert_eq!(choice.kept, (0..6).collect::<Vec<_>>());

@@ -13,6 +13,9 @@
 //! - scores: |err| ≤ 2e-7·n + 2e-5·|want| where n = (query rows in range)·H is the number of
 //!   probabilities summed into each key; each carries ~1e-6 relative error and the f32 sums of
 //!   values ≤ 1 add ~n·eps absolute.
+//!
+//! Every case runs in both layouts (`LAYOUTS`): the tiled kernel GPUs run and the lanes kernel
+//! CPU adapters run, on the same device.
 
 mod common;
 
@@ -24,7 +27,7 @@ const SCORE_ABS_PER_TERM: f64 = 2e-7;
 const SCORE_REL: f64 = 2e-5;
 
 use common::*;
-use llava_wgpu::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
+use llava_wgpu::gpu::kernels::attention::{self, AttentionLayout, AttentionShape, ScoreOutput};
 use llava_wgpu::gpu::{DType, Gpu, Recorder, Tensor};
 
 fn shape(
@@ -44,6 +47,9 @@ fn shape(
         causal,
     }
 }
+
+/// The two attention shaders, both run by every check on the same device.
+const LAYOUTS: [AttentionLayout; 2] = [AttentionLayout::Tiled, AttentionLayout::Lanes];
 
 struct Inputs {
     q: Vec<f32>,
@@ -70,6 +76,7 @@ struct GpuResult {
 
 fn run_gpu(
     gpu: &Gpu,
+    layout: AttentionLayout,
     s: &AttentionShape,
     scale: f32,
     x: &Inputs,
@@ -91,7 +98,9 @@ fn run_gpu(
         scores: &scores,
     });
     let mut rec = Recorder::new(gpu);
-    rec.dispatch_all(attention::attention(gpu, s, scale, &q, &k, &v, &out, score_output).unwrap());
+    rec.dispatch_all(
+        attention::attention_in(gpu, layout, s, scale, [&q, &k, &v, &out], score_output).unwrap(),
+    );
     rec.finish("attention test").unwrap();
     GpuResult {
         out: gpu.read_f32(&out).unwrap(),
@@ -103,8 +112,8 @@ fn run_gpu(
     }
 }
 
-/// Run one case on the GPU and compare with the CPU reference. `capacity` > Tk puts NaN rows
-/// past the valid part of the cache.
+/// Run one case on the GPU in both layouts and compare each with the CPU reference. `capacity`
+/// > Tk puts NaN rows past the valid part of the cache.
 fn check(
     gpu: &Gpu,
     rng: &mut TestRng,
@@ -114,35 +123,46 @@ fn check(
 ) {
     let scale = attention::default_scale(s.head_dim);
     let x = inputs(rng, &s, capacity);
-    let got = run_gpu(gpu, &s, scale, &x, range);
     let (want_out, want_scores) = attention::reference(&s, scale, &x.q, &x.k, &x.v, range);
-    let what = format!("{s:?} capacity={capacity} scores={range:?}");
-    assert_close(
-        &format!("output {what}"),
-        rng.seed,
-        &got.out,
-        &want_out,
-        OUT_ABS,
-        OUT_REL,
-    );
-    if let Some((start, end)) = range {
-        let n = ((end - start) * s.heads) as f64;
+    for layout in LAYOUTS {
+        let got = run_gpu(gpu, layout, &s, scale, &x, range);
+        let what = format!("{layout:?} {s:?} capacity={capacity} scores={range:?}");
         assert_close(
-            &format!("scores {what}"),
+            &format!("output {what}"),
             rng.seed,
-            &got.scores,
-            &want_scores,
-            SCORE_ABS_PER_TERM * n,
-            SCORE_REL,
+            &got.out,
+            &want_out,
+            OUT_ABS,
+            OUT_REL,
         );
-        // Every row's probabilities sum to one.
-        let total: f64 = got.scores.iter().map(|&x| x as f64).sum();
-        assert!(
-            (total - n).abs() < 1e-4 * n,
-            "{what}: scores sum to {total}, expected {n} (seed {})",
-            rng.seed
-        );
+        if let Some((start, end)) = range {
+            check_scores(
+                &what,
+                rng.seed,
+                &got.scores,
+                &want_scores,
+                (end - start) * s.heads,
+            );
+        }
     }
+}
+
+/// Scores against the reference; every one of the `terms` summed rows sums to one.
+fn check_scores(what: &str, seed: u64, got: &[f32], want: &[f64], terms: usize) {
+    let n = terms as f64;
+    assert_close(
+        &format!("scores {what}"),
+        seed,
+        got,
+        want,
+        SCORE_ABS_PER_TERM * n,
+        SCORE_REL,
+    );
+    let total: f64 = got.iter().map(|&x| x as f64).sum();
+    assert!(
+        (total - n).abs() < 1e-4 * n,
+        "{what}: scores sum to {total}, expected {n} (seed {seed})"
+    );
 }
 
 #[test]
@@ -284,18 +304,20 @@ fn scored_and_plain_passes_give_identical_outputs() {
     ] {
         let scale = attention::default_scale(s.head_dim);
         let x = inputs(&mut rng, &s, s.kv_rows);
-        let plain = run_gpu(&gpu, &s, scale, &x, None);
-        let scored = run_gpu(&gpu, &s, scale, &x, Some((10, 30)));
-        let same = plain
-            .out
-            .iter()
-            .zip(&scored.out)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "{s:?}: outputs differ between the plain and the scored pass (seed {})",
-            rng.seed
-        );
+        for layout in LAYOUTS {
+            let plain = run_gpu(&gpu, layout, &s, scale, &x, None);
+            let scored = run_gpu(&gpu, layout, &s, scale, &x, Some((10, 30)));
+            let same = plain
+                .out
+                .iter()
+                .zip(&scored.out)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{layout:?} {s:?}: outputs differ between the plain and the scored pass (seed {})",
+                rng.seed
+            );
+        }
     }
 }
 
@@ -305,11 +327,14 @@ fn a_non_default_scale_is_applied() {
     let mut rng = TestRng::new();
     let s = shape(20, 20, 2, 1, 32, true);
     let x = inputs(&mut rng, &s, 20);
-    for scale in [0.05f32, 0.4] {
-        let got = run_gpu(&gpu, &s, scale, &x, Some((0, 20)));
+    for (scale, layout) in [0.05f32, 0.4]
+        .into_iter()
+        .flat_map(|s| LAYOUTS.map(|l| (s, l)))
+    {
+        let got = run_gpu(&gpu, layout, &s, scale, &x, Some((0, 20)));
         let (want, want_scores) = attention::reference(&s, scale, &x.q, &x.k, &x.v, Some((0, 20)));
         assert_close(
-            &format!("output scale={scale}"),
+            &format!("{layout:?} output scale={scale}"),
             rng.seed,
             &got.out,
             &want,
@@ -317,7 +342,7 @@ fn a_non_default_scale_is_applied() {
             OUT_REL,
         );
         assert_close(
-            &format!("scores scale={scale}"),
+            &format!("{layout:?} scores scale={scale}"),
             rng.seed,
             &got.scores,
             &want_scores,
@@ -325,6 +350,37 @@ fn a_non_default_scale_is_applied() {
             SCORE_REL,
         );
     }
+}
+
+/// The lanes layout's fallback without subgroups (every lane loads all 8 rows), and the layout
+/// each device picks: lanes only on a CPU adapter with subgroups.
+#[test]
+fn lanes_layout_without_subgroups_and_the_device_choice() {
+    let plain = gpu_without_features();
+    assert_eq!(AttentionLayout::for_device(&plain), AttentionLayout::Tiled);
+    let mut rng = TestRng::new();
+    check(
+        &plain,
+        &mut rng,
+        shape(19, 19, 6, 2, 16, true),
+        24,
+        Some((5, 19)),
+    );
+    check(
+        &plain,
+        &mut rng,
+        shape(21, 21, 3, 3, 17, false),
+        21,
+        Some((0, 21)),
+    );
+    let tuned = gpu_tuned_for_gpus(true);
+    assert_eq!(AttentionLayout::for_device(&tuned), AttentionLayout::Tiled);
+    let default = gpu();
+    let lanes = default.caps.cpu && adapter_offers_subgroups(&default);
+    assert_eq!(
+        AttentionLayout::for_device(&default) == AttentionLayout::Lanes,
+        lanes
+    );
 }
 
 #[test]
@@ -430,21 +486,24 @@ fn check_f16_kv(gpu: &Gpu, rng: &mut TestRng, s: AttentionShape, capacity: usize
     };
     let (k, v) = (half_tensor(&x.k, "k"), half_tensor(&x.v, "v"));
     let out = Tensor::empty(gpu, &[s.q_rows, s.heads * s.head_dim], DType::F32, "out").unwrap();
-    out.poison(gpu);
-    let mut rec = Recorder::new(gpu);
-    rec.dispatch_all(attention::attention(gpu, &s, scale, &q, &k, &v, &out, None).unwrap());
-    rec.finish("attention f16 kv test").unwrap();
-    let got = gpu.read_f32(&out).unwrap();
     let (k16, v16) = (round_to_half(&x.k), round_to_half(&x.v));
     let (want, _) = attention::reference(&s, scale, &x.q, &k16, &v16, None);
-    assert_close(
-        &format!("f16 K/V output {s:?} capacity={capacity}"),
-        rng.seed,
-        &got,
-        &want,
-        OUT_ABS,
-        OUT_REL,
-    );
+    for layout in LAYOUTS {
+        out.poison(gpu);
+        let mut rec = Recorder::new(gpu);
+        let d = attention::attention_in(gpu, layout, &s, scale, [&q, &k, &v, &out], None);
+        rec.dispatch_all(d.unwrap());
+        rec.finish("attention f16 kv test").unwrap();
+        let got = gpu.read_f32(&out).unwrap();
+        assert_close(
+            &format!("{layout:?} f16 K/V output {s:?} capacity={capacity}"),
+            rng.seed,
+            &got,
+            &want,
+            OUT_ABS,
+            OUT_REL,
+        );
+    }
 }
 
 #[test]

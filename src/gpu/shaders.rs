@@ -25,6 +25,7 @@ pub enum Shader {
     MatmulLanes,
     Gemv,
     Attention,
+    AttentionLanes,
     Topk,
     Norm,
     Rope,
@@ -36,11 +37,12 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 12] = [
+    pub const ALL: [Shader; 13] = [
         Shader::Matmul,
         Shader::MatmulLanes,
         Shader::Gemv,
         Shader::Attention,
+        Shader::AttentionLanes,
         Shader::Topk,
         Shader::Norm,
         Shader::Rope,
@@ -58,6 +60,7 @@ impl Shader {
             Shader::MatmulLanes => "matmul_lanes",
             Shader::Gemv => "gemv",
             Shader::Attention => "attention",
+            Shader::AttentionLanes => "attention_lanes",
             Shader::Topk => "topk",
             Shader::Norm => "norm",
             Shader::Rope => "rope",
@@ -76,6 +79,7 @@ impl Shader {
             Shader::MatmulLanes => include_str!("../../shaders/matmul_lanes.wgsl"),
             Shader::Gemv => include_str!("../../shaders/gemv.wgsl"),
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
+            Shader::AttentionLanes => include_str!("../../shaders/attention_lanes.wgsl"),
             Shader::Topk => include_str!("../../shaders/topk.wgsl"),
             Shader::Norm => include_str!("../../shaders/norm.wgsl"),
             Shader::Rope => include_str!("../../shaders/rope.wgsl"),

@@ -81,6 +81,89 @@ pub const MAX_HEAD_DIM: usize = TILING.max_head_dim as usize;
 /// Workgroup memory the attention entry points declare (29 440 bytes).
 pub const WORKGROUP_BYTES: u32 = TILING.workgroup_bytes();
 
+/// How attention_lanes.wgsl splits the work: one 8-lane subgroup per workgroup, one virtual row
+/// per lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LanesTiling {
+    /// Virtual rows per workgroup (the shader's ROWS and workgroup size).
+    pub rows: u32,
+}
+
+/// The lanes layout's tiling.
+pub const LANES: LanesTiling = LanesTiling { rows: 8 };
+
+impl LanesTiling {
+    /// The constants for head dimension `head_dim` (compiled in: one pipeline per model's head
+    /// size) and K/V of element type `kv`.
+    pub fn constants_for(&self, head_dim: usize, kv: DType) -> Constants {
+        Constants::new(&[
+            ("HEAD_DIM", head_dim as u32),
+            ("KV_F16", u32::from(kv == DType::F16)),
+        ])
+    }
+}
+
+/// Which of the two attention shaders runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionLayout {
+    /// attention.wgsl: 16-row blocks, K/V tiles staged through workgroup memory. For GPUs.
+    Tiled,
+    /// attention_lanes.wgsl: 8-row blocks, the rows' Q values and probabilities shared by
+    /// subgroup broadcasts, 2 keys and 2 output dimensions per thread. For drivers that run a
+    /// workgroup on CPU SIMD lanes (see the shader's header).
+    Lanes,
+}
+
+impl AttentionLayout {
+    /// `Lanes` on a CPU adapter (`Capabilities::cpu`) whose subgroups hold a block's 8 rows,
+    /// `Tiled` anywhere else: the same rule as `MatmulLayout::for_device`, for the same reason.
+    pub fn for_device(gpu: &Gpu) -> Self {
+        let caps = &gpu.caps;
+        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= LANES.rows {
+            AttentionLayout::Lanes
+        } else {
+            AttentionLayout::Tiled
+        }
+    }
+
+    /// Virtual rows per workgroup.
+    pub fn block_rows(self) -> usize {
+        match self {
+            AttentionLayout::Tiled => BLOCK_ROWS,
+            AttentionLayout::Lanes => LANES.rows as usize,
+        }
+    }
+
+    /// The shader, the entry point (plain or scored) and the constants for a call.
+    fn kernel(
+        self,
+        shape: &AttentionShape,
+        kv: DType,
+        scored: bool,
+    ) -> (Shader, &'static str, Constants) {
+        match (self, scored) {
+            (AttentionLayout::Tiled, false) => {
+                (Shader::Attention, "attention", TILING.constants_for(kv))
+            }
+            (AttentionLayout::Tiled, true) => (
+                Shader::Attention,
+                "attention_scored",
+                TILING.constants_for(kv),
+            ),
+            (AttentionLayout::Lanes, false) => (
+                Shader::AttentionLanes,
+                "attention_lanes",
+                LANES.constants_for(shape.head_dim, kv),
+            ),
+            (AttentionLayout::Lanes, true) => (
+                Shader::AttentionLanes,
+                "attention_lanes_scored",
+                LANES.constants_for(shape.head_dim, kv),
+            ),
+        }
+    }
+}
+
 /// The problem one attention call solves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -103,9 +186,9 @@ impl AttentionShape {
         self.heads / self.kv_heads.max(1)
     }
 
-    /// Workgroups per kv head.
-    fn blocks(&self) -> usize {
-        (self.q_rows * self.group()).div_ceil(BLOCK_ROWS)
+    /// Workgroups per kv head with `rows` virtual rows per block.
+    fn blocks(&self, rows: usize) -> usize {
+        (self.q_rows * self.group()).div_ceil(rows)
     }
 
     /// Keys query row `i` sees: `[0, visible_keys(i))`.
@@ -115,18 +198,6 @@ impl AttentionShape {
         } else {
             self.kv_rows
         }
-    }
-
-    /// Keys block `b` loads: up to the last key its last virtual row sees.
-    fn block_keys(&self, b: usize) -> u64 {
-        let group = self.group();
-        let last_row = ((b + 1) * BLOCK_ROWS).min(self.q_rows * group) - 1;
-        self.visible_keys(last_row / group) as u64
-    }
-
-    /// K (or V) elements loaded by the blocks in `blocks`, over every kv head.
-    fn loaded_keys(&self, blocks: std::ops::Range<usize>) -> u64 {
-        blocks.map(|b| self.block_keys(b)).sum::<u64>() * self.kv_heads as u64
     }
 
     /// Σ over query rows in `[start, end)` of the keys each sees.
@@ -200,7 +271,7 @@ pub struct ScoreOutput<'a> {
 }
 
 /// Elements the `partials` scratch of a [`ScoreOutput`] needs for this shape (enough for any
-/// query range).
+/// query range, in either layout: one row per block of the smaller blocks).
 pub fn score_partials_len(shape: &AttentionShape) -> usize {
     if shape.heads == 0 || shape.kv_heads == 0 {
         return 0;
@@ -209,7 +280,7 @@ pub fn score_partials_len(shape: &AttentionShape) -> usize {
     let blocks = shape
         .q_rows
         .saturating_mul(shape.group())
-        .div_ceil(BLOCK_ROWS);
+        .div_ceil(BLOCK_ROWS.min(LANES.rows as usize));
     shape
         .kv_heads
         .saturating_mul(blocks)
@@ -304,6 +375,7 @@ fn check_tensors(
 /// Check everything [`attention`] is given before anything is recorded.
 fn check_call(
     gpu: &Gpu,
+    layout: AttentionLayout,
     shape: &AttentionShape,
     scale: f32,
     [q, k, v, out]: [&Tensor; 4],
@@ -316,8 +388,19 @@ fn check_call(
             format!("{scale} is not finite"),
         ));
     }
+    let caps = &gpu.caps;
+    if layout == AttentionLayout::Lanes && caps.subgroups && caps.subgroup_min_size < LANES.rows {
+        // The shader broadcasts from lanes 0..8 of each subgroup.
+        return Err(Error::argument(
+            "layout",
+            format!(
+                "the lanes attention needs subgroups of at least {} lanes; this device's can have {}",
+                LANES.rows, caps.subgroup_min_size
+            ),
+        ));
+    }
     let available = gpu.limits.max_compute_workgroup_storage_size;
-    if available < WORKGROUP_BYTES {
+    if layout == AttentionLayout::Tiled && available < WORKGROUP_BYTES {
         return Err(Error::shape(
             "attention",
             format!(
@@ -358,9 +441,9 @@ fn check_scores(shape: &AttentionShape, so: &ScoreOutput) -> Result<()> {
 }
 
 /// The uniform block for a call without score accumulation.
-fn plain_params(shape: &AttentionShape, scale: f32) -> Params {
+fn plain_params(layout: AttentionLayout, shape: &AttentionShape, scale: f32) -> Params {
     let group = shape.group();
-    let blocks = shape.blocks();
+    let blocks = shape.blocks(layout.block_rows());
     Params {
         q_rows: shape.q_rows as u32,
         kv_rows: shape.kv_rows as u32,
@@ -381,25 +464,29 @@ fn plain_params(shape: &AttentionShape, scale: f32) -> Params {
     }
 }
 
-/// Analytic cost of the main pass: (flops, bytes).
-fn main_pass_cost(shape: &AttentionShape) -> (u64, u64) {
+/// Analytic cost of the main pass: (flops, bytes). The bytes are the compulsory traffic, as the
+/// matmul counts it: Q read and O written once, and the K and V rows the last query row sees
+/// read once (`kv_bytes` per element); a block's rereads of K/V hit the cache and are not
+/// counted, so the roofline places attention by its real arithmetic intensity.
+fn main_pass_cost(shape: &AttentionShape, kv_bytes: u64) -> (u64, u64) {
     let (d, heads) = (shape.head_dim as u64, shape.heads as u64);
-    let kv_bytes = 2 * shape.loaded_keys(0..shape.blocks()) * d * 4;
+    let kv = 2 * shape.kv_rows as u64 * shape.kv_heads as u64 * d * kv_bytes;
     let qo_bytes = 2 * shape.q_rows as u64 * heads * d * 4;
     let flops = 4 * d * heads * shape.visible_pairs(0, shape.q_rows);
-    (flops, qo_bytes + kv_bytes)
+    (flops, qo_bytes + kv)
 }
 
 /// The attention workgroup grid: one workgroup per (kv head, block of virtual rows).
-fn attention_grid(gpu: &Gpu, shape: &AttentionShape) -> [u32; 3] {
-    let num_groups = shape.kv_heads * shape.blocks();
+fn attention_grid(gpu: &Gpu, layout: AttentionLayout, shape: &AttentionShape) -> [u32; 3] {
+    let num_groups = shape.kv_heads * shape.blocks(layout.block_rows());
     grid(
         num_groups as u32,
         gpu.limits.max_compute_workgroups_per_dimension,
     )
 }
 
-/// Record the attention for `shape`: one dispatch, or two with score accumulation (the
+/// Record the attention for `shape` in the layout this device runs best
+/// ([`AttentionLayout::for_device`]): one dispatch, or two with score accumulation (the
 /// attention with its second scoring pass, then the reduction of the partial sums).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -412,12 +499,26 @@ pub fn attention(
     out: &Tensor,
     scores: Option<ScoreOutput>,
 ) -> Result<Vec<Dispatch>> {
-    check_call(gpu, shape, scale, [q, k, v, out])?;
+    let layout = AttentionLayout::for_device(gpu);
+    attention_in(gpu, layout, shape, scale, [q, k, v, out], scores)
+}
+
+/// [`attention`] in the layout the caller chooses (tests and `bench kernels` run both).
+pub fn attention_in(
+    gpu: &Gpu,
+    layout: AttentionLayout,
+    shape: &AttentionShape,
+    scale: f32,
+    [q, k, v, out]: [&Tensor; 4],
+    scores: Option<ScoreOutput>,
+) -> Result<Vec<Dispatch>> {
+    check_call(gpu, layout, shape, scale, [q, k, v, out])?;
     let Some(so) = scores else {
-        let (flops, bytes) = main_pass_cost(shape);
-        let dispatch = KernelCall::new(gpu, Shader::Attention, "attention")
-            .constants(TILING.constants_for(k.dtype))
-            .params(&plain_params(shape, scale))
+        let (flops, bytes) = main_pass_cost(shape, k.dtype.bytes() as u64);
+        let (shader, entry, constants) = layout.kernel(shape, k.dtype, false);
+        let dispatch = KernelCall::new(gpu, shader, entry)
+            .constants(constants)
+            .params(&plain_params(layout, shape, scale))
             .read(&q.buffer)
             .read(&k.buffer)
             .read(&v.buffer)
@@ -425,27 +526,28 @@ pub fn attention(
             .build(
                 "attention",
                 shape.describe(),
-                attention_grid(gpu, shape),
+                attention_grid(gpu, layout, shape),
                 flops,
                 bytes,
             )?;
         return Ok(vec![dispatch]);
     };
     check_scores(shape, &so)?;
-    attention_with_scores(gpu, shape, scale, [q, k, v, out], so)
+    attention_with_scores(gpu, layout, shape, scale, [q, k, v, out], so)
 }
 
 /// The scored attention and the reduction of its partial sums (checked by the caller).
 fn attention_with_scores(
     gpu: &Gpu,
+    layout: AttentionLayout,
     shape: &AttentionShape,
     scale: f32,
     [q, k, v, out]: [&Tensor; 4],
     so: ScoreOutput,
 ) -> Result<Vec<Dispatch>> {
-    let group = shape.group();
-    let first_block = so.q_start * group / BLOCK_ROWS;
-    let end_block = (so.q_end * group).div_ceil(BLOCK_ROWS);
+    let (group, rows) = (shape.group(), layout.block_rows());
+    let first_block = so.q_start * group / rows;
+    let end_block = (so.q_end * group).div_ceil(rows);
     let range_blocks = end_block - first_block;
     let partial_rows = shape.kv_heads * range_blocks;
     let params = Params {
@@ -454,46 +556,69 @@ fn attention_with_scores(
         first_block: first_block as u32,
         range_blocks: range_blocks as u32,
         partial_rows: partial_rows as u32,
-        ..plain_params(shape, scale)
+        ..plain_params(layout, shape, scale)
     };
 
-    // The scoring pass recomputes Q·Kᵀ for the blocks in range (counted at 2·D per visible key
-    // of the rows in range) and rereads their K tiles.
+    // The scoring pass recomputes Q·Kᵀ for the rows in range (counted at 2·D per visible key)
+    // and writes the partial sums.
     let (d, kv_rows) = (shape.head_dim as u64, shape.kv_rows);
-    let (flops, bytes) = main_pass_cost(shape);
+    let (flops, bytes) = main_pass_cost(shape, k.dtype.bytes() as u64);
     let score_flops = 2 * d * shape.heads as u64 * shape.visible_pairs(so.q_start, so.q_end);
-    let rescanned_bytes = shape.loaded_keys(first_block..end_block) * d * 4;
     let partial_bytes = (partial_rows * kv_rows * 4) as u64;
-    let call = |entry: &'static str| {
-        KernelCall::new(gpu, Shader::Attention, entry)
-            .constants(TILING.constants_for(k.dtype))
-            .params(&params)
-            .read(&q.buffer)
-            .read(&k.buffer)
-            .read(&v.buffer)
-            .read_write(&out.buffer)
-            .read_write(&so.partials.buffer)
-            .read_write(&so.scores.buffer)
-    };
-    let scored = call("attention_scored").build(
+    let (shader, entry, constants) = layout.kernel(shape, k.dtype, true);
+    let mut call = KernelCall::new(gpu, shader, entry)
+        .constants(constants)
+        .params(&params)
+        .read(&q.buffer)
+        .read(&k.buffer)
+        .read(&v.buffer)
+        .read_write(&out.buffer)
+        .read_write(&so.partials.buffer);
+    if layout == AttentionLayout::Tiled {
+        // attention.wgsl's module declares `scores` at binding 6 for both entry points.
+        call = call.read_write(&so.scores.buffer);
+    }
+    let scored = call.build(
         "attention_scored",
         format!("{} scores q={}..{}", shape.describe(), so.q_start, so.q_end),
-        attention_grid(gpu, shape),
+        attention_grid(gpu, layout, shape),
         flops + score_flops,
-        bytes + rescanned_bytes + partial_bytes,
+        bytes + partial_bytes,
     )?;
+    Ok(vec![
+        scored,
+        reduce_scores(gpu, &params, [q, k, v, out], &so)?,
+    ])
+}
+
+/// attention.wgsl's `attention_scores_reduce`: the partial rows summed per key, in row order.
+fn reduce_scores(
+    gpu: &Gpu,
+    params: &Params,
+    [q, k, v, out]: [&Tensor; 4],
+    so: &ScoreOutput,
+) -> Result<Dispatch> {
+    let (rows, kv_rows) = (params.partial_rows as usize, params.kv_rows as usize);
     let reduce_groups = kv_rows.div_ceil(TILING.reduce_threads as usize) as u32;
-    let reduce = call("attention_scores_reduce").build(
-        "attention_scores_reduce",
-        format!("rows={partial_rows} Tk={kv_rows}"),
-        grid(
-            reduce_groups,
-            gpu.limits.max_compute_workgroups_per_dimension,
-        ),
-        (partial_rows * kv_rows) as u64,
-        partial_bytes + (kv_rows * 4) as u64,
-    )?;
-    Ok(vec![scored, reduce])
+    KernelCall::new(gpu, Shader::Attention, "attention_scores_reduce")
+        .constants(TILING.constants_for(k.dtype))
+        .params(params)
+        .read(&q.buffer)
+        .read(&k.buffer)
+        .read(&v.buffer)
+        .read_write(&out.buffer)
+        .read_write(&so.partials.buffer)
+        .read_write(&so.scores.buffer)
+        .build(
+            "attention_scores_reduce",
+            format!("rows={rows} Tk={kv_rows}"),
+            grid(
+                reduce_groups,
+                gpu.limits.max_compute_workgroups_per_dimension,
+            ),
+            (rows * kv_rows) as u64,
+            ((rows * kv_rows + kv_rows) * 4) as u64,
+        )
 }
 
 /// CPU reference in f64. `k` and `v` hold at least Tk rows of `Hkv·D` (only the first Tk are

@@ -203,7 +203,7 @@ mod tests {
     use super::linear::{gemv, matmul};
     use super::*;
     use crate::gpu::device::Capabilities;
-    use crate::gpu::WeightFormat;
+    use crate::gpu::{DType, WeightFormat};
     use wgpu::naga;
 
     #[test]
@@ -234,6 +234,14 @@ mod tests {
                     .collect()
             }
             Shader::Attention => attention::TILING.constants(),
+            Shader::AttentionLanes => {
+                return [1, 17, 64, 128]
+                    .into_iter()
+                    .flat_map(|d| {
+                        [DType::F32, DType::F16].map(|kv| attention::LANES.constants_for(d, kv))
+                    })
+                    .collect()
+            }
             Shader::Topk => topk::SHAPE.constants(),
             Shader::Norm => norm::WORKGROUP.constants(),
             Shader::Rope => rope::WORKGROUP.constants(),

@@ -9,9 +9,10 @@ use serde::Serialize;
 
 use super::{random, time_dispatches, Bound, Ceilings};
 use crate::error::{Error, Result};
+use crate::gpu::kernels::attention::{self, AttentionLayout};
 use crate::gpu::kernels::linear::matmul::MatmulLayout;
 use crate::gpu::kernels::linear::{gemv, matmul};
-use crate::gpu::kernels::{attention, Dispatch};
+use crate::gpu::kernels::Dispatch;
 use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
 use crate::quant;
 
@@ -30,8 +31,8 @@ pub struct KernelResult {
     /// the same run (below 1 is faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_vs_f16: Option<f64>,
-    /// For the lanes matmul layout: this median time over the tiled layout's at the same shape
-    /// and weights in the same run (below 1 is faster).
+    /// For the lanes layouts (matmul, attention): this median time over the tiled layout's at the
+    /// same shape and inputs in the same run (below 1 is faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_vs_tiled: Option<f64>,
 }
@@ -48,7 +49,7 @@ pub struct KernelReport {
 fn row(r: &KernelResult) -> String {
     let ratio = |x: Option<f64>| x.map_or(format!(" {:>10}", ""), |x| format!(" {x:>9.2}x"));
     format!(
-        "{:<20} {:<22} {:>11.3} {:>9.2} {:>8.2} {:>10} {:>8.1}%{}{}",
+        "{:<22} {:<24} {:>11.3} {:>9.2} {:>8.2} {:>10} {:>8.1}%{}{}",
         r.kernel,
         r.shape,
         r.median_ms,
@@ -246,43 +247,74 @@ impl Suite<'_> {
         Ok(())
     }
 
-    /// CLIP ViT-L/14-336 self-attention (577 tokens, 16 heads of 64), without and with the
-    /// pruning scores accumulated on the side.
-    fn clip_attention(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
-        let gpu = self.gpu;
-        let shape = attention::AttentionShape {
-            q_rows: 577,
-            kv_rows: 577,
-            heads: 16,
-            kv_heads: 16,
-            head_dim: 64,
-            causal: false,
-        };
-        let label = "T=577 H=16 D=64";
-        let numel = 577 * 16 * 64;
-        let q = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 11), "q")?;
-        let k = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 12), "k")?;
-        let v = Tensor::from_f32(gpu, &[577, 1024], &random(numel, 13), "v")?;
-        let o = Tensor::empty(gpu, &[577, 1024], DType::F32, "o")?;
-        progress(&format!("attention {label}"));
-        let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, None)?;
-        self.time("attention", &d)?.shape = label.into();
-        let partials = Tensor::empty(
-            gpu,
-            &[attention::score_partials_len(&shape)],
-            DType::F32,
-            "partials",
-        )?;
-        let scores = Tensor::empty(gpu, &[577], DType::F32, "scores")?;
-        let out = attention::ScoreOutput {
-            q_start: 0,
-            q_end: 577,
-            partials: &partials,
-            scores: &scores,
-        };
-        progress(&format!("attention + scores {label}"));
-        let d = attention::attention(gpu, &shape, 0.125, &q, &k, &v, &o, Some(out))?;
-        self.time("attention+scores", &d)?.shape = label.into();
+    /// The fused attention at three shapes, in both layouts (tiled, then lanes with its time
+    /// relative to tiled), without and with the pruning scores accumulated on the side:
+    /// - CLIP ViT-L/14-336 (577 tokens, 16 heads of 64, bidirectional; stage 1 scores every row);
+    /// - the 7B decoder's prefill (600 tokens, 32 heads of 128, causal; stage 2 scores the 24
+    ///   text rows after the image);
+    /// - a LLaVA-NeXT-sized prefill (2,900 tokens of 128, causal; the 20 rows after the image),
+    ///   with 4 of the 32 heads: every head is the same work, and all 32 would take a minute a
+    ///   run on a CPU driver.
+    fn attention(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        let cases = [
+            ("T=577 H=16 D=64", 577, 16, 64, false, 0),
+            ("T=600 H=32 D=128 causal", 600, 32, 128, true, 576),
+            ("T=2900 H=4 D=128 causal", 2900, 4, 128, true, 2880),
+        ];
+        for (label, t, heads, head_dim, causal, score_from) in cases {
+            let shape = attention::AttentionShape {
+                q_rows: t,
+                kv_rows: t,
+                heads,
+                kv_heads: heads,
+                head_dim,
+                causal,
+            };
+            let tensor = |seed, name| {
+                Tensor::from_f32(
+                    self.gpu,
+                    &[t, heads * head_dim],
+                    &random(t * heads * head_dim, seed),
+                    name,
+                )
+            };
+            let (q, k, v) = (tensor(11, "q")?, tensor(12, "k")?, tensor(13, "v")?);
+            let o = Tensor::empty(self.gpu, &[t, heads * head_dim], DType::F32, "o")?;
+            let (partials, scores) = attention::score_buffers(self.gpu, &shape)?;
+            for scored in [false, true] {
+                let mut tiled_ms = None;
+                for layout in [AttentionLayout::Tiled, AttentionLayout::Lanes] {
+                    let name = match (layout, scored) {
+                        (AttentionLayout::Tiled, false) => "attention_tiled",
+                        (AttentionLayout::Tiled, true) => "attention_tiled+scores",
+                        (AttentionLayout::Lanes, false) => "attention_lanes",
+                        (AttentionLayout::Lanes, true) => "attention_lanes+scores",
+                    };
+                    progress(&format!("{name} {label}"));
+                    let out = scored.then(|| attention::ScoreOutput {
+                        q_start: score_from,
+                        q_end: t,
+                        partials: &partials,
+                        scores: &scores,
+                    });
+                    let scale = attention::default_scale(head_dim);
+                    let d = attention::attention_in(
+                        self.gpu,
+                        layout,
+                        &shape,
+                        scale,
+                        [&q, &k, &v, &o],
+                        out,
+                    )?;
+                    let r = self.time(name, &d)?;
+                    r.shape = label.into();
+                    match tiled_ms {
+                        None => tiled_ms = Some(r.median_ms),
+                        Some(base) => r.time_vs_tiled = Some(r.median_ms / base),
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -340,7 +372,7 @@ pub fn kernel_sections(
         suite.decode_gemv(&mut progress)?;
     }
     if run("attention") {
-        suite.clip_attention(&mut progress)?;
+        suite.attention(&mut progress)?;
     }
     let mut quantized_rows = Vec::new();
     if run("quantized-gemv") {
@@ -369,7 +401,7 @@ impl KernelReport {
             self.repeats
         );
         out.push_str(&format!(
-            "{:<20} {:<22} {:>11} {:>9} {:>8} {:>10} {:>9} {:>10} {:>10}\n",
+            "{:<22} {:<24} {:>11} {:>9} {:>8} {:>10} {:>9} {:>10} {:>10}\n",
             "kernel",
             "shape",
             "median ms",

@@ -531,7 +531,7 @@ enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only these sections: matmul, ggml, decode, attention, quantized-gemv,
+        /// Run only these sections: matmul, ggml, decode, attention, rows, quantized-gemv,
         /// quantized-matmul (repeatable).
         #[arg(long, value_name = "SECTION")]
         only: Vec<String>,

@@ -4,12 +4,24 @@ mod common;
 
 use common::*;
 use llava_wgpu::gpu::kernels::activation::{self, Activation};
+use llava_wgpu::gpu::kernels::norm::NormLayout;
 use llava_wgpu::gpu::kernels::{norm, rope};
-use llava_wgpu::gpu::{DType, Recorder, Tensor};
+use llava_wgpu::gpu::{DType, Gpu, Recorder, Tensor};
 
+/// Both layouts (one workgroup of 256 threads per row, one 8-lane subgroup per row) on the
+/// default device, and the lanes layout's fallback on a device without subgroups.
 #[test]
 fn layer_norm_and_rms_norm_match_cpu() {
-    let gpu = gpu();
+    let devices = [(gpu(), NormLayout::Workgroup), (gpu(), NormLayout::Lanes)];
+    for (gpu, layout) in devices
+        .into_iter()
+        .chain([(gpu_without_features(), NormLayout::Lanes)])
+    {
+        check_norms(&gpu, layout);
+    }
+}
+
+fn check_norms(gpu: &Gpu, layout: NormLayout) {
     let mut rng = TestRng::new();
     for &(rows, cols) in &[(1, 1), (1, 7), (37, 64), (577, 129), (3, 4096), (2, 1000)] {
         // A large common offset makes the one-pass variance formula fail; the kernel must not.
@@ -21,21 +33,21 @@ fn layer_norm_and_rms_norm_match_cpu() {
             .collect();
         let gamma = rng.uniform(cols, 0.5, 1.5);
         let beta = rng.uniform(cols, -1.0, 1.0);
-        let xt = Tensor::from_f32(&gpu, &[rows, cols], &x, "x").unwrap();
-        let gt = Tensor::from_f32(&gpu, &[cols], &gamma, "gamma").unwrap();
-        let bt = Tensor::from_f32(&gpu, &[cols], &beta, "beta").unwrap();
-        let y_ln = Tensor::empty(&gpu, &[rows, cols], DType::F32, "ln").unwrap();
-        let y_rms = Tensor::empty(&gpu, &[rows, cols], DType::F32, "rms").unwrap();
-        y_ln.poison(&gpu);
-        y_rms.poison(&gpu);
-        let mut rec = Recorder::new(&gpu);
-        rec.dispatch(norm::layer_norm(&gpu, &xt, &gt, &bt, &y_ln, 1e-5).unwrap());
-        rec.dispatch(norm::rms_norm(&gpu, &xt, &gt, &y_rms, 1e-6).unwrap());
+        let xt = Tensor::from_f32(gpu, &[rows, cols], &x, "x").unwrap();
+        let gt = Tensor::from_f32(gpu, &[cols], &gamma, "gamma").unwrap();
+        let bt = Tensor::from_f32(gpu, &[cols], &beta, "beta").unwrap();
+        let y_ln = Tensor::empty(gpu, &[rows, cols], DType::F32, "ln").unwrap();
+        let y_rms = Tensor::empty(gpu, &[rows, cols], DType::F32, "rms").unwrap();
+        y_ln.poison(gpu);
+        y_rms.poison(gpu);
+        let mut rec = Recorder::new(gpu);
+        rec.dispatch(norm::layer_norm_in(gpu, layout, &xt, &gt, &bt, &y_ln, 1e-5).unwrap());
+        rec.dispatch(norm::rms_norm_in(gpu, layout, &xt, &gt, &y_rms, 1e-6).unwrap());
         rec.finish("norm test").unwrap();
         // LayerNorm output is O(1) whatever the offset; f32 rounding of x itself (|x| ≤ 52,
         // ulp 4e-6) divided by a std of ~1 bounds the error at ~1e-5.
         let want = norm::layer_norm_reference(&x, cols, &gamma, &beta, 1e-5);
-        let what = format!("layer_norm {rows}x{cols}");
+        let what = format!("{layout:?} layer_norm {rows}x{cols}");
         assert_close(
             &what,
             rng.seed,
@@ -45,7 +57,7 @@ fn layer_norm_and_rms_norm_match_cpu() {
             2e-5,
         );
         let want = norm::rms_norm_reference(&x, cols, &gamma, 1e-6);
-        let what = format!("rms_norm {rows}x{cols}");
+        let what = format!("{layout:?} rms_norm {rows}x{cols}");
         assert_close(
             &what,
             rng.seed,

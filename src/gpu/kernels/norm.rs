@@ -10,6 +10,56 @@ use crate::gpu::tensor::{DType, Tensor};
 /// Threads per row (one workgroup per row; WG in the shader).
 pub const WORKGROUP: WorkgroupSize = WorkgroupSize(256);
 
+/// Rows per workgroup of the lanes entry points (LANE_ROWS in the shader).
+pub const LANE_ROWS: usize = 8;
+
+/// Which entry points of norm.wgsl run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormLayout {
+    /// `layer_norm` / `rms_norm`: 256 threads per row, a tree reduction in workgroup memory.
+    Workgroup,
+    /// `layer_norm_lanes` / `rms_norm_lanes`: one 8-lane subgroup per row reducing with
+    /// subgroupAdd, no barrier. For drivers that run shaders on CPU SIMD lanes.
+    Lanes,
+}
+
+impl NormLayout {
+    /// `Lanes` on a CPU adapter whose subgroups hold the 8 lanes, `Workgroup` anywhere else
+    /// (the rule of `MatmulLayout::for_device`).
+    pub fn for_device(gpu: &Gpu) -> Self {
+        let caps = &gpu.caps;
+        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= 8 {
+            NormLayout::Lanes
+        } else {
+            NormLayout::Workgroup
+        }
+    }
+
+    /// Workgroups for `rows` rows: one per row, or one per [`LANE_ROWS`] rows.
+    fn workgroups(self, rows: usize) -> usize {
+        match self {
+            NormLayout::Workgroup => rows,
+            NormLayout::Lanes => rows.div_ceil(LANE_ROWS),
+        }
+    }
+
+    fn entry(self, op: Norm) -> &'static str {
+        match (self, op) {
+            (NormLayout::Workgroup, Norm::Layer) => "layer_norm",
+            (NormLayout::Workgroup, Norm::Rms) => "rms_norm",
+            (NormLayout::Lanes, Norm::Layer) => "layer_norm_lanes",
+            (NormLayout::Lanes, Norm::Rms) => "rms_norm_lanes",
+        }
+    }
+}
+
+/// The two normalisations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Norm {
+    Layer,
+    Rms,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
@@ -48,7 +98,7 @@ fn check(
 /// Tensors in binding order: x, gamma, beta, y.
 fn launch(
     gpu: &Gpu,
-    entry: &'static str,
+    (layout, op): (NormLayout, Norm),
     [x, gamma, beta, y]: [&Tensor; 4],
     eps: f32,
     (rows, cols): (usize, usize),
@@ -59,6 +109,7 @@ fn launch(
         eps,
         _pad: 0,
     };
+    let entry = layout.entry(op);
     KernelCall::new(gpu, Shader::Norm, entry)
         .constants(WORKGROUP.constants())
         .params(&params)
@@ -69,7 +120,10 @@ fn launch(
         .build(
             entry,
             format!("rows={rows} cols={cols}"),
-            grid(rows as u32, gpu.limits.max_compute_workgroups_per_dimension),
+            grid(
+                layout.workgroups(rows) as u32,
+                gpu.limits.max_compute_workgroups_per_dimension,
+            ),
             (rows * cols * 8) as u64,
             (rows * cols * 8 + cols * 8) as u64,
         )
@@ -84,15 +138,40 @@ pub fn layer_norm(
     y: &Tensor,
     eps: f32,
 ) -> Result<Dispatch> {
+    layer_norm_in(gpu, NormLayout::for_device(gpu), x, gamma, beta, y, eps)
+}
+
+/// [`layer_norm`] with the layout the caller chooses (tests and `bench kernels` run both).
+pub fn layer_norm_in(
+    gpu: &Gpu,
+    layout: NormLayout,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    y: &Tensor,
+    eps: f32,
+) -> Result<Dispatch> {
     let dims = check("layer_norm", x, gamma, Some(beta), y)?;
-    launch(gpu, "layer_norm", [x, gamma, beta, y], eps, dims)
+    launch(gpu, (layout, Norm::Layer), [x, gamma, beta, y], eps, dims)
 }
 
 /// `y = x / sqrt(mean(x²) + eps) · gamma` per row (`y` must not alias `x`).
 pub fn rms_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, y: &Tensor, eps: f32) -> Result<Dispatch> {
+    rms_norm_in(gpu, NormLayout::for_device(gpu), x, gamma, y, eps)
+}
+
+/// [`rms_norm`] with the layout the caller chooses.
+pub fn rms_norm_in(
+    gpu: &Gpu,
+    layout: NormLayout,
+    x: &Tensor,
+    gamma: &Tensor,
+    y: &Tensor,
+    eps: f32,
+) -> Result<Dispatch> {
     let dims = check("rms_norm", x, gamma, None, y)?;
     // The shader's unused beta slot is bound to gamma.
-    launch(gpu, "rms_norm", [x, gamma, gamma, y], eps, dims)
+    launch(gpu, (layout, Norm::Rms), [x, gamma, gamma, y], eps, dims)
 }
 
 /// CPU reference for LayerNorm in f64.

@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionLayout};
 use crate::gpu::kernels::linear::matmul::MatmulLayout;
 use crate::gpu::kernels::linear::{gemv, matmul};
-use crate::gpu::kernels::Dispatch;
+use crate::gpu::kernels::norm::{self, NormLayout};
+use crate::gpu::kernels::{activation, copy, rope, topk, Dispatch};
 use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
 use crate::quant;
 
@@ -31,8 +32,9 @@ pub struct KernelResult {
     /// the same run (below 1 is faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_vs_f16: Option<f64>,
-    /// For the lanes layouts (matmul, attention): this median time over the tiled layout's at the
-    /// same shape and inputs in the same run (below 1 is faster).
+    /// For the lanes layouts (matmul, attention, norms): this median time over the tiled (for the
+    /// norms, workgroup) layout's at the same shape and inputs in the same run (below 1 is
+    /// faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_vs_tiled: Option<f64>,
 }
@@ -319,12 +321,108 @@ impl Suite<'_> {
     }
 }
 
+impl Suite<'_> {
+    /// The row kernels at the README demo's shapes and at 7B's (CLIP-L for the vision ones):
+    /// both norm layouts (the lanes one with its time relative to the workgroup one), RoPE, the
+    /// activations and the row gather of a pruning stage. All bandwidth bound.
+    /// First the launch floor: a copy of 4 floats, the time any dispatch costs on this driver,
+    /// which bounds the rate of the demo's small rows.
+    fn row_kernels(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        progress("launch floor: copy of 4 floats");
+        let (src, dst) = (self.tensor(1, 4, 20)?, self.tensor(1, 4, 0)?);
+        let d = copy::copy(self.gpu, &src, &dst)?;
+        self.time_row("launch_floor", "copy", &[d])?;
+        for (label, rows, cols) in [("demo", 197, 192), ("CLIP-L", 577, 1024)] {
+            self.norm_both_layouts(label, "layer_norm", rows, cols, progress)?;
+        }
+        for (label, rows, cols) in [("demo", 80, 256), ("7B", 600, 4096)] {
+            self.norm_both_layouts(label, "rms_norm", rows, cols, progress)?;
+        }
+        for (label, rows, heads, head_dim) in [("demo", 80, 8, 32), ("7B", 600, 32, 128)] {
+            progress(&format!("rope {label}"));
+            let gpu = self.gpu;
+            let x = self.tensor(rows, heads * head_dim, 21)?;
+            let positions: Vec<u32> = (0..rows as u32).collect();
+            let positions = Tensor::from_u32(gpu, &[rows], &positions, "positions")?;
+            let table = rope::RopeTable::new(gpu, 10000.0, head_dim, rows)?;
+            let d = rope::rope(gpu, &x, heads, &positions, &table)?;
+            self.time_row("rope", label, &[d])?;
+        }
+        for (label, rows, width) in [("demo", 80, 704), ("7B", 600, 11008)] {
+            progress(&format!("silu_mul {label}"));
+            let (gate_up, out) = (
+                self.tensor(rows, 2 * width, 22)?,
+                self.tensor(rows, width, 0)?,
+            );
+            let d = activation::silu_mul(self.gpu, &gate_up, &out)?;
+            self.time_row("silu_mul", label, &[d])?;
+        }
+        for (label, rows, width) in [("demo", 197, 768), ("CLIP-L", 577, 4096)] {
+            progress(&format!("quick_gelu {label}"));
+            let x = self.tensor(rows, width, 23)?;
+            let d = activation::activate(self.gpu, activation::Activation::QuickGelu, &x)?;
+            self.time_row("quick_gelu", label, &[d])?;
+        }
+        for (label, rows, kept, width) in [("demo", 64, 16, 256), ("7B", 576, 144, 4096)] {
+            progress(&format!("gather_rows {label}"));
+            let src = self.tensor(rows, width, 24)?;
+            let dst = self.tensor(kept, width, 0)?;
+            let idx: Vec<u32> = (0..kept as u32).map(|i| i * 4).collect();
+            let idx = Tensor::from_u32(self.gpu, &[kept], &idx, "idx")?;
+            let d = topk::gather_rows(self.gpu, &src, &idx, 0, kept, &dst)?;
+            self.time_row("gather_rows", label, &[d])?;
+        }
+        Ok(())
+    }
+
+    fn tensor(&self, rows: usize, cols: usize, seed: u64) -> Result<Tensor> {
+        Tensor::from_f32(self.gpu, &[rows, cols], &random(rows * cols, seed), "bench")
+    }
+
+    /// Time `dispatches` and label the row with the shape's origin.
+    fn time_row(&mut self, name: &str, label: &str, d: &[Dispatch]) -> Result<&mut KernelResult> {
+        let r = self.time(name, d)?;
+        r.shape = format!("{label} {}", r.shape);
+        Ok(r)
+    }
+
+    fn norm_both_layouts(
+        &mut self,
+        label: &str,
+        op: &str,
+        rows: usize,
+        cols: usize,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let gpu = self.gpu;
+        let x = self.tensor(rows, cols, 25)?;
+        let (gamma, beta) = (self.tensor(1, cols, 26)?, self.tensor(1, cols, 27)?);
+        let y = self.tensor(rows, cols, 0)?;
+        let mut workgroup_ms = None;
+        for layout in [NormLayout::Workgroup, NormLayout::Lanes] {
+            progress(&format!("{op} ({layout:?}) {label}"));
+            let d = if op == "layer_norm" {
+                norm::layer_norm_in(gpu, layout, &x, &gamma, &beta, &y, 1e-5)?
+            } else {
+                norm::rms_norm_in(gpu, layout, &x, &gamma, &y, 1e-6)?
+            };
+            let r = self.time_row(d.kernel, label, &[d])?;
+            match workgroup_ms {
+                None => workgroup_ms = Some(r.median_ms),
+                Some(base) => r.time_vs_tiled = Some(r.median_ms / base),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The suite's sections, in the order they run: `bench kernels --only NAME` picks some.
-pub const SECTIONS: [&str; 6] = [
+pub const SECTIONS: [&str; 7] = [
     "matmul",
     "ggml",
     "decode",
     "attention",
+    "rows",
     "quantized-gemv",
     "quantized-matmul",
 ];
@@ -373,6 +471,9 @@ pub fn kernel_sections(
     }
     if run("attention") {
         suite.attention(&mut progress)?;
+    }
+    if run("rows") {
+        suite.row_kernels(&mut progress)?;
     }
     let mut quantized_rows = Vec::new();
     if run("quantized-gemv") {

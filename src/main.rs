@@ -11,6 +11,7 @@ use llava_wgpu::generate::KeptPerView;
 use llava_wgpu::gpu::device::list_adapters;
 use llava_wgpu::gpu::{Gpu, GpuOptions, WeightFormat};
 use llava_wgpu::harness;
+use llava_wgpu::harness::roofline::Roofline;
 use llava_wgpu::model::gguf;
 use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::quant::Mix;
@@ -139,6 +140,10 @@ struct RunArgs {
     /// Write the profiled dispatches as a Chrome trace (open in Perfetto or chrome://tracing).
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
+    /// With --profile: draw each kernel on a roofline of this device's FMA and copy ceilings,
+    /// measured after the request, to this PNG.
+    #[arg(long, value_name = "FILE.png", requires = "profile")]
+    roofline: Option<PathBuf>,
     /// Write the input image with pruned patches dimmed (one panel per stage) to this PNG.
     #[arg(long, value_name = "FILE.png")]
     kept_overlay: Option<PathBuf>,
@@ -220,7 +225,7 @@ enum Command {
         #[command(subcommand)]
         what: Option<BenchCommand>,
         #[command(flatten)]
-        args: BenchArgs,
+        args: Box<BenchArgs>,
         #[command(flatten)]
         device: DeviceArgs,
     },
@@ -317,6 +322,10 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Draw the kernel families of the profiled warm-up request on a roofline of the run's
+    /// ceilings, to this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    roofline: Option<PathBuf>,
     #[command(flatten)]
     weights: WeightArgs,
 }
@@ -535,6 +544,9 @@ enum BenchCommand {
         /// quantized-matmul (repeatable).
         #[arg(long, value_name = "SECTION")]
         only: Vec<String>,
+        /// Draw every case on a roofline of the run's ceilings, to this PNG.
+        #[arg(long, value_name = "FILE.png")]
+        roofline: Option<PathBuf>,
     },
     /// Many requests with varying pruning, questions and lengths; resident memory after
     /// warm-up and at the end (fails if it grew by more than 1%).
@@ -614,7 +626,13 @@ fn devices(device: &DeviceArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench_kernels(device: &DeviceArgs, repeats: u32, only: &[String], json: bool) -> Result<()> {
+fn bench_kernels(
+    device: &DeviceArgs,
+    repeats: u32,
+    only: &[String],
+    json: bool,
+    roofline: Option<&Path>,
+) -> Result<()> {
     let gpu = Gpu::new(device.options())?;
     eprintln!("benchmarking on {}", gpu.describe());
     let sections: Vec<&str> = if only.is_empty() {
@@ -630,6 +648,10 @@ fn bench_kernels(device: &DeviceArgs, repeats: u32, only: &[String], json: bool)
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    if let Some(path) = roofline {
+        report.roofline(&gpu.describe()).draw(path)?;
+        eprintln!("roofline written to {}", path.display());
     }
     Ok(())
 }
@@ -824,6 +846,15 @@ fn report_profile(engine: &Engine, args: &RunArgs, output: &GenerateOutput) -> R
         std::fs::write(path, text)
             .with_context(|| format!("cannot write the trace to {}", path.display()))?;
     }
+    if let Some(path) = &args.roofline {
+        // The ceilings on the same clock, right after the request (3 runs each).
+        let ceilings = harness::bench::Ceilings::measure(&engine.gpu, 3)?;
+        let title = format!("run --profile on {}", engine.gpu.info.name);
+        let fma = ceilings.fma_f32_gflops;
+        let roofline = Roofline::from_profile(&title, &report, fma, ceilings.copy_gbytes_per_s);
+        roofline.draw(path)?;
+        eprintln!("roofline written to {}", path.display());
+    }
     Ok(())
 }
 
@@ -940,6 +971,10 @@ fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.table());
+    }
+    if let Some(path) = &args.roofline {
+        report.roofline().draw(path)?;
+        eprintln!("roofline written to {}", path.display());
     }
     let format = args.weights.weights.map(Mix::from);
     match format {
@@ -1214,10 +1249,11 @@ fn main() -> ExitCode {
                     repeats,
                     json,
                     only,
+                    roofline,
                 }),
             device,
             ..
-        } => bench_kernels(device, *repeats, only, *json),
+        } => bench_kernels(device, *repeats, only, *json, roofline.as_deref()),
         Command::Bench {
             what:
                 Some(BenchCommand::Soak {

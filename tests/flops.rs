@@ -32,8 +32,9 @@ use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 use serde_json::Value;
 
 // kv_store_f16 only converts the new keys and values to halves for the cache: no MACs.
-const NOT_COUNTED: [&str; 5] = [
+const NOT_COUNTED: [&str; 6] = [
     "rms_norm",
+    "rms_norm_lanes",
     "rope",
     "silu_mul",
     "attention_scores_reduce",
@@ -62,7 +63,7 @@ fn attention_macs(name: &str, shape: &str, flops: u64) -> (u64, u64) {
     assert_eq!(n, kv_rows, "prefill attends from an empty cache: {shape}");
     assert!(shape.contains(" causal"), "{shape}");
     let mut main = flops;
-    if name == "attention_scored" {
+    if name.ends_with("_scored") {
         let (a, b) = (field(shape, "scores q="), field(shape, ".."));
         let pairs: u64 = (a..b).map(|i| i + 1).sum();
         main -= 2 * d * heads * pairs;
@@ -99,7 +100,7 @@ fn measured(engine: &Engine, prune: PruneOptions) -> (GenerateOutput, u64, Vec<u
                 assert_eq!(flops % 2, 0);
                 macs += flops / 2;
             }
-            "attention" | "attention_scored" => {
+            "attention" | "attention_scored" | "attention_lanes" | "attention_lanes_scored" => {
                 let (m, n) = attention_macs(name, shape, flops);
                 macs += m;
                 tokens.push(n);

@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::gpu::disk_cache::DiskPipelineCache;
 use crate::gpu::memory::{GpuBuffer, MemoryKind, MemoryStats, MemoryTracker};
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::profiler::{ProfileReport, Profiler, TimingMode};
@@ -344,6 +345,8 @@ pub struct Gpu {
     /// The adapter's real storage-binding limit, which activation tensors must fit.
     pub adapter_binding_bytes: u64,
     pub(crate) pipelines: PipelineCache,
+    /// The driver's compiled pipelines kept on disk between runs (Vulkan; see `disk_cache.rs`).
+    pub(crate) disk_cache: Option<DiskPipelineCache>,
     /// Every buffer created through [`Gpu::create_buffer`] / [`Gpu::create_buffer_init`].
     pub memory: Arc<MemoryTracker>,
     /// Present while profiling: recorders time every dispatch into it.
@@ -351,6 +354,12 @@ pub struct Gpu {
     /// Errors wgpu reported outside an error scope; checked at every synchronisation point so a
     /// failure surfaces as an `Error` instead of a panic in wgpu's default handler.
     uncaptured: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        self.save_pipeline_cache();
+    }
 }
 
 impl Gpu {
@@ -393,6 +402,7 @@ impl Gpu {
                 wanted |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
             }
         }
+        wanted |= wgpu::Features::PIPELINE_CACHE;
         let features = available & wanted;
         let limits = adapter.limits();
         let descriptor = wgpu::DeviceDescriptor {
@@ -409,6 +419,10 @@ impl Gpu {
                 reason: e.to_string(),
             })?;
 
+        let disk_cache = features
+            .contains(wgpu::Features::PIPELINE_CACHE)
+            .then(|| DiskPipelineCache::open(&device, &info))
+            .flatten();
         let uncaptured = Arc::new(Mutex::new(Vec::new()));
         let sink = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
@@ -449,6 +463,7 @@ impl Gpu {
             max_binding_bytes,
             adapter_binding_bytes: adapter_binding,
             pipelines: PipelineCache::new(),
+            disk_cache,
             memory: MemoryTracker::new(),
             profiler: Mutex::new(None),
             uncaptured,
@@ -477,6 +492,21 @@ impl Gpu {
     /// Live and peak bytes of the buffers created on this device, per kind.
     pub fn memory_stats(&self) -> MemoryStats {
         self.memory.stats()
+    }
+
+    /// Write the pipelines compiled so far to the on-disk cache (when there is one and they
+    /// changed it). `Engine::load` calls it after compiling a model's pipelines, and dropping the
+    /// device calls it again for any compiled later.
+    pub fn save_pipeline_cache(&self) {
+        if let Some(disk) = &self.disk_cache {
+            disk.save();
+        }
+    }
+
+    /// The on-disk pipeline cache: its file and the bytes read from it when the device opened
+    /// (0 on a first run); None where the backend has none or it is switched off.
+    pub fn pipeline_cache_file(&self) -> Option<(&std::path::Path, usize)> {
+        self.disk_cache.as_ref().map(|c| (c.path(), c.loaded_bytes))
     }
 
     /// Compute pipelines compiled on this device so far. `Engine::load` compiles every one a

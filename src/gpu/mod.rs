@@ -4,7 +4,8 @@
 //!
 //! 1. `shaders`: the WGSL sources, their variants and the preprocessor (no device); `format`:
 //!    the weight formats (float types and ggml's block types) and their layouts;
-//! 2. `pipelines`: the module and pipeline cache (needs only a `wgpu::Device`);
+//! 2. `pipelines`: the module and pipeline cache (needs only a `wgpu::Device`); `disk_cache`: the
+//!    driver's compiled pipelines persisted between runs;
 //! 3. `memory`: the allocation tracker every buffer is created through (takes a `wgpu::Device`);
 //! 4. `profiler`: timing records and reports (takes wgpu handles, not a `Gpu`);
 //! 5. `device`: adapter choice and the `Gpu` context, which owns a pipeline cache and the
@@ -14,6 +15,7 @@
 //! 8. `recorder`: records dispatches into passes and submits them (timing them if profiling).
 
 pub mod device;
+pub mod disk_cache;
 pub mod format;
 pub mod kernels;
 pub mod memory;

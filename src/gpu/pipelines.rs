@@ -128,9 +128,12 @@ impl PipelineCache {
         Ok(module)
     }
 
+    /// The pipeline for `key`, compiled on first use (through the driver's `disk` cache when
+    /// there is one).
     pub(crate) fn pipeline(
         &self,
         device: &wgpu::Device,
+        disk: Option<&wgpu::PipelineCache>,
         key: &PipelineKey,
     ) -> Result<CachedPipeline> {
         if let Some(cached) = lock(&self.pipelines).get(key) {
@@ -164,7 +167,7 @@ impl PipelineCache {
                 // Every kernel initialises the workgroup memory it reads.
                 zero_initialize_workgroup_memory: false,
             },
-            cache: None,
+            cache: disk,
         });
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(shader_error(&key.module, key.entry, error.to_string()));

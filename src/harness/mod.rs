@@ -5,4 +5,5 @@ pub mod bench;
 pub mod eval;
 pub mod memory;
 pub mod plot;
+pub mod roofline;
 pub mod stats;

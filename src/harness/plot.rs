@@ -58,7 +58,7 @@ pub const FONT_ENV: &str = "LLAVA_WGPU_FONT";
 
 /// The family name the font is registered under: plotters' default for captions, axis labels
 /// and legends, so every text element finds it without naming a font.
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 /// Series colours (matplotlib's tab10 without its grey, which the reference line uses; it reads
 /// well on white and to most colour-blind readers); the tenth series onwards wraps around, with
@@ -76,11 +76,11 @@ const COLOURS: [RGBColor; 9] = [
 ];
 
 /// The reference line's grey, far from every series colour.
-const REFERENCE_GREY: RGBColor = RGBColor(110, 110, 110);
+pub(crate) const REFERENCE_GREY: RGBColor = RGBColor(110, 110, 110);
 
 /// The marker shapes, cycled so that series stay apart in greyscale prints too.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Marker {
+pub(crate) enum Marker {
     Circle,
     Triangle,
     Square,
@@ -89,12 +89,12 @@ enum Marker {
 const MARKERS: [Marker; 3] = [Marker::Circle, Marker::Triangle, Marker::Square];
 
 /// The colour of series `index`, shared with the tests that look for it in the image.
-fn series_colour(index: usize) -> RGBColor {
+pub(crate) fn series_colour(index: usize) -> RGBColor {
     COLOURS[index % COLOURS.len()]
 }
 
 /// The marker of series `index`; offset per colour cycle so a repeated colour gets a new shape.
-fn series_marker(index: usize) -> Marker {
+pub(crate) fn series_marker(index: usize) -> Marker {
     MARKERS[(index + index / COLOURS.len()) % MARKERS.len()]
 }
 
@@ -343,7 +343,7 @@ fn draw_legend(chart: &mut Chart) -> DrawResult {
 /// Encodes the RGB buffer as PNG with the `image` crate the engine already uses (plotters'
 /// own encoder would pull in a second, older `image`), then writes it in one go so that a
 /// bad path is reported as such.
-fn write_png(pixels: &[u8], path: &Path) -> Result<()> {
+pub(crate) fn write_png(pixels: &[u8], path: &Path) -> Result<()> {
     use image::ImageEncoder;
     let file_error = |reason: String| Error::File {
         path: path.to_path_buf(),
@@ -400,7 +400,7 @@ const FONT_NAMES: &[&str] = &[
 /// Registers a font with plotters once per process. The outcome is kept, so a missing font is
 /// reported on every call without searching again; `LLAVA_WGPU_FONT` is read on the first call.
 /// The error names `output`, the plot that could not be made, with the font search in the reason.
-fn ensure_font(output: &Path) -> Result<()> {
+pub(crate) fn ensure_font(output: &Path) -> Result<()> {
     static FONT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
     match FONT.get_or_init(find_and_register_font) {
         Ok(_) => Ok(()),

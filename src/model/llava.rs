@@ -316,6 +316,7 @@ impl Engine {
         };
         if !options.allocate_only {
             engine.compile_pipelines()?;
+            engine.gpu.save_pipeline_cache();
         }
         Ok(Self {
             load_ms: start.elapsed().as_secs_f64() * 1e3,
@@ -325,12 +326,25 @@ impl Engine {
 
     /// Build (and throw away) every dispatch a request can record, so all pipelines compile at
     /// load instead of stalling the first request of their kind (`tests/pipelines.rs` checks
-    /// that no request compiles one after this).
+    /// that no request compiles one after this). The image and the text pipelines compile on
+    /// two threads: a driver that runs shaders on the CPU spends most of a small model's load
+    /// here, compiling each pipeline with LLVM on the calling thread (about 17 ms each on
+    /// lavapipe), and a pipeline both halves use at worst compiles twice.
     fn compile_pipelines(&self) -> Result<()> {
-        let mut rec = Recorder::compile_only(&self.gpu);
-        self.compile_image_pipelines(&mut rec)?;
-        self.compile_text_pipelines(&mut rec)?;
-        rec.discard();
+        std::thread::scope(|scope| {
+            let image = scope.spawn(|| {
+                let mut rec = Recorder::compile_only(&self.gpu);
+                self.compile_image_pipelines(&mut rec)?;
+                rec.discard();
+                Ok::<_, Error>(())
+            });
+            let mut rec = Recorder::compile_only(&self.gpu);
+            self.compile_text_pipelines(&mut rec)?;
+            rec.discard();
+            image
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
         self.gpu.check_errors("pipeline compilation")
     }
 

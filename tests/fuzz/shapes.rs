@@ -3,7 +3,7 @@
 //! `Tensor`s need a GPU buffer and are left to the kernel tests.
 
 use llava_wgpu::gpu::kernels::attention::{
-    score_partials_len, AttentionShape, BLOCK_ROWS, MAX_HEAD_DIM,
+    score_partials_len, AttentionShape, BLOCK_ROWS, LANES, MAX_HEAD_DIM,
 };
 use llava_wgpu::gpu::kernels::grid;
 use llava_wgpu::gpu::Weight;
@@ -43,12 +43,13 @@ fn largest_index(s: &AttentionShape) -> u128 {
     q_len.max(kv_len).max(partials(s))
 }
 
-/// `score_partials_len` in exact (saturating) arithmetic: per kv head, per block, per key.
+/// `score_partials_len` in exact (saturating) arithmetic: per kv head, per block (of the smaller
+/// of the two layouts' blocks, which has the most), per key.
 fn partials(s: &AttentionShape) -> u128 {
     let [q, kv, h, hkv] = [s.q_rows, s.kv_rows, s.heads, s.kv_heads].map(|x| x as u128);
     let blocks = q
         .saturating_mul(h / hkv.max(1))
-        .div_ceil(BLOCK_ROWS as u128);
+        .div_ceil(BLOCK_ROWS.min(LANES.rows as usize) as u128);
     hkv.saturating_mul(blocks).saturating_mul(kv)
 }
 

@@ -524,7 +524,7 @@ pub fn attention_in(
             .read(&v.buffer)
             .read_write(&out.buffer)
             .build(
-                "attention",
+                entry,
                 shape.describe(),
                 attention_grid(gpu, layout, shape),
                 flops,
@@ -579,7 +579,7 @@ fn attention_with_scores(
         call = call.read_write(&so.scores.buffer);
     }
     let scored = call.build(
-        "attention_scored",
+        entry,
         format!("{} scores q={}..{}", shape.describe(), so.q_start, so.q_end),
         attention_grid(gpu, layout, shape),
         flops + score_flops,

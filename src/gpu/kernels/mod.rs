@@ -142,7 +142,8 @@ impl<'a> KernelCall<'a> {
             entry: self.entry,
             storage: self.bindings.iter().map(|(a, _)| *a).collect(),
         };
-        let cached = self.gpu.pipelines.pipeline(&self.gpu.device, &key)?;
+        let disk = self.gpu.disk_cache.as_ref().map(|c| &c.cache);
+        let cached = self.gpu.pipelines.pipeline(&self.gpu.device, disk, &key)?;
         let module = key.module;
         let mut params = self.params;
         // Uniform blocks are padded to 16 bytes, as WGSL's uniform layout requires.

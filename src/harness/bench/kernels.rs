@@ -15,6 +15,7 @@ use crate::gpu::kernels::linear::{gemv, matmul};
 use crate::gpu::kernels::norm::{self, NormLayout};
 use crate::gpu::kernels::{activation, copy, rope, topk, Dispatch};
 use crate::gpu::{DType, Gpu, Tensor, Weight, WeightFormat};
+use crate::harness::roofline::{Roofline, RooflinePoint};
 use crate::quant;
 
 #[derive(Clone, Debug, Serialize)]
@@ -46,6 +47,31 @@ pub struct KernelReport {
     pub repeats: usize,
     pub ceilings: Ceilings,
     pub results: Vec<KernelResult>,
+}
+
+impl KernelReport {
+    /// Every case on a roofline of the run's ceilings (`bench kernels --roofline`).
+    pub fn roofline(&self, adapter: &str) -> Roofline {
+        let points = self
+            .results
+            .iter()
+            .map(|r| {
+                let seconds = r.median_ms / 1e3;
+                RooflinePoint {
+                    name: format!("{} {}", r.kernel, r.shape),
+                    flops: r.gflops * 1e9 * seconds,
+                    bytes: r.gbytes_per_s * 1e9 * seconds,
+                    seconds,
+                }
+            })
+            .collect();
+        Roofline {
+            title: format!("bench kernels on {adapter}"),
+            fma_gflops: self.ceilings.fma_f32_gflops,
+            copy_gbytes_per_s: self.ceilings.copy_gbytes_per_s,
+            points,
+        }
+    }
 }
 
 fn row(r: &KernelResult) -> String {
@@ -293,7 +319,7 @@ impl Suite<'_> {
                         (AttentionLayout::Lanes, true) => "attention_lanes+scores",
                     };
                     progress(&format!("{name} {label}"));
-                    let out = scored.then(|| attention::ScoreOutput {
+                    let out = scored.then_some(attention::ScoreOutput {
                         q_start: score_from,
                         q_end: t,
                         partials: &partials,

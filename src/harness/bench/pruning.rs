@@ -11,6 +11,7 @@ use super::{median_f64, Bound, Ceilings};
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOutput, GenerateRequest};
 use crate::gpu::profiler::ProfileReport;
+use crate::harness::roofline::{Roofline, RooflinePoint};
 use crate::model::llava::{Engine, EngineOptions};
 use crate::prune::{Method, PruneOptions};
 
@@ -227,6 +228,32 @@ pub fn bench_prompt(engine: &Engine) -> String {
             .map(|i| format!("t{i}"))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+}
+
+impl PruningReport {
+    /// The kernel families of the profiled warm-up request on a roofline of the run's ceilings
+    /// (`bench --roofline`).
+    pub fn roofline(&self) -> Roofline {
+        let points = self
+            .kernel_families
+            .iter()
+            .map(|f| {
+                let seconds = f.time_ms / 1e3;
+                RooflinePoint {
+                    name: f.family.clone(),
+                    flops: f.gflops * 1e9 * seconds,
+                    bytes: f.gbytes_per_s * 1e9 * seconds,
+                    seconds,
+                }
+            })
+            .collect();
+        Roofline {
+            title: format!("bench {} on {}", self.model, self.adapter),
+            fma_gflops: self.ceilings.fma_f32_gflops,
+            copy_gbytes_per_s: self.ceilings.copy_gbytes_per_s,
+            points,
+        }
     }
 }
 

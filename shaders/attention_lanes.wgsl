@@ -37,6 +37,11 @@
 // `partials` (zeros past its last key): no float atomics. attention.wgsl's
 // attention_scores_reduce sums the rows in a fixed order.
 //
+// Loops: lavapipe stops an invocation after 65,535 loop iterations in all (its loop limiter);
+// a pass over 16 keys costs about D/4 + D/16 of them (and D/4 more with scores), so a block
+// stays under it up to about 13,000 keys at D = 128 with scores (tests/attention.rs checks a
+// full 4,096-key context).
+//
 // Without subgroups (the `//#else` branches) the lanes exchange values through workgroup memory
 // with barriers: correct anywhere, far slower; the launcher picks this layout only on a CPU
 // adapter with subgroups of at least 8 lanes.

@@ -216,6 +216,21 @@ fn head_dim_128_and_odd_head_dims() {
     check(&gpu, &mut rng, shape(18, 18, 2, 2, 1, false), 18, None);
 }
 
+/// A 4,096-key cache (LLaVA-1.5's whole context) with head dim 128 and scores: lavapipe stops
+/// an invocation after 65,535 loop iterations in all, which a long key loop must stay under.
+#[test]
+fn a_full_context_of_keys() {
+    let gpu = gpu();
+    let mut rng = TestRng::new();
+    check(
+        &gpu,
+        &mut rng,
+        shape(9, 4096, 2, 1, 128, true),
+        4096,
+        Some((0, 9)),
+    );
+}
+
 #[test]
 fn nan_cache_rows_past_the_valid_keys_do_not_leak() {
     let gpu = gpu();

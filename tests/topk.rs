@@ -1,11 +1,12 @@
 //! Top-k selection, the sequence index list and the row gather against CPU references: random
 //! scores, scores with many ties, NaN and infinities, scores at an offset, the full
-//! select → gather pipeline (bit-for-bit), and the errors for bad arguments.
+//! select → gather pipeline (bit-for-bit), and the errors for bad arguments. Every selection runs
+//! in both layouts (one 256-thread workgroup; one 8-lane subgroup for CPU adapters).
 
 mod common;
 
 use common::*;
-use llava_wgpu::gpu::kernels::topk::{self, Segment};
+use llava_wgpu::gpu::kernels::topk::{self, Segment, SelectLayout};
 use llava_wgpu::gpu::kernels::Dispatch;
 use llava_wgpu::gpu::{DType, Gpu, Recorder, Tensor};
 use llava_wgpu::Error;
@@ -14,10 +15,39 @@ use rand::Rng;
 /// What a poisoned (never written) u32 element reads back as.
 const POISON: u32 = 0x7fc0_0000;
 
-/// Run `select` on `scores[offset..offset + segment.len]` and return the list, checking that the
-/// kernel wrote exactly `segment.kept_rows(k)` elements and nothing past them.
+/// Run `select` on `scores[offset..offset + segment.len]` in both layouts (the lanes one up to
+/// its largest segment) and return the list, checking that each kernel wrote exactly
+/// `segment.kept_rows(k)` elements and nothing past them, and that the two lists are the same.
 fn run_select(
     gpu: &Gpu,
+    scores: &Tensor,
+    offset: usize,
+    segment: Segment,
+    k: usize,
+    seed: u64,
+) -> Vec<u32> {
+    let workgroup = run_select_in(
+        gpu,
+        SelectLayout::Workgroup,
+        scores,
+        offset,
+        segment,
+        k,
+        seed,
+    );
+    if segment.len <= topk::LANES_MAX_SCORES {
+        let lanes = run_select_in(gpu, SelectLayout::Lanes, scores, offset, segment, k, seed);
+        assert_eq!(
+            workgroup, lanes,
+            "{segment:?} k={k}: the layouts disagree (seed {seed})"
+        );
+    }
+    workgroup
+}
+
+fn run_select_in(
+    gpu: &Gpu,
+    layout: SelectLayout,
     scores: &Tensor,
     offset: usize,
     segment: Segment,
@@ -28,13 +58,13 @@ fn run_select(
     let out = Tensor::empty(gpu, &[len + 2], DType::U32, "keep").unwrap();
     out.poison(gpu);
     let mut rec = Recorder::new(gpu);
-    rec.dispatch(topk::select(gpu, scores, offset, segment, k, &out).unwrap());
+    rec.dispatch(topk::select_in(gpu, layout, scores, offset, segment, k, &out).unwrap());
     rec.finish("topk test").unwrap();
     let mut got = gpu.read_u32(&out).unwrap();
     assert_eq!(
         got[len..],
         [POISON, POISON],
-        "{segment:?} k={k}: wrote past the list (seed {})",
+        "{layout:?} {segment:?} k={k}: wrote past the list (seed {})",
         seed
     );
     got.truncate(len);
@@ -197,7 +227,8 @@ fn topk_reads_scores_at_an_offset() {
 fn topk_handles_large_n() {
     let gpu = gpu();
     let mut rng = TestRng::new();
-    for n in [5000, 16384] {
+    // The lanes layout's largest segment, then the workgroup layout's (any length).
+    for n in [topk::LANES_MAX_SCORES, 5000, 16384] {
         let scores: Vec<f32> = (0..n).map(|_| (rng.index(1000) as f32) * 0.125).collect();
         for k in [0, 1, 999, n / 3, n] {
             check_topk(&gpu, &rng, "large n with ties", &scores, k);
@@ -223,6 +254,27 @@ fn topk_handles_large_n() {
         "top-k n={n} k=410 on {}: {each:?} per submit-and-wait",
         gpu.info.name
     );
+}
+
+/// The lanes layout's fallback without subgroups (sums and scans through workgroup memory), on
+/// random scores with ties, in a segment, against the CPU reference.
+#[test]
+fn lanes_select_without_subgroups_matches_the_cpu() {
+    let gpu = gpu_without_features();
+    let mut rng = TestRng::new();
+    let n = 77;
+    let scores: Vec<f32> = (0..n).map(|_| (rng.index(20) as f32) * 0.5).collect();
+    let t = Tensor::from_f32(&gpu, &[n], &scores, "scores").unwrap();
+    let segment = Segment {
+        total: n + 5,
+        start: 3,
+        len: n,
+    };
+    for k in [0, 1, 30, n] {
+        let got = run_select_in(&gpu, SelectLayout::Lanes, &t, 0, segment, k, rng.seed);
+        let want = topk::reference_sequence(&scores, segment, k);
+        assert_eq!(got, want, "k={k} (seed {})", rng.seed);
+    }
 }
 
 #[test]

@@ -28,6 +28,10 @@ pub(super) struct Decoded {
     pub prefill_ms: f64,
     /// From the first token's arrival to the last one's (0 with fewer than two tokens).
     pub decode_ms: f64,
+    /// Per decoder step, the host's microseconds before the GPU had the step's work: the token's
+    /// embedding row and position uploaded, every dispatch recorded (bind groups and uniform
+    /// blocks created) and submitted.
+    pub host_us: Vec<f64>,
 }
 
 /// How the next token is chosen.
@@ -83,6 +87,7 @@ impl Engine {
             logprobs: picker.logprobs.map(|_| Vec::new()),
             prefill_ms: 0.0,
             decode_ms: 0.0,
+            host_us: Vec::new(),
         };
         let mut stream = StreamDecoder::new();
         let mut logits = first_logits;
@@ -115,7 +120,9 @@ impl Engine {
             }
             // The new token sits at the position after the prompt as it entered the language
             // model (before stage 2), as if nothing had been dropped.
-            self.decode_step(state, next, first_position + step, !picker.host_samples)?;
+            let host_us =
+                self.decode_step(state, next, first_position + step, !picker.host_samples)?;
+            out.host_us.push(host_us);
             out.fed += 1;
         }
         if max_new == 0 {
@@ -154,14 +161,16 @@ impl Engine {
     }
 
     /// Run token `id` at `position` through the decoder, leaving its logits (and, with
-    /// `gpu_argmax`, the greedy next id) for the next step.
+    /// `gpu_argmax`, the greedy next id) for the next step. Returns the host's microseconds
+    /// until the step was submitted ([`Decoded::host_us`]).
     fn decode_step(
         &self,
         state: &mut Prefilled,
         id: u32,
         position: usize,
         gpu_argmax: bool,
-    ) -> Result<()> {
+    ) -> Result<f64> {
+        let start = Instant::now();
         let gpu = &self.gpu;
         let b = &state.buffers;
         b.hidden.write_f32(gpu, &self.embed(&[id])?)?;
@@ -176,7 +185,10 @@ impl Engine {
         if gpu_argmax {
             rec.dispatch(gpu_sample::argmax(gpu, &b.logits, 0, &state.next_token, 0)?);
         }
-        rec.finish("decode")
+        rec.submit();
+        let host_us = start.elapsed().as_secs_f64() * 1e6;
+        rec.finish("decode")?;
+        Ok(host_us)
     }
 }
 

@@ -168,6 +168,7 @@ impl Engine {
             kv_cache_bytes: measured.kv_cache_bytes,
             timings_ms: measured.timings_ms,
             decode_tokens_per_second: per_second(decoded_steps, decoded.decode_ms),
+            decode_host_us_per_token: median_or_zero(&decoded.host_us),
             prefill_macs,
             prune: PruneReport::of(
                 settings.prune.method,
@@ -463,5 +464,16 @@ fn per_second(events: usize, ms: f64) -> f64 {
         events as f64 / (ms / 1e3)
     } else {
         0.0
+    }
+}
+
+/// The median of `values`, or 0 for none.
+fn median_or_zero(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }

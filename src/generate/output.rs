@@ -239,6 +239,10 @@ pub struct GenerateOutput {
     pub kv_cache_bytes: u64,
     pub timings_ms: Timings,
     pub decode_tokens_per_second: f64,
+    /// Median over the decoder steps of the host's microseconds before the GPU had the step's
+    /// work (embedding row and position uploaded, dispatches recorded and submitted); 0 without
+    /// a decoder step.
+    pub decode_host_us_per_token: f64,
     pub prefill_macs: PrefillMacs,
     /// The pruning that ran, with its budgets resolved.
     pub prune: PruneReport,

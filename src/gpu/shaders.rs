@@ -27,6 +27,7 @@ pub enum Shader {
     Attention,
     AttentionLanes,
     Topk,
+    TopkLanes,
     Norm,
     Rope,
     Activation,
@@ -37,13 +38,14 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 13] = [
+    pub const ALL: [Shader; 14] = [
         Shader::Matmul,
         Shader::MatmulLanes,
         Shader::Gemv,
         Shader::Attention,
         Shader::AttentionLanes,
         Shader::Topk,
+        Shader::TopkLanes,
         Shader::Norm,
         Shader::Rope,
         Shader::Activation,
@@ -62,6 +64,7 @@ impl Shader {
             Shader::Attention => "attention",
             Shader::AttentionLanes => "attention_lanes",
             Shader::Topk => "topk",
+            Shader::TopkLanes => "topk_lanes",
             Shader::Norm => "norm",
             Shader::Rope => "rope",
             Shader::Activation => "activation",
@@ -81,6 +84,7 @@ impl Shader {
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
             Shader::AttentionLanes => include_str!("../../shaders/attention_lanes.wgsl"),
             Shader::Topk => include_str!("../../shaders/topk.wgsl"),
+            Shader::TopkLanes => include_str!("../../shaders/topk_lanes.wgsl"),
             Shader::Norm => include_str!("../../shaders/norm.wgsl"),
             Shader::Rope => include_str!("../../shaders/rope.wgsl"),
             Shader::Activation => include_str!("../../shaders/activation.wgsl"),

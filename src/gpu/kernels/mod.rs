@@ -244,6 +244,7 @@ mod tests {
                     .collect()
             }
             Shader::Topk => topk::SHAPE.constants(),
+            Shader::TopkLanes => topk::lanes_constants(),
             Shader::Norm => norm::WORKGROUP.constants(),
             Shader::Rope => rope::WORKGROUP.constants(),
             Shader::Activation => activation::WORKGROUP.constants(),

@@ -107,16 +107,66 @@ fn to_u32(name: &str, value: usize) -> Result<u32> {
     })
 }
 
+/// Which select kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectLayout {
+    /// topk.wgsl's `select_keep`: one 256-thread workgroup, a radix select over 8-bit digits.
+    Workgroup,
+    /// topk_lanes.wgsl: one 8-lane subgroup, the k-th key found bit by bit with subgroup sums,
+    /// no barrier. For drivers that run shaders on CPU SIMD lanes.
+    Lanes,
+}
+
+impl SelectLayout {
+    /// `Lanes` for up to [`LANES_MAX_SCORES`] scores on a CPU adapter whose subgroups hold its 8
+    /// lanes, `Workgroup` anywhere else (the rule of `MatmulLayout::for_device`).
+    pub fn for_device(gpu: &Gpu, n: usize) -> Self {
+        let caps = &gpu.caps;
+        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= 8 && n <= LANES_MAX_SCORES {
+            SelectLayout::Lanes
+        } else {
+            SelectLayout::Workgroup
+        }
+    }
+}
+
+/// The most 8-score steps topk_lanes.wgsl takes (MAX_STEPS): 35 passes over them stay under
+/// lavapipe's limit of 65,535 loop iterations per invocation.
+pub const LANE_STEPS: u32 = 1024;
+
+/// The longest segment topk_lanes.wgsl selects from: 8 lanes × [`LANE_STEPS`].
+pub const LANES_MAX_SCORES: usize = 8 * LANE_STEPS as usize;
+
+/// The constants of topk_lanes.wgsl.
+pub fn lanes_constants() -> Constants {
+    Constants::new(&[("MAX_STEPS", LANE_STEPS)])
+}
+
 /// Select the `k` largest of `scores[score_offset .. score_offset + segment.len]` and write the
 /// ascending row-index list of `segment` (every row outside it, and `segment.start + i` for
 /// each kept score `i`) into `out[0 .. segment.kept_rows(k)]`; later elements of `out` are left
 /// untouched.
 ///
 /// Ties go to the lower index; NaN scores are smaller than every other value (also −∞) and tie
-/// with each other; −0 and +0 are equal. One dispatch of one workgroup (a radix select; see the
-/// shader), exact for any length.
+/// with each other; −0 and +0 are equal. One dispatch of one workgroup, in the layout this device
+/// runs best ([`SelectLayout::for_device`]; see the shaders), exact for any length.
 pub fn select(
     gpu: &Gpu,
+    scores: &Tensor,
+    score_offset: usize,
+    segment: Segment,
+    k: usize,
+    out: &Tensor,
+) -> Result<Dispatch> {
+    let layout = SelectLayout::for_device(gpu, segment.len);
+    select_in(gpu, layout, scores, score_offset, segment, k, out)
+}
+
+/// [`select`] with the layout the caller chooses (tests and `bench kernels` run both).
+#[allow(clippy::too_many_arguments)]
+pub fn select_in(
+    gpu: &Gpu,
+    layout: SelectLayout,
     scores: &Tensor,
     score_offset: usize,
     segment: Segment,
@@ -129,6 +179,12 @@ pub fn select(
         start,
         len: n,
     } = segment;
+    if layout == SelectLayout::Lanes && n > LANES_MAX_SCORES {
+        return Err(Error::argument(
+            "layout",
+            format!("the lanes top-k takes at most {LANES_MAX_SCORES} scores, not {n}"),
+        ));
+    }
     let params = SelectParams {
         n: to_u32("n", n)?,
         k: to_u32("k", k)?,
@@ -137,19 +193,33 @@ pub fn select(
         total: to_u32("segment.total", total)?,
         _pad: [0; 3],
     };
-    // Four histogram passes and one scan pass, each a comparison per score; scores read five
-    // times, the list written once.
-    let flops = 5 * n as u64;
-    let bytes = 5 * 4 * n as u64 + 4 * segment.kept_rows(k) as u64;
-    // Neither entry point has a feature-specific path: one module serves every device.
-    KernelCall::new(gpu, Shader::Topk, "select_keep")
-        .flags(Default::default())
-        .constants(SHAPE.constants())
-        .params(&params)
+    let (call, flops, bytes, name) = match layout {
+        // Four histogram passes and one scan pass, each a comparison per score; scores read
+        // five times, the list written once. Neither entry point of topk.wgsl has a
+        // feature-specific path: one module serves every device.
+        SelectLayout::Workgroup => (
+            KernelCall::new(gpu, Shader::Topk, "select_keep")
+                .flags(Default::default())
+                .constants(SHAPE.constants()),
+            5 * n as u64,
+            5 * 4 * n as u64,
+            "topk_select",
+        ),
+        // 33 counting passes and one scan pass, each reading the scores.
+        SelectLayout::Lanes => (
+            KernelCall::new(gpu, Shader::TopkLanes, "select_keep_lanes")
+                .constants(lanes_constants()),
+            34 * n as u64,
+            34 * 4 * n as u64,
+            "topk_select_lanes",
+        ),
+    };
+    let bytes = bytes + 4 * segment.kept_rows(k) as u64;
+    call.params(&params)
         .read(&scores.buffer)
         .read_write(&out.buffer)
         .build(
-            "topk_select",
+            name,
             format!("n={n} k={k} T={total}"),
             [1, 1, 1],
             flops,

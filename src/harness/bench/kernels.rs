@@ -389,6 +389,7 @@ impl Suite<'_> {
             let d = activation::activate(self.gpu, activation::Activation::QuickGelu, &x)?;
             self.time_row("quick_gelu", label, &[d])?;
         }
+        self.top_k(progress)?;
         for (label, rows, kept, width) in [("demo", 64, 16, 256), ("7B", 576, 144, 4096)] {
             progress(&format!("gather_rows {label}"));
             let src = self.tensor(rows, width, 24)?;
@@ -397,6 +398,39 @@ impl Suite<'_> {
             let idx = Tensor::from_u32(self.gpu, &[kept], &idx, "idx")?;
             let d = topk::gather_rows(self.gpu, &src, &idx, 0, kept, &dst)?;
             self.time_row("gather_rows", label, &[d])?;
+        }
+        Ok(())
+    }
+
+    /// Stage 1's top-k at the demo's 196 patches and CLIP-L's 576, and over LLaVA-NeXT's 2,880
+    /// patch rows, in both layouts (lanes with its time relative to the workgroup's), next to one
+    /// pass over the same scores (a copy) to compare with.
+    fn top_k(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
+        for (label, n, k) in [
+            ("demo", 196usize, 176usize),
+            ("CLIP-L", 576, 518),
+            ("NeXT", 2880, 320),
+        ] {
+            let scores = self.tensor(1, n.next_multiple_of(4), 28)?;
+            let out = Tensor::empty(self.gpu, &[n], DType::U32, "keep")?;
+            progress(&format!("one pass over {n} scores"));
+            let pass = copy::copy(
+                self.gpu,
+                &scores,
+                &self.tensor(1, n.next_multiple_of(4), 0)?,
+            )?;
+            self.time_row("scores_pass", label, &[pass])?;
+            let mut workgroup_ms = None;
+            for layout in [topk::SelectLayout::Workgroup, topk::SelectLayout::Lanes] {
+                progress(&format!("topk_select ({layout:?}) n={n}"));
+                let segment = topk::Segment::whole(n);
+                let d = topk::select_in(self.gpu, layout, &scores, 0, segment, k, &out)?;
+                let r = self.time_row(d.kernel, label, &[d])?;
+                match workgroup_ms {
+                    None => workgroup_ms = Some(r.median_ms),
+                    Some(base) => r.time_vs_tiled = Some(r.median_ms / base),
+                }
+            }
         }
         Ok(())
     }

@@ -160,6 +160,8 @@ pub struct SettingResult {
     pub median_vision_ms: f64,
     pub median_prefill_ms: f64,
     pub median_decode_tokens_per_second: f64,
+    /// Median of the requests' `decode_host_us_per_token`: the host's share of a decode step.
+    pub median_decode_host_us_per_token: f64,
     pub kv_cache_bytes: u64,
     pub prefill_macs: u64,
     pub theoretical_speedup: f64,
@@ -341,6 +343,7 @@ fn summarise(label: &str, outs: &[GenerateOutput], baseline_prefill: f64) -> Set
         median_vision_ms: median(|o| o.timings_ms.vision),
         median_prefill_ms: prefill,
         median_decode_tokens_per_second: median(|o| o.decode_tokens_per_second),
+        median_decode_host_us_per_token: median(|o| o.decode_host_us_per_token),
         kv_cache_bytes: first.kv_cache_bytes,
         prefill_macs: first.prefill_macs.prefill,
         theoretical_speedup: theoretical,
@@ -527,7 +530,7 @@ impl PruningReport {
             self.ceilings.describe()
         );
         out.push_str(&format!(
-            "{:<22} {:>15} {:>9} {:>10} {:>7} {:>11} {:>10} {:>9} {:>8} {:>8} {:>8}\n",
+            "{:<22} {:>15} {:>9} {:>10} {:>7} {:>11} {:>10} {:>11} {:>9} {:>8} {:>8} {:>8}\n",
             "setting",
             "visual tokens",
             "TTFT ms",
@@ -535,6 +538,7 @@ impl PruningReport {
             "vision%",
             "prefill ms",
             "decode t/s",
+            "host µs/tok",
             "KV MiB",
             "theory",
             "measured",
@@ -542,7 +546,7 @@ impl PruningReport {
         ));
         for s in &self.settings {
             out.push_str(&format!(
-                "{:<22} {:>15} {:>9.0} {:>10.0} {:>6.0}% {:>11.0} {:>10.2} {:>9.2} {:>7.2}x {:>7.2}x {:>7.0}%\n",
+                "{:<22} {:>15} {:>9.0} {:>10.0} {:>6.0}% {:>11.0} {:>10.2} {:>11.0} {:>9.2} {:>7.2}x {:>7.2}x {:>7.0}%\n",
                 s.label,
                 format!("{}>{}>{}", s.visual_tokens[0], s.visual_tokens[1], s.visual_tokens[2]),
                 s.median_ttft_ms,
@@ -550,6 +554,7 @@ impl PruningReport {
                 100.0 * s.median_vision_ms / s.median_ttft_ms,
                 s.median_prefill_ms,
                 s.median_decode_tokens_per_second,
+                s.median_decode_host_us_per_token,
                 s.kv_cache_bytes as f64 / (1 << 20) as f64,
                 s.theoretical_speedup,
                 s.measured_speedup,

@@ -465,6 +465,9 @@ fn write_output(b: Block, lane: u32, inv: RowValues) {
     }
 }
 
+// The two entry points repeat their first lines rather than share a function: only the scored
+// one may use `partials`, or the plain one's pipeline layout would need it bound.
+
 @compute @workgroup_size(8)
 fn attention_lanes(inv: Invocation) {
     let lin = inv.wg.x + inv.wg.y * inv.nwg.x;

@@ -35,6 +35,7 @@
 // Injected by the host (topk.rs `TopkShape`): WG (threads per workgroup, = 256, one per digit
 // value), ITEMS (consecutive scores per thread in the scan pass), TILE = WG * ITEMS.
 //#inject WG ITEMS TILE
+//#include order_key
 
 struct SelectParams {
     n: u32,             // scores in the segment
@@ -56,23 +57,6 @@ const NONE: u32 = 0xffffffffu;    // "no key": above every real key (the largest
 var<workgroup> hist: array<atomic<u32>, WG>;   // one counter per digit value
 var<workgroup> scan_buf: array<u32, WG>;
 var<workgroup> chosen: vec2<u32>;   // (digit, ties still to keep) decided by one thread
-
-// Unsigned order of the keys = float order, NaN lowest, -0 == +0. Done on the bits: WGSL lets
-// implementations assume floats are finite, so `v != v` is not a reliable NaN test.
-fn order_key(v: f32) -> u32 {
-    let bits = bitcast<u32>(v);
-    let magnitude = bits & 0x7fffffffu;
-    if (magnitude > 0x7f800000u) {
-        return 0u;
-    }
-    if (magnitude == 0u) {
-        return 0x80000000u;
-    }
-    if ((bits & 0x80000000u) != 0u) {
-        return ~bits;
-    }
-    return bits | 0x80000000u;
-}
 
 // Inclusive prefix sum of one value per thread (Hillis-Steele; 8 steps for 256 threads).
 // Callers put a barrier between two scans, as the next one overwrites scan_buf.

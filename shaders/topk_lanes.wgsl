@@ -20,6 +20,7 @@
 //
 // Injected by the host (topk.rs `LANE_STEPS`): MAX_STEPS, the most 8-score steps.
 //#inject MAX_STEPS
+//#include order_key
 
 struct SelectParams {
     n: u32,             // scores in the segment
@@ -48,22 +49,6 @@ var<private> q: SelectParams;
 fn launder(zero: u32) {
     q = SelectParams(p.n + zero, p.k + zero, p.score_offset + zero, p.seg_start + zero,
                      p.total + zero, 0u, 0u, 0u);
-}
-
-// topk.wgsl's order_key: unsigned order of the keys = float order, NaN lowest, -0 == +0.
-fn order_key(v: f32) -> u32 {
-    let bits = bitcast<u32>(v);
-    let magnitude = bits & 0x7fffffffu;
-    if (magnitude > 0x7f800000u) {
-        return 0u;
-    }
-    if (magnitude == 0u) {
-        return 0x80000000u;
-    }
-    if ((bits & 0x80000000u) != 0u) {
-        return ~bits;
-    }
-    return bits | 0x80000000u;
 }
 
 //#if SUBGROUPS

@@ -121,20 +121,24 @@ const INCLUDE: &str = "//#include ";
 pub enum Library {
     /// Every weight format's layout and dequantization (the linear kernels).
     Blocks,
+    /// The top-k kernels' order-preserving score keys.
+    OrderKey,
 }
 
 impl Library {
-    pub const ALL: [Library; 1] = [Library::Blocks];
+    pub const ALL: [Library; 2] = [Library::Blocks, Library::OrderKey];
 
     pub fn name(self) -> &'static str {
         match self {
             Library::Blocks => "blocks",
+            Library::OrderKey => "order_key",
         }
     }
 
     pub fn source(self) -> &'static str {
         match self {
             Library::Blocks => include_str!("../../shaders/blocks.wgsl"),
+            Library::OrderKey => include_str!("../../shaders/order_key.wgsl"),
         }
     }
 

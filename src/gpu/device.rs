@@ -356,6 +356,25 @@ pub struct Gpu {
     uncaptured: Arc<Mutex<Vec<String>>>,
 }
 
+/// The optional features a device asks for (those the adapter lacks are left out): f16, subgroups
+/// and timestamps unless switched off, and the pipeline cache.
+fn wanted_features(options: &GpuOptions) -> wgpu::Features {
+    let mut wanted = wgpu::Features::PIPELINE_CACHE;
+    if !options.disable_f16 {
+        wanted |= wgpu::Features::SHADER_F16;
+    }
+    if !options.disable_subgroups {
+        wanted |= wgpu::Features::SUBGROUP;
+    }
+    if !options.disable_timestamps {
+        wanted |= wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        if !options.disable_timestamps_inside_passes {
+            wanted |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        }
+    }
+    wanted
+}
+
 impl Drop for Gpu {
     fn drop(&mut self) {
         self.save_pipeline_cache();
@@ -387,23 +406,7 @@ impl Gpu {
 
     fn from_adapter(adapter: wgpu::Adapter, options: &GpuOptions) -> Result<Self> {
         let info = adapter.get_info();
-        let available = adapter.features();
-        let mut wanted = wgpu::Features::empty();
-        if !options.disable_f16 {
-            wanted |= wgpu::Features::SHADER_F16;
-        }
-        if !options.disable_subgroups {
-            wanted |= wgpu::Features::SUBGROUP;
-        }
-        if !options.disable_timestamps {
-            wanted |=
-                wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-            if !options.disable_timestamps_inside_passes {
-                wanted |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
-            }
-        }
-        wanted |= wgpu::Features::PIPELINE_CACHE;
-        let features = available & wanted;
+        let features = adapter.features() & wanted_features(options);
         let limits = adapter.limits();
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("llava-wgpu"),

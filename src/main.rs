@@ -633,6 +633,9 @@ fn bench_kernels(
     json: bool,
     roofline: Option<&Path>,
 ) -> Result<()> {
+    if let Some(path) = roofline {
+        check_output_file("--roofline", path)?;
+    }
     let gpu = Gpu::new(device.options())?;
     eprintln!("benchmarking on {}", gpu.describe());
     let sections: Vec<&str> = if only.is_empty() {
@@ -772,6 +775,9 @@ impl RunArgs {
     /// draw or nowhere to write.
     fn check_arguments(&self) -> Result<()> {
         self.sampling.check()?;
+        if let Some(path) = &self.roofline {
+            check_output_file("--roofline", path)?;
+        }
         for image in &self.image {
             cli::chat::check_image(image)
                 .map_err(|e| anyhow::anyhow!("invalid argument --image: {e}"))?;
@@ -940,6 +946,9 @@ fn write_anyres_overlay(
 }
 
 fn bench_pruning(args: &BenchArgs, device: &DeviceArgs) -> Result<()> {
+    if let Some(path) = &args.roofline {
+        check_output_file("--roofline", path)?;
+    }
     let options = args.engine_options(device);
     let (engine, label) =
         harness::bench::load_engine(args.model.as_deref(), args.preset.as_deref(), options)?;

@@ -124,5 +124,17 @@ fn run_profile_draws_a_roofline() {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--profile"), "{stderr}");
+    // A path that cannot be written is refused before the model loads, naming the flag.
+    let bad = run(
+        "off",
+        &["--profile", "--roofline", "/nonexistent/dir/r.png"],
+    );
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("invalid argument --roofline"), "{stderr}");
+    assert!(
+        !stderr.contains("GPU profile"),
+        "the request ran first: {stderr}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

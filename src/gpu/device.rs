@@ -176,6 +176,21 @@ pub struct Capabilities {
     pub timestamps_inside_passes: bool,
 }
 
+impl Capabilities {
+    /// Whether the kernels' `_lanes` layouts are the ones to run: a CPU adapter whose subgroups
+    /// hold a `width`-lane group (the layouts exchange values by subgroup broadcasts and sums
+    /// within it). Every `*Layout::for_device` asks this.
+    pub fn prefers_lanes(&self, width: u32) -> bool {
+        self.cpu && self.subgroups && self.subgroup_min_size >= width
+    }
+
+    /// Whether a `width`-lane layout runs correctly here at all: with subgroups only if they
+    /// hold its lanes (without, its shaders exchange values through workgroup memory).
+    pub fn lanes_fit(&self, width: u32) -> bool {
+        !self.subgroups || self.subgroup_min_size >= width
+    }
+}
+
 /// A description of one adapter, for `llava-wgpu devices` and for logs.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AdapterSummary {

@@ -11,7 +11,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
+use crate::gpu::kernels::{check_lanes, grid, Constants, Dispatch, KernelCall, Shader, LANE_WIDTH};
 use crate::gpu::tensor::{DType, Tensor};
 
 /// How attention.wgsl splits the work (its BM, BN, THREADS, STRIDE and REDUCE_THREADS).
@@ -90,7 +90,7 @@ pub struct LanesTiling {
 }
 
 /// The lanes layout's tiling.
-pub const LANES: LanesTiling = LanesTiling { rows: 8 };
+pub const LANES: LanesTiling = LanesTiling { rows: LANE_WIDTH };
 
 impl LanesTiling {
     /// The constants for head dimension `head_dim` (compiled in: one pipeline per model's head
@@ -118,8 +118,7 @@ impl AttentionLayout {
     /// `Lanes` on a CPU adapter (`Capabilities::cpu`) whose subgroups hold a block's 8 rows,
     /// `Tiled` anywhere else: the same rule as `MatmulLayout::for_device`, for the same reason.
     pub fn for_device(gpu: &Gpu) -> Self {
-        let caps = &gpu.caps;
-        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= LANES.rows {
+        if gpu.caps.prefers_lanes(LANES.rows) {
             AttentionLayout::Lanes
         } else {
             AttentionLayout::Tiled
@@ -388,16 +387,8 @@ fn check_call(
             format!("{scale} is not finite"),
         ));
     }
-    let caps = &gpu.caps;
-    if layout == AttentionLayout::Lanes && caps.subgroups && caps.subgroup_min_size < LANES.rows {
-        // The shader broadcasts from lanes 0..8 of each subgroup.
-        return Err(Error::argument(
-            "layout",
-            format!(
-                "the lanes attention needs subgroups of at least {} lanes; this device's can have {}",
-                LANES.rows, caps.subgroup_min_size
-            ),
-        ));
+    if layout == AttentionLayout::Lanes {
+        check_lanes(gpu, "attention")?;
     }
     let available = gpu.limits.max_compute_workgroup_storage_size;
     if layout == AttentionLayout::Tiled && available < WORKGROUP_BYTES {

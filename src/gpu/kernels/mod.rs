@@ -65,6 +65,26 @@ pub struct Dispatch {
     pub params: GpuBuffer,
 }
 
+/// Lanes in the group every `_lanes` layout works in (matmul, attention, norms, top-k): one
+/// 8-lane subgroup, a SIMD vector of a CPU driver.
+pub const LANE_WIDTH: u32 = 8;
+
+/// Refuses a `_lanes` layout (`kernel` names it) on a device whose subgroups are narrower than
+/// its lanes: its broadcasts and sums would mix groups and give wrong answers silently.
+pub fn check_lanes(gpu: &Gpu, kernel: &str) -> Result<()> {
+    let caps = &gpu.caps;
+    if caps.lanes_fit(LANE_WIDTH) {
+        return Ok(());
+    }
+    Err(Error::argument(
+        "layout",
+        format!(
+            "the {kernel} lanes layout needs subgroups of at least {LANE_WIDTH} lanes; this device's can have {}",
+            caps.subgroup_min_size
+        ),
+    ))
+}
+
 /// Builds a [`Dispatch`]: bindings are added in shader order starting at binding 1.
 pub struct KernelCall<'a> {
     gpu: &'a Gpu,
@@ -281,6 +301,32 @@ mod tests {
         .validate(&module)
         .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
         module
+    }
+
+    /// The lanes layouts run on CPU adapters with subgroups holding 8 lanes, and are refused
+    /// where subgroups are narrower (their sums would mix groups); without subgroups their
+    /// workgroup-memory fallback is correct.
+    #[test]
+    fn lanes_layouts_need_whole_groups_of_eight() {
+        let with = ShaderFlags {
+            subgroups: true,
+            f16: false,
+        };
+        let cpu = |flags, min| Capabilities {
+            cpu: true,
+            ..caps(flags, min)
+        };
+        assert!(cpu(with, 8).prefers_lanes(LANE_WIDTH) && cpu(with, 8).lanes_fit(LANE_WIDTH));
+        assert!(cpu(with, 16).prefers_lanes(LANE_WIDTH));
+        assert!(!cpu(with, 4).prefers_lanes(LANE_WIDTH) && !cpu(with, 4).lanes_fit(LANE_WIDTH));
+        let without = ShaderFlags::default();
+        assert!(
+            !cpu(without, 8).prefers_lanes(LANE_WIDTH) && cpu(without, 8).lanes_fit(LANE_WIDTH)
+        );
+        assert!(
+            !caps(with, 8).prefers_lanes(LANE_WIDTH),
+            "a GPU keeps the tiled layouts"
+        );
     }
 
     /// Every shader, with the constants its launcher injects (the linear kernels for every

@@ -4,7 +4,9 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Dispatch, KernelCall, Shader, WorkgroupSize};
+use crate::gpu::kernels::{
+    check_lanes, grid, Dispatch, KernelCall, Shader, WorkgroupSize, LANE_WIDTH,
+};
 use crate::gpu::tensor::{DType, Tensor};
 
 /// Threads per row (one workgroup per row; WG in the shader).
@@ -27,8 +29,7 @@ impl NormLayout {
     /// `Lanes` on a CPU adapter whose subgroups hold the 8 lanes, `Workgroup` anywhere else
     /// (the rule of `MatmulLayout::for_device`).
     pub fn for_device(gpu: &Gpu) -> Self {
-        let caps = &gpu.caps;
-        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= 8 {
+        if gpu.caps.prefers_lanes(LANE_WIDTH) {
             NormLayout::Lanes
         } else {
             NormLayout::Workgroup
@@ -109,6 +110,9 @@ fn launch(
         eps,
         _pad: 0,
     };
+    if layout == NormLayout::Lanes {
+        check_lanes(gpu, "norm")?;
+    }
     let entry = layout.entry(op);
     KernelCall::new(gpu, Shader::Norm, entry)
         .constants(WORKGROUP.constants())

@@ -15,7 +15,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
+use crate::gpu::kernels::{check_lanes, grid, Constants, Dispatch, KernelCall, Shader, LANE_WIDTH};
 use crate::gpu::tensor::{DType, Tensor};
 
 /// How topk.wgsl splits the work (its WG, ITEMS and TILE).
@@ -121,8 +121,7 @@ impl SelectLayout {
     /// `Lanes` for up to [`LANES_MAX_SCORES`] scores on a CPU adapter whose subgroups hold its 8
     /// lanes, `Workgroup` anywhere else (the rule of `MatmulLayout::for_device`).
     pub fn for_device(gpu: &Gpu, n: usize) -> Self {
-        let caps = &gpu.caps;
-        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= 8 && n <= LANES_MAX_SCORES {
+        if gpu.caps.prefers_lanes(LANE_WIDTH) && n <= LANES_MAX_SCORES {
             SelectLayout::Lanes
         } else {
             SelectLayout::Workgroup
@@ -179,6 +178,9 @@ pub fn select_in(
         start,
         len: n,
     } = segment;
+    if layout == SelectLayout::Lanes {
+        check_lanes(gpu, "top-k")?;
+    }
     if layout == SelectLayout::Lanes && n > LANES_MAX_SCORES {
         return Err(Error::argument(
             "layout",

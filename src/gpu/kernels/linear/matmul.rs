@@ -5,9 +5,9 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::{check_linear, chunk_layout, flag_constants, flags_for, format_constant, kernel_name};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::device::Gpu;
-use crate::gpu::kernels::{Constants, Dispatch, KernelCall, Shader};
+use crate::gpu::kernels::{check_lanes, Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
 
 /// How matmul.wgsl tiles the output (its TILE_M, TILE_N, TILE_K and THREADS).
@@ -95,8 +95,7 @@ impl MatmulLayout {
     /// layout loads all 8 rows of X itself, which measured 3× slower than the tiled kernel on
     /// lavapipe.
     pub fn for_device(gpu: &Gpu) -> Self {
-        let caps = &gpu.caps;
-        if caps.cpu && caps.subgroups && caps.subgroup_min_size >= LANES.rows {
+        if gpu.caps.prefers_lanes(LANES.rows) {
             MatmulLayout::Lanes
         } else {
             MatmulLayout::Tiled
@@ -169,16 +168,8 @@ pub fn matmul_in(
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
     let (m, n_total, k) = check_linear("matmul", x, w, y)?;
-    let caps = &gpu.caps;
-    if layout == MatmulLayout::Lanes && caps.subgroups && caps.subgroup_min_size < LANES.rows {
-        // The shader broadcasts from lanes 0..8 of each subgroup.
-        return Err(Error::argument(
-            "layout",
-            format!(
-                "the lanes matmul needs subgroups of at least {} lanes; this device's can have {}",
-                LANES.rows, caps.subgroup_min_size
-            ),
-        ));
+    if layout == MatmulLayout::Lanes {
+        check_lanes(gpu, "matmul")?;
     }
     let flags = flags_for(w, accumulate);
     // Without a bias the bias slot is bound to X (read-only twice is allowed) and never read.

@@ -49,28 +49,8 @@
 // Injected by the host (attention.rs `AttentionTiling`): BM, BN, THREADS, STRIDE (the padded row
 // stride of the Q and K/V tiles in vec4) and REDUCE_THREADS (the reduction's workgroup size).
 //#inject BM BN THREADS STRIDE REDUCE_THREADS KV_F16
+//#include attention_params
 
-struct Params {
-    q_rows: u32,       // Tq
-    kv_rows: u32,      // Tk (valid cache rows)
-    heads: u32,        // H
-    kv_heads: u32,     // Hkv
-    head_dim: u32,     // D ≤ 128
-    group: u32,        // G = H / Hkv
-    vrows: u32,        // Tq·G virtual rows per kv head
-    blocks: u32,       // workgroups per kv head = ceil(vrows / BM)
-    num_groups: u32,   // Hkv · blocks (the grid may overshoot)
-    causal: u32,
-    scale_log2: f32,   // scale · log2(e)
-    q_start: u32,      // score range of query rows [q_start, q_end)
-    q_end: u32,
-    first_block: u32,  // first block intersecting the score range
-    range_blocks: u32, // blocks intersecting the score range (partial rows per kv head)
-    partial_rows: u32, // rows of `partials` to reduce (Hkv · range_blocks)
-}
-
-// Stands in for -inf; exp2 of anything near it is 0.
-const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;

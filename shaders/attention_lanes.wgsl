@@ -49,6 +49,7 @@
 // Injected by the host (attention.rs `LANES`): HEAD_DIM (D: loops over it have constant bounds
 // and the unaligned paths compile away) and KV_F16.
 //#inject HEAD_DIM KV_F16
+//#include attention_params
 
 const ROWS: u32 = 8u;
 const D4: u32 = (HEAD_DIM + 3u) / 4u;
@@ -58,27 +59,6 @@ const CHUNKS: u32 = (HEAD_DIM + 15u) / 16u;
 const ALIGNED: bool = HEAD_DIM % 4u == 0u;
 const EVEN: bool = HEAD_DIM % 2u == 0u;
 
-struct Params {
-    q_rows: u32,       // Tq
-    kv_rows: u32,      // Tk (valid cache rows)
-    heads: u32,        // H
-    kv_heads: u32,     // Hkv
-    head_dim: u32,     // D (the shader uses the injected HEAD_DIM)
-    group: u32,        // G = H / Hkv
-    vrows: u32,        // Tq·G virtual rows per kv head
-    blocks: u32,       // workgroups per kv head = ceil(vrows / ROWS)
-    num_groups: u32,   // Hkv · blocks (the grid may overshoot)
-    causal: u32,
-    scale_log2: f32,   // scale · log2(e)
-    q_start: u32,      // score range of query rows [q_start, q_end)
-    q_end: u32,
-    first_block: u32,  // first block intersecting the score range
-    range_blocks: u32, // blocks intersecting the score range (partial rows per kv head)
-    partial_rows: u32, // rows of `partials` (read by the reduction only)
-}
-
-// Stands in for -inf; exp2 of anything near it is 0.
-const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;

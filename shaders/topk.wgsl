@@ -35,18 +35,8 @@
 // Injected by the host (topk.rs `TopkShape`): WG (threads per workgroup, = 256, one per digit
 // value), ITEMS (consecutive scores per thread in the scan pass), TILE = WG * ITEMS.
 //#inject WG ITEMS TILE
-//#include order_key
+//#include topk_select
 
-struct SelectParams {
-    n: u32,             // scores in the segment
-    k: u32,             // how many to keep, k <= n
-    score_offset: u32,  // index of the segment's first score in `scores`
-    seg_start: u32,     // first row of the segment in the sequence
-    total: u32,         // rows in the sequence, >= seg_start + n
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
 
 const NONE: u32 = 0xffffffffu;    // "no key": above every real key (the largest is +inf's)
 

@@ -20,18 +20,8 @@
 //
 // Injected by the host (topk.rs `LANE_STEPS`): MAX_STEPS, the most 8-score steps.
 //#inject MAX_STEPS
-//#include order_key
+//#include topk_select
 
-struct SelectParams {
-    n: u32,             // scores in the segment
-    k: u32,             // how many to keep, k <= n
-    score_offset: u32,  // index of the segment's first score in `scores`
-    seg_start: u32,     // first row of the segment in the sequence
-    total: u32,         // rows in the sequence, >= seg_start + n
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
 
 const LANES: u32 = 8u;
 

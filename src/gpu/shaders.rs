@@ -121,24 +121,32 @@ const INCLUDE: &str = "//#include ";
 pub enum Library {
     /// Every weight format's layout and dequantization (the linear kernels).
     Blocks,
-    /// The top-k kernels' order-preserving score keys.
-    OrderKey,
+    /// The two attention shaders' uniform block and constants.
+    AttentionParams,
+    /// The two top-k select kernels' uniform block and order-preserving score keys.
+    TopkSelect,
 }
 
 impl Library {
-    pub const ALL: [Library; 2] = [Library::Blocks, Library::OrderKey];
+    pub const ALL: [Library; 3] = [
+        Library::Blocks,
+        Library::AttentionParams,
+        Library::TopkSelect,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Library::Blocks => "blocks",
-            Library::OrderKey => "order_key",
+            Library::AttentionParams => "attention_params",
+            Library::TopkSelect => "topk_select",
         }
     }
 
     pub fn source(self) -> &'static str {
         match self {
             Library::Blocks => include_str!("../../shaders/blocks.wgsl"),
-            Library::OrderKey => include_str!("../../shaders/order_key.wgsl"),
+            Library::AttentionParams => include_str!("../../shaders/attention_params.wgsl"),
+            Library::TopkSelect => include_str!("../../shaders/topk_select.wgsl"),
         }
     }
 

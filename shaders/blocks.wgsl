@@ -1,5 +1,5 @@
 // Weight formats as the linear kernels read them: one place for every format's dequantization.
-// Included (`//#include blocks`) by gemv.wgsl, matmul.wgsl and matmul_lanes.wgsl, which declare
+// Included (`//#include blocks`) by gemv.wgsl, matmul.wgsl, matmul_lanes.wgsl and embedding.wgsl, which declare
 // what these functions read: the weight buffer `w: array<vec4<u32>>` and, in `p`, `w_stride`
 // (blocks per row of a block format) and `scales` (the word where the scale fields start).
 //

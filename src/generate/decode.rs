@@ -1,12 +1,15 @@
 //! The decode loop: pick a token (greedy on the GPU, or sampled on the host from the logits),
 //! stream its text, stop at EOS or the limit, and run the decoder on it for the next one.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::sample as gpu_sample;
-use crate::gpu::Recorder;
+use crate::gpu::kernels::Dispatch;
+use crate::gpu::readback::PendingRead;
+use crate::gpu::{GpuBuffer, Recorder, Tensor};
+use crate::model::llama::DecodeState;
 use crate::model::llava::Engine;
 use crate::sample::{top_logprobs, Sampler};
 use crate::text::StreamDecoder;
@@ -28,9 +31,10 @@ pub(super) struct Decoded {
     pub prefill_ms: f64,
     /// From the first token's arrival to the last one's (0 with fewer than two tokens).
     pub decode_ms: f64,
-    /// Per decoder step, the host's microseconds before the GPU had the step's work: the token's
-    /// embedding row and position uploaded, every dispatch recorded (bind groups and uniform
-    /// blocks created) and submitted.
+    /// Per decoder step, the host thread's CPU microseconds to give the GPU the step's work: the
+    /// step's dispatches (built once per request) recorded into a command buffer and submitted,
+    /// with the host's sampled token written first when the host samples. CPU time, not wall
+    /// time: a driver may block the submit until the previous step is done.
     pub host_us: Vec<f64>,
 }
 
@@ -66,10 +70,55 @@ impl<'a> TokenPicker<'a> {
     }
 }
 
+/// Decode steps the GPU may run ahead of the host's reading of their tokens: the host streams
+/// each token's text while the next ones compute, and at most this many steps run past an EOS.
+pub const READ_LAG: usize = 3;
+
+/// The tokens a decode loop has taken, and the checks every one of them passes.
+struct TokenLoop<'p, 'a> {
+    picker: &'p mut TokenPicker<'a>,
+    out: Decoded,
+    stream: StreamDecoder,
+    max_new: usize,
+    ignore_eos: bool,
+    prefill_start: Instant,
+    decode_start: Instant,
+}
+
+impl TokenLoop<'_, '_> {
+    /// Take the next token: false when the loop stops before it (cancelled, EOS) or after it
+    /// (the token limit).
+    fn take(&mut self, engine: &Engine, next: u32) -> Result<bool> {
+        if self
+            .picker
+            .cancel
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            self.out.stop_reason = "cancelled".into();
+            return Ok(false);
+        }
+        if self.out.ids.is_empty() {
+            self.out.prefill_ms = ms(self.prefill_start);
+            self.decode_start = Instant::now();
+        }
+        if !self.ignore_eos && engine.config.text.eos_token_id.contains(&next) {
+            self.out.stop_reason = "eos".into();
+            return Ok(false);
+        }
+        self.out.ids.push(next);
+        let piece = self.stream.push(&engine.tokenizer, next)?;
+        if !piece.is_empty() {
+            (self.picker.on_text)(&piece);
+        }
+        Ok(self.out.ids.len() < self.max_new)
+    }
+}
+
 impl Engine {
     /// Generate up to `input.max_new` tokens after prefill, at the positions after the
     /// conversation's prompt; `first_logits` is the logits row prefill left (read only when the
-    /// host samples).
+    /// host samples). Every decoder step replays one set of dispatches built here
+    /// ([`crate::model::llama::Llama::decode_plan`]).
     pub(super) fn decode(
         &self,
         settings: &TurnSettings,
@@ -79,77 +128,171 @@ impl Engine {
         first_logits: Vec<f32>,
         prefill_start: Instant,
     ) -> Result<Decoded> {
-        let (first_position, max_new) = (input.next_position, input.max_new);
-        let mut out = Decoded {
-            ids: Vec::new(),
-            fed: 0,
-            stop_reason: "max_new_tokens".into(),
-            logprobs: picker.logprobs.map(|_| Vec::new()),
-            prefill_ms: 0.0,
-            decode_ms: 0.0,
-            host_us: Vec::new(),
+        let host_samples = picker.host_samples;
+        let mut tokens = TokenLoop {
+            out: Decoded {
+                ids: Vec::new(),
+                fed: 0,
+                stop_reason: "max_new_tokens".into(),
+                logprobs: picker.logprobs.map(|_| Vec::new()),
+                prefill_ms: 0.0,
+                decode_ms: 0.0,
+                host_us: Vec::new(),
+            },
+            picker,
+            stream: StreamDecoder::new(),
+            max_new: input.max_new,
+            ignore_eos: settings.ignore_eos,
+            prefill_start,
+            decode_start: Instant::now(),
         };
-        let mut stream = StreamDecoder::new();
-        let mut logits = first_logits;
-        // Decode time runs from the first token's arrival (the end of prefill) to the last one.
-        let mut decode_start = Instant::now();
-        for step in 0..max_new {
-            if picker.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                out.stop_reason = "cancelled".into();
-                break;
+        if input.max_new > 0 {
+            let free = state.cache.free_rows();
+            // Built only when a step can run: one token needs none, and a full cache none fits.
+            // The counter lives as long as the plan that reads it.
+            let (_counter, plan) = match input.max_new > 1 && free > 0 {
+                true => self.decode_plan(state, input.next_position, host_samples)?,
+                false => (None, Vec::new()),
+            };
+            if host_samples {
+                self.decode_sampled(&mut tokens, state, &plan, free, first_logits)?;
+            } else {
+                self.decode_greedy(&mut tokens, state, &plan, free)?;
             }
-            if step > 0 && picker.host_samples {
-                logits = self.gpu.read_f32(&state.buffers.logits)?;
-            }
-            let next = self.pick(state, picker, &logits, &mut out.logprobs)?;
-            if step == 0 {
-                out.prefill_ms = ms(prefill_start);
-                decode_start = Instant::now();
-            }
-            if !settings.ignore_eos && self.config.text.eos_token_id.contains(&next) {
-                out.stop_reason = "eos".into();
-                break;
-            }
-            out.ids.push(next);
-            let piece = stream.push(&self.tokenizer, next)?;
-            if !piece.is_empty() {
-                (picker.on_text)(&piece);
-            }
-            if step + 1 == max_new {
-                break;
-            }
-            // The new token sits at the position after the prompt as it entered the language
-            // model (before stage 2), as if nothing had been dropped.
-            let host_us =
-                self.decode_step(state, next, first_position + step, !picker.host_samples)?;
-            out.host_us.push(host_us);
-            out.fed += 1;
+            state.cache.count_appended(tokens.out.fed);
         }
-        if max_new == 0 {
+        let mut out = tokens.out;
+        if input.max_new == 0 {
             out.prefill_ms = ms(prefill_start);
         }
         if out.ids.len() > 1 {
-            out.decode_ms = ms(decode_start);
+            out.decode_ms = ms(tokens.decode_start);
         }
         Ok(out)
     }
 
-    /// The next token: sampled from `logits` on the host, or the GPU's argmax read back.
-    fn pick(
+    /// The replayed step's dispatches for a loop starting at `first_position`, after the token
+    /// prefill left in `state.next_token`, and the state they read.
+    fn decode_plan(
         &self,
         state: &Prefilled,
-        picker: &mut TokenPicker,
-        logits: &[f32],
-        logprobs: &mut Option<Vec<Vec<TokenLogprob>>>,
-    ) -> Result<u32> {
-        if !picker.host_samples {
-            let id = self.gpu.read_u32(&state.next_token)?[0];
-            if id as usize >= self.config.text.vocab_size {
-                return Err(no_token());
-            }
-            return Ok(id);
+        first_position: usize,
+        host_samples: bool,
+    ) -> Result<(Option<DecodeState>, Vec<Dispatch>)> {
+        let gpu = &self.gpu;
+        let b = &state.buffers;
+        let token = state.next_token.clone();
+        let loop_state = DecodeState::new(gpu, token, &b.positions, first_position)?;
+        let plan = self
+            .llama
+            .decode_plan(gpu, b, &state.cache, &loop_state, !host_samples)?;
+        Ok((Some(loop_state), plan))
+    }
+
+    /// Greedy decoding with the ids on the GPU: each step's argmax feeds the next step's
+    /// embedding, the host submits up to [`READ_LAG`] steps ahead and reads each id back as
+    /// its step completes, and stops submitting at EOS, the limit or a cancel.
+    fn decode_greedy(
+        &self,
+        tokens: &mut TokenLoop,
+        state: &Prefilled,
+        plan: &[Dispatch],
+        free_rows: usize,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let first = self.checked_id(gpu.read_u32(&state.next_token)?[0])?;
+        if !tokens.take(self, first)? {
+            return Ok(());
         }
-        if let (Some(n), Some(list)) = (picker.logprobs, logprobs.as_mut()) {
+        // Step s feeds token s and computes token s + 1; the last token is never fed.
+        let steps = tokens.max_new - 1;
+        let slots: Vec<_> = (0..READ_LAG).map(|_| gpu.staging_buffer(4)).collect();
+        let mut pending = VecDeque::with_capacity(READ_LAG);
+        let mut submitted = 0;
+        loop {
+            while submitted < steps && pending.len() < READ_LAG {
+                if submitted >= free_rows {
+                    if pending.is_empty() {
+                        return Err(cache_full(free_rows));
+                    }
+                    break;
+                }
+                let slot = &slots[submitted % READ_LAG];
+                let start = thread_cpu_us();
+                let index = self.submit_step(plan, Some((&state.next_token, slot)));
+                pending.push_back(PendingRead::start(slot, 4, index));
+                tokens.out.host_us.push(thread_cpu_us() - start);
+                submitted += 1;
+            }
+            let Some(read) = pending.pop_front() else {
+                return Ok(());
+            };
+            let id = self.checked_id(read.wait(gpu)?[0])?;
+            tokens.out.fed += 1;
+            if !tokens.take(self, id)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Decoding with a host sampler (temperature, top-p, log-probabilities): each token is
+    /// picked from the logits row read back, written to the GPU, and the step replayed.
+    fn decode_sampled(
+        &self,
+        tokens: &mut TokenLoop,
+        state: &Prefilled,
+        plan: &[Dispatch],
+        free_rows: usize,
+        first_logits: Vec<f32>,
+    ) -> Result<()> {
+        let gpu = &self.gpu;
+        let mut logits = first_logits;
+        for step in 0.. {
+            let next = self.sample(tokens, &logits)?;
+            if !tokens.take(self, next)? {
+                return Ok(());
+            }
+            if step >= free_rows {
+                return Err(cache_full(free_rows));
+            }
+            let start = thread_cpu_us();
+            state.next_token.write_u32(gpu, &[next])?;
+            self.submit_step(plan, None);
+            tokens.out.host_us.push(thread_cpu_us() - start);
+            tokens.out.fed += 1;
+            logits = gpu.read_f32(&state.buffers.logits)?;
+        }
+        Ok(())
+    }
+
+    /// Record and submit one replayed step, then (greedy) copy its token into `read.1`.
+    /// Returns the submission to wait for.
+    fn submit_step(
+        &self,
+        plan: &[Dispatch],
+        read: Option<(&Tensor, &GpuBuffer)>,
+    ) -> wgpu::SubmissionIndex {
+        let mut rec = Recorder::with_batch(&self.gpu, usize::MAX);
+        rec.set_stage("decode");
+        rec.dispatch_all(plan.iter().cloned());
+        if let Some((token, slot)) = read {
+            rec.copy(&token.buffer, 0, slot, 0, 4);
+        }
+        rec.submit().expect("a decode step records dispatches")
+    }
+
+    /// A GPU argmax's id, refused when no logit was a number.
+    fn checked_id(&self, id: u32) -> Result<u32> {
+        if id as usize >= self.config.text.vocab_size {
+            return Err(no_token());
+        }
+        Ok(id)
+    }
+
+    /// The next token sampled on the host from `logits` (with its log-probabilities when asked).
+    fn sample(&self, tokens: &mut TokenLoop, logits: &[f32]) -> Result<u32> {
+        let picker = &mut tokens.picker;
+        if let (Some(n), Some(list)) = (picker.logprobs, tokens.out.logprobs.as_mut()) {
             list.push(
                 top_logprobs(logits, n)
                     .into_iter()
@@ -159,37 +302,34 @@ impl Engine {
         }
         picker.sampler.sample(logits).ok_or_else(no_token)
     }
+}
 
-    /// Run token `id` at `position` through the decoder, leaving its logits (and, with
-    /// `gpu_argmax`, the greedy next id) for the next step. Returns the host's microseconds
-    /// until the step was submitted ([`Decoded::host_us`]).
-    fn decode_step(
-        &self,
-        state: &mut Prefilled,
-        id: u32,
-        position: usize,
-        gpu_argmax: bool,
-    ) -> Result<f64> {
-        let start = Instant::now();
-        let gpu = &self.gpu;
-        let b = &state.buffers;
-        b.hidden.write_f32(gpu, &self.embed(&[id])?)?;
-        b.positions.write_u32(gpu, &[position as u32])?;
-        let mut rec = Recorder::new(gpu);
-        rec.set_stage("decode");
-        let layers = 0..self.llama.layers.len();
-        let cache = &mut state.cache;
-        self.llama
-            .forward_layers(&mut rec, b, 1, cache, layers, None)?;
-        self.llama.logits(&mut rec, b, 0)?;
-        if gpu_argmax {
-            rec.dispatch(gpu_sample::argmax(gpu, &b.logits, 0, &state.next_token, 0)?);
+/// Microseconds of CPU time this thread has used: a decode step's host work, without the time
+/// the thread spends blocked (a driver that runs one submission at a time, as lavapipe does,
+/// holds the next submit until the previous step finishes). Wall-clock time where the platform
+/// has no per-thread clock.
+fn thread_cpu_us() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `t` is a valid timespec the call writes; the clock id is a constant.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0 {
+            return t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3;
         }
-        rec.submit();
-        let host_us = start.elapsed().as_secs_f64() * 1e6;
-        rec.finish("decode")?;
-        Ok(host_us)
     }
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e6
+}
+
+/// The error for a step the KV cache has no row for.
+fn cache_full(free_rows: usize) -> Error {
+    Error::argument(
+        "max_new_tokens",
+        format!("the KV cache holds {free_rows} more tokens; the next one does not fit"),
+    )
 }
 
 /// Both pickers (the GPU argmax and the host sampler) find no token when every logit is NaN.

@@ -98,3 +98,52 @@ impl Gpu {
         Ok(words.into_iter().map(f32::from_bits).collect())
     }
 }
+
+/// A few words that submitted work copies into a staging buffer, read while the GPU goes on
+/// with later submissions (the decode loop reads each token this way, a few steps behind the
+/// GPU). Collect reads in the order they were started.
+pub struct PendingRead {
+    staging: GpuBuffer,
+    bytes: u64,
+    submission: wgpu::SubmissionIndex,
+    mapped: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+impl PendingRead {
+    /// Start mapping the first `bytes` of `staging`, which the submission `submission` fills.
+    pub fn start(staging: &GpuBuffer, bytes: u64, submission: wgpu::SubmissionIndex) -> Self {
+        let (sender, mapped) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, ..bytes, move |result| {
+            let _ = sender.send(result);
+        });
+        Self {
+            staging: staging.clone(),
+            bytes,
+            submission,
+            mapped,
+        }
+    }
+
+    /// Wait for its submission only (not for later ones) and return the words.
+    pub fn wait(self, gpu: &Gpu) -> Result<Vec<u32>> {
+        gpu.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(self.submission),
+                timeout: None,
+            })
+            .map_err(|e| Error::gpu("readback", e))?;
+        gpu.check_errors("readback")?;
+        self.mapped
+            .recv()
+            .map_err(|e| Error::gpu("readback", e))?
+            .map_err(|e| Error::gpu("readback", e))?;
+        let view = self
+            .staging
+            .get_mapped_range(..self.bytes)
+            .map_err(|e| Error::gpu("readback", e))?;
+        let words = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
+        drop(view);
+        self.staging.unmap();
+        Ok(words)
+    }
+}

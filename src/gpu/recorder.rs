@@ -101,20 +101,21 @@ impl<'g> Recorder<'g> {
         }
     }
 
-    /// Encode and submit everything pending (does not wait).
-    pub fn submit(&mut self) {
+    /// Encode and submit everything pending (does not wait). Returns the queue's index of the
+    /// last submission, which a caller can wait for alone (`None` when nothing was pending).
+    pub fn submit(&mut self) -> Option<wgpu::SubmissionIndex> {
         if self.compile_only {
             self.pending.clear();
         }
         if self.pending.is_empty() {
-            return;
+            return None;
         }
         let commands = std::mem::take(&mut self.pending);
         let mut profiler = self.gpu.profiler.lock().unwrap_or_else(|p| p.into_inner());
-        match profiler.as_mut() {
+        Some(match profiler.as_mut() {
             Some(p) if p.mode == TimingMode::CpuWallClock => self.submit_one_by_one(&commands, p),
             p => self.submit_timed(&commands, p),
-        }
+        })
     }
 
     fn encoder(&self) -> wgpu::CommandEncoder {
@@ -135,7 +136,11 @@ impl<'g> Recorder<'g> {
     /// Consecutive dispatches share one compute pass; copies go between passes. With a profiler
     /// in a timestamp mode, every dispatch is bracketed by two timestamps: written inside the
     /// pass when the adapter allows it, else at the boundaries of one pass per dispatch.
-    fn submit_timed(&self, commands: &[Command], mut profiler: Option<&mut Profiler>) {
+    fn submit_timed(
+        &self,
+        commands: &[Command],
+        mut profiler: Option<&mut Profiler>,
+    ) -> wgpu::SubmissionIndex {
         let dispatches = commands
             .iter()
             .filter(|c| matches!(c, Command::Dispatch(..)))
@@ -205,14 +210,20 @@ impl<'g> Recorder<'g> {
                 2 * dispatches,
             )
         });
-        self.gpu.queue.submit([encoder.finish()]);
+        let index = self.gpu.queue.submit([encoder.finish()]);
         if let (Some(readback), Some(p)) = (readback, profiler.as_mut()) {
             p.pending.push(PendingBatch { readback, metas });
         }
+        index
     }
 
     /// Without timestamp queries: submit and wait for each dispatch alone, timed on the CPU.
-    fn submit_one_by_one(&self, commands: &[Command], profiler: &mut Profiler) {
+    fn submit_one_by_one(
+        &self,
+        commands: &[Command],
+        profiler: &mut Profiler,
+    ) -> wgpu::SubmissionIndex {
+        let mut last = None;
         for command in commands {
             let mut encoder = self.encoder();
             match command {
@@ -224,7 +235,7 @@ impl<'g> Recorder<'g> {
                     size,
                 } => {
                     encoder.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size);
-                    self.gpu.queue.submit([encoder.finish()]);
+                    last = Some(self.gpu.queue.submit([encoder.finish()]));
                 }
                 Command::Dispatch(d, stage) => {
                     {
@@ -235,7 +246,7 @@ impl<'g> Recorder<'g> {
                         Self::set_and_dispatch(&mut pass, d);
                     }
                     let start_ns = profiler.cpu_now_ns();
-                    self.gpu.queue.submit([encoder.finish()]);
+                    last = Some(self.gpu.queue.submit([encoder.finish()]));
                     // A failed wait surfaces at the next `Gpu::wait`.
                     let _ = self.gpu.device.poll(wgpu::PollType::wait_indefinitely());
                     let m = meta(d, stage);
@@ -251,6 +262,7 @@ impl<'g> Recorder<'g> {
                 }
             }
         }
+        last.expect("called with at least one command")
     }
 
     /// Drop everything pending without running it (used to compile pipelines ahead of time).

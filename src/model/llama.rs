@@ -2,9 +2,11 @@
 //!
 //! One code path serves prefill (T prompt rows) and decode (T = 1; the linear layers then run
 //! as gemv). Keys and values are computed for the new rows, rotated, and appended to each
-//! layer's cache; attention then reads the whole cache. Token embeddings are gathered on the
-//! host from the memory-mapped checkpoint, so `embed_tokens` (262 MB for 7B) never occupies
-//! GPU memory.
+//! layer's cache; attention then reads the whole cache. A prompt's token embeddings are gathered
+//! on the host from the memory-mapped checkpoint; decode steps gather theirs on the GPU from
+//! `embed_tokens`, held there as the checkpoint stores it (the same values the host reads),
+//! because a replayed decode step ([`Llama::decode_plan`]) feeds the GPU's own argmax back
+//! without the host.
 //!
 //! The structs mirror `modeling_llama.py`: `Llama.layers[i]` is `LlamaDecoderLayer` with
 //! `input_layernorm`, `self_attn` (`LlamaAttention`), `post_attention_layernorm` and `mlp`
@@ -14,12 +16,13 @@ use std::ops::Range;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
+use crate::gpu::kernels::attention_decode::{self, DecodeHeads};
 use crate::gpu::kernels::rope::{self, RopeTable};
-use crate::gpu::kernels::{activation, kv_store, linear};
+use crate::gpu::kernels::{activation, decode_step, embedding, kv_store, linear, sample, Dispatch};
 use crate::gpu::tensor::formats_of;
 use crate::gpu::{DType, Gpu, MemoryKind, Recorder, Tensor, Weight, WeightFormat};
 use crate::model::config::TextConfig;
-use crate::model::loader::Loader;
+use crate::model::loader::{Formats, Loader};
 use crate::model::norm::RmsNorm;
 
 /// `self_attn`: grouped-query attention with rotary positions.
@@ -50,6 +53,9 @@ pub struct LlamaLayer {
 
 pub struct Llama {
     pub config: TextConfig,
+    /// `embed_tokens` [V, d] on the GPU as stored, read by decode steps (prompts are embedded on
+    /// the host).
+    pub embed_tokens: Weight,
     pub layers: Vec<LlamaLayer>,
     pub norm: RmsNorm,
     pub lm_head: Weight,
@@ -118,6 +124,23 @@ impl KvCache {
             .iter()
             .map(|l| l.k.buffer.size() + l.v.buffer.size())
             .sum()
+    }
+
+    /// Count `rows` more filled rows in every layer: the rows a replayed decode loop appended
+    /// on the GPU ([`Llama::decode_plan`]), which the host did not record as it went.
+    pub fn count_appended(&mut self, rows: usize) {
+        for layer in &mut self.layers {
+            layer.len += rows;
+        }
+    }
+
+    /// Decode steps every layer still has room for.
+    pub fn free_rows(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.capacity() - l.len)
+            .min()
+            .unwrap_or(0)
     }
 
     /// Give layer `layer` room for exactly `capacity` rows, keeping its filled rows: new
@@ -287,6 +310,31 @@ impl LlamaAttention {
         })
     }
 
+    /// Q, K and V of the rows of `x.normed`, rotated to their positions.
+    fn project(
+        &self,
+        gpu: &Gpu,
+        x: &LlamaBuffers,
+        rope_table: &RopeTable,
+    ) -> Result<Vec<Dispatch>> {
+        let mut d = linear::linear(gpu, &x.normed, &self.q_proj, &x.q, false)?;
+        d.extend(linear::linear(gpu, &x.normed, &self.k_proj, &x.k, false)?);
+        d.extend(linear::linear(gpu, &x.normed, &self.v_proj, &x.v, false)?);
+        d.push(rope::rope(gpu, &x.q, self.heads, &x.positions, rope_table)?);
+        d.push(rope::rope(
+            gpu,
+            &x.k,
+            self.kv_heads,
+            &x.positions,
+            rope_table,
+        )?);
+        Ok(d)
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
     /// `hidden += o_proj(attention(normed))`, appending this pass's keys and values to `kv`
     /// (the residual add is fused into `o_proj`). `scores`, if given, receives per-key
     /// attention sums for pruning.
@@ -299,18 +347,7 @@ impl LlamaAttention {
         scores: Option<ScoreOutput>,
     ) -> Result<()> {
         let gpu = rec.gpu();
-        let mut d = linear::linear(gpu, &x.normed, &self.q_proj, &x.q, false)?;
-        d.extend(linear::linear(gpu, &x.normed, &self.k_proj, &x.k, false)?);
-        d.extend(linear::linear(gpu, &x.normed, &self.v_proj, &x.v, false)?);
-        d.push(rope::rope(gpu, &x.q, self.heads, &x.positions, rope_table)?);
-        d.push(rope::rope(
-            gpu,
-            &x.k,
-            self.kv_heads,
-            &x.positions,
-            rope_table,
-        )?);
-        rec.dispatch_all(d);
+        rec.dispatch_all(self.project(gpu, x, rope_table)?);
         let start = kv.append(rec, &x.k, &x.v)?;
         let shape = AttentionShape {
             q_rows: x.rows,
@@ -320,12 +357,48 @@ impl LlamaAttention {
             head_dim: self.head_dim,
             causal: true,
         };
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
         rec.dispatch_all(attention::attention(
-            gpu, &shape, scale, &x.q, &kv.k, &kv.v, &x.attn, scores,
+            gpu,
+            &shape,
+            self.scale(),
+            &x.q,
+            &kv.k,
+            &kv.v,
+            &x.attn,
+            scores,
         )?);
         rec.dispatch_all(linear::linear(gpu, &x.attn, &self.o_proj, &x.hidden, true)?);
         Ok(())
+    }
+
+    /// [`Self::forward`] for one replayed decode step (`x` one row): the new key and value go
+    /// to cache row `kv.len + step[0]`, and attention reads the rows up to it.
+    fn decode_step(
+        &self,
+        gpu: &Gpu,
+        x: &LlamaBuffers,
+        kv: &LayerKv,
+        rope_table: &RopeTable,
+        step: &Tensor,
+    ) -> Result<Vec<Dispatch>> {
+        let mut d = self.project(gpu, x, rope_table)?;
+        d.push(kv_store::store_at_step(gpu, &x.k, &kv.k, kv.len, step)?);
+        d.push(kv_store::store_at_step(gpu, &x.v, &kv.v, kv.len, step)?);
+        let heads = DecodeHeads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        d.push(attention_decode::attention_decode(
+            gpu,
+            heads,
+            self.scale(),
+            kv.len,
+            step,
+            [&x.q, &kv.k, &kv.v, &x.attn],
+        )?);
+        d.extend(linear::linear(gpu, &x.attn, &self.o_proj, &x.hidden, true)?);
+        Ok(d)
     }
 }
 
@@ -340,8 +413,7 @@ impl LlamaMlp {
 
     /// `hidden += down_proj(silu(gate_proj(normed)) · up_proj(normed))` (the residual add is
     /// fused into `down_proj`).
-    fn forward(&self, rec: &mut Recorder, x: &LlamaBuffers) -> Result<()> {
-        let gpu = rec.gpu();
+    fn dispatches(&self, gpu: &Gpu, x: &LlamaBuffers) -> Result<Vec<Dispatch>> {
         let mut d = linear::linear(gpu, &x.normed, &self.gate_up_proj, &x.gate_up, false)?;
         d.push(activation::silu_mul(gpu, &x.gate_up, &x.act)?);
         d.extend(linear::linear(
@@ -351,8 +423,7 @@ impl LlamaMlp {
             &x.hidden,
             true,
         )?);
-        rec.dispatch_all(d);
-        Ok(())
+        Ok(d)
     }
 }
 
@@ -384,7 +455,28 @@ impl LlamaLayer {
         self.self_attn.forward(rec, x, kv, rope_table, scores)?;
         self.post_attention_layernorm
             .forward(rec, &x.hidden, &x.normed)?;
-        self.mlp.forward(rec, x)
+        rec.dispatch_all(self.mlp.dispatches(rec.gpu(), x)?);
+        Ok(())
+    }
+
+    /// [`Self::forward`] as one replayed decode step's dispatches (see
+    /// [`LlamaAttention::decode_step`]).
+    fn decode_step(
+        &self,
+        gpu: &Gpu,
+        x: &LlamaBuffers,
+        kv: &LayerKv,
+        rope_table: &RopeTable,
+        step: &Tensor,
+    ) -> Result<Vec<Dispatch>> {
+        let mut d = vec![self.input_layernorm.dispatch(gpu, &x.hidden, &x.normed)?];
+        d.extend(self.self_attn.decode_step(gpu, x, kv, rope_table, step)?);
+        d.push(
+            self.post_attention_layernorm
+                .dispatch(gpu, &x.hidden, &x.normed)?,
+        );
+        d.extend(self.mlp.dispatches(gpu, x)?);
+        Ok(d)
     }
 }
 
@@ -402,7 +494,7 @@ impl Llama {
                 &m.down_proj,
             ]
         });
-        formats_of(layers.chain(std::iter::once(&self.lm_head)))
+        formats_of(layers.chain([&self.lm_head, &self.embed_tokens]))
     }
 
     /// Load `LlamaForCausalLM` from the checkpoint's root scope: the decoder from `text.*`
@@ -420,7 +512,29 @@ impl Llama {
             config.hidden_size,
             config.rms_norm_eps,
         )?;
-        let lm_head = Self::load_lm_head(root, config)?;
+        let (vocab, d) = (config.vocab_size, config.hidden_size);
+        // As stored, so that a decode step's row is the row the host gathers for a prompt.
+        let embed_tokens =
+            loader
+                .with_formats(Formats::AsStored)
+                .linear("embed_tokens", vocab, d, false)?;
+        let lm_head = match Self::ties_lm_head(root, config) {
+            false => root.linear("lm_head", vocab, d, false)?,
+            true => {
+                let head = root.linear("text.embed_tokens", vocab, d, false)?;
+                let same = |a: &Weight, b: &Weight| {
+                    a.chunks
+                        .iter()
+                        .map(|c| c.format)
+                        .eq(b.chunks.iter().map(|c| c.format))
+                };
+                if same(&head, &embed_tokens) {
+                    embed_tokens.clone()
+                } else {
+                    head
+                }
+            }
+        };
         progress();
         let rope = RopeTable::new(
             loader.gpu,
@@ -430,6 +544,7 @@ impl Llama {
         )?;
         Ok(Self {
             config: config.clone(),
+            embed_tokens,
             layers,
             norm,
             lm_head,
@@ -437,14 +552,12 @@ impl Llama {
         })
     }
 
-    /// `lm_head`, or `embed_tokens` when the checkpoint ties them and stores only the latter.
-    fn load_lm_head(root: &Loader, config: &TextConfig) -> Result<Weight> {
+    /// Whether `lm_head` is `embed_tokens`: the checkpoint ties them and stores only the latter.
+    fn ties_lm_head(root: &Loader, config: &TextConfig) -> bool {
         let checkpoint = root.checkpoint;
-        let tied = config.tie_word_embeddings
+        config.tie_word_embeddings
             && !checkpoint.contains("language_model.lm_head.weight")
-            && !checkpoint.contains("lm_head.weight");
-        let name = if tied { "text.embed_tokens" } else { "lm_head" };
-        root.linear(name, config.vocab_size, config.hidden_size, false)
+            && !checkpoint.contains("lm_head.weight")
     }
 
     pub fn buffers(&self, gpu: &Gpu, rows: usize) -> Result<LlamaBuffers> {
@@ -510,5 +623,81 @@ impl Llama {
             false,
         )?);
         Ok(())
+    }
+
+    /// One decode step as dispatches, built once per request and replayed for every token
+    /// with no host work but the submit: the embedding row of `state.token` (gathered on the
+    /// GPU), every layer on it at position `first_position + step` with its key and value
+    /// appended at each layer's `len + step`, the final norm and `lm_head` into `b.logits`,
+    /// with `argmax` the greedy next id into `state.token`, and the step counter advanced.
+    /// The caller keeps `step` below `cache.free_rows()` and counts the rows the steps
+    /// appended afterwards ([`KvCache::count_appended`]).
+    pub fn decode_plan(
+        &self,
+        gpu: &Gpu,
+        b: &LlamaBuffers,
+        cache: &KvCache,
+        state: &DecodeState,
+        argmax: bool,
+    ) -> Result<Vec<Dispatch>> {
+        let x = b.first_rows(1)?;
+        let mut d = embedding::embed_row(gpu, &self.embed_tokens, &state.token, 0, &x.hidden)?;
+        for (layer, kv) in self.layers.iter().zip(&cache.layers) {
+            d.extend(layer.decode_step(gpu, &x, kv, &self.rope, &state.step)?);
+        }
+        d.push(self.norm.dispatch(gpu, &x.hidden, &b.last_normed)?);
+        d.extend(linear::linear(
+            gpu,
+            &b.last_normed,
+            &self.lm_head,
+            &b.logits,
+            false,
+        )?);
+        if argmax {
+            d.push(sample::argmax(gpu, &b.logits, 0, &state.token, 0)?);
+        }
+        d.push(decode_step::advance(
+            gpu,
+            &state.step,
+            &x.positions,
+            state.first_position,
+        )?);
+        Ok(d)
+    }
+}
+
+/// What a replayed decode step reads and advances on the GPU.
+pub struct DecodeState {
+    /// (1,) u32: steps run so far in this decode loop.
+    pub step: Tensor,
+    /// (1,) u32: the token the next step feeds; the GPU's argmax writes it, or the host writes
+    /// a token it sampled.
+    pub token: Tensor,
+    /// The position of the loop's first token.
+    pub first_position: usize,
+}
+
+impl DecodeState {
+    /// A loop whose first step feeds the id already in `token` at `first_position`, written into
+    /// `positions[0]` (the decode steps' RoPE positions).
+    pub fn new(
+        gpu: &Gpu,
+        token: Tensor,
+        positions: &Tensor,
+        first_position: usize,
+    ) -> Result<Self> {
+        let step = Tensor::from_u32(gpu, &[1], &[0], "decode.step")?;
+        let position = u32::try_from(first_position).map_err(|_| {
+            Error::argument(
+                "position",
+                format!("{first_position} is not a 32-bit position"),
+            )
+        })?;
+        positions.write_u32(gpu, &[position])?;
+        Ok(Self {
+            step,
+            token,
+            first_position,
+        })
     }
 }

@@ -16,7 +16,7 @@ use crate::model::clip::ClipVision;
 use crate::model::config::LlavaConfig;
 use crate::model::gguf::{self, GgufPair};
 use crate::model::image_cache::{ImageCache, DEFAULT_IMAGE_CACHE_BYTES};
-use crate::model::llama::{KvCache, Llama};
+use crate::model::llama::{DecodeState, KvCache, Llama};
 use crate::model::loader::{Formats, Loader};
 use crate::model::projector::Projector;
 use crate::model::weights::Checkpoint;
@@ -414,9 +414,18 @@ impl Engine {
         let buffers = self.llama.buffers(gpu, 2)?;
         let layers = text.num_hidden_layers;
         for t in [2, 1] {
-            let mut cache = KvCache::uniform(gpu, text, 2, self.kv_dtype)?;
+            let mut cache = KvCache::uniform(gpu, text, 3, self.kv_dtype)?;
             self.llama
                 .forward_layers(rec, &buffers, t, &mut cache, 0..layers, None)?;
+            if t == 2 {
+                // A replayed decode step after a two-row prompt (greedy: with the argmax).
+                let token = Tensor::empty(gpu, &[1], DType::U32, "warmup")?;
+                let state = DecodeState::new(gpu, token, &buffers.positions, 2)?;
+                let plan = self
+                    .llama
+                    .decode_plan(gpu, &buffers, &cache, &state, true)?;
+                rec.dispatch_all(plan);
+            }
         }
         let shape = AttentionShape {
             q_rows: 2,

@@ -504,7 +504,8 @@ impl Checkpoint {
     /// f32).
     pub fn stored_format(&self, canonical: &str) -> Result<WeightFormat> {
         if self.synthetic.contains_key(canonical) {
-            return Ok(WeightFormat::F32);
+            // A synthetic checkpoint stands for llava-hf's files, which store f16.
+            return Ok(WeightFormat::F16);
         }
         Ok(self.tensor(canonical)?.format)
     }

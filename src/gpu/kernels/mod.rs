@@ -6,7 +6,10 @@
 
 pub mod activation;
 pub mod attention;
+pub mod attention_decode;
 pub mod copy;
+pub mod decode_step;
+pub mod embedding;
 pub mod fma;
 pub mod kv_store;
 pub mod linear;
@@ -272,6 +275,25 @@ mod tests {
             Shader::Fma => fma::WORKGROUP.constants(),
             Shader::Copy => copy::WORKGROUP.constants(),
             Shader::KvStore => kv_store::WORKGROUP.constants(),
+            Shader::Embedding => {
+                return WeightFormat::ALL
+                    .into_iter()
+                    .map(|f| {
+                        embedding::WORKGROUP
+                            .constants()
+                            .with(linear::format_constant(f))
+                    })
+                    .collect()
+            }
+            Shader::AttentionDecode => {
+                return [4, 64, 68, 128]
+                    .into_iter()
+                    .flat_map(|d| {
+                        [DType::F32, DType::F16].map(|kv| attention_decode::constants(d, kv))
+                    })
+                    .collect()
+            }
+            Shader::DecodeStep => Constants::default(),
         };
         vec![one]
     }

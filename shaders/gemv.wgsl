@@ -37,7 +37,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
@@ -49,16 +49,18 @@ var<workgroup> partial: array<f32, ROWS * WG>;              // [ROWS][WG]
 //#endif
 
 // x[k0 .. k0 + 4), zero past the end (x past K may hold anything; W's padding is zero but
-// 0 · NaN would still poison the sum).
+// 0 · NaN would still poison the sum). x is bound as vec4s: one load per four values when x
+// starts on a vec4 boundary (a CPU driver pays per load, each lane's address apart).
 fn x4(k0: u32) -> vec4<f32> {
     let base = p.x_offset + k0;
-    if (k0 + 4u <= p.k) {
-        return vec4<f32>(x[base], x[base + 1u], x[base + 2u], x[base + 3u]);
+    if (k0 + 4u <= p.k && base % 4u == 0u) {
+        return x[base / 4u];
     }
     var v = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
         if (k0 + e < p.k) {
-            v[e] = x[base + e];
+            let i = base + e;
+            v[e] = x[i / 4u][i % 4u];
         }
     }
     return v;

@@ -16,14 +16,25 @@
 // d·Σ q·x + m·Σ x per half unit: the integer quants never become weights. Neighbouring threads
 // read neighbouring units.
 //
+// What x is (X_MODE, gemv.rs `GemvInput`): the row as stored (X_PLAIN); RMSNorm(x)·γ computed
+// on the fly (X_RMS_NORM: x·γ as it is loaded, the sum of squares of x reduced with the row
+// sums, and each output scaled by 1/rms at the end, since W·(γ∘x)/rms = W·RMSNorm(x)); or
+// silu(gate)·up of a [2K] row, gate first (X_SILU_GATE). The fused forms spare a decode step the
+// norm's and the activation's dispatches and their passes over memory: each workgroup reads the
+// whole x anyway.
+//
 // Injected by the host (gemv.rs `GemvShape`, the weight's format as its ggml type number,
-// linear/mod.rs flag bits):
-//#inject WG ROWS MAX_SUBGROUPS FORMAT FLAG_BIAS FLAG_ACCUMULATE
+// linear/mod.rs flag bits, gemv.rs `GemvInput`):
+//#inject WG ROWS MAX_SUBGROUPS FORMAT FLAG_BIAS FLAG_ACCUMULATE X_MODE
 //#include blocks
 
 // A thread's partial sums of the ROWS rows, four rows per vec4.
 const QUADS: u32 = ROWS / 4u;
 alias Sums = array<vec4<f32>, QUADS>;
+
+const X_PLAIN: u32 = 0u;
+const X_RMS_NORM: u32 = 1u;
+const X_SILU_GATE: u32 = 2u;
 
 struct Params {
     n: u32,            // rows of W in this chunk
@@ -34,6 +45,10 @@ struct Params {
     flags: u32,        // FLAG_BIAS: add bias, FLAG_ACCUMULATE: accumulate into y
     y_offset: u32,     // index of y[0] in the y buffer
     scales: u32,       // block formats: word offset of the scales region (0 for floats)
+    eps: f32,          // X_RMS_NORM: the norm's epsilon
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -41,18 +56,24 @@ struct Params {
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+// X_RMS_NORM: the norm's weight γ [K] (another buffer stands in for the other modes).
+@group(0) @binding(5) var<storage, read> gamma: array<vec4<f32>>;
 
+// X_RMS_NORM: this thread's share of Σ x² (each x value is loaded once per workgroup).
+var<private> sum_squares: f32;
+
+// Row sums, then (row ROWS) the sums of squares of X_RMS_NORM.
 //#if SUBGROUPS
-var<workgroup> partial: array<f32, ROWS * MAX_SUBGROUPS>;   // [ROWS][MAX_SUBGROUPS]
+var<workgroup> partial: array<f32, (ROWS + 1u) * MAX_SUBGROUPS>;   // [ROWS + 1][MAX_SUBGROUPS]
 //#else
-var<workgroup> partial: array<f32, ROWS * WG>;              // [ROWS][WG]
+var<workgroup> partial: array<f32, (ROWS + 1u) * WG>;              // [ROWS + 1][WG]
 //#endif
 
-// x[k0 .. k0 + 4), zero past the end (x past K may hold anything; W's padding is zero but
-// 0 · NaN would still poison the sum). x is bound as vec4s: one load per four values when x
-// starts on a vec4 boundary (a CPU driver pays per load, each lane's address apart).
-fn x4(k0: u32) -> vec4<f32> {
-    let base = p.x_offset + k0;
+// buffer[start + k0 .. + 4) of the x buffer, zero where k0 + e ≥ K (x past K may hold anything;
+// W's padding is zero but 0 · NaN would still poison the sum). x is bound as vec4s: one load per
+// four values when they start on a vec4 boundary (a CPU driver pays per lane load).
+fn load4(start: u32, k0: u32) -> vec4<f32> {
+    let base = start + k0;
     if (k0 + 4u <= p.k && base % 4u == 0u) {
         return x[base / 4u];
     }
@@ -62,6 +83,35 @@ fn x4(k0: u32) -> vec4<f32> {
             let i = base + e;
             v[e] = x[i / 4u][i % 4u];
         }
+    }
+    return v;
+}
+
+// γ[k0 .. k0 + 4), zero past K.
+fn gamma4(k0: u32) -> vec4<f32> {
+    if (k0 + 4u <= p.k) {
+        return gamma[k0 / 4u];
+    }
+    var v = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if (k0 + e < p.k) {
+            v[e] = gamma[(k0 + e) / 4u][(k0 + e) % 4u];
+        }
+    }
+    return v;
+}
+
+// The input values k0 .. k0 + 4 as X_MODE defines them (every k0 is a multiple of 4, and each
+// is asked for once per workgroup).
+fn x4(k0: u32) -> vec4<f32> {
+    let v = load4(p.x_offset, k0);
+    if (X_MODE == X_RMS_NORM) {
+        sum_squares += dot(v, v);
+        return v * gamma4(k0);
+    }
+    if (X_MODE == X_SILU_GATE) {
+        let up = load4(p.x_offset + p.k, k0);
+        return v / (1.0 + exp(-v)) * up;
     }
     return v;
 }
@@ -76,39 +126,52 @@ fn finish(sums: Sums, row0: u32, tid: u32, lane: u32, sg_id: u32, sg_count: u32)
             }
         }
     }
+    if (X_MODE == X_RMS_NORM) {
+        let squares = subgroupAdd(sum_squares);
+        if (lane == 0u) {
+            partial[ROWS * MAX_SUBGROUPS + sg_id] = squares;
+        }
+    }
     workgroupBarrier();
     if (tid < ROWS) {
         var s = 0.0;
+        var squares = 0.0;
         for (var i = 0u; i < sg_count; i++) {
             s += partial[tid * MAX_SUBGROUPS + i];
+            squares += partial[ROWS * MAX_SUBGROUPS + i];
         }
-        write_row(row0 + tid, s);
+        write_row(row0 + tid, s, squares);
     }
 //#else
     for (var r = 0u; r < ROWS; r++) {
         partial[r * WG + tid] = sums[r / 4u][r % 4u];
     }
+    partial[ROWS * WG + tid] = sum_squares;
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
         if (tid < stride) {
-            for (var r = 0u; r < ROWS; r++) {
+            for (var r = 0u; r <= ROWS; r++) {
                 partial[r * WG + tid] += partial[r * WG + tid + stride];
             }
         }
         workgroupBarrier();
     }
     if (tid < ROWS) {
-        write_row(row0 + tid, partial[tid * WG]);
+        write_row(row0 + tid, partial[tid * WG], partial[ROWS * WG]);
     }
 //#endif
 }
 
-fn write_row(row: u32, sum: f32) {
+// `squares`: Σ x² over the row (X_RMS_NORM), which scales the sum by 1/rms(x).
+fn write_row(row: u32, sum: f32, squares: f32) {
     if (row >= p.n) {
         return;
     }
     let out = p.col_offset + row;
     var v = sum;
+    if (X_MODE == X_RMS_NORM) {
+        v *= inverseSqrt(squares / f32(p.k) + p.eps);
+    }
     if ((p.flags & FLAG_BIAS) != 0u) {
         v += bias[out];
     }

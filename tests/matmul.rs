@@ -531,3 +531,109 @@ fn gram_matches_cpu() {
     let e = linear::gram(&gpu, &odd, &out).unwrap_err().to_string();
     assert!(e.contains("pad"), "{e}");
 }
+
+/// The decode step's fused gemv inputs against f64: `RMSNorm(x)·γ` (the norm's sum of squares
+/// reduced inside the gemv) and `silu(gate)·up` of a [2K] row, on every gemv device, for float
+/// and block weights, from the second row of x (an offset that is not a multiple of 4 for the
+/// odd K), accumulating into poisoned or given outputs. Bound: the plain gemv's, on the fused
+/// input, plus 4e-6 of the value for the f32 rms scale and exp.
+#[test]
+fn fused_gemv_inputs_match_cpu() {
+    use llava_wgpu::gpu::kernels::linear::gemv::GemvInput;
+    let mut rng = TestRng::new();
+    let cases = [
+        (WeightFormat::F32, 37, 70),
+        (WeightFormat::F16, 130, 67),
+        (WeightFormat::Q4_0, 33, 96),
+        (WeightFormat::Q6_K, 9, 512),
+    ];
+    for (gpu, _) in gemv_devices() {
+        for (format, n, k) in cases {
+            let (weight, w_seen) = if format.is_quantized() {
+                let blocks = rng.blocks(format, n, k);
+                let w = Weight::from_stored(&gpu, "w", n, k, format, &blocks).unwrap();
+                (w, quant::dequantize(format, &blocks).unwrap())
+            } else {
+                let values = rng.uniform(n * k, -1.0, 1.0);
+                let w = Weight::from_f32(&gpu, "w", n, k, &values, format).unwrap();
+                let seen = match format {
+                    WeightFormat::F16 => linear::round_to_f16(&values),
+                    _ => values,
+                };
+                (w, seen)
+            };
+            let gamma = rng.uniform(k, -2.0, 2.0);
+            let gamma_t = Tensor::from_f32(&gpu, &[k], &gamma, "gamma").unwrap();
+            let eps = 1e-5f32;
+            for silu in [false, true] {
+                let width = if silu { 2 * k } else { k };
+                let x = rng.normal(2 * width, 3.0);
+                let row = &x[width..];
+                let input: Vec<f64> = if silu {
+                    (0..k)
+                        .map(|i| {
+                            let (g, u) = (row[i] as f64, row[k + i] as f64);
+                            g / (1.0 + (-g).exp()) * u
+                        })
+                        .collect()
+                } else {
+                    let mean = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64;
+                    let inv = 1.0 / (mean + eps as f64).sqrt();
+                    (0..k)
+                        .map(|i| row[i] as f64 * inv * gamma[i] as f64)
+                        .collect()
+                };
+                let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                let y0 = rng.uniform(n, -1.0, 1.0);
+                let xt = Tensor::from_f32(&gpu, &[2, width], &x, "x").unwrap();
+                let yt = Tensor::empty(&gpu, &[1, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
+                let mode = match silu {
+                    true => GemvInput::SiluGate,
+                    false => GemvInput::RmsNorm {
+                        gamma: &gamma_t,
+                        eps,
+                    },
+                };
+                // SiLU accumulates (as into the residual stream), the norm overwrites poison.
+                match silu {
+                    true => yt.write_f32(&gpu, &y0).unwrap(),
+                    false => yt.poison(&gpu),
+                }
+                let d = gemv::gemv_with(&gpu, &xt, 1, mode, &weight, &yt, 0, silu).unwrap();
+                let mut rec = Recorder::new(&gpu);
+                rec.dispatch_all(d);
+                rec.finish("fused gemv test").unwrap();
+                let got = gpu.read_f32(&yt).unwrap();
+                let want: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let dot: f64 = (0..k).map(|t| input[t] * w_seen[j * k + t] as f64).sum();
+                        dot + if silu { y0[j] as f64 } else { 0.0 }
+                    })
+                    .collect();
+                let plain = if format.is_quantized() {
+                    block_bounds(&input32, &w_seen, 1, n, k)
+                } else {
+                    bounds(&input32, &w_seen, 1, n, k)
+                };
+                let bound: Vec<f64> = plain
+                    .iter()
+                    .zip(&want)
+                    .map(|(b, w)| b + 4e-6 * w.abs())
+                    .collect();
+                let what = format!("{mode:?} {format:?} N={n} K={k} on {}", gpu.info.name);
+                assert_within(&what, rng.seed, &got, &want, &bound);
+            }
+        }
+        // A norm weight of the wrong length, or a SiLU row that is not 2K wide, is refused.
+        let w = Weight::from_f32(&gpu, "w", 4, 8, &[0.5; 32], WeightFormat::F32).unwrap();
+        let x = Tensor::from_f32(&gpu, &[1, 8], &[1.0; 8], "x").unwrap();
+        let y = Tensor::empty(&gpu, &[1, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
+        let short = Tensor::from_f32(&gpu, &[7], &[1.0; 7], "gamma").unwrap();
+        let norm = GemvInput::RmsNorm {
+            gamma: &short,
+            eps: 1e-5,
+        };
+        assert!(gemv::gemv_with(&gpu, &x, 0, norm, &w, &y, 0, false).is_err());
+        assert!(gemv::gemv_with(&gpu, &x, 0, GemvInput::SiluGate, &w, &y, 0, false).is_err());
+    }
+}

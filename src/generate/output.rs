@@ -239,9 +239,10 @@ pub struct GenerateOutput {
     pub kv_cache_bytes: u64,
     pub timings_ms: Timings,
     pub decode_tokens_per_second: f64,
-    /// Median over the decoder steps of the host's microseconds before the GPU had the step's
-    /// work (embedding row and position uploaded, dispatches recorded and submitted); 0 without
-    /// a decoder step.
+    /// Median over the decoder steps of the host thread's CPU microseconds to give the GPU the
+    /// step's work (the replayed dispatches recorded and submitted; the sampled token written
+    /// first when the host samples); 0 without a decoder step. CPU time: a driver may hold the
+    /// submit until the previous step is done, and that wait is not host work.
     pub decode_host_us_per_token: f64,
     pub prefill_macs: PrefillMacs,
     /// The pruning that ran, with its budgets resolved.

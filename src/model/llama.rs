@@ -17,6 +17,7 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::attention_decode::{self, DecodeHeads};
+use crate::gpu::kernels::linear::gemv::{self, GemvInput};
 use crate::gpu::kernels::rope::{self, RopeTable};
 use crate::gpu::kernels::{activation, decode_step, embedding, kv_store, linear, sample, Dispatch};
 use crate::gpu::tensor::formats_of;
@@ -310,16 +311,26 @@ impl LlamaAttention {
         })
     }
 
-    /// Q, K and V of the rows of `x.normed`, rotated to their positions.
+    /// Q, K and V of the rows of `x.normed`, rotated to their positions; or, given `norm` (a
+    /// decode step's one row), of `x.hidden` normalised inside each projection.
     fn project(
         &self,
         gpu: &Gpu,
         x: &LlamaBuffers,
         rope_table: &RopeTable,
+        norm: Option<&RmsNorm>,
     ) -> Result<Vec<Dispatch>> {
-        let mut d = linear::linear(gpu, &x.normed, &self.q_proj, &x.q, false)?;
-        d.extend(linear::linear(gpu, &x.normed, &self.k_proj, &x.k, false)?);
-        d.extend(linear::linear(gpu, &x.normed, &self.v_proj, &x.v, false)?);
+        let mut d = Vec::new();
+        for (w, out) in [
+            (&self.q_proj, &x.q),
+            (&self.k_proj, &x.k),
+            (&self.v_proj, &x.v),
+        ] {
+            d.extend(match norm {
+                Some(norm) => gemv::gemv_with(gpu, &x.hidden, 0, norm.input(), w, out, 0, false)?,
+                None => linear::linear(gpu, &x.normed, w, out, false)?,
+            });
+        }
         d.push(rope::rope(gpu, &x.q, self.heads, &x.positions, rope_table)?);
         d.push(rope::rope(
             gpu,
@@ -347,7 +358,7 @@ impl LlamaAttention {
         scores: Option<ScoreOutput>,
     ) -> Result<()> {
         let gpu = rec.gpu();
-        rec.dispatch_all(self.project(gpu, x, rope_table)?);
+        rec.dispatch_all(self.project(gpu, x, rope_table, None)?);
         let start = kv.append(rec, &x.k, &x.v)?;
         let shape = AttentionShape {
             q_rows: x.rows,
@@ -371,17 +382,18 @@ impl LlamaAttention {
         Ok(())
     }
 
-    /// [`Self::forward`] for one replayed decode step (`x` one row): the new key and value go
-    /// to cache row `kv.len + step[0]`, and attention reads the rows up to it.
+    /// [`Self::forward`] for one replayed decode step (`x` one row), `norm` fused into the
+    /// projections: the new key and value go to cache row `kv.len + step[0]`, and attention
+    /// reads the rows up to it.
     fn decode_step(
         &self,
         gpu: &Gpu,
         x: &LlamaBuffers,
         kv: &LayerKv,
-        rope_table: &RopeTable,
+        (norm, rope_table): (&RmsNorm, &RopeTable),
         step: &Tensor,
     ) -> Result<Vec<Dispatch>> {
-        let mut d = self.project(gpu, x, rope_table)?;
+        let mut d = self.project(gpu, x, rope_table, Some(norm))?;
         d.push(kv_store::store_at_step(gpu, &x.k, &kv.k, kv.len, step)?);
         d.push(kv_store::store_at_step(gpu, &x.v, &kv.v, kv.len, step)?);
         let heads = DecodeHeads {
@@ -460,7 +472,8 @@ impl LlamaLayer {
     }
 
     /// [`Self::forward`] as one replayed decode step's dispatches (see
-    /// [`LlamaAttention::decode_step`]).
+    /// [`LlamaAttention::decode_step`]): both norms fused into the projections after them, and
+    /// `silu(gate)·up` into `down_proj`'s load.
     fn decode_step(
         &self,
         gpu: &Gpu,
@@ -469,13 +482,31 @@ impl LlamaLayer {
         rope_table: &RopeTable,
         step: &Tensor,
     ) -> Result<Vec<Dispatch>> {
-        let mut d = vec![self.input_layernorm.dispatch(gpu, &x.hidden, &x.normed)?];
-        d.extend(self.self_attn.decode_step(gpu, x, kv, rope_table, step)?);
-        d.push(
-            self.post_attention_layernorm
-                .dispatch(gpu, &x.hidden, &x.normed)?,
-        );
-        d.extend(self.mlp.dispatches(gpu, x)?);
+        let norm = (&self.input_layernorm, rope_table);
+        let mut d = self.self_attn.decode_step(gpu, x, kv, norm, step)?;
+        let mlp = &self.mlp;
+        let post_norm = self.post_attention_layernorm.input();
+        d.extend(gemv::gemv_with(
+            gpu,
+            &x.hidden,
+            0,
+            post_norm,
+            &mlp.gate_up_proj,
+            &x.gate_up,
+            0,
+            false,
+        )?);
+        let silu = GemvInput::SiluGate;
+        d.extend(gemv::gemv_with(
+            gpu,
+            &x.gate_up,
+            0,
+            silu,
+            &mlp.down_proj,
+            &x.hidden,
+            0,
+            true,
+        )?);
         Ok(d)
     }
 }
@@ -645,12 +676,15 @@ impl Llama {
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             d.extend(layer.decode_step(gpu, &x, kv, &self.rope, &state.step)?);
         }
-        d.push(self.norm.dispatch(gpu, &x.hidden, &b.last_normed)?);
-        d.extend(linear::linear(
+        let norm = self.norm.input();
+        d.extend(gemv::gemv_with(
             gpu,
-            &b.last_normed,
+            &x.hidden,
+            0,
+            norm,
             &self.lm_head,
             &b.logits,
+            0,
             false,
         )?);
         if argmax {

@@ -2,8 +2,9 @@
 //! CLIP's `nn.LayerNorm` (weight and bias) and LLaMA's `LlamaRMSNorm` (weight only).
 
 use crate::error::Result;
-use crate::gpu::kernels::{norm, Dispatch};
-use crate::gpu::{Gpu, Recorder, Tensor};
+use crate::gpu::kernels::linear::gemv::GemvInput;
+use crate::gpu::kernels::norm;
+use crate::gpu::{Recorder, Tensor};
 use crate::model::loader::Loader;
 
 /// `nn.LayerNorm(width, eps)`: `weight` and `bias`, [width] each.
@@ -53,12 +54,16 @@ impl RmsNorm {
 
     /// `out = RMSNorm(x)` row by row; `x` and `out` are [rows, width].
     pub fn forward(&self, rec: &mut Recorder, x: &Tensor, out: &Tensor) -> Result<()> {
-        rec.dispatch(self.dispatch(rec.gpu(), x, out)?);
+        let gpu = rec.gpu();
+        rec.dispatch(norm::rms_norm(gpu, x, &self.weight, out, self.eps)?);
         Ok(())
     }
 
-    /// [`Self::forward`] as a dispatch to record later (a replayed decode step).
-    pub fn dispatch(&self, gpu: &Gpu, x: &Tensor, out: &Tensor) -> Result<Dispatch> {
-        norm::rms_norm(gpu, x, &self.weight, out, self.eps)
+    /// The norm as the input of the gemv that reads its output (a decode step fuses it there).
+    pub fn input(&self) -> GemvInput<'_> {
+        GemvInput::RmsNorm {
+            gamma: &self.weight,
+            eps: self.eps,
+        }
     }
 }

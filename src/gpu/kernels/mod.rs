@@ -252,10 +252,11 @@ mod tests {
             Shader::Matmul => return per_format(matmul::TILING.constants()),
             Shader::MatmulLanes => return per_format(matmul::LANES.constants()),
             Shader::Gemv => {
+                let shape = gemv::GemvShape::for_device(caps);
                 return WeightFormat::ALL
                     .into_iter()
-                    .map(|f| gemv::GemvShape::for_device(caps).constants(f))
-                    .collect()
+                    .flat_map(|f| gemv::GemvInput::MODES.map(|mode| shape.constants_for(f, mode)))
+                    .collect();
             }
             Shader::Attention => attention::TILING.constants(),
             Shader::AttentionLanes => {

@@ -7,7 +7,7 @@ use super::{chunk_layout, flag_constants, flags_for, format_constant, kernel_nam
 use crate::error::{Error, Result};
 use crate::gpu::device::{Capabilities, Gpu};
 use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader};
-use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
+use crate::gpu::tensor::{DType, Tensor, Weight, WeightFormat};
 
 /// How gemv.wgsl splits the work (its WG, ROWS and MAX_SUBGROUPS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,15 +46,71 @@ impl GemvShape {
         }
     }
 
-    /// The shader's constants for a weight chunk stored in `format`.
+    /// The shader's constants for a weight chunk stored in `format`, with x as it is.
     pub fn constants(&self, format: WeightFormat) -> Constants {
+        self.constants_for(format, X_PLAIN)
+    }
+
+    /// The shader's constants for a weight chunk stored in `format` and x read in `x_mode`
+    /// ([`GemvInput::mode`]).
+    pub fn constants_for(&self, format: WeightFormat, x_mode: u32) -> Constants {
         Constants::new(&[
             ("WG", self.workgroup),
             ("ROWS", self.rows),
             ("MAX_SUBGROUPS", self.max_subgroups),
+            ("X_MODE", x_mode),
         ])
         .with(format_constant(format))
         .with(flag_constants())
+    }
+}
+
+/// The shader's X_MODE values.
+const X_PLAIN: u32 = 0;
+const X_RMS_NORM: u32 = 1;
+const X_SILU_GATE: u32 = 2;
+
+/// What the gemv's input row is, computed as it is loaded: a decode step's norms and MLP
+/// activation fused into the projection that reads them.
+#[derive(Clone, Copy, Debug)]
+pub enum GemvInput<'a> {
+    /// The row of x as it is.
+    Plain,
+    /// `RMSNorm(x)·γ` of the row (LLaMA's `LlamaRMSNorm`, `gamma` [K] f32).
+    RmsNorm { gamma: &'a Tensor, eps: f32 },
+    /// `silu(gate)·up` of a row of 2K values, gate first (LLaMA's MLP between `gate_up_proj`
+    /// and `down_proj`).
+    SiluGate,
+}
+
+impl GemvInput<'_> {
+    /// Every X_MODE, for tests that compile them all.
+    pub const MODES: [u32; 3] = [X_PLAIN, X_RMS_NORM, X_SILU_GATE];
+
+    /// The shader's X_MODE.
+    pub fn mode(&self) -> u32 {
+        match self {
+            GemvInput::Plain => X_PLAIN,
+            GemvInput::RmsNorm { .. } => X_RMS_NORM,
+            GemvInput::SiluGate => X_SILU_GATE,
+        }
+    }
+
+    /// Values per row of x for a product with K columns.
+    fn row_len(&self, k: usize) -> usize {
+        match self {
+            GemvInput::SiluGate => 2 * k,
+            _ => k,
+        }
+    }
+
+    /// Name suffix for the profiler: `_rms` and `_silu` tell the fused launches apart.
+    fn suffix(&self) -> &'static str {
+        match self {
+            GemvInput::Plain => "",
+            GemvInput::RmsNorm { .. } => "_rms",
+            GemvInput::SiluGate => "_silu",
+        }
     }
 }
 
@@ -69,6 +125,8 @@ struct Params {
     flags: u32,
     y_offset: u32,
     scales: u32,
+    eps: f32,
+    _pad: [u32; 3],
 }
 
 /// Multiply row `x_row` of `x [M, K]` by `wᵀ`, writing row `y_row` of `y [*, N]`. One dispatch
@@ -82,22 +140,58 @@ pub fn gemv(
     y_row: usize,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    let (x_rows, k) = x.rows_cols();
+    gemv_with(gpu, x, x_row, GemvInput::Plain, w, y, y_row, accumulate)
+}
+
+/// [`gemv`] of the row `input` computes from row `x_row` of `x` (`x [M, 2K]` for
+/// [`GemvInput::SiluGate`]).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_with(
+    gpu: &Gpu,
+    x: &Tensor,
+    x_row: usize,
+    input: GemvInput,
+    w: &Weight,
+    y: &Tensor,
+    y_row: usize,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    let (x_rows, x_cols) = x.rows_cols();
     let (y_rows, n_total) = y.rows_cols();
-    if k != w.k || n_total != w.n || x_row >= x_rows || y_row >= y_rows {
+    let k = w.k;
+    let gamma_fits = match input {
+        GemvInput::RmsNorm { gamma, .. } => gamma.dtype == DType::F32 && gamma.numel() == k,
+        _ => true,
+    };
+    if x_cols != input.row_len(k)
+        || n_total != w.n
+        || x_row >= x_rows
+        || y_row >= y_rows
+        || !gamma_fits
+    {
         return Err(Error::shape(
             "gemv",
             format!(
-                "row {x_row} of X {:?} · {}ᵀ [{}, {}] into row {y_row} of Y {:?}",
+                "row {x_row} of X {:?} as {input:?} · {}ᵀ [{}, {}] into row {y_row} of Y {:?}",
                 x.shape, w.name, w.n, w.k, y.shape
             ),
         ));
     }
     // The profiler's name tells the subgroup variant (the same entry compiled with SUBGROUPS).
-    let suffix = if gpu.caps.subgroups { "_subgroup" } else { "" };
+    let suffix = match (gpu.caps.subgroups, input) {
+        (false, GemvInput::Plain) => "",
+        (true, GemvInput::Plain) => "_subgroup",
+        (false, _) => input.suffix(),
+        (true, GemvInput::RmsNorm { .. }) => "_rms_subgroup",
+        (true, GemvInput::SiluGate) => "_silu_subgroup",
+    };
     let flags = flags_for(w, accumulate);
     let shape = GemvShape::for_device(&gpu.caps);
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
+    let (gamma, eps) = match input {
+        GemvInput::RmsNorm { gamma, eps } => (&gamma.buffer, eps),
+        _ => (&x.buffer, 0.0),
+    };
     w.chunks
         .iter()
         .map(|chunk| {
@@ -106,22 +200,25 @@ pub fn gemv(
                 n: chunk.rows as u32,
                 k: k as u32,
                 w_stride,
-                x_offset: (x_row * k) as u32,
+                x_offset: (x_row * x_cols) as u32,
                 col_offset: chunk.first_row as u32,
                 flags,
                 y_offset: (y_row * n_total) as u32,
                 scales,
+                eps,
+                _pad: [0; 3],
             };
             let groups = chunk.rows.div_ceil(shape.rows as usize) as u32;
-            let bytes = (k * 4 + chunk.rows * chunk.format.row_bytes(k)) as u64
+            let bytes = (x_cols * 4 + chunk.rows * chunk.format.row_bytes(k)) as u64
                 + (chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
             KernelCall::new(gpu, Shader::Gemv, "gemv")
-                .constants(shape.constants(chunk.format))
+                .constants(shape.constants_for(chunk.format, input.mode()))
                 .params(&params)
                 .read(&x.buffer)
                 .read(&chunk.buffer)
                 .read(bias)
                 .read_write(&y.buffer)
+                .read(gamma)
                 .build(
                     kernel_name("gemv", chunk.format, suffix),
                     format!("N={} K={k}", chunk.rows),

@@ -70,6 +70,7 @@ impl DeviceArgs {
             allocate_only: false,
             text_layers: None,
             kv: None,
+            host_embeddings: weights.host_embeddings,
         }
     }
 }
@@ -92,6 +93,11 @@ struct WeightArgs {
     /// otherwise the same as --weights); one format, not a mix.
     #[arg(long, value_enum)]
     vision_weights: Option<WeightsArg>,
+    /// Keep the token embedding table on the host only, as llama.cpp does (262 MB less GPU
+    /// memory for 7B f16): each decode step then waits for the host to read its token and
+    /// upload the row.
+    #[arg(long)]
+    host_embeddings: bool,
 }
 
 impl WeightArgs {
@@ -101,6 +107,7 @@ impl WeightArgs {
             mmproj: None,
             weights: None,
             vision_weights: None,
+            host_embeddings: false,
         }
     }
 }

@@ -2,7 +2,8 @@
 //! embedding row gathered by a GPU-held id (every weight format, against the host's ggml
 //! dequantization), the KV append at the step counter's row, the decode attention over a
 //! cache whose length only the GPU knows (against attention.rs's f64 reference), and the step
-//! counter itself. Outputs are poisoned before every launch.
+//! counter itself. Outputs are poisoned before every launch. `decode_replay.rs` checks the loop
+//! they make end to end.
 
 mod common;
 

@@ -154,8 +154,8 @@ impl Engine {
                 true => self.decode_plan(state, input.next_position, host_samples)?,
                 false => (None, Vec::new()),
             };
-            if host_samples {
-                self.decode_sampled(&mut tokens, state, &plan, free, first_logits)?;
+            if host_samples || self.llama.embed_tokens.is_none() {
+                self.decode_one_by_one(&mut tokens, state, &plan, free, first_logits)?;
             } else {
                 self.decode_greedy(&mut tokens, state, &plan, free)?;
             }
@@ -235,9 +235,11 @@ impl Engine {
         }
     }
 
-    /// Decoding with a host sampler (temperature, top-p, log-probabilities): each token is
-    /// picked from the logits row read back, written to the GPU, and the step replayed.
-    fn decode_sampled(
+    /// Decoding with the host in every step: a host sampler (temperature, top-p,
+    /// log-probabilities) picks each token from the logits row read back, or the GPU's argmax
+    /// is read back when the embedding table is on the host only; the token (or, without the
+    /// table on the GPU, its embedding row) is written to the GPU and the step replayed.
+    fn decode_one_by_one(
         &self,
         tokens: &mut TokenLoop,
         state: &Prefilled,
@@ -246,9 +248,13 @@ impl Engine {
         first_logits: Vec<f32>,
     ) -> Result<()> {
         let gpu = &self.gpu;
+        let host_samples = tokens.picker.host_samples;
         let mut logits = first_logits;
         for step in 0.. {
-            let next = self.sample(tokens, &logits)?;
+            let next = match host_samples {
+                true => self.sample(tokens, &logits)?,
+                false => self.checked_id(gpu.read_u32(&state.next_token)?[0])?,
+            };
             if !tokens.take(self, next)? {
                 return Ok(());
             }
@@ -256,11 +262,16 @@ impl Engine {
                 return Err(cache_full(free_rows));
             }
             let start = thread_cpu_us();
-            state.next_token.write_u32(gpu, &[next])?;
+            match self.llama.embed_tokens {
+                Some(_) => state.next_token.write_u32(gpu, &[next])?,
+                None => state.buffers.hidden.write_f32(gpu, &self.embed(&[next])?)?,
+            }
             self.submit_step(plan, None);
             tokens.out.host_us.push(thread_cpu_us() - start);
             tokens.out.fed += 1;
-            logits = gpu.read_f32(&state.buffers.logits)?;
+            if host_samples {
+                logits = gpu.read_f32(&state.buffers.logits)?;
+            }
         }
         Ok(())
     }

@@ -55,8 +55,9 @@ pub struct LlamaLayer {
 pub struct Llama {
     pub config: TextConfig,
     /// `embed_tokens` [V, d] on the GPU as stored, read by decode steps (prompts are embedded on
-    /// the host).
-    pub embed_tokens: Weight,
+    /// the host); `None` when the engine keeps it on the host only (`--host-embeddings`), and
+    /// the host writes each decode step's row.
+    pub embed_tokens: Option<Weight>,
     pub layers: Vec<LlamaLayer>,
     pub norm: RmsNorm,
     pub lm_head: Weight,
@@ -525,12 +526,18 @@ impl Llama {
                 &m.down_proj,
             ]
         });
-        formats_of(layers.chain([&self.lm_head, &self.embed_tokens]))
+        formats_of(layers.chain([&self.lm_head]).chain(&self.embed_tokens))
     }
 
     /// Load `LlamaForCausalLM` from the checkpoint's root scope: the decoder from `text.*`
-    /// (`LlamaModel`) and the head from `lm_head`.
-    pub fn load(root: &Loader, config: &TextConfig, mut progress: impl FnMut()) -> Result<Self> {
+    /// (`LlamaModel`) and the head from `lm_head`; `embed_tokens` too with
+    /// `embeddings_on_gpu`.
+    pub fn load(
+        root: &Loader,
+        config: &TextConfig,
+        embeddings_on_gpu: bool,
+        mut progress: impl FnMut(),
+    ) -> Result<Self> {
         let loader = root.scope("text");
         let layers_scope = loader.scope("layers");
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -545,24 +552,23 @@ impl Llama {
         )?;
         let (vocab, d) = (config.vocab_size, config.hidden_size);
         // As stored, so that a decode step's row is the row the host gathers for a prompt.
-        let embed_tokens =
-            loader
-                .with_formats(Formats::AsStored)
-                .linear("embed_tokens", vocab, d, false)?;
+        let embed_tokens = match embeddings_on_gpu {
+            true => Some(loader.with_formats(Formats::AsStored).linear(
+                "embed_tokens",
+                vocab,
+                d,
+                false,
+            )?),
+            false => None,
+        };
         let lm_head = match Self::ties_lm_head(root, config) {
             false => root.linear("lm_head", vocab, d, false)?,
             true => {
                 let head = root.linear("text.embed_tokens", vocab, d, false)?;
-                let same = |a: &Weight, b: &Weight| {
-                    a.chunks
-                        .iter()
-                        .map(|c| c.format)
-                        .eq(b.chunks.iter().map(|c| c.format))
-                };
-                if same(&head, &embed_tokens) {
-                    embed_tokens.clone()
-                } else {
-                    head
+                let formats = |w: &Weight| w.chunks.iter().map(|c| c.format).collect::<Vec<_>>();
+                match &embed_tokens {
+                    Some(table) if formats(table) == formats(&head) => table.clone(),
+                    _ => head,
                 }
             }
         };
@@ -658,7 +664,7 @@ impl Llama {
 
     /// One decode step as dispatches, built once per request and replayed for every token
     /// with no host work but the submit: the embedding row of `state.token` (gathered on the
-    /// GPU), every layer on it at position `first_position + step` with its key and value
+    /// GPU; without `embed_tokens` there, the host writes the row into `b.hidden` first), every layer on it at position `first_position + step` with its key and value
     /// appended at each layer's `len + step`, the final norm and `lm_head` into `b.logits`,
     /// with `argmax` the greedy next id into `state.token`, and the step counter advanced.
     /// The caller keeps `step` below `cache.free_rows()` and counts the rows the steps
@@ -672,7 +678,10 @@ impl Llama {
         argmax: bool,
     ) -> Result<Vec<Dispatch>> {
         let x = b.first_rows(1)?;
-        let mut d = embedding::embed_row(gpu, &self.embed_tokens, &state.token, 0, &x.hidden)?;
+        let mut d = match &self.embed_tokens {
+            Some(table) => embedding::embed_row(gpu, table, &state.token, 0, &x.hidden)?,
+            None => Vec::new(),
+        };
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             d.extend(layer.decode_step(gpu, &x, kv, &self.rope, &state.step)?);
         }

@@ -52,6 +52,10 @@ pub struct EngineOptions {
     /// Element type of the KV cache: `DType::F16` (half the bytes) or `DType::F32`. None: f16
     /// where the adapter has SHADER_F16, f32 otherwise.
     pub kv: Option<DType>,
+    /// Keep `embed_tokens` on the host only (262 MB less GPU memory for a 7B f16 checkpoint):
+    /// each decode step then waits for the host to read its token and upload the row, instead
+    /// of gathering the row on the GPU from the id the GPU holds.
+    pub host_embeddings: bool,
 }
 
 impl EngineOptions {
@@ -287,7 +291,8 @@ impl Engine {
             None => None,
         };
         bar.inc(1);
-        let llama = Llama::load(&root, &config.text, || bar.inc(1))?;
+        let on_gpu = !options.host_embeddings;
+        let llama = Llama::load(&root, &config.text, on_gpu, || bar.inc(1))?;
         let weight_bytes = gpu.memory_stats().live.weights;
         bar.finish_and_clear();
         gpu.wait("weight upload")?;

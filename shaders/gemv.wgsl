@@ -8,7 +8,8 @@
 // it loads is reused ROWS times), then the workgroup reduces the ROWS partial sums: with
 // subgroup adds when the adapter has subgroups (any subgroup size; MAX_SUBGROUPS = WG / the
 // device's smallest subgroup size bounds how many there are), with a shared-memory tree
-// otherwise.
+// otherwise. On CPU adapters the workgroup is a single subgroup (WG = 8, MAX_SUBGROUPS = 1) and
+// the reduction is subgroup adds alone, with no barrier.
 //
 // Block formats (every ggml type the engine runs; blocks.wgsl): a thread takes whole units of 32
 // weights, loads their 32 x values once into registers (with the sums Σx of each half) for its
@@ -118,6 +119,18 @@ fn x4(k0: u32) -> vec4<f32> {
 
 fn finish(sums: Sums, row0: u32, tid: u32, lane: u32, sg_id: u32, sg_count: u32) {
 //#if SUBGROUPS
+    if (MAX_SUBGROUPS == 1u) {
+        // The workgroup is one subgroup (CPU adapters): subgroup sums, no workgroup memory and
+        // no barrier; lanes 0..3 write a quad's rows.
+        let squares = subgroupAdd(sum_squares);
+        for (var q = 0u; q < QUADS; q++) {
+            let total = subgroupAdd(sums[q]);
+            if (lane < 4u) {
+                write_row(row0 + 4u * q + lane, total[lane], squares);
+            }
+        }
+        return;
+    }
     for (var q = 0u; q < QUADS; q++) {
         let total = subgroupAdd(sums[q]);
         if (lane == 0u) {

@@ -532,6 +532,49 @@ fn gram_matches_cpu() {
     assert!(e.contains("pad"), "{e}");
 }
 
+/// A random weight in `format` and the values the kernels see (floats rounded to the format,
+/// blocks dequantized by the host's ggml reference).
+fn random_weight(
+    gpu: &Gpu,
+    rng: &mut TestRng,
+    format: WeightFormat,
+    n: usize,
+    k: usize,
+) -> (Weight, Vec<f32>) {
+    if format.is_quantized() {
+        let blocks = rng.blocks(format, n, k);
+        let w = Weight::from_stored(gpu, "w", n, k, format, &blocks).unwrap();
+        return (w, quant::dequantize(format, &blocks).unwrap());
+    }
+    let values = rng.uniform(n * k, -1.0, 1.0);
+    let w = Weight::from_f32(gpu, "w", n, k, &values, format).unwrap();
+    let seen = match format {
+        WeightFormat::F16 => linear::round_to_f16(&values),
+        _ => values,
+    };
+    (w, seen)
+}
+
+/// The fused input in f64 from a row of x: `RMSNorm(row)·γ` given `norm` (γ, eps), else
+/// `silu(gate)·up` of a row of 2K values.
+fn fused_input(row: &[f32], k: usize, norm: Option<(&[f32], f32)>) -> Vec<f64> {
+    match norm {
+        Some((gamma, eps)) => {
+            let mean = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64;
+            let inv = 1.0 / (mean + eps as f64).sqrt();
+            (0..k)
+                .map(|i| row[i] as f64 * inv * gamma[i] as f64)
+                .collect()
+        }
+        None => (0..k)
+            .map(|i| {
+                let (g, u) = (row[i] as f64, row[k + i] as f64);
+                g / (1.0 + (-g).exp()) * u
+            })
+            .collect(),
+    }
+}
+
 /// The decode step's fused gemv inputs against f64: `RMSNorm(x)·γ` (the norm's sum of squares
 /// reduced inside the gemv) and `silu(gate)·up` of a [2K] row, on every gemv device, for float
 /// and block weights, from the second row of x (an offset that is not a multiple of 4 for the
@@ -549,40 +592,15 @@ fn fused_gemv_inputs_match_cpu() {
     ];
     for (gpu, _) in gemv_devices() {
         for (format, n, k) in cases {
-            let (weight, w_seen) = if format.is_quantized() {
-                let blocks = rng.blocks(format, n, k);
-                let w = Weight::from_stored(&gpu, "w", n, k, format, &blocks).unwrap();
-                (w, quant::dequantize(format, &blocks).unwrap())
-            } else {
-                let values = rng.uniform(n * k, -1.0, 1.0);
-                let w = Weight::from_f32(&gpu, "w", n, k, &values, format).unwrap();
-                let seen = match format {
-                    WeightFormat::F16 => linear::round_to_f16(&values),
-                    _ => values,
-                };
-                (w, seen)
-            };
+            let (weight, w_seen) = random_weight(&gpu, &mut rng, format, n, k);
             let gamma = rng.uniform(k, -2.0, 2.0);
             let gamma_t = Tensor::from_f32(&gpu, &[k], &gamma, "gamma").unwrap();
             let eps = 1e-5f32;
             for silu in [false, true] {
                 let width = if silu { 2 * k } else { k };
                 let x = rng.normal(2 * width, 3.0);
-                let row = &x[width..];
-                let input: Vec<f64> = if silu {
-                    (0..k)
-                        .map(|i| {
-                            let (g, u) = (row[i] as f64, row[k + i] as f64);
-                            g / (1.0 + (-g).exp()) * u
-                        })
-                        .collect()
-                } else {
-                    let mean = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k as f64;
-                    let inv = 1.0 / (mean + eps as f64).sqrt();
-                    (0..k)
-                        .map(|i| row[i] as f64 * inv * gamma[i] as f64)
-                        .collect()
-                };
+                let norm = (!silu).then_some((&gamma[..], eps));
+                let input = fused_input(&x[width..], k, norm);
                 let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
                 let y0 = rng.uniform(n, -1.0, 1.0);
                 let xt = Tensor::from_f32(&gpu, &[2, width], &x, "x").unwrap();
@@ -624,16 +642,28 @@ fn fused_gemv_inputs_match_cpu() {
                 assert_within(&what, rng.seed, &got, &want, &bound);
             }
         }
-        // A norm weight of the wrong length, or a SiLU row that is not 2K wide, is refused.
-        let w = Weight::from_f32(&gpu, "w", 4, 8, &[0.5; 32], WeightFormat::F32).unwrap();
-        let x = Tensor::from_f32(&gpu, &[1, 8], &[1.0; 8], "x").unwrap();
-        let y = Tensor::empty(&gpu, &[1, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
-        let short = Tensor::from_f32(&gpu, &[7], &[1.0; 7], "gamma").unwrap();
-        let norm = GemvInput::RmsNorm {
-            gamma: &short,
-            eps: 1e-5,
-        };
-        assert!(gemv::gemv_with(&gpu, &x, 0, norm, &w, &y, 0, false).is_err());
-        assert!(gemv::gemv_with(&gpu, &x, 0, GemvInput::SiluGate, &w, &y, 0, false).is_err());
     }
+}
+
+/// A norm weight of the wrong length, or a SiLU row that is not 2K wide, is refused.
+#[test]
+fn fused_gemv_inputs_refuse_mismatched_shapes() {
+    use llava_wgpu::gpu::kernels::linear::gemv::GemvInput;
+    let gpu = gpu();
+    let w = Weight::from_f32(&gpu, "w", 4, 8, &[0.5; 32], WeightFormat::F32).unwrap();
+    let x = Tensor::from_f32(&gpu, &[1, 8], &[1.0; 8], "x").unwrap();
+    let y = Tensor::empty(&gpu, &[1, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
+    let short = Tensor::from_f32(&gpu, &[7], &[1.0; 7], "gamma").unwrap();
+    let norm = GemvInput::RmsNorm {
+        gamma: &short,
+        eps: 1e-5,
+    };
+    assert!(gemv::gemv_with(&gpu, &x, 0, norm, &w, &y, 0, false).is_err());
+    assert!(gemv::gemv_with(&gpu, &x, 0, GemvInput::SiluGate, &w, &y, 0, false).is_err());
+    let gamma = Tensor::from_f32(&gpu, &[8], &[1.0; 8], "gamma").unwrap();
+    let norm = GemvInput::RmsNorm {
+        gamma: &gamma,
+        eps: 1e-5,
+    };
+    assert!(gemv::gemv_with(&gpu, &x, 0, norm, &w, &y, 0, false).is_ok());
 }

@@ -115,12 +115,16 @@ impl GemvInput<'_> {
         }
     }
 
-    /// Name suffix for the profiler: `_rms` and `_silu` tell the fused launches apart.
-    fn suffix(&self) -> &'static str {
-        match self {
-            GemvInput::Plain => "",
-            GemvInput::RmsNorm { .. } => "_rms",
-            GemvInput::SiluGate => "_silu",
+    /// The profiler's name suffix: `_rms` and `_silu` tell the fused launches apart, and
+    /// `_subgroup` the variant compiled with SUBGROUPS.
+    fn kernel_suffix(&self, subgroups: bool) -> &'static str {
+        match (self, subgroups) {
+            (GemvInput::Plain, false) => "",
+            (GemvInput::Plain, true) => "_subgroup",
+            (GemvInput::RmsNorm { .. }, false) => "_rms",
+            (GemvInput::RmsNorm { .. }, true) => "_rms_subgroup",
+            (GemvInput::SiluGate, false) => "_silu",
+            (GemvInput::SiluGate, true) => "_silu_subgroup",
         }
     }
 }
@@ -167,35 +171,9 @@ pub fn gemv_with(
     y_row: usize,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    let (x_rows, x_cols) = x.rows_cols();
-    let (y_rows, n_total) = y.rows_cols();
+    let (x_cols, n_total) = check_shapes(x, x_row, &input, w, y, y_row)?;
     let k = w.k;
-    let gamma_fits = match input {
-        GemvInput::RmsNorm { gamma, .. } => gamma.dtype == DType::F32 && gamma.numel() == k,
-        _ => true,
-    };
-    if x_cols != input.row_len(k)
-        || n_total != w.n
-        || x_row >= x_rows
-        || y_row >= y_rows
-        || !gamma_fits
-    {
-        return Err(Error::shape(
-            "gemv",
-            format!(
-                "row {x_row} of X {:?} as {input:?} · {}ᵀ [{}, {}] into row {y_row} of Y {:?}",
-                x.shape, w.name, w.n, w.k, y.shape
-            ),
-        ));
-    }
-    // The profiler's name tells the subgroup variant (the same entry compiled with SUBGROUPS).
-    let suffix = match (gpu.caps.subgroups, input) {
-        (false, GemvInput::Plain) => "",
-        (true, GemvInput::Plain) => "_subgroup",
-        (false, _) => input.suffix(),
-        (true, GemvInput::RmsNorm { .. }) => "_rms_subgroup",
-        (true, GemvInput::SiluGate) => "_silu_subgroup",
-    };
+    let suffix = input.kernel_suffix(gpu.caps.subgroups);
     let flags = flags_for(w, accumulate);
     let shape = GemvShape::for_device(&gpu.caps);
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
@@ -239,6 +217,39 @@ pub fn gemv_with(
                 )
         })
         .collect()
+}
+
+/// The columns of x's rows and of y's, once x's row fits `input` and `w`, y fits `w`, both
+/// rows exist and a norm's γ has K values.
+fn check_shapes(
+    x: &Tensor,
+    x_row: usize,
+    input: &GemvInput,
+    w: &Weight,
+    y: &Tensor,
+    y_row: usize,
+) -> Result<(usize, usize)> {
+    let (x_rows, x_cols) = x.rows_cols();
+    let (y_rows, n_total) = y.rows_cols();
+    let gamma_fits = match input {
+        GemvInput::RmsNorm { gamma, .. } => gamma.dtype == DType::F32 && gamma.numel() == w.k,
+        _ => true,
+    };
+    if x_cols != input.row_len(w.k)
+        || n_total != w.n
+        || x_row >= x_rows
+        || y_row >= y_rows
+        || !gamma_fits
+    {
+        return Err(Error::shape(
+            "gemv",
+            format!(
+                "row {x_row} of X {:?} as {input:?} · {}ᵀ [{}, {}] into row {y_row} of Y {:?}",
+                x.shape, w.name, w.n, w.k, y.shape
+            ),
+        ));
+    }
+    Ok((x_cols, n_total))
 }
 
 #[cfg(test)]

@@ -149,15 +149,15 @@ impl Engine {
         if input.max_new > 0 {
             let free = state.cache.free_rows();
             // Built only when a step can run: one token needs none, and a full cache none fits.
-            // The counter lives as long as the plan that reads it.
-            let (_counter, plan) = match input.max_new > 1 && free > 0 {
-                true => self.decode_plan(state, input.next_position, host_samples)?,
-                false => (None, Vec::new()),
-            };
+            // The counter (held here) lives as long as the plan that reads it.
+            let replay = (input.max_new > 1 && free > 0)
+                .then(|| self.decode_plan(state, input.next_position, host_samples))
+                .transpose()?;
+            let plan = replay.as_ref().map_or(&[][..], |(_, plan)| plan);
             if host_samples || self.llama.embed_tokens.is_none() {
-                self.decode_one_by_one(&mut tokens, state, &plan, free, first_logits)?;
+                self.decode_one_by_one(&mut tokens, state, plan, free, first_logits)?;
             } else {
-                self.decode_greedy(&mut tokens, state, &plan, free)?;
+                self.decode_greedy(&mut tokens, state, plan, free)?;
             }
             state.cache.count_appended(tokens.out.fed);
         }
@@ -178,7 +178,7 @@ impl Engine {
         state: &Prefilled,
         first_position: usize,
         host_samples: bool,
-    ) -> Result<(Option<DecodeState>, Vec<Dispatch>)> {
+    ) -> Result<(DecodeState, Vec<Dispatch>)> {
         let gpu = &self.gpu;
         let b = &state.buffers;
         let token = state.next_token.clone();
@@ -186,7 +186,7 @@ impl Engine {
         let plan = self
             .llama
             .decode_plan(gpu, b, &state.cache, &loop_state, !host_samples)?;
-        Ok((Some(loop_state), plan))
+        Ok((loop_state, plan))
     }
 
     /// Greedy decoding with the ids on the GPU: each step's argmax feeds the next step's

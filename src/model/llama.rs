@@ -438,6 +438,19 @@ impl LlamaMlp {
         )?);
         Ok(d)
     }
+
+    /// [`Self::dispatches`] for one replayed decode step, reading `x.hidden` through `norm`:
+    /// the norm fused into `gate_up_proj`, `silu(gate)·up` into `down_proj`'s load.
+    fn decode_step(&self, gpu: &Gpu, x: &LlamaBuffers, norm: &RmsNorm) -> Result<Vec<Dispatch>> {
+        let (hidden, gate_up) = (&x.hidden, &x.gate_up);
+        let (w_gate_up, w_down) = (&self.gate_up_proj, &self.down_proj);
+        let mut d = gemv::gemv_with(gpu, hidden, 0, norm.input(), w_gate_up, gate_up, 0, false)?;
+        let silu = GemvInput::SiluGate;
+        d.extend(gemv::gemv_with(
+            gpu, gate_up, 0, silu, w_down, hidden, 0, true,
+        )?);
+        Ok(d)
+    }
 }
 
 impl LlamaLayer {
@@ -485,29 +498,10 @@ impl LlamaLayer {
     ) -> Result<Vec<Dispatch>> {
         let norm = (&self.input_layernorm, rope_table);
         let mut d = self.self_attn.decode_step(gpu, x, kv, norm, step)?;
-        let mlp = &self.mlp;
-        let post_norm = self.post_attention_layernorm.input();
-        d.extend(gemv::gemv_with(
-            gpu,
-            &x.hidden,
-            0,
-            post_norm,
-            &mlp.gate_up_proj,
-            &x.gate_up,
-            0,
-            false,
-        )?);
-        let silu = GemvInput::SiluGate;
-        d.extend(gemv::gemv_with(
-            gpu,
-            &x.gate_up,
-            0,
-            silu,
-            &mlp.down_proj,
-            &x.hidden,
-            0,
-            true,
-        )?);
+        d.extend(
+            self.mlp
+                .decode_step(gpu, x, &self.post_attention_layernorm)?,
+        );
         Ok(d)
     }
 }

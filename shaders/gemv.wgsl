@@ -17,15 +17,15 @@
 // d·Σ q·x + m·Σ x per half unit: the integer quants never become weights. Neighbouring threads
 // read neighbouring units.
 //
-// What x is (X_MODE, gemv.rs `GemvInput`): the row as stored (X_PLAIN); RMSNorm(x)·γ computed
-// on the fly (X_RMS_NORM: x·γ as it is loaded, the sum of squares of x reduced with the row
+// What x is (X_MODE, linear/mod.rs `LinearInput`): the row as stored (X_PLAIN); RMSNorm(x)·γ
+// computed on the fly (X_RMS_NORM: x·γ as it is loaded, the sum of squares of x reduced with the row
 // sums, and each output scaled by 1/rms at the end, since W·(γ∘x)/rms = W·RMSNorm(x)); or
 // silu(gate)·up of a [2K] row, gate first (X_SILU_GATE). The fused forms spare a decode step the
 // norm's and the activation's dispatches and their passes over memory: each workgroup reads the
 // whole x anyway.
 //
 // Injected by the host (gemv.rs `GemvShape`, the weight's format as its ggml type number,
-// linear/mod.rs flag bits, gemv.rs `GemvInput`):
+// linear/mod.rs flag bits and `LinearInput`):
 //#inject WG ROWS MAX_SUBGROUPS FORMAT FLAG_BIAS FLAG_ACCUMULATE X_MODE
 //#include blocks
 

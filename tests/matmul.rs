@@ -582,7 +582,7 @@ fn fused_input(row: &[f32], k: usize, norm: Option<(&[f32], f32)>) -> Vec<f64> {
 /// input, plus 4e-6 of the value for the f32 rms scale and exp.
 #[test]
 fn fused_gemv_inputs_match_cpu() {
-    use llava_wgpu::gpu::kernels::linear::gemv::GemvInput;
+    use llava_wgpu::gpu::kernels::linear::LinearInput;
     let mut rng = TestRng::new();
     let cases = [
         (WeightFormat::F32, 37, 70),
@@ -606,8 +606,8 @@ fn fused_gemv_inputs_match_cpu() {
                 let xt = Tensor::from_f32(&gpu, &[2, width], &x, "x").unwrap();
                 let yt = Tensor::empty(&gpu, &[1, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
                 let mode = match silu {
-                    true => GemvInput::SiluGate,
-                    false => GemvInput::RmsNorm {
+                    true => LinearInput::SiluGate,
+                    false => LinearInput::RmsNorm {
                         gamma: &gamma_t,
                         eps,
                     },
@@ -648,22 +648,128 @@ fn fused_gemv_inputs_match_cpu() {
 /// A norm weight of the wrong length, or a SiLU row that is not 2K wide, is refused.
 #[test]
 fn fused_gemv_inputs_refuse_mismatched_shapes() {
-    use llava_wgpu::gpu::kernels::linear::gemv::GemvInput;
+    use llava_wgpu::gpu::kernels::linear::LinearInput;
     let gpu = gpu();
     let w = Weight::from_f32(&gpu, "w", 4, 8, &[0.5; 32], WeightFormat::F32).unwrap();
     let x = Tensor::from_f32(&gpu, &[1, 8], &[1.0; 8], "x").unwrap();
     let y = Tensor::empty(&gpu, &[1, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
     let short = Tensor::from_f32(&gpu, &[7], &[1.0; 7], "gamma").unwrap();
-    let norm = GemvInput::RmsNorm {
+    let norm = LinearInput::RmsNorm {
         gamma: &short,
         eps: 1e-5,
     };
     assert!(gemv::gemv_with(&gpu, &x, 0, norm, &w, &y, 0, false).is_err());
-    assert!(gemv::gemv_with(&gpu, &x, 0, GemvInput::SiluGate, &w, &y, 0, false).is_err());
+    assert!(gemv::gemv_with(&gpu, &x, 0, LinearInput::SiluGate, &w, &y, 0, false).is_err());
     let gamma = Tensor::from_f32(&gpu, &[8], &[1.0; 8], "gamma").unwrap();
-    let norm = GemvInput::RmsNorm {
+    let norm = LinearInput::RmsNorm {
         gamma: &gamma,
         eps: 1e-5,
     };
     assert!(gemv::gemv_with(&gpu, &x, 0, norm, &w, &y, 0, false).is_ok());
+}
+
+/// The tiled matmul's fused inputs (a prefill's norms and MLP activation on a GPU) against f64:
+/// `RMSNorm(x)·γ` of every row (γ folded into the staged weights, Σx² from the staged X) and
+/// `silu(gate)·up` of [M, 2K] rows, with and without subgroups, float and block weights, row
+/// counts that leave partial 64-row tiles, accumulating into given outputs or overwriting
+/// poisoned ones. Bound: the plain matmul's, on the fused input, plus 4e-6 of the value.
+#[test]
+fn fused_matmul_inputs_match_cpu() {
+    use llava_wgpu::gpu::kernels::linear::LinearInput;
+    let mut rng = TestRng::new();
+    let cases = [
+        (WeightFormat::F32, 70, 37, 70),
+        (WeightFormat::F16, 5, 130, 67),
+        (WeightFormat::Q4_0, 67, 33, 96),
+        (WeightFormat::Q6_K, 3, 9, 512),
+    ];
+    for features in [true, false] {
+        let gpu = gpu_tuned_for_gpus(features);
+        for (format, m, n, k) in cases {
+            let (weight, w_seen) = random_weight(&gpu, &mut rng, format, n, k);
+            let gamma = rng.uniform(k, -2.0, 2.0);
+            let gamma_t = Tensor::from_f32(&gpu, &[k], &gamma, "gamma").unwrap();
+            let eps = 1e-5f32;
+            for silu in [false, true] {
+                let width = if silu { 2 * k } else { k };
+                let x = rng.normal(m * width, 3.0);
+                let norm = (!silu).then_some((&gamma[..], eps));
+                let input: Vec<f64> = x
+                    .chunks(width)
+                    .flat_map(|row| fused_input(row, k, norm))
+                    .collect();
+                let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+                let y0 = rng.uniform(m * n, -1.0, 1.0);
+                let xt = Tensor::from_f32(&gpu, &[m, width], &x, "x").unwrap();
+                let yt = Tensor::empty(&gpu, &[m, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
+                let mode = match silu {
+                    true => LinearInput::SiluGate,
+                    false => LinearInput::RmsNorm {
+                        gamma: &gamma_t,
+                        eps,
+                    },
+                };
+                match silu {
+                    true => yt.write_f32(&gpu, &y0).unwrap(),
+                    false => yt.poison(&gpu),
+                }
+                let layout = MatmulLayout::Tiled;
+                let d = matmul::matmul_with(&gpu, layout, &xt, mode, &weight, &yt, silu).unwrap();
+                let mut rec = Recorder::new(&gpu);
+                rec.dispatch_all(d);
+                rec.finish("fused matmul test").unwrap();
+                let got = gpu.read_f32(&yt).unwrap();
+                let want: Vec<f64> = (0..m * n)
+                    .map(|at| {
+                        let (i, j) = (at / n, at % n);
+                        let dot: f64 = (0..k)
+                            .map(|t| input[i * k + t] * w_seen[j * k + t] as f64)
+                            .sum();
+                        dot + if silu { y0[at] as f64 } else { 0.0 }
+                    })
+                    .collect();
+                let plain = if format.is_quantized() {
+                    block_bounds(&input32, &w_seen, m, n, k)
+                } else {
+                    bounds(&input32, &w_seen, m, n, k)
+                };
+                let bound: Vec<f64> = plain
+                    .iter()
+                    .zip(&want)
+                    .map(|(b, w)| b + 4e-6 * w.abs())
+                    .collect();
+                let what = format!("{mode:?} {format:?} M={m} N={n} K={k} on {}", gpu.info.name);
+                assert_within(&what, rng.seed, &got, &want, &bound);
+            }
+        }
+    }
+}
+
+/// The fused matmul refuses a γ of the wrong length, a SiLU input that is not 2K wide, and the
+/// lanes layout (which reads X as stored); the plain product still runs in both layouts.
+#[test]
+fn fused_matmul_inputs_refuse_mismatched_shapes_and_the_lanes_layout() {
+    use llava_wgpu::gpu::kernels::linear::LinearInput;
+    let gpu = gpu();
+    let w = Weight::from_f32(&gpu, "w", 4, 8, &[0.5; 32], WeightFormat::F32).unwrap();
+    let x = Tensor::from_f32(&gpu, &[3, 8], &[1.0; 24], "x").unwrap();
+    let y = Tensor::empty(&gpu, &[3, 4], llava_wgpu::gpu::DType::F32, "y").unwrap();
+    let short = Tensor::from_f32(&gpu, &[7], &[1.0; 7], "gamma").unwrap();
+    let gamma = Tensor::from_f32(&gpu, &[8], &[1.0; 8], "gamma").unwrap();
+    let norm = |gamma| LinearInput::RmsNorm { gamma, eps: 1e-5 };
+    let tiled = MatmulLayout::Tiled;
+    assert!(matmul::matmul_with(&gpu, tiled, &x, norm(&short), &w, &y, false).is_err());
+    let silu = LinearInput::SiluGate;
+    assert!(matmul::matmul_with(&gpu, tiled, &x, silu, &w, &y, false).is_err());
+    assert!(matmul::matmul_with(&gpu, tiled, &x, norm(&gamma), &w, &y, false).is_ok());
+    if gpu.caps.prefers_lanes(8) {
+        let lanes = MatmulLayout::Lanes;
+        let refused = matmul::matmul_with(&gpu, lanes, &x, norm(&gamma), &w, &y, false);
+        assert!(
+            matches!(refused, Err(llava_wgpu::Error::Argument { .. })),
+            "{refused:?}"
+        );
+        let plain = LinearInput::Plain;
+        assert!(matmul::matmul_with(&gpu, lanes, &x, plain, &w, &y, false).is_ok());
+    }
 }

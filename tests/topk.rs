@@ -1,7 +1,8 @@
 //! Top-k selection, the sequence index list and the row gather against CPU references: random
 //! scores, scores with many ties, NaN and infinities, scores at an offset, the full
 //! select → gather pipeline (bit-for-bit), and the errors for bad arguments. Every selection runs
-//! in both layouts (one 256-thread workgroup; one 8-lane subgroup for CPU adapters).
+//! in all three layouts (one 256-thread workgroup; one 8-lane subgroup for CPU adapters; one
+//! workgroup per 512-score slice, run twice to show its scratch is left ready for a replay).
 
 mod common;
 
@@ -15,9 +16,9 @@ use rand::Rng;
 /// What a poisoned (never written) u32 element reads back as.
 const POISON: u32 = 0x7fc0_0000;
 
-/// Run `select` on `scores[offset..offset + segment.len]` in both layouts (the lanes one up to
+/// Run `select` on `scores[offset..offset + segment.len]` in every layout (the lanes one up to
 /// its largest segment) and return the list, checking that each kernel wrote exactly
-/// `segment.kept_rows(k)` elements and nothing past them, and that the two lists are the same.
+/// `segment.kept_rows(k)` elements and nothing past them, and that the lists are the same.
 fn run_select(
     gpu: &Gpu,
     scores: &Tensor,
@@ -26,25 +27,25 @@ fn run_select(
     k: usize,
     seed: u64,
 ) -> Vec<u32> {
-    let workgroup = run_select_in(
-        gpu,
-        SelectLayout::Workgroup,
-        scores,
-        offset,
-        segment,
-        k,
-        seed,
-    );
+    let run = |layout| run_select_in(gpu, layout, scores, offset, segment, k, seed);
+    let workgroup = run(SelectLayout::Workgroup);
+    let mut others = vec![SelectLayout::Multi];
     if segment.len <= topk::LANES_MAX_SCORES {
-        let lanes = run_select_in(gpu, SelectLayout::Lanes, scores, offset, segment, k, seed);
+        others.push(SelectLayout::Lanes);
+    }
+    for layout in others {
         assert_eq!(
-            workgroup, lanes,
-            "{segment:?} k={k}: the layouts disagree (seed {seed})"
+            workgroup,
+            run(layout),
+            "{segment:?} k={k}: {layout:?} disagrees with Workgroup (seed {seed})"
         );
     }
     workgroup
 }
 
+/// One layout's list, poisoning the output first. The multi-workgroup select's dispatches run
+/// twice (poisoned again in between): the second run must give the same list, so the scratch it
+/// leaves behind is ready for the next selection.
 fn run_select_in(
     gpu: &Gpu,
     layout: SelectLayout,
@@ -56,19 +57,28 @@ fn run_select_in(
 ) -> Vec<u32> {
     let len = segment.kept_rows(k);
     let out = Tensor::empty(gpu, &[len + 2], DType::U32, "keep").unwrap();
-    out.poison(gpu);
-    let mut rec = Recorder::new(gpu);
-    rec.dispatch(topk::select_in(gpu, layout, scores, offset, segment, k, &out).unwrap());
-    rec.finish("topk test").unwrap();
-    let mut got = gpu.read_u32(&out).unwrap();
-    assert_eq!(
-        got[len..],
-        [POISON, POISON],
-        "{layout:?} {segment:?} k={k}: wrote past the list (seed {})",
-        seed
+    let dispatches = topk::select_in(gpu, layout, scores, offset, segment, k, &out).unwrap();
+    let runs = if layout == SelectLayout::Multi { 2 } else { 1 };
+    let mut lists = Vec::new();
+    for _ in 0..runs {
+        out.poison(gpu);
+        let mut rec = Recorder::new(gpu);
+        rec.dispatch_all(dispatches.clone());
+        rec.finish("topk test").unwrap();
+        let mut got = gpu.read_u32(&out).unwrap();
+        assert_eq!(
+            got[len..],
+            [POISON, POISON],
+            "{layout:?} {segment:?} k={k}: wrote past the list (seed {seed})"
+        );
+        got.truncate(len);
+        lists.push(got);
+    }
+    assert!(
+        lists.windows(2).all(|w| w[0] == w[1]),
+        "{layout:?} {segment:?} k={k}: a replay gave another list (seed {seed})"
     );
-    got.truncate(len);
-    got
+    lists.swap_remove(0)
 }
 
 fn check_topk(gpu: &Gpu, rng: &TestRng, what: &str, scores: &[f32], k: usize) {
@@ -227,7 +237,8 @@ fn topk_reads_scores_at_an_offset() {
 fn topk_handles_large_n() {
     let gpu = gpu();
     let mut rng = TestRng::new();
-    // The lanes layout's largest segment, then the workgroup layout's (any length).
+    // The lanes layout's largest segment, then the other layouts' (any length; the
+    // multi-workgroup select in 10 and 32 slices).
     for n in [topk::LANES_MAX_SCORES, 5000, 16384] {
         let scores: Vec<f32> = (0..n).map(|_| (rng.index(1000) as f32) * 0.125).collect();
         for k in [0, 1, 999, n / 3, n] {
@@ -240,13 +251,13 @@ fn topk_handles_large_n() {
     let out = Tensor::empty(&gpu, &[n], DType::U32, "keep").unwrap();
     let dispatch = topk::topk(&gpu, &scores, 0, n, 410, &out).unwrap();
     let mut rec = Recorder::new(&gpu);
-    rec.dispatch(dispatch.clone());
+    rec.dispatch_all(dispatch.clone());
     rec.finish("warm-up").unwrap();
     let reps = 20;
     let start = std::time::Instant::now();
     for _ in 0..reps {
         let mut rec = Recorder::new(&gpu);
-        rec.dispatch(dispatch.clone());
+        rec.dispatch_all(dispatch.clone());
         rec.finish("timing").unwrap();
     }
     let each = start.elapsed() / reps;
@@ -409,7 +420,7 @@ fn select_then_gather(
     idx: &Tensor,
     pairs: &[(&Tensor, &Tensor)],
 ) -> Vec<Dispatch> {
-    let mut dispatches = vec![topk::select(gpu, scores, 0, segment, k, idx).unwrap()];
+    let mut dispatches = topk::select(gpu, scores, 0, segment, k, idx).unwrap();
     let rows = segment.kept_rows(k);
     for (src, dst) in pairs {
         dispatches.push(topk::gather_rows(gpu, src, idx, 0, rows, dst).unwrap());

@@ -258,7 +258,7 @@ impl Engine {
                 crate::prune::smallest_mass_set(patch_scores, adaptive.mass, adaptive.floor, keep)
             }
             BeforeProjector::TopK { keep, .. } => {
-                rec.dispatch(topk::select(gpu, scores, 1, segment, keep, rows)?);
+                rec.dispatch_all(topk::select(gpu, scores, 1, segment, keep, rows)?);
                 rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, features)?);
                 rec.submit();
                 let list = gpu.read_u32(rows)?;

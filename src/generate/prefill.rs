@@ -339,7 +339,7 @@ impl Engine {
                     .write_f32_at(&self.gpu, first_key + row, &[f32::INFINITY])?;
             }
         }
-        rec.dispatch(topk::select(
+        rec.dispatch_all(topk::select(
             &self.gpu,
             &s2.scores,
             stage2.score_offset,

@@ -28,6 +28,7 @@ pub enum Shader {
     AttentionLanes,
     Topk,
     TopkLanes,
+    TopkMulti,
     Norm,
     Rope,
     Activation,
@@ -41,7 +42,7 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 17] = [
+    pub const ALL: [Shader; 18] = [
         Shader::Matmul,
         Shader::MatmulLanes,
         Shader::Gemv,
@@ -49,6 +50,7 @@ impl Shader {
         Shader::AttentionLanes,
         Shader::Topk,
         Shader::TopkLanes,
+        Shader::TopkMulti,
         Shader::Norm,
         Shader::Rope,
         Shader::Activation,
@@ -71,6 +73,7 @@ impl Shader {
             Shader::AttentionLanes => "attention_lanes",
             Shader::Topk => "topk",
             Shader::TopkLanes => "topk_lanes",
+            Shader::TopkMulti => "topk_multi",
             Shader::Norm => "norm",
             Shader::Rope => "rope",
             Shader::Activation => "activation",
@@ -94,6 +97,7 @@ impl Shader {
             Shader::AttentionLanes => include_str!("../../shaders/attention_lanes.wgsl"),
             Shader::Topk => include_str!("../../shaders/topk.wgsl"),
             Shader::TopkLanes => include_str!("../../shaders/topk_lanes.wgsl"),
+            Shader::TopkMulti => include_str!("../../shaders/topk_multi.wgsl"),
             Shader::Norm => include_str!("../../shaders/norm.wgsl"),
             Shader::Rope => include_str!("../../shaders/rope.wgsl"),
             Shader::Activation => include_str!("../../shaders/activation.wgsl"),
@@ -135,7 +139,7 @@ pub enum Library {
     Blocks,
     /// The two attention shaders' uniform block and constants.
     AttentionParams,
-    /// The two top-k select kernels' uniform block and order-preserving score keys.
+    /// The three top-k select kernels' uniform block and order-preserving score keys.
     TopkSelect,
 }
 

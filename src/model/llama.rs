@@ -17,7 +17,8 @@ use std::ops::Range;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
 use crate::gpu::kernels::attention_decode::{self, DecodeHeads};
-use crate::gpu::kernels::linear::gemv::{self, GemvInput};
+use crate::gpu::kernels::linear::gemv;
+use crate::gpu::kernels::linear::LinearInput;
 use crate::gpu::kernels::rope::{self, RopeTable};
 use crate::gpu::kernels::{activation, decode_step, embedding, kv_store, linear, sample, Dispatch};
 use crate::gpu::tensor::formats_of;
@@ -313,7 +314,8 @@ impl LlamaAttention {
     }
 
     /// Q, K and V of the rows of `x.normed`, rotated to their positions; or, given `norm` (a
-    /// decode step's one row), of `x.hidden` normalised inside each projection.
+    /// decode step's one row, or a prefill where the matmul fuses inputs), of `x.hidden`
+    /// normalised inside each projection.
     fn project(
         &self,
         gpu: &Gpu,
@@ -328,7 +330,7 @@ impl LlamaAttention {
             (&self.v_proj, &x.v),
         ] {
             d.extend(match norm {
-                Some(norm) => gemv::gemv_with(gpu, &x.hidden, 0, norm.input(), w, out, 0, false)?,
+                Some(norm) => linear::linear_with(gpu, &x.hidden, norm.input(), w, out, false)?,
                 None => linear::linear(gpu, &x.normed, w, out, false)?,
             });
         }
@@ -348,18 +350,19 @@ impl LlamaAttention {
     }
 
     /// `hidden += o_proj(attention(normed))`, appending this pass's keys and values to `kv`
-    /// (the residual add is fused into `o_proj`). `scores`, if given, receives per-key
+    /// (the residual add is fused into `o_proj`); with `norm`, `normed` is never written and
+    /// the projections normalise `hidden` themselves. `scores`, if given, receives per-key
     /// attention sums for pruning.
     fn forward(
         &self,
         rec: &mut Recorder,
         x: &LlamaBuffers,
         kv: &mut LayerKv,
-        rope_table: &RopeTable,
+        (rope_table, norm): (&RopeTable, Option<&RmsNorm>),
         scores: Option<ScoreOutput>,
     ) -> Result<()> {
         let gpu = rec.gpu();
-        rec.dispatch_all(self.project(gpu, x, rope_table, None)?);
+        rec.dispatch_all(self.project(gpu, x, rope_table, norm)?);
         let start = kv.append(rec, &x.k, &x.v)?;
         let shape = AttentionShape {
             q_rows: x.rows,
@@ -439,15 +442,16 @@ impl LlamaMlp {
         Ok(d)
     }
 
-    /// [`Self::dispatches`] for one replayed decode step, reading `x.hidden` through `norm`:
-    /// the norm fused into `gate_up_proj`, `silu(gate)·up` into `down_proj`'s load.
-    fn decode_step(&self, gpu: &Gpu, x: &LlamaBuffers, norm: &RmsNorm) -> Result<Vec<Dispatch>> {
+    /// [`Self::dispatches`] reading `x.hidden` through `norm`: the norm fused into
+    /// `gate_up_proj`, `silu(gate)·up` into `down_proj`'s load (a decode step's one row, or a
+    /// prefill where the matmul fuses inputs).
+    fn fused(&self, gpu: &Gpu, x: &LlamaBuffers, norm: &RmsNorm) -> Result<Vec<Dispatch>> {
         let (hidden, gate_up) = (&x.hidden, &x.gate_up);
         let (w_gate_up, w_down) = (&self.gate_up_proj, &self.down_proj);
-        let mut d = gemv::gemv_with(gpu, hidden, 0, norm.input(), w_gate_up, gate_up, 0, false)?;
-        let silu = GemvInput::SiluGate;
-        d.extend(gemv::gemv_with(
-            gpu, gate_up, 0, silu, w_down, hidden, 0, true,
+        let mut d = linear::linear_with(gpu, hidden, norm.input(), w_gate_up, gate_up, false)?;
+        let silu = LinearInput::SiluGate;
+        d.extend(linear::linear_with(
+            gpu, gate_up, silu, w_down, hidden, true,
         )?);
         Ok(d)
     }
@@ -477,8 +481,20 @@ impl LlamaLayer {
         rope_table: &RopeTable,
         scores: Option<ScoreOutput>,
     ) -> Result<()> {
+        if linear::fuses_inputs(rec.gpu()) {
+            // A GPU's tiled matmul computes both norms and the activation as it loads X.
+            let norm = Some(&self.input_layernorm);
+            self.self_attn
+                .forward(rec, x, kv, (rope_table, norm), scores)?;
+            let mlp = self
+                .mlp
+                .fused(rec.gpu(), x, &self.post_attention_layernorm)?;
+            rec.dispatch_all(mlp);
+            return Ok(());
+        }
         self.input_layernorm.forward(rec, &x.hidden, &x.normed)?;
-        self.self_attn.forward(rec, x, kv, rope_table, scores)?;
+        self.self_attn
+            .forward(rec, x, kv, (rope_table, None), scores)?;
         self.post_attention_layernorm
             .forward(rec, &x.hidden, &x.normed)?;
         rec.dispatch_all(self.mlp.dispatches(rec.gpu(), x)?);
@@ -498,10 +514,7 @@ impl LlamaLayer {
     ) -> Result<Vec<Dispatch>> {
         let norm = (&self.input_layernorm, rope_table);
         let mut d = self.self_attn.decode_step(gpu, x, kv, norm, step)?;
-        d.extend(
-            self.mlp
-                .decode_step(gpu, x, &self.post_attention_layernorm)?,
-        );
+        d.extend(self.mlp.fused(gpu, x, &self.post_attention_layernorm)?);
         Ok(d)
     }
 }

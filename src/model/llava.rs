@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, AttentionShape, ScoreOutput};
-use crate::gpu::kernels::topk::{self, Segment};
+use crate::gpu::kernels::topk::{self, Segment, SelectLayout};
 use crate::gpu::kernels::{linear, sample};
 use crate::gpu::{DType, Gpu, GpuOptions, Recorder, Tensor, WeightFormat};
 use crate::model::clip::ClipVision;
@@ -383,7 +383,7 @@ impl Engine {
             len: tokens - 1,
         };
         let rows = Tensor::empty(gpu, &[segment.kept_rows(1)], DType::U32, "warmup")?;
-        rec.dispatch(topk::select(gpu, &scores, 1, segment, 1, &rows)?);
+        rec.dispatch_all(topk::select(gpu, &scores, 1, segment, 1, &rows)?);
         rec.dispatch(topk::gather_rows(
             gpu,
             &vision.hidden,
@@ -454,7 +454,14 @@ impl Engine {
         let rows = Tensor::empty(gpu, &[1], DType::U32, "warmup")?;
         let hidden = Tensor::empty(gpu, &[1, text.hidden_size], DType::F32, "warmup")?;
         let positions = Tensor::empty(gpu, &[1], DType::U32, "warmup")?;
-        rec.dispatch(topk::select(gpu, &scores, 0, segment, 1, &rows)?);
+        rec.dispatch_all(topk::select(gpu, &scores, 0, segment, 1, &rows)?);
+        // Where a stage-2 segment as long as the context would take another select layout
+        // (the multi-workgroup one on GPUs), its pipelines compile now too.
+        let longest = SelectLayout::for_device(gpu, text.max_position_embeddings);
+        if longest != SelectLayout::for_device(gpu, segment.len) {
+            let select = topk::select_in(gpu, longest, &scores, 0, segment, 1, &rows)?;
+            rec.dispatch_all(select);
+        }
         rec.dispatch(topk::gather_rows(
             gpu,
             &buffers.hidden,

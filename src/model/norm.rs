@@ -2,7 +2,7 @@
 //! CLIP's `nn.LayerNorm` (weight and bias) and LLaMA's `LlamaRMSNorm` (weight only).
 
 use crate::error::Result;
-use crate::gpu::kernels::linear::gemv::GemvInput;
+use crate::gpu::kernels::linear::LinearInput;
 use crate::gpu::kernels::norm;
 use crate::gpu::{Recorder, Tensor};
 use crate::model::loader::Loader;
@@ -60,8 +60,8 @@ impl RmsNorm {
     }
 
     /// The norm as the input of the gemv that reads its output (a decode step fuses it there).
-    pub fn input(&self) -> GemvInput<'_> {
-        GemvInput::RmsNorm {
+    pub fn input(&self) -> LinearInput<'_> {
+        LinearInput::RmsNorm {
             gamma: &self.weight,
             eps: self.eps,
         }

@@ -249,13 +249,20 @@ mod tests {
                 .collect()
         };
         let one = match shader {
-            Shader::Matmul => return per_format(matmul::TILING.constants()),
+            Shader::Matmul => {
+                return linear::LinearInput::MODES
+                    .into_iter()
+                    .flat_map(|mode| per_format(matmul::TILING.constants_for(mode)))
+                    .collect()
+            }
             Shader::MatmulLanes => return per_format(matmul::LANES.constants()),
             Shader::Gemv => {
                 let shape = gemv::GemvShape::for_device(caps);
                 return WeightFormat::ALL
                     .into_iter()
-                    .flat_map(|f| gemv::GemvInput::MODES.map(|mode| shape.constants_for(f, mode)))
+                    .flat_map(|f| {
+                        linear::LinearInput::MODES.map(|mode| shape.constants_for(f, mode))
+                    })
                     .collect();
             }
             Shader::Attention => attention::TILING.constants(),
@@ -269,6 +276,7 @@ mod tests {
             }
             Shader::Topk => topk::SHAPE.constants(),
             Shader::TopkLanes => topk::lanes_constants(),
+            Shader::TopkMulti => topk::MULTI_SHAPE.constants(),
             Shader::Norm => norm::WORKGROUP.constants(),
             Shader::Rope => rope::WORKGROUP.constants(),
             Shader::Activation => activation::WORKGROUP.constants(),

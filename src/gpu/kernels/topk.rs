@@ -48,6 +48,24 @@ impl TopkShape {
     }
 }
 
+/// How topk_multi.wgsl splits a segment (its WG, ITEMS and SLICE): one slice of
+/// `workgroup · items` scores per workgroup.
+pub const MULTI_SHAPE: TopkShape = TopkShape {
+    workgroup: 256,
+    items: 2,
+};
+
+/// Segments longer than this use the multi-workgroup select on devices that do not prefer the
+/// lanes layouts: from 2,048 scores one 256-thread workgroup reads 8 or more per thread in each of
+/// its five passes while the rest of a GPU waits, and the multi-workgroup select's four extra
+/// launches cost a few microseconds. LLaVA-NeXT's stage 2 (about 2,900 image rows) is above it;
+/// stage 1 (576 patches per view) and LLaVA-1.5 are below.
+pub const MULTI_FROM_SCORES: usize = 2048;
+
+/// u32 words of topk_multi.wgsl's scratch before the per-slice counts: three histograms (2,048,
+/// 2,048 and 1,024 bins) and three decisions of 4 words.
+const MULTI_FIXED_WORDS: usize = 5120 + 12;
+
 /// Words a gather workgroup copies at least (several rows per workgroup when rows are narrower).
 const GATHER_WORDS_PER_WORKGROUP: usize = 1024;
 
@@ -115,14 +133,20 @@ pub enum SelectLayout {
     /// topk_lanes.wgsl: one 8-lane subgroup, the k-th key found bit by bit with subgroup sums,
     /// no barrier. For drivers that run shaders on CPU SIMD lanes.
     Lanes,
+    /// topk_multi.wgsl: five dispatches of one workgroup per 512-score slice, a radix select
+    /// whose histograms every workgroup adds to. For long segments on GPUs.
+    Multi,
 }
 
 impl SelectLayout {
     /// `Lanes` for up to [`LANES_MAX_SCORES`] scores on a CPU adapter whose subgroups hold its 8
-    /// lanes, `Workgroup` anywhere else (the rule of `MatmulLayout::for_device`).
+    /// lanes (the rule of `MatmulLayout::for_device`); elsewhere `Multi` past
+    /// [`MULTI_FROM_SCORES`] scores and `Workgroup` up to it.
     pub fn for_device(gpu: &Gpu, n: usize) -> Self {
         if gpu.caps.prefers_lanes(LANE_WIDTH) && n <= LANES_MAX_SCORES {
             SelectLayout::Lanes
+        } else if n > MULTI_FROM_SCORES {
+            SelectLayout::Multi
         } else {
             SelectLayout::Workgroup
         }
@@ -147,8 +171,9 @@ pub fn lanes_constants() -> Constants {
 /// untouched.
 ///
 /// Ties go to the lower index; NaN scores are smaller than every other value (also −∞) and tie
-/// with each other; −0 and +0 are equal. One dispatch of one workgroup, in the layout this device
-/// runs best ([`SelectLayout::for_device`]; see the shaders), exact for any length.
+/// with each other; −0 and +0 are equal. Exact for any length, in the layout this device runs
+/// best ([`SelectLayout::for_device`]; see the shaders): one dispatch of one workgroup, or five
+/// of many for a long segment on a GPU.
 pub fn select(
     gpu: &Gpu,
     scores: &Tensor,
@@ -156,12 +181,12 @@ pub fn select(
     segment: Segment,
     k: usize,
     out: &Tensor,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     let layout = SelectLayout::for_device(gpu, segment.len);
     select_in(gpu, layout, scores, score_offset, segment, k, out)
 }
 
-/// [`select`] with the layout the caller chooses (tests and `bench kernels` run both).
+/// [`select`] with the layout the caller chooses (tests and `bench kernels` run every one).
 #[allow(clippy::too_many_arguments)]
 pub fn select_in(
     gpu: &Gpu,
@@ -171,13 +196,9 @@ pub fn select_in(
     segment: Segment,
     k: usize,
     out: &Tensor,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     check_select(scores, score_offset, segment, k, out)?;
-    let Segment {
-        total,
-        start,
-        len: n,
-    } = segment;
+    let n = segment.len;
     if layout == SelectLayout::Lanes {
         check_lanes(gpu, "top-k")?;
     }
@@ -191,42 +212,96 @@ pub fn select_in(
         n: to_u32("n", n)?,
         k: to_u32("k", k)?,
         score_offset: to_u32("score_offset", score_offset)?,
-        seg_start: to_u32("segment.start", start)?,
-        total: to_u32("segment.total", total)?,
+        seg_start: to_u32("segment.start", segment.start)?,
+        total: to_u32("segment.total", segment.total)?,
         _pad: [0; 3],
     };
-    let (call, flops, bytes, name) = match layout {
-        // Four histogram passes and one scan pass, each a comparison per score; scores read
-        // five times, the list written once. Neither entry point of topk.wgsl has a
-        // feature-specific path: one module serves every device.
+    let shape = format!("n={n} k={k} T={}", segment.total);
+    let list_bytes = 4 * segment.kept_rows(k) as u64;
+    let (call, passes, name) = match layout {
+        // Four histogram passes and one scan pass, each a comparison per score. Neither entry
+        // point of topk.wgsl has a feature-specific path: one module serves every device.
         SelectLayout::Workgroup => (
             KernelCall::new(gpu, Shader::Topk, "select_keep")
                 .flags(Default::default())
                 .constants(SHAPE.constants()),
-            5 * n as u64,
-            5 * 4 * n as u64,
+            5,
             "topk_select",
         ),
         // 33 counting passes and one scan pass, each reading the scores.
         SelectLayout::Lanes => (
             KernelCall::new(gpu, Shader::TopkLanes, "select_keep_lanes")
                 .constants(lanes_constants()),
-            34 * n as u64,
-            34 * 4 * n as u64,
+            34,
             "topk_select_lanes",
         ),
+        SelectLayout::Multi => return select_multi(gpu, &params, scores, out, shape, list_bytes),
     };
-    let bytes = bytes + 4 * segment.kept_rows(k) as u64;
-    call.params(&params)
+    let d = call
+        .params(&params)
         .read(&scores.buffer)
         .read_write(&out.buffer)
         .build(
             name,
-            format!("n={n} k={k} T={total}"),
+            shape,
             [1, 1, 1],
-            flops,
-            bytes,
-        )
+            passes * n as u64,
+            passes * 4 * n as u64 + list_bytes,
+        )?;
+    Ok(vec![d])
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MultiParams {
+    select: SelectParams,
+    slices: u32,
+    digit: u32,
+    _pad: [u32; 2],
+}
+
+/// topk_multi.wgsl's five passes over one slice of scores per workgroup, with their scratch
+/// (histograms, decisions, per-slice counts) uploaded as zeros; the last pass leaves the
+/// histograms at zero again, so the list can be replayed.
+fn select_multi(
+    gpu: &Gpu,
+    select: &SelectParams,
+    scores: &Tensor,
+    out: &Tensor,
+    shape: String,
+    list_bytes: u64,
+) -> Result<Vec<Dispatch>> {
+    let n = select.n as usize;
+    let slices = n.div_ceil(MULTI_SHAPE.tile() as usize).max(1);
+    let words = MULTI_FIXED_WORDS + 2 * slices;
+    let scratch = Tensor::from_u32(gpu, &[words], &vec![0; words], "topk_multi scratch")?;
+    let groups = [to_u32("slices", slices)?, 1, 1];
+    let pass = |entry: &'static str, name: &'static str, digit: u32, reads: u64| {
+        let params = MultiParams {
+            select: *select,
+            slices: groups[0],
+            digit,
+            _pad: [0; 2],
+        };
+        KernelCall::new(gpu, Shader::TopkMulti, entry)
+            .flags(Default::default())
+            .constants(MULTI_SHAPE.constants())
+            .params(&params)
+            .read(&scores.buffer)
+            .read_write(&out.buffer)
+            .read_write(&scratch.buffer)
+            .build(name, shape.clone(), groups, reads, 4 * reads)
+    };
+    let n = n as u64;
+    let mut last = pass("scatter_kept", "topk_multi_scatter", 0, n)?;
+    last.bytes += list_bytes;
+    Ok(vec![
+        pass("histogram_first", "topk_multi_histogram", 0, n)?,
+        pass("histogram_next", "topk_multi_histogram", 1, n)?,
+        pass("histogram_next", "topk_multi_histogram", 2, n)?,
+        pass("count_slices", "topk_multi_count", 0, n)?,
+        last,
+    ])
 }
 
 /// The arguments of [`select`] fit together: k ≤ n, the segment lies in the sequence, the scores
@@ -299,7 +374,7 @@ pub fn topk(
     n: usize,
     k: usize,
     out: &Tensor,
-) -> Result<Dispatch> {
+) -> Result<Vec<Dispatch>> {
     select(gpu, scores, score_offset, Segment::whole(n), k, out)
 }
 

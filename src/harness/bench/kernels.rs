@@ -403,8 +403,8 @@ impl Suite<'_> {
     }
 
     /// Stage 1's top-k at the demo's 196 patches and CLIP-L's 576, and over LLaVA-NeXT's 2,880
-    /// patch rows, in both layouts (lanes with its time relative to the workgroup's), next to one
-    /// pass over the same scores (a copy) to compare with.
+    /// patch rows, in every layout (lanes and multi-workgroup with their time relative to the
+    /// workgroup's), next to one pass over the same scores (a copy) to compare with.
     fn top_k(&mut self, progress: &mut dyn FnMut(&str)) -> Result<()> {
         for (label, n, k) in [
             ("demo", 196usize, 176usize),
@@ -421,11 +421,15 @@ impl Suite<'_> {
             )?;
             self.time_row("scores_pass", label, &[pass])?;
             let mut workgroup_ms = None;
-            for layout in [topk::SelectLayout::Workgroup, topk::SelectLayout::Lanes] {
+            for (layout, name) in [
+                (topk::SelectLayout::Workgroup, "topk_select"),
+                (topk::SelectLayout::Lanes, "topk_select_lanes"),
+                (topk::SelectLayout::Multi, "topk_select_multi"),
+            ] {
                 progress(&format!("topk_select ({layout:?}) n={n}"));
                 let segment = topk::Segment::whole(n);
                 let d = topk::select_in(self.gpu, layout, &scores, 0, segment, k, &out)?;
-                let r = self.time_row(d.kernel, label, &[d])?;
+                let r = self.time_row(name, label, &d)?;
                 match workgroup_ms {
                     None => workgroup_ms = Some(r.median_ms),
                     Some(base) => r.time_vs_tiled = Some(r.median_ms / base),

@@ -3,11 +3,11 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{chunk_layout, flag_constants, flags_for, format_constant, kernel_name};
+use super::{chunk_layout, flag_constants, flags_for, format_constant, kernel_name, LinearInput};
 use crate::error::{Error, Result};
 use crate::gpu::device::{Capabilities, Gpu};
 use crate::gpu::kernels::{grid, Constants, Dispatch, KernelCall, Shader, LANE_WIDTH};
-use crate::gpu::tensor::{DType, Tensor, Weight, WeightFormat};
+use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
 
 /// How gemv.wgsl splits the work (its WG, ROWS and MAX_SUBGROUPS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +59,11 @@ impl GemvShape {
 
     /// The shader's constants for a weight chunk stored in `format`, with x as it is.
     pub fn constants(&self, format: WeightFormat) -> Constants {
-        self.constants_for(format, X_PLAIN)
+        self.constants_for(format, LinearInput::Plain.mode())
     }
 
     /// The shader's constants for a weight chunk stored in `format` and x read in `x_mode`
-    /// ([`GemvInput::mode`]).
+    /// ([`LinearInput::mode`]).
     pub fn constants_for(&self, format: WeightFormat, x_mode: u32) -> Constants {
         Constants::new(&[
             ("WG", self.workgroup),
@@ -76,55 +76,17 @@ impl GemvShape {
     }
 }
 
-/// The shader's X_MODE values.
-const X_PLAIN: u32 = 0;
-const X_RMS_NORM: u32 = 1;
-const X_SILU_GATE: u32 = 2;
-
-/// What the gemv's input row is, computed as it is loaded: a decode step's norms and MLP
-/// activation fused into the projection that reads them.
-#[derive(Clone, Copy, Debug)]
-pub enum GemvInput<'a> {
-    /// The row of x as it is.
-    Plain,
-    /// `RMSNorm(x)·γ` of the row (LLaMA's `LlamaRMSNorm`, `gamma` [K] f32).
-    RmsNorm { gamma: &'a Tensor, eps: f32 },
-    /// `silu(gate)·up` of a row of 2K values, gate first (LLaMA's MLP between `gate_up_proj`
-    /// and `down_proj`).
-    SiluGate,
-}
-
-impl GemvInput<'_> {
-    /// Every X_MODE, for tests that compile them all.
-    pub const MODES: [u32; 3] = [X_PLAIN, X_RMS_NORM, X_SILU_GATE];
-
-    /// The shader's X_MODE.
-    pub fn mode(&self) -> u32 {
-        match self {
-            GemvInput::Plain => X_PLAIN,
-            GemvInput::RmsNorm { .. } => X_RMS_NORM,
-            GemvInput::SiluGate => X_SILU_GATE,
-        }
-    }
-
-    /// Values per row of x for a product with K columns.
-    fn row_len(&self, k: usize) -> usize {
-        match self {
-            GemvInput::SiluGate => 2 * k,
-            _ => k,
-        }
-    }
-
+impl LinearInput<'_> {
     /// The profiler's name suffix: `_rms` and `_silu` tell the fused launches apart, and
     /// `_subgroup` the variant compiled with SUBGROUPS.
     fn kernel_suffix(&self, subgroups: bool) -> &'static str {
         match (self, subgroups) {
-            (GemvInput::Plain, false) => "",
-            (GemvInput::Plain, true) => "_subgroup",
-            (GemvInput::RmsNorm { .. }, false) => "_rms",
-            (GemvInput::RmsNorm { .. }, true) => "_rms_subgroup",
-            (GemvInput::SiluGate, false) => "_silu",
-            (GemvInput::SiluGate, true) => "_silu_subgroup",
+            (LinearInput::Plain, false) => "",
+            (LinearInput::Plain, true) => "_subgroup",
+            (LinearInput::RmsNorm { .. }, false) => "_rms",
+            (LinearInput::RmsNorm { .. }, true) => "_rms_subgroup",
+            (LinearInput::SiluGate, false) => "_silu",
+            (LinearInput::SiluGate, true) => "_silu_subgroup",
         }
     }
 }
@@ -155,17 +117,17 @@ pub fn gemv(
     y_row: usize,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    gemv_with(gpu, x, x_row, GemvInput::Plain, w, y, y_row, accumulate)
+    gemv_with(gpu, x, x_row, LinearInput::Plain, w, y, y_row, accumulate)
 }
 
 /// [`gemv`] of the row `input` computes from row `x_row` of `x` (`x [M, 2K]` for
-/// [`GemvInput::SiluGate`]).
+/// [`LinearInput::SiluGate`]).
 #[allow(clippy::too_many_arguments)]
 pub fn gemv_with(
     gpu: &Gpu,
     x: &Tensor,
     x_row: usize,
-    input: GemvInput,
+    input: LinearInput,
     w: &Weight,
     y: &Tensor,
     y_row: usize,
@@ -177,10 +139,7 @@ pub fn gemv_with(
     let flags = flags_for(w, accumulate);
     let shape = GemvShape::for_device(&gpu.caps);
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
-    let (gamma, eps) = match input {
-        GemvInput::RmsNorm { gamma, eps } => (&gamma.buffer, eps),
-        _ => (&x.buffer, 0.0),
-    };
+    let (gamma, eps) = input.gamma_binding(&x.buffer);
     w.chunks
         .iter()
         .map(|chunk| {
@@ -224,17 +183,14 @@ pub fn gemv_with(
 fn check_shapes(
     x: &Tensor,
     x_row: usize,
-    input: &GemvInput,
+    input: &LinearInput,
     w: &Weight,
     y: &Tensor,
     y_row: usize,
 ) -> Result<(usize, usize)> {
     let (x_rows, x_cols) = x.rows_cols();
     let (y_rows, n_total) = y.rows_cols();
-    let gamma_fits = match input {
-        GemvInput::RmsNorm { gamma, .. } => gamma.dtype == DType::F32 && gamma.numel() == w.k,
-        _ => true,
-    };
+    let gamma_fits = input.gamma_fits(w.k);
     if x_cols != input.row_len(w.k)
         || n_total != w.n
         || x_row >= x_rows

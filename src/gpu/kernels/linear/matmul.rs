@@ -4,8 +4,11 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::{check_linear, chunk_layout, flag_constants, flags_for, format_constant, kernel_name};
-use crate::error::Result;
+use super::{
+    check_linear, chunk_layout, flag_constants, flags_for, format_constant, kernel_name,
+    LinearInput,
+};
+use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{check_lanes, Constants, Dispatch, KernelCall, Shader};
 use crate::gpu::tensor::{Tensor, Weight, WeightFormat};
@@ -34,8 +37,14 @@ pub const TILING: MatmulTiling = MatmulTiling {
 };
 
 impl MatmulTiling {
-    /// The constants of matmul.wgsl but the weight's `FORMAT` (see `MatmulLayout::shader`).
+    /// The constants of matmul.wgsl but the weight's `FORMAT` (see `MatmulLayout::shader`),
+    /// reading X as stored.
     pub fn constants(&self) -> Constants {
+        self.constants_for(LinearInput::Plain.mode())
+    }
+
+    /// The constants of matmul.wgsl but `FORMAT`, reading X in `x_mode` ([`LinearInput::mode`]).
+    pub fn constants_for(&self, x_mode: u32) -> Constants {
         Constants::new(&[
             ("TILE_M", self.tile_m),
             ("TILE_N", self.tile_n),
@@ -43,6 +52,7 @@ impl MatmulTiling {
             ("THREADS", self.threads),
         ])
         .with(flag_constants())
+        .with(Constants::new(&[("X_MODE", x_mode)]))
     }
 }
 
@@ -102,10 +112,19 @@ impl MatmulLayout {
         }
     }
 
-    /// The shader, its entry point, and its constants for a weight chunk in `format`.
-    fn shader(self, format: WeightFormat) -> (Shader, &'static str, Constants) {
+    /// Whether this layout computes fused inputs ([`LinearInput`] other than `Plain`) as it
+    /// loads X: the tiled kernel does. The lanes kernel does not: every workgroup along N loads
+    /// all of X, once per thread, so a fused norm or activation would be computed N/2 times per
+    /// value instead of once (docs/benchmarks.md, "What was fused").
+    pub fn fuses_inputs(self) -> bool {
+        self == MatmulLayout::Tiled
+    }
+
+    /// The shader, its entry point, and its constants for a weight chunk in `format` with X
+    /// read in `x_mode`.
+    fn shader(self, format: WeightFormat, x_mode: u32) -> (Shader, &'static str, Constants) {
         let (shader, entry, constants) = match self {
-            MatmulLayout::Tiled => (Shader::Matmul, "matmul", TILING.constants()),
+            MatmulLayout::Tiled => (Shader::Matmul, "matmul", TILING.constants_for(x_mode)),
             MatmulLayout::Lanes => (Shader::MatmulLanes, "matmul_lanes", LANES.constants()),
         };
         (shader, entry, constants.with(format_constant(format)))
@@ -142,7 +161,8 @@ struct Params {
     col_offset: u32,
     flags: u32,
     scales: u32,
-    _pad: [u32; 3],
+    eps: f32,
+    _pad: [u32; 2],
 }
 
 /// One dispatch per row-chunk of `w`, in the layout this device runs best
@@ -167,49 +187,111 @@ pub fn matmul_in(
     y: &Tensor,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
-    let (m, n_total, k) = check_linear("matmul", x, w, y)?;
+    matmul_with(gpu, layout, x, LinearInput::Plain, w, y, accumulate)
+}
+
+/// [`matmul_in`] of the rows `input` computes from the rows of `x` (`x [M, 2K]` for
+/// [`LinearInput::SiluGate`]). A fused input needs a layout that [fuses
+/// inputs](MatmulLayout::fuses_inputs).
+pub fn matmul_with(
+    gpu: &Gpu,
+    layout: MatmulLayout,
+    x: &Tensor,
+    input: LinearInput,
+    w: &Weight,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    let (m, n_total, k) = check_fused(x, &input, w, y)?;
     if layout == MatmulLayout::Lanes {
         check_lanes(gpu, "matmul")?;
     }
+    if input.mode() != LinearInput::Plain.mode() && !layout.fuses_inputs() {
+        return Err(Error::argument(
+            "layout",
+            format!("the {layout:?} matmul reads X as stored; {input:?} needs the tiled layout"),
+        ));
+    }
     let flags = flags_for(w, accumulate);
-    // Without a bias the bias slot is bound to X (read-only twice is allowed) and never read.
+    // Without a bias or a γ their slots are bound to X (read-only twice is allowed), never read.
     let bias = w.bias.as_ref().map_or(&x.buffer, |b| &b.buffer);
+    let (gamma, eps) = input.gamma_binding(&x.buffer);
+    let x_stride = input.row_len(k);
     w.chunks
         .iter()
         .map(|chunk| {
-            let (shader, entry, constants) = layout.shader(chunk.format);
+            let (shader, entry, constants) = layout.shader(chunk.format, input.mode());
             let (w_stride, scales) = chunk_layout(chunk, k);
             let params = Params {
                 m: m as u32,
                 n: chunk.rows as u32,
                 k: k as u32,
                 w_stride,
-                x_stride: k as u32,
+                x_stride: x_stride as u32,
                 y_stride: n_total as u32,
                 col_offset: chunk.first_row as u32,
                 flags,
                 scales,
-                _pad: [0; 3],
+                eps,
+                _pad: [0; 2],
             };
             let flops = 2 * (m * chunk.rows * k) as u64;
-            let bytes = (m * k * 4 + chunk.rows * chunk.format.row_bytes(k)) as u64
+            let bytes = (m * x_stride * 4 + chunk.rows * chunk.format.row_bytes(k)) as u64
                 + (m * chunk.rows * 4) as u64 * if accumulate { 2 } else { 1 };
-            KernelCall::new(gpu, shader, entry)
+            let call = KernelCall::new(gpu, shader, entry)
                 .constants(constants)
                 .params(&params)
                 .read(&x.buffer)
                 .read(&chunk.buffer)
                 .read(bias)
-                .read_write(&y.buffer)
-                .build(
-                    kernel_name(entry, chunk.format, ""),
-                    format!("M={m} N={} K={k}", chunk.rows),
-                    layout.grid(m, chunk.rows),
-                    flops,
-                    bytes,
-                )
+                .read_write(&y.buffer);
+            let call = match layout {
+                MatmulLayout::Tiled => call.read(gamma),
+                MatmulLayout::Lanes => call,
+            };
+            call.build(
+                kernel_name(entry, chunk.format, fused_suffix(&input)),
+                format!("M={m} N={} K={k}", chunk.rows),
+                layout.grid(m, chunk.rows),
+                flops,
+                bytes,
+            )
         })
         .collect()
+}
+
+/// The profiler's name suffix of a fused matmul: `_rms`, `_silu`, or none.
+fn fused_suffix(input: &LinearInput) -> &'static str {
+    match input {
+        LinearInput::Plain => "",
+        LinearInput::RmsNorm { .. } => "_rms",
+        LinearInput::SiluGate => "_silu",
+    }
+}
+
+/// (M, N, K) once `x [M, K]` (`[M, 2K]` for silu·up), `w [N, K]` and `y [M, N]` fit together
+/// and a norm's γ has K values.
+fn check_fused(
+    x: &Tensor,
+    input: &LinearInput,
+    w: &Weight,
+    y: &Tensor,
+) -> Result<(usize, usize, usize)> {
+    if let LinearInput::Plain = input {
+        return check_linear("matmul", x, w, y);
+    }
+    let (m, x_cols) = x.rows_cols();
+    let (y_rows, y_cols) = y.rows_cols();
+    if x_cols != input.row_len(w.k) || y_rows != m || y_cols != w.n || !input.gamma_fits(w.k) {
+        return Err(Error::shape(
+            "matmul",
+            format!(
+                "X {:?} as {input:?} · {}ᵀ [{}, {}] does not give Y {:?}",
+                x.shape, w.name, w.n, w.k, y.shape
+            ),
+        ));
+    }
+    Ok((m, w.n, w.k))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::sync::{Mutex, OnceLock};
 use crate::error::{Error, Result};
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{Constants, Dispatch};
-use crate::gpu::tensor::{Tensor, Weight, WeightChunk, WeightFormat};
+use crate::gpu::tensor::{DType, Tensor, Weight, WeightChunk, WeightFormat};
 
 /// Bit of `Params::flags` that adds the bias (FLAG_BIAS in the shaders).
 pub(crate) const FLAG_BIAS: u32 = 1;
@@ -42,6 +42,66 @@ pub(crate) fn flags_for(w: &Weight, accumulate: bool) -> u32 {
 /// chunk's format (blocks.wgsl names formats by these numbers).
 pub(crate) fn format_constant(format: WeightFormat) -> Constants {
     Constants::new(&[("FORMAT", format.ggml_type())])
+}
+
+/// The shader's X_MODE values.
+pub(crate) const X_PLAIN: u32 = 0;
+pub(crate) const X_RMS_NORM: u32 = 1;
+pub(crate) const X_SILU_GATE: u32 = 2;
+
+/// What a linear kernel's input rows are, computed as they are loaded: the norms and the MLP
+/// activation fused into the projection that reads them (gemv.wgsl for a decode step, the tiled
+/// matmul.wgsl for a prefill on a GPU).
+#[derive(Clone, Copy, Debug)]
+pub enum LinearInput<'a> {
+    /// The row of x as it is.
+    Plain,
+    /// `RMSNorm(x)·γ` of the row (LLaMA's `LlamaRMSNorm`, `gamma` [K] f32).
+    RmsNorm { gamma: &'a Tensor, eps: f32 },
+    /// `silu(gate)·up` of a row of 2K values, gate first (LLaMA's MLP between `gate_up_proj`
+    /// and `down_proj`).
+    SiluGate,
+}
+
+impl LinearInput<'_> {
+    /// Every X_MODE, for tests that compile them all.
+    pub const MODES: [u32; 3] = [X_PLAIN, X_RMS_NORM, X_SILU_GATE];
+
+    /// The shader's X_MODE.
+    pub fn mode(&self) -> u32 {
+        match self {
+            LinearInput::Plain => X_PLAIN,
+            LinearInput::RmsNorm { .. } => X_RMS_NORM,
+            LinearInput::SiluGate => X_SILU_GATE,
+        }
+    }
+
+    /// The buffer bound as γ (`stand_in` where the mode reads none) and the norm's epsilon.
+    pub(crate) fn gamma_binding<'b>(
+        &'b self,
+        stand_in: &'b wgpu::Buffer,
+    ) -> (&'b wgpu::Buffer, f32) {
+        match self {
+            LinearInput::RmsNorm { gamma, eps } => (&gamma.buffer, *eps),
+            _ => (stand_in, 0.0),
+        }
+    }
+
+    /// Whether a norm's γ is K f32 values (always, for the other modes).
+    pub(crate) fn gamma_fits(&self, k: usize) -> bool {
+        match self {
+            LinearInput::RmsNorm { gamma, .. } => gamma.dtype == DType::F32 && gamma.numel() == k,
+            _ => true,
+        }
+    }
+
+    /// Values per row of x for a product with K columns.
+    pub(crate) fn row_len(&self, k: usize) -> usize {
+        match self {
+            LinearInput::SiluGate => 2 * k,
+            _ => k,
+        }
+    }
 }
 
 /// How a shader finds a chunk of `w` with K = `k`: `(w_stride, scales)` as the shaders'
@@ -115,6 +175,30 @@ pub fn linear(
     } else {
         matmul::matmul(gpu, x, w, y, accumulate)
     }
+}
+
+/// [`linear`] of the rows `input` computes from the rows of `x`: the gemv for a single row, the
+/// matmul otherwise, which must be a layout that fuses inputs here ([`fuses_inputs`]).
+pub fn linear_with(
+    gpu: &Gpu,
+    x: &Tensor,
+    input: LinearInput,
+    w: &Weight,
+    y: &Tensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    if x.rows_cols().0 == 1 {
+        gemv::gemv_with(gpu, x, 0, input, w, y, 0, accumulate)
+    } else {
+        let layout = matmul::MatmulLayout::for_device(gpu);
+        matmul::matmul_with(gpu, layout, x, input, w, y, accumulate)
+    }
+}
+
+/// Whether [`linear_with`] takes fused inputs on this device at every row count: where the
+/// matmul runs in the tiled layout (GPUs), not the lanes one (CPU adapters).
+pub fn fuses_inputs(gpu: &Gpu) -> bool {
+    matmul::MatmulLayout::for_device(gpu).fuses_inputs()
 }
 
 /// The Gram matrix `Y = X·Xᵀ` of an f32 `x [n, k]` (its rows as both operands: the linear

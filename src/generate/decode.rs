@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -178,7 +179,7 @@ impl Engine {
         state: &Prefilled,
         first_position: usize,
         host_samples: bool,
-    ) -> Result<(DecodeState, Vec<Dispatch>)> {
+    ) -> Result<(DecodeState, Vec<Arc<Dispatch>>)> {
         let gpu = &self.gpu;
         let b = &state.buffers;
         let token = state.next_token.clone();
@@ -186,7 +187,7 @@ impl Engine {
         let plan = self
             .llama
             .decode_plan(gpu, b, &state.cache, &loop_state, !host_samples)?;
-        Ok((loop_state, plan))
+        Ok((loop_state, plan.into_iter().map(Arc::new).collect()))
     }
 
     /// Greedy decoding with the ids on the GPU: each step's argmax feeds the next step's
@@ -196,7 +197,7 @@ impl Engine {
         &self,
         tokens: &mut TokenLoop,
         state: &Prefilled,
-        plan: &[Dispatch],
+        plan: &[Arc<Dispatch>],
         free_rows: usize,
     ) -> Result<()> {
         let gpu = &self.gpu;
@@ -243,7 +244,7 @@ impl Engine {
         &self,
         tokens: &mut TokenLoop,
         state: &Prefilled,
-        plan: &[Dispatch],
+        plan: &[Arc<Dispatch>],
         free_rows: usize,
         first_logits: Vec<f32>,
     ) -> Result<()> {
@@ -280,12 +281,14 @@ impl Engine {
     /// Returns the submission to wait for.
     fn submit_step(
         &self,
-        plan: &[Dispatch],
+        plan: &[Arc<Dispatch>],
         read: Option<(&Tensor, &GpuBuffer)>,
     ) -> wgpu::SubmissionIndex {
         let mut rec = Recorder::with_batch(&self.gpu, usize::MAX);
         rec.set_stage("decode");
-        rec.dispatch_all(plan.iter().cloned());
+        for dispatch in plan {
+            rec.dispatch_shared(dispatch);
+        }
         if let Some((token, slot)) = read {
             rec.copy(&token.buffer, 0, slot, 0, 4);
         }

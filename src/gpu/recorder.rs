@@ -4,6 +4,8 @@
 //! between them); a buffer copy ends the pass. Work is submitted every `batch` commands so the
 //! GPU starts on the first layers while the CPU is still recording the last ones.
 
+use std::sync::Arc;
+
 use crate::error::Result;
 use crate::gpu::device::Gpu;
 use crate::gpu::kernels::Dispatch;
@@ -13,8 +15,9 @@ use crate::gpu::profiler::{DispatchMeta, KernelEvent, PendingBatch, Profiler, Ti
 pub const DEFAULT_BATCH: usize = 48;
 
 enum Command {
-    /// A dispatch and the stage it was recorded in.
-    Dispatch(Dispatch, &'static str),
+    /// A dispatch and the stage it was recorded in (shared, so a replayed plan records its
+    /// dispatches without copying them).
+    Dispatch(Arc<Dispatch>, &'static str),
     Copy {
         src: wgpu::Buffer,
         src_offset: u64,
@@ -67,7 +70,14 @@ impl<'g> Recorder<'g> {
 
     /// Queue one dispatch.
     pub fn dispatch(&mut self, dispatch: Dispatch) {
-        self.pending.push(Command::Dispatch(dispatch, self.stage));
+        self.dispatch_shared(&Arc::new(dispatch));
+    }
+
+    /// Queue a dispatch that is kept to be recorded again (a replayed decode step): only its
+    /// reference count moves, however many times it is recorded.
+    pub fn dispatch_shared(&mut self, dispatch: &Arc<Dispatch>) {
+        self.pending
+            .push(Command::Dispatch(Arc::clone(dispatch), self.stage));
         if self.pending.len() >= self.batch {
             self.submit();
         }

@@ -16,11 +16,13 @@
 // registers on the way into w_tile; the multiply is the float one.
 //
 // What X is (X_MODE, linear/mod.rs `LinearInput`), as gemv.wgsl reads it, so a prefill's norms
-// and MLP activation need no pass of their own on a GPU:
+// and MLP activation need no pass of their own wherever this kernel runs (GPUs; CPU adapters
+// without subgroups):
 // - X_PLAIN: the rows as stored.
 // - X_RMS_NORM: RMSNorm(x)·γ. The tile of X stays raw and γ goes into the staged weights
 //   (W·(γ∘x) = (W∘γ)·x); each thread sums the squares of its 8 rows from the X values it
-//   multiplies anyway (two vec4 FMAs beside 64), and scales its outputs by 1/rms at the end.
+//   multiplies anyway (two vec4 FMAs per k beside the product's 16), and scales its outputs by
+//   1/rms at the end.
 //   The norm's write and second read of X are gone; each workgroup along N recomputes Σx².
 // - X_SILU_GATE: silu(gate)·up of rows of 2K values, gate first, computed as the X tile is
 //   staged (one exp per staged value, so once per 64 output columns).

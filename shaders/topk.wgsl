@@ -20,9 +20,9 @@
 // are a single pass.
 //
 // One 256-thread workgroup does it all, looping over the scores (4 histogram passes + 1 scan
-// pass read them 5 times). n is a few hundred to a few thousand tokens, where one dispatch of
-// one workgroup costs microseconds on a GPU and the 0.5-2 MB of a multi-workgroup scheme's
-// scratch and extra dispatches would cost more than they save. Any n < 2^32 works, only slower.
+// pass read them 5 times). Up to a couple of thousand scores one dispatch of one workgroup
+// costs microseconds on a GPU; past 2,048 the launcher spreads the same select over many
+// workgroups (topk_multi.wgsl). Any n < 2^32 works here, only slower.
 //
 // gather_rows: dst[r, :] = src[idx[r], :] for r < rows, 32-bit words (f32 or u32 alike, bound as
 // u32 so NaN payloads are copied bit-for-bit). A workgroup copies one whole row when rows are

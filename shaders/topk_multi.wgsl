@@ -15,18 +15,19 @@
 //   pass 5 `scatter_kept`     each workgroup adds the counts of the slices before its own to an
 //                             exclusive scan of its slice and writes its kept rows' slots:
 //                             seg_start + (keys above T before it) + min(ties before it, ties).
-// Five dispatches whatever n is; a workgroup reads its slice four times and 2,048 histogram bins
-// three times. Workgroup 0 of each pass records the decision it made (`State`) for the next pass;
-// a decision is read only by a later dispatch, so no workgroup waits on another.
+// Five dispatches whatever n is; a workgroup reads its slice five times and up to 2,048 histogram
+// bins three times. Workgroup 0 of each pass records the decision it made (`Decision`) for the
+// next pass; a decision is read only by a later dispatch, so no workgroup waits on another.
 //
 // The scratch buffer starts at zero (the launcher uploads zeros) and is left at zero: the last
 // pass clears the histograms it no longer needs, so the same five dispatches can be replayed.
 // Layout, in u32 words: the three histograms (2048 + 2048 + 1024 bins), three states of 4 words,
 // then two counts per slice.
 //
-// Injected by the host (topk.rs `MULTI_SHAPE`): WG (= 256 threads: each owns 8 bins of an 11-bit
-// digit while deciding), ITEMS (consecutive scores per thread), TILE = WG * ITEMS (a slice).
-//#inject WG ITEMS TILE
+// Injected by the host (topk.rs `MULTI_SHAPE`, `multi_constants`): WG (= 256 threads: each owns
+// 8 bins of an 11-bit digit while deciding), ITEMS (consecutive scores per thread), TILE =
+// WG * ITEMS (a slice), COUNTS_AT (the scratch word where the per-slice counts start).
+//#inject WG ITEMS TILE COUNTS_AT
 //#include topk_select
 
 
@@ -35,12 +36,11 @@ struct MultiParams {
     slices: u32,   // workgroups in every pass: ceil(n / TILE), at least 1
     digit: u32,    // histogram_next: the digit it histograms (1 or 2)
     _pad0: u32,
-    _pad2: u32,
+    _pad1: u32,
 }
 
 const HIST_WORDS: u32 = 5120u;     // 2048 + 2048 + 1024 bins
-const STATE_AT: u32 = 5120u;       // 3 × (prefix, mask, ties, unused)
-const COUNTS_AT: u32 = 5132u;      // (above, ties) per slice
+const STATE_AT: u32 = 5120u;       // 3 × (prefix, mask, ties, unused), then the counts
 
 @group(0) @binding(0) var<uniform> p: MultiParams;
 @group(0) @binding(1) var<storage, read> scores: array<f32>;
@@ -65,13 +65,20 @@ fn launder(zero: u32) {
     slices = p.slices + zero;
 }
 
+// k == 0, tested on the uniform block itself (laundered the same way): a value read back from
+// the private `q` counts as non-uniform, and the barriers after an early return need uniform
+// control flow.
+fn nothing_kept(nwg: vec3<u32>) -> bool {
+    return p.select.k + nwg.z - 1u == 0u;
+}
+
 // Digit r: its width, where it sits in the key, and where its histogram starts.
 fn digit_bins(r: u32) -> u32 {
     return select(2048u, 1024u, r == 2u);
 }
 
 fn digit_shift(r: u32) -> u32 {
-    return select(21u - 11u * r, 0u, r == 2u);
+    return select(select(0u, 10u, r == 1u), 21u, r == 0u);
 }
 
 fn hist_at(r: u32) -> u32 {
@@ -181,7 +188,7 @@ fn histogram_first(@builtin(workgroup_id) wg: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) tid: u32) {
     launder(nwg.z - 1u);
-    if (q.k == 0u) {
+    if (nothing_kept(nwg)) {
         return;
     }
     add_histogram(tid, wg.x, 0u, start_decision());
@@ -193,7 +200,7 @@ fn histogram_next(@builtin(workgroup_id) wg: vec3<u32>,
                   @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) tid: u32) {
     launder(nwg.z - 1u);
-    if (q.k == 0u) {
+    if (nothing_kept(nwg)) {
         return;
     }
     let r = p.digit + nwg.z - 1u;
@@ -213,7 +220,7 @@ fn count_slices(@builtin(workgroup_id) wg: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) tid: u32) {
     launder(nwg.z - 1u);
-    if (q.k == 0u) {
+    if (nothing_kept(nwg)) {
         return;
     }
     let d = decide(tid, 2u, read_state(1u));
@@ -297,7 +304,7 @@ fn scatter_kept(@builtin(workgroup_id) wg: vec3<u32>,
                 @builtin(local_invocation_index) tid: u32) {
     launder(nwg.z - 1u);
     keep_outside(tid, wg.x);
-    if (q.k == 0u) {
+    if (nothing_kept(nwg)) {
         return;
     }
     scatter_slice(tid, wg.x);

@@ -1,6 +1,7 @@
-// What both top-k select kernels (topk.wgsl's select_keep, topk_lanes.wgsl) share: the uniform
-// block topk.rs's `SelectParams` mirrors, and the score keys, u32 whose unsigned order is the
-// scores' float order, so a radix or bitwise search over keys ranks the scores.
+// What the three top-k select kernels (topk.wgsl's select_keep, topk_lanes.wgsl,
+// topk_multi.wgsl) share: the uniform block topk.rs's `SelectParams` mirrors, and the score keys,
+// u32 whose unsigned order is the scores' float order, so a radix or bitwise search over keys
+// ranks the scores.
 
 struct SelectParams {
     n: u32,             // scores in the segment

@@ -670,79 +670,124 @@ fn fused_gemv_inputs_refuse_mismatched_shapes() {
 
 /// The tiled matmul's fused inputs (a prefill's norms and MLP activation on a GPU) against f64:
 /// `RMSNorm(x)·γ` of every row (γ folded into the staged weights, Σx² from the staged X) and
-/// `silu(gate)·up` of [M, 2K] rows, with and without subgroups, float and block weights, row
-/// counts that leave partial 64-row tiles, accumulating into given outputs or overwriting
-/// poisoned ones. Bound: the plain matmul's, on the fused input, plus 4e-6 of the value.
+/// `silu(gate)·up` of [M, 2K] rows, each overwriting poisoned outputs and accumulating into given
+/// ones (the residual add, after the 1/rms scale), with and without subgroups and with weights
+/// split into row chunks; float and block weights, one with a bias, row counts that leave partial
+/// 64-row tiles. Bound: the plain matmul's, on the fused input, plus 4e-6 of the value.
 #[test]
 fn fused_matmul_inputs_match_cpu() {
-    use llava_wgpu::gpu::kernels::linear::LinearInput;
     let mut rng = TestRng::new();
-    let cases = [
-        (WeightFormat::F32, 70, 37, 70),
-        (WeightFormat::F16, 5, 130, 67),
-        (WeightFormat::Q4_0, 67, 33, 96),
-        (WeightFormat::Q6_K, 3, 9, 512),
-    ];
-    for features in [true, false] {
-        let gpu = gpu_tuned_for_gpus(features);
-        for (format, m, n, k) in cases {
+    let chunked = Gpu::new(llava_wgpu::gpu::GpuOptions {
+        disable_cpu_tuning: true,
+        max_binding_bytes: Some(2048),
+        ..Default::default()
+    })
+    .unwrap();
+    for gpu in [gpu_tuned_for_gpus(true), gpu_tuned_for_gpus(false), chunked] {
+        let cases = [
+            (WeightFormat::F32, 70, 37, 70, false),
+            (WeightFormat::F16, 5, 130, 67, true),
+            (WeightFormat::Q4_0, 67, 33, 96, false),
+            (WeightFormat::Q6_K, 3, 9, 512, false),
+        ];
+        for (format, m, n, k, with_bias) in cases {
             let (weight, w_seen) = random_weight(&gpu, &mut rng, format, n, k);
-            let gamma = rng.uniform(k, -2.0, 2.0);
-            let gamma_t = Tensor::from_f32(&gpu, &[k], &gamma, "gamma").unwrap();
-            let eps = 1e-5f32;
+            let bias = rng.uniform(n, -1.0, 1.0);
+            let weight = match with_bias {
+                true => weight.with_bias(&gpu, &bias).unwrap(),
+                false => weight,
+            };
+            let bias = with_bias.then_some(&bias[..]);
             for silu in [false, true] {
-                let width = if silu { 2 * k } else { k };
-                let x = rng.normal(m * width, 3.0);
-                let norm = (!silu).then_some((&gamma[..], eps));
-                let input: Vec<f64> = x
-                    .chunks(width)
-                    .flat_map(|row| fused_input(row, k, norm))
-                    .collect();
-                let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
-                let y0 = rng.uniform(m * n, -1.0, 1.0);
-                let xt = Tensor::from_f32(&gpu, &[m, width], &x, "x").unwrap();
-                let yt = Tensor::empty(&gpu, &[m, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
-                let mode = match silu {
-                    true => LinearInput::SiluGate,
-                    false => LinearInput::RmsNorm {
-                        gamma: &gamma_t,
-                        eps,
-                    },
-                };
-                match silu {
-                    true => yt.write_f32(&gpu, &y0).unwrap(),
-                    false => yt.poison(&gpu),
+                for accumulate in [false, true] {
+                    let case = FusedCase {
+                        m,
+                        n,
+                        k,
+                        silu,
+                        accumulate,
+                        bias,
+                    };
+                    check_fused_matmul(&gpu, &mut rng, &weight, &w_seen, case);
                 }
-                let layout = MatmulLayout::Tiled;
-                let d = matmul::matmul_with(&gpu, layout, &xt, mode, &weight, &yt, silu).unwrap();
-                let mut rec = Recorder::new(&gpu);
-                rec.dispatch_all(d);
-                rec.finish("fused matmul test").unwrap();
-                let got = gpu.read_f32(&yt).unwrap();
-                let want: Vec<f64> = (0..m * n)
-                    .map(|at| {
-                        let (i, j) = (at / n, at % n);
-                        let dot: f64 = (0..k)
-                            .map(|t| input[i * k + t] * w_seen[j * k + t] as f64)
-                            .sum();
-                        dot + if silu { y0[at] as f64 } else { 0.0 }
-                    })
-                    .collect();
-                let plain = if format.is_quantized() {
-                    block_bounds(&input32, &w_seen, m, n, k)
-                } else {
-                    bounds(&input32, &w_seen, m, n, k)
-                };
-                let bound: Vec<f64> = plain
-                    .iter()
-                    .zip(&want)
-                    .map(|(b, w)| b + 4e-6 * w.abs())
-                    .collect();
-                let what = format!("{mode:?} {format:?} M={m} N={n} K={k} on {}", gpu.info.name);
-                assert_within(&what, rng.seed, &got, &want, &bound);
             }
         }
     }
+}
+
+#[derive(Clone, Copy)]
+struct FusedCase<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    silu: bool,
+    accumulate: bool,
+    bias: Option<&'a [f32]>,
+}
+
+/// One fused tiled matmul on random x (and γ) against the f64 product of the fused input.
+fn check_fused_matmul(gpu: &Gpu, rng: &mut TestRng, weight: &Weight, w_seen: &[f32], c: FusedCase) {
+    use llava_wgpu::gpu::kernels::linear::LinearInput;
+    let FusedCase { m, n, k, silu, .. } = c;
+    let gamma = rng.uniform(k, -2.0, 2.0);
+    let gamma_t = Tensor::from_f32(gpu, &[k], &gamma, "gamma").unwrap();
+    let eps = 1e-5f32;
+    let width = if silu { 2 * k } else { k };
+    let x = rng.normal(m * width, 3.0);
+    let norm = (!silu).then_some((&gamma[..], eps));
+    let input: Vec<f64> = x
+        .chunks(width)
+        .flat_map(|row| fused_input(row, k, norm))
+        .collect();
+    let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+    let y0 = rng.uniform(m * n, -1.0, 1.0);
+    let xt = Tensor::from_f32(gpu, &[m, width], &x, "x").unwrap();
+    let yt = Tensor::empty(gpu, &[m, n], llava_wgpu::gpu::DType::F32, "y").unwrap();
+    let mode = match silu {
+        true => LinearInput::SiluGate,
+        false => LinearInput::RmsNorm {
+            gamma: &gamma_t,
+            eps,
+        },
+    };
+    match c.accumulate {
+        true => yt.write_f32(gpu, &y0).unwrap(),
+        false => yt.poison(gpu),
+    }
+    let tiled = MatmulLayout::Tiled;
+    let d = matmul::matmul_with(gpu, tiled, &xt, mode, weight, &yt, c.accumulate).unwrap();
+    let mut rec = Recorder::new(gpu);
+    rec.dispatch_all(d);
+    rec.finish("fused matmul test").unwrap();
+    let got = gpu.read_f32(&yt).unwrap();
+    let want: Vec<f64> = (0..m * n)
+        .map(|at| {
+            let (i, j) = (at / n, at % n);
+            let dot: f64 = (0..k)
+                .map(|t| input[i * k + t] * w_seen[j * k + t] as f64)
+                .sum();
+            let bias = c.bias.map_or(0.0, |b| b[j] as f64);
+            dot + bias + if c.accumulate { y0[at] as f64 } else { 0.0 }
+        })
+        .collect();
+    let plain = match weight.formats()[0].is_quantized() {
+        true => block_bounds(&input32, w_seen, m, n, k),
+        false => bounds(&input32, w_seen, m, n, k),
+    };
+    let bound: Vec<f64> = plain
+        .iter()
+        .zip(&want)
+        .map(|(b, w)| b + 4e-6 * w.abs())
+        .collect();
+    let what = format!(
+        "{mode:?} accumulate={} bias={} {:?} M={m} N={n} K={k} in {} chunks on {}",
+        c.accumulate,
+        c.bias.is_some(),
+        weight.formats(),
+        weight.chunks.len(),
+        gpu.info.name
+    );
+    assert_within(&what, rng.seed, &got, &want, &bound);
 }
 
 /// The fused matmul refuses a γ of the wrong length, a SiLU input that is not 2K wide, and the

@@ -92,6 +92,25 @@ fn f16_weights_match_transformers_within_3e_3() {
     check_all_cases(&engine(WeightFormat::F16, None), 3e-3, "f16");
 }
 
+/// The GPU tuning on this adapter (`disable_cpu_tuning`): the tiled matmul with both RMSNorms
+/// and silu(gate)·up fused into the projections' loads, the tiled attention, the workgroup
+/// norms. Same bound as the CPU tuning's f32 run.
+#[test]
+fn gpu_tuning_with_fused_inputs_matches_transformers_within_5e_6() {
+    let options = EngineOptions {
+        gpu: GpuOptions {
+            disable_cpu_tuning: true,
+            ..GpuOptions::default()
+        },
+        weight_format: Some(WeightFormat::F32.into()),
+        kv: Some(DType::F32),
+        ..EngineOptions::default()
+    };
+    let engine = Engine::load(&fixture::model_dir(), options).unwrap();
+    assert!(llava_wgpu::gpu::kernels::linear::fuses_inputs(&engine.gpu));
+    check_all_cases(&engine, 5e-6, "f32, GPU tuning");
+}
+
 #[test]
 fn chunked_weights_give_identical_logits() {
     // 16 KiB bindings split lm_head ([661, 64] f16 = 83 KB) and the MLP weights into chunks.

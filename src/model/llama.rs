@@ -251,7 +251,8 @@ pub struct LlamaBuffers {
     pub rows: usize,
     /// (rows, d): the residual stream.
     pub hidden: Tensor,
-    /// (rows, d): the residual stream after a norm, input of attention and MLP.
+    /// (rows, d): the residual stream after a norm, input of attention and MLP where the
+    /// matmul does not fuse the norm (and DART's scoring rows).
     pub normed: Tensor,
     /// (rows, h · hd)
     pub q: Tensor,
@@ -263,8 +264,9 @@ pub struct LlamaBuffers {
     pub attn: Tensor,
     /// (rows, 2m): gate and up projections side by side.
     pub gate_up: Tensor,
-    /// (rows, m): silu(gate) · up.
-    pub act: Tensor,
+    /// (rows, m): silu(gate) · up; none where `down_proj`'s matmul computes it as it loads
+    /// (`linear::fuses_inputs`).
+    pub act: Option<Tensor>,
     /// (rows,) u32: the position id of each row (RoPE).
     pub positions: Tensor,
     /// (1, d): the row whose next token is predicted.
@@ -288,7 +290,7 @@ impl LlamaBuffers {
             v: rows(&self.v)?,
             attn: rows(&self.attn)?,
             gate_up: rows(&self.gate_up)?,
-            act: rows(&self.act)?,
+            act: self.act.as_ref().map(rows).transpose()?,
             positions: self.positions.view(&[t])?,
             last: self.last.clone(),
             last_normed: self.last_normed.clone(),
@@ -430,15 +432,15 @@ impl LlamaMlp {
     /// `hidden += down_proj(silu(gate_proj(normed)) · up_proj(normed))` (the residual add is
     /// fused into `down_proj`).
     fn dispatches(&self, gpu: &Gpu, x: &LlamaBuffers) -> Result<Vec<Dispatch>> {
+        let act = x.act.as_ref().ok_or_else(|| {
+            Error::shape(
+                "mlp",
+                "buffers made for fused inputs have no activation buffer",
+            )
+        })?;
         let mut d = linear::linear(gpu, &x.normed, &self.gate_up_proj, &x.gate_up, false)?;
-        d.push(activation::silu_mul(gpu, &x.gate_up, &x.act)?);
-        d.extend(linear::linear(
-            gpu,
-            &x.act,
-            &self.down_proj,
-            &x.hidden,
-            true,
-        )?);
+        d.push(activation::silu_mul(gpu, &x.gate_up, act)?);
+        d.extend(linear::linear(gpu, act, &self.down_proj, &x.hidden, true)?);
         Ok(d)
     }
 
@@ -482,7 +484,7 @@ impl LlamaLayer {
         scores: Option<ScoreOutput>,
     ) -> Result<()> {
         if linear::fuses_inputs(rec.gpu()) {
-            // A GPU's tiled matmul computes both norms and the activation as it loads X.
+            // The tiled matmul (GPUs) computes both norms and the activation as it loads X.
             let norm = Some(&self.input_layernorm);
             self.self_attn
                 .forward(rec, x, kv, (rope_table, norm), scores)?;
@@ -618,7 +620,10 @@ impl Llama {
             v: f(&[rows, kvd], "text.v")?,
             attn: f(&[rows, qd], "text.attn")?,
             gate_up: f(&[rows, 2 * c.intermediate_size], "text.gate_up")?,
-            act: f(&[rows, c.intermediate_size], "text.act")?,
+            act: match linear::fuses_inputs(gpu) {
+                true => None,
+                false => Some(f(&[rows, c.intermediate_size], "text.act")?),
+            },
             positions: Tensor::empty(gpu, &[rows], DType::U32, "text.positions")?,
             last: f(&[1, c.hidden_size], "text.last")?,
             last_normed: f(&[1, c.hidden_size], "text.last_normed")?,

@@ -276,7 +276,7 @@ mod tests {
             }
             Shader::Topk => topk::SHAPE.constants(),
             Shader::TopkLanes => topk::lanes_constants(),
-            Shader::TopkMulti => topk::MULTI_SHAPE.constants(),
+            Shader::TopkMulti => topk::multi_constants(),
             Shader::Norm => norm::WORKGROUP.constants(),
             Shader::Rope => rope::WORKGROUP.constants(),
             Shader::Activation => activation::WORKGROUP.constants(),

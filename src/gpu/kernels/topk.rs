@@ -1,5 +1,5 @@
 //! Top-k selection and order-preserving row compaction (STAR pruning): the launchers for
-//! shaders/topk.wgsl and their CPU references.
+//! shaders/topk.wgsl, topk_lanes.wgsl and topk_multi.wgsl, and their CPU references.
 //!
 //! Pruning is three steps on the GPU, with nothing read back:
 //! 1. [`select`] turns the scores of a segment of rows into the ascending row-index list of the
@@ -18,13 +18,14 @@ use crate::gpu::device::Gpu;
 use crate::gpu::kernels::{check_lanes, grid, Constants, Dispatch, KernelCall, Shader, LANE_WIDTH};
 use crate::gpu::tensor::{DType, Tensor};
 
-/// How topk.wgsl splits the work (its WG, ITEMS and TILE).
+/// How topk.wgsl and topk_multi.wgsl split the work (their WG, ITEMS and TILE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TopkShape {
-    /// Threads per workgroup, for both entry points. The radix select gives each thread one of
-    /// the 256 values of an 8-bit digit, so 256.
+    /// Threads per workgroup, for every entry point: 256. topk.wgsl's radix select gives each
+    /// thread one of the 256 values of an 8-bit digit; topk_multi.wgsl's gives each 8 (or 4) of
+    /// the 2,048 (or 1,024) values of its 11- (or 10-) bit digits.
     pub workgroup: u32,
-    /// Consecutive scores per thread in the scan pass.
+    /// Consecutive scores per thread in a scan (topk.wgsl) or a slice (topk_multi.wgsl).
     pub items: u32,
 }
 
@@ -48,7 +49,7 @@ impl TopkShape {
     }
 }
 
-/// How topk_multi.wgsl splits a segment (its WG, ITEMS and SLICE): one slice of
+/// How topk_multi.wgsl splits a segment (its WG, ITEMS and TILE): one slice of
 /// `workgroup · items` scores per workgroup.
 pub const MULTI_SHAPE: TopkShape = TopkShape {
     workgroup: 256,
@@ -62,9 +63,16 @@ pub const MULTI_SHAPE: TopkShape = TopkShape {
 /// stage 1 (576 patches per view) and LLaVA-1.5 are below.
 pub const MULTI_FROM_SCORES: usize = 2048;
 
-/// u32 words of topk_multi.wgsl's scratch before the per-slice counts: three histograms (2,048,
-/// 2,048 and 1,024 bins) and three decisions of 4 words.
+/// u32 words of topk_multi.wgsl's scratch before the per-slice counts (its COUNTS_AT): three
+/// histograms (2,048, 2,048 and 1,024 bins) and three decisions of 4 words.
 const MULTI_FIXED_WORDS: usize = 5120 + 12;
+
+/// The constants of topk_multi.wgsl.
+pub fn multi_constants() -> Constants {
+    MULTI_SHAPE
+        .constants()
+        .with(Constants::new(&[("COUNTS_AT", MULTI_FIXED_WORDS as u32)]))
+}
 
 /// Words a gather workgroup copies at least (several rows per workgroup when rows are narrower).
 const GATHER_WORDS_PER_WORKGROUP: usize = 1024;
@@ -134,7 +142,8 @@ pub enum SelectLayout {
     /// no barrier. For drivers that run shaders on CPU SIMD lanes.
     Lanes,
     /// topk_multi.wgsl: five dispatches of one workgroup per 512-score slice, a radix select
-    /// whose histograms every workgroup adds to. For long segments on GPUs.
+    /// whose histograms every workgroup adds to. For long segments where the lanes layout does
+    /// not run (GPUs).
     Multi,
 }
 
@@ -171,9 +180,9 @@ pub fn lanes_constants() -> Constants {
 /// untouched.
 ///
 /// Ties go to the lower index; NaN scores are smaller than every other value (also −∞) and tie
-/// with each other; −0 and +0 are equal. Exact for any length, in the layout this device runs
-/// best ([`SelectLayout::for_device`]; see the shaders): one dispatch of one workgroup, or five
-/// of many for a long segment on a GPU.
+/// with each other; −0 and +0 are equal. Exact for any length the u32 indices hold, in the
+/// layout this device runs best ([`SelectLayout::for_device`]; see the shaders): one dispatch
+/// of one workgroup, or five of many for a long segment where the lanes layout does not run.
 pub fn select(
     gpu: &Gpu,
     scores: &Tensor,
@@ -285,7 +294,7 @@ fn select_multi(
         };
         KernelCall::new(gpu, Shader::TopkMulti, entry)
             .flags(Default::default())
-            .constants(MULTI_SHAPE.constants())
+            .constants(multi_constants())
             .params(&params)
             .read(&scores.buffer)
             .read_write(&out.buffer)
@@ -555,12 +564,18 @@ pub fn gather_reference(src: &[u32], width: usize, idx: &[u32]) -> Vec<u32> {
 mod tests {
     use super::*;
 
-    /// topk.wgsl's radix select and scan assume these relations.
+    /// topk.wgsl's and topk_multi.wgsl's radix selects and scans assume these relations.
     #[test]
     fn shader_structure_matches_the_shape() {
         // One thread per value of an 8-bit digit (the histogram is [WG]).
         assert_eq!(SHAPE.workgroup, 256);
         // Per-tile counts are packed 16 bits each.
         assert!(SHAPE.tile() < 1 << 16);
+        // Each thread owns a whole number of the 2,048 and 1,024 bins while deciding a digit.
+        assert_eq!(2048 % MULTI_SHAPE.workgroup, 0);
+        assert_eq!(1024 % MULTI_SHAPE.workgroup, 0);
+        assert!(MULTI_SHAPE.tile() < 1 << 16);
+        // The counts start after the histograms and the three 4-word decisions.
+        assert_eq!(MULTI_FIXED_WORDS, 2048 + 2048 + 1024 + 3 * 4);
     }
 }

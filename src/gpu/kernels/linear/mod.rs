@@ -196,7 +196,7 @@ pub fn linear_with(
 }
 
 /// Whether [`linear_with`] takes fused inputs on this device at every row count: where the
-/// matmul runs in the tiled layout (GPUs), not the lanes one (CPU adapters).
+/// matmul runs in the tiled layout (GPUs; CPU adapters without subgroups), not the lanes one.
 pub fn fuses_inputs(gpu: &Gpu) -> bool {
     matmul::MatmulLayout::for_device(gpu).fuses_inputs()
 }

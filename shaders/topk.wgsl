@@ -36,6 +36,7 @@
 // value), ITEMS (consecutive scores per thread in the scan pass), TILE = WG * ITEMS.
 //#inject WG ITEMS TILE
 //#include topk_select
+//#include workgroup_scan
 
 
 const NONE: u32 = 0xffffffffu;    // "no key": above every real key (the largest is +inf's)
@@ -45,25 +46,7 @@ const NONE: u32 = 0xffffffffu;    // "no key": above every real key (the largest
 @group(0) @binding(2) var<storage, read_write> keep: array<u32>;
 
 var<workgroup> hist: array<atomic<u32>, WG>;   // one counter per digit value
-var<workgroup> scan_buf: array<u32, WG>;
 var<workgroup> chosen: vec2<u32>;   // (digit, ties still to keep) decided by one thread
-
-// Inclusive prefix sum of one value per thread (Hillis-Steele; 8 steps for 256 threads).
-// Callers put a barrier between two scans, as the next one overwrites scan_buf.
-fn scan_inclusive(tid: u32, value: u32) -> u32 {
-    scan_buf[tid] = value;
-    workgroupBarrier();
-    for (var offset = 1u; offset < WG; offset *= 2u) {
-        var x = scan_buf[tid];
-        if (tid >= offset) {
-            x += scan_buf[tid - offset];
-        }
-        workgroupBarrier();
-        scan_buf[tid] = x;
-        workgroupBarrier();
-    }
-    return scan_buf[tid];
-}
 
 @compute @workgroup_size(WG)
 fn select_keep(@builtin(local_invocation_index) tid: u32) {

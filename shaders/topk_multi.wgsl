@@ -29,6 +29,7 @@
 // WG * ITEMS (a slice), COUNTS_AT (the scratch word where the per-slice counts start).
 //#inject WG ITEMS TILE COUNTS_AT
 //#include topk_select
+//#include workgroup_scan
 
 
 struct MultiParams {
@@ -48,7 +49,6 @@ const STATE_AT: u32 = 5120u;       // 3 × (prefix, mask, ties, unused), then th
 @group(0) @binding(3) var<storage, read_write> scratch: array<atomic<u32>>;
 
 var<workgroup> local_hist: array<atomic<u32>, 2048>;
-var<workgroup> scan_buf: array<u32, WG>;
 var<workgroup> chosen: vec2<u32>;          // (digit, ties still to keep)
 var<workgroup> slice_counts: array<atomic<u32>, 2>;
 
@@ -104,22 +104,6 @@ fn write_state(r: u32, d: Decision) {
     atomicStore(&scratch[at], d.prefix);
     atomicStore(&scratch[at + 1u], d.mask);
     atomicStore(&scratch[at + 2u], d.ties);
-}
-
-// Inclusive prefix sum of one value per thread (Hillis-Steele over WG threads).
-fn scan_inclusive(tid: u32, value: u32) -> u32 {
-    scan_buf[tid] = value;
-    workgroupBarrier();
-    for (var offset = 1u; offset < WG; offset *= 2u) {
-        var x = scan_buf[tid];
-        if (tid >= offset) {
-            x += scan_buf[tid - offset];
-        }
-        workgroupBarrier();
-        scan_buf[tid] = x;
-        workgroupBarrier();
-    }
-    return scan_buf[tid];
 }
 
 // Digit r of the k-th largest key, from the finished histogram of digit r. Thread t owns the

@@ -141,13 +141,16 @@ pub enum Library {
     AttentionParams,
     /// The three top-k select kernels' uniform block and order-preserving score keys.
     TopkSelect,
+    /// A workgroup's inclusive prefix sum (the 256-thread top-k selects).
+    WorkgroupScan,
 }
 
 impl Library {
-    pub const ALL: [Library; 3] = [
+    pub const ALL: [Library; 4] = [
         Library::Blocks,
         Library::AttentionParams,
         Library::TopkSelect,
+        Library::WorkgroupScan,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,6 +158,7 @@ impl Library {
             Library::Blocks => "blocks",
             Library::AttentionParams => "attention_params",
             Library::TopkSelect => "topk_select",
+            Library::WorkgroupScan => "workgroup_scan",
         }
     }
 
@@ -163,6 +167,7 @@ impl Library {
             Library::Blocks => include_str!("../../shaders/blocks.wgsl"),
             Library::AttentionParams => include_str!("../../shaders/attention_params.wgsl"),
             Library::TopkSelect => include_str!("../../shaders/topk_select.wgsl"),
+            Library::WorkgroupScan => include_str!("../../shaders/workgroup_scan.wgsl"),
         }
     }
 

@@ -275,6 +275,10 @@ struct EvalArgs {
     /// method's own, attention and cls).
     #[arg(long, value_enum)]
     stage1_score: Option<Stage1ScoreArg>,
+    /// VisPruner's rows: the important (ranked) tokens' share of its budget, 0 to 1 (default
+    /// 0.5, the paper's).
+    #[arg(long, value_name = "R")]
+    important_ratio: Option<f64>,
     /// The method every other row is compared with, question by question (exact McNemar test
     /// at the same budget); it must be among the methods evaluated (default: star, or the first
     /// method when star is not evaluated).
@@ -432,6 +436,10 @@ pub(crate) struct BudgetArgs {
     /// patch's received attention) or VisPruner's important half (default cls).
     #[arg(long, value_enum)]
     stage1_score: Option<Stage1ScoreArg>,
+    /// VisPruner: the important (ranked) tokens' share of its budget, 0 to 1; the rest are
+    /// chosen for diversity (default 0.5, the paper's).
+    #[arg(long, value_name = "R")]
+    important_ratio: Option<f64>,
     /// RoPE positions of the image tokens a selection before the projector keeps: their
     /// patches' own (the text after continues as unpruned), or renumbered one after another.
     #[arg(long, value_enum, default_value_t = PositionsArg::Original)]
@@ -448,6 +456,7 @@ impl BudgetArgs {
             keep_ratio: self.keep_ratio,
             stage2_layer: self.stage2_layer,
             stage1_score: self.stage1_score.map(Into::into),
+            important_ratio: self.important_ratio,
             seed,
             positions: self.positions.into(),
             keep_mass: self.keep_mass,
@@ -1124,6 +1133,9 @@ impl EvalArgs {
         if let Some(path) = &self.plot {
             check_output_file("--plot", path)?;
         }
+        if let Some(r) = self.important_ratio.filter(|r| !(0.0..=1.0).contains(r)) {
+            anyhow::bail!("invalid argument --important-ratio: {r} is not a share in [0, 1]");
+        }
         let budgets = if self.budgets.is_empty() {
             harness::eval::BUDGETS.to_vec()
         } else {
@@ -1136,6 +1148,7 @@ impl EvalArgs {
             paired_with,
             masses: self.keep_mass.clone(),
             stage1_score: self.stage1_score.map(Into::into),
+            important_ratio: self.important_ratio,
         })
     }
 }

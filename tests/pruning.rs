@@ -427,6 +427,39 @@ fn the_kept_overlay_dims_exactly_the_dropped_patches_of_each_stage() {
 /// recorded: CLS's attention (`clip_cls_scores`, the paper's) or every query's
 /// (`clip_attention_scores`, STAR's stage-1 score), with the layer −2 features. So the engine
 /// reads the right scores and rows for each.
+/// `prune.important_ratio` splits VisPruner's budget: at 1 every kept patch is an important one,
+/// the top `keep` of transformers' recorded CLS scores (a plain CPU top-k, no diversity step); at
+/// 0 and 0.3 the kept set is the one `vispruner::select` picks from the recorded scores and
+/// features with that ratio; the report says the ratio used.
+#[test]
+fn vispruner_splits_its_budget_at_the_important_ratio_asked_for() {
+    use llava_wgpu::prune::{top_k, vispruner};
+    let engine = engine_f32();
+    let keep = 10;
+    for case in fixture::cases() {
+        let features = fixture::tensor(&format!("case{}.vision_layer_features", case.index));
+        let dim = features.len() / 37;
+        let scores = fixture::tensor(&format!("case{}.clip_cls_scores", case.index));
+        let gram = llava_wgpu::prune::gram_of(&features[dim..], dim);
+        for ratio in [1.0, 0.0, 0.3] {
+            let want = match ratio {
+                1.0 => top_k(&scores[1..], keep),
+                _ => vispruner::select(&scores[1..], &gram, keep, ratio),
+            };
+            let prune = PruneOptions {
+                method: Method::Vispruner,
+                keep: Some(keep),
+                important_ratio: Some(ratio),
+                ..PruneOptions::default()
+            };
+            let out = run(&engine, &case, prune, 1);
+            let kept = out.kept_visual_indices.unwrap().stage1.unwrap();
+            assert_eq!(kept, want, "case {} ratio {ratio}", case.index);
+            assert_eq!(out.prune.important_ratio, Some(ratio));
+        }
+    }
+}
+
 #[test]
 fn vispruner_ranks_its_important_half_by_the_score_asked_for() {
     use llava_wgpu::prune::{vispruner, Stage1Score, VISPRUNER_IMPORTANT_RATIO};

@@ -2,7 +2,7 @@
 //! Up recalls the previous line). Answers stream as they are decoded; each turn reuses the
 //! session's KV cache. A question may come with no image, or with the images `--image` and
 //! `/image FILE` attached to it. Commands: `/image FILE`, `/reset`, `/prune METHOD [keep=N]
-//! [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N]` (a new conversation: each image is pruned once, when it
+//! [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R]` (a new conversation: each image is pruned once, when it
 //! is first prefilled), `/stats`, `/help`, `/quit`. Ctrl-D leaves; Ctrl-C stops an answer, or
 //! leaves at the prompt. Errors go to stderr, after the answer's line has ended.
 
@@ -21,7 +21,7 @@ use llava_wgpu::{Engine, GenerateOutput};
 
 use super::flags::in_flags;
 
-const HELP: &str = "commands: /image FILE (attach to the next question), /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N], /stats, /help, /quit (Ctrl-D)";
+const HELP: &str = "commands: /image FILE (attach to the next question), /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R], /stats, /help, /quit (Ctrl-D)";
 
 /// What the chat starts with: images for the first question and a system message.
 pub struct Start {
@@ -270,10 +270,10 @@ impl Chat {
     }
 }
 
-/// `/prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N]`.
+/// `/prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R]`.
 fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOptions> {
     const USAGE: &str =
-        "usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N]";
+        "usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R]";
     let method: Method = words
         .next()
         .ok_or_else(|| anyhow::anyhow!(USAGE))?
@@ -293,19 +293,22 @@ fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOpti
                 anyhow::anyhow!("{key}: '{value}' is not a count")
             })?))
         };
+        let number = || -> Result<Option<f64>> {
+            let x = value.parse();
+            Ok(Some(x.map_err(|_| {
+                anyhow::anyhow!("{key}: '{value}' is not a number")
+            })?))
+        };
         match key {
             "keep" => prune.keep = count()?,
             "stage1_keep" => prune.stage1_keep = count()?,
             "stage2_layer" => prune.stage2_layer = count()?,
             "keep_floor" => prune.keep_floor = count()?,
-            "keep_mass" => {
-                let p = value.parse();
-                prune.keep_mass =
-                    Some(p.map_err(|_| anyhow::anyhow!("keep_mass: '{value}' is not a number"))?)
-            }
+            "keep_mass" => prune.keep_mass = number()?,
+            "important_ratio" => prune.important_ratio = number()?,
             _ => anyhow::bail!(
                 "unknown /prune setting '{key}' (keep, stage1_keep, stage2_layer, keep_mass, \
-                 keep_floor)"
+                 keep_floor, important_ratio)"
             ),
         }
     }
@@ -327,6 +330,11 @@ fn describe_prune(prune: &PruneOptions) -> String {
     );
     words.extend(prune.keep_mass.map(|p| format!("keep_mass={p}")));
     words.extend(prune.keep_floor.map(|n| format!("keep_floor={n}")));
+    words.extend(
+        prune
+            .important_ratio
+            .map(|r| format!("important_ratio={r}")),
+    );
     words.join(" ")
 }
 
@@ -341,6 +349,10 @@ mod tests {
         assert_eq!(prune.method, Method::Star);
         assert_eq!((prune.keep, prune.stage2_layer), (Some(16), Some(2)));
         assert_eq!((prune.keep_mass, prune.keep_floor), (Some(0.6), Some(4)));
+        assert_eq!(describe_prune(&prune), typed);
+        let typed = "vispruner keep=22 important_ratio=0.25";
+        let prune = parse_prune(typed.split_whitespace()).unwrap();
+        assert_eq!(prune.important_ratio, Some(0.25));
         assert_eq!(describe_prune(&prune), typed);
         let bad = |text: &str| {
             parse_prune(text.split_whitespace())

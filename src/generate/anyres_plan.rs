@@ -113,7 +113,15 @@ fn for_view(selection: BeforeProjector, keep: usize, v: usize) -> BeforeProjecto
             keep,
             adaptive,
         },
-        BeforeProjector::VisPruner { score, .. } => BeforeProjector::VisPruner { keep, score },
+        BeforeProjector::VisPruner {
+            score,
+            important_ratio,
+            ..
+        } => BeforeProjector::VisPruner {
+            keep,
+            score,
+            important_ratio,
+        },
         BeforeProjector::Random { seed, .. } => BeforeProjector::Random {
             keep,
             seed: seed.wrapping_add(v as u64),

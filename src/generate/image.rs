@@ -11,7 +11,7 @@ use crate::model::config::FeatureSelect;
 use crate::model::image_cache::ProjectedImage;
 use crate::model::llava::Engine;
 use crate::model::projector::Projector;
-use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score, VISPRUNER_IMPORTANT_RATIO};
+use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score};
 
 use crate::vision::anyres::PackedToken;
 
@@ -264,12 +264,16 @@ impl Engine {
                 let list = gpu.read_u32(rows)?;
                 return Ok(list[1..].iter().map(|&r| r as usize - 1).collect());
             }
-            BeforeProjector::VisPruner { keep, .. } => {
+            BeforeProjector::VisPruner {
+                keep,
+                important_ratio,
+                ..
+            } => {
                 // The important half's ranking (CLS's attention, or every query's) and the
                 // patch rows' similarities, computed on the GPU.
                 let gram = self.gram(rec, hidden, 1, n0, "VisPruner")?;
                 let ranking = gpu.read_f32(scores)?;
-                vispruner::select(&ranking[1..=n0], &gram, keep, VISPRUNER_IMPORTANT_RATIO)
+                vispruner::select(&ranking[1..=n0], &gram, keep, important_ratio)
             }
             BeforeProjector::Random { keep, seed } => {
                 crate::prune::random_selection(n0, keep, seed)

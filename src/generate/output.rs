@@ -146,6 +146,9 @@ pub struct PruneReport {
     pub stage1_keep: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage1_score: Option<Stage1Score>,
+    /// VisPruner's share of important tokens in `keep`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub important_ratio: Option<f64>,
     /// An adaptive stage 1's share of attention mass (`stage1_keep` is then what the first
     /// image kept).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,9 +192,17 @@ impl PruneReport {
                 report.stage1_score = Some(score);
                 report.stage1_keep_mass = adaptive.map(|a| a.mass);
             }
-            (Some(BeforeProjector::VisPruner { keep, score }), None) => {
+            (
+                Some(BeforeProjector::VisPruner {
+                    keep,
+                    score,
+                    important_ratio,
+                }),
+                None,
+            ) => {
                 report.keep = Some(keep);
                 report.stage1_score = Some(score);
+                report.important_ratio = Some(important_ratio);
             }
             (Some(_), None) => report.keep = Some(plan.n1()),
             _ => {}

@@ -215,6 +215,9 @@ pub struct EvalReport {
     pub positions: Positions,
     /// The method every other row is paired with at its budget (McNemar).
     pub paired_with: Method,
+    /// VisPruner's share of important tokens, when the sweep set one (`--important-ratio`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub important_ratio: Option<f64>,
     pub rows: Vec<EvalRow>,
 }
 
@@ -232,6 +235,8 @@ pub struct Sweep {
     /// The patch ranking of STAR's stage 1 and VisPruner's important half (None: each
     /// method's default).
     pub stage1_score: Option<Stage1Score>,
+    /// VisPruner's share of important tokens (None: the paper's).
+    pub important_ratio: Option<f64>,
 }
 
 impl Default for Sweep {
@@ -244,6 +249,7 @@ impl Default for Sweep {
             paired_with: Method::Star,
             masses: Vec::new(),
             stage1_score: None,
+            important_ratio: None,
         }
     }
 }
@@ -341,6 +347,7 @@ pub fn run_methods(
         questions: examples.len(),
         positions: sweep.positions,
         paired_with: sweep.paired_with,
+        important_ratio: sweep.important_ratio,
         rows,
     })
 }
@@ -372,6 +379,9 @@ fn evaluate(
         request.prune.positions = sweep.positions;
         if matches!(setting.method, Method::Star | Method::Vispruner) {
             request.prune.stage1_score = sweep.stage1_score;
+        }
+        if setting.method == Method::Vispruner {
+            request.prune.important_ratio = sweep.important_ratio;
         }
         let out = engine.generate(&request, |_| {})?;
         visual += out.visual_tokens.after_stage2;
@@ -675,6 +685,7 @@ mod tests {
             model: "m".into(),
             questions: 20,
             positions: Positions::Original,
+            important_ratio: None,
             paired_with: Method::Star,
             rows,
         }
@@ -714,6 +725,7 @@ mod tests {
             model: "m".into(),
             questions: 4,
             positions: Positions::Original,
+            important_ratio: None,
             paired_with: Method::Star,
             rows,
         }

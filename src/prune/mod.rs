@@ -152,6 +152,9 @@ pub struct PruneOptions {
     /// attention each patch receives) and VisPruner's important half (default: CLS, as the
     /// paper). Refused for methods with no such ranking.
     pub stage1_score: Option<Stage1Score>,
+    /// VisPruner's share of important (ranked) tokens in its budget, in [0, 1]; the rest are
+    /// its diverse tokens (default [`VISPRUNER_IMPORTANT_RATIO`], the paper's). VisPruner only.
+    pub important_ratio: Option<f64>,
     /// Seed of the random baseline.
     pub seed: u64,
     /// The RoPE positions of the image tokens a selection before the projector keeps.
@@ -206,7 +209,8 @@ pub const DEFAULT_STAGE1_RATIO: f64 = 0.1;
 /// Default final budget as a reduction ratio: 576 → 64 visual tokens (N0 / 9), the budget the
 /// papers report most.
 pub const DEFAULT_KEEP_RATIO: f64 = 8.0 / 9.0;
-/// VisPruner's share of important (CLS-ranked) tokens in the final budget.
+/// VisPruner's share of important (CLS-ranked) tokens in the final budget by default (the
+/// paper's; `prune.important_ratio` sets another).
 pub const VISPRUNER_IMPORTANT_RATIO: f64 = 0.5;
 
 /// How the visual tokens are selected before the projector.
@@ -222,8 +226,10 @@ pub enum BeforeProjector {
     },
     VisPruner {
         keep: usize,
-        /// What ranks the important half.
+        /// What ranks the important tokens.
         score: Stage1Score,
+        /// The important tokens' share of `keep`; the rest are the diverse ones.
+        important_ratio: f64,
     },
     Random {
         keep: usize,
@@ -463,6 +469,7 @@ impl PruneOptions {
             Method::Vispruner => before_projector(BeforeProjector::VisPruner {
                 keep: n2,
                 score: self.stage1_score.unwrap_or(Stage1Score::Cls),
+                important_ratio: self.important_ratio.unwrap_or(VISPRUNER_IMPORTANT_RATIO),
             }),
             Method::Random => before_projector(BeforeProjector::Random {
                 keep: n2,
@@ -581,6 +588,19 @@ impl PruneOptions {
                 "prune.stage2_layer",
                 "the selection runs before the first decoder layer",
             ),
+            _ if self.important_ratio.is_some() && self.method != Method::Vispruner => refuse(
+                "prune.important_ratio",
+                "only vispruner splits its budget into important and diverse tokens",
+            ),
+            _ if self
+                .important_ratio
+                .is_some_and(|r| !(0.0..=1.0).contains(&r)) =>
+            {
+                refuse(
+                    "prune.important_ratio",
+                    "the important tokens' share must be in [0, 1]",
+                )
+            }
             Method::Star | Method::Vispruner => Ok(()),
             _ if self.stage1_score.is_some() => refuse(
                 "prune.stage1_score",
@@ -951,9 +971,21 @@ mod tests {
             vispruner.before_projector,
             Some(BeforeProjector::VisPruner {
                 keep: 64,
-                score: Stage1Score::Attention
+                score: Stage1Score::Attention,
+                important_ratio: VISPRUNER_IMPORTANT_RATIO,
             })
         );
+        let split = |method, ratio| PruneOptions {
+            important_ratio: Some(ratio),
+            keep: Some(64),
+            ..opts(method)
+        };
+        assert!(e(split(Method::Star, 0.25)).contains("prune.important_ratio"));
+        assert!(e(split(Method::Vispruner, 1.5)).contains("prune.important_ratio"));
+        assert!(matches!(
+            split(Method::Vispruner, 0.25).plan(576, 32, 40).unwrap().before_projector,
+            Some(BeforeProjector::VisPruner { important_ratio, .. }) if important_ratio == 0.25
+        ));
         let floor_alone = PruneOptions {
             keep_floor: Some(4),
             ..opts(Method::Star)

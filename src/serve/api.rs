@@ -273,8 +273,8 @@ fn default_prune() -> PruneOptions {
 }
 
 /// The `prune` extension: `{"method", "keep", "stage1_keep", "stage2_layer"}` (and the ratio
-/// forms, `stage1_score`, `positions`, `seed` and the adaptive `keep_mass`, `stage1_keep_mass`,
-/// `keep_floor`);
+/// forms, `stage1_score`, `important_ratio`, `positions`, `seed` and the adaptive `keep_mass`,
+/// `stage1_keep_mass`, `keep_floor`);
 /// what is left out takes `run`'s defaults (STAR).
 fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     let obj = match v {
@@ -287,7 +287,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
             ))
         }
     };
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 13] = [
         "method",
         "keep",
         "keep_ratio",
@@ -298,6 +298,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
         "stage1_ratio",
         "stage2_layer",
         "stage1_score",
+        "important_ratio",
         "positions",
         "seed",
     ];
@@ -343,6 +344,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     options.stage1_ratio = ratio("stage1_ratio")?;
     options.keep_mass = ratio("keep_mass")?;
     options.stage1_keep_mass = ratio("stage1_keep_mass")?;
+    options.important_ratio = ratio("important_ratio")?;
     Ok(options)
 }
 

@@ -211,7 +211,8 @@ fn lanes_matmul_without_subgroups_matches_cpu() {
     }
     let default = self::gpu();
     let eight_lanes = default.caps.subgroup_min_size >= 8;
-    let expected = if default.is_cpu() && adapter_offers_subgroups(&default) && eight_lanes {
+    // `caps.cpu`: the CPU tuning, which LLAVA_WGPU_DISABLE=cpu-tuning turns off on a CPU adapter.
+    let expected = if default.caps.cpu && adapter_offers_subgroups(&default) && eight_lanes {
         MatmulLayout::Lanes
     } else {
         MatmulLayout::Tiled
@@ -227,9 +228,10 @@ fn gemv_devices() -> Vec<(Gpu, bool)> {
     let default = gpu();
     let subgroups = adapter_offers_subgroups(&default);
     let tuned_for_gpus = gpu_tuned_for_gpus(true);
-    // Both tunings really run: a CPU adapter's default differs from the GPU one.
+    // Both tunings really run: a CPU adapter's default (unless LLAVA_WGPU_DISABLE=cpu-tuning
+    // turned the CPU tuning off) differs from the GPU one.
     let rows = |gpu: &Gpu| gemv::GemvShape::for_device(&gpu.caps).rows;
-    if default.is_cpu() {
+    if default.caps.cpu {
         assert_ne!(rows(&default), rows(&tuned_for_gpus));
         assert_eq!(
             MatmulLayout::for_device(&tuned_for_gpus),

@@ -279,6 +279,21 @@ struct EvalArgs {
     /// 0.5, the paper's).
     #[arg(long, value_name = "R")]
     important_ratio: Option<f64>,
+    /// Rows of methods that select before the projector (STAR, FasterVLM, VisPruner, random)
+    /// merge the patches they drop into the kept ones (see `run --merge`).
+    #[arg(long)]
+    merge: bool,
+    /// STAR's rows: stage 1's reduction ratio R, N1 = max(floor(N0 · (1 − R)), the final
+    /// budget) (default 0.1, the paper's; 1 leaves the whole budget to stage 1).
+    #[arg(long, value_name = "R")]
+    stage1_ratio: Option<f64>,
+    /// Which stage STAR's --keep-mass rows adapt: 2 (default; stage 1 keeps 90%) or 1 (LLaVA-1.5:
+    /// stage 1 keeps the share of its patches' attention, stage 2 keeps all it receives).
+    #[arg(long, value_name = "STAGE", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    adaptive_stage: u8,
+    /// The fewest visual tokens an adaptive row keeps per image (default 1).
+    #[arg(long, value_name = "N")]
+    keep_floor: Option<usize>,
     /// The method every other row is compared with, question by question (exact McNemar test
     /// at the same budget); it must be among the methods evaluated (default: star, or the first
     /// method when star is not evaluated).
@@ -440,6 +455,11 @@ pub(crate) struct BudgetArgs {
     /// chosen for diversity (default 0.5, the paper's).
     #[arg(long, value_name = "R")]
     important_ratio: Option<f64>,
+    /// Merge each patch a selection before the projector (STAR stage 1, FasterVLM, VisPruner,
+    /// random) drops into the kept patch whose feature is most similar; each kept token becomes
+    /// its group's mean.
+    #[arg(long)]
+    merge: bool,
     /// RoPE positions of the image tokens a selection before the projector keeps: their
     /// patches' own (the text after continues as unpruned), or renumbered one after another.
     #[arg(long, value_enum, default_value_t = PositionsArg::Original)]
@@ -462,6 +482,7 @@ impl BudgetArgs {
             keep_mass: self.keep_mass,
             stage1_keep_mass: self.stage1_keep_mass,
             keep_floor: self.keep_floor,
+            merge: self.merge,
         }
     }
 }
@@ -1136,6 +1157,15 @@ impl EvalArgs {
         if let Some(r) = self.important_ratio.filter(|r| !(0.0..=1.0).contains(r)) {
             anyhow::bail!("invalid argument --important-ratio: {r} is not a share in [0, 1]");
         }
+        if self.keep_mass.is_empty() && (self.keep_floor.is_some() || self.adaptive_stage != 2) {
+            anyhow::bail!(
+                "invalid argument --keep-floor / --adaptive-stage: they set the adaptive rows, \
+                 which --keep-mass asks for"
+            );
+        }
+        if let Some(r) = self.stage1_ratio.filter(|r| !(0.0..=1.0).contains(r)) {
+            anyhow::bail!("invalid argument --stage1-ratio: {r} is not a ratio in [0, 1]");
+        }
         let budgets = if self.budgets.is_empty() {
             harness::eval::BUDGETS.to_vec()
         } else {
@@ -1149,6 +1179,10 @@ impl EvalArgs {
             masses: self.keep_mass.clone(),
             stage1_score: self.stage1_score.map(Into::into),
             important_ratio: self.important_ratio,
+            merge: self.merge,
+            stage1_ratio: self.stage1_ratio,
+            adaptive_stage1: self.adaptive_stage == 1,
+            keep_floor: self.keep_floor,
         })
     }
 }

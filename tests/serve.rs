@@ -329,6 +329,18 @@ fn bad_settings() -> Vec<BadRequest> {
             Some("prune.kep"),
         ),
         (
+            "merge that is not a boolean",
+            with(json!({"prune": {"method": "star", "merge": "yes"}})),
+            400,
+            Some("prune.merge"),
+        ),
+        (
+            "merge without a selection before the projector",
+            with(json!({"prune": {"method": "fastv", "merge": true}})),
+            422,
+            Some("prune.merge"),
+        ),
+        (
             "temperature out of range",
             with(json!({"temperature": 7})),
             400,

@@ -2,7 +2,7 @@
 //! Up recalls the previous line). Answers stream as they are decoded; each turn reuses the
 //! session's KV cache. A question may come with no image, or with the images `--image` and
 //! `/image FILE` attached to it. Commands: `/image FILE`, `/reset`, `/prune METHOD [keep=N]
-//! [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R]` (a new conversation: each image is pruned once, when it
+//! [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R] [merge=on]` (a new conversation: each image is pruned once, when it
 //! is first prefilled), `/stats`, `/help`, `/quit`. Ctrl-D leaves; Ctrl-C stops an answer, or
 //! leaves at the prompt. Errors go to stderr, after the answer's line has ended.
 
@@ -21,7 +21,7 @@ use llava_wgpu::{Engine, GenerateOutput};
 
 use super::flags::in_flags;
 
-const HELP: &str = "commands: /image FILE (attach to the next question), /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R], /stats, /help, /quit (Ctrl-D)";
+const HELP: &str = "commands: /image FILE (attach to the next question), /reset, /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R] [merge=on], /stats, /help, /quit (Ctrl-D)";
 
 /// What the chat starts with: images for the first question and a system message.
 pub struct Start {
@@ -270,10 +270,10 @@ impl Chat {
     }
 }
 
-/// `/prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R]`.
+/// `/prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R] [merge=on]`.
 fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOptions> {
     const USAGE: &str =
-        "usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R]";
+        "usage: /prune METHOD [keep=N] [stage1_keep=N] [stage2_layer=K] [keep_mass=P] [keep_floor=N] [important_ratio=R] [merge=on]";
     let method: Method = words
         .next()
         .ok_or_else(|| anyhow::anyhow!(USAGE))?
@@ -306,9 +306,16 @@ fn parse_prune<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<PruneOpti
             "keep_floor" => prune.keep_floor = count()?,
             "keep_mass" => prune.keep_mass = number()?,
             "important_ratio" => prune.important_ratio = number()?,
+            "merge" => {
+                prune.merge = match value {
+                    "on" | "true" | "1" => true,
+                    "off" | "false" | "0" => false,
+                    _ => anyhow::bail!("merge: '{value}' is not on or off"),
+                }
+            }
             _ => anyhow::bail!(
                 "unknown /prune setting '{key}' (keep, stage1_keep, stage2_layer, keep_mass, \
-                 keep_floor, important_ratio)"
+                 keep_floor, important_ratio, merge)"
             ),
         }
     }
@@ -335,6 +342,9 @@ fn describe_prune(prune: &PruneOptions) -> String {
             .important_ratio
             .map(|r| format!("important_ratio={r}")),
     );
+    if prune.merge {
+        words.push("merge=on".to_string());
+    }
     words.join(" ")
 }
 
@@ -354,12 +364,20 @@ mod tests {
         let prune = parse_prune(typed.split_whitespace()).unwrap();
         assert_eq!(prune.important_ratio, Some(0.25));
         assert_eq!(describe_prune(&prune), typed);
+        let typed = "star keep=22 stage1_keep=22 merge=on";
+        let prune = parse_prune(typed.split_whitespace()).unwrap();
+        assert!(prune.merge);
+        assert_eq!(
+            describe_prune(&prune),
+            "star keep=22 stage1_keep=22 merge=on"
+        );
         let bad = |text: &str| {
             parse_prune(text.split_whitespace())
                 .unwrap_err()
                 .to_string()
         };
         assert!(bad("star keep_mass=lots").contains("keep_mass"));
+        assert!(bad("star merge=maybe").contains("merge"));
         assert!(bad("star keep=-1").contains("keep"));
         assert!(bad("star colour=red").contains("unknown /prune setting 'colour'"));
     }

@@ -4,7 +4,7 @@
 use llava_wgpu::Error;
 
 /// API field → command-line flag.
-const FLAGS: [(&str, &str); 28] = [
+const FLAGS: [(&str, &str); 29] = [
     ("allow_local_images", "--allow-local-images"),
     ("host", "--host"),
     ("port", "--port"),
@@ -16,6 +16,7 @@ const FLAGS: [(&str, &str); 28] = [
     ("prune.keep_mass", "--keep-mass"),
     ("prune.keep_floor", "--keep-floor"),
     ("prune.important_ratio", "--important-ratio"),
+    ("prune.merge", "--merge"),
     ("prune.stage1_keep_mass", "--stage1-keep-mass"),
     ("prune.stage1_keep", "--stage1-keep"),
     ("prune.stage1_ratio", "--stage1-ratio"),

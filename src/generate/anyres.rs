@@ -96,8 +96,13 @@ impl Engine {
                 Some(selections) => {
                     let rows = Tensor::empty(gpu, &[keep, dv], DType::F32, "anyres.view")?;
                     let pair = (&tower, &rows);
-                    let chosen =
-                        self.selected_patch_features(rec, pair, view, per_view, selections[v])?;
+                    let chosen = self.selected_patch_features(
+                        rec,
+                        pair,
+                        view,
+                        (per_view, false),
+                        selections[v],
+                    )?;
                     rec.copy(
                         &rows.buffer,
                         0,

@@ -30,6 +30,13 @@ impl AnyresRequest {
         let views = layout.views();
         let per_view_patches = layout.patches_per_view();
         let budgets = |total: usize| split_budget(total, views);
+        if plan.merge {
+            return Err(Error::argument(
+                "prune.merge",
+                "merging the dropped patches is built for LLaVA-1.5's single view; this is a \
+                 LLaVA-NeXT model (its views are selected one by one)",
+            ));
+        }
         let per_view = match plan.before_projector {
             None => None,
             Some(selection) => {
@@ -94,6 +101,7 @@ impl AnyresRequest {
                 keep: rows,
                 adaptive: None,
             }),
+            merge: plan.merge,
             stage2: plan.stage2.map(|mut s| {
                 let patches = self.stage2_keep.unwrap_or(s.keep);
                 s.keep = patches.min(self.patch_tokens()) + newlines;

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::attention::{self, ScoreOutput};
+use crate::gpu::kernels::merge as gpu_merge;
 use crate::gpu::kernels::topk::{self, Segment};
 use crate::gpu::{DType, Recorder, Tensor};
 use crate::model::clip::ClipBuffers;
@@ -11,7 +12,7 @@ use crate::model::config::FeatureSelect;
 use crate::model::image_cache::ProjectedImage;
 use crate::model::llava::Engine;
 use crate::model::projector::Projector;
-use crate::prune::{vispruner, BeforeProjector, Plan, Stage1Score};
+use crate::prune::{merge, vispruner, BeforeProjector, Plan, Stage1Score};
 
 use crate::vision::anyres::PackedToken;
 
@@ -136,7 +137,7 @@ impl Engine {
                     &mut rec,
                     (&b.tower, &b.features),
                     pixels,
-                    plan.n0,
+                    (plan.n0, plan.merge),
                     selection,
                 )?;
                 Some(kept)
@@ -195,7 +196,7 @@ impl Engine {
         rec: &mut Recorder,
         (tower, features): (&ClipBuffers, &Tensor),
         pixels: &[f32],
-        n0: usize,
+        (n0, merge): (usize, bool),
         selection: BeforeProjector,
     ) -> Result<Vec<usize>> {
         if self.config.vision_feature_select_strategy != FeatureSelect::Default {
@@ -228,17 +229,17 @@ impl Engine {
         self.vision
             .forward(rec, tower, pixels, needs_scores.then_some(out))?;
         rec.set_stage("stage 1");
-        self.select_and_gather(rec, (tower, features), &s1, n0, selection)
+        self.select_and_gather(rec, (tower, features), &s1, (n0, merge), selection)
     }
 
     /// Choose the kept patches (top-k on the GPU, or VisPruner / random on the host) and gather
-    /// their encoder rows into `b.features`.
+    /// their encoder rows into `features`, or, with `merge`, each kept row's group mean.
     fn select_and_gather(
         &self,
         rec: &mut Recorder,
         (tower, features): (&ClipBuffers, &Tensor),
         s1: &Stage1Buffers,
-        n0: usize,
+        (n0, merge): (usize, bool),
         selection: BeforeProjector,
     ) -> Result<Vec<usize>> {
         let gpu = &self.gpu;
@@ -246,6 +247,8 @@ impl Engine {
         let segment = self.patch_segment();
         let (scores, rows) = (&s1.scores, &s1.rows);
         let hidden = &tower.hidden;
+        // The patch rows' similarities, when the selection or the merge needs them.
+        let mut gram = None;
         let kept = match selection {
             BeforeProjector::TopK {
                 keep,
@@ -259,10 +262,16 @@ impl Engine {
             }
             BeforeProjector::TopK { keep, .. } => {
                 rec.dispatch_all(topk::select(gpu, scores, 1, segment, keep, rows)?);
-                rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, features)?);
+                if !merge {
+                    rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, features)?);
+                }
                 rec.submit();
                 let list = gpu.read_u32(rows)?;
-                return Ok(list[1..].iter().map(|&r| r as usize - 1).collect());
+                let kept = list[1..].iter().map(|&r| r as usize - 1).collect();
+                if !merge {
+                    return Ok(kept);
+                }
+                kept
             }
             BeforeProjector::VisPruner {
                 keep,
@@ -271,14 +280,22 @@ impl Engine {
             } => {
                 // The important half's ranking (CLS's attention, or every query's) and the
                 // patch rows' similarities, computed on the GPU.
-                let gram = self.gram(rec, hidden, 1, n0, "VisPruner")?;
+                let similarities = gram.insert(self.gram(rec, hidden, 1, n0, "VisPruner")?);
                 let ranking = gpu.read_f32(scores)?;
-                vispruner::select(&ranking[1..=n0], &gram, keep, important_ratio)
+                vispruner::select(&ranking[1..=n0], similarities, keep, important_ratio)
             }
             BeforeProjector::Random { keep, seed } => {
                 crate::prune::random_selection(n0, keep, seed)
             }
         };
+        if merge {
+            let gram = match gram {
+                Some(gram) => gram,
+                None => self.gram(rec, hidden, 1, n0, "merging")?,
+            };
+            self.merge_dropped(rec, hidden, (&gram, n0), &kept, features)?;
+            return Ok(kept);
+        }
         let list: Vec<u32> = std::iter::once(0)
             .chain(kept.iter().map(|&i| i as u32 + 1))
             .collect();
@@ -292,6 +309,33 @@ impl Engine {
             features,
         )?);
         Ok(kept)
+    }
+
+    /// `--merge`: each kept patch's feature row becomes the mean of its own encoder row and
+    /// those of the dropped patches most similar to it (`prune::merge::groups`; encoder row =
+    /// patch + 1, after CLS).
+    fn merge_dropped(
+        &self,
+        rec: &mut Recorder,
+        hidden: &Tensor,
+        (gram, n0): (&[f32], usize),
+        kept: &[usize],
+        features: &Tensor,
+    ) -> Result<()> {
+        let mut groups = merge::groups(gram, n0, kept);
+        for row in groups.iter_mut().flatten() {
+            *row += 1;
+        }
+        let list = gpu_merge::group_list(&groups)?;
+        let list = Tensor::from_u32(&self.gpu, &[list.len()], &list, "merge.groups")?;
+        rec.dispatch(gpu_merge::merge_rows(
+            &self.gpu,
+            hidden,
+            &list,
+            kept.len(),
+            features,
+        )?);
+        Ok(())
     }
 }
 

@@ -166,6 +166,10 @@ pub struct PruneReport {
     /// Where the tokens kept before the projector sit (absent without such a selection).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub positions: Option<Positions>,
+    /// The patches the selection before the projector dropped were merged into the kept ones
+    /// (absent when not).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub merge: bool,
 }
 
 impl PruneReport {
@@ -179,6 +183,7 @@ impl PruneReport {
         let Some(plan) = plan else {
             return report;
         };
+        report.merge = plan.merge;
         match (plan.before_projector, plan.stage2) {
             (
                 Some(BeforeProjector::TopK {

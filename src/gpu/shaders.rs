@@ -35,6 +35,7 @@ pub enum Shader {
     Sample,
     Fma,
     Copy,
+    Merge,
     KvStore,
     Embedding,
     AttentionDecode,
@@ -42,7 +43,7 @@ pub enum Shader {
 }
 
 impl Shader {
-    pub const ALL: [Shader; 18] = [
+    pub const ALL: [Shader; 19] = [
         Shader::Matmul,
         Shader::MatmulLanes,
         Shader::Gemv,
@@ -57,6 +58,7 @@ impl Shader {
         Shader::Sample,
         Shader::Fma,
         Shader::Copy,
+        Shader::Merge,
         Shader::KvStore,
         Shader::Embedding,
         Shader::AttentionDecode,
@@ -80,6 +82,7 @@ impl Shader {
             Shader::Sample => "sample",
             Shader::Fma => "fma",
             Shader::Copy => "copy",
+            Shader::Merge => "merge_rows",
             Shader::KvStore => "kv_store",
             Shader::Embedding => "embedding",
             Shader::AttentionDecode => "attention_decode",
@@ -104,6 +107,7 @@ impl Shader {
             Shader::Sample => include_str!("../../shaders/sample.wgsl"),
             Shader::Fma => include_str!("../../shaders/fma.wgsl"),
             Shader::Copy => include_str!("../../shaders/copy.wgsl"),
+            Shader::Merge => include_str!("../../shaders/merge_rows.wgsl"),
             Shader::KvStore => include_str!("../../shaders/kv_store.wgsl"),
             Shader::Embedding => include_str!("../../shaders/embedding.wgsl"),
             Shader::AttentionDecode => include_str!("../../shaders/attention_decode.wgsl"),

@@ -110,9 +110,22 @@ pub fn setting(
 }
 
 /// The pruning request for an adaptive stage 2 keeping `mass` of each image's attention
-/// (`--keep-mass`), uncapped; STAR's stage 1 keeps 90% as at a fixed budget.
-pub fn adaptive_setting(method: Method, mass: f64, n0: usize, per_view: bool) -> PruneOptions {
+/// (`--keep-mass`), uncapped; STAR's stage 1 keeps 90% as at a fixed budget. With `stage1`
+/// (`--adaptive-stage 1`, STAR on LLaVA-1.5), STAR's stage 1 keeps the share of its patches'
+/// attention instead, uncapped, and stage 2 keeps every token stage 1 kept.
+pub fn adaptive_setting(
+    method: Method,
+    mass: f64,
+    n0: usize,
+    (per_view, stage1): (bool, bool),
+) -> PruneOptions {
     let mut options = setting(method, 0.5, n0, 0, per_view);
+    if stage1 && method == Method::Star && !per_view {
+        options.stage1_keep = None;
+        options.stage1_keep_mass = Some(mass);
+        options.keep = Some(n0);
+        return options;
+    }
     options.keep = None;
     options.keep_mass = Some(mass);
     options
@@ -134,12 +147,14 @@ fn budget_label(budget: f64, keep_mass: Option<f64>) -> String {
 }
 
 /// One row of a sweep: a method at a fixed budget (a fraction of the visual tokens), or with
-/// an adaptive stage 2 (`keep_mass`; `budget` is then 1, no cap).
+/// an adaptive stage 2 (`keep_mass`; `budget` is then 1, no cap), its selection before the
+/// projector merging what it drops or not.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Setting {
     pub method: Method,
     pub budget: f64,
     pub keep_mass: Option<f64>,
+    pub merge: bool,
 }
 
 impl Setting {
@@ -148,12 +163,32 @@ impl Setting {
             method,
             budget,
             keep_mass: None,
+            merge: false,
+        }
+    }
+
+    /// The row's name: the method's, with `+merge` when it merges.
+    fn name(&self) -> String {
+        match self.merge {
+            true => format!("{}{MERGED}", self.method.name()),
+            false => self.method.name().to_string(),
         }
     }
 
     fn label(&self) -> String {
         budget_label(self.budget, self.keep_mass)
     }
+}
+
+/// What a merging row's name adds to its method's (`vispruner+merge`).
+pub const MERGED: &str = "+merge";
+
+/// Whether `method` selects before the projector, so `--merge` applies to it.
+fn merges(method: Method) -> bool {
+    matches!(
+        method,
+        Method::Star | Method::Fastervlm | Method::Vispruner | Method::Random
+    )
 }
 
 /// An adaptive row against the same method's fixed budget with the nearest mean token count.
@@ -189,6 +224,12 @@ pub struct EvalRow {
     /// Adaptive rows: the test against the same method's fixed budget of the nearest mean cost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vs_fixed: Option<FixedPair>,
+    /// Whether the selection merged what it dropped (`method` then ends in `+merge`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merge: bool,
+    /// Merged rows: the test against the same setting unmerged ("reference").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_unmerged: Option<McNemar>,
     pub total_ms: f64,
     pub ms_per_question: f64,
     /// One character per question in the set's order: `1` answered correctly, `0` not.
@@ -218,6 +259,19 @@ pub struct EvalReport {
     /// VisPruner's share of important tokens, when the sweep set one (`--important-ratio`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub important_ratio: Option<f64>,
+    /// Whether the sweep added merged rows for the selections before the projector
+    /// (`--merge`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub merge: bool,
+    /// STAR's stage-1 reduction ratio, when the sweep set one (`--stage1-ratio`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage1_ratio: Option<f64>,
+    /// STAR's adaptive rows adapted stage 1 (`--adaptive-stage 1`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adaptive_stage1: bool,
+    /// The adaptive rows' floor (`--keep-floor`), when the sweep set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_floor: Option<usize>,
     pub rows: Vec<EvalRow>,
 }
 
@@ -237,6 +291,16 @@ pub struct Sweep {
     pub stage1_score: Option<Stage1Score>,
     /// VisPruner's share of important tokens (None: the paper's).
     pub important_ratio: Option<f64>,
+    /// Each row of a selection before the projector runs again merging the patches it drops
+    /// (`--merge`; the row is named `method+merge`).
+    pub merge: bool,
+    /// STAR's stage-1 reduction ratio (None: the paper's 0.1); stage 1 keeps at least the
+    /// final budget.
+    pub stage1_ratio: Option<f64>,
+    /// STAR's adaptive rows adapt stage 1 (`--adaptive-stage 1`) rather than stage 2.
+    pub adaptive_stage1: bool,
+    /// The fewest tokens an adaptive row keeps per image (`--keep-floor`; None: 1).
+    pub keep_floor: Option<usize>,
 }
 
 impl Default for Sweep {
@@ -250,6 +314,10 @@ impl Default for Sweep {
             masses: Vec::new(),
             stage1_score: None,
             important_ratio: None,
+            merge: false,
+            stage1_ratio: None,
+            adaptive_stage1: false,
+            keep_floor: None,
         }
     }
 }
@@ -280,7 +348,14 @@ impl Sweep {
                 method,
                 budget: 1.0,
                 keep_mass: Some(mass),
+                merge: false,
             }));
+        }
+        // `--merge`: every row of a method that selects before the projector, again merged.
+        if self.merge {
+            let merged = settings.iter().filter(|s| merges(s.method));
+            let merged: Vec<Setting> = merged.map(|&s| Setting { merge: true, ..s }).collect();
+            settings.extend(merged);
         }
         Ok(settings)
     }
@@ -323,7 +398,7 @@ pub fn run_methods(
         let row = evaluate(engine, examples, (setting, sweep), max_new_tokens)?;
         progress(&format!(
             "{} {}: {:.1}% correct (95% CI {:.1}–{:.1}%), {:.1} visual tokens",
-            row.method,
+            setting.name(),
             setting.label(),
             row.accuracy * 100.0,
             row.accuracy_ci95.low * 100.0,
@@ -342,12 +417,17 @@ pub fn run_methods(
     }
     pair_rows(&mut rows, sweep.paired_with);
     pair_adaptive_with_fixed(&mut rows);
+    pair_merged_with_unmerged(&mut rows);
     Ok(EvalReport {
         model: label.to_string(),
         questions: examples.len(),
         positions: sweep.positions,
         paired_with: sweep.paired_with,
         important_ratio: sweep.important_ratio,
+        merge: sweep.merge,
+        stage1_ratio: sweep.stage1_ratio,
+        adaptive_stage1: sweep.adaptive_stage1,
+        keep_floor: sweep.keep_floor,
         rows,
     })
 }
@@ -373,7 +453,10 @@ fn evaluate(
         let n0 = engine.visual_tokens_of(&ex.image)?;
         // A different random selection per question, reproducible.
         request.prune = match setting.keep_mass {
-            Some(mass) => adaptive_setting(setting.method, mass, n0, per_view),
+            Some(mass) => PruneOptions {
+                keep_floor: sweep.keep_floor,
+                ..adaptive_setting(setting.method, mass, n0, (per_view, sweep.adaptive_stage1))
+            },
             None => self::setting(setting.method, setting.budget, n0, i as u64, per_view),
         };
         request.prune.positions = sweep.positions;
@@ -383,6 +466,8 @@ fn evaluate(
         if setting.method == Method::Vispruner {
             request.prune.important_ratio = sweep.important_ratio;
         }
+        apply_stage1_options(&mut request.prune, sweep, n0, per_view);
+        request.prune.merge = setting.merge;
         let out = engine.generate(&request, |_| {})?;
         visual += out.visual_tokens.after_stage2;
         let good = normalise(&out.text) == normalise(&ex.answer);
@@ -400,7 +485,8 @@ fn evaluate(
     }
     let correct = outcomes.chars().filter(|&c| c == '1').count();
     Ok(EvalRow {
-        method: setting.method.name().to_string(),
+        method: setting.name(),
+        merge: setting.merge,
         budget: setting.budget,
         keep_mass: setting.keep_mass,
         mean_visual_tokens: visual as f64 / examples.len() as f64,
@@ -411,6 +497,7 @@ fn evaluate(
         retention: 0.0,
         paired: None,
         vs_fixed: None,
+        vs_unmerged: None,
         total_ms,
         ms_per_question: total_ms / examples.len() as f64,
         outcomes,
@@ -420,6 +507,23 @@ fn evaluate(
 
 /// Pair every row that is not `with`'s with `with`'s row at the same budget (the unpruned row
 /// with `with` keeping everything) and test the difference with the exact McNemar test.
+/// The sweep's `--stage1-ratio` on STAR's fixed-budget rows (LLaVA-1.5: stage 1 keeps at least
+/// the final budget).
+fn apply_stage1_options(prune: &mut PruneOptions, sweep: &Sweep, n0: usize, per_view: bool) {
+    // Fixed budgets only: an adaptive row's stage 1 is its cap or its own share.
+    let fixed = prune.keep_mass.is_none() && prune.stage1_keep_mass.is_none();
+    if let (Method::Star, Some(ratio), Some(n2), true, false) = (
+        prune.method,
+        sweep.stage1_ratio,
+        prune.keep,
+        fixed,
+        per_view,
+    ) {
+        let n1 = (n0 as f64 * (1.0 - ratio)).floor() as usize;
+        prune.stage1_keep = Some(n1.max(n2));
+    }
+}
+
 fn pair_rows(rows: &mut [EvalRow], with: Method) {
     let correct = |r: &EvalRow| r.outcomes.chars().map(|c| c == '1').collect::<Vec<_>>();
     // Rows meet at the same fixed budget, or the same adaptive share.
@@ -458,6 +562,24 @@ fn pair_adaptive_with_fixed(rows: &mut [EvalRow]) {
                 mean_visual_tokens: *tokens,
                 test: McNemar::of(&correct(row), reference),
             });
+        }
+    }
+}
+
+/// Pair every merged row with the same setting unmerged (`vs_unmerged`).
+fn pair_merged_with_unmerged(rows: &mut [EvalRow]) {
+    let correct = |r: &EvalRow| r.outcomes.chars().map(|c| c == '1').collect::<Vec<_>>();
+    type Key = (String, f64, Option<f64>);
+    let unmerged: Vec<(Key, Vec<bool>)> = rows
+        .iter()
+        .filter(|r| !r.merge)
+        .map(|r| ((r.method.clone(), r.budget, r.keep_mass), correct(r)))
+        .collect();
+    for row in rows.iter_mut().filter(|r| r.merge) {
+        let base = row.method.trim_end_matches(MERGED).to_string();
+        let key = (base, row.budget, row.keep_mass);
+        if let Some((_, reference)) = unmerged.iter().find(|(k, _)| *k == key) {
+            row.vs_unmerged = Some(McNemar::of(&correct(row), reference));
         }
     }
 }
@@ -519,11 +641,24 @@ impl EvalReport {
 
     pub fn table(&self) -> String {
         let paired = self.paired_with.name();
+        let mut options = String::new();
+        if self.merge {
+            options.push_str(" (rows named +merge merge the patches they drop into the kept ones)");
+        }
+        if let Some(ratio) = self.stage1_ratio {
+            options.push_str(&format!("; STAR's stage 1 reduction ratio {ratio}"));
+        }
+        if self.adaptive_stage1 {
+            options.push_str("; STAR's adaptive rows adapt stage 1");
+        }
+        if let Some(floor) = self.keep_floor {
+            options.push_str(&format!("; adaptive rows keep at least {floor}"));
+        }
         let mut out = format!(
-            "model: {}\n{} held-out questions; tokens kept before the projector at {} positions; \
-             visual: tokens kept per question (mean); 95% CI: Wilson score interval; vs {paired}: \
-             questions only this row / only {paired} at the same budget answered correctly, \
-             exact McNemar p\n\n",
+            "model: {}\n{} held-out questions; tokens kept before the projector at {} \
+             positions{options}; visual: tokens kept per question (mean); 95% CI: Wilson score \
+             interval; vs {paired}: questions only this row / only {paired} at the same budget \
+             answered correctly, exact McNemar p\n\n",
             self.model,
             self.questions,
             self.positions.name()
@@ -553,12 +688,33 @@ impl EvalReport {
             ));
         }
         out.push_str(&self.adaptive_table());
+        out.push_str(&self.merged_table());
         out.push_str(&self.type_table());
         out
     }
 
     /// Each adaptive row against its method's fixed budget of the nearest mean token count
     /// (empty without adaptive rows).
+    fn merged_table(&self) -> String {
+        let mut out = String::new();
+        for r in &self.rows {
+            let Some(m) = &r.vs_unmerged else { continue };
+            if out.is_empty() {
+                out.push_str("\nmerged against the same setting unmerged\n");
+            }
+            out.push_str(&format!(
+                "{} {} ({:.1}%): +{} -{} p={:.3}\n",
+                r.method,
+                r.label(),
+                r.accuracy * 100.0,
+                m.only_this_correct,
+                m.only_reference_correct,
+                m.p_value
+            ));
+        }
+        out
+    }
+
     fn adaptive_table(&self) -> String {
         let mut out = String::new();
         for r in &self.rows {
@@ -635,6 +791,76 @@ mod tests {
         assert_eq!(setting(Method::Random, 0.05, 196, 0, false).keep, Some(10));
     }
 
+    #[test]
+    fn merged_rows_are_paired_with_the_same_setting_unmerged() {
+        let mut merged = row("vispruner+merge", 0.11, "1101");
+        merged.merge = true;
+        let mut rows = vec![
+            row("vispruner", 0.11, "1010"),
+            row("vispruner", 0.05, "0000"),
+            merged,
+        ];
+        pair_merged_with_unmerged(&mut rows);
+        let m = rows[2].vs_unmerged.unwrap();
+        assert_eq!((m.only_this_correct, m.only_reference_correct), (2, 1));
+        assert!(rows[0].vs_unmerged.is_none() && rows[1].vs_unmerged.is_none());
+    }
+
+    #[test]
+    fn sweep_options_reach_the_rows_they_apply_to() {
+        let sweep = Sweep {
+            methods: vec![Method::Star, Method::Fastv, Method::Vispruner],
+            budgets: vec![0.11],
+            masses: vec![0.4],
+            merge: true,
+            stage1_ratio: Some(1.0),
+            ..Sweep::default()
+        };
+        // `--merge` repeats the rows of the methods that select before the projector.
+        let names: Vec<String> = sweep.settings().unwrap().iter().map(|s| s.name()).collect();
+        let want = [
+            "none",
+            "star",
+            "fastv",
+            "vispruner",
+            "star",
+            "fastv",
+            "star+merge",
+            "vispruner+merge",
+            "star+merge",
+        ];
+        assert_eq!(names, want);
+        let applied = |method, ratio| {
+            let mut prune = setting(method, 0.11, 196, 0, false);
+            let sweep = Sweep {
+                stage1_ratio: Some(ratio),
+                ..sweep.clone()
+            };
+            apply_stage1_options(&mut prune, &sweep, 196, false);
+            prune
+        };
+        // Ratio 1 leaves the whole budget to stage 1; 0.5 keeps half the patches there.
+        let star = applied(Method::Star, 1.0);
+        assert_eq!((star.stage1_keep, star.keep), (Some(22), Some(22)));
+        assert_eq!(applied(Method::Star, 0.5).stage1_keep, Some(98));
+        assert_eq!(applied(Method::Fastv, 1.0).stage1_keep, None);
+        // `--adaptive-stage 1`: STAR's stage 1 keeps the share, stage 2 all it receives;
+        // FastV has no stage 1 and adapts its stage 2; the ratio leaves adaptive rows alone.
+        let mut star = adaptive_setting(Method::Star, 0.4, 196, (false, true));
+        apply_stage1_options(&mut star, &sweep, 196, false);
+        assert_eq!(
+            (
+                star.stage1_keep_mass,
+                star.stage1_keep,
+                star.keep,
+                star.keep_mass
+            ),
+            (Some(0.4), None, Some(196), None)
+        );
+        let fastv = adaptive_setting(Method::Fastv, 0.4, 196, (false, true));
+        assert_eq!((fastv.keep_mass, fastv.stage1_keep_mass), (Some(0.4), None));
+    }
+
     fn row(method: &str, budget: f64, outcomes: &str) -> EvalRow {
         let correct = outcomes.chars().filter(|&c| c == '1').count();
         EvalRow {
@@ -649,6 +875,8 @@ mod tests {
             keep_mass: None,
             paired: None,
             vs_fixed: None,
+            merge: false,
+            vs_unmerged: None,
             total_ms: 0.0,
             ms_per_question: 0.0,
             outcomes: outcomes.into(),
@@ -686,6 +914,10 @@ mod tests {
             questions: 20,
             positions: Positions::Original,
             important_ratio: None,
+            merge: false,
+            stage1_ratio: None,
+            adaptive_stage1: false,
+            keep_floor: None,
             paired_with: Method::Star,
             rows,
         }
@@ -726,6 +958,10 @@ mod tests {
             questions: 4,
             positions: Positions::Original,
             important_ratio: None,
+            merge: false,
+            stage1_ratio: None,
+            adaptive_stage1: false,
+            keep_floor: None,
             paired_with: Method::Star,
             rows,
         }

@@ -11,6 +11,7 @@
 pub mod cost;
 pub mod dart;
 pub mod divprune;
+pub mod merge;
 pub mod vispruner;
 
 use std::fmt;
@@ -169,6 +170,9 @@ pub struct PruneOptions {
     pub keep_mass: Option<f64>,
     /// The fewest tokens an adaptive stage keeps per image (default 1; both stages).
     pub keep_floor: Option<usize>,
+    /// Merge every patch a selection before the projector drops into the kept patch its
+    /// feature is most similar to, each kept row becoming its group's mean ([`merge`]).
+    pub merge: bool,
 }
 
 /// Where the image tokens kept before the projector sit in RoPE's positions
@@ -287,6 +291,8 @@ pub struct Plan {
     /// Visual tokens out of the encoder.
     pub n0: usize,
     pub before_projector: Option<BeforeProjector>,
+    /// The patches `before_projector` drops are merged into those it keeps (`--merge`).
+    pub merge: bool,
     pub stage2: Option<Stage2>,
 }
 
@@ -296,6 +302,7 @@ impl Plan {
             method: Method::None,
             n0,
             before_projector: None,
+            merge: false,
             stage2: None,
         }
     }
@@ -455,6 +462,7 @@ impl PruneOptions {
             method: self.method,
             n0,
             before_projector: Some(selection),
+            merge: self.merge,
             stage2: None,
         };
         let plan = match self.method {
@@ -480,6 +488,7 @@ impl PruneOptions {
                 method: self.method,
                 n0,
                 before_projector: None,
+                merge: false,
                 stage2: Some(Stage2 {
                     layer: 0,
                     keep: n2,
@@ -581,6 +590,11 @@ impl PruneOptions {
             {
                 refuse("prune.stage1_keep", "there is no separate stage 1")
             }
+            Method::None | Method::Fastv | Method::Dart | Method::Divprune if self.merge => refuse(
+                "prune.merge",
+                "merging needs a selection before the projector (star, fastervlm, vispruner, \
+                 random), which there is not",
+            ),
             Method::Fastervlm | Method::Vispruner | Method::Random if stage2 => {
                 refuse("prune.stage2_layer", "there is no stage 2")
             }
@@ -649,6 +663,7 @@ impl PruneOptions {
                 keep: n1,
                 adaptive: stage1,
             }),
+            merge: self.merge,
             stage2: Some(Stage2 {
                 layer: check_stage2_layer(k, layers, text_after_image)?,
                 keep: n2,
@@ -687,6 +702,7 @@ impl PruneOptions {
             method: self.method,
             n0,
             before_projector: None,
+            merge: false,
             stage2: Some(Stage2 {
                 layer: check_stage2_layer(k, layers, text_after_image)?,
                 keep: n2,
@@ -991,6 +1007,21 @@ mod tests {
             ..opts(Method::Star)
         };
         assert!(e(floor_alone).contains("prune.keep_floor"));
+        let merged = |method| PruneOptions {
+            merge: true,
+            ..opts(method)
+        };
+        for method in [Method::Fastv, Method::Dart, Method::Divprune, Method::None] {
+            assert!(e(merged(method)).contains("prune.merge"), "{method}");
+        }
+        for method in [
+            Method::Star,
+            Method::Fastervlm,
+            Method::Vispruner,
+            Method::Random,
+        ] {
+            assert!(merged(method).plan(576, 32, 40).unwrap().merge, "{method}");
+        }
     }
 
     #[test]

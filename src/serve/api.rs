@@ -273,8 +273,8 @@ fn default_prune() -> PruneOptions {
 }
 
 /// The `prune` extension: `{"method", "keep", "stage1_keep", "stage2_layer"}` (and the ratio
-/// forms, `stage1_score`, `important_ratio`, `positions`, `seed` and the adaptive `keep_mass`,
-/// `stage1_keep_mass`, `keep_floor`);
+/// forms, `stage1_score`, `important_ratio`, `merge`, `positions`, `seed` and the adaptive
+/// `keep_mass`, `stage1_keep_mass`, `keep_floor`);
 /// what is left out takes `run`'s defaults (STAR).
 fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     let obj = match v {
@@ -287,7 +287,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
             ))
         }
     };
-    const KNOWN: [&str; 13] = [
+    const KNOWN: [&str; 14] = [
         "method",
         "keep",
         "keep_ratio",
@@ -299,6 +299,7 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
         "stage2_layer",
         "stage1_score",
         "important_ratio",
+        "merge",
         "positions",
         "seed",
     ];
@@ -345,6 +346,16 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     options.keep_mass = ratio("keep_mass")?;
     options.stage1_keep_mass = ratio("stage1_keep_mass")?;
     options.important_ratio = ratio("important_ratio")?;
+    options.merge = match obj.get("merge") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(merge)) => *merge,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                name("merge"),
+                format!("prune.merge must be true or false, got {other}"),
+            ))
+        }
+    };
     Ok(options)
 }
 

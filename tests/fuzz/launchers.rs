@@ -1,13 +1,13 @@
 //! The launchers' shape checks on a real device: tensors of arbitrary small shapes (and dtypes)
-//! handed to matmul, gemv, the norms, SiLU·mul, RoPE, argmax, attention and the ceiling kernels
-//! give a dispatch or an `Error::Shape` naming the kernel, never a panic, and every consistent
-//! call is accepted. Nothing is submitted: only the checks and the dispatch building run.
+//! handed to matmul, gemv, the norms, SiLU·mul, RoPE, argmax, the group mean, attention and the
+//! ceiling kernels give a dispatch or an `Error::Shape` naming the kernel, never a panic, and
+//! every consistent call is accepted. Nothing is submitted: only the checks and the dispatch building run.
 
 use std::sync::OnceLock;
 
 use llava_wgpu::gpu::kernels::attention::{self, AttentionShape};
 use llava_wgpu::gpu::kernels::linear::{gemv, matmul};
-use llava_wgpu::gpu::kernels::{activation, copy, norm, rope, sample};
+use llava_wgpu::gpu::kernels::{activation, copy, merge, norm, rope, sample};
 use llava_wgpu::gpu::{DType, Gpu, GpuOptions, Tensor, Weight, WeightFormat};
 use llava_wgpu::Error;
 use proptest::prelude::*;
@@ -110,6 +110,10 @@ proptest! {
         }
         let copy_ok = f32s && rows * cols == rows2 * cols2 && (rows * cols) % 4 == 0;
         named("copy", copy::copy(gpu(), &x, &y), copy_ok)?;
+        let (groups, list_len) = (row, heads * 3);
+        let list = tensor(&[list_len], DType::U32);
+        let merge_ok = f32s && cols % 4 == 0 && cols2 == cols && rows2 >= groups && list_len > groups;
+        named("merge_rows", merge::merge_rows(gpu(), &x, &list, groups, &y), merge_ok)?;
         let table = rope::RopeTable::new(gpu(), 10000.0, 2 * g, 16).unwrap();
         let positions = tensor(&[rows2], DType::U32);
         let rope_ok = f32s && cols == heads * 2 * g && rows2 >= rows;

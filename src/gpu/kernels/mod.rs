@@ -13,6 +13,7 @@ pub mod embedding;
 pub mod fma;
 pub mod kv_store;
 pub mod linear;
+pub mod merge;
 pub mod norm;
 pub mod rope;
 pub mod sample;
@@ -283,6 +284,7 @@ mod tests {
             Shader::Sample => sample::WORKGROUP.constants(),
             Shader::Fma => fma::WORKGROUP.constants(),
             Shader::Copy => copy::WORKGROUP.constants(),
+            Shader::Merge => merge::WORKGROUP.constants(),
             Shader::KvStore => kv_store::WORKGROUP.constants(),
             Shader::Embedding => {
                 return WeightFormat::ALL

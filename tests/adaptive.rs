@@ -17,18 +17,12 @@ use llava_wgpu::prune::{Method, Positions, PruneOptions};
 use llava_wgpu::{Engine, EngineOptions, GenerateOutput, GenerateRequest};
 
 fn reference() -> Value {
-    let path = fixture::reference_dir().join("positions.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    fixture::reference_json("positions.json")
 }
 
 fn recorded_scores(case: usize) -> Vec<f64> {
-    let file = fixture::reference_dir().join("positions_logits.safetensors");
-    let bytes = std::fs::read(file).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors
-        .tensor(&format!("case{case}.star_original.stage2_scores"))
-        .unwrap();
-    let scores: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
+    let name = format!("case{case}.star_original.stage2_scores");
+    let scores = fixture::tensor_in("positions_logits.safetensors", &name);
     scores.into_iter().map(f64::from).collect()
 }
 

@@ -25,17 +25,10 @@ fn contiguous() -> PruneOptions {
     }
 }
 
-fn reference() -> Value {
-    let path = fixture::reference_dir().join("conversation.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+use fixture::usizes;
 
-fn usizes(v: &Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
+fn reference() -> Value {
+    fixture::reference_json("conversation.json")
 }
 
 fn settings(reference: &Value) -> TurnSettings {

@@ -13,21 +13,14 @@ use serde_json::Value;
 use llava_wgpu::prune::{divprune, Method, PruneOptions};
 use llava_wgpu::{Engine, GenerateOutput};
 
-fn reference() -> Value {
-    let path = fixture::reference_dir().join("dart_divprune.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+use fixture::usizes;
 
-fn usizes(v: &Value) -> Vec<usize> {
-    let list = v.as_array().unwrap().iter();
-    list.map(|x| x.as_u64().unwrap() as usize).collect()
+fn reference() -> Value {
+    fixture::reference_json("dart_divprune.json")
 }
 
 fn recorded_tensor(name: &str) -> Vec<f32> {
-    let file = fixture::reference_dir().join("dart_divprune_logits.safetensors");
-    let bytes = std::fs::read(file).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    bytemuck::pod_collect_to_vec(tensors.tensor(name).unwrap().data())
+    fixture::tensor_in("dart_divprune_logits.safetensors", name)
 }
 
 fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {

@@ -9,24 +9,11 @@ use llava_wgpu::prune::{Method, PruneOptions};
 use llava_wgpu::{Engine, GenerateOutput};
 use serde_json::Value;
 
-fn reference() -> Value {
-    let path = fixture::reference_dir().join("merge.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn usizes(v: &Value) -> Vec<usize> {
-    let list = v.as_array().unwrap().iter();
-    list.map(|x| x.as_u64().unwrap() as usize).collect()
-}
+use fixture::usizes;
 
 fn recorded_logits(case: usize, method: &str) -> Vec<f32> {
-    let file = fixture::reference_dir().join("merge_logits.safetensors");
-    let bytes = std::fs::read(file).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors
-        .tensor(&format!("case{case}.{method}.first_logits"))
-        .unwrap();
-    bytemuck::pod_collect_to_vec(view.data())
+    let name = format!("case{case}.{method}.first_logits");
+    fixture::tensor_in("merge_logits.safetensors", &name)
 }
 
 /// The engine's merged run against the recorded one (ids up to the engine's first EOS, first
@@ -51,7 +38,7 @@ fn check(engine: &Engine, runs: [&GenerateOutput; 2], recorded: &Value, what: (u
 
 #[test]
 fn merged_selections_match_the_pytorch_reference() {
-    let reference = reference();
+    let reference = fixture::reference_json("merge.json");
     let budget = |name: &str| Some(reference["budgets"][name].as_u64().unwrap() as usize);
     let engine = fixture::engine_f32();
     let cases = fixture::cases();

@@ -12,24 +12,15 @@ use serde_json::Value;
 use llava_wgpu::prune::{Method, Positions, PruneOptions};
 use llava_wgpu::{Engine, GenerateOutput};
 
-fn reference() -> Value {
-    let path = fixture::reference_dir().join("positions.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+use fixture::usizes;
 
-fn usizes(v: &Value) -> Vec<usize> {
-    let list = v.as_array().unwrap().iter();
-    list.map(|x| x.as_u64().unwrap() as usize).collect()
+fn reference() -> Value {
+    fixture::reference_json("positions.json")
 }
 
 fn logits(case: usize, method: &str) -> Vec<f32> {
-    let file = fixture::reference_dir().join("positions_logits.safetensors");
-    let bytes = std::fs::read(file).unwrap();
-    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let view = tensors
-        .tensor(&format!("case{case}.{method}.first_logits"))
-        .unwrap();
-    bytemuck::pod_collect_to_vec(view.data())
+    let name = format!("case{case}.{method}.first_logits");
+    fixture::tensor_in("positions_logits.safetensors", &name)
 }
 
 fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOutput {

@@ -346,16 +346,9 @@ fn parse_prune(v: Option<&Value>) -> Checked<PruneOptions> {
     options.keep_mass = ratio("keep_mass")?;
     options.stage1_keep_mass = ratio("stage1_keep_mass")?;
     options.important_ratio = ratio("important_ratio")?;
-    options.merge = match obj.get("merge") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(merge)) => *merge,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                name("merge"),
-                format!("prune.merge must be true or false, got {other}"),
-            ))
-        }
-    };
+    options.merge = bool_field(obj, "merge")
+        .map_err(|e| prefix(e, "prune."))?
+        .unwrap_or(false);
     Ok(options)
 }
 

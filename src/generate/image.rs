@@ -262,16 +262,17 @@ impl Engine {
             }
             BeforeProjector::TopK { keep, .. } => {
                 rec.dispatch_all(topk::select(gpu, scores, 1, segment, keep, rows)?);
+                // Without a merge the GPU's list gathers the rows at once.
                 if !merge {
                     rec.dispatch(topk::gather_rows(gpu, hidden, rows, 1, keep, features)?);
                 }
                 rec.submit();
                 let list = gpu.read_u32(rows)?;
-                let kept = list[1..].iter().map(|&r| r as usize - 1).collect();
-                if !merge {
-                    return Ok(kept);
+                let kept: Vec<usize> = list[1..].iter().map(|&r| r as usize - 1).collect();
+                match merge {
+                    true => kept,
+                    false => return Ok(kept),
                 }
-                kept
             }
             BeforeProjector::VisPruner {
                 keep,

@@ -620,6 +620,7 @@ impl EvalReport {
             match series.iter_mut().find(|s| s.name == name) {
                 Some(s) => s.points.push(point),
                 None => series.push(PlotSeries {
+                    variant_of: row.merge.then(|| name.replace(MERGED, "")),
                     name,
                     points: vec![point],
                 }),

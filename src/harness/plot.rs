@@ -36,6 +36,9 @@ pub struct PlotPoint {
 pub struct PlotSeries {
     pub name: String,
     pub points: Vec<PlotPoint>,
+    /// A variant of the series of this name (a merged selection of its method): drawn dashed,
+    /// in that series' colour and marker.
+    pub variant_of: Option<String>,
 }
 
 /// Everything one plot shows.
@@ -236,7 +239,12 @@ fn render(plot: &AccuracyPlot, pixels: &mut [u8]) -> DrawResult {
         draw_reference(&mut chart, (lo, hi), name, *value)?;
     }
     for (index, series) in plot.series.iter().enumerate() {
-        draw_series(&mut chart, index, series)?;
+        let base = series.variant_of.as_ref().and_then(|base| {
+            let names = plot.series.iter().map(|s| &s.name);
+            names.enumerate().find(|(_, name)| *name == base)
+        });
+        let look = base.map_or((index, false), |(at, _)| (at, true));
+        draw_series(&mut chart, look, series)?;
     }
     draw_legend(&mut chart)?;
     root.present().map_err(|e| e.to_string())
@@ -259,9 +267,14 @@ fn draw_reference(chart: &mut Chart, (lo, hi): (f64, f64), name: &str, value: f6
     Ok(())
 }
 
-/// One method: an error bar per point for the 95% interval, its points joined in x order, and
-/// a filled marker on top so the accuracy itself stays visible where bars overlap.
-fn draw_series(chart: &mut Chart, index: usize, series: &PlotSeries) -> DrawResult {
+/// One method: an error bar per point for the 95% interval, its points joined in x order (a
+/// dashed line for a variant), and a filled marker on top so the accuracy itself stays visible
+/// where bars overlap. `index` picks the colour and marker.
+fn draw_series(
+    chart: &mut Chart,
+    (index, dashed): (usize, bool),
+    series: &PlotSeries,
+) -> DrawResult {
     let (colour, marker) = (series_colour(index), series_marker(index));
     let mut points: Vec<(f64, f64, f64, f64)> = series
         .points
@@ -279,11 +292,13 @@ fn draw_series(chart: &mut Chart, index: usize, series: &PlotSeries) -> DrawResu
     });
     chart.draw_series(bars).map_err(|e| e.to_string())?;
     let line: Vec<(f64, f64)> = points.iter().map(|&(x, _, acc, _)| (x, acc)).collect();
-    let anno = chart
-        .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
-        .map_err(|e| e.to_string())?
-        .label(&series.name);
-    add_legend_glyph(anno, marker, colour);
+    let style = colour.stroke_width(2);
+    let drawn = match dashed {
+        true => chart.draw_series(DashedLineSeries::new(line.clone(), 8, 5, style)),
+        false => chart.draw_series(LineSeries::new(line.clone(), style)),
+    };
+    let anno = drawn.map_err(|e| e.to_string())?.label(&series.name);
+    add_legend_glyph(anno, (marker, dashed), colour);
     draw_markers(chart, &line, marker, colour)
 }
 
@@ -310,11 +325,18 @@ fn draw_markers(
 /// The legend's sample of a series: a short stretch of its line with its marker on it.
 fn add_legend_glyph<'a>(
     anno: &mut SeriesAnno<'a, BitMapBackend<'a>>,
-    shape: Marker,
+    (shape, dashed): (Marker, bool),
     colour: RGBColor,
 ) {
     let (line, fill) = (colour.stroke_width(2), colour.filled());
-    let stroke = move |at| EmptyElement::at(at) + PathElement::new([(-10, 0), (10, 0)], line);
+    // Two strokes either side of the marker: touching for a solid line, apart for a dashed one.
+    let (left, right) = match dashed {
+        true => ([(-14, 0), (-7, 0)], [(7, 0), (14, 0)]),
+        false => ([(-10, 0), (0, 0)], [(0, 0), (10, 0)]),
+    };
+    let stroke = move |at| {
+        EmptyElement::at(at) + PathElement::new(left, line) + PathElement::new(right, line)
+    };
     match shape {
         Marker::Circle => anno.legend(move |at| stroke(at) + Circle::new((0, 0), 5, fill)),
         Marker::Triangle => {
@@ -530,6 +552,7 @@ mod tests {
         let series = |name: &str, points| PlotSeries {
             name: name.to_string(),
             points,
+            variant_of: None,
         };
         AccuracyPlot {
             title: "VQA accuracy against visual tokens kept".to_string(),
@@ -577,6 +600,25 @@ mod tests {
     }
 
     #[test]
+    fn a_variant_takes_its_base_series_colour() {
+        // The third series is a variant of the first: drawn in colour 0, so colour 2 is unused.
+        let mut plot = synthetic_plot();
+        plot.series[2].variant_of = Some("STAR".to_string());
+        let path = temp_png("variant");
+        draw_accuracy_plot(&plot, &path).expect("draw the plot");
+        let image = image::open(&path).expect("decode").to_rgb8();
+        std::fs::remove_file(&path).ok();
+        assert!(count_colour(&image, series_colour(0)) > 200);
+        assert_eq!(count_colour(&image, series_colour(2)), 0);
+        // A variant of a series not in the plot keeps its own colour.
+        plot.series[2].variant_of = Some("absent".to_string());
+        draw_accuracy_plot(&plot, &path).expect("draw the plot");
+        let image = image::open(&path).expect("decode").to_rgb8();
+        std::fs::remove_file(&path).ok();
+        assert!(count_colour(&image, series_colour(2)) > 200);
+    }
+
+    #[test]
     fn unwritable_path_is_a_file_error_naming_it() {
         let path = std::env::temp_dir()
             .join("llava-wgpu-plot-no-such-dir-7f3a")
@@ -603,6 +645,7 @@ mod tests {
         plot.series = vec![PlotSeries {
             name: "none".to_string(),
             points: vec![],
+            variant_of: None,
         }];
         let err = draw_accuracy_plot(&plot, &temp_png("empty")).unwrap_err();
         assert!(matches!(err, Error::Argument { .. }), "{err:?}");

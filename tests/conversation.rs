@@ -92,10 +92,7 @@ fn star_across_turns_matches_the_pytorch_reference() {
             turn["reused_tokens"].as_u64().unwrap(),
             "turn {t}"
         );
-        let expected: Vec<u32> = usizes(&turn["generated_ids"])
-            .into_iter()
-            .map(|id| id as u32)
-            .collect();
+        let expected = fixture::token_ids(&turn["generated_ids"]);
         assert_eq!(out.generated_ids, expected, "turn {t}");
         let want = llava_wgpu_reference_logits(&logits_file, t);
         let err = fixture::rel_l2(&out.first_logits, &want);

@@ -40,10 +40,7 @@ fn check(engine: &Engine, out: &GenerateOutput, recorded: &Value, what: &str) {
         usizes(&recorded["kept"]),
         "{what}"
     );
-    let ids: Vec<u32> = usizes(&recorded["generated_ids"])
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
+    let ids = fixture::token_ids(&recorded["generated_ids"]);
     fixture::assert_ids_until_eos(engine, &out.generated_ids, &ids, what);
     let (case, method) = what.split_once(' ').unwrap();
     let reference = recorded_tensor(&format!("{case}.{method}.first_logits"));

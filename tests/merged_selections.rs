@@ -20,10 +20,7 @@ fn recorded_logits(case: usize, method: &str) -> Vec<f32> {
 /// logits to f32 precision), and against the same selection unmerged, which must differ.
 fn check(engine: &Engine, runs: [&GenerateOutput; 2], recorded: &Value, what: (usize, &str)) {
     let ([out, unmerged], (case, method)) = (runs, what);
-    let engine_ids: Vec<u32> = usizes(&recorded["generated_ids"])
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
+    let engine_ids = fixture::token_ids(&recorded["generated_ids"]);
     let label = format!("case {case} {method}");
     fixture::assert_ids_until_eos(engine, &out.generated_ids, &engine_ids, &label);
     let err = fixture::rel_l2(&out.first_logits, &recorded_logits(case, method));

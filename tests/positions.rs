@@ -30,10 +30,7 @@ fn run(engine: &Engine, case: &fixture::Case, prune: PruneOptions) -> GenerateOu
 /// The engine's answer against one recorded method: generated ids, first logits. The reference
 /// masks EOS, so the ids are compared up to the engine's first EOS (it keeps going past it).
 fn check(engine: &Engine, out: &GenerateOutput, recorded: &Value, case: usize, method: &str) {
-    let ids: Vec<u32> = usizes(&recorded["generated_ids"])
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
+    let ids = fixture::token_ids(&recorded["generated_ids"]);
     let what = format!("case {case} {method}");
     fixture::assert_ids_until_eos(engine, &out.generated_ids, &ids, &what);
     let err = fixture::rel_l2(&out.first_logits, &logits(case, method));
